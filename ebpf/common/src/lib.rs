@@ -1,0 +1,111 @@
+//! Map keys, values and constants shared by the kernel programs (`ztunnel-ebpf`) and the
+//! userspace loader. Everything here is `#[repr(C)]` with explicit padding so the verifier
+//! never sees uninitialised key bytes and both sides agree on the layout.
+#![no_std]
+
+/// `SO_MARK` carried by every socket the proxy opens; capture skips marked sockets so the
+/// proxy never captures itself (same value as Istio's ztunnel).
+pub const PROXY_MARK: u32 = 0x539;
+/// In-pod listener that receives captured outbound connections.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// In-pod listener that receives captured plaintext inbound connections.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// In-pod HBONE listener; served directly, never redirected.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Value stored per enrolled network namespace (keyed by netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodEntry {
+    /// Reserved bit flags; bit 0 = enrolled.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// An address as 16 bytes: IPv6, or IPv4 mapped into `::ffff:a.b.c.d`, so one key type
+/// serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    pub addr: [u8; 16],
+}
+
+/// Original destination of a captured outbound connect, before the rewrite to 15001.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// IPv6 or v4-mapped address.
+    pub addr: [u8; 16],
+    /// Port in host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Looks up an original destination from what the proxy sees on an accepted socket:
+/// the pod's netns cookie and the client's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    /// Client address, IPv6 or v4-mapped.
+    pub addr: [u8; 16],
+    /// Client port in host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Port key for the exclusion maps (host byte order, widened for alignment).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortKey {
+    pub port: u32,
+}
+
+/// Which kernel program a counter belongs to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    Connect4 = 0,
+    Connect6 = 1,
+    SockOps = 2,
+    SkLookup = 3,
+}
+
+/// What happened, per program.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connection was redirected to a proxy listener (or, for sock_ops, its original
+    /// destination was recorded).
+    Captured = 0,
+    /// An enrolled pod's connection deliberately left alone (proxy mark, loopback,
+    /// excluded port/CIDR, probe source).
+    Bypassed = 1,
+    /// Something failed (map full, missing listener: fail-closed drop).
+    Error = 2,
+}
+
+/// Number of counter slots in the `COUNTERS` per-CPU array.
+pub const COUNTER_SLOTS: u32 = 12;
+
+/// Slot of a (program, outcome) counter.
+pub const fn counter_index(p: Program, o: Outcome) -> u32 {
+    (p as u32) * 3 + (o as u32)
+}
+
+/// Converts an IPv4 address (network order octets) into the mapped 16-byte form.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are repr(C), Copy, and have explicit padding fields.
+    unsafe impl aya::Pod for super::PodEntry {}
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::PortKey {}
+}

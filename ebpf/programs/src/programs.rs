@@ -1,0 +1,324 @@
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use ztunnel_common::{
+    counter_index, v4_mapped, IpKey, OrigDst, Outcome, PodEntry, PortKey, Program, TupleKey,
+    COUNTER_SLOTS, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+/// Ports of the proxy itself (admin, metrics, readiness, listeners): never redirected inbound.
+const PROXY_PORTS: [u32; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+
+/// Enrolled pod network namespaces, keyed by netns cookie.
+#[map(name = "ENROLLED")]
+static ENROLLED: HashMap<u64, PodEntry> = HashMap::with_max_entries(4096, 0);
+
+/// Original destination by socket cookie, written by connect4/6, consumed by sock_ops.
+#[map(name = "ORIG_BY_COOKIE")]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// Original destination by (netns cookie, client addr, client port), read by the proxy.
+#[map(name = "ORIG_BY_TUPLE")]
+static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// Outbound destination ports that are never captured.
+#[map(name = "EXCL_OUT_PORTS")]
+static EXCL_OUT_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(256, 0);
+
+/// Inbound pod ports that are never captured.
+#[map(name = "EXCL_IN_PORTS")]
+static EXCL_IN_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(256, 0);
+
+/// Outbound destination CIDRs that are never captured (IPv4 as v4-mapped, prefix + 96).
+#[map(name = "EXCL_CIDRS")]
+static EXCL_CIDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(256, 1); // BPF_F_NO_PREALLOC
+
+/// Source addresses of node health probes (kubelet); they reach the app directly.
+#[map(name = "PROBE_SOURCES")]
+static PROBE_SOURCES: HashMap<IpKey, u8> = HashMap::with_max_entries(64, 0);
+
+/// Enrolled pod IPs: inbound for these is captured, and dropped if the listener is gone.
+#[map(name = "INBOUND_PODS")]
+static INBOUND_PODS: HashMap<IpKey, u8> = HashMap::with_max_entries(8192, 0);
+
+/// The in-pod 15006 listener for each pod IP.
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(8192, 0);
+
+/// Per-program outcome counters; see `ztunnel_common::counter_index`.
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+fn count(p: Program, o: Outcome) {
+    if let Some(v) = COUNTERS.get_ptr_mut(counter_index(p, o)) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+fn port_excluded(map: &HashMap<PortKey, u8>, port: u16) -> bool {
+    unsafe { map.get(&PortKey { port: port as u32 }) }.is_some()
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn is_loopback(addr: &[u8; 16]) -> bool {
+    let v6_loop = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
+    let v4_loop = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+        && addr[12] == 127;
+    v6_loop || v4_loop
+}
+
+/// Shared decision for connect4/connect6: returns the original destination to record, or
+/// `None` when the connect must be left alone.
+#[inline(always)]
+fn outbound_decision(
+    ctx: &SockAddrContext,
+    p: Program,
+    mark: u32,
+    addr: [u8; 16],
+    port: u16,
+) -> Option<OrigDst> {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    unsafe { ENROLLED.get(&netns) }?;
+    if mark == PROXY_MARK || is_loopback(&addr) || port_excluded(&EXCL_OUT_PORTS, port) {
+        count(p, Outcome::Bypassed);
+        return None;
+    }
+    if EXCL_CIDRS.get(&Key::new(128, addr)).is_some() {
+        count(p, Outcome::Bypassed);
+        return None;
+    }
+    Some(OrigDst { addr, port, _pad: [0; 6] })
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, p: Program, orig: &OrigDst) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if ORIG_BY_COOKIE.insert(&cookie, orig, 0).is_err() {
+        count(p, Outcome::Error);
+        return false;
+    }
+    count(p, Outcome::Captured);
+    true
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // Load every ctx field first, then branch (keeps the verifier's ctx-access rules happy).
+    let (ty, proto, ip, port_raw, sk) = unsafe {
+        (
+            read_volatile(&(*sa).type_),
+            read_volatile(&(*sa).protocol),
+            read_volatile(&(*sa).user_ip4),
+            read_volatile(&(*sa).user_port),
+            read_volatile(&(*sa).__bindgen_anon_1.sk),
+        )
+    };
+    if ty != SOCK_STREAM || (proto != IPPROTO_TCP && proto != 0) || sk.is_null() {
+        return 1;
+    }
+    let mark = unsafe { read_volatile(&(*sk).mark) };
+    let port = u16::from_be(port_raw as u16);
+    let addr = v4_mapped(ip.to_ne_bytes());
+    if let Some(orig) = outbound_decision(&ctx, Program::Connect4, mark, addr, port) {
+        if remember(&ctx, Program::Connect4, &orig) {
+            unsafe {
+                (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+                (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
+            }
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (ty, proto, w0, w1, w2, w3, port_raw) = unsafe {
+        (
+            read_volatile(&(*sa).type_),
+            read_volatile(&(*sa).protocol),
+            read_volatile(&(*sa).user_ip6[0]),
+            read_volatile(&(*sa).user_ip6[1]),
+            read_volatile(&(*sa).user_ip6[2]),
+            read_volatile(&(*sa).user_ip6[3]),
+            read_volatile(&(*sa).user_port),
+        )
+    };
+    if ty != SOCK_STREAM || (proto != IPPROTO_TCP && proto != 0) {
+        return 1;
+    }
+    let mut mark: u32 = 0;
+    unsafe {
+        bpf_getsockopt(
+            sa.cast(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&mut mark as *mut u32).cast(),
+            4,
+        )
+    };
+    let port = u16::from_be(port_raw as u16);
+    let addr = words_to_bytes([w0, w1, w2, w3]);
+    let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
+    if let Some(orig) = outbound_decision(&ctx, Program::Connect6, mark, addr, port) {
+        if remember(&ctx, Program::Connect6, &orig) {
+            let lo: [u8; 16] = if mapped {
+                v4_mapped([127, 0, 0, 1])
+            } else {
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+            };
+            unsafe {
+                (*sa).user_ip6[0] = u32::from_ne_bytes([lo[0], lo[1], lo[2], lo[3]]);
+                (*sa).user_ip6[1] = u32::from_ne_bytes([lo[4], lo[5], lo[6], lo[7]]);
+                (*sa).user_ip6[2] = u32::from_ne_bytes([lo[8], lo[9], lo[10], lo[11]]);
+                (*sa).user_ip6[3] = u32::from_ne_bytes([lo[12], lo[13], lo[14], lo[15]]);
+                (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
+            }
+        }
+    }
+    1
+}
+
+#[sock_ops]
+pub fn record_origdst(ctx: SockOpsContext) -> u32 {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    let (op, family, l4, l6a, l6b, l6c, l6d, lport) = unsafe {
+        (
+            read_volatile(&(*ops).op),
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).local_ip6[0]),
+            read_volatile(&(*ops).local_ip6[1]),
+            read_volatile(&(*ops).local_ip6[2]),
+            read_volatile(&(*ops).local_ip6[3]),
+            read_volatile(&(*ops).local_port),
+        )
+    };
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+        return 1;
+    };
+    let orig = *orig;
+    let addr = if family == AF_INET {
+        v4_mapped(l4.to_ne_bytes())
+    } else if family == AF_INET6 {
+        words_to_bytes([l6a, l6b, l6c, l6d])
+    } else {
+        return 1;
+    };
+    let key = TupleKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ops.cast()) },
+        addr,
+        port: lport as u16,
+        _pad: [0; 6],
+    };
+    if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+        count(Program::SockOps, Outcome::Error);
+    } else {
+        count(Program::SockOps, Outcome::Captured);
+    }
+    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    1
+}
+
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    let lk = ctx.lookup;
+    let (family, proto, r4, r6a, r6b, r6c, r6d, l4, l6a, l6b, l6c, l6d, lport) = unsafe {
+        (
+            read_volatile(&(*lk).family),
+            read_volatile(&(*lk).protocol),
+            read_volatile(&(*lk).remote_ip4),
+            read_volatile(&(*lk).remote_ip6[0]),
+            read_volatile(&(*lk).remote_ip6[1]),
+            read_volatile(&(*lk).remote_ip6[2]),
+            read_volatile(&(*lk).remote_ip6[3]),
+            read_volatile(&(*lk).local_ip4),
+            read_volatile(&(*lk).local_ip6[0]),
+            read_volatile(&(*lk).local_ip6[1]),
+            read_volatile(&(*lk).local_ip6[2]),
+            read_volatile(&(*lk).local_ip6[3]),
+            read_volatile(&(*lk).local_port),
+        )
+    };
+    if proto != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let (remote, local) = if family == AF_INET {
+        (v4_mapped(r4.to_ne_bytes()), v4_mapped(l4.to_ne_bytes()))
+    } else {
+        (words_to_bytes([r6a, r6b, r6c, r6d]), words_to_bytes([l6a, l6b, l6c, l6d]))
+    };
+    let key = IpKey { addr: local };
+    if unsafe { INBOUND_PODS.get(&key) }.is_none() {
+        return SK_PASS;
+    }
+    let mut i = 0;
+    while i < PROXY_PORTS.len() {
+        if PROXY_PORTS[i] == lport {
+            return SK_PASS;
+        }
+        i += 1;
+    }
+    // The proxy reaches the app from 127.0.0.6 / the pod's own address: never loop it back.
+    let from_self = remote == local;
+    let v4_loop = remote[10] == 0xff && remote[11] == 0xff && remote[12] == 127;
+    if from_self || is_loopback(&remote) || v4_loop {
+        return SK_PASS;
+    }
+    if unsafe { PROBE_SOURCES.get(&IpKey { addr: remote }) }.is_some()
+        || port_excluded(&EXCL_IN_PORTS, lport as u16)
+    {
+        count(Program::SkLookup, Outcome::Bypassed);
+        return SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => {
+            count(Program::SkLookup, Outcome::Captured);
+            SK_PASS
+        }
+        Err(_) => {
+            // Enrolled but no listener (proxy down): fail closed, the client gets a reset.
+            count(Program::SkLookup, Outcome::Error);
+            SK_DROP
+        }
+    }
+}
+
+const _: () = assert!(HBONE_PORT == 15008 && INBOUND_PLAINTEXT_PORT == 15006);

@@ -1,0 +1,17 @@
+//! Mini-cluster test harness: nodes and pods as network namespaces (plus pod
+//! cgroups), wired like a small Kubernetes cluster, for end-to-end tests of
+//! the mesh. Parallel-safe: every cluster has a unique name prefix and the
+//! calling thread's namespaces are never changed.
+//!
+//! Requires root, iproute2 at `/usr/sbin/ip` and a mounted cgroup2 hierarchy.
+
+pub mod cgroup;
+pub mod cluster;
+pub mod cmd;
+pub mod netns;
+pub mod sweep;
+
+pub use cgroup::cgroup2_root;
+pub use cluster::{Cluster, Node, Pod};
+pub use netns::{in_netns, spawn_in_netns};
+pub use sweep::sweep_leftovers;

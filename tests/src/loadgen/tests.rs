@@ -1,0 +1,165 @@
+//! Each generator against the server on 127.0.0.1 for about half a second.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::*;
+
+const RUN: Duration = Duration::from_millis(500);
+
+fn server() -> EchoServer {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    EchoServer::spawn(listener).unwrap()
+}
+
+fn assert_sane(r: &FortioResult, code: &str) {
+    let h = &r.duration_histogram;
+    assert!(h.count > 0, "no samples: {r:?}");
+    assert_eq!(r.ret_codes.get(code).copied(), Some(h.count), "codes {:?}", r.ret_codes);
+    assert_eq!(r.errors(), 0);
+    assert!(r.actual_qps > 0.0);
+    assert!(h.min > 0.0 && h.min <= h.avg && h.avg <= h.max, "{h:?}");
+    let values: Vec<f64> = h.percentiles.iter().map(|p| p.value).collect();
+    assert_eq!(values.len(), DEFAULT_PERCENTILES.len());
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "percentiles not ordered: {values:?}");
+    assert!(h.min <= values[0] && values[values.len() - 1] <= h.max);
+    assert_eq!(h.data.iter().map(|b| b.count).sum::<u64>(), h.count);
+    assert!((h.data.last().unwrap().percent - 100.0).abs() < 1e-9);
+
+    let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+    for key in ["ActualQPS", "RequestedQPS", "NumThreads", "RetCodes", "DurationHistogram", "StartTime"] {
+        assert!(json.get(key).is_some(), "JSON lacks {key}");
+    }
+    let dh = &json["DurationHistogram"];
+    for key in ["Count", "Avg", "Min", "Max", "Percentiles"] {
+        assert!(dh.get(key).is_some(), "JSON DurationHistogram lacks {key}");
+    }
+    assert_eq!(dh["Percentiles"][0]["Percentile"], 50.0);
+    assert!(dh["Percentiles"][0]["Value"].as_f64().unwrap() > 0.0);
+    assert_eq!(&FortioResult::from_json(&r.to_json()).unwrap(), r);
+}
+
+#[test]
+fn throughput_counts_delivered_bytes() {
+    let s = server();
+    let bps = blocking::throughput(s.addr, RUN).unwrap();
+    assert!(bps > 1e6, "loopback throughput only {bps} B/s");
+}
+
+#[test]
+fn latency_is_paced_and_well_formed() {
+    let s = server();
+    let r = blocking::latency(s.addr, 4, 200.0, RUN, DEFAULT_PAYLOAD).unwrap();
+    assert_sane(&r, "OK");
+    // 200 qps for 0.5 s is ~100 requests; allow slack for a busy machine.
+    assert!((60..=110).contains(&r.duration_histogram.count), "count {}", r.duration_histogram.count);
+    assert_eq!(r.requested_qps, "200");
+    assert_eq!(r.num_threads, 4);
+    assert_eq!(r.socket_count, 4);
+    assert_eq!(r.run_type, "TCP");
+}
+
+#[test]
+fn max_rate_runs_unpaced_over_keepalive() {
+    let s = server();
+    let r = blocking::max_rate(s.addr, 4, RUN).unwrap();
+    assert_sane(&r, "OK");
+    assert!(r.duration_histogram.count > 200, "only {} requests", r.duration_histogram.count);
+    assert_eq!(r.requested_qps, "max");
+    assert_eq!(r.socket_count, 4, "keep-alive must not reconnect");
+}
+
+#[test]
+fn connection_rate_opens_new_connections() {
+    let s = server();
+    let cps = blocking::connection_rate(s.addr, RUN, 4).unwrap();
+    assert!(cps > 50.0, "only {cps} connections/s");
+    let cps = blocking::connection_rate_with(s.addr, RUN, 2, Protocol::Http).unwrap();
+    assert!(cps > 50.0, "only {cps} HTTP connections/s");
+}
+
+#[test]
+fn http_load_and_threads() {
+    let s = server();
+    let spec = LoadSpec {
+        connections: 4,
+        qps: None,
+        protocol: Protocol::Http,
+        threads: 2,
+        labels: "http test".into(),
+        ..LoadSpec::new(s.addr, RUN)
+    };
+    let r = blocking::run_load(&spec).unwrap();
+    assert_sane(&r, "200");
+    assert_eq!((r.run_type.as_str(), r.labels.as_str(), r.socket_count), ("HTTP", "http test", 4));
+}
+
+#[tokio::test]
+async fn async_api_on_a_runtime() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(echo_server(listener));
+    let r = latency(addr, 2, 100.0, Duration::from_millis(300), 64).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_sane(&r, "OK");
+}
+
+#[test]
+fn echo_and_http_modes_speak_the_documented_protocol() {
+    let s = server();
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"Ehello").unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"R\0\0\0\x03abc").unwrap();
+    let mut buf = [0u8; 3];
+    c.read_exact(&mut buf).unwrap();
+
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"GET /?size=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\nxxxxxxxxxx"), "{resp}");
+}
+
+#[test]
+fn parses_real_fortio_json() {
+    let json = r#"{"RunType":"HTTP","Labels":"x","StartTime":"2024-01-02T03:04:05.6Z",
+      "RequestedQPS":"1000","RequestedDuration":"10s","ActualQPS":999.5,"ActualDuration":10000412345,
+      "NumThreads":16,"Version":"1.63.0","Exactly":0,"Jitter":false,"RunID":0,
+      "DurationHistogram":{"Count":9995,"Min":0.0001,"Max":0.01,"Sum":5.0,"Avg":0.0005,"StdDev":0.0001,
+        "Data":[{"Start":0.0001,"End":0.01,"Percent":100,"Count":9995}],
+        "Percentiles":[{"Percentile":50,"Value":0.00045},{"Percentile":99,"Value":0.002}]},
+      "ErrorsDurationHistogram":{"Count":0,"Avg":0},
+      "RetCodes":{"200":9995},"Sizes":{"Count":9995},"URL":"http://10.0.0.2:8080/","SocketCount":16}"#;
+    let r = FortioResult::from_json(json).unwrap();
+    assert_eq!(r.requested_qps, "1000");
+    assert_eq!(r.percentile(99.0), Some(0.002));
+    assert_eq!(r.ret_codes["200"], 9995);
+    let numeric = FortioResult::from_json(r#"{"RequestedQPS":1000,"ActualQPS":1,"DurationHistogram":{"Count":0,"Avg":0}}"#);
+    assert_eq!(numeric.unwrap().requested_qps, "1000");
+}
+
+#[test]
+fn histogram_uses_nearest_rank() {
+    let mut ns: Vec<u64> = (1..=1000).rev().collect();
+    let h = Histogram::from_nanos(&mut ns, DEFAULT_PERCENTILES);
+    let got: Vec<f64> = h.percentiles.iter().map(|p| (p.value * 1e9).round()).collect();
+    assert_eq!(got, vec![500.0, 750.0, 900.0, 990.0, 999.0]);
+    assert_eq!((h.count, h.min, h.max), (1000, 1e-9, 1e-6));
+    assert_eq!(Histogram::from_nanos(&mut [], DEFAULT_PERCENTILES).count, 0);
+}
+
+#[test]
+fn formats_times_like_go() {
+    assert_eq!(fortio::rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    assert_eq!(fortio::rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_210_096_123)), "2024-02-29T12:34:56.123Z");
+    assert_eq!(fortio::go_duration(Duration::from_secs(10)), "10s");
+    assert_eq!(fortio::go_duration(Duration::from_millis(500)), "500ms");
+    let _ = fortio_available(); // must not panic whatever PATH holds
+    let _: SocketAddr = "127.0.0.1:1".parse().unwrap();
+}

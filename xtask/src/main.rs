@@ -1,0 +1,250 @@
+//! `cargo xtask …`: everything a fresh machine needs, driven from one place.
+//!
+//! `setup` installs and checks the eBPF toolchain and the kernel mounts (DESIGN §3);
+//! `demo`, `test` and `bench` run `setup` first, so the README's two commands work on a
+//! fresh clone with nothing done by hand.
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker release that links with stable rustc's LLVM (DESIGN §3).
+const BPF_LINKER_VERSION: &str = "0.10.4";
+/// Debian packages the mini-cluster shells out to: `ip` (iproute2), `sysctl`/`ps`
+/// (procps) and `modprobe` (kmod).
+const APT_PACKAGES: &[&str] = &["iproute2", "procps", "kmod"];
+/// Where bpffs is mounted when it is missing (pinned maps live here).
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks: toolchain set-up, demo, tests, benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install/check everything the build and the tests need (idempotent).
+    Setup,
+    /// Set up, then run the end-to-end demo (needs root).
+    Demo,
+    /// Set up, then run every test in the workspace (needs root).
+    Test,
+    /// Set up, then run the benchmark suite (needs root); extra args go to the bench binary.
+    Bench {
+        /// Arguments passed through to `mesh-tests --bin bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup => setup().map(|()| 0),
+        Cmd::Demo => require_root("demo")
+            .and_then(|()| setup())
+            .and_then(|()| cargo(&["run", "--release", "-p", "mesh-tests", "--bin", "demo"])),
+        Cmd::Test => require_root("test").and_then(|()| setup()).and_then(|()| {
+            cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"])
+        }),
+        Cmd::Bench { args } => require_root("bench").and_then(|()| setup()).and_then(|()| {
+            let mut argv = vec!["run", "--release", "-p", "mesh-tests", "--bin", "bench", "--"];
+            argv.extend(args.iter().map(String::as_str));
+            cargo(&argv)
+        }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Idempotent machine set-up; prints one line per item, saying what it found or did.
+fn setup() -> Result<()> {
+    let root = is_root();
+    if !root {
+        println!("setup: WARNING: not running as root; installs and mounts will fail, and the tests need root");
+    }
+    apt_packages(root)?;
+    rust_toolchain()?;
+    bpf_linker()?;
+    mount_bpffs(root)?;
+    check_cgroup2()?;
+    println!("setup: done");
+    Ok(())
+}
+
+fn apt_packages(root: bool) -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    for p in APT_PACKAGES.iter().filter(|p| !missing.contains(p)) {
+        println!("setup: apt package {p}: present");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !root {
+        bail!("apt packages missing ({}) and not root to install them", missing.join(", "));
+    }
+    println!("setup: apt packages missing: {}; running apt-get update + install", missing.join(" "));
+    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    println!("setup: installed {}", missing.join(" "));
+    Ok(())
+}
+
+/// True when dpkg says the package is installed.
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn rust_toolchain() -> Result<()> {
+    let list = capture(Command::new("rustup").args(["toolchain", "list"]))
+        .context("`rustup` is needed to install the nightly toolchain for the kernel programs")?;
+    if list.lines().any(|l| l.starts_with("nightly")) {
+        println!("setup: rust nightly toolchain: present");
+    } else {
+        println!("setup: installing rust nightly toolchain");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let comps = capture(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    if comps.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: rust-src for nightly: present");
+    } else {
+        println!("setup: adding rust-src to nightly");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let found = capture(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    let version = found.split_whitespace().nth(1).unwrap_or("");
+    if version == BPF_LINKER_VERSION {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION}: present");
+        return Ok(());
+    }
+    let was = if found.trim().is_empty() { "not found".to_string() } else { found.trim().to_string() };
+    println!("setup: bpf-linker is {was}; installing bpf-linker@{BPF_LINKER_VERSION} (about 2 minutes)");
+    run(Command::new(cargo_bin()).args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--force",
+    ]))?;
+    Ok(())
+}
+
+fn mount_bpffs(root: bool) -> Result<()> {
+    let mounts = read_mounts()?;
+    if mounts.iter().any(|m| m.fstype == "bpf" && m.target == BPFFS) {
+        println!("setup: bpffs at {BPFFS}: mounted");
+        return Ok(());
+    }
+    if !root {
+        bail!("bpffs is not mounted at {BPFFS} and mounting it needs root");
+    }
+    std::fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    println!("setup: mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
+fn check_cgroup2() -> Result<()> {
+    let mounts = read_mounts()?;
+    match mounts.iter().find(|m| m.fstype == "cgroup2") {
+        Some(m) => {
+            println!("setup: cgroup2 mounted at {}", m.target);
+            Ok(())
+        }
+        None => bail!(
+            "no cgroup2 filesystem in /proc/self/mounts: the capture programs attach to cgroup v2; \
+             mount one (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`) or boot with cgroup v2"
+        ),
+    }
+}
+
+struct Mount {
+    target: String,
+    fstype: String,
+}
+
+fn read_mounts() -> Result<Vec<Mount>> {
+    let text = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let _src = f.next()?;
+            let target = f.next()?.replace("\\040", " ");
+            let fstype = f.next()?.to_string();
+            Some(Mount { target, fstype })
+        })
+        .collect())
+}
+
+/// The effective uid is the owner of `/proc/self` (avoids a libc dependency).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask {what}` must run as root: it creates network namespaces, cgroups and \
+             loads eBPF programs (try `sudo -E env PATH=$PATH cargo xtask {what}`)"
+        );
+    }
+    Ok(())
+}
+
+/// The cargo that launched us (so the same toolchain builds everything).
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}
+
+/// Runs cargo from the workspace root and returns its exit code.
+fn cargo(args: &[&str]) -> Result<i32> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace");
+    println!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(cargo_bin())
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("running cargo")?;
+    Ok(status.code().unwrap_or(1))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed with {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,61 @@
+//! Blocking client for the enrollment socket: what a CNI plugin (or the test cluster) uses
+//! to hand pods to the node agent.
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use prost::Message;
+
+use super::wire::{raw, recv_datagram, send_datagram, WireError};
+use super::{workload_request::Payload, workload_response, AddWorkload, DelWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, WorkloadResponse};
+
+/// One connection to a node agent's enrollment socket.
+#[derive(Debug)]
+pub struct EnrollmentClient {
+    sock: OwnedFd,
+}
+
+/// Result of one request: `Ok` when the agent acked without error, `Err(reason)` otherwise.
+pub type AckResult = Result<(), String>;
+
+impl EnrollmentClient {
+    /// Connects to the agent's `SOCK_SEQPACKET` socket.
+    pub fn connect(path: &Path) -> Result<Self, WireError> {
+        let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+        connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+        Ok(Self { sock })
+    }
+
+    /// Enrolls a pod, passing its network namespace.
+    pub fn add(&self, uid: &str, info: WorkloadInfo, netns: &impl AsRawFd) -> Result<AckResult, WireError> {
+        let req = WorkloadRequest {
+            payload: Some(Payload::Add(AddWorkload { uid: uid.into(), workload_info: Some(info) })),
+        };
+        self.request(&req.encode_to_vec(), &[netns.as_raw_fd()])
+    }
+
+    /// Removes a pod.
+    pub fn del(&self, uid: &str) -> Result<AckResult, WireError> {
+        let req = WorkloadRequest { payload: Some(Payload::Del(DelWorkload { uid: uid.into() })) };
+        self.request(&req.encode_to_vec(), &[])
+    }
+
+    /// Tells the agent every existing pod has been sent.
+    pub fn snapshot_sent(&self) -> Result<AckResult, WireError> {
+        let req = WorkloadRequest { payload: Some(Payload::SnapshotSent(SnapshotSent {})) };
+        self.request(&req.encode_to_vec(), &[])
+    }
+
+    /// Sends arbitrary bytes and fds and waits for the ack (for robustness tests).
+    pub fn request(&self, bytes: &[u8], fds: &[RawFd]) -> Result<AckResult, WireError> {
+        send_datagram(raw(&self.sock), bytes, fds)?;
+        let reply = recv_datagram(raw(&self.sock))?;
+        let resp = WorkloadResponse::decode(reply.bytes.as_slice())
+            .map_err(|_| WireError::Io(nix::Error::EBADMSG))?;
+        match resp.payload {
+            Some(workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
+            Some(workload_response::Payload::Ack(ack)) => Ok(Err(ack.error)),
+            None => Ok(Err("empty response".into())),
+        }
+    }
+}

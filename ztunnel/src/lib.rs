@@ -1,0 +1,12 @@
+//! The node proxy, waypoint and control plane of an eBPF-accelerated ambient mesh.
+//!
+//! Dependencies flow one way: `redirect` (kernel programs, shared types) and `netns` at the
+//! bottom; `identity`/`tls` beside them; then `hbone` and `proxy`; `node` wires them together.
+pub mod enrollment;
+pub mod hbone;
+pub mod netns;
+pub mod node;
+pub mod proxy;
+pub mod redirect;
+pub mod identity;
+pub mod tls;

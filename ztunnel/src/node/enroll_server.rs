@@ -1,0 +1,171 @@
+//! Server side of the enrollment socket: one task per CNI connection, requests handled
+//! in order, every request answered with an `Ack` (empty error = success). Bad input is
+//! answered with a reason and never stops the server.
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use nix::sys::socket::{accept4, bind as nix_bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use prost::Message;
+use tokio::io::unix::AsyncFd;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::pod::PodProxy;
+use super::pod_state::{self, PodState};
+use super::Shared;
+use crate::enrollment::{recv_datagram, send_datagram, workload_request::Payload, workload_response, Ack, WireError, WorkloadRequest, WorkloadResponse};
+use crate::netns::InpodNetns;
+use crate::proxy::PodContext;
+
+/// Creates the listening `SOCK_SEQPACKET` socket (replacing a stale socket file).
+pub(super) fn bind(path: &Path) -> std::io::Result<OwnedFd> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    nix_bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
+    Ok(fd)
+}
+
+/// Accepts CNI connections until aborted; aborting also ends every connection task.
+pub(super) async fn serve(listener: OwnedFd, shared: Arc<Shared>) {
+    // SAFETY: we own the fd and nothing else registers or closes it while `listener` lives.
+    let listener = match unsafe { AsyncFd::register(listener) } {
+        Ok(l) => l,
+        Err(e) => return warn!(error = %e, "enrollment socket not pollable"),
+    };
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            guard = listener.readable() => {
+                let Ok(mut guard) = guard else { return };
+                match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+                    Ok(raw) => {
+                        // SAFETY: accept4 returned a new fd that we now own.
+                        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                        conns.spawn(connection(fd, shared.clone()));
+                    }
+                    Err(nix::Error::EAGAIN) => guard.clear_ready(),
+                    Err(e) => warn!(error = %e, "enrollment accept failed"),
+                }
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn connection(fd: OwnedFd, shared: Arc<Shared>) {
+    // SAFETY: as above, the connection fd is owned here only.
+    let Ok(conn) = (unsafe { AsyncFd::register(fd) }) else { return };
+    loop {
+        let Ok(mut guard) = conn.readable().await else { return };
+        let dgram = match recv_datagram(conn.as_raw_fd()) {
+            Ok(d) => d,
+            Err(WireError::Io(nix::Error::EAGAIN)) => {
+                guard.clear_ready();
+                continue;
+            }
+            Err(WireError::Closed) => return,
+            Err(WireError::Truncated) => {
+                reply(&conn, Err(format!("request larger than {} bytes", crate::enrollment::MAX_DATAGRAM)));
+                continue;
+            }
+            Err(e) => return warn!(error = %e, "enrollment connection failed"),
+        };
+        let outcome = handle(&shared, &dgram.bytes, dgram.fds);
+        if let Err(e) = &outcome {
+            warn!(error = %e, "enrollment request rejected");
+        }
+        reply(&conn, outcome);
+    }
+}
+
+fn reply(conn: &AsyncFd<OwnedFd>, outcome: Result<(), String>) {
+    let resp = WorkloadResponse {
+        payload: Some(workload_response::Payload::Ack(Ack { error: outcome.err().unwrap_or_default() })),
+    };
+    // The reply is tiny; a full socket buffer here means the peer stopped reading.
+    if let Err(e) = send_datagram(conn.as_raw_fd(), &resp.encode_to_vec(), &[]) {
+        warn!(error = %e, "cannot send ack");
+    }
+}
+
+/// Applies one request. Errors are the text of the `Ack`.
+fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), String> {
+    let req = WorkloadRequest::decode(bytes).map_err(|e| format!("malformed request: {e}"))?;
+    match req.payload.ok_or("malformed request: no payload")? {
+        Payload::Add(add) => {
+            let uid = add.uid;
+            if uid.is_empty() {
+                return Err("Add without uid".into());
+            }
+            let info = add.workload_info.ok_or_else(|| format!("Add {uid}: missing workload_info"))?;
+            if fds.len() != 1 {
+                return Err(format!("Add {uid}: expected exactly 1 network namespace fd, got {}", fds.len()));
+            }
+            let mut pods = shared.pods.lock().unwrap_or_else(|e| e.into_inner());
+            if pods.contains_key(&uid) {
+                return Err(format!("Add {uid}: pod is already enrolled"));
+            }
+            let netns = InpodNetns::new(File::from(fds.remove(0))).map_err(|e| format!("Add {uid}: {e}"))?;
+            let cookie = netns.cookie();
+            let ctx = PodContext {
+                uid: uid.clone(),
+                name: info.name,
+                namespace: info.namespace,
+                service_account: info.service_account,
+                netns,
+            };
+            let proxy = PodProxy::start(shared, ctx).map_err(|e| format!("Add {uid}: {e}"))?;
+            let st = PodState { uid: uid.clone(), netns_cookie: cookie, ips: proxy.ips.clone() };
+            if let Err(e) = pod_state::save(&shared.state_dir, &st) {
+                let _ = shared.capture.unenroll(&uid, cookie, &st.ips);
+                return Err(format!("Add {uid}: saving state: {e}"));
+            }
+            info!(%uid, ips = ?st.ips, netns_cookie = cookie, "pod enrolled");
+            pods.insert(uid.clone(), proxy);
+            shared.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
+            Ok(())
+        }
+        Payload::Keep(keep) => {
+            if pod_state::load(&shared.state_dir, &keep.uid).is_none() {
+                return Err(format!("Keep {}: unknown pod", keep.uid));
+            }
+            shared.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(keep.uid);
+            Ok(())
+        }
+        Payload::Del(del) => {
+            let uid = del.uid;
+            let st = pod_state::load(&shared.state_dir, &uid).ok_or_else(|| format!("Del {uid}: unknown pod"))?;
+            remove_pod(shared, &st)?;
+            info!(%uid, "pod removed");
+            Ok(())
+        }
+        Payload::SnapshotSent(_) => {
+            let seen = shared.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for st in pod_state::load_all(&shared.state_dir) {
+                if !seen.contains(&st.uid) {
+                    info!(uid = %st.uid, "removing stale pod not in snapshot");
+                    remove_pod(shared, &st)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Kernel state first (detach, clear maps), then close the listeners.
+fn remove_pod(shared: &Shared, st: &PodState) -> Result<(), String> {
+    shared
+        .capture
+        .unenroll(&st.uid, st.netns_cookie, &st.ips)
+        .map_err(|e| format!("removing {}: {e}", st.uid))?;
+    pod_state::remove(&shared.state_dir, &st.uid);
+    shared.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&st.uid);
+    drop(shared.pods.lock().unwrap_or_else(|e| e.into_inner()).remove(&st.uid));
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! Loading, attaching and pinning the capture programs, and enrolling pods into them.
+//!
+//! Pins live under one directory per agent instance on bpffs:
+//! `maps/<NAME>` (reused across restarts, so in-flight state survives), `links/{connect4,
+//! connect6,sockops}` (cgroup links) and `pods/<uid>/sk_lookup` (one link per pod netns).
+//! A restarted agent loads fresh programs against the pinned maps, attaches them, then
+//! detaches the previous links, so the kernel never holds two copies of ours.
+mod maps;
+mod sys;
+
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::links::{FdLink, LinkError};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::Ebpf;
+use ztunnel_common::{IpKey, PodEntry};
+
+pub use maps::{CounterSnapshot, Exclusions, OrigDstTable};
+
+/// The compiled kernel programs, embedded at build time by `build.rs`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
+
+const MAP_NAMES: [&str; 10] = [
+    "ENROLLED",
+    "ORIG_BY_COOKIE",
+    "ORIG_BY_TUPLE",
+    "EXCL_OUT_PORTS",
+    "EXCL_IN_PORTS",
+    "EXCL_CIDRS",
+    "PROBE_SOURCES",
+    "INBOUND_PODS",
+    "INBOUND_LISTENERS",
+    "COUNTERS",
+];
+
+/// Why capture could not be installed or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("link of {name}: {source}")]
+    Link { name: &'static str, source: LinkError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("invalid pod uid {0:?}: only [A-Za-z0-9._-] allowed")]
+    BadUid(String),
+}
+
+/// Where and how to install capture.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Per-instance pin directory on bpffs, e.g. `/sys/fs/bpf/ztunnel`.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory above every pod (and the proxy), where connect4/6 and sock_ops attach.
+    pub cgroup: PathBuf,
+    /// What is never captured.
+    pub exclusions: Exclusions,
+}
+
+/// Installed capture: programs attached, maps pinned. Dropping it leaves capture in place
+/// (pins keep it); [`Capture::uninstall`] removes everything.
+pub struct Capture {
+    cfg: CaptureConfig,
+    ebpf: Mutex<Ebpf>,
+    orig: OrigDstTable,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture").field("cfg", &self.cfg).finish()
+    }
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CaptureError + 'a {
+    move |source| CaptureError::Io { what, path: path.to_path_buf(), source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> CaptureError {
+    move |source| CaptureError::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
+    move |source| CaptureError::Map { name, source }
+}
+
+impl Capture {
+    /// Loads the programs (reusing pinned maps), attaches the cgroup programs and replaces
+    /// any links a previous instance left pinned.
+    pub fn install(cfg: CaptureConfig) -> Result<Self, CaptureError> {
+        for sub in ["maps", "links", "pods"] {
+            let p = cfg.pin_dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(io_err("creating pin dir", &p))?;
+        }
+        let map_paths: Vec<(&str, PathBuf)> =
+            MAP_NAMES.iter().map(|n| (*n, cfg.pin_dir.join("maps").join(n))).collect();
+        let mut loader = aya::EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        let cgroup = std::fs::File::open(&cfg.cgroup).map_err(io_err("opening cgroup", &cfg.cgroup))?;
+        let links = cfg.pin_dir.join("links");
+        for (prog, pin) in [("capture_connect4", "connect4"), ("capture_connect6", "connect6")] {
+            let p: &mut CgroupSockAddr = ebpf
+                .program_mut(prog)
+                .ok_or(CaptureError::Program { name: "missing", source: aya::programs::ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(prog_err("cgroup_sock_addr"))?;
+            p.load().map_err(prog_err("cgroup_sock_addr"))?;
+            let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err("cgroup_sock_addr"))?;
+            let link: FdLink = p
+                .take_link(id)
+                .map_err(prog_err("cgroup_sock_addr"))?
+                .try_into()
+                .map_err(|e| CaptureError::Link { name: "cgroup_sock_addr", source: e })?;
+            replace_pinned(link, &links.join(pin))?;
+        }
+        {
+            let p: &mut SockOps = ebpf
+                .program_mut("record_origdst")
+                .ok_or(CaptureError::Program { name: "missing", source: aya::programs::ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(prog_err("sock_ops"))?;
+            p.load().map_err(prog_err("sock_ops"))?;
+            let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err("sock_ops"))?;
+            let link: FdLink = p
+                .take_link(id)
+                .map_err(prog_err("sock_ops"))?
+                .try_into()
+                .map_err(|e| CaptureError::Link { name: "sock_ops", source: e })?;
+            replace_pinned(link, &links.join("sockops"))?;
+        }
+        {
+            let p: &mut SkLookup = ebpf
+                .program_mut("steer_inbound")
+                .ok_or(CaptureError::Program { name: "missing", source: aya::programs::ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(prog_err("sk_lookup"))?;
+            p.load().map_err(prog_err("sk_lookup"))?;
+        }
+        maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
+        let orig = OrigDstTable::new(
+            aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE"))
+                .map_err(map_err("ORIG_BY_TUPLE"))?,
+        )?;
+        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig })
+    }
+
+    /// Lookup of original destinations for the outbound proxy.
+    pub fn orig_dst_table(&self) -> OrigDstTable {
+        self.orig.clone()
+    }
+
+    /// Starts capturing a pod: its netns cookie becomes enrolled, inbound TCP for `ips`
+    /// steers to `inbound_listener`, and an sk_lookup link is attached to its netns.
+    pub fn enroll(
+        &self,
+        uid: &str,
+        netns: &crate::netns::InpodNetns,
+        ips: &[IpAddr],
+        inbound_listener: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        let dir = self.pod_dir(uid)?;
+        let result = self.enroll_inner(&dir, netns, ips, inbound_listener);
+        if result.is_err() {
+            let _ = self.unenroll(uid, netns.cookie(), ips);
+        }
+        result
+    }
+
+    fn enroll_inner(
+        &self,
+        dir: &Path,
+        netns: &crate::netns::InpodNetns,
+        ips: &[IpAddr],
+        listener: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        std::fs::create_dir_all(dir).map_err(io_err("creating pod pin dir", dir))?;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut enrolled: HashMap<&mut MapData, u64, PodEntry> =
+                HashMap::try_from(ebpf.map_mut("ENROLLED").expect("map")).map_err(map_err("ENROLLED"))?;
+            enrolled
+                .insert(netns.cookie(), PodEntry { flags: 1, _pad: 0 }, 0)
+                .map_err(map_err("ENROLLED"))?;
+        }
+        for ip in ips {
+            let key = ip_key(*ip);
+            let mut socks: SockHash<&mut MapData, IpKey> =
+                SockHash::try_from(ebpf.map_mut("INBOUND_LISTENERS").expect("map"))
+                    .map_err(map_err("INBOUND_LISTENERS"))?;
+            socks.insert(key, listener.as_raw_fd(), 0).map_err(map_err("INBOUND_LISTENERS"))?;
+            let mut pods: HashMap<&mut MapData, IpKey, u8> =
+                HashMap::try_from(ebpf.map_mut("INBOUND_PODS").expect("map")).map_err(map_err("INBOUND_PODS"))?;
+            pods.insert(key, 1, 0).map_err(map_err("INBOUND_PODS"))?;
+        }
+        let p: &mut SkLookup = ebpf
+            .program_mut("steer_inbound")
+            .expect("loaded at install")
+            .try_into()
+            .map_err(prog_err("sk_lookup"))?;
+        let id = p.attach(netns.fd()).map_err(prog_err("sk_lookup"))?;
+        let link: FdLink = p.take_link(id).map_err(prog_err("sk_lookup"))?.into();
+        replace_pinned(link, &dir.join("sk_lookup"))
+    }
+
+    /// Stops capturing a pod: removes its map entries and detaches its sk_lookup link.
+    pub fn unenroll(&self, uid: &str, netns_cookie: u64, ips: &[IpAddr]) -> Result<(), CaptureError> {
+        let dir = self.pod_dir(uid)?;
+        // Detach first so no lookup sees a half-removed pod.
+        let link = dir.join("sk_lookup");
+        sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
+        let _ = std::fs::remove_dir(&dir);
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        maps::remove_pod_entries(&mut ebpf, netns_cookie, ips)
+    }
+
+    /// Uids with pinned state from this or an earlier instance.
+    pub fn pinned_pods(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.cfg.pin_dir.join("pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Per-program counters summed over CPUs.
+    pub fn counters(&self) -> Result<CounterSnapshot, CaptureError> {
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        maps::read_counters(&ebpf)
+    }
+
+    /// Kernel ids of the links this instance has pinned (cgroup links and pod links).
+    pub fn link_ids(&self) -> Vec<u32> {
+        let mut paths: Vec<PathBuf> = ["connect4", "connect6", "sockops"]
+            .iter()
+            .map(|n| self.cfg.pin_dir.join("links").join(n))
+            .collect();
+        paths.extend(self.pinned_pods().iter().map(|u| self.cfg.pin_dir.join("pods").join(u).join("sk_lookup")));
+        paths
+            .iter()
+            .filter_map(|p| aya::programs::links::PinnedLink::from_pin(p).ok())
+            .filter_map(|l| FdLink::from(l).info().ok().map(|i| i.id()))
+            .collect()
+    }
+
+    /// Removes every link, map entry and pin this instance (or its predecessors) created.
+    pub fn uninstall(&self) -> Result<(), CaptureError> {
+        for uid in self.pinned_pods() {
+            let link = self.cfg.pin_dir.join("pods").join(&uid).join("sk_lookup");
+            sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
+            let _ = std::fs::remove_dir(self.cfg.pin_dir.join("pods").join(&uid));
+        }
+        for n in ["connect4", "connect6", "sockops"] {
+            let link = self.cfg.pin_dir.join("links").join(n);
+            sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
+        }
+        for n in MAP_NAMES {
+            let p = self.cfg.pin_dir.join("maps").join(n);
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(io_err("unpinning", &p)(e));
+                }
+            }
+        }
+        for sub in ["maps", "links", "pods", ""] {
+            let p = self.cfg.pin_dir.join(sub);
+            let _ = std::fs::remove_dir(&p);
+        }
+        Ok(())
+    }
+
+    fn pod_dir(&self, uid: &str) -> Result<PathBuf, CaptureError> {
+        let ok = !uid.is_empty()
+            && uid.len() <= 128
+            && !uid.starts_with('.')
+            && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !ok {
+            return Err(CaptureError::BadUid(uid.to_string()));
+        }
+        Ok(self.cfg.pin_dir.join("pods").join(uid))
+    }
+}
+
+/// Pins `link` at `path`, detaching whatever link was pinned there before (restart).
+fn replace_pinned(link: FdLink, path: &Path) -> Result<(), CaptureError> {
+    let fresh = path.with_extension("new");
+    let _ = sys::detach_pinned(&fresh);
+    link.pin(&fresh)
+        .map_err(|e| CaptureError::Io { what: "pinning", path: fresh.clone(), source: std::io::Error::other(e.to_string()) })?;
+    sys::detach_pinned(path).map_err(io_err("detaching previous", path))?;
+    std::fs::rename(&fresh, path).map_err(io_err("renaming pin", path))
+}
+
+/// 16-byte key for an address (IPv4 as v4-mapped), as the kernel programs use.
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    IpKey {
+        addr: match ip {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        },
+    }
+}
