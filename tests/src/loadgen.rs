@@ -17,6 +17,8 @@
 //! whatever thread polls them: use them only on a runtime whose threads are all in the
 //! right netns.
 
+pub mod blocking;
+mod conn;
 mod fortio;
 mod server;
 #[cfg(test)]
@@ -27,10 +29,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use conn::Conn;
 pub use fortio::{Bucket, FortioResult, Histogram, Percentile, DEFAULT_PERCENTILES};
 pub use server::{echo_server, EchoServer};
 
@@ -93,9 +96,13 @@ impl LoadSpec {
 /// Whether a `fortio` executable is on `PATH`; the benches prefer it when present.
 pub fn fortio_available() -> bool {
     use std::os::unix::fs::PermissionsExt;
-    let Some(path) = std::env::var_os("PATH") else { return false };
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
     std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join("fortio")).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        std::fs::metadata(dir.join("fortio"))
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
     })
 }
 
@@ -122,19 +129,36 @@ pub async fn latency(
     duration: Duration,
     payload: usize,
 ) -> io::Result<FortioResult> {
-    let spec = LoadSpec { connections, qps: Some(qps), payload, ..LoadSpec::new(addr, duration) };
+    let spec = LoadSpec {
+        connections,
+        qps: Some(qps),
+        payload,
+        ..LoadSpec::new(addr, duration)
+    };
     run_load(&spec).await
 }
 
 /// Maximum keep-alive request rate (fortio `-qps 0`), 1 KiB framed requests.
-pub async fn max_rate(addr: SocketAddr, connections: usize, duration: Duration) -> io::Result<FortioResult> {
-    let spec = LoadSpec { connections, qps: None, ..LoadSpec::new(addr, duration) };
+pub async fn max_rate(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> io::Result<FortioResult> {
+    let spec = LoadSpec {
+        connections,
+        qps: None,
+        ..LoadSpec::new(addr, duration)
+    };
     run_load(&spec).await
 }
 
 /// New connections per second: each connection carries one 1 KiB framed request and
 /// response; `concurrency` loops run in parallel.
-pub async fn connection_rate(addr: SocketAddr, duration: Duration, concurrency: usize) -> io::Result<f64> {
+pub async fn connection_rate(
+    addr: SocketAddr,
+    duration: Duration,
+    concurrency: usize,
+) -> io::Result<f64> {
     connection_rate_with(addr, duration, concurrency, Protocol::Framed).await
 }
 
@@ -172,7 +196,10 @@ pub async fn connection_rate_with(
         first_err = first_err.or(f);
     }
     if let Some(e) = first_err {
-        return Err(io::Error::new(e.kind(), format!("{errs} of {} connections failed; first: {e}", ok + errs)));
+        return Err(io::Error::new(
+            e.kind(),
+            format!("{errs} of {} connections failed; first: {e}", ok + errs),
+        ));
     }
     Ok(ok as f64 / start.elapsed().as_secs_f64())
 }
@@ -228,15 +255,24 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
         conn.request().await?; // warm-up, untimed (fortio does the same)
         conns.push(conn);
     }
-    let interval = qps.filter(|q| *q > 0.0).map(|q| Duration::from_secs_f64(connections as f64 / q));
+    let interval = qps
+        .filter(|q| *q > 0.0)
+        .map(|q| Duration::from_secs_f64(connections as f64 / q));
     let start = Instant::now();
     let end = start + spec.duration;
     let mut set = JoinSet::new();
     for (i, mut conn) in conns.into_iter().enumerate() {
         // Stagger the connections across one interval so requests do not arrive in bursts.
-        let offset = interval.map(|iv| iv.mul_f64(i as f64 / connections as f64)).unwrap_or_default();
+        let offset = interval
+            .map(|iv| iv.mul_f64(i as f64 / connections as f64))
+            .unwrap_or_default();
         set.spawn(async move {
-            let mut raw = Raw { samples: Vec::new(), codes: BTreeMap::new(), sockets: 1, elapsed: Duration::ZERO };
+            let mut raw = Raw {
+                samples: Vec::new(),
+                codes: BTreeMap::new(),
+                sockets: 1,
+                elapsed: Duration::ZERO,
+            };
             let mut k: u32 = 0;
             loop {
                 if let Some(iv) = interval {
@@ -270,7 +306,12 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
             raw
         });
     }
-    let mut total = Raw { samples: Vec::new(), codes: BTreeMap::new(), sockets: 0, elapsed: Duration::ZERO };
+    let mut total = Raw {
+        samples: Vec::new(),
+        codes: BTreeMap::new(),
+        sockets: 0,
+        elapsed: Duration::ZERO,
+    };
     while let Some(r) = set.join_next().await {
         let r = r.map_err(io::Error::other)?;
         total.samples.extend(r.samples);
@@ -279,7 +320,8 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
             *total.codes.entry(c).or_default() += n;
         }
     }
-    total.elapsed = start.elapsed();
+    // A paced run lasts the whole requested duration even if its last request ended early.
+    total.elapsed = start.elapsed().max(spec.duration);
     Ok(total)
 }
 
@@ -311,7 +353,10 @@ fn finish(spec: &LoadSpec, wall: SystemTime, raws: Vec<Raw>) -> FortioResult {
         run_type: run_type.into(),
         labels: spec.labels.clone(),
         start_time: fortio::rfc3339(wall),
-        requested_qps: spec.qps.filter(|q| *q > 0.0).map_or("max".into(), |q| format!("{q}")),
+        requested_qps: spec
+            .qps
+            .filter(|q| *q > 0.0)
+            .map_or("max".into(), |q| format!("{q}")),
         requested_duration: fortio::go_duration(spec.duration),
         actual_qps: done as f64 / elapsed.as_secs_f64().max(1e-9),
         actual_duration: elapsed.as_nanos() as u64,
@@ -321,155 +366,5 @@ fn finish(spec: &LoadSpec, wall: SystemTime, raws: Vec<Raw>) -> FortioResult {
         ret_codes: codes,
         url,
         socket_count: sockets,
-    }
-}
-
-/// One client connection with its reusable request and buffers.
-struct Conn {
-    rd: BufReader<TcpStream>,
-    addr: SocketAddr,
-    protocol: Protocol,
-    payload: usize,
-    request: Vec<u8>,
-    body: Vec<u8>,
-    line: String,
-    /// The server asked to close (HTTP `Connection: close`).
-    must_reconnect: bool,
-}
-
-impl Conn {
-    fn new(stream: TcpStream, addr: SocketAddr, protocol: Protocol, payload: usize, close: bool) -> Self {
-        let _ = stream.set_nodelay(true);
-        let request = match protocol {
-            Protocol::Framed => vec![b'q'; payload.max(1)],
-            Protocol::Http => {
-                let conn = if close { "Connection: close\r\n" } else { "" };
-                let mut r = format!(
-                    "POST /?size={payload} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {payload}\r\n{conn}\r\n"
-                )
-                .into_bytes();
-                r.resize(r.len() + payload, b'q');
-                r
-            }
-        };
-        Conn { rd: BufReader::new(stream), addr, protocol, payload, request, body: Vec::new(), line: String::new(), must_reconnect: false }
-    }
-
-    /// Sends the mode header of the framed protocol.
-    async fn start(&mut self) -> io::Result<()> {
-        if self.protocol == Protocol::Framed {
-            let mut hdr = [b'R', 0, 0, 0, 0];
-            hdr[1..].copy_from_slice(&(self.request.len() as u32).to_be_bytes());
-            self.rd.get_mut().write_all(&hdr).await?;
-        }
-        Ok(())
-    }
-
-    /// One request and its full response; returns the result code for `RetCodes`.
-    async fn request(&mut self) -> io::Result<String> {
-        self.rd.get_mut().write_all(&self.request).await?;
-        match self.protocol {
-            Protocol::Framed => {
-                self.body.resize(self.request.len(), 0);
-                self.rd.read_exact(&mut self.body).await?;
-                Ok("OK".into())
-            }
-            Protocol::Http => self.http_response().await,
-        }
-    }
-
-    async fn http_response(&mut self) -> io::Result<String> {
-        let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response");
-        self.line.clear();
-        if self.rd.read_line(&mut self.line).await? == 0 {
-            return Err(eof());
-        }
-        let code = self.line.split_whitespace().nth(1).unwrap_or("-1").to_string();
-        let mut length = 0u64;
-        loop {
-            self.line.clear();
-            if self.rd.read_line(&mut self.line).await? == 0 {
-                return Err(eof());
-            }
-            let h = self.line.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = h.split_once(':') {
-                let value = value.trim();
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad content-length"))?;
-                } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
-                    self.must_reconnect = true;
-                }
-            }
-        }
-        let got = tokio::io::copy(&mut (&mut self.rd).take(length), &mut tokio::io::sink()).await?;
-        if got < length {
-            return Err(eof());
-        }
-        Ok(code)
-    }
-}
-
-/// Synchronous entry points: each builds a current-thread runtime on the calling thread,
-/// so every socket is created in the caller's network namespace.
-pub mod blocking {
-    use super::*;
-
-    fn runtime() -> io::Result<tokio::runtime::Runtime> {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    }
-
-    /// Serves `listener` on the calling thread forever (see [`super::echo_server`]); use
-    /// [`EchoServer::spawn`] for a background server that stops on drop.
-    pub fn echo_server(listener: std::net::TcpListener) -> io::Result<()> {
-        listener.set_nonblocking(true)?;
-        runtime()?.block_on(async { super::echo_server(tokio::net::TcpListener::from_std(listener)?).await })
-    }
-
-    /// See [`super::throughput`].
-    pub fn throughput(addr: SocketAddr, duration: Duration) -> io::Result<f64> {
-        runtime()?.block_on(super::throughput(addr, duration))
-    }
-
-    /// See [`super::latency`].
-    pub fn latency(addr: SocketAddr, connections: usize, qps: f64, duration: Duration, payload: usize) -> io::Result<FortioResult> {
-        runtime()?.block_on(super::latency(addr, connections, qps, duration, payload))
-    }
-
-    /// See [`super::max_rate`].
-    pub fn max_rate(addr: SocketAddr, connections: usize, duration: Duration) -> io::Result<FortioResult> {
-        runtime()?.block_on(super::max_rate(addr, connections, duration))
-    }
-
-    /// See [`super::connection_rate`].
-    pub fn connection_rate(addr: SocketAddr, duration: Duration, concurrency: usize) -> io::Result<f64> {
-        runtime()?.block_on(super::connection_rate(addr, duration, concurrency))
-    }
-
-    /// See [`super::connection_rate_with`].
-    pub fn connection_rate_with(addr: SocketAddr, duration: Duration, concurrency: usize, protocol: Protocol) -> io::Result<f64> {
-        runtime()?.block_on(super::connection_rate_with(addr, duration, concurrency, protocol))
-    }
-
-    /// See [`super::run_load`]; with `spec.threads > 1`, connections and rate are split
-    /// over that many threads (spawned from this one, so in the same netns) so the
-    /// generator is not limited to one core.
-    pub fn run_load(spec: &LoadSpec) -> io::Result<FortioResult> {
-        let threads = spec.threads.clamp(1, spec.connections.max(1));
-        let wall = SystemTime::now();
-        let raws = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    // Thread t gets connections t, t+threads, …; qps in proportion.
-                    let conns = (spec.connections.max(1) + threads - 1 - t) / threads;
-                    let qps = spec.qps.map(|q| q * conns as f64 / spec.connections.max(1) as f64);
-                    s.spawn(move || runtime()?.block_on(drive(spec, conns, qps)))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().map_err(|_| io::Error::other("load thread panicked"))?).collect::<io::Result<Vec<_>>>()
-        })?;
-        Ok(finish(spec, wall, raws))
     }
 }

@@ -1,1 +1,110 @@
-fn main(){}
+//! `ztunnel`: one binary, one subcommand per role. Wiring only; the behaviour lives in the
+//! library so tests drive it in-process.
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ztunnel::node::{Node, NodeConfig};
+use ztunnel::redirect::{cgroup2_root, CaptureConfig, Exclusions};
+
+#[derive(Parser)]
+#[command(name = "ztunnel", about = "eBPF-accelerated ambient mesh data plane")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The per-node agent: enrolls pods, captures their traffic with eBPF, proxies it.
+    Node(NodeArgs),
+}
+
+#[derive(Parser)]
+struct NodeArgs {
+    /// Enrollment socket the CNI plugin connects to.
+    #[arg(long, env = "ZTUNNEL_ENROLLMENT_SOCKET", default_value = "/var/run/ztunnel/ztunnel.sock")]
+    enrollment_socket: PathBuf,
+    /// Pin directory on bpffs.
+    #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
+    pin_dir: PathBuf,
+    /// Per-pod state kept across restarts.
+    #[arg(long, default_value = "/var/run/ztunnel/pods")]
+    state_dir: PathBuf,
+    /// cgroup v2 directory above all pods (default: the cgroup2 root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Outbound destination port never captured (repeatable).
+    #[arg(long = "exclude-outbound-port")]
+    exclude_outbound_ports: Vec<u16>,
+    /// Inbound pod port never captured (repeatable).
+    #[arg(long = "exclude-inbound-port")]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
+    #[arg(long = "exclude-cidr", value_parser = parse_cidr)]
+    exclude_cidrs: Vec<(IpAddr, u8)>,
+    /// Source address of node health probes; reaches apps directly (repeatable).
+    #[arg(long = "probe-source", default_value = "169.254.7.127")]
+    probe_sources: Vec<IpAddr>,
+    /// Remove every program, link, pin and state this agent created, then exit.
+    #[arg(long)]
+    uninstall: bool,
+}
+
+fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, len) = s.split_once('/').ok_or("expected ADDR/LEN")?;
+    let ip: IpAddr = ip.parse().map_err(|e| format!("{e}"))?;
+    let len: u8 = len.parse().map_err(|e| format!("{e}"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("prefix length {len} > {max}"));
+    }
+    Ok((ip, len))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match cli.cmd {
+        Cmd::Node(args) => run_node(args),
+    }
+}
+
+fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => cgroup2_root().context("finding the cgroup2 mount")?,
+    };
+    let cfg = NodeConfig {
+        enrollment_socket: args.enrollment_socket,
+        state_dir: args.state_dir,
+        capture: CaptureConfig {
+            pin_dir: args.pin_dir,
+            cgroup,
+            exclusions: Exclusions {
+                outbound_ports: args.exclude_outbound_ports,
+                inbound_ports: args.exclude_inbound_ports,
+                cidrs: args.exclude_cidrs,
+                probe_sources: args.probe_sources,
+            },
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let node = Node::start(cfg).await.context("starting node agent")?;
+        if args.uninstall {
+            node.uninstall().context("uninstalling")?;
+            tracing::info!("uninstalled");
+            return Ok(());
+        }
+        tokio::signal::ctrl_c().await?;
+        tracing::info!("shutting down; capture stays installed (use --uninstall to remove)");
+        Ok(())
+    })
+}

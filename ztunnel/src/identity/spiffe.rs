@@ -47,7 +47,7 @@ pub enum IdentityError {
 
 /// The identity a workload proves with its certificate; the mesh authorizes and routes by it,
 /// and it keys certificate caching and HBONE connection pooling.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     trust_domain: String,
     namespace: String,
@@ -145,6 +145,13 @@ impl fmt::Display for Identity {
             "{SCHEME}{}/ns/{}/sa/{}",
             self.trust_domain, self.namespace, self.service_account
         )
+    }
+}
+
+/// Debug shows the URI: identities appear inside rustls errors, which print with Debug.
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
     }
 }
 

@@ -234,30 +234,45 @@ async fn initial_failure_is_reported_and_retried_on_next_request() {
     assert_eq!(p.calls.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test(start_paused = true)]
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
 async fn renews_at_half_life_and_keeps_old_cert_while_failing() {
-    // Attempt 0 succeeds, renewals 1..=3 fail, attempt 4 succeeds.
-    let p = provider(|n| (1..=3).contains(&n), Duration::from_secs(3600));
-    let cfg = CertManagerConfig { initial_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(4) };
+    // Attempt 0 succeeds, renewals 1..=3 fail, attempt 4 succeeds. Certificates live 4 s
+    // (second granularity), so renewal starts 1-2 s after issue.
+    let p = provider(|n| (1..=3).contains(&n), Duration::from_secs(4));
+    let cfg = CertManagerConfig {
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(200),
+    };
     let mgr = CertManager::new(p.clone(), cfg);
     let who = id("a", "b");
     let first = mgr.fetch(&who).await.unwrap();
-    // Just before half-life: no renewal yet.
-    tokio::time::sleep(Duration::from_secs(1790)).await;
-    assert_eq!(p.calls.load(Ordering::SeqCst), 1);
-    // Past half-life + first failure: old cert still served, state shows the failure.
-    tokio::time::sleep(Duration::from_secs(10) + Duration::from_millis(100)).await;
-    let snap = &mgr.snapshot()[0];
-    assert_eq!(snap.state, CertState::RenewalFailing, "{snap:?}");
-    assert!(snap.failures >= 1);
-    assert!(snap.last_error.as_deref().unwrap().contains("refused"));
-    assert_eq!(mgr.fetch(&who).await.unwrap().serial(), first.serial());
-    // Backoff 1 s, 2 s, 4 s: after these the fifth attempt succeeds.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(p.calls.load(Ordering::SeqCst), 5);
-    let renewed = mgr.fetch(&who).await.unwrap();
-    assert_ne!(renewed.serial(), first.serial());
     assert_eq!(mgr.snapshot()[0].state, CertState::Available);
+    assert_eq!(p.calls.load(Ordering::SeqCst), 1);
+
+    wait_for("a failed renewal", || mgr.snapshot()[0].state == CertState::RenewalFailing).await;
+    let snap = &mgr.snapshot()[0];
+    assert!(snap.failures >= 1, "{snap:?}");
+    assert!(snap.last_error.as_deref().unwrap().contains("refused"));
+    assert!(snap.next_attempt_unix.is_some());
+    // The old certificate is still served.
+    assert_eq!(mgr.fetch(&who).await.unwrap().serial(), first.serial());
+
+    wait_for("a successful renewal", || {
+        let s = &mgr.snapshot()[0];
+        s.state == CertState::Available && s.serial.as_deref() != Some(first.serial())
+    })
+    .await;
+    assert_eq!(p.calls.load(Ordering::SeqCst), 5);
+    assert_eq!(mgr.snapshot()[0].failures, 0);
+    assert_ne!(mgr.fetch(&who).await.unwrap().serial(), first.serial());
     mgr.forget(&who);
     assert!(mgr.snapshot().is_empty());
 }

@@ -5,6 +5,7 @@
 //! connect6,sockops}` (cgroup links) and `pods/<uid>/sk_lookup` (one link per pod netns).
 //! A restarted agent loads fresh programs against the pinned maps, attaches them, then
 //! detaches the previous links, so the kernel never holds two copies of ours.
+mod cgroup;
 mod maps;
 mod sys;
 
@@ -19,7 +20,8 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::Ebpf;
 use ztunnel_common::{IpKey, PodEntry};
 
-pub use maps::{CounterSnapshot, Exclusions, OrigDstTable};
+pub use cgroup::{bpffs_mounted, cgroup2_root};
+pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] =
@@ -51,7 +53,7 @@ pub enum CaptureError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("invalid pod uid {0:?}: only [A-Za-z0-9._-] allowed")]
+    #[error("invalid pod uid {0:?}: only [A-Za-z0-9_-] allowed (bpffs pin names)")]
     BadUid(String),
 }
 
@@ -259,35 +261,13 @@ impl Capture {
 
     /// Removes every link, map entry and pin this instance (or its predecessors) created.
     pub fn uninstall(&self) -> Result<(), CaptureError> {
-        for uid in self.pinned_pods() {
-            let link = self.cfg.pin_dir.join("pods").join(&uid).join("sk_lookup");
-            sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
-            let _ = std::fs::remove_dir(self.cfg.pin_dir.join("pods").join(&uid));
-        }
-        for n in ["connect4", "connect6", "sockops"] {
-            let link = self.cfg.pin_dir.join("links").join(n);
-            sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
-        }
-        for n in MAP_NAMES {
-            let p = self.cfg.pin_dir.join("maps").join(n);
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(io_err("unpinning", &p)(e));
-                }
-            }
-        }
-        for sub in ["maps", "links", "pods", ""] {
-            let p = self.cfg.pin_dir.join(sub);
-            let _ = std::fs::remove_dir(&p);
-        }
-        Ok(())
+        remove_pinned(&self.cfg.pin_dir)
     }
 
     fn pod_dir(&self, uid: &str) -> Result<PathBuf, CaptureError> {
         let ok = !uid.is_empty()
             && uid.len() <= 128
-            && !uid.starts_with('.')
-            && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
         if !ok {
             return Err(CaptureError::BadUid(uid.to_string()));
         }
@@ -297,12 +277,19 @@ impl Capture {
 
 /// Pins `link` at `path`, detaching whatever link was pinned there before (restart).
 fn replace_pinned(link: FdLink, path: &Path) -> Result<(), CaptureError> {
-    let fresh = path.with_extension("new");
+    let fresh = pending_path(path);
     let _ = sys::detach_pinned(&fresh);
     link.pin(&fresh)
         .map_err(|e| CaptureError::Io { what: "pinning", path: fresh.clone(), source: std::io::Error::other(e.to_string()) })?;
     sys::detach_pinned(path).map_err(io_err("detaching previous", path))?;
     std::fs::rename(&fresh, path).map_err(io_err("renaming pin", path))
+}
+
+/// Where a replacement link is pinned before it takes the final name (bpffs forbids dots).
+fn pending_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push("_new");
+    path.with_file_name(name)
 }
 
 /// 16-byte key for an address (IPv4 as v4-mapped), as the kernel programs use.
@@ -313,4 +300,33 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
             IpAddr::V6(a) => a.octets(),
         },
     }
+}
+
+/// Detaches every link pinned under `pin_dir` and removes all its pins: uninstall for an
+/// agent that is no longer running (or a leftover of a crashed test).
+pub fn remove_pinned(pin_dir: &Path) -> Result<(), CaptureError> {
+    let pods = pin_dir.join("pods");
+    for entry in std::fs::read_dir(&pods).into_iter().flatten().flatten() {
+        let link = entry.path().join("sk_lookup");
+        sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
+        let _ = sys::detach_pinned(&pending_path(&entry.path().join("sk_lookup")));
+        let _ = std::fs::remove_dir(entry.path());
+    }
+    for n in ["connect4", "connect6", "sockops"] {
+        let link = pin_dir.join("links").join(n);
+        sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
+        let _ = sys::detach_pinned(&pending_path(&link));
+    }
+    for n in MAP_NAMES {
+        let p = pin_dir.join("maps").join(n);
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(io_err("unpinning", &p)(e));
+            }
+        }
+    }
+    for sub in ["maps", "links", "pods", ""] {
+        let _ = std::fs::remove_dir(pin_dir.join(sub));
+    }
+    Ok(())
 }

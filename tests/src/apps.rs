@@ -1,0 +1,110 @@
+//! Tiny in-process apps that run inside pods: a server that tells the client which peer
+//! address it saw (so a test can tell proxied from direct), and a matching client.
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::Pod;
+
+/// A running peer-reporting server; stops when dropped.
+pub struct PeerServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerServer {
+    /// Listens on `[::]:port` (dual-stack) inside `pod`. Each connection: read one line,
+    /// answer `peer=<addr> got=<line>`.
+    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let listener = pod.run(move || -> std::io::Result<TcpListener> {
+            let l = TcpListener::bind(("::", port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, peer)) => {
+                        std::thread::spawn(move || {
+                            let _ = answer(s, peer);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+fn answer(s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    let peer = canonical(peer);
+    (&s).write_all(format!("peer={peer} got={}\n", line.trim_end()).as_bytes())
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        a => a,
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the server reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReply {
+    /// Source address the server saw.
+    pub peer: SocketAddr,
+    /// The line it received.
+    pub got: String,
+}
+
+/// Connects from inside `pod` (so capture applies) and exchanges one line.
+pub fn request(pod: &Pod, dst: SocketAddr, msg: &str) -> Result<PeerReply> {
+    let msg = msg.to_string();
+    pod.run(move || -> Result<PeerReply> {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).with_context(|| format!("connect {dst}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        (&s).write_all(format!("{msg}\n").as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).context("reading reply")?;
+        parse_reply(&line).with_context(|| format!("bad reply {line:?} from {dst}"))
+    })
+}
+
+/// Like [`request`] but from any thread already in the right namespace (e.g. a node).
+pub fn request_here(dst: SocketAddr, msg: &str) -> Result<PeerReply> {
+    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).with_context(|| format!("connect {dst}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    (&s).write_all(format!("{msg}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    parse_reply(&line).with_context(|| format!("bad reply {line:?}"))
+}
+
+fn parse_reply(line: &str) -> Option<PeerReply> {
+    let rest = line.trim_end().strip_prefix("peer=")?;
+    let (peer, got) = rest.split_once(" got=")?;
+    Some(PeerReply { peer: peer.parse().ok()?, got: got.to_string() })
+}

@@ -1,0 +1,27 @@
+//! Finding where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
+//! `/sys/fs/cgroup/unified` on hybrid ones, elsewhere in some nodes. Never assume.
+use std::path::PathBuf;
+
+/// Mount point of the cgroup2 hierarchy, read from `/proc/self/mounts`.
+pub fn cgroup2_root() -> std::io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(path))
+        })
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 mount in /proc/self/mounts"))
+}
+
+/// Whether bpffs is mounted at `path` (pins need it).
+pub fn bpffs_mounted(path: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            matches!((f.next(), f.next(), f.next()), (Some(_), Some(p), Some("bpf")) if std::path::Path::new(p) == path)
+        }))
+        .unwrap_or(false)
+}
