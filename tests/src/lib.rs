@@ -15,6 +15,7 @@ pub use cgroup::cgroup2_root;
 pub use cluster::{Cluster, Node, Pod};
 pub use netns::{in_netns, spawn_in_netns};
 pub use sweep::sweep_leftovers;
+pub mod agent_process;
 pub mod apps;
 pub mod loadgen;
 pub mod mesh;

@@ -61,6 +61,12 @@ fn main() -> ExitCode {
             ])
         }),
         Cmd::Bench { args } => require_root("bench").and_then(|()| setup()).and_then(|()| {
+            // The bench runs node agents as separate `ztunnel` processes (to measure their
+            // CPU and memory alone), so the release binary must exist first.
+            let code = cargo(&["build", "--release", "-p", "ztunnel", "--bin", "ztunnel"])?;
+            if code != 0 {
+                return Ok(code);
+            }
             let mut argv = vec![
                 "run",
                 "--release",

@@ -91,9 +91,15 @@ impl fmt::Debug for TrustBundle {
         let serials: Vec<String> = self
             .roots
             .iter()
-            .map(|r| x509::parse_cert(r).map(|i| i.serial).unwrap_or_else(|_| "<unparseable>".into()))
+            .map(|r| {
+                x509::parse_cert(r)
+                    .map(|i| i.serial)
+                    .unwrap_or_else(|_| "<unparseable>".into())
+            })
             .collect();
-        f.debug_struct("TrustBundle").field("root_serials", &serials).finish()
+        f.debug_struct("TrustBundle")
+            .field("root_serials", &serials)
+            .finish()
     }
 }
 
@@ -123,7 +129,9 @@ impl WorkloadCertificate {
             .identities
             .first()
             .cloned()
-            .ok_or(WorkloadCertError::NoIdentity { uris: info.other_uris.clone() })?;
+            .ok_or(WorkloadCertError::NoIdentity {
+                uris: info.other_uris.clone(),
+            })?;
         Ok(WorkloadCertificate {
             identity,
             chain,
@@ -184,7 +192,10 @@ impl WorkloadCertificate {
 
     /// When to renew: half way through the validity window (Istio's choice).
     pub fn refresh_at(&self) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
         self.not_before + life / 2
     }
 

@@ -47,17 +47,26 @@ fn ca_issues_p256_leaf_with_spiffe_san() {
     let ttl = cert.not_after().duration_since(SystemTime::now()).unwrap();
     assert!(ttl > Duration::from_secs(23 * 3600) && ttl <= DEFAULT_LEAF_TTL);
     let (_, leaf) = x509_parser::parse_x509_certificate(cert.leaf()).unwrap();
-    assert_eq!(leaf.public_key().algorithm.algorithm.to_id_string(), "1.2.840.10045.2.1");
+    assert_eq!(
+        leaf.public_key().algorithm.algorithm.to_id_string(),
+        "1.2.840.10045.2.1"
+    );
     verify_chain(&cert, ca.trust_bundle()).unwrap();
     // Serials are random per certificate.
-    assert_ne!(ca.issue(&id("default", "web")).unwrap().serial(), cert.serial());
+    assert_ne!(
+        ca.issue(&id("default", "web")).unwrap().serial(),
+        cert.serial()
+    );
 }
 
 #[test]
 fn ca_refuses_other_trust_domain_and_empty_validity() {
     let ca = InProcessCa::new(CaConfig::new("cluster.local")).unwrap();
     let other = Identity::new("evil.local", "default", "web").unwrap();
-    assert!(matches!(ca.issue(&other), Err(CaError::WrongTrustDomain { .. })));
+    assert!(matches!(
+        ca.issue(&other),
+        Err(CaError::WrongTrustDomain { .. })
+    ));
     let now = SystemTime::now();
     assert!(matches!(
         ca.issue_with_validity(&id("a", "b"), now, now),
@@ -78,18 +87,27 @@ fn ca_persists_root_across_instances() {
     // A certificate from the restarted CA verifies against the original root.
     verify_chain(&second.issue(&id("a", "b")).unwrap(), first.trust_bundle()).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join(ca_files::CA_KEY)).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.join(ca_files::CA_KEY))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Writes an Istio plug-in layout: a root, and an intermediate that signs.
-fn write_plugin_dir(dir: &PathBuf, key_as_sec1: bool) -> (CertificateDer<'static>, CertificateDer<'static>) {
+fn write_plugin_dir(
+    dir: &PathBuf,
+    key_as_sec1: bool,
+) -> (CertificateDer<'static>, CertificateDer<'static>) {
     let ca_params = |cn: &str| {
         let mut p = CertificateParams::default();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         p
     };
     let root_key = KeyPair::generate().unwrap();
@@ -97,7 +115,9 @@ fn write_plugin_dir(dir: &PathBuf, key_as_sec1: bool) -> (CertificateDer<'static
     let root = root_params.self_signed(&root_key).unwrap();
     let root_issuer = Issuer::new(root_params, root_key);
     let int_key = KeyPair::generate().unwrap();
-    let int = ca_params("plugin intermediate").signed_by(&int_key, &root_issuer).unwrap();
+    let int = ca_params("plugin intermediate")
+        .signed_by(&int_key, &root_issuer)
+        .unwrap();
     std::fs::create_dir_all(dir).unwrap();
     let key_pem = if key_as_sec1 {
         // Re-encode as "EC PRIVATE KEY" (SEC1), as openssl-made plug-in keys often are.
@@ -111,7 +131,11 @@ fn write_plugin_dir(dir: &PathBuf, key_as_sec1: bool) -> (CertificateDer<'static
     std::fs::write(dir.join(ca_files::CA_KEY), key_pem).unwrap();
     std::fs::write(dir.join(ca_files::CA_CERT), int.pem()).unwrap();
     std::fs::write(dir.join(ca_files::ROOT_CERT), root.pem()).unwrap();
-    std::fs::write(dir.join(ca_files::CERT_CHAIN), format!("{}{}", int.pem(), root.pem())).unwrap();
+    std::fs::write(
+        dir.join(ca_files::CERT_CHAIN),
+        format!("{}{}", int.pem(), root.pem()),
+    )
+    .unwrap();
     (root.der().clone(), int.der().clone())
 }
 
@@ -125,7 +149,7 @@ fn plugin_ca_files_are_honored() {
         cfg.state_dir = Some(temp_dir("unused-state"));
         let ca = InProcessCa::new(cfg).unwrap();
         assert_eq!(ca.source(), &CaSource::Plugin(dir.clone()));
-        assert_eq!(ca.trust_bundle().roots(), &[root.clone()]);
+        assert_eq!(ca.trust_bundle().roots(), std::slice::from_ref(&root));
         let cert = ca.issue(&id("ns1", "sa1")).unwrap();
         assert_eq!(cert.chain()[1], int);
         assert_eq!(cert.chain()[2], root);
@@ -142,9 +166,22 @@ fn plugin_ca_errors_are_specific() {
     cfg.plugin_dir = Some(dir.clone());
     std::fs::remove_file(dir.join(ca_files::ROOT_CERT)).unwrap();
     let err = InProcessCa::new(cfg.clone()).err().unwrap();
-    assert!(matches!(err, CaError::Incomplete { file: "root-cert.pem", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            CaError::Incomplete {
+                file: "root-cert.pem",
+                ..
+            }
+        ),
+        "{err}"
+    );
     write_plugin_dir(&dir, false);
-    std::fs::write(dir.join(ca_files::CA_KEY), KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    std::fs::write(
+        dir.join(ca_files::CA_KEY),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
     let err = InProcessCa::new(cfg).err().unwrap();
     assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
@@ -155,9 +192,13 @@ fn ca_signs_csr_with_requested_identity() {
     let ca = InProcessCa::new(CaConfig::new("cluster.local")).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI("spiffe://cluster.local/ns/x/sa/y".try_into().unwrap())];
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/x/sa/y".try_into().unwrap(),
+    )];
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-    let chain = ca.sign_csr(&csr, &id("ns1", "sa1"), Duration::from_secs(3600)).unwrap();
+    let chain = ca
+        .sign_csr(&csr, &id("ns1", "sa1"), Duration::from_secs(3600))
+        .unwrap();
     let info = x509::parse_cert(&chain[0]).unwrap();
     assert_eq!(info.identities, vec![id("ns1", "sa1")]);
     assert!(matches!(
@@ -180,7 +221,10 @@ impl CertificateProvider for TestProvider {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
             if (self.fail)(n) {
-                return Err(ProviderError::Backend { identity: id.clone(), source: format!("attempt {n} refused").into() });
+                return Err(ProviderError::Backend {
+                    identity: id.clone(),
+                    source: format!("attempt {n} refused").into(),
+                });
             }
             let now = SystemTime::now();
             Ok(self.ca.issue_with_validity(id, now, now + self.ttl)?)
@@ -188,7 +232,10 @@ impl CertificateProvider for TestProvider {
     }
 }
 
-fn provider(fail: impl Fn(usize) -> bool + Send + Sync + 'static, ttl: Duration) -> Arc<TestProvider> {
+fn provider(
+    fail: impl Fn(usize) -> bool + Send + Sync + 'static,
+    ttl: Duration,
+) -> Arc<TestProvider> {
     Arc::new(TestProvider {
         ca: InProcessCa::new(CaConfig::new("cluster.local")).unwrap(),
         calls: AtomicUsize::new(0),
@@ -215,7 +262,9 @@ async fn concurrent_first_fetches_share_one_request() {
     assert_eq!(snap[0].serial.as_deref(), Some(serials[0].as_str()));
 }
 
-async fn futures_join<T: Send + 'static>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+async fn futures_join<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
     let mut out = Vec::new();
     for h in handles.collect::<Vec<_>>() {
         out.push(h.await.unwrap());
@@ -237,7 +286,10 @@ async fn initial_failure_is_reported_and_retried_on_next_request() {
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -257,7 +309,10 @@ async fn renews_at_half_life_and_keeps_old_cert_while_failing() {
     assert_eq!(mgr.snapshot()[0].state, CertState::Available);
     assert_eq!(p.calls.load(Ordering::SeqCst), 1);
 
-    wait_for("a failed renewal", || mgr.snapshot()[0].state == CertState::RenewalFailing).await;
+    wait_for("a failed renewal", || {
+        mgr.snapshot()[0].state == CertState::RenewalFailing
+    })
+    .await;
     let snap = &mgr.snapshot()[0];
     assert!(snap.failures >= 1, "{snap:?}");
     assert!(snap.last_error.as_deref().unwrap().contains("refused"));

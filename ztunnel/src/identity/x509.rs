@@ -69,7 +69,12 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertParseError> {
             }
         }
     }
-    let serial = cert.tbs_certificate.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+    let serial = cert
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
     Ok(CertInfo {
         identities,
@@ -85,17 +90,25 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertParseError> {
 pub fn certs_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertParseError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertParseError::Pem { what: "certificate", detail: e.to_string() })?;
+        .map_err(|e| CertParseError::Pem {
+            what: "certificate",
+            detail: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(CertParseError::Pem { what: "certificate", detail: "no CERTIFICATE block".into() });
+        return Err(CertParseError::Pem {
+            what: "certificate",
+            detail: "no CERTIFICATE block".into(),
+        });
     }
     Ok(certs)
 }
 
 /// Encodes certificates as a PEM document.
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
-    let blocks: Vec<pem::Pem> =
-        certs.into_iter().map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())).collect();
+    let blocks: Vec<pem::Pem> = certs
+        .into_iter()
+        .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))
+        .collect();
     pem::encode_many(&blocks)
 }
 
@@ -103,16 +116,24 @@ pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>)
 /// it as PKCS#8, the only form the `ring` backend signs with; Istio plug-in CA keys are often
 /// PKCS#1 or SEC1.
 pub fn pkcs8_key_from_pem(pem: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, CertParseError> {
-    let key = PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|e| CertParseError::Pem { what: "private key", detail: e.to_string() })?;
+    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| CertParseError::Pem {
+        what: "private key",
+        detail: e.to_string(),
+    })?;
     match key {
         PrivateKeyDer::Pkcs8(k) => Ok(k),
         PrivateKeyDer::Pkcs1(k) => {
             // AlgorithmIdentifier { rsaEncryption, NULL }
             let alg = der_tlv(
                 0x30,
-                &[&der_tlv(0x06, &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01])[..], &[0x05, 0x00]]
-                    .concat(),
+                &[
+                    &der_tlv(
+                        0x06,
+                        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01],
+                    )[..],
+                    &[0x05, 0x00],
+                ]
+                .concat(),
             );
             Ok(wrap_pkcs8(&alg, k.secret_pkcs1_der()))
         }
@@ -140,7 +161,11 @@ fn der_tlv(tag: u8, value: &[u8]) -> Vec<u8> {
     if len < 0x80 {
         out.push(len as u8);
     } else {
-        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
         out.push(0x80 | bytes.len() as u8);
         out.extend(bytes);
     }
@@ -188,7 +213,9 @@ fn read_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         rest = &rest[n..];
         len
     };

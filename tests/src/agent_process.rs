@@ -1,0 +1,131 @@
+//! A node agent run as its own `ztunnel node` process (release build), so benchmarks can
+//! measure the proxy's CPU time and memory apart from the load generator.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ztunnel::enrollment::{EnrollmentClient, WorkloadInfo};
+
+use crate::{Cluster, Pod};
+
+/// A running `ztunnel node` process for one node of a cluster.
+pub struct AgentProcess {
+    child: Child,
+    args: Vec<String>,
+    binary: PathBuf,
+    socket: PathBuf,
+}
+
+/// CPU seconds (user + system) and resident memory of a process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+impl AgentProcess {
+    /// Starts `binary node` for `cluster.node(node)`, with extra CLI args.
+    pub fn start(binary: &Path, cluster: &Cluster, node: usize, extra: &[String]) -> Result<Self> {
+        crate::mesh::ensure_bpffs()?;
+        let n = cluster.node(node);
+        let name = format!("{}-node{node}", cluster.prefix());
+        let run_dir = PathBuf::from("/run/ztunnel-test").join(&name);
+        let socket = run_dir.join("ztunnel.sock");
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--enrollment-socket".into(),
+            socket.display().to_string(),
+            "--state-dir".into(),
+            run_dir.join("pods").display().to_string(),
+            "--pin-dir".into(),
+            PathBuf::from(crate::mesh::BPFFS).join(&name).display().to_string(),
+            "--probe-source".into(),
+            n.gateway4().to_string(),
+            "--probe-source".into(),
+            n.gateway6().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let child = Command::new(binary)
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut me = Self { child, args, binary: binary.to_path_buf(), socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while EnrollmentClient::connect(&me.socket).is_err() {
+            if let Some(status) = me.child.try_wait()? {
+                bail!("agent exited early: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not open {} in 10 s", me.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    /// Enrolls a pod through the agent's socket.
+    pub fn enroll(&self, pod: &Pod) -> Result<()> {
+        let info = WorkloadInfo { name: pod.name().into(), namespace: "default".into(), service_account: pod.name().into() };
+        EnrollmentClient::connect(&self.socket)
+            .map_err(|e| anyhow!("{e}"))?
+            .add(pod.uid(), info, pod.netns_file())?
+            .map_err(|e| anyhow!("agent refused {}: {e}", pod.uid()))
+    }
+
+    /// Current CPU time and RSS of the agent process.
+    pub fn usage(&self) -> Result<Usage> {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(Usage { cpu_seconds: ticks / hz, rss_bytes: rss_kb * 1024 })
+    }
+
+    /// Stops the agent and removes everything it installed (`ztunnel node --uninstall`).
+    pub fn stop_and_uninstall(mut self) -> Result<()> {
+        self.shutdown();
+        let status = Command::new(&self.binary).args(&self.args).arg("--uninstall").env("RUST_LOG", "warn").status()?;
+        if !status.success() {
+            bail!("uninstall failed: {status}");
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.shutdown();
+            let _ = Command::new(&self.binary).args(&self.args).arg("--uninstall").status();
+        }
+    }
+}

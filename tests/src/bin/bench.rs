@@ -1,0 +1,154 @@
+//! `cargo xtask bench`: the mesh against the no-mesh baseline, measured in the same run on
+//! the same mini-cluster, alternating rounds, medians reported with ratios.
+//!
+//! Scenarios (cross-node pod -> pod): `no-mesh` (pods not enrolled: the physical limit)
+//! and `captured-tcp` (both pods enrolled: eBPF capture -> in-pod proxy -> plain TCP ->
+//! in-pod proxy -> app). Node agents run as separate release `ztunnel node` processes.
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mesh_tests::agent_process::{AgentProcess, Usage};
+use mesh_tests::loadgen::{blocking, EchoServer};
+use mesh_tests::mesh::sweep_pins;
+use mesh_tests::{sweep_leftovers, Cluster, Pod};
+
+const PORT: u16 = 9000;
+
+struct Opts {
+    rounds: usize,
+    secs: f64,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts { rounds: 3, secs: 2.0 };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        match (args[i].as_str(), args.get(i + 1)) {
+            ("--rounds", Some(v)) => o.rounds = v.parse().unwrap_or(o.rounds),
+            ("--secs", Some(v)) => o.secs = v.parse().unwrap_or(o.secs),
+            _ => {}
+        }
+        i += 2;
+    }
+    o
+}
+
+/// One row of results for one scenario in one round.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Sample {
+    throughput_mbps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_qps: f64,
+    conns_per_sec: f64,
+    /// Node-agent CPU seconds per 1000 requests during the max-rate run (mesh only).
+    cpu_s_per_1k: f64,
+}
+
+fn measure(client: &Pod, dst: SocketAddr, secs: f64, agents: &[&AgentProcess]) -> Result<Sample> {
+    let d = Duration::from_secs_f64(secs);
+    let tput = client.run(move || blocking::throughput(dst, d)).context("throughput")?;
+    let lat = client.run(move || blocking::latency(dst, 16, 1000.0, d, 1024)).context("latency")?;
+    let cpu_before: f64 = agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum();
+    let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
+    let cpu_after: f64 = agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum();
+    let conns = client.run(move || blocking::connection_rate(dst, d, 8)).context("connection rate")?;
+    let reqs = max.duration_histogram.count as f64;
+    let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
+    Ok(Sample {
+        throughput_mbps: tput * 8.0 / 1e6,
+        p50_ms: ms(50.0),
+        p90_ms: ms(90.0),
+        p99_ms: ms(99.0),
+        max_qps: max.actual_qps,
+        conns_per_sec: conns,
+        cpu_s_per_1k: if agents.is_empty() || reqs == 0.0 { 0.0 } else { (cpu_after - cpu_before) / reqs * 1000.0 },
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+fn start_server(pod: &Pod) -> Result<EchoServer> {
+    let l = pod.run(|| TcpListener::bind(("::", PORT)))?;
+    Ok(EchoServer::spawn(l)?)
+}
+
+fn main() -> Result<()> {
+    let o = opts();
+    sweep_leftovers();
+    sweep_pins();
+    let binary = std::env::current_exe()?.with_file_name("ztunnel");
+    anyhow::ensure!(binary.exists(), "{} missing: run `cargo build --release -p ztunnel` (cargo xtask bench does)", binary.display());
+
+    let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
+    let plain_c = c.add_pod(0, "plainc")?;
+    let plain_s = c.add_pod(1, "plains")?;
+    let mesh_c = c.add_pod(0, "meshc")?;
+    let mesh_s = c.add_pod(1, "meshs")?;
+    let a0 = AgentProcess::start(&binary, &c, 0, &[])?;
+    let a1 = AgentProcess::start(&binary, &c, 1, &[])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle: Vec<Usage> = vec![a0.usage()?, a1.usage()?];
+    a0.enroll(&mesh_c)?;
+    a1.enroll(&mesh_s)?;
+    let _s1 = start_server(&plain_s)?;
+    let _s2 = start_server(&mesh_s)?;
+
+    let scenarios: Vec<(&str, &Pod, SocketAddr, Vec<&AgentProcess>)> = vec![
+        ("no-mesh", &plain_c, SocketAddr::new(plain_s.ip4().into(), PORT), vec![]),
+        ("captured-tcp", &mesh_c, SocketAddr::new(mesh_s.ip4().into(), PORT), vec![&a0, &a1]),
+    ];
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    for round in 0..o.rounds {
+        for (name, client, dst, agents) in &scenarios {
+            let s = measure(client, *dst, o.secs, agents).with_context(|| format!("{name} round {round}"))?;
+            eprintln!("round {round} {name:<14} {s:?}");
+            samples.entry(name).or_default().push(s);
+        }
+    }
+    let loaded: Vec<Usage> = vec![a0.usage()?, a1.usage()?];
+
+    let med = |name: &str, f: fn(&Sample) -> f64| median(samples[name].iter().map(f).collect());
+    type Metric = (&'static str, fn(&Sample) -> f64, bool);
+    let metrics: [Metric; 6] = [
+        ("throughput Mbit/s (1 stream)", |s| s.throughput_mbps, true),
+        ("p50 ms (c16, 1000 qps, 1 KiB)", |s| s.p50_ms, false),
+        ("p90 ms", |s| s.p90_ms, false),
+        ("p99 ms", |s| s.p99_ms, false),
+        ("max keep-alive req/s (c16)", |s| s.max_qps, true),
+        ("new connections/s (c8)", |s| s.conns_per_sec, true),
+    ];
+    println!("\n{:<32} {:>12} {:>14} {:>8}", "metric (median of rounds)", "no-mesh", "captured-tcp", "ratio");
+    let mut report = serde_json::Map::new();
+    for (label, f, _higher_better) in metrics {
+        let base = med("no-mesh", f);
+        let mesh = med("captured-tcp", f);
+        println!("{label:<32} {base:>12.3} {mesh:>14.3} {:>8.3}", mesh / base);
+        report.insert(label.into(), serde_json::json!({"no_mesh": base, "captured_tcp": mesh, "ratio": mesh / base}));
+    }
+    let cpu = med("captured-tcp", |s| s.cpu_s_per_1k);
+    println!("{:<32} {:>12} {:>14.4}", "agent CPU s / 1000 req", "-", cpu);
+    let rss = |u: &[Usage]| u.iter().map(|x| x.rss_bytes as f64 / 1e6).fold(0.0, f64::max);
+    println!("{:<32} {:>12} {:>14.1}", "agent RSS MB idle (max of 2)", "-", rss(&idle));
+    println!("{:<32} {:>12} {:>14.1}", "agent RSS MB after load", "-", rss(&loaded));
+    report.insert("cpu_s_per_1k_requests".into(), cpu.into());
+    report.insert("rss_mb_idle".into(), rss(&idle).into());
+    report.insert("rss_mb_loaded".into(), rss(&loaded).into());
+    report.insert("rounds".into(), serde_json::to_value(&samples)?);
+
+    let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("capture.json"), serde_json::to_vec_pretty(&report)?)?;
+    println!("\nfull results: {}", out.join("capture.json").display());
+    a0.stop_and_uninstall()?;
+    a1.stop_and_uninstall()?;
+    Ok(())
+}

@@ -1,0 +1,495 @@
+//! End-to-end HBONE tests on 127.0.0.1 with real mTLS: pool → server → TCP upstream.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::server::parse_forwarded_for;
+use super::*;
+use crate::identity::{CaConfig, CertManager, CertManagerConfig, Identity, InProcessCa};
+use crate::tls;
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "default", sa).unwrap()
+}
+
+fn certs() -> CertManager {
+    let ca = InProcessCa::new(CaConfig::new("cluster.local")).unwrap();
+    CertManager::new(Arc::new(ca), CertManagerConfig::default())
+}
+
+/// Records what the server's handler saw.
+#[derive(Default)]
+struct Seen {
+    requests: Mutex<Vec<ConnectRequest>>,
+}
+
+/// An HBONE server for `server` identity: denies port 1, otherwise connects to the authority.
+async fn start_server(certs: &CertManager, seen: Arc<Seen>) -> SocketAddr {
+    let cert = certs.fetch(&id("server")).await.unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&cert, cert.roots()).unwrap()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(move |req: ConnectRequest| {
+        let seen = seen.clone();
+        async move {
+            let target = req.authority;
+            seen.requests.lock().unwrap().push(req);
+            if target.port() == 1 {
+                return Err(ConnectRejection::Denied("port 1 is forbidden".into()));
+            }
+            TcpStream::connect(target)
+                .await
+                .map_err(|e| ConnectRejection::UpstreamFailed(e.to_string()))
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = serve_connection(tls, handler, &H2Config::default()).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP upstream echoing everything, then closing after the client's EOF.
+async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP upstream that reads until EOF and only then answers.
+async fn reply_after_eof_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).await.unwrap();
+        tcp.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
+        tcp.shutdown().await.unwrap();
+    });
+    addr
+}
+
+fn counting_dialer(dials: Arc<AtomicUsize>) -> Arc<dyn Dialer> {
+    Arc::new(move |key: PoolKey| {
+        let dials = dials.clone();
+        async move {
+            dials.fetch_add(1, Ordering::SeqCst);
+            TcpStream::connect(key.dst).await
+        }
+    })
+}
+
+fn pool(certs: &CertManager, dials: Arc<AtomicUsize>, cfg: PoolConfig) -> ConnectionPool {
+    ConnectionPool::new(
+        cfg,
+        counting_dialer(dials),
+        Arc::new(CertManagerTls {
+            certs: certs.clone(),
+        }),
+    )
+}
+
+fn key(dst: SocketAddr, dst_identity: Identity) -> PoolKey {
+    PoolKey {
+        src_identity: id("client"),
+        dst_identity,
+        dst,
+        src_ip: "127.0.0.1".parse().unwrap(),
+    }
+}
+
+async fn roundtrip(stream: &mut HboneStream, msg: &[u8]) {
+    stream.write_all(msg).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, msg);
+}
+
+#[tokio::test]
+async fn connect_reaches_upstream_and_server_sees_client_identity() {
+    let certs = certs();
+    let seen = Arc::new(Seen::default());
+    let server = start_server(&certs, seen.clone()).await;
+    let echo = echo_upstream().await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let pool = pool(&certs, dials.clone(), PoolConfig::default());
+    let headers = ConnectHeaders {
+        forwarded_for: Some("10.0.0.7:4242".parse().unwrap()),
+        baggage: Some("k8s.namespace.name=default,k8s.deployment.name=client".into()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        extra: Default::default(),
+    };
+    let mut stream = pool
+        .connect(key(server, id("server")), echo, headers)
+        .await
+        .unwrap();
+    roundtrip(&mut stream, b"hello through hbone").await;
+    {
+        let reqs = seen.requests.lock().unwrap();
+        let req = &reqs[0];
+        assert_eq!(req.peer, id("client"));
+        assert_eq!(req.authority, echo);
+        assert_eq!(
+            req.forwarded_for,
+            Some(ForwardedFor {
+                ip: "10.0.0.7".parse().unwrap(),
+                port: Some(4242)
+            })
+        );
+        assert!(req
+            .baggage
+            .as_deref()
+            .unwrap()
+            .contains("k8s.deployment.name=client"));
+        assert!(req.traceparent.as_deref().unwrap().starts_with("00-0af7"));
+    }
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.connections_opened,
+            stats.live_connections,
+            stats.active_streams
+        ),
+        (1, 1, 1)
+    );
+    drop(stream);
+    assert_eq!(pool.stats().active_streams, 0);
+    assert_eq!(dials.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn large_transfer_both_ways_respects_flow_control() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let echo = echo_upstream().await;
+    let pool = pool(&certs, Arc::default(), PoolConfig::default());
+    let stream = pool
+        .connect(key(server, id("server")), echo, ConnectHeaders::default())
+        .await
+        .unwrap();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let payload: Vec<u8> = (0..(24 << 20)).map(|i| (i % 251) as u8).collect();
+    let expected = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), expected.len());
+    assert!(back == expected);
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_other_direction_open() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let upstream = reply_after_eof_upstream().await;
+    let pool = pool(&certs, Arc::default(), PoolConfig::default());
+    let mut stream = pool
+        .connect(
+            key(server, id("server")),
+            upstream,
+            ConnectHeaders::default(),
+        )
+        .await
+        .unwrap();
+    stream.write_all(b"12345").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply, "got 5 bytes");
+}
+
+#[tokio::test]
+async fn statuses_map_to_errors() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let pool = pool(&certs, Arc::default(), PoolConfig::default());
+    let k = key(server, id("server"));
+    let denied = pool
+        .connect(
+            k.clone(),
+            "127.0.0.1:1".parse().unwrap(),
+            ConnectHeaders::default(),
+        )
+        .await;
+    assert!(
+        matches!(denied, Err(HboneError::Denied { .. })),
+        "{denied:?}"
+    );
+    // Nothing listens on this port: the server's upstream connect fails.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let failed = pool.connect(k, closed, ConnectHeaders::default()).await;
+    assert!(
+        matches!(failed, Err(HboneError::UpstreamFailed { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(pool.stats().connections_opened, 1);
+}
+
+#[tokio::test]
+async fn client_rejects_server_with_unexpected_identity() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let echo = echo_upstream().await;
+    let pool = pool(&certs, Arc::default(), PoolConfig::default());
+    let err = pool
+        .connect(
+            key(server, id("not-the-server")),
+            echo,
+            ConnectHeaders::default(),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        HboneError::Dial(d) => assert!(
+            matches!(
+                **d,
+                DialError::Tls {
+                    reason: tls::RejectReason::SanMismatch,
+                    ..
+                }
+            ),
+            "{err}"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(pool.stats().dial_failures, 1);
+}
+
+#[tokio::test]
+async fn concurrent_connects_share_one_dial_and_connection() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let echo = echo_upstream().await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let pool = pool(&certs, dials.clone(), PoolConfig::default());
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut s = pool
+                    .connect(key(server, id("server")), echo, ConnectHeaders::default())
+                    .await
+                    .unwrap();
+                roundtrip(&mut s, format!("stream {i}").as_bytes()).await;
+                s
+            })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for t in tasks {
+        streams.push(t.await.unwrap());
+    }
+    assert_eq!(dials.load(Ordering::SeqCst), 1);
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.connections_opened,
+            stats.active_streams,
+            stats.streams_opened
+        ),
+        (1, 50, 50)
+    );
+}
+
+#[tokio::test]
+async fn full_connection_opens_another_and_failed_dials_are_shared() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let echo = echo_upstream().await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let cfg = PoolConfig {
+        max_streams_per_conn: 2,
+        ..Default::default()
+    };
+    let pool = pool(&certs, dials.clone(), cfg);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            pool.connect(key(server, id("server")), echo, ConnectHeaders::default())
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(dials.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.stats().live_connections, 2);
+
+    // Ten concurrent requests to a dead endpoint: one dial, one failure, ten errors.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let before = dials.load(Ordering::SeqCst);
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.connect(key(dead, id("server")), echo, ConnectHeaders::default())
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Err(HboneError::Dial(_))));
+    }
+    assert_eq!(dials.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(pool.stats().dial_failures, 1);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let echo = echo_upstream().await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let cfg = PoolConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let pool = pool(&certs, dials.clone(), cfg);
+    let mut s = pool
+        .connect(key(server, id("server")), echo, ConnectHeaders::default())
+        .await
+        .unwrap();
+    roundtrip(&mut s, b"x").await;
+    // Not idle while a stream is open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pool.stats().live_connections, 1);
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pool.stats().live_connections != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut s = pool
+        .connect(key(server, id("server")), echo, ConnectHeaders::default())
+        .await
+        .unwrap();
+    roundtrip(&mut s, b"y").await;
+    assert_eq!(dials.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400_without_disturbing_other_streams() {
+    let certs = certs();
+    let server = start_server(&certs, Arc::default()).await;
+    let echo = echo_upstream().await;
+    let cert = certs.fetch(&id("client")).await.unwrap();
+    let cfg = tls::client_config(&cert, cert.roots(), vec![id("server")]).unwrap();
+    let tcp = TcpStream::connect(server).await.unwrap();
+    let tls_stream = TlsConnector::from(Arc::new(cfg))
+        .connect(tls::server_name(server.ip()), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls_stream).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+
+    // A good tunnel first.
+    let connect = http::Request::builder()
+        .method("CONNECT")
+        .uri(echo.to_string())
+        .body(())
+        .unwrap();
+    let (resp, mut tx) = send.send_request(connect, false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut rx = resp.into_body();
+
+    // Then a GET and a CONNECT to a host name on the same connection: both 400.
+    for req in [
+        http::Request::get("https://example.com/").body(()).unwrap(),
+        http::Request::builder()
+            .method("CONNECT")
+            .uri("example.com:80")
+            .body(())
+            .unwrap(),
+    ] {
+        let mut send = send.clone().ready().await.unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), 400);
+    }
+
+    // The first tunnel still works.
+    tx.send_data(Bytes::from_static(b"still alive"), true)
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(chunk) = rx.data().await {
+        let chunk = chunk.unwrap();
+        let _ = rx.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"still alive");
+}
+
+#[test]
+fn forwarded_for_forms() {
+    let f = |s| parse_forwarded_for(s);
+    assert_eq!(
+        f("for=10.1.2.3"),
+        Some(ForwardedFor {
+            ip: "10.1.2.3".parse().unwrap(),
+            port: None
+        })
+    );
+    assert_eq!(
+        f("for=\"10.1.2.3:80\""),
+        Some(ForwardedFor {
+            ip: "10.1.2.3".parse().unwrap(),
+            port: Some(80)
+        })
+    );
+    assert_eq!(
+        f("For=\"[::1]:80\";proto=https"),
+        Some(ForwardedFor {
+            ip: "::1".parse().unwrap(),
+            port: Some(80)
+        })
+    );
+    assert_eq!(
+        f("by=x;for=\"[fd00::1]\""),
+        Some(ForwardedFor {
+            ip: "fd00::1".parse().unwrap(),
+            port: None
+        })
+    );
+    assert_eq!(f("for=unknown"), None);
+}
