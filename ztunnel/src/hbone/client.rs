@@ -131,6 +131,12 @@ pub enum DialError {
         /// The h2 error.
         source: h2::Error,
     },
+    /// The dial task ended without a result (runtime shutting down).
+    #[error("dial to {dst} was abandoned")]
+    Abandoned {
+        /// The destination.
+        dst: SocketAddr,
+    },
     /// Dial + handshakes took too long.
     #[error("connecting to {dst} timed out after {after:?}")]
     Timeout {

@@ -204,11 +204,8 @@ impl ConnectionPool {
             };
             let result = match outcome.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().expect("waited for Some"),
-                // The dial task vanished (runtime shutdown): report it as a failed dial.
-                Err(_) => Err(Arc::new(DialError::Timeout {
-                    dst: key.dst,
-                    after: Duration::ZERO,
-                })),
+                // The dial task vanished (runtime shutdown).
+                Err(_) => Err(Arc::new(DialError::Abandoned { dst: key.dst })),
             };
             result.map_err(HboneError::Dial)?;
         }

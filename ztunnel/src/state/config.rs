@@ -1,0 +1,177 @@
+//! Istio ztunnel's local-config YAML (`LOCAL_XDS_PATH`): `{workloads, services, policies}`,
+//! parsed and validated entry by entry so an error names the bad item.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Authorization;
+
+/// How a workload is reached: through HBONE (mesh member) or plain TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum WorkloadProtocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "HBONE")]
+    Hbone,
+}
+
+/// A pod (or VM) the mesh knows about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default, alias = "tunnelProtocol")]
+    pub protocol: WorkloadProtocol,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default = "default_td")]
+    pub trust_domain: String,
+    /// `"<namespace>/<hostname>"` → service port → target port.
+    #[serde(default)]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// Policies selecting this workload directly, as `"<namespace>/<name>"`.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+
+fn default_td() -> String {
+    "cluster.local".into()
+}
+
+/// A Kubernetes-style service: VIPs and ports in front of workloads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    /// `"<network>/<ip>"` or a bare IP.
+    #[serde(default)]
+    pub vips: Vec<String>,
+    /// Service port → target port (0 = same port).
+    #[serde(default)]
+    pub ports: BTreeMap<u16, u16>,
+    /// Extra identities the service's endpoints may present.
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+impl Service {
+    /// The VIP addresses, with the optional `network/` prefix stripped.
+    pub fn vip_addrs(&self) -> Result<Vec<IpAddr>, String> {
+        self.vips
+            .iter()
+            .map(|v| {
+                let ip = v.rsplit('/').next().unwrap_or(v);
+                ip.parse().map_err(|e| format!("vip {v:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// `"<namespace>/<hostname>"`, the key workloads use to join a service.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// The whole local config after validation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LocalConfig {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Authorization>,
+}
+
+/// One rejected entry (or the whole document when it is not YAML at all).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{kind} {name}: {reason}")]
+pub struct ConfigError {
+    pub kind: &'static str,
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    workloads: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    services: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    policies: Vec<serde_yaml::Value>,
+}
+
+fn entry_name(v: &serde_yaml::Value, idx: usize) -> String {
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    match (field("namespace"), field("name").or_else(|| field("uid"))) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => n,
+        _ => format!("#{idx}"),
+    }
+}
+
+fn parse_entries<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    raw: Vec<serde_yaml::Value>,
+    errors: &mut Vec<ConfigError>,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for (i, v) in raw.into_iter().enumerate() {
+        let name = entry_name(&v, i);
+        match serde_yaml::from_value::<T>(v).map_err(|e| e.to_string()).and_then(|t| validate(&t).map(|_| t)) {
+            Ok(t) => out.push(t),
+            Err(reason) => errors.push(ConfigError { kind, name, reason }),
+        }
+    }
+    out
+}
+
+/// Parses a local config. Bad entries are returned as errors (by kind and name) and left
+/// out; the good ones are kept. A document that is not valid YAML is one error.
+pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
+    let raw: RawConfig = match serde_yaml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                LocalConfig::default(),
+                vec![ConfigError { kind: "document", name: "local config".into(), reason: e.to_string() }],
+            )
+        }
+    };
+    let mut errors = Vec::new();
+    let workloads = parse_entries("workload", raw.workloads, &mut errors, |w: &Workload| {
+        if w.uid.is_empty() {
+            return Err("uid is empty".into());
+        }
+        if w.workload_ips.is_empty() {
+            return Err("no workloadIps".into());
+        }
+        Ok(())
+    });
+    let services = parse_entries("service", raw.services, &mut errors, |s: &Service| {
+        s.vip_addrs().map(|_| ())?;
+        if s.hostname.is_empty() {
+            return Err("hostname is empty".into());
+        }
+        Ok(())
+    });
+    let policies = parse_entries("policy", raw.policies, &mut errors, |p: &Authorization| p.validate());
+    (LocalConfig { workloads, services, policies }, errors)
+}

@@ -1,0 +1,10 @@
+//! The node's view of the mesh: workloads, services and authorization policies, indexed
+//! for the data path (who is at this IP? which endpoints back this VIP?). Loaded from
+//! Istio's local-config YAML shape (`{workloads, services, policies}`) for now; xDS later
+//! feeds the same store. Updates replace the whole snapshot atomically; a bad entry is
+//! rejected by name and the last good snapshot stays in force.
+mod config;
+mod store;
+
+pub use config::{parse_local_config, ConfigError, LocalConfig, Service, Workload, WorkloadProtocol};
+pub use store::{Snapshot, StateStore, Upstream};

@@ -1,0 +1,163 @@
+//! Indexed, atomically replaced snapshots of the mesh state.
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use super::config::{LocalConfig, Service, Workload, WorkloadProtocol};
+use super::{parse_local_config, ConfigError};
+use crate::policy::Authorization;
+
+/// One consistent view of workloads, services and policies.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub config: LocalConfig,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_uid: HashMap<String, Arc<Workload>>,
+    vips: HashMap<IpAddr, Arc<Service>>,
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    rr: HashMap<String, AtomicUsize>,
+}
+
+/// Where an outbound connection really goes.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The destination workload, when it is one the mesh knows.
+    pub workload: Option<Arc<Workload>>,
+    /// The service the client addressed, when it dialled a VIP.
+    pub service: Option<Arc<Service>>,
+    /// Address to reach (endpoint IP and target port).
+    pub addr: SocketAddr,
+}
+
+impl Upstream {
+    /// Whether to tunnel in HBONE (the destination is a mesh workload).
+    pub fn is_hbone(&self) -> bool {
+        self.workload.as_ref().is_some_and(|w| w.protocol == WorkloadProtocol::Hbone)
+    }
+}
+
+impl Snapshot {
+    /// Builds the indexes for a validated config.
+    pub fn new(config: LocalConfig) -> Self {
+        let mut s = Snapshot::default();
+        for w in &config.workloads {
+            let w = Arc::new(w.clone());
+            for ip in &w.workload_ips {
+                s.by_ip.insert(*ip, w.clone());
+            }
+            s.by_uid.insert(w.uid.clone(), w.clone());
+            for key in w.services.keys() {
+                s.endpoints.entry(key.clone()).or_default().push(w.clone());
+            }
+        }
+        for svc in &config.services {
+            let svc = Arc::new(svc.clone());
+            for ip in svc.vip_addrs().unwrap_or_default() {
+                s.vips.insert(ip, svc.clone());
+            }
+            s.rr.insert(svc.key(), AtomicUsize::new(0));
+        }
+        s.config = config;
+        s
+    }
+
+    /// The workload at an IP.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.by_ip.get(&ip).cloned()
+    }
+
+    /// The workload with a uid.
+    pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.by_uid.get(uid).cloned()
+    }
+
+    /// Policies in force.
+    pub fn policies(&self) -> &[Authorization] {
+        &self.config.policies
+    }
+
+    /// Resolves a destination: service VIP → one endpoint (round robin), workload IP →
+    /// that workload, anything else → passthrough.
+    pub fn resolve(&self, dst: SocketAddr) -> Option<Upstream> {
+        if let Some(svc) = self.vips.get(&dst.ip()) {
+            let key = svc.key();
+            let eps = self.endpoints.get(&key).filter(|e| !e.is_empty())?;
+            let i = self.rr.get(&key).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
+            let ep = eps[i % eps.len()].clone();
+            let target = match svc.ports.get(&dst.port()) {
+                Some(0) | None => ep.services.get(&key).and_then(|m| m.get(&dst.port())).copied().unwrap_or(dst.port()),
+                Some(t) => *t,
+            };
+            let ip = pick_family(&ep.workload_ips, dst.ip())?;
+            return Some(Upstream { workload: Some(ep), service: Some(svc.clone()), addr: SocketAddr::new(ip, target) });
+        }
+        Some(Upstream { workload: self.workload_by_ip(dst.ip()), service: None, addr: dst })
+    }
+}
+
+fn pick_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
+    ips.iter().find(|i| i.is_ipv4() == like.is_ipv4()).or_else(|| ips.first()).copied()
+}
+
+/// The live store: readers take cheap `Arc` snapshots; writers replace them whole.
+#[derive(Debug)]
+pub struct StateStore {
+    current: RwLock<Arc<Snapshot>>,
+    version: watch::Sender<u64>,
+    rejected: AtomicU64,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        Self::new(LocalConfig::default())
+    }
+}
+
+impl StateStore {
+    /// A store starting from `config`.
+    pub fn new(config: LocalConfig) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(Snapshot::new(config))),
+            version: watch::channel(0).0,
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the state; subscribers are told (e.g. to re-check open connections).
+    pub fn replace(&self, config: LocalConfig) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot::new(config));
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Applies a local-config document: good entries replace the state, bad ones are
+    /// rejected by name (and counted). A document that is not YAML keeps the last state.
+    pub fn apply_yaml(&self, text: &str) -> Vec<ConfigError> {
+        let (cfg, errors) = parse_local_config(text);
+        self.rejected.fetch_add(errors.len() as u64, Ordering::Relaxed);
+        for e in &errors {
+            tracing::warn!(error = %e, "config entry rejected");
+        }
+        if !errors.iter().any(|e| e.kind == "document") {
+            self.replace(cfg);
+        }
+        errors
+    }
+
+    /// Entries rejected so far (for metrics).
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Notifies on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
