@@ -19,3 +19,4 @@ pub mod agent_process;
 pub mod apps;
 pub mod loadgen;
 pub mod mesh;
+pub mod wire;

@@ -6,11 +6,57 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::broadcast;
 use ztunnel::enrollment::{EnrollmentClient, WorkloadInfo};
+use ztunnel::admin::AdminConfig;
+use ztunnel::identity::{CaConfig, InProcessCa};
 use ztunnel::node::{Node as Agent, NodeConfig};
 use ztunnel::proxy::ConnectionRecord;
 use ztunnel::redirect::{bpffs_mounted, CaptureConfig, CounterSnapshot, Exclusions};
 
 use crate::{Cluster, Pod};
+
+/// Trust domain of every test mesh.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Where a cluster's mesh root CA is kept (shared by its node agents).
+pub fn ca_dir(cluster: &Cluster) -> PathBuf {
+    PathBuf::from("/run/ztunnel-test").join(format!("{}-ca", cluster.prefix()))
+}
+
+/// The cluster's local-config file (`{workloads, services, policies}`), watched by agents.
+pub fn mesh_config_path(cluster: &Cluster) -> PathBuf {
+    PathBuf::from("/run/ztunnel-test").join(format!("{}-mesh.yaml", cluster.prefix()))
+}
+
+/// Writes the cluster's local config and waits until every given agent has applied it.
+pub fn write_mesh_config(cluster: &Cluster, yaml: &str, agents: &[&MeshNode]) -> Result<()> {
+    let path = mesh_config_path(cluster);
+    let versions: Vec<u64> = agents.iter().map(|a| *a.agent().state().subscribe().borrow()).collect();
+    std::fs::create_dir_all(path.parent().expect("parent"))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, &path)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for (a, v) in agents.iter().zip(versions) {
+        while *a.agent().state().subscribe().borrow() == v {
+            if std::time::Instant::now() > deadline {
+                bail!("agent did not apply {}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// A local-config `workloads` entry for a pod in the mesh (HBONE).
+pub fn workload_yaml(pod: &Pod, namespace: &str, service_account: &str, extra: &str) -> String {
+    format!(
+        "- uid: {uid}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {service_account}\n  workloadIps: [\"{ip4}\", \"{ip6}\"]\n  protocol: HBONE\n{extra}",
+        uid = pod.uid(),
+        name = pod.name(),
+        ip4 = pod.ip4(),
+        ip6 = pod.ip6(),
+    )
+}
 
 /// bpffs mount point used for all pins.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -40,9 +86,20 @@ impl MeshNode {
         exclusions.probe_sources.push(n.gateway6().into());
         let name = format!("{}-node{node}", cluster.prefix());
         let run_dir = PathBuf::from("/run/ztunnel-test").join(&name);
+        let mut ca = CaConfig::new(TRUST_DOMAIN);
+        ca.state_dir = Some(ca_dir(cluster));
+        let ca = InProcessCa::new(ca).context("cluster CA")?;
         let cfg = NodeConfig {
             enrollment_socket: run_dir.join("ztunnel.sock"),
             state_dir: run_dir.join("pods"),
+            trust_domain: TRUST_DOMAIN.into(),
+            ca: std::sync::Arc::new(ca),
+            local_config: Some(mesh_config_path(cluster)),
+            admin: Some(AdminConfig {
+                admin_addr: "127.0.0.1:0".parse().expect("addr"),
+                metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+                readiness_addr: "127.0.0.1:0".parse().expect("addr"),
+            }),
             capture: CaptureConfig {
                 pin_dir: PathBuf::from(BPFFS).join(&name),
                 cgroup: crate::cgroup2_root()?.to_path_buf(),
@@ -54,7 +111,8 @@ impl MeshNode {
         Ok(Self { rt, agent: Some(agent), cfg })
     }
 
-    fn agent(&self) -> &Agent {
+    /// The in-process agent.
+    pub fn agent(&self) -> &Agent {
         self.agent.as_ref().expect("agent running")
     }
 
@@ -65,10 +123,15 @@ impl MeshNode {
 
     /// Enrolls a pod; an error ack becomes an error.
     pub fn enroll(&self, pod: &Pod) -> Result<()> {
+        self.enroll_as(pod, "default", pod.name())
+    }
+
+    /// Enrolls a pod with a given namespace and service account (its SPIFFE identity).
+    pub fn enroll_as(&self, pod: &Pod, namespace: &str, service_account: &str) -> Result<()> {
         let info = WorkloadInfo {
             name: pod.name().into(),
-            namespace: "default".into(),
-            service_account: pod.name().into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
         };
         self.client()?
             .add(pod.uid(), info, pod.netns_file())?
@@ -121,6 +184,12 @@ impl MeshNode {
             None => bail!("agent not running"),
         }
         let _ = std::fs::remove_dir_all(self.cfg.enrollment_socket.parent().unwrap_or(Path::new("/nonexistent")));
+        if let Some(cfg) = &self.cfg.local_config {
+            let _ = std::fs::remove_file(cfg);
+            let _ = std::fs::remove_dir_all(cfg.with_file_name(
+                cfg.file_name().and_then(|n| n.to_str()).unwrap_or("").replace("-mesh.yaml", "-ca"),
+            ));
+        }
         Ok(())
     }
 }

@@ -12,3 +12,5 @@ pub mod redirect;
 pub mod state;
 pub mod identity;
 pub mod tls;
+pub mod admin;
+pub mod metrics;

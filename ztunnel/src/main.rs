@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ztunnel::admin::AdminConfig;
+use ztunnel::identity::{CaConfig, InProcessCa};
 use ztunnel::node::{Node, NodeConfig};
 use ztunnel::redirect::{cgroup2_root, CaptureConfig, Exclusions};
 
@@ -47,6 +49,27 @@ struct NodeArgs {
     /// Source address of node health probes; reaches apps directly (repeatable).
     #[arg(long = "probe-source", default_value = "169.254.7.127")]
     probe_sources: Vec<IpAddr>,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Istio plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Where a generated mesh root is kept so restarts keep trust.
+    #[arg(long, default_value = "/var/run/ztunnel/ca")]
+    ca_state_dir: PathBuf,
+    /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    local_config: Option<PathBuf>,
+    /// Admin listener (config_dump, logging, quitquitquit): localhost only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
+    /// Prometheus listener.
+    #[arg(long, default_value = "[::]:15020")]
+    metrics_addr: std::net::SocketAddr,
+    /// Readiness listener.
+    #[arg(long, default_value = "[::]:15021")]
+    readiness_addr: std::net::SocketAddr,
     /// Remove every program, link, pin and state this agent created, then exit.
     #[arg(long)]
     uninstall: bool,
@@ -81,9 +104,21 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => cgroup2_root().context("finding the cgroup2 mount")?,
     };
+    let mut ca = CaConfig::new(args.trust_domain.clone());
+    ca.plugin_dir = args.ca_dir;
+    ca.state_dir = Some(args.ca_state_dir);
+    let ca = InProcessCa::new(ca).context("initialising the CA")?;
     let cfg = NodeConfig {
         enrollment_socket: args.enrollment_socket,
         state_dir: args.state_dir,
+        trust_domain: args.trust_domain,
+        ca: std::sync::Arc::new(ca),
+        local_config: args.local_config,
+        admin: (!args.uninstall).then_some(AdminConfig {
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+        }),
         capture: CaptureConfig {
             pin_dir: args.pin_dir,
             cgroup,

@@ -113,7 +113,12 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             }
             let netns = InpodNetns::new(File::from(fds.remove(0))).map_err(|e| format!("Add {uid}: {e}"))?;
             let cookie = netns.cookie();
+            let ips = netns
+                .run(crate::netns::pod_addresses_here)
+                .and_then(|r| r)
+                .map_err(|e| format!("Add {uid}: listing pod addresses: {e}"))?;
             let ctx = PodContext {
+                ips,
                 uid: uid.clone(),
                 name: info.name,
                 namespace: info.namespace,
@@ -165,6 +170,7 @@ fn remove_pod(shared: &Shared, st: &PodState) -> Result<(), String> {
         .unenroll(&st.uid, st.netns_cookie, &st.ips)
         .map_err(|e| format!("removing {}: {e}", st.uid))?;
     pod_state::remove(&shared.state_dir, &st.uid);
+    shared.registry.remove(&st.ips);
     shared.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&st.uid);
     drop(shared.pods.lock().unwrap_or_else(|e| e.into_inner()).remove(&st.uid));
     Ok(())

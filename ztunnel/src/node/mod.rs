@@ -1,23 +1,30 @@
 //! `ztunnel node`: the per-node agent. Takes pods over the enrollment socket, installs
-//! capture for them, and runs each pod's in-pod proxy listeners.
+//! capture for them, and runs each pod's in-pod proxy listeners (outbound, inbound HBONE,
+//! inbound passthrough), sharing one identity manager, HBONE pool and state store.
 mod enroll_server;
+mod mesh;
 mod pod;
 mod pod_state;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::proxy::ConnectionRecord;
+use crate::admin::{AdminConfig, AdminServer};
+use crate::identity::CertificateProvider;
+use crate::proxy::{ConnectionRecord, MeshContext};
 use crate::redirect::{Capture, CaptureConfig, CaptureError};
+use crate::state::StateStore;
 
+pub use mesh::PodRegistry;
 pub use pod::PodProxy;
 
 /// Everything the node agent needs, passed down from the CLI or a test.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeConfig {
     /// Unix `SOCK_SEQPACKET` path where the CNI plugin enrolls pods.
     pub enrollment_socket: PathBuf,
@@ -25,6 +32,14 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// eBPF capture settings.
     pub capture: CaptureConfig,
+    /// SPIFFE trust domain of this mesh.
+    pub trust_domain: String,
+    /// Where workload certificates come from.
+    pub ca: Arc<dyn CertificateProvider>,
+    /// Istio local-config YAML (`{workloads, services, policies}`), re-read when it changes.
+    pub local_config: Option<PathBuf>,
+    /// Admin / metrics / readiness listeners; `None` to run without them.
+    pub admin: Option<AdminConfig>,
 }
 
 /// Why the node agent could not start.
@@ -43,15 +58,17 @@ pub(crate) struct Shared {
     pub pods: Mutex<HashMap<String, PodProxy>>,
     /// Uids re-sent since start (for stale detection at SnapshotSent).
     pub seen: Mutex<std::collections::HashSet<String>>,
-    pub events: broadcast::Sender<ConnectionRecord>,
+    pub mesh: MeshContext,
+    pub registry: PodRegistry,
 }
 
 /// A running node agent. Dropping it stops serving but leaves capture pinned (as a crash
 /// or upgrade would); [`Node::uninstall`] removes everything.
 pub struct Node {
     shared: Arc<Shared>,
-    server: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
     socket_path: PathBuf,
+    admin: Option<AdminServer>,
 }
 
 impl Node {
@@ -64,31 +81,66 @@ impl Node {
         })?;
         let capture = Capture::install(cfg.capture.clone())?;
         let (events, _) = broadcast::channel(4096);
+        let registry = PodRegistry::default();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let mesh = mesh::mesh_context(&cfg, registry.clone(), metrics, events);
         let shared = Arc::new(Shared {
             capture,
             state_dir: cfg.state_dir.clone(),
             pods: Mutex::new(HashMap::new()),
             seen: Mutex::new(Default::default()),
-            events,
+            mesh,
+            registry,
         });
         let listener = enroll_server::bind(&cfg.enrollment_socket).map_err(|source| NodeError::Io {
             what: "binding enrollment socket",
             path: cfg.enrollment_socket.clone(),
             source,
         })?;
-        let server = tokio::spawn(enroll_server::serve(listener, shared.clone()));
+        let mut tasks = vec![tokio::spawn(enroll_server::serve(listener, shared.clone()))];
+        if let Some(path) = cfg.local_config.clone() {
+            tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone())));
+        }
+        let admin = match cfg.admin.clone() {
+            Some(a) => Some(mesh::start_admin(a, &shared).map_err(|source| NodeError::Io {
+                what: "binding admin listeners",
+                path: PathBuf::from("admin"),
+                source,
+            })?),
+            None => None,
+        };
         tracing::info!(socket = %cfg.enrollment_socket.display(), "node agent ready");
-        Ok(Self { shared, server, socket_path: cfg.enrollment_socket })
+        Ok(Self { shared, tasks, socket_path: cfg.enrollment_socket, admin })
     }
 
     /// Subscribes to per-connection records (the access log as data).
     pub fn connection_events(&self) -> broadcast::Receiver<ConnectionRecord> {
-        self.shared.events.subscribe()
+        self.shared.mesh.events.subscribe()
     }
 
     /// The installed capture (counters, link ids).
     pub fn capture(&self) -> &Capture {
         &self.shared.capture
+    }
+
+    /// The mesh state (workloads, services, policies) this node enforces.
+    pub fn state(&self) -> &Arc<StateStore> {
+        &self.shared.mesh.state
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.shared.mesh.metrics
+    }
+
+    /// Outbound HBONE pool statistics.
+    pub fn pool_stats(&self) -> crate::hbone::PoolStats {
+        self.shared.mesh.pool.stats()
+    }
+
+    /// Bound admin/metrics/readiness addresses, when enabled.
+    pub fn admin(&self) -> Option<&AdminServer> {
+        self.admin.as_ref()
     }
 
     /// Uids of the pods this agent currently serves.
@@ -100,7 +152,9 @@ impl Node {
 
     /// Removes every pod's capture, all programs, links, pins and state.
     pub fn uninstall(self) -> Result<(), NodeError> {
-        self.server.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&self.socket_path);
         let shared = &self.shared;
         // Detach and clear the kernel side first, then close the pods' listeners.
@@ -117,7 +171,12 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.server.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&self.socket_path);
     }
 }
+
+/// Readiness flag type shared with the admin server.
+pub type Ready = Arc<AtomicBool>;

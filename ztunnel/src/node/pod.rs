@@ -8,7 +8,6 @@ use tokio::task::JoinHandle;
 use ztunnel_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use super::Shared;
-use crate::netns::pod_addresses_here;
 use crate::proxy::{inbound_passthrough, outbound, socket, PodContext, ProxyContext};
 
 /// A pod the agent serves.
@@ -22,10 +21,7 @@ impl PodProxy {
     /// Opens the pod's listeners, installs its capture and starts serving.
     pub(crate) fn start(shared: &Shared, pod: PodContext) -> Result<Self, String> {
         let netns = &pod.netns;
-        let ips = netns
-            .run(pod_addresses_here)
-            .and_then(|r| r)
-            .map_err(|e| format!("listing pod addresses: {e}"))?;
+        let ips = pod.ips.clone();
         if ips.is_empty() {
             return Err("pod has no addresses".into());
         }
@@ -43,7 +39,8 @@ impl PodProxy {
             .enroll(&pod.uid, netns, &ips, &inbound)
             .map_err(|e| format!("installing capture: {e}"))?;
 
-        let ctx = ProxyContext { pod: Arc::new(pod), events: shared.events.clone() };
+        let ctx = ProxyContext { pod: Arc::new(pod), mesh: shared.mesh.clone() };
+        shared.registry.insert(&ctx.pod);
         let orig = shared.capture.orig_dst_table();
         let tasks = vec![
             tokio::spawn(outbound::serve(ctx.clone(), out4, orig.clone())),

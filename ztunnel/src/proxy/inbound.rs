@@ -1,15 +1,100 @@
-//! 15008: the pod's HBONE listener. It is served directly (never redirected). Until the
-//! HBONE server is wired in, connections are accepted and closed with a log line.
-use tokio::net::TcpListener;
-use tracing::info;
+//! 15008: the pod's HBONE listener, served directly (never redirected). Terminates mTLS
+//! with the pod's own certificate (peers must be in our trust domain), then for each
+//! CONNECT: the authority must be this pod, policy must allow the peer, and the app is
+//! dialled from 127.0.0.6 inside the pod.
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use super::ProxyContext;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn, Instrument};
+
+use super::authz::{check, dup_fd, watch, Guarded};
+use super::relay::{finish, labels, ConnectionRecord, Direction, Metered};
+use super::socket::{self, INBOUND_SOURCE_V4};
+use super::{accept_loop, canonical, ProxyContext};
+use crate::hbone::{serve_connection, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
+use crate::metrics::Reporter;
+use crate::policy::{ConnectionFacts, Decision};
+use crate::tls::{self, RejectReason};
 
 /// Serves the pod's HBONE listener until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
-    loop {
-        if let Ok((_stream, peer)) = listener.accept().await {
-            info!(pod = %ctx.pod.uid, %peer, "HBONE connection refused: not enabled on this node");
+    accept_loop(listener, move |stream: TcpStream, peer: SocketAddr| {
+        let ctx = ctx.clone();
+        let span = tracing::info_span!("inbound", pod = %ctx.pod.uid, peer = %canonical(peer));
+        async move { connection(ctx, stream, canonical(peer)).await }.instrument(span)
+    })
+    .await
+}
+
+async fn connection(ctx: ProxyContext, stream: TcpStream, peer: SocketAddr) {
+    let Some(id) = ctx.pod.identity(&ctx.mesh.trust_domain) else {
+        return warn!("pod has no valid identity; refusing HBONE");
+    };
+    let cfg = match ctx.mesh.certs.fetch(&id).await {
+        Ok(cert) => match tls::server_config(&cert, cert.roots()) {
+            Ok(c) => Arc::new(c),
+            Err(e) => return warn!(error = %e, "cannot build TLS config"),
+        },
+        Err(e) => return warn!(error = %e, %id, "no certificate for pod"),
+    };
+    let tls = match TlsAcceptor::from(cfg).accept(stream).await {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = RejectReason::from_io(&e);
+            ctx.mesh.metrics.tls_handshake_failed(reason.as_str());
+            return warn!(reason = reason.as_str(), error = %e, "HBONE TLS handshake refused");
         }
+    };
+    let handler = Arc::new(Inbound { ctx: ctx.clone(), peer });
+    if let Err(e) = serve_connection(tls, handler, &H2Config::default()).await {
+        debug!(error = %e, "HBONE connection ended");
+    }
+}
+
+struct Inbound {
+    ctx: ProxyContext,
+    peer: SocketAddr,
+}
+
+impl ConnectHandler for Inbound {
+    type Upstream = Metered<Guarded<TcpStream>>;
+
+    async fn connect(&self, req: ConnectRequest) -> Result<Self::Upstream, ConnectRejection> {
+        let ctx = &self.ctx;
+        let dst = req.authority;
+        let src = req
+            .forwarded_for
+            .as_ref()
+            .map(|f| SocketAddr::new(f.ip, f.port.unwrap_or(0)))
+            .unwrap_or(self.peer);
+        let mut rec = ConnectionRecord::new(ctx, Direction::Inbound, src, dst);
+        rec.protocol = "HBONE";
+        rec.src_identity = Some(req.peer.to_string());
+        rec.dst_identity = ctx.pod.identity(&ctx.mesh.trust_domain).map(|i| i.to_string());
+        let refuse = |mut rec: ConnectionRecord, r: ConnectRejection| {
+            rec.error = Some(r.to_string());
+            finish(ctx, rec);
+            Err(r)
+        };
+        if !ctx.pod.ips.contains(&dst.ip()) {
+            return refuse(rec, ConnectRejection::Denied(format!("{dst} is not an address of this pod")));
+        }
+        let facts = ConnectionFacts { source_identity: Some(req.peer.clone()), source_ip: src.ip(), destination: dst };
+        if let Decision::Deny(reason) = check(ctx, &facts, "inbound") {
+            return refuse(rec, ConnectRejection::Denied(reason));
+        }
+        let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
+        let upstream = match socket::dial(&ctx.pod.netns, dst, bind).await {
+            Ok(u) => u,
+            Err(e) => return refuse(rec, ConnectRejection::UpstreamFailed(format!("{dst}: {e}"))),
+        };
+        let fds = dup_fd(&upstream).into_iter().collect();
+        let guard = watch(ctx, facts, fds, "inbound");
+        let dst_w = ctx.pod.workload(&ctx.mesh.state);
+        let src_w = ctx.mesh.state.snapshot().workload_by_ip(src.ip());
+        let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
+        Ok(Metered::new(Guarded { inner: upstream, watch: guard }, ctx, rec, l))
     }
 }

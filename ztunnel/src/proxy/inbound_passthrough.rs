@@ -1,13 +1,18 @@
 //! 15006: plaintext TCP steered here by the inbound `sk_lookup` program. The accepted
-//! socket's local address is the original destination; the app is dialled from
-//! 127.0.0.6 inside the pod so the steering program lets it through.
+//! socket's local address is the original destination. Policy applies (no identity:
+//! plaintext); a denied connection is reset. The app is dialled from 127.0.0.6 inside
+//! the pod so the steering program lets it through.
 use std::net::{IpAddr, SocketAddr};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
+use tracing::{warn, Instrument};
 
-use super::socket::INBOUND_SOURCE_V4;
-use super::{accept_loop, forward, Direction, ProxyContext};
+use super::authz::{check, dup_fd, watch};
+use super::relay::{finish, labels, relay, ConnectionRecord, Direction};
+use super::socket::{self, INBOUND_SOURCE_V4};
+use super::{accept_loop, canonical, ProxyContext};
+use crate::metrics::Reporter;
+use crate::policy::ConnectionFacts;
 
 /// Serves the pod's passthrough listener until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
@@ -18,20 +23,36 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
                 Ok(a) => canonical(a),
                 Err(e) => return warn!(error = %e, "no local address"),
             };
-            let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
-            forward(&ctx, Direction::InboundPassthrough, stream, canonical(peer), dst, bind).await
+            let peer = canonical(peer);
+            let span = tracing::info_span!("inbound_passthrough", pod = %ctx.pod.uid, src = %peer, %dst);
+            handle(&ctx, stream, peer, dst).instrument(span).await
         }
     })
     .await
 }
 
-/// A dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`; show them as IPv4.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
+async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    let mut rec = ConnectionRecord::new(ctx, Direction::InboundPassthrough, peer, dst);
+    let facts = ConnectionFacts { source_identity: None, source_ip: peer.ip(), destination: dst };
+    if let crate::policy::Decision::Deny(reason) = check(ctx, &facts, "inbound_passthrough") {
+        rec.error = Some(reason);
+        finish(ctx, rec);
+        return socket::reset(client);
+    }
+    let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
+    match socket::dial(&ctx.pod.netns, dst, bind).await {
+        Ok(mut upstream) => {
+            let fds = [dup_fd(&client), dup_fd(&upstream)].into_iter().flatten().collect();
+            let _watch = watch(ctx, facts, fds, "inbound_passthrough");
+            let dst_w = ctx.pod.workload(&ctx.mesh.state);
+            let src_w = ctx.mesh.state.snapshot().workload_by_ip(peer.ip());
+            let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
+            relay(ctx, rec, l, &mut client, &mut upstream).await
+        }
+        Err(e) => {
+            rec.error = Some(format!("connect {dst}: {e}"));
+            finish(ctx, rec);
+            socket::reset(client);
+        }
     }
 }

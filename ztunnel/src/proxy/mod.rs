@@ -1,29 +1,30 @@
 //! The per-pod data path, split by direction like Istio's ztunnel:
-//! `outbound` (15001, captured connects from the pod), `inbound_passthrough` (15006,
-//! plaintext arriving for the pod). Both end in [`forward`], which dials from inside the
-//! pod's netns and copies bytes; HBONE (15008) plugs in beside them.
+//! `outbound` (15001: captured connects from the pod, sent in HBONE to mesh workloads or
+//! passed through as TCP), `inbound` (15008: HBONE terminated for the pod) and
+//! `inbound_passthrough` (15006: plaintext arriving for the pod). Shared pieces:
+//! `socket` (sockets inside the pod netns), `authz` (policy checks that keep watching),
+//! `relay` (byte copy + access log + metrics).
+pub mod authz;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
+pub mod relay;
 pub mod socket;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
-use tracing::{info, warn, Instrument};
+use tracing::warn;
 
+use crate::hbone::ConnectionPool;
+use crate::identity::{CertManager, Identity};
 use crate::netns::InpodNetns;
+use crate::state::{StateStore, Workload, WorkloadProtocol};
 
-/// Which listener a connection came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Outbound,
-    InboundPassthrough,
-}
+pub use relay::{ConnectionRecord, Direction};
 
 /// The pod a proxy instance serves, passed down by the node agent.
 #[derive(Debug)]
@@ -33,92 +34,64 @@ pub struct PodContext {
     pub namespace: String,
     pub service_account: String,
     pub netns: InpodNetns,
+    /// The pod's addresses (found inside its netns at enrollment).
+    pub ips: Vec<IpAddr>,
 }
 
-/// One finished proxied connection: the access-log line, also published to subscribers
-/// (tests, the admin API) so behaviour is observable without scraping logs.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ConnectionRecord {
-    pub direction: Direction,
-    pub pod: String,
-    pub src: SocketAddr,
-    /// The original destination (for outbound, recovered from the kernel programs).
-    pub dst: SocketAddr,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub duration_ms: u64,
-    pub error: Option<String>,
+impl PodContext {
+    /// The pod's SPIFFE identity in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> Option<Identity> {
+        Identity::new(trust_domain, &self.namespace, &self.service_account).ok()
+    }
+
+    /// The pod's own address of the same family as `like` (HBONE source address).
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips.iter().find(|i| i.is_ipv4() == like.is_ipv4()).or(self.ips.first()).copied()
+    }
+
+    /// The workload record for this pod: from the state store when known, otherwise
+    /// derived from the enrollment (so namespace-scoped policies still apply).
+    pub fn workload(&self, state: &StateStore) -> Arc<Workload> {
+        let snap = state.snapshot();
+        if let Some(w) = snap.workload_by_uid(&self.uid) {
+            return w;
+        }
+        if let Some(w) = self.ips.iter().find_map(|ip| snap.workload_by_ip(*ip)) {
+            return w;
+        }
+        Arc::new(Workload {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            workload_ips: self.ips.clone(),
+            protocol: WorkloadProtocol::Hbone,
+            node: String::new(),
+            trust_domain: String::new(),
+            services: Default::default(),
+            authorization_policies: vec![],
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+        })
+    }
 }
 
-/// Shared by all of a pod's listeners.
-#[derive(Debug, Clone)]
-pub struct ProxyContext {
-    pub pod: Arc<PodContext>,
+/// What every listener of every pod on a node shares.
+#[derive(Clone)]
+pub struct MeshContext {
+    pub trust_domain: String,
+    pub state: Arc<StateStore>,
+    pub certs: CertManager,
+    pub pool: ConnectionPool,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub events: broadcast::Sender<ConnectionRecord>,
 }
 
-/// Dials `dst` from inside the pod (optionally from `bind`), then copies bytes both ways
-/// with half-close, and logs one record.
-pub async fn forward(
-    ctx: &ProxyContext,
-    direction: Direction,
-    mut client: TcpStream,
-    src: SocketAddr,
-    dst: SocketAddr,
-    bind: Option<IpAddr>,
-) {
-    let span = tracing::info_span!("conn", ?direction, pod = %ctx.pod.uid, %src, %dst);
-    async move {
-        let start = Instant::now();
-        let mut rec = ConnectionRecord {
-            direction,
-            pod: ctx.pod.uid.clone(),
-            src,
-            dst,
-            bytes_sent: 0,
-            bytes_received: 0,
-            duration_ms: 0,
-            error: None,
-        };
-        match dial(&ctx.pod.netns, dst, bind).await {
-            Ok(mut upstream) => match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((to_up, to_client)) => {
-                    rec.bytes_sent = to_up;
-                    rec.bytes_received = to_client;
-                }
-                Err(e) => rec.error = Some(format!("copy: {e}")),
-            },
-            Err(e) => rec.error = Some(format!("connect {dst}: {e}")),
-        }
-        rec.duration_ms = start.elapsed().as_millis() as u64;
-        log_record(&rec);
-        let _ = ctx.events.send(rec);
-    }
-    .instrument(span)
-    .await
-}
-
-async fn dial(netns: &InpodNetns, dst: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let sock = socket::upstream_socket(netns, dst, bind)?;
-    tokio::time::timeout(Duration::from_secs(10), sock.connect(dst))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-}
-
-fn log_record(rec: &ConnectionRecord) {
-    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-        if let Ok(line) = serde_json::to_string(rec) {
-            info!(target: "access", "{line}");
-        }
-        return;
-    }
-    match &rec.error {
-        None => info!(target: "access", direction = ?rec.direction, pod = %rec.pod, src = %rec.src,
-            dst = %rec.dst, bytes_sent = rec.bytes_sent, bytes_recv = rec.bytes_received,
-            duration_ms = rec.duration_ms, "connection complete"),
-        Some(e) => warn!(target: "access", direction = ?rec.direction, pod = %rec.pod, src = %rec.src,
-            dst = %rec.dst, duration_ms = rec.duration_ms, error = %e, "connection failed"),
-    }
+/// One pod's listeners' context.
+#[derive(Clone)]
+pub struct ProxyContext {
+    pub pod: Arc<PodContext>,
+    pub mesh: MeshContext,
 }
 
 /// Accepts on `listener` forever, handing each connection to `handle`.
@@ -138,5 +111,16 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// A dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`; show them as IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
     }
 }

@@ -1,12 +1,20 @@
 //! 15001: connections the kernel programs captured from the pod's own apps. The original
-//! destination comes from the kernel's table, keyed by what `accept()` shows.
+//! destination comes from the kernel's table, keyed by what `accept()` shows. Mesh
+//! workloads (and service VIPs backed by them) are reached in HBONE with the pod's own
+//! identity; anything else is passed through as TCP from inside the pod.
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
+use tracing::{warn, Instrument};
+use ztunnel_common::HBONE_PORT;
 
-use super::{accept_loop, forward, Direction, ProxyContext};
+use super::relay::{finish, labels, relay, ConnectionRecord, Direction};
+use super::{accept_loop, socket, ProxyContext};
+use crate::hbone::{ConnectHeaders, PoolKey};
+use crate::identity::Identity;
+use crate::metrics::Reporter;
 use crate::redirect::OrigDstTable;
+use crate::state::{Upstream, Workload};
 
 /// Serves one outbound listener of a pod until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable) {
@@ -15,11 +23,90 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable)
         let orig = orig.clone();
         async move {
             match orig.take(ctx.pod.netns.cookie(), peer) {
-                Some(dst) => forward(&ctx, Direction::Outbound, stream, peer, dst, None).await,
+                Some(dst) => {
+                    let span = tracing::info_span!("outbound", pod = %ctx.pod.uid, src = %peer, %dst);
+                    handle(&ctx, stream, peer, dst).instrument(span).await
+                }
                 // Someone connected to 15001 directly: there is no destination to serve.
                 None => warn!(pod = %ctx.pod.uid, %peer, "no original destination; closing"),
             }
         }
     })
     .await
+}
+
+async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    let mut rec = ConnectionRecord::new(ctx, Direction::Outbound, peer, dst);
+    let snap = ctx.mesh.state.snapshot();
+    let Some(up) = snap.resolve(dst) else {
+        rec.error = Some(format!("service {dst} has no endpoints"));
+        finish(ctx, rec);
+        return socket::reset(client);
+    };
+    let src_w = ctx.pod.workload(&ctx.mesh.state);
+    if up.is_hbone() {
+        return hbone(ctx, client, rec, &up, &src_w).await;
+    }
+    match socket::dial(&ctx.pod.netns, up.addr, None).await {
+        Ok(mut upstream) => {
+            let l = labels(Reporter::Source, &rec, Some(&src_w), up.workload.as_deref(), up.service.as_deref());
+            relay(ctx, rec, l, &mut client, &mut upstream).await
+        }
+        Err(e) => {
+            rec.error = Some(format!("connect {}: {e}", up.addr));
+            finish(ctx, rec);
+            socket::reset(client);
+        }
+    }
+}
+
+async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRecord, up: &Upstream, src_w: &Workload) {
+    let w = up.workload.as_ref().expect("hbone upstream has a workload");
+    let td = if w.trust_domain.is_empty() { &ctx.mesh.trust_domain } else { &w.trust_domain };
+    let (Some(src_id), Ok(dst_id), Some(src_ip)) = (
+        ctx.pod.identity(&ctx.mesh.trust_domain),
+        Identity::new(td, &w.namespace, &w.service_account),
+        ctx.pod.ip_like(up.addr.ip()),
+    ) else {
+        rec.error = Some("cannot form HBONE identities".into());
+        finish(ctx, rec);
+        return socket::reset(client);
+    };
+    rec.protocol = "HBONE";
+    rec.src_identity = Some(src_id.to_string());
+    rec.dst_identity = Some(dst_id.to_string());
+    let key = PoolKey { src_identity: src_id, dst_identity: dst_id, dst: SocketAddr::new(up.addr.ip(), HBONE_PORT), src_ip };
+    let headers = ConnectHeaders {
+        forwarded_for: Some(SocketAddr::new(src_ip, rec.src.port())),
+        baggage: Some(baggage(src_w)),
+        traceparent: Some(traceparent()),
+        extra: Default::default(),
+    };
+    match ctx.mesh.pool.connect(key, up.addr, headers).await {
+        Ok(mut tunnel) => {
+            let l = labels(Reporter::Source, &rec, Some(src_w), Some(w), up.service.as_deref());
+            relay(ctx, rec, l, &mut client, &mut tunnel).await
+        }
+        Err(e) => {
+            rec.error = Some(format!("HBONE to {}: {e}", up.addr));
+            finish(ctx, rec);
+            socket::reset(client);
+        }
+    }
+}
+
+/// W3C baggage describing the source workload, as Istio sends it.
+fn baggage(w: &Workload) -> String {
+    let svc = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
+    let ver = if w.canonical_revision.is_empty() { "latest" } else { &w.canonical_revision };
+    format!("k8s.namespace.name={},k8s.pod.name={},service.name={svc},service.version={ver}", w.namespace, w.name)
+}
+
+/// A fresh W3C traceparent (random trace and span ids, not sampled).
+fn traceparent() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 24];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let hex = |s: &[u8]| s.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-00", hex(&b[..16]), hex(&b[16..]))
 }

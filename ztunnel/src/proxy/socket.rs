@@ -45,3 +45,17 @@ fn socket2_like(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
     Ok(std::net::TcpListener::from(fd))
 }
+
+/// Connects to `dst` from inside the pod (optionally from `bind`), marked, with a timeout.
+pub async fn dial(netns: &InpodNetns, dst: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = upstream_socket(netns, dst, bind)?;
+    tokio::time::timeout(std::time::Duration::from_secs(10), sock.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Makes dropping the socket send RST instead of FIN (how a denied plaintext connection
+/// is refused).
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = stream.set_zero_linger();
+}

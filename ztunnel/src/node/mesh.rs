@@ -1,0 +1,168 @@
+//! Node-wide pieces shared by every pod's proxy: the registry of pods by IP (so the HBONE
+//! pool can dial from the right pod netns), the mesh context, the local-config watcher,
+//! and the admin server with its config dump and scrape-time metrics.
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::{NodeConfig, Shared};
+use crate::admin::{AdminConfig, AdminServer};
+use crate::hbone::{CertManagerTls, ConnectionPool, PoolConfig, PoolKey};
+use crate::identity::{CertManager, CertManagerConfig};
+use crate::proxy::{socket, ConnectionRecord, MeshContext, PodContext};
+use crate::state::StateStore;
+
+/// Enrolled pods by IP: who owns a source address.
+#[derive(Clone, Default)]
+pub struct PodRegistry {
+    by_ip: Arc<Mutex<HashMap<IpAddr, Arc<PodContext>>>>,
+}
+
+impl PodRegistry {
+    /// Registers a pod under all its IPs.
+    pub fn insert(&self, pod: &Arc<PodContext>) {
+        let mut m = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        for ip in &pod.ips {
+            m.insert(*ip, pod.clone());
+        }
+    }
+
+    /// Forgets a pod's IPs.
+    pub fn remove(&self, ips: &[IpAddr]) {
+        let mut m = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        for ip in ips {
+            m.remove(ip);
+        }
+    }
+
+    /// The pod owning `ip`.
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).cloned()
+    }
+}
+
+/// Builds the shared mesh context. HBONE connections are dialled from inside the source
+/// pod's netns (in-pod mode), found through the registry by the pool key's source IP.
+pub(super) fn mesh_context(
+    cfg: &NodeConfig,
+    registry: PodRegistry,
+    metrics: Arc<crate::metrics::Metrics>,
+    events: broadcast::Sender<ConnectionRecord>,
+) -> MeshContext {
+    let certs = CertManager::new(cfg.ca.clone(), CertManagerConfig::default());
+    let dialer = move |key: PoolKey| {
+        let registry = registry.clone();
+        async move {
+            let pod = registry
+                .get(key.src_ip)
+                .ok_or_else(|| std::io::Error::other(format!("no enrolled pod owns {}", key.src_ip)))?;
+            socket::dial(&pod.netns, key.dst, None).await
+        }
+    };
+    let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(dialer), Arc::new(CertManagerTls { certs: certs.clone() }));
+    MeshContext {
+        trust_domain: cfg.trust_domain.clone(),
+        state: Arc::new(StateStore::default()),
+        certs,
+        pool,
+        metrics,
+        events,
+    }
+}
+
+/// Applies the local config now and whenever the file changes; bad entries are rejected
+/// by name (logged, counted) and the rest applies; an unreadable file keeps the last state.
+pub(super) async fn watch_local_config(path: PathBuf, mesh: MeshContext) {
+    let mut last: Option<std::time::SystemTime> = None;
+    loop {
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != last {
+            last = modified;
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    for e in mesh.state.apply_yaml(&text) {
+                        mesh.metrics.config_rejected(e.kind);
+                    }
+                    tracing::info!(path = %path.display(), "local config applied");
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read local config"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Starts the admin/metrics/readiness server (its own thread and runtime).
+pub(super) fn start_admin(cfg: AdminConfig, shared: &Arc<Shared>) -> std::io::Result<AdminServer> {
+    let weak = Arc::downgrade(shared);
+    let dump = Arc::new(move || match weak.upgrade() {
+        Some(s) => config_dump(&s),
+        None => serde_json::json!({}),
+    });
+    register_collectors(shared);
+    let ready = Arc::new(AtomicBool::new(true));
+    let on_quit = Arc::new(|| {
+        tracing::info!("/quitquitquit: exiting");
+        std::process::exit(0);
+    });
+    crate::admin::start(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit)
+}
+
+fn config_dump(s: &Shared) -> serde_json::Value {
+    let snap = s.mesh.state.snapshot();
+    let pods: Vec<serde_json::Value> = s
+        .pods
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(|p| {
+            let pod = &p.ctx.pod;
+            serde_json::json!({
+                "uid": pod.uid, "name": pod.name, "namespace": pod.namespace,
+                "serviceAccount": pod.service_account, "ips": pod.ips,
+                "netnsCookie": pod.netns.cookie(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "trustDomain": s.mesh.trust_domain,
+        "enrolledPods": pods,
+        "workloads": snap.config.workloads,
+        "services": snap.config.services,
+        "policies": snap.config.policies,
+        "certificates": s.mesh.certs.snapshot(),
+        "hbonePool": s.mesh.pool.stats(),
+        "ebpfCounters": s.capture.counters().ok(),
+        "configRejected": s.mesh.state.rejected_total(),
+    })
+}
+
+fn register_collectors(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    shared.mesh.metrics.add_collector(
+        "ztunnel_ebpf_program_events",
+        "Capture program outcomes, read from the kernel's per-CPU counters",
+        Box::new(move || {
+            let Some(s) = weak.upgrade() else { return vec![] };
+            let Ok(c) = s.capture.counters() else { return vec![] };
+            let mut out = vec![];
+            for (prog, o) in [("connect4", c.connect4), ("connect6", c.connect6), ("sock_ops", c.sock_ops), ("sk_lookup", c.sk_lookup)] {
+                for (outcome, v) in [("captured", o.captured), ("bypassed", o.bypassed), ("error", o.errors)] {
+                    out.push((vec![("program".to_string(), prog.to_string()), ("outcome".to_string(), outcome.to_string())], v));
+                }
+            }
+            out
+        }),
+    );
+    let pool = shared.mesh.pool.clone();
+    shared.mesh.metrics.add_collector(
+        "ztunnel_hbone_pool_connections_opened",
+        "HBONE (mTLS + HTTP/2) connections opened by the outbound pool",
+        Box::new(move || vec![(vec![], pool.stats().connections_opened)]),
+    );
+}

@@ -1,0 +1,188 @@
+//! Copying a proxied connection's bytes and reporting it once, the same way for every
+//! direction: access-log line, Istio TCP metrics, and a record for subscribers.
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{info, warn};
+
+use super::ProxyContext;
+use crate::metrics::{ConnectionLabels, Reporter};
+
+/// Which listener a connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+    InboundPassthrough,
+}
+
+/// One finished proxied connection: the access-log line, also published to subscribers
+/// (tests, the admin API) so behaviour is observable without scraping logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionRecord {
+    pub direction: Direction,
+    pub pod: String,
+    pub src: SocketAddr,
+    /// The original destination (for outbound, recovered from the kernel programs).
+    pub dst: SocketAddr,
+    /// `"HBONE"` when carried in mTLS, `"TCP"` otherwise.
+    pub protocol: &'static str,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+}
+
+impl ConnectionRecord {
+    /// A record for a connection that is starting.
+    pub fn new(ctx: &ProxyContext, direction: Direction, src: SocketAddr, dst: SocketAddr) -> Self {
+        Self {
+            direction,
+            pod: ctx.pod.uid.clone(),
+            src,
+            dst,
+            protocol: "TCP",
+            src_identity: None,
+            dst_identity: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+}
+
+/// Splices `client` and `upstream` until both directions close, then reports.
+pub async fn relay<C, U>(ctx: &ProxyContext, mut rec: ConnectionRecord, labels: ConnectionLabels, client: &mut C, upstream: &mut U)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    ctx.mesh.metrics.connection_opened(&labels);
+    match crate::hbone::copy_bidirectional(client, upstream).await {
+        Ok(stats) => {
+            rec.bytes_sent = stats.a_to_b;
+            rec.bytes_received = stats.b_to_a;
+        }
+        Err(e) => rec.error = Some(format!("copy: {e}")),
+    }
+    rec.duration_ms = start.elapsed().as_millis() as u64;
+    // Istio's ztunnel reports bytes from the reporter's point of view: received from the
+    // client side, sent to it.
+    ctx.mesh.metrics.connection_closed(&labels, rec.bytes_received, rec.bytes_sent);
+    finish(ctx, rec);
+}
+
+/// Reports a connection that ended without a relay (failed connect, denied).
+pub fn finish(ctx: &ProxyContext, rec: ConnectionRecord) {
+    log_record(&rec);
+    let _ = ctx.mesh.events.send(rec);
+}
+
+/// Istio-style labels for a connection reported by `reporter`.
+pub fn labels(reporter: Reporter, rec: &ConnectionRecord, src: Option<&crate::state::Workload>, dst: Option<&crate::state::Workload>, service: Option<&crate::state::Service>) -> ConnectionLabels {
+    let unknown = || "unknown".to_string();
+    let mut l = ConnectionLabels { reporter, ..Default::default() };
+    if let Some(w) = src {
+        l.source_workload = w.name.clone();
+        l.source_workload_namespace = w.namespace.clone();
+        l.source_canonical_service = if w.canonical_name.is_empty() { w.name.clone() } else { w.canonical_name.clone() };
+        l.source_app = l.source_canonical_service.clone();
+    }
+    if let Some(w) = dst {
+        l.destination_workload = w.name.clone();
+        l.destination_workload_namespace = w.namespace.clone();
+        l.destination_canonical_service = if w.canonical_name.is_empty() { w.name.clone() } else { w.canonical_name.clone() };
+        l.destination_app = l.destination_canonical_service.clone();
+    }
+    if let Some(s) = service {
+        l.destination_service = s.hostname.clone();
+        l.destination_service_name = s.name.clone();
+        l.destination_service_namespace = s.namespace.clone();
+    }
+    l.source_principal = rec.src_identity.clone().unwrap_or_else(unknown);
+    l.destination_principal = rec.dst_identity.clone().unwrap_or_else(unknown);
+    l.request_protocol = "tcp".into();
+    l.response_flags = "-".into();
+    l.connection_security_policy = if rec.protocol == "HBONE" { "mutual_tls".into() } else { "unknown".into() };
+    l
+}
+
+fn log_record(rec: &ConnectionRecord) {
+    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        if let Ok(line) = serde_json::to_string(rec) {
+            info!(target: "access", "{line}");
+        }
+        return;
+    }
+    let id = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    match &rec.error {
+        None => info!(target: "access", direction = ?rec.direction, pod = %rec.pod, src = %rec.src,
+            dst = %rec.dst, protocol = rec.protocol, src_identity = %id(&rec.src_identity), dst_identity = %id(&rec.dst_identity),
+            bytes_sent = rec.bytes_sent, bytes_recv = rec.bytes_received, duration_ms = rec.duration_ms, "connection complete"),
+        Some(e) => warn!(target: "access", direction = ?rec.direction, pod = %rec.pod, src = %rec.src,
+            dst = %rec.dst, protocol = rec.protocol, src_identity = %id(&rec.src_identity),
+            duration_ms = rec.duration_ms, error = %e, "connection failed"),
+    }
+}
+
+/// A stream that reports its connection when dropped, counting bytes as they pass: used
+/// where the copy loop belongs to someone else (the HBONE server splices tunnels itself).
+pub struct Metered<S> {
+    inner: S,
+    report: Option<(ProxyContext, ConnectionRecord, ConnectionLabels, Instant)>,
+    /// Bytes written into `inner` (from the client).
+    to_upstream: u64,
+    /// Bytes read from `inner` (towards the client).
+    from_upstream: u64,
+}
+
+impl<S> Metered<S> {
+    /// Starts metering: counts the connection as opened now.
+    pub fn new(inner: S, ctx: &ProxyContext, rec: ConnectionRecord, labels: ConnectionLabels) -> Self {
+        ctx.mesh.metrics.connection_opened(&labels);
+        Self { inner, report: Some((ctx.clone(), rec, labels, Instant::now())), to_upstream: 0, from_upstream: 0 }
+    }
+}
+
+impl<S> Drop for Metered<S> {
+    fn drop(&mut self) {
+        if let Some((ctx, mut rec, labels, start)) = self.report.take() {
+            rec.bytes_sent = self.to_upstream;
+            rec.bytes_received = self.from_upstream;
+            rec.duration_ms = start.elapsed().as_millis() as u64;
+            ctx.mesh.metrics.connection_closed(&labels, rec.bytes_received, rec.bytes_sent);
+            finish(&ctx, rec);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.from_upstream += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.to_upstream += *n as u64;
+        }
+        r
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
