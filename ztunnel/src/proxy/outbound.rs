@@ -10,7 +10,7 @@ use ztunnel_common::HBONE_PORT;
 
 use super::relay::{finish, labels, relay, ConnectionRecord, Direction};
 use super::{accept_loop, socket, ProxyContext};
-use crate::hbone::{ConnectHeaders, PoolKey};
+use crate::hbone::{ConnectHeaders, DialError, HboneError, PoolKey};
 use crate::identity::Identity;
 use crate::metrics::Reporter;
 use crate::redirect::OrigDstTable;
@@ -88,6 +88,11 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
             relay(ctx, rec, l, &mut client, &mut tunnel).await
         }
         Err(e) => {
+            if let HboneError::Dial(d) = &e {
+                if let DialError::Tls { reason, .. } = d.as_ref() {
+                    ctx.mesh.metrics.tls_handshake_failed(reason.as_str());
+                }
+            }
             rec.error = Some(format!("HBONE to {}: {e}", up.addr));
             finish(ctx, rec);
             socket::reset(client);

@@ -1,0 +1,137 @@
+//! L4 authorization end to end: ALLOW permits, DENY wins, plaintext is held to the same
+//! policies, and a policy change cuts connections that are already open.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use mesh_tests::loadgen::EchoServer;
+use mesh_tests::mesh::{sweep_pins, wait_record, workload_yaml, write_mesh_config, MeshNode};
+use mesh_tests::{Cluster, Pod};
+use ztunnel::proxy::Direction;
+use ztunnel::redirect::Exclusions;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn allow(name: &str, principal: &str) -> String {
+    format!("- name: {name}\n  namespace: default\n  action: Allow\n  rules:\n  - clauses:\n    - matches:\n      - principals: [\"cluster.local/ns/default/sa/{principal}\"]\n")
+}
+
+fn deny(name: &str, principal: &str) -> String {
+    allow(name, principal).replace("Allow", "Deny")
+}
+
+/// An open echo connection from inside `pod`: proves bytes flow, then can be watched.
+struct Open(TcpStream);
+
+impl Open {
+    fn new(pod: &Pod, dst: SocketAddr) -> std::io::Result<Open> {
+        let s = pod.run(move || TcpStream::connect_timeout(&dst, WAIT))?;
+        s.set_read_timeout(Some(WAIT))?;
+        let mut o = Open(s);
+        o.0.write_all(b"E")?;
+        o.ping()?;
+        Ok(o)
+    }
+
+    fn ping(&mut self) -> std::io::Result<()> {
+        self.0.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        self.0.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"ping");
+        Ok(())
+    }
+
+    /// True when the connection ends (EOF or reset) within the timeout.
+    fn is_cut(&mut self) -> bool {
+        let _ = self.0.write_all(b"ping");
+        let mut buf = [0u8; 4];
+        match self.0.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => self.is_cut(),
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    }
+}
+
+#[test]
+fn allow_permits_deny_wins_and_changes_cut_open_connections() {
+    sweep_pins();
+    let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let other = c.add_pod(0, "other").unwrap();
+    let plain = c.add_pod(0, "plain").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    let n0 = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let n1 = MeshNode::start(&c, 1, Exclusions::default()).unwrap();
+    let workloads = format!(
+        "workloads:\n{}{}{}",
+        workload_yaml(&client, "default", "client", ""),
+        workload_yaml(&other, "default", "other", ""),
+        workload_yaml(&server, "default", "server", ""),
+    );
+    let config = |policies: &[String]| format!("{workloads}policies:\n{}", policies.concat());
+    write_mesh_config(&c, &config(&[allow("a", "client"), allow("b", "other")]), &[&n0, &n1]).unwrap();
+    for p in [&client, &other] {
+        n0.enroll(p).unwrap();
+    }
+    n1.enroll(&server).unwrap();
+    let listener = server.run(|| TcpListener::bind(("::", 9000))).unwrap();
+    let _echo = EchoServer::spawn(listener).unwrap();
+    let dst = SocketAddr::new(server.ip4().into(), 9000);
+    let mut ev1 = n1.events();
+
+    // Both principals are allowed in; the plaintext pod is not (no identity) and is reset.
+    let mut from_client = Open::new(&client, dst).expect("client allowed");
+    let mut from_other = Open::new(&other, dst).expect("other allowed");
+    let plain_result = Open::new(&plain, dst);
+    assert!(plain_result.is_err(), "plaintext passed an identity-only ALLOW");
+    let rec = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::InboundPassthrough && r.error.is_some()).expect("denied record");
+    assert_eq!(rec.error.as_deref(), Some("no ALLOW policy matched"));
+
+    // Removing the policy that allowed `client` cuts its open connection; `other` stays.
+    write_mesh_config(&c, &config(&[allow("b", "other")]), &[&n0, &n1]).unwrap();
+    assert!(from_client.is_cut(), "open connection survived losing its ALLOW");
+    from_other.ping().expect("still allowed");
+    assert!(Open::new(&client, dst).is_err(), "new connection from client not refused");
+    let rec = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.error.is_some()).expect("401 record");
+    assert!(rec.error.as_deref().unwrap().contains("no ALLOW policy matched"), "{rec:?}");
+
+    // A DENY wins over the ALLOW and cuts `other` too.
+    write_mesh_config(&c, &config(&[allow("b", "other"), deny("d", "other")]), &[&n0, &n1]).unwrap();
+    assert!(from_other.is_cut(), "open connection survived a DENY");
+    assert!(Open::new(&other, dst).is_err());
+    let rec = wait_record(&mut ev1, WAIT, |r| r.error.as_deref().is_some_and(|e| e.contains("denied by policy default/d"))).expect("deny record");
+    assert_eq!(rec.src_identity.as_deref(), Some("spiffe://cluster.local/ns/default/sa/other"));
+
+    // Without policies everything is allowed again.
+    write_mesh_config(&c, &workloads, &[&n0, &n1]).unwrap();
+    Open::new(&client, dst).expect("allowed without policies");
+    Open::new(&plain, dst).expect("plaintext allowed without policies");
+    let denied = n1.agent().metrics().encode();
+    assert!(denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound\"}")), "{denied}");
+    assert!(denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound_passthrough\"}")), "{denied}");
+}
+
+#[test]
+fn malformed_config_entries_are_rejected_by_name_and_the_rest_applies() {
+    sweep_pins();
+    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let server = c.add_pod(0, "server").unwrap();
+    let n0 = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let yaml = format!(
+        "workloads:\n{}- uid: broken\n  name: broken\n  namespace: default\n  workloadIps: [not-an-ip]\npolicies:\n- name: bad\n  namespace: default\n  action: Maybe\n",
+        workload_yaml(&server, "default", "server", "")
+    );
+    write_mesh_config(&c, &yaml, &[&n0]).unwrap();
+    let snap = n0.agent().state().snapshot();
+    assert_eq!(snap.config.workloads.len(), 1, "the good workload applied");
+    assert!(snap.config.policies.is_empty());
+    assert_eq!(n0.agent().state().rejected_total(), 2);
+    let m = n0.agent().metrics().encode();
+    assert!(m.contains("ztunnel_config_rejected_total{kind=\"workload\"} 1"), "{m}");
+    assert!(m.contains("ztunnel_config_rejected_total{kind=\"policy\"} 1"), "{m}");
+    // A document that is not YAML at all keeps the last good state.
+    write_mesh_config(&c, "workloads: [unclosed", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(n0.agent().state().snapshot().config.workloads.len(), 1);
+}
