@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: the mesh against the no-mesh baseline, measured in the same run on
 //! the same mini-cluster, alternating rounds, medians reported with ratios.
 //!
-//! Scenarios (cross-node pod -> pod): `no-mesh` (pods not enrolled: the physical limit)
-//! and `captured-tcp` (both pods enrolled: eBPF capture -> in-pod proxy -> plain TCP ->
-//! in-pod proxy -> app). Node agents run as separate release `ztunnel node` processes.
+//! Scenarios (pod -> pod): `no-mesh` (pods not enrolled: the physical limit, cross-node),
+//! `captured-tcp` (both pods enrolled but not mesh workloads: eBPF capture -> in-pod proxy
+//! -> plain TCP -> in-pod proxy -> app), `hbone` (mesh workloads: capture -> outbound ->
+//! HBONE mTLS -> inbound -> app, cross-node) and `hbone-same-node`. Node agents run as
+//! separate release `ztunnel node` processes so their CPU and memory are measured alone.
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use mesh_tests::agent_process::{AgentProcess, Usage};
 use mesh_tests::loadgen::{blocking, EchoServer};
-use mesh_tests::mesh::sweep_pins;
+use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
 use mesh_tests::{sweep_leftovers, Cluster, Pod};
 
 const PORT: u16 = 9000;
@@ -48,11 +50,16 @@ struct Sample {
     conns_per_sec: f64,
     /// Node-agent CPU seconds per 1000 requests during the max-rate run (mesh only).
     cpu_s_per_1k: f64,
+    /// Node-agent CPU seconds per GB during the throughput run (mesh only).
+    cpu_s_per_gb: f64,
 }
 
 fn measure(client: &Pod, dst: SocketAddr, secs: f64, agents: &[&AgentProcess]) -> Result<Sample> {
     let d = Duration::from_secs_f64(secs);
+    let cpu = || -> f64 { agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum() };
+    let cpu0 = cpu();
     let tput = client.run(move || blocking::throughput(dst, d)).context("throughput")?;
+    let tput_cpu = cpu() - cpu0;
     let lat = client.run(move || blocking::latency(dst, 16, 1000.0, d, 1024)).context("latency")?;
     let cpu_before: f64 = agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum();
     let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
@@ -68,6 +75,7 @@ fn measure(client: &Pod, dst: SocketAddr, secs: f64, agents: &[&AgentProcess]) -
         max_qps: max.actual_qps,
         conns_per_sec: conns,
         cpu_s_per_1k: if agents.is_empty() || reqs == 0.0 { 0.0 } else { (cpu_after - cpu_before) / reqs * 1000.0 },
+        cpu_s_per_gb: if agents.is_empty() { 0.0 } else { tput_cpu / (tput * secs / 1e9) },
     })
 }
 
@@ -91,20 +99,45 @@ fn main() -> Result<()> {
     let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
     let plain_c = c.add_pod(0, "plainc")?;
     let plain_s = c.add_pod(1, "plains")?;
+    let tcp_c = c.add_pod(0, "tcpc")?;
+    let tcp_s = c.add_pod(1, "tcps")?;
     let mesh_c = c.add_pod(0, "meshc")?;
     let mesh_s = c.add_pod(1, "meshs")?;
-    let a0 = AgentProcess::start(&binary, &c, 0, &[])?;
-    let a1 = AgentProcess::start(&binary, &c, 1, &[])?;
-    std::thread::sleep(Duration::from_millis(300));
+    let mesh_local = c.add_pod(0, "meshl")?;
+    let yaml = format!(
+        "workloads:\n{}{}{}",
+        workload_yaml(&mesh_c, "default", mesh_c.name(), ""),
+        workload_yaml(&mesh_s, "default", mesh_s.name(), ""),
+        workload_yaml(&mesh_local, "default", mesh_local.name(), ""),
+    );
+    let config = mesh_config_path(&c);
+    std::fs::create_dir_all(config.parent().expect("parent"))?;
+    std::fs::write(&config, yaml)?;
+    let extra: Vec<String> = [
+        "--ca-state-dir", &ca_dir(&c).display().to_string(),
+        "--local-config", &config.display().to_string(),
+        "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let a0 = AgentProcess::start(&binary, &c, 0, &extra)?;
+    let a1 = AgentProcess::start(&binary, &c, 1, &extra)?;
+    std::thread::sleep(Duration::from_millis(500));
     let idle: Vec<Usage> = vec![a0.usage()?, a1.usage()?];
-    a0.enroll(&mesh_c)?;
-    a1.enroll(&mesh_s)?;
-    let _s1 = start_server(&plain_s)?;
-    let _s2 = start_server(&mesh_s)?;
+    for p in [&tcp_c, &mesh_c, &mesh_local] {
+        a0.enroll(p)?;
+    }
+    for p in [&tcp_s, &mesh_s] {
+        a1.enroll(p)?;
+    }
+    let _servers: Vec<EchoServer> = [&plain_s, &tcp_s, &mesh_s, &mesh_local].iter().map(|p| start_server(p)).collect::<Result<_>>()?;
 
     let scenarios: Vec<(&str, &Pod, SocketAddr, Vec<&AgentProcess>)> = vec![
         ("no-mesh", &plain_c, SocketAddr::new(plain_s.ip4().into(), PORT), vec![]),
-        ("captured-tcp", &mesh_c, SocketAddr::new(mesh_s.ip4().into(), PORT), vec![&a0, &a1]),
+        ("captured-tcp", &tcp_c, SocketAddr::new(tcp_s.ip4().into(), PORT), vec![&a0, &a1]),
+        ("hbone", &mesh_c, SocketAddr::new(mesh_s.ip4().into(), PORT), vec![&a0, &a1]),
+        ("hbone-same-node", &mesh_c, SocketAddr::new(mesh_local.ip4().into(), PORT), vec![&a0]),
     ];
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     for round in 0..o.rounds {
@@ -126,20 +159,40 @@ fn main() -> Result<()> {
         ("max keep-alive req/s (c16)", |s| s.max_qps, true),
         ("new connections/s (c8)", |s| s.conns_per_sec, true),
     ];
-    println!("\n{:<32} {:>12} {:>14} {:>8}", "metric (median of rounds)", "no-mesh", "captured-tcp", "ratio");
+    let names: Vec<&str> = scenarios.iter().map(|s| s.0).collect();
+    print!("\n{:<30} {:>11}", "metric (median; ratio to no-mesh)", "no-mesh");
+    for n in &names[1..] {
+        print!(" {n:>24}");
+    }
+    println!();
     let mut report = serde_json::Map::new();
     for (label, f, _higher_better) in metrics {
         let base = med("no-mesh", f);
-        let mesh = med("captured-tcp", f);
-        println!("{label:<32} {base:>12.3} {mesh:>14.3} {:>8.3}", mesh / base);
-        report.insert(label.into(), serde_json::json!({"no_mesh": base, "captured_tcp": mesh, "ratio": mesh / base}));
+        print!("{label:<30} {base:>11.3}");
+        let mut row = serde_json::Map::new();
+        row.insert("no-mesh".into(), base.into());
+        for n in &names[1..] {
+            let v = med(n, f);
+            print!(" {:>14.3} ({:>6.3}x)", v, v / base);
+            row.insert((*n).into(), serde_json::json!({"value": v, "ratio": v / base}));
+        }
+        println!();
+        report.insert(label.into(), row.into());
     }
-    let cpu = med("captured-tcp", |s| s.cpu_s_per_1k);
-    println!("{:<32} {:>12} {:>14.4}", "agent CPU s / 1000 req", "-", cpu);
+    for (label, f) in [("agent CPU s / 1000 req", (|s: &Sample| s.cpu_s_per_1k) as fn(&Sample) -> f64), ("agent CPU s / GB", |s: &Sample| s.cpu_s_per_gb)] {
+        print!("{label:<30} {:>11}", "-");
+        let mut row = serde_json::Map::new();
+        for n in &names[1..] {
+            let v = med(n, f);
+            print!(" {v:>24.4}");
+            row.insert((*n).into(), v.into());
+        }
+        println!();
+        report.insert(label.into(), row.into());
+    }
     let rss = |u: &[Usage]| u.iter().map(|x| x.rss_bytes as f64 / 1e6).fold(0.0, f64::max);
-    println!("{:<32} {:>12} {:>14.1}", "agent RSS MB idle (max of 2)", "-", rss(&idle));
-    println!("{:<32} {:>12} {:>14.1}", "agent RSS MB after load", "-", rss(&loaded));
-    report.insert("cpu_s_per_1k_requests".into(), cpu.into());
+    println!("{:<30} {:>11} {:>24.1}", "agent RSS MB idle (max of 2)", "-", rss(&idle));
+    println!("{:<30} {:>11} {:>24.1}", "agent RSS MB after load", "-", rss(&loaded));
     report.insert("rss_mb_idle".into(), rss(&idle).into());
     report.insert("rss_mb_loaded".into(), rss(&loaded).into());
     report.insert("rounds".into(), serde_json::to_value(&samples)?);
@@ -150,5 +203,7 @@ fn main() -> Result<()> {
     println!("\nfull results: {}", out.join("capture.json").display());
     a0.stop_and_uninstall()?;
     a1.stop_and_uninstall()?;
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_dir_all(ca_dir(&c));
     Ok(())
 }

@@ -85,4 +85,6 @@ pub(crate) async fn keepalive(
 }
 
 #[cfg(test)]
+mod malformed_tests;
+#[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::server::parse_forwarded_for;
@@ -15,23 +16,33 @@ use super::*;
 use crate::identity::{CaConfig, CertManager, CertManagerConfig, Identity, InProcessCa};
 use crate::tls;
 
-fn id(sa: &str) -> Identity {
+pub(super) fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "default", sa).unwrap()
 }
 
-fn certs() -> CertManager {
+pub(super) fn certs() -> CertManager {
     let ca = InProcessCa::new(CaConfig::new("cluster.local")).unwrap();
     CertManager::new(Arc::new(ca), CertManagerConfig::default())
 }
 
 /// Records what the server's handler saw.
 #[derive(Default)]
-struct Seen {
-    requests: Mutex<Vec<ConnectRequest>>,
+pub(super) struct Seen {
+    pub(super) requests: Mutex<Vec<ConnectRequest>>,
 }
 
 /// An HBONE server for `server` identity: denies port 1, otherwise connects to the authority.
-async fn start_server(certs: &CertManager, seen: Arc<Seen>) -> SocketAddr {
+pub(super) async fn start_server(certs: &CertManager, seen: Arc<Seen>) -> SocketAddr {
+    start_server_reporting(certs, seen).await.0
+}
+
+/// Like [`start_server`], also reporting how `serve_connection` ended for each connection
+/// that completed the TLS handshake.
+pub(super) async fn start_server_reporting(
+    certs: &CertManager,
+    seen: Arc<Seen>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Result<(), ServeError>>) {
+    let (ended_tx, ended_rx) = mpsc::unbounded_channel();
     let cert = certs.fetch(&id("server")).await.unwrap();
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&cert, cert.roots()).unwrap()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -53,18 +64,20 @@ async fn start_server(certs: &CertManager, seen: Arc<Seen>) -> SocketAddr {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            let ended_tx = ended_tx.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(tcp).await {
-                    let _ = serve_connection(tls, handler, &H2Config::default()).await;
+                    let result = serve_connection(tls, handler, &H2Config::default()).await;
+                    let _ = ended_tx.send(result);
                 }
             });
         }
     });
-    addr
+    (addr, ended_rx)
 }
 
 /// A TCP upstream echoing everything, then closing after the client's EOF.
-async fn echo_upstream() -> SocketAddr {
+pub(super) async fn echo_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
