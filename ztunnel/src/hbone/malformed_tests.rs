@@ -120,7 +120,13 @@ async fn bad_authority_or_method_gets_400_and_earlier_tunnel_keeps_echoing() {
     tunnel.echo(b"before").await;
 
     // `:authority` present but not `ip:port` (GET and a host name are covered elsewhere).
-    for authority in ["no-port", "300.1.1.1:80", "127.0.0.1", "[::1]", "127.0.0.1:99999"] {
+    for authority in [
+        "no-port",
+        "300.1.1.1:80",
+        "127.0.0.1",
+        "[::1]",
+        "127.0.0.1:99999",
+    ] {
         let status = status_of(&send, connect_to(authority)).await.unwrap();
         assert_eq!(status, StatusCode::BAD_REQUEST, "{authority}");
         tunnel.echo(authority.as_bytes()).await;
@@ -168,7 +174,6 @@ const HEADERS: u8 = 1;
 const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
 const PING: u8 = 6;
-const GOAWAY: u8 = 7;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -247,9 +252,14 @@ async fn connect_without_authority_pseudo_header_gets_400() {
     io.write_all(&frame(HEADERS, END_HEADERS, 1, &tunnel))
         .await
         .unwrap();
-    io.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 3, &literal(2, "CONNECT")))
-        .await
-        .unwrap();
+    io.write_all(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &literal(2, "CONNECT"),
+    ))
+    .await
+    .unwrap();
 
     let (mut tunnel_status, mut bare_status) = (None, None);
     while tunnel_status.is_none() || bare_status.is_none() {
@@ -266,7 +276,9 @@ async fn connect_without_authority_pseudo_header_gets_400() {
     assert_eq!((tunnel_status, bare_status), (Some(200), Some(400)));
 
     // The tunnel opened first still carries bytes.
-    io.write_all(&frame(DATA, 0, 1, b"still alive")).await.unwrap();
+    io.write_all(&frame(DATA, 0, 1, b"still alive"))
+        .await
+        .unwrap();
     let mut got = Vec::new();
     while got.len() < b"still alive".len() {
         let f = next_frame(&mut io).await;
@@ -370,7 +382,10 @@ async fn garbage_instead_of_h2_preface_closes_only_that_connection() {
     // The server's SETTINGS may arrive first; then EOF or a reset.
     let mut sink = Vec::new();
     let _ = within("garbage connection close", bad.read_to_end(&mut sink)).await;
-    match within("serve_connection result", ended.recv()).await.unwrap() {
+    match within("serve_connection result", ended.recv())
+        .await
+        .unwrap()
+    {
         Err(ServeError::H2(e)) => assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR)),
         other => panic!("expected an h2 error, got {other:?}"),
     }

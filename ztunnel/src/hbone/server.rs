@@ -179,7 +179,9 @@ where
                     let span = debug_span!("hbone_stream", stream = respond.stream_id().as_u32());
                     tokio::spawn(handle_stream(req, respond, peer, handler).instrument(span));
                 }
-                Some(Err(e)) if e.is_go_away() || e.reason() == Some(h2::Reason::NO_ERROR) => return Ok(()),
+                // Only a NO_ERROR close is clean; a GOAWAY h2 sent because the peer broke the
+                // protocol (e.g. ENHANCE_YOUR_CALM for a header flood) is the peer's error.
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
             },
             e = &mut keepalive => return Err(e.into()),

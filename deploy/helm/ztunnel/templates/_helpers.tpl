@@ -29,9 +29,3 @@ app: {{ include "ztunnel.name" . }}
 {{- define "ztunnel.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
-
-{{/* Mount point of the host's cgroup v2 root inside the container (passed to --cgroup:
-     the container's own /sys/fs/cgroup is its cgroup namespace, not the host root). */}}
-{{- define "ztunnel.cgroupMount" -}}
-/host/sys/fs/cgroup
-{{- end -}}
