@@ -70,6 +70,9 @@ struct NodeArgs {
     /// Readiness listener.
     #[arg(long, default_value = "[::]:15021")]
     readiness_addr: std::net::SocketAddr,
+    /// Data-path worker threads (the admin server has its own thread).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
     /// Remove every program, link, pin and state this agent created, then exit.
     #[arg(long)]
     uninstall: bool,
@@ -130,7 +133,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             },
         },
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
     rt.block_on(async move {
         let node = Node::start(cfg).await.context("starting node agent")?;
         if args.uninstall {
