@@ -22,16 +22,19 @@ const PORT: u16 = 9000;
 struct Opts {
     rounds: usize,
     secs: f64,
+    /// Scenarios to run besides the baseline (all when empty).
+    only: Vec<String>,
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { rounds: 3, secs: 2.0 };
+    let mut o = Opts { rounds: 3, secs: 2.0, only: vec![] };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
         match (args[i].as_str(), args.get(i + 1)) {
             ("--rounds", Some(v)) => o.rounds = v.parse().unwrap_or(o.rounds),
             ("--secs", Some(v)) => o.secs = v.parse().unwrap_or(o.secs),
+            ("--only", Some(v)) => o.only = v.split(',').map(str::to_string).collect(),
             _ => {}
         }
         i += 2;
@@ -142,6 +145,9 @@ fn main() -> Result<()> {
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     for round in 0..o.rounds {
         for (name, client, dst, agents) in &scenarios {
+            if *name != "no-mesh" && !o.only.is_empty() && !o.only.iter().any(|x| x == name) {
+                continue;
+            }
             let s = measure(client, *dst, o.secs, agents).with_context(|| format!("{name} round {round}"))?;
             eprintln!("round {round} {name:<14} {s:?}");
             samples.entry(name).or_default().push(s);
@@ -159,7 +165,7 @@ fn main() -> Result<()> {
         ("max keep-alive req/s (c16)", |s| s.max_qps, true),
         ("new connections/s (c8)", |s| s.conns_per_sec, true),
     ];
-    let names: Vec<&str> = scenarios.iter().map(|s| s.0).collect();
+    let names: Vec<&str> = scenarios.iter().map(|s| s.0).filter(|n| samples.contains_key(n)).collect();
     print!("\n{:<30} {:>11}", "metric (median; ratio to no-mesh)", "no-mesh");
     for n in &names[1..] {
         print!(" {n:>24}");
