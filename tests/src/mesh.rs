@@ -95,6 +95,7 @@ impl MeshNode {
             trust_domain: TRUST_DOMAIN.into(),
             ca: std::sync::Arc::new(ca),
             local_config: Some(mesh_config_path(cluster)),
+            log_control: None,
             admin: Some(AdminConfig {
                 admin_addr: "127.0.0.1:0".parse().expect("addr"),
                 metrics_addr: "127.0.0.1:0".parse().expect("addr"),

@@ -164,11 +164,28 @@ fn restart_keeps_capture_without_duplicates_and_uninstall_removes_everything() {
     let r = request(&client, dst, "uncaptured").unwrap();
     assert_eq!(r.peer.ip().to_string(), INBOUND_SOURCE);
 
+    let prog_ids: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(|l| l.ok())
+        .filter(|l| after_del.contains(&l.id()))
+        .map(|l| l.program_id())
+        .collect();
+    assert_eq!(prog_ids.len(), 3);
     n0.uninstall().unwrap();
     let live = kernel_link_ids();
     for id in &after_del {
         assert!(!live.contains(id), "link {id} still attached after uninstall");
     }
     assert!(!pin_dir.exists(), "pins left behind in {}", pin_dir.display());
+    // The programs themselves are unloaded once the agent's last fd is gone.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let loaded: Vec<u32> = aya::programs::loaded_programs().filter_map(|p| p.ok()).map(|p| p.id()).collect();
+        let left: Vec<&u32> = prog_ids.iter().filter(|id| loaded.contains(id)).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "programs {left:?} still loaded after uninstall");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(n1);
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ztunnel::admin::AdminConfig;
+use std::sync::Arc;
+
+use ztunnel::admin::{AdminConfig, LogControl};
 use ztunnel::identity::{CaConfig, InProcessCa};
 use ztunnel::node::{Node, NodeConfig};
 use ztunnel::redirect::{cgroup2_root, CaptureConfig, Exclusions};
@@ -91,25 +93,39 @@ fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    let log = init_logging();
     match cli.cmd {
-        Cmd::Node(args) => run_node(args),
+        Cmd::Node(args) => run_node(args, log),
     }
 }
 
-fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+/// Text or JSON (`LOG_FORMAT=json`) logs, filtered by `RUST_LOG`, changeable at run time
+/// through the admin `/logging` endpoint.
+fn init_logging() -> Arc<LogControl> {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let initial = filter.to_string();
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        tracing_subscriber::fmt::layer().json().boxed()
+    } else {
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    Arc::new(LogControl::from_reload_handle(handle, initial))
+}
+
+fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup2_root().context("finding the cgroup2 mount")?,
     };
     let mut ca = CaConfig::new(args.trust_domain.clone());
-    ca.plugin_dir = args.ca_dir;
-    ca.state_dir = Some(args.ca_state_dir);
+    if !args.uninstall {
+        // Uninstall issues no certificates: do not create or load a root for it.
+        ca.plugin_dir = args.ca_dir;
+        ca.state_dir = Some(args.ca_state_dir);
+    }
     let ca = InProcessCa::new(ca).context("initialising the CA")?;
     let cfg = NodeConfig {
         enrollment_socket: args.enrollment_socket,
@@ -117,6 +133,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         ca: std::sync::Arc::new(ca),
         local_config: args.local_config,
+        log_control: Some(log),
         admin: (!args.uninstall).then_some(AdminConfig {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,

@@ -98,7 +98,11 @@ pub(super) async fn watch_local_config(path: PathBuf, mesh: MeshContext) {
 }
 
 /// Starts the admin/metrics/readiness server (its own thread and runtime).
-pub(super) fn start_admin(cfg: AdminConfig, shared: &Arc<Shared>) -> std::io::Result<AdminServer> {
+pub(super) fn start_admin(
+    cfg: AdminConfig,
+    shared: &Arc<Shared>,
+    log: Option<Arc<crate::admin::LogControl>>,
+) -> std::io::Result<AdminServer> {
     let weak = Arc::downgrade(shared);
     let dump = Arc::new(move || match weak.upgrade() {
         Some(s) => config_dump(&s),
@@ -110,7 +114,10 @@ pub(super) fn start_admin(cfg: AdminConfig, shared: &Arc<Shared>) -> std::io::Re
         tracing::info!("/quitquitquit: exiting");
         std::process::exit(0);
     });
-    crate::admin::start(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit)
+    match log {
+        Some(log) => crate::admin::start_with_logging(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit, log),
+        None => crate::admin::start(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit),
+    }
 }
 
 fn config_dump(s: &Shared) -> serde_json::Value {

@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub local_config: Option<PathBuf>,
     /// Admin / metrics / readiness listeners; `None` to run without them.
     pub admin: Option<AdminConfig>,
+    /// Live log-level control for the admin `/logging` endpoint (record-only when `None`).
+    pub log_control: Option<Arc<crate::admin::LogControl>>,
 }
 
 /// Why the node agent could not start.
@@ -102,7 +104,7 @@ impl Node {
             tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone())));
         }
         let admin = match cfg.admin.clone() {
-            Some(a) => Some(mesh::start_admin(a, &shared).map_err(|source| NodeError::Io {
+            Some(a) => Some(mesh::start_admin(a, &shared, cfg.log_control.clone()).map_err(|source| NodeError::Io {
                 what: "binding admin listeners",
                 path: PathBuf::from("admin"),
                 source,
