@@ -43,7 +43,7 @@ fn leaf_signed_by_cluster_ca(dir: &std::path::Path, uri: &str, roots: &TrustBund
 /// Handshakes with the pod's 15008 and waits for the server's verdict: `Ok` when the
 /// server keeps the connection open (waiting for HTTP/2), `Err` with what ended it.
 fn try_hbone(addr: SocketAddr, cfg: rustls::ClientConfig) -> Result<(), String> {
-    let mut tcp = TcpStream::connect_timeout(&addr, WAIT).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect_timeout(&addr, WAIT).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(cfg), ztunnel::tls::server_name(addr.ip())).map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);

@@ -104,7 +104,7 @@ impl Authorization {
             PolicyScope::Namespace => self.namespace == w.namespace,
             PolicyScope::WorkloadSelector => {
                 let key = format!("{}/{}", self.namespace, self.name);
-                w.authorization_policies.iter().any(|p| *p == key)
+                w.authorization_policies.contains(&key)
             }
         }
     }

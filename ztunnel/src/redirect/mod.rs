@@ -112,44 +112,24 @@ impl Capture {
 
         let cgroup = std::fs::File::open(&cfg.cgroup).map_err(io_err("opening cgroup", &cfg.cgroup))?;
         let links = cfg.pin_dir.join("links");
-        for (prog, pin) in [("capture_connect4", "connect4"), ("capture_connect6", "connect6")] {
-            let p: &mut CgroupSockAddr = ebpf
-                .program_mut(prog)
-                .ok_or(CaptureError::Program { name: "missing", source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(prog_err("cgroup_sock_addr"))?;
-            p.load().map_err(prog_err("cgroup_sock_addr"))?;
-            let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err("cgroup_sock_addr"))?;
-            let link: FdLink = p
-                .take_link(id)
-                .map_err(prog_err("cgroup_sock_addr"))?
-                .try_into()
-                .map_err(|e| CaptureError::Link { name: "cgroup_sock_addr", source: e })?;
-            replace_pinned(link, &links.join(pin))?;
+        /// Loads a cgroup program, attaches it and pins its link (replacing an older pin).
+        macro_rules! attach_to_cgroup {
+            ($ty:ty, $prog:literal, $pin:literal) => {{
+                let p: &mut $ty = program(&mut ebpf, $prog)?;
+                p.load().map_err(prog_err($prog))?;
+                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err($prog))?;
+                let link: FdLink = p
+                    .take_link(id)
+                    .map_err(prog_err($prog))?
+                    .try_into()
+                    .map_err(|source| CaptureError::Link { name: $prog, source })?;
+                replace_pinned(link, &links.join($pin))?;
+            }};
         }
-        {
-            let p: &mut SockOps = ebpf
-                .program_mut("record_origdst")
-                .ok_or(CaptureError::Program { name: "missing", source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(prog_err("sock_ops"))?;
-            p.load().map_err(prog_err("sock_ops"))?;
-            let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err("sock_ops"))?;
-            let link: FdLink = p
-                .take_link(id)
-                .map_err(prog_err("sock_ops"))?
-                .try_into()
-                .map_err(|e| CaptureError::Link { name: "sock_ops", source: e })?;
-            replace_pinned(link, &links.join("sockops"))?;
-        }
-        {
-            let p: &mut SkLookup = ebpf
-                .program_mut("steer_inbound")
-                .ok_or(CaptureError::Program { name: "missing", source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(prog_err("sk_lookup"))?;
-            p.load().map_err(prog_err("sk_lookup"))?;
-        }
+        attach_to_cgroup!(CgroupSockAddr, "capture_connect4", "connect4");
+        attach_to_cgroup!(CgroupSockAddr, "capture_connect6", "connect6");
+        attach_to_cgroup!(SockOps, "record_origdst", "sockops");
+        program::<SkLookup>(&mut ebpf, "steer_inbound")?.load().map_err(prog_err("steer_inbound"))?;
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
         let orig = OrigDstTable::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE"))
@@ -206,11 +186,7 @@ impl Capture {
                 HashMap::try_from(ebpf.map_mut("INBOUND_PODS").expect("map")).map_err(map_err("INBOUND_PODS"))?;
             pods.insert(key, 1, 0).map_err(map_err("INBOUND_PODS"))?;
         }
-        let p: &mut SkLookup = ebpf
-            .program_mut("steer_inbound")
-            .expect("loaded at install")
-            .try_into()
-            .map_err(prog_err("sk_lookup"))?;
+        let p: &mut SkLookup = program(&mut ebpf, "steer_inbound")?;
         let id = p.attach(netns.fd()).map_err(prog_err("sk_lookup"))?;
         let link: FdLink = p.take_link(id).map_err(prog_err("sk_lookup"))?.into();
         replace_pinned(link, &dir.join("sk_lookup"))
@@ -273,6 +249,17 @@ impl Capture {
         }
         Ok(self.cfg.pin_dir.join("pods").join(uid))
     }
+}
+
+/// A program of the loaded object, as its concrete type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+        .try_into()
+        .map_err(prog_err(name))
 }
 
 /// Pins `link` at `path`, detaching whatever link was pinned there before (restart).
