@@ -8,6 +8,7 @@ mod client;
 mod copy;
 mod pool;
 mod server;
+mod splice;
 mod stream;
 
 use std::time::Duration;

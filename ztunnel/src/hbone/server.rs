@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, debug_span, info, Instrument};
 
-use super::copy::{copy_bidirectional, CopyStats};
+use super::copy::CopyStats;
 use super::stream::HboneStream;
 use super::{keepalive, H2Config, KeepaliveError};
 use crate::identity::Identity;
@@ -142,55 +142,43 @@ where
 {
     let peer = tls::peer_identity(tls.get_ref().1)?;
     let span = debug_span!("hbone_server", peer = %peer);
-    serve_h2(tls, peer, handler, cfg, drain)
-        .instrument(span)
-        .await
-}
-
-async fn serve_h2<IO, H>(
-    io: IO,
-    peer: Identity,
-    handler: Arc<H>,
-    cfg: &H2Config,
-    drain: impl Future<Output = ()>,
-) -> Result<(), ServeError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: ConnectHandler,
-{
-    let mut conn = h2::server::Builder::new()
-        .initial_window_size(cfg.stream_window)
-        .initial_connection_window_size(cfg.connection_window)
-        .max_frame_size(cfg.max_frame_size)
-        .max_header_list_size(cfg.max_header_list_size)
-        .max_concurrent_streams(cfg.max_concurrent_streams)
-        .handshake::<_, Bytes>(io)
-        .await?;
-    let pings = conn.ping_pong().expect("ping_pong is available once");
-    let keepalive = keepalive(pings, cfg.keepalive_interval, cfg.keepalive_timeout);
-    tokio::pin!(keepalive, drain);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            next = conn.accept() => match next {
-                None => return Ok(()),
-                Some(Ok((req, respond))) => {
-                    let (handler, peer) = (handler.clone(), peer.clone());
-                    let span = debug_span!("hbone_stream", stream = respond.stream_id().as_u32());
-                    tokio::spawn(handle_stream(req, respond, peer, handler).instrument(span));
+    async move {
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(cfg.stream_window)
+            .initial_connection_window_size(cfg.connection_window)
+            .max_frame_size(cfg.max_frame_size)
+            .max_header_list_size(cfg.max_header_list_size)
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        let pings = conn.ping_pong().expect("ping_pong is available once");
+        let keepalive = keepalive(pings, cfg.keepalive_interval, cfg.keepalive_timeout);
+        tokio::pin!(keepalive, drain);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                next = conn.accept() => match next {
+                    None => return Ok(()),
+                    Some(Ok((req, respond))) => {
+                        let (handler, peer) = (handler.clone(), peer.clone());
+                        let span = debug_span!("hbone_stream", stream = respond.stream_id().as_u32());
+                        tokio::spawn(handle_stream(req, respond, peer, handler).instrument(span));
+                    }
+                    // Only a NO_ERROR close is clean; a GOAWAY h2 sent because the peer broke the
+                    // protocol (e.g. ENHANCE_YOUR_CALM for a header flood) is the peer's error.
+                    Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Ok(()),
+                    Some(Err(e)) => return Err(e.into()),
+                },
+                e = &mut keepalive => return Err(e.into()),
+                () = &mut drain, if !draining => {
+                    draining = true;
+                    conn.graceful_shutdown();
                 }
-                // Only a NO_ERROR close is clean; a GOAWAY h2 sent because the peer broke the
-                // protocol (e.g. ENHANCE_YOUR_CALM for a header flood) is the peer's error.
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Ok(()),
-                Some(Err(e)) => return Err(e.into()),
-            },
-            e = &mut keepalive => return Err(e.into()),
-            () = &mut drain, if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
             }
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// Why a request is not a valid HBONE CONNECT (answered with 400).
@@ -297,7 +285,7 @@ async fn handle_stream<H: ConnectHandler>(
         }
     };
     let mut tunnel = HboneStream::new(send, req.into_body());
-    let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
+    let result = tunnel.splice(&mut upstream).await;
     debug!(%authority, ?result, "tunnel finished");
     handler.stream_ended(StreamSummary {
         authority,

@@ -18,6 +18,9 @@ use crate::metrics::Reporter;
 use crate::policy::{ConnectionFacts, Decision};
 use crate::tls::{self, RejectReason};
 
+/// Longest a TLS handshake on 15008 may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the pod's HBONE listener until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
     accept_loop(listener, move |stream: TcpStream, peer: SocketAddr| {
@@ -39,7 +42,9 @@ async fn connection(ctx: ProxyContext, stream: TcpStream, peer: SocketAddr) {
         },
         Err(e) => return warn!(error = %e, %id, "no certificate for pod"),
     };
-    let tls = match TlsAcceptor::from(cfg).accept(stream).await {
+    // A peer that connects and never finishes the handshake must not hold a task forever.
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(stream));
+    let tls = match handshake.await.unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))) {
         Ok(t) => t,
         Err(e) => {
             let reason = RejectReason::from_io(&e);
