@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ztunnel::enrollment::{EnrollmentClient, WorkloadInfo};
 
-use crate::{Cluster, Pod};
+use crate::{Cluster, InNetns, Pod};
 
 /// A running `ztunnel node` process for one node of a cluster.
 pub struct AgentProcess {

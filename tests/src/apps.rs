@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::Pod;
+use crate::{InNetns, Pod};
 
 /// A running peer-reporting server; stops when dropped.
 pub struct PeerServer {

@@ -410,6 +410,43 @@ impl Drop for Cluster {
     }
 }
 
+/// Running code inside the network namespace of a [`Node`] or a [`Pod`].
+///
+/// Why: in-process clients, listeners and servers; sockets they create keep the
+/// namespace. Every method but [`InNetns::netns_file`] is provided.
+pub trait InNetns {
+    /// Open fd (O_RDONLY) of the netns.
+    fn netns_file(&self) -> &File;
+
+    /// Runs `f` in the netns on a fresh thread and returns its result.
+    fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        in_netns(self.netns_file(), f)
+    }
+
+    /// Runs an async closure on a current-thread tokio runtime in the netns.
+    ///
+    /// Why: in-process async servers/clients without touching the caller's
+    /// runtime or thread.
+    fn run_async<F, Fut, R>(&self, f: F) -> R
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = R>,
+        R: Send + 'static,
+    {
+        run_async_in_netns(self.netns_file(), f)
+    }
+
+    /// Runs `f` in the netns on a new thread without waiting for it.
+    ///
+    /// Why: long-lived in-process servers.
+    fn spawn_thread<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> JoinHandle<R> {
+        spawn_in_netns(self.netns_file(), f)
+    }
+}
+
 struct NodeInner {
     index: usize,
     netns_name: String,
@@ -445,13 +482,6 @@ impl Node {
         &self.inner.netns_name
     }
 
-    /// Open fd of the node's netns.
-    ///
-    /// Why: pass to [`in_netns`] or to code that enters/attaches to the netns.
-    pub fn netns_file(&self) -> &File {
-        &self.inner.netns
-    }
-
     /// The node's IPv4 address on `br0` (pods' gateway; kubelet probe source).
     pub fn gateway4(&self) -> Ipv4Addr {
         self.inner.gateway4
@@ -472,34 +502,20 @@ impl Node {
         self.inner.underlay6
     }
 
-    /// Runs `f` in the node netns on a fresh thread and returns its result.
-    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
-        in_netns(self.netns_file(), f)
-    }
-
-    /// Runs an async closure on a current-thread runtime inside the node netns.
-    pub fn run_async<F, Fut, R>(&self, f: F) -> R
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = R>,
-        R: Send + 'static,
-    {
-        run_async_in_netns(self.netns_file(), f)
-    }
-
-    /// Runs `f` in the node netns on a new thread without waiting for it.
-    pub fn spawn_thread<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> JoinHandle<R> {
-        spawn_in_netns(self.netns_file(), f)
-    }
-
     /// Spawns a subprocess in the node netns (no cgroup change).
     ///
     /// Why: node-level daemons (e.g. the proxy binary) run in the node netns.
     pub fn spawn(&self, cmd: Command) -> Result<Child> {
         spawn_in_netns_cmd(self.netns_file(), None, cmd)
+    }
+}
+
+impl InNetns for Node {
+    /// Open fd of the node's netns.
+    ///
+    /// Why: pass to [`in_netns`] or to code that enters/attaches to the netns.
+    fn netns_file(&self) -> &File {
+        &self.inner.netns
     }
 }
 
@@ -567,48 +583,11 @@ impl Pod {
         &self.inner.netns_name
     }
 
-    /// Open fd (O_RDONLY) of the pod's netns.
-    ///
-    /// Why: what a CNI plugin would hand to the node agent for enrollment.
-    pub fn netns_file(&self) -> &File {
-        &self.inner.netns
-    }
-
     /// The pod's cgroup v2 directory.
     ///
     /// Why: cgroup-attached eBPF programs and identity lookups key on it.
     pub fn cgroup_path(&self) -> &Path {
         &self.inner.cgroup
-    }
-
-    /// Runs `f` in the pod netns on a fresh thread and returns its result.
-    ///
-    /// Why: in-process clients/listeners; sockets created keep the pod netns.
-    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
-        in_netns(self.netns_file(), f)
-    }
-
-    /// Runs an async closure on a current-thread tokio runtime in the pod netns.
-    ///
-    /// Why: in-process async servers/clients without touching the caller's
-    /// runtime or thread.
-    pub fn run_async<F, Fut, R>(&self, f: F) -> R
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = R>,
-        R: Send + 'static,
-    {
-        run_async_in_netns(self.netns_file(), f)
-    }
-
-    /// Runs `f` in the pod netns on a new thread without waiting for it.
-    ///
-    /// Why: long-lived in-process servers.
-    pub fn spawn_thread<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> JoinHandle<R> {
-        spawn_in_netns(self.netns_file(), f)
     }
 
     /// Spawns a subprocess that joins the pod's cgroup and netns before exec.
@@ -617,6 +596,15 @@ impl Pod {
     /// still running when the cluster is dropped are killed.
     pub fn spawn(&self, cmd: Command) -> Result<Child> {
         spawn_in_netns_cmd(self.netns_file(), Some(self.cgroup_path()), cmd)
+    }
+}
+
+impl InNetns for Pod {
+    /// Open fd (O_RDONLY) of the pod's netns.
+    ///
+    /// Why: what a CNI plugin would hand to the node agent for enrollment.
+    fn netns_file(&self) -> &File {
+        &self.inner.netns
     }
 }
 

@@ -12,7 +12,7 @@ use ztunnel::node::{Node as Agent, NodeConfig};
 use ztunnel::proxy::ConnectionRecord;
 use ztunnel::redirect::{bpffs_mounted, CaptureConfig, CounterSnapshot, Exclusions};
 
-use crate::{Cluster, Pod};
+use crate::{Cluster, InNetns, Pod};
 
 /// Trust domain of every test mesh.
 pub const TRUST_DOMAIN: &str = "cluster.local";

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use crate::Node;
+use crate::{InNetns, Node};
 
 /// Frames captured on every interface of a namespace.
 pub struct Capture {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mesh_tests::apps::{request, request_here, PeerServer};
 use mesh_tests::mesh::{sweep_pins, wait_record, MeshNode};
-use mesh_tests::Cluster;
+use mesh_tests::{Cluster, InNetns};
 use ztunnel::proxy::Direction;
 use ztunnel::redirect::Exclusions;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::mesh::{ca_dir, sweep_pins, wait_record, workload_yaml, write_mesh_config, MeshNode};
-use mesh_tests::Cluster;
+use mesh_tests::{Cluster, InNetns};
 use rustls::client::ResolvesClientCert;
 use ztunnel::identity::{CaConfig, Identity, InProcessCa, TrustBundle, WorkloadCertificate};
 use ztunnel::redirect::Exclusions;

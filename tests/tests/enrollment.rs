@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::mesh::{sweep_pins, wait_record, MeshNode};
-use mesh_tests::Cluster;
+use mesh_tests::{Cluster, InNetns};
 use prost::Message;
 use ztunnel::enrollment::{workload_request::Payload, AddWorkload, WorkloadInfo, WorkloadRequest};
 use ztunnel::redirect::Exclusions;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use mesh_tests::{cgroup2_root, sweep_leftovers, Cluster, Pod};
+use mesh_tests::{cgroup2_root, sweep_leftovers, Cluster, InNetns, Pod};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 

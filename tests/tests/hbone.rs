@@ -8,7 +8,7 @@ use std::time::Duration;
 use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::mesh::{sweep_pins, wait_record, workload_yaml, write_mesh_config, MeshNode};
 use mesh_tests::wire::sniff;
-use mesh_tests::{Cluster, Pod};
+use mesh_tests::{Cluster, InNetns, Pod};
 use ztunnel::proxy::Direction;
 use ztunnel::redirect::Exclusions;
 

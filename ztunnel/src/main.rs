@@ -116,16 +116,16 @@ fn init_logging() -> Arc<LogControl> {
 }
 
 fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
+    if args.uninstall {
+        return uninstall(&args);
+    }
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup2_root().context("finding the cgroup2 mount")?,
     };
     let mut ca = CaConfig::new(args.trust_domain.clone());
-    if !args.uninstall {
-        // Uninstall issues no certificates: do not create or load a root for it.
-        ca.plugin_dir = args.ca_dir;
-        ca.state_dir = Some(args.ca_state_dir);
-    }
+    ca.plugin_dir = args.ca_dir;
+    ca.state_dir = Some(args.ca_state_dir);
     let ca = InProcessCa::new(ca).context("initialising the CA")?;
     let cfg = NodeConfig {
         enrollment_socket: args.enrollment_socket,
@@ -134,7 +134,7 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         ca: std::sync::Arc::new(ca),
         local_config: args.local_config,
         log_control: Some(log),
-        admin: (!args.uninstall).then_some(AdminConfig {
+        admin: Some(AdminConfig {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,
@@ -152,14 +152,24 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
     rt.block_on(async move {
-        let node = Node::start(cfg).await.context("starting node agent")?;
-        if args.uninstall {
-            node.uninstall().context("uninstalling")?;
-            tracing::info!("uninstalled");
-            return Ok(());
-        }
+        let _node = Node::start(cfg).await.context("starting node agent")?;
         tokio::signal::ctrl_c().await?;
         tracing::info!("shutting down; capture stays installed (use --uninstall to remove)");
         Ok(())
     })
+}
+
+/// Removes everything a node agent installed, without starting one: detaches every pinned
+/// link, unpins the maps (the kernel frees them and their entries), forgets pod state.
+fn uninstall(args: &NodeArgs) -> anyhow::Result<()> {
+    ztunnel::redirect::remove_pinned(&args.pin_dir).context("removing pinned programs and maps")?;
+    if let Ok(entries) = std::fs::read_dir(&args.state_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let _ = std::fs::remove_dir(&args.state_dir);
+    }
+    let _ = std::fs::remove_file(&args.enrollment_socket);
+    tracing::info!(pin_dir = %args.pin_dir.display(), "uninstalled");
+    Ok(())
 }

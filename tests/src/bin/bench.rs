@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use mesh_tests::agent_process::{AgentProcess, Usage};
 use mesh_tests::loadgen::{blocking, EchoServer};
 use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
-use mesh_tests::{sweep_leftovers, Cluster, Pod};
+use mesh_tests::{sweep_leftovers, Cluster, InNetns, Pod};
 
 const PORT: u16 = 9000;
 

@@ -17,53 +17,29 @@ pub fn echo_server(listener: std::net::TcpListener) -> io::Result<()> {
         .block_on(async { super::echo_server(tokio::net::TcpListener::from_std(listener)?).await })
 }
 
-/// See [`super::throughput`].
-pub fn throughput(addr: SocketAddr, duration: Duration) -> io::Result<f64> {
-    runtime()?.block_on(super::throughput(addr, duration))
+/// Declares, for each async generator in [`super`], a function of the same name and
+/// arguments that runs it to completion on a new current-thread runtime.
+macro_rules! on_this_thread {
+    ($($name:ident($($arg:ident: $ty:ty),* $(,)?) -> $out:ty;)*) => {$(
+        #[doc = concat!("See [`super::", stringify!($name), "`].")]
+        pub fn $name($($arg: $ty),*) -> io::Result<$out> {
+            runtime()?.block_on(super::$name($($arg),*))
+        }
+    )*};
 }
 
-/// See [`super::latency`].
-pub fn latency(
-    addr: SocketAddr,
-    connections: usize,
-    qps: f64,
-    duration: Duration,
-    payload: usize,
-) -> io::Result<FortioResult> {
-    runtime()?.block_on(super::latency(addr, connections, qps, duration, payload))
-}
-
-/// See [`super::max_rate`].
-pub fn max_rate(
-    addr: SocketAddr,
-    connections: usize,
-    duration: Duration,
-) -> io::Result<FortioResult> {
-    runtime()?.block_on(super::max_rate(addr, connections, duration))
-}
-
-/// See [`super::connection_rate`].
-pub fn connection_rate(
-    addr: SocketAddr,
-    duration: Duration,
-    concurrency: usize,
-) -> io::Result<f64> {
-    runtime()?.block_on(super::connection_rate(addr, duration, concurrency))
-}
-
-/// See [`super::connection_rate_with`].
-pub fn connection_rate_with(
-    addr: SocketAddr,
-    duration: Duration,
-    concurrency: usize,
-    protocol: Protocol,
-) -> io::Result<f64> {
-    runtime()?.block_on(super::connection_rate_with(
-        addr,
-        duration,
-        concurrency,
-        protocol,
-    ))
+on_this_thread! {
+    throughput(addr: SocketAddr, duration: Duration) -> f64;
+    latency(addr: SocketAddr, connections: usize, qps: f64, duration: Duration, payload: usize)
+        -> FortioResult;
+    max_rate(addr: SocketAddr, connections: usize, duration: Duration) -> FortioResult;
+    connection_rate(addr: SocketAddr, duration: Duration, concurrency: usize) -> f64;
+    connection_rate_with(
+        addr: SocketAddr,
+        duration: Duration,
+        concurrency: usize,
+        protocol: Protocol,
+    ) -> f64;
 }
 
 /// See [`super::run_load`]; with `spec.threads > 1`, connections and rate are split

@@ -8,46 +8,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
-use super::tests::{certs, echo_upstream, id, start_server, start_server_reporting, Seen};
+use super::tests::{
+    certs, echo_upstream, h2_connect, server_and_echo, start_server_reporting, tls_connect,
+};
 use super::*;
 use crate::identity::CertManager;
-use crate::tls;
 
 /// Fails the test instead of hanging when the server does not react.
 async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// A client-authenticated TLS connection to the server, nothing sent yet.
-async fn tls_connect(certs: &CertManager, server: SocketAddr) -> TlsStream<TcpStream> {
-    let cert = certs.fetch(&id("client")).await.unwrap();
-    let cfg = tls::client_config(&cert, cert.roots(), vec![id("server")]).unwrap();
-    let tcp = TcpStream::connect(server).await.unwrap();
-    TlsConnector::from(Arc::new(cfg))
-        .connect(tls::server_name(server.ip()), tcp)
-        .await
-        .unwrap()
-}
-
-/// An h2 connection to the server; the task resolves when the connection ends.
-async fn h2_connect(
-    certs: &CertManager,
-    server: SocketAddr,
-) -> (
-    h2::client::SendRequest<Bytes>,
-    JoinHandle<Result<(), h2::Error>>,
-) {
-    let (send, conn) = h2::client::handshake(tls_connect(certs, server).await)
-        .await
-        .unwrap();
-    (send, tokio::spawn(conn))
 }
 
 /// An accepted CONNECT tunnel, kept open across [`Tunnel::echo`] calls.
@@ -91,6 +64,22 @@ impl Tunnel {
     }
 }
 
+/// A new h2 connection to `server` (and its task, as [`h2_connect`]) with a tunnel open to
+/// `target`.
+async fn connect_with_tunnel(
+    certs: &CertManager,
+    server: SocketAddr,
+    target: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    JoinHandle<Result<(), h2::Error>>,
+    Tunnel,
+) {
+    let (send, conn) = h2_connect(certs, server).await;
+    let tunnel = Tunnel::open(&send, target).await;
+    (send, conn, tunnel)
+}
+
 /// Sends `req` with an empty body on a new stream and returns the response status.
 async fn status_of(
     send: &h2::client::SendRequest<Bytes>,
@@ -111,12 +100,8 @@ fn connect_to(authority: &str) -> http::Request<()> {
 
 #[tokio::test]
 async fn bad_authority_or_method_gets_400_and_earlier_tunnel_keeps_echoing() {
-    let certs = certs();
-    let seen = Arc::new(Seen::default());
-    let server = start_server(&certs, seen.clone()).await;
-    let echo = echo_upstream().await;
-    let (send, _conn) = h2_connect(&certs, server).await;
-    let mut tunnel = Tunnel::open(&send, echo).await;
+    let (certs, seen, server, echo) = server_and_echo().await;
+    let (send, _conn, mut tunnel) = connect_with_tunnel(&certs, server, echo).await;
     tunnel.echo(b"before").await;
 
     // `:authority` present but not `ip:port` (GET and a host name are covered elsewhere).
@@ -239,10 +224,7 @@ fn status(block: &[u8]) -> u16 {
 
 #[tokio::test]
 async fn connect_without_authority_pseudo_header_gets_400() {
-    let certs = certs();
-    let seen = Arc::new(Seen::default());
-    let server = start_server(&certs, seen.clone()).await;
-    let echo = echo_upstream().await;
+    let (certs, seen, server, echo) = server_and_echo().await;
     let mut io = tls_connect(&certs, server).await;
     io.write_all(PREFACE).await.unwrap();
     io.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
@@ -302,12 +284,8 @@ fn connect_with_big_header(target: SocketAddr, size: usize) -> http::Request<()>
 
 #[tokio::test]
 async fn oversized_headers_get_431_on_that_stream_only() {
-    let certs = certs();
-    let seen = Arc::new(Seen::default());
-    let server = start_server(&certs, seen.clone()).await;
-    let echo = echo_upstream().await;
-    let (send, _conn) = h2_connect(&certs, server).await;
-    let mut tunnel = Tunnel::open(&send, echo).await;
+    let (certs, seen, server, echo) = server_and_echo().await;
+    let (send, _conn, mut tunnel) = connect_with_tunnel(&certs, server, echo).await;
     tunnel.echo(b"before").await;
 
     // Over max_header_list_size (16 KiB) but under h2's abuse limit (4x): h2 answers 431
@@ -330,11 +308,9 @@ async fn header_flood_closes_only_that_connection() {
     let certs = certs();
     let (server, mut ended) = start_server_reporting(&certs, Arc::default()).await;
     let echo = echo_upstream().await;
-    let (good_send, good_conn) = h2_connect(&certs, server).await;
-    let mut good = Tunnel::open(&good_send, echo).await;
+    let (good_send, good_conn, mut good) = connect_with_tunnel(&certs, server, echo).await;
     good.echo(b"before").await;
-    let (bad_send, bad_conn) = h2_connect(&certs, server).await;
-    let mut doomed = Tunnel::open(&bad_send, echo).await;
+    let (bad_send, bad_conn, mut doomed) = connect_with_tunnel(&certs, server, echo).await;
     doomed.echo(b"doomed").await;
 
     // 64 KiB is over h2's abuse limit (4 x 16 KiB): a connection error, GOAWAY
@@ -371,8 +347,7 @@ async fn garbage_instead_of_h2_preface_closes_only_that_connection() {
     let certs = certs();
     let (server, mut ended) = start_server_reporting(&certs, Arc::default()).await;
     let echo = echo_upstream().await;
-    let (good_send, good_conn) = h2_connect(&certs, server).await;
-    let mut good = Tunnel::open(&good_send, echo).await;
+    let (good_send, good_conn, mut good) = connect_with_tunnel(&certs, server, echo).await;
     good.echo(b"before").await;
 
     let mut bad = tls_connect(&certs, server).await;

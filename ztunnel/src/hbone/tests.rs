@@ -9,6 +9,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::server::parse_forwarded_for;
@@ -74,6 +76,41 @@ pub(super) async fn start_server_reporting(
         }
     });
     (addr, ended_rx)
+}
+
+/// What most tests start from: certificates, an HBONE server (see [`start_server`]) recording
+/// into the returned [`Seen`], and an echo upstream. Returns `(certs, seen, server, echo)`.
+pub(super) async fn server_and_echo() -> (CertManager, Arc<Seen>, SocketAddr, SocketAddr) {
+    let certs = certs();
+    let seen = Arc::new(Seen::default());
+    let server = start_server(&certs, seen.clone()).await;
+    let echo = echo_upstream().await;
+    (certs, seen, server, echo)
+}
+
+/// A client-authenticated TLS connection to the server, nothing sent yet.
+pub(super) async fn tls_connect(certs: &CertManager, server: SocketAddr) -> TlsStream<TcpStream> {
+    let cert = certs.fetch(&id("client")).await.unwrap();
+    let cfg = tls::client_config(&cert, cert.roots(), vec![id("server")]).unwrap();
+    let tcp = TcpStream::connect(server).await.unwrap();
+    TlsConnector::from(Arc::new(cfg))
+        .connect(tls::server_name(server.ip()), tcp)
+        .await
+        .unwrap()
+}
+
+/// An h2 connection to the server; the task resolves when the connection ends.
+pub(super) async fn h2_connect(
+    certs: &CertManager,
+    server: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    JoinHandle<Result<(), h2::Error>>,
+) {
+    let (send, conn) = h2::client::handshake(tls_connect(certs, server).await)
+        .await
+        .unwrap();
+    (send, tokio::spawn(conn))
 }
 
 /// A TCP upstream echoing everything, then closing after the client's EOF.
@@ -147,10 +184,7 @@ async fn roundtrip(stream: &mut HboneStream, msg: &[u8]) {
 
 #[tokio::test]
 async fn connect_reaches_upstream_and_server_sees_client_identity() {
-    let certs = certs();
-    let seen = Arc::new(Seen::default());
-    let server = start_server(&certs, seen.clone()).await;
-    let echo = echo_upstream().await;
+    let (certs, seen, server, echo) = server_and_echo().await;
     let dials = Arc::new(AtomicUsize::new(0));
     let pool = pool(&certs, dials.clone(), PoolConfig::default());
     let headers = ConnectHeaders {
@@ -199,9 +233,7 @@ async fn connect_reaches_upstream_and_server_sees_client_identity() {
 
 #[tokio::test]
 async fn large_transfer_both_ways_respects_flow_control() {
-    let certs = certs();
-    let server = start_server(&certs, Arc::default()).await;
-    let echo = echo_upstream().await;
+    let (certs, _, server, echo) = server_and_echo().await;
     let pool = pool(&certs, Arc::default(), PoolConfig::default());
     let stream = pool
         .connect(key(server, id("server")), echo, ConnectHeaders::default())
@@ -275,9 +307,7 @@ async fn statuses_map_to_errors() {
 
 #[tokio::test]
 async fn client_rejects_server_with_unexpected_identity() {
-    let certs = certs();
-    let server = start_server(&certs, Arc::default()).await;
-    let echo = echo_upstream().await;
+    let (certs, _, server, echo) = server_and_echo().await;
     let pool = pool(&certs, Arc::default(), PoolConfig::default());
     let err = pool
         .connect(
@@ -305,9 +335,7 @@ async fn client_rejects_server_with_unexpected_identity() {
 
 #[tokio::test]
 async fn concurrent_connects_share_one_dial_and_connection() {
-    let certs = certs();
-    let server = start_server(&certs, Arc::default()).await;
-    let echo = echo_upstream().await;
+    let (certs, _, server, echo) = server_and_echo().await;
     let dials = Arc::new(AtomicUsize::new(0));
     let pool = pool(&certs, dials.clone(), PoolConfig::default());
     let tasks: Vec<_> = (0..50)
@@ -341,9 +369,7 @@ async fn concurrent_connects_share_one_dial_and_connection() {
 
 #[tokio::test]
 async fn full_connection_opens_another_and_failed_dials_are_shared() {
-    let certs = certs();
-    let server = start_server(&certs, Arc::default()).await;
-    let echo = echo_upstream().await;
+    let (certs, _, server, echo) = server_and_echo().await;
     let dials = Arc::new(AtomicUsize::new(0));
     let cfg = PoolConfig {
         max_streams_per_conn: 2,
@@ -386,9 +412,7 @@ async fn full_connection_opens_another_and_failed_dials_are_shared() {
 
 #[tokio::test]
 async fn idle_connections_are_closed() {
-    let certs = certs();
-    let server = start_server(&certs, Arc::default()).await;
-    let echo = echo_upstream().await;
+    let (certs, _, server, echo) = server_and_echo().await;
     let dials = Arc::new(AtomicUsize::new(0));
     let cfg = PoolConfig {
         idle_timeout: Duration::from_millis(200),
@@ -422,18 +446,8 @@ async fn idle_connections_are_closed() {
 
 #[tokio::test]
 async fn malformed_request_gets_400_without_disturbing_other_streams() {
-    let certs = certs();
-    let server = start_server(&certs, Arc::default()).await;
-    let echo = echo_upstream().await;
-    let cert = certs.fetch(&id("client")).await.unwrap();
-    let cfg = tls::client_config(&cert, cert.roots(), vec![id("server")]).unwrap();
-    let tcp = TcpStream::connect(server).await.unwrap();
-    let tls_stream = TlsConnector::from(Arc::new(cfg))
-        .connect(tls::server_name(server.ip()), tcp)
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tls_stream).await.unwrap();
-    tokio::spawn(conn);
+    let (certs, _, server, echo) = server_and_echo().await;
+    let (send, _conn) = h2_connect(&certs, server).await;
     let mut send = send.ready().await.unwrap();
 
     // A good tunnel first.

@@ -83,6 +83,7 @@ pub fn server_config(
     let verifier = SameTrustDomainClientVerifier {
         chain,
         trust_domain: cert.identity().trust_domain().to_string(),
+        provider: provider.clone(),
     };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

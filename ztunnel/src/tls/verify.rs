@@ -159,12 +159,69 @@ pub fn peer_identity(conn: &CommonState) -> Result<Identity, VerifyError> {
     Ok(cert_identities(leaf)?.swap_remove(0))
 }
 
+/// The identity half of both verifiers, once the peer's chain is verified: the leaf must carry
+/// SPIFFE identities that `allowed` accepts; otherwise `refusal` says why, naming them.
+fn check_identities(
+    leaf: &CertificateDer<'_>,
+    allowed: impl FnOnce(&[Identity]) -> bool,
+    refusal: impl FnOnce(Vec<Identity>) -> VerifyError,
+) -> Result<(), rustls::Error> {
+    let presented = cert_identities(leaf)?;
+    if allowed(&presented) {
+        Ok(())
+    } else {
+        Err(refusal(presented).into())
+    }
+}
+
+/// The handshake-signature methods both verifier traits declare alike: checked with the
+/// algorithms of the verifier's `provider` (as rustls's webpki verifiers check them).
+macro_rules! provider_signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+
 /// Server side: requires a client certificate chaining to the bundle whose SPIFFE identity is
 /// in our trust domain.
 #[derive(Debug)]
 pub(crate) struct SameTrustDomainClientVerifier {
+    /// Checks the chain (webpki, client-auth usage) with `provider`'s algorithms.
     pub(crate) chain: Arc<dyn ClientCertVerifier>,
     pub(crate) trust_domain: String,
+    pub(crate) provider: Arc<CryptoProvider>,
 }
 
 impl ClientCertVerifier for SameTrustDomainClientVerifier {
@@ -188,38 +245,18 @@ impl ClientCertVerifier for SameTrustDomainClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.chain
             .verify_client_cert(end_entity, intermediates, now)?;
-        let presented = cert_identities(end_entity)?.swap_remove(0);
-        if presented.trust_domain() != self.trust_domain {
-            return Err(VerifyError::WrongTrustDomain {
+        check_identities(
+            end_entity,
+            |ids| ids[0].trust_domain() == self.trust_domain,
+            |mut ids| VerifyError::WrongTrustDomain {
                 expected: self.trust_domain.clone(),
-                presented,
-            }
-            .into());
-        }
+                presented: ids.swap_remove(0),
+            },
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
-    }
+    provider_signature_checks!();
 }
 
 /// Client side: the server's chain must lead to the bundle and its SPIFFE SAN must be one of
@@ -248,48 +285,16 @@ impl ServerCertVerifier for ExpectedIdentityServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let presented = cert_identities(end_entity)?;
-        if !presented.iter().any(|id| self.expected.contains(id)) {
-            return Err(VerifyError::SanMismatch {
+        check_identities(
+            end_entity,
+            |ids| ids.iter().any(|id| self.expected.contains(id)),
+            |ids| VerifyError::SanMismatch {
                 expected: self.expected.clone(),
-                presented,
-            }
-            .into());
-        }
+                presented: ids,
+            },
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    provider_signature_checks!();
 }
