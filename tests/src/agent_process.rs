@@ -99,9 +99,23 @@ impl AgentProcess {
     /// Stops the agent and removes everything it installed (`ztunnel node --uninstall`).
     pub fn stop_and_uninstall(mut self) -> Result<()> {
         self.shutdown();
+        self.uninstall()
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would: nothing is cleaned up.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs `ztunnel node --uninstall` with this agent's flags.
+    pub fn uninstall(&self) -> Result<()> {
         let status = Command::new(&self.binary).args(&self.args).arg("--uninstall").env("RUST_LOG", "warn").status()?;
         if !status.success() {
             bail!("uninstall failed: {status}");
+        }
+        if let Some(run_dir) = self.socket.parent() {
+            let _ = std::fs::remove_dir(run_dir);
         }
         Ok(())
     }
@@ -128,4 +142,29 @@ impl Drop for AgentProcess {
             let _ = Command::new(&self.binary).args(&self.args).arg("--uninstall").status();
         }
     }
+}
+
+/// The `ztunnel` binary of the calling test's build profile, built (or brought up to
+/// date) once per test process with the same cargo, so tests never run a stale binary.
+pub fn ztunnel_binary() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        // <target>/<profile>/deps/<test>-<hash>
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(&workspace).args(["build", "-p", "ztunnel", "--bin", "ztunnel"]);
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.arg("--target-dir").arg(target_dir);
+        }
+        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build -p ztunnel");
+        assert!(status.success(), "cargo build -p ztunnel failed: {status}");
+        let bin = profile_dir.join("ztunnel");
+        assert!(bin.is_file(), "{} missing after build", bin.display());
+        bin
+    })
 }

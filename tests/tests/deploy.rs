@@ -94,36 +94,8 @@ fn template_flags(text: &str) -> BTreeSet<String> {
     out
 }
 
-/// The `ztunnel` binary of this build profile, built first if missing or older than the
-/// CLI definition.
 fn ztunnel_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // <target>/<profile>/deps/deploy-<hash>
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
-        let bin = profile_dir.join("ztunnel");
-        let cli_src = workspace().join("ztunnel/src/main.rs");
-        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let fresh = match (modified(&bin), modified(&cli_src)) {
-            (Some(b), Some(s)) => b >= s,
-            _ => false,
-        };
-        if !fresh {
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.current_dir(workspace()).args(["build", "-p", "ztunnel", "--bin", "ztunnel"]);
-            if let Some(target_dir) = profile_dir.parent() {
-                cmd.arg("--target-dir").arg(target_dir);
-            }
-            if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build -p ztunnel");
-            assert!(status.success(), "cargo build -p ztunnel failed: {status}");
-        }
-        assert!(bin.is_file(), "{} missing after build", bin.display());
-        bin
-    })
+    mesh_tests::agent_process::ztunnel_binary()
 }
 
 /// Flags `ztunnel node --help` lists.

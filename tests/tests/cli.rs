@@ -1,0 +1,66 @@
+//! The real `ztunnel node` binary: a crashed agent leaves capture in place (fail closed),
+//! and `ztunnel node --uninstall` removes every link and pin it left.
+use std::net::SocketAddr;
+use std::path::Path;
+
+use aya::programs::links::{FdLink, PinnedLink};
+use mesh_tests::agent_process::{ztunnel_binary, AgentProcess};
+use mesh_tests::apps::{request, PeerServer};
+use mesh_tests::mesh::{ca_dir, sweep_pins, BPFFS};
+use mesh_tests::Cluster;
+
+fn pinned_link_ids(pin_dir: &Path) -> Vec<u32> {
+    let mut paths: Vec<std::path::PathBuf> = ["connect4", "connect6", "sockops"].iter().map(|n| pin_dir.join("links").join(n)).collect();
+    for e in std::fs::read_dir(pin_dir.join("pods")).into_iter().flatten().flatten() {
+        paths.push(e.path().join("sk_lookup"));
+    }
+    paths
+        .iter()
+        .filter_map(|p| PinnedLink::from_pin(p).ok())
+        .filter_map(|l| FdLink::from(l).info().ok().map(|i| i.id()))
+        .collect()
+}
+
+fn live_link_ids() -> Vec<u32> {
+    aya::programs::loaded_links().filter_map(|l| l.ok()).map(|l| l.id()).collect()
+}
+
+#[test]
+fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
+    sweep_pins();
+    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    let extra: Vec<String> = [
+        "--ca-state-dir", &ca_dir(&c).display().to_string(),
+        "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = AgentProcess::start(ztunnel_binary(), &c, 0, &extra).expect("ztunnel node");
+    agent.enroll(&client).unwrap();
+    let _app = PeerServer::start(&server, 8080).unwrap();
+    let dst = SocketAddr::new(server.ip4().into(), 8080);
+    let r = request(&client, dst, "through the proxy").unwrap();
+    assert_eq!(r.peer.ip(), std::net::IpAddr::from(client.ip4()), "server not enrolled: reached directly from the client pod");
+
+    let pin_dir = Path::new(BPFFS).join(format!("{}-node0", c.prefix()));
+    let links = pinned_link_ids(&pin_dir);
+    assert_eq!(links.len(), 4, "3 cgroup links + 1 pod link");
+
+    agent.crash();
+    let live = live_link_ids();
+    assert!(links.iter().all(|id| live.contains(id)), "capture must outlive the agent");
+    assert!(request(&client, dst, "while the agent is down").is_err(), "fail closed: no unproxied traffic while enrolled");
+
+    agent.uninstall().unwrap();
+    let live = live_link_ids();
+    for id in &links {
+        assert!(!live.contains(id), "link {id} still attached after `ztunnel node --uninstall`");
+    }
+    assert!(!pin_dir.exists(), "pins left in {}", pin_dir.display());
+    let r = request(&client, dst, "after uninstall").unwrap();
+    assert_eq!(r.got, "after uninstall", "uncaptured traffic flows again");
+    let _ = std::fs::remove_dir_all(ca_dir(&c));
+}
