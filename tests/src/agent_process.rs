@@ -30,7 +30,7 @@ impl AgentProcess {
         crate::mesh::ensure_bpffs()?;
         let n = cluster.node(node);
         let name = format!("{}-node{node}", cluster.prefix());
-        let run_dir = PathBuf::from("/run/ztunnel-test").join(&name);
+        let run_dir = PathBuf::from(crate::mesh::RUN_DIR).join(&name);
         let socket = run_dir.join("ztunnel.sock");
         let mut args: Vec<String> = vec![
             "node".into(),

@@ -19,12 +19,12 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// Where a cluster's mesh root CA is kept (shared by its node agents).
 pub fn ca_dir(cluster: &Cluster) -> PathBuf {
-    PathBuf::from("/run/ztunnel-test").join(format!("{}-ca", cluster.prefix()))
+    PathBuf::from(RUN_DIR).join(format!("{}-ca", cluster.prefix()))
 }
 
 /// The cluster's local-config file (`{workloads, services, policies}`), watched by agents.
 pub fn mesh_config_path(cluster: &Cluster) -> PathBuf {
-    PathBuf::from("/run/ztunnel-test").join(format!("{}-mesh.yaml", cluster.prefix()))
+    PathBuf::from(RUN_DIR).join(format!("{}-mesh.yaml", cluster.prefix()))
 }
 
 /// Writes the cluster's local config and waits until every given agent has applied it.
@@ -85,7 +85,7 @@ impl MeshNode {
         exclusions.probe_sources.push(n.gateway4().into());
         exclusions.probe_sources.push(n.gateway6().into());
         let name = format!("{}-node{node}", cluster.prefix());
-        let run_dir = PathBuf::from("/run/ztunnel-test").join(&name);
+        let run_dir = PathBuf::from(RUN_DIR).join(&name);
         let mut ca = CaConfig::new(TRUST_DOMAIN);
         ca.state_dir = Some(ca_dir(cluster));
         let ca = InProcessCa::new(ca).context("cluster CA")?;
@@ -224,15 +224,25 @@ pub fn wait_record(
     None
 }
 
-/// Removes pins left by agents of test processes that no longer exist.
+/// Removes pins and run files left by agents of test processes that no longer exist.
 pub fn sweep_pins() {
+    let dead = |name: &str| {
+        name.strip_prefix("zt")
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
     for entry in std::fs::read_dir(BPFFS).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("zt").and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if dead(&entry.file_name().to_string_lossy()) {
             let _ = ztunnel::redirect::remove_pinned(&entry.path());
         }
     }
+    for entry in std::fs::read_dir(RUN_DIR).into_iter().flatten().flatten() {
+        if dead(&entry.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
+        }
+    }
 }
+
+/// Where test agents keep sockets, pod state, CA roots and local configs.
+pub const RUN_DIR: &str = "/run/ztunnel-test";
