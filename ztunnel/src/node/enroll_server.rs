@@ -119,6 +119,7 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
                 .map_err(|e| format!("Add {uid}: listing pod addresses: {e}"))?;
             let ctx = PodContext {
                 ips,
+                server_tls: Default::default(),
                 uid: uid.clone(),
                 name: info.name,
                 namespace: info.namespace,

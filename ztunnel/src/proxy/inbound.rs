@@ -16,7 +16,7 @@ use super::{accept_loop, canonical, ProxyContext};
 use crate::hbone::{serve_connection, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
 use crate::metrics::Reporter;
 use crate::policy::{ConnectionFacts, Decision};
-use crate::tls::{self, RejectReason};
+use crate::tls::RejectReason;
 
 /// Longest a TLS handshake on 15008 may take.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -36,8 +36,8 @@ async fn connection(ctx: ProxyContext, stream: TcpStream, peer: SocketAddr) {
         return warn!("pod has no valid identity; refusing HBONE");
     };
     let cfg = match ctx.mesh.certs.fetch(&id).await {
-        Ok(cert) => match tls::server_config(&cert, cert.roots()) {
-            Ok(c) => Arc::new(c),
+        Ok(cert) => match ctx.pod.server_tls.get(&cert) {
+            Ok(c) => c,
             Err(e) => return warn!(error = %e, "cannot build TLS config"),
         },
         Err(e) => return warn!(error = %e, %id, "no certificate for pod"),

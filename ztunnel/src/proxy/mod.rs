@@ -36,6 +36,30 @@ pub struct PodContext {
     pub netns: InpodNetns,
     /// The pod's addresses (found inside its netns at enrollment).
     pub ips: Vec<IpAddr>,
+    /// The pod's HBONE server TLS config, rebuilt only when its certificate changes.
+    pub server_tls: ServerTlsCache,
+}
+
+/// One TLS server config per certificate: building a rustls config (and its verifier) per
+/// accepted connection would cost every new HBONE connection for nothing.
+#[derive(Debug, Default)]
+pub struct ServerTlsCache {
+    current: std::sync::Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+}
+
+impl ServerTlsCache {
+    /// The config for `cert`, reusing the cached one while the certificate is the same.
+    pub fn get(&self, cert: &crate::identity::WorkloadCertificate) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((serial, cfg)) = cur.as_ref() {
+            if serial == cert.serial() {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = Arc::new(crate::tls::server_config(cert, cert.roots())?);
+        *cur = Some((cert.serial().to_string(), cfg.clone()));
+        Ok(cfg)
+    }
 }
 
 impl PodContext {

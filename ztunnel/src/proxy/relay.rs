@@ -123,8 +123,14 @@ pub fn labels(reporter: Reporter, rec: &ConnectionRecord, src: Option<&crate::st
     l
 }
 
+/// Whether access-log lines are JSON (`LOG_FORMAT=json`), read once.
+fn json_logs() -> bool {
+    static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *JSON.get_or_init(|| std::env::var("LOG_FORMAT").as_deref() == Ok("json"))
+}
+
 fn log_record(rec: &ConnectionRecord) {
-    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+    if json_logs() {
         if let Ok(line) = serde_json::to_string(rec) {
             info!(target: "access", "{line}");
         }
