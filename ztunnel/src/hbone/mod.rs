@@ -8,7 +8,6 @@ mod client;
 mod copy;
 mod pool;
 mod server;
-mod splice;
 mod stream;
 
 use std::time::Duration;

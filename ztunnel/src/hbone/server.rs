@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, debug_span, info, Instrument};
 
-use super::copy::CopyStats;
+use super::copy::{copy_bidirectional, CopyStats};
 use super::stream::HboneStream;
 use super::{keepalive, H2Config, KeepaliveError};
 use crate::identity::Identity;
@@ -285,7 +285,7 @@ async fn handle_stream<H: ConnectHandler>(
         }
     };
     let mut tunnel = HboneStream::new(send, req.into_body());
-    let result = tunnel.splice(&mut upstream).await;
+    let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
     debug!(%authority, ?result, "tunnel finished");
     handler.stream_ended(StreamSummary {
         authority,

@@ -41,11 +41,6 @@ impl HboneStream {
         self
     }
 
-    /// The h2 halves and any received-but-unread bytes, for [`HboneStream::splice`].
-    pub(crate) fn parts(&mut self) -> (&mut SendStream<Bytes>, &mut RecvStream, &mut Bytes) {
-        (&mut self.send, &mut self.recv, &mut self.pending)
-    }
-
     /// The h2 stream id, for logs.
     pub fn stream_id(&self) -> u32 {
         self.send.stream_id().as_u32()

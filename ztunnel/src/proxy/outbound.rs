@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 use ztunnel_common::HBONE_PORT;
 
-use super::relay::{finish, labels, relay, relay_with, ConnectionRecord, Direction};
+use super::relay::{finish, labels, relay, ConnectionRecord, Direction};
 use super::{accept_loop, socket, ProxyContext};
 use crate::hbone::{ConnectHeaders, DialError, HboneError, PoolKey};
 use crate::identity::Identity;
@@ -85,12 +85,7 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
     match ctx.mesh.pool.connect(key, up.addr, headers).await {
         Ok(mut tunnel) => {
             let l = labels(Reporter::Source, &rec, Some(src_w), Some(w), up.service.as_deref());
-            let copy = async {
-                // splice reports tunnel -> client as a_to_b; the relay wants client first.
-                let s = tunnel.splice(&mut client).await?;
-                Ok(crate::hbone::CopyStats { a_to_b: s.b_to_a, b_to_a: s.a_to_b })
-            };
-            relay_with(ctx, rec, l, copy).await
+            relay(ctx, rec, l, &mut client, &mut tunnel).await
         }
         Err(e) => {
             if let HboneError::Dial(d) = &e {

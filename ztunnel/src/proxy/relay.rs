@@ -57,24 +57,14 @@ impl ConnectionRecord {
 }
 
 /// Splices `client` and `upstream` until both directions close, then reports.
-pub async fn relay<C, U>(ctx: &ProxyContext, rec: ConnectionRecord, labels: ConnectionLabels, client: &mut C, upstream: &mut U)
+pub async fn relay<C, U>(ctx: &ProxyContext, mut rec: ConnectionRecord, labels: ConnectionLabels, client: &mut C, upstream: &mut U)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    relay_with(ctx, rec, labels, crate::hbone::copy_bidirectional(client, upstream)).await
-}
-
-/// Runs `copy` (client → upstream is `a_to_b`) and reports the connection when it ends.
-pub async fn relay_with(
-    ctx: &ProxyContext,
-    mut rec: ConnectionRecord,
-    labels: ConnectionLabels,
-    copy: impl std::future::Future<Output = std::io::Result<crate::hbone::CopyStats>>,
-) {
     let start = Instant::now();
     ctx.mesh.metrics.connection_opened(&labels);
-    match copy.await {
+    match crate::hbone::copy_bidirectional(client, upstream).await {
         Ok(stats) => {
             rec.bytes_sent = stats.a_to_b;
             rec.bytes_received = stats.b_to_a;
