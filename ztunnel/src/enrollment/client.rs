@@ -6,7 +6,7 @@ use std::path::Path;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use prost::Message;
 
-use super::wire::{raw, recv_datagram, send_datagram, WireError};
+use super::wire::{recv_datagram, send_datagram, WireError};
 use super::{workload_request::Payload, workload_response, AddWorkload, DelWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, WorkloadResponse};
 
 /// One connection to a node agent's enrollment socket.
@@ -48,8 +48,8 @@ impl EnrollmentClient {
 
     /// Sends arbitrary bytes and fds and waits for the ack (for robustness tests).
     pub fn request(&self, bytes: &[u8], fds: &[RawFd]) -> Result<AckResult, WireError> {
-        send_datagram(raw(&self.sock), bytes, fds)?;
-        let reply = recv_datagram(raw(&self.sock))?;
+        send_datagram(self.sock.as_raw_fd(), bytes, fds)?;
+        let reply = recv_datagram(self.sock.as_raw_fd())?;
         let resp = WorkloadResponse::decode(reply.bytes.as_slice())
             .map_err(|_| WireError::Io(nix::Error::EBADMSG))?;
         match resp.payload {

@@ -1,6 +1,6 @@
 //! Datagram I/O with fd passing on a unix `SOCK_SEQPACKET` socket.
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
@@ -59,9 +59,4 @@ pub fn send_datagram(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), WireE
         if fds.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(fds)] };
     sendmsg::<()>(fd, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
     Ok(())
-}
-
-/// Keeps `AsRawFd` in scope for callers that pass sockets.
-pub(crate) fn raw(fd: &impl AsRawFd) -> RawFd {
-    fd.as_raw_fd()
 }

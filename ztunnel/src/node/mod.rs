@@ -8,7 +8,6 @@ mod pod_state;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
@@ -179,6 +178,3 @@ impl Drop for Node {
         let _ = std::fs::remove_file(&self.socket_path);
     }
 }
-
-/// Readiness flag type shared with the admin server.
-pub type Ready = Arc<AtomicBool>;
