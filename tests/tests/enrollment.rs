@@ -61,6 +61,8 @@ fn bad_enrollment_requests_are_refused_with_reasons_and_the_agent_keeps_serving(
     assert_eq!(r.got, "still-serving");
     assert!(wait_record(&mut ev, Duration::from_secs(5), |r| r.dst == dst).is_some());
     assert_eq!(node.link_ids().len(), 5, "3 cgroup links + 2 pods, nothing from the failed Adds");
+    let m = node.agent().metrics().encode();
+    assert!(m.contains("ztunnel_enrollment_rejected_total 6"), "six bad requests counted:\n{m}");
 }
 
 #[test]

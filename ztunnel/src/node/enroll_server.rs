@@ -71,6 +71,7 @@ async fn connection(fd: OwnedFd, shared: Arc<Shared>) {
             }
             Err(WireError::Closed) => return,
             Err(WireError::Truncated) => {
+                shared.mesh.metrics.enrollment_rejected();
                 reply(&conn, Err(format!("request larger than {} bytes", crate::enrollment::MAX_DATAGRAM)));
                 continue;
             }
@@ -78,6 +79,7 @@ async fn connection(fd: OwnedFd, shared: Arc<Shared>) {
         };
         let outcome = handle(&shared, &dgram.bytes, dgram.fds);
         if let Err(e) = &outcome {
+            shared.mesh.metrics.enrollment_rejected();
             warn!(error = %e, "enrollment request rejected");
         }
         reply(&conn, outcome);
