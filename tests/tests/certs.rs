@@ -108,7 +108,13 @@ fn bad_client_certificates_are_refused_and_counted_and_bad_server_sans_rejected(
 
     // The client side: the config says the server runs as `impostor`; the pod presents
     // `server`, so the source proxy refuses the handshake.
-    let yaml = format!("workloads:\n{}{}", workload_yaml(&client, "default", "client", ""), workload_yaml(&server, "default", "impostor", ""));
+    // The same endpoint behind a service whose subjectAltNames list the pod's real identity.
+    let svc = "  services:\n    default/web.default.svc.cluster.local:\n      80: 8080\n";
+    let yaml = format!(
+        "workloads:\n{}{}services:\n- name: web\n  namespace: default\n  hostname: web.default.svc.cluster.local\n  vips: [\"10.96.0.20\"]\n  ports:\n    80: 8080\n  subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n",
+        workload_yaml(&client, "default", "client", ""),
+        workload_yaml(&server, "default", "impostor", svc)
+    );
     write_mesh_config(&c, &yaml, &[&n0, &n1]).unwrap();
     let _app = PeerServer::start(&server, 8080).unwrap();
     let mut ev0 = n0.events();
@@ -118,4 +124,10 @@ fn bad_client_certificates_are_refused_and_counted_and_bad_server_sans_rejected(
     assert!(rec.error.as_deref().unwrap_or("").contains("san_mismatch"), "{rec:?}");
     let m = n0.agent().metrics().encode();
     assert!(m.contains("ztunnel_tls_handshake_failures_total{reason=\"san_mismatch\"} 1"), "{m}");
+    // Through the service the pod's identity is one the service vouches for: accepted.
+    let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let r = request(&client, vip, "via the service").expect("service SAN accepted");
+    assert_eq!(r.got, "via the service");
+    let rec = wait_record(&mut ev0, WAIT, |r| r.dst == vip).expect("vip record");
+    assert_eq!((rec.protocol, rec.error), ("HBONE", None));
 }

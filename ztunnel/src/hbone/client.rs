@@ -27,6 +27,8 @@ pub struct PoolKey {
     pub src_identity: Identity,
     /// Identity the server must prove.
     pub dst_identity: Identity,
+    /// Further identities the server may prove instead (the service's `subjectAltNames`).
+    pub dst_alt_identities: Vec<Identity>,
     /// The HBONE endpoint (`pod ip:15008` or a waypoint).
     pub dst: SocketAddr,
     /// Source IP the connection is made from (the client pod's).
@@ -86,11 +88,11 @@ impl ClientTlsProvider for CertManagerTls {
     fn client_config<'a>(&'a self, key: &'a PoolKey) -> TlsConfigFuture<'a> {
         Box::pin(async move {
             let cert = self.certs.fetch(&key.src_identity).await?;
-            Ok(Arc::new(tls::client_config(
-                &cert,
-                cert.roots(),
-                vec![key.dst_identity.clone()],
-            )?))
+            let expected = std::iter::once(&key.dst_identity)
+                .chain(&key.dst_alt_identities)
+                .cloned()
+                .collect();
+            Ok(Arc::new(tls::client_config(&cert, cert.roots(), expected)?))
         })
     }
 }

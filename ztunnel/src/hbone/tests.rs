@@ -170,6 +170,7 @@ fn key(dst: SocketAddr, dst_identity: Identity) -> PoolKey {
     PoolKey {
         src_identity: id("client"),
         dst_identity,
+        dst_alt_identities: vec![],
         dst,
         src_ip: "127.0.0.1".parse().unwrap(),
     }
