@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use ztunnel::enrollment::{EnrollmentClient, WorkloadInfo};
+use anyhow::{bail, Context, Result};
+use ztunnel::enrollment::EnrollmentClient;
 
-use crate::{Cluster, InNetns, Pod};
+use crate::{Cluster, Pod};
 
 /// A running `ztunnel node` process for one node of a cluster.
 pub struct AgentProcess {
@@ -68,11 +68,7 @@ impl AgentProcess {
 
     /// Enrolls a pod through the agent's socket.
     pub fn enroll(&self, pod: &Pod) -> Result<()> {
-        let info = WorkloadInfo { name: pod.name().into(), namespace: "default".into(), service_account: pod.name().into() };
-        EnrollmentClient::connect(&self.socket)
-            .map_err(|e| anyhow!("{e}"))?
-            .add(pod.uid(), info, pod.netns_file())?
-            .map_err(|e| anyhow!("agent refused {}: {e}", pod.uid()))
+        crate::mesh::enroll_at(&self.socket, pod, "default", pod.name())
     }
 
     /// Current CPU time and RSS of the agent process.

@@ -48,18 +48,8 @@ fn answer(s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
-    let peer = canonical(peer);
+    let peer = ztunnel::proxy::canonical(peer);
     (&s).write_all(format!("peer={peer} got={}\n", line.trim_end()).as_bytes())
-}
-
-fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        a => a,
-    }
 }
 
 impl Drop for PeerServer {

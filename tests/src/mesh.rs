@@ -129,14 +129,7 @@ impl MeshNode {
 
     /// Enrolls a pod with a given namespace and service account (its SPIFFE identity).
     pub fn enroll_as(&self, pod: &Pod, namespace: &str, service_account: &str) -> Result<()> {
-        let info = WorkloadInfo {
-            name: pod.name().into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        };
-        self.client()?
-            .add(pod.uid(), info, pod.netns_file())?
-            .map_err(|e| anyhow!("agent refused {}: {e}", pod.uid()))
+        enroll_at(&self.cfg.enrollment_socket, pod, namespace, service_account)
     }
 
     /// Removes a pod; an error ack becomes an error.
@@ -203,6 +196,25 @@ impl Drop for MeshNode {
             }
         }
     }
+}
+
+/// Hands `pod` to the agent listening on `socket`, as the CNI plugin would; an error ack
+/// becomes an error.
+pub fn enroll_at(socket: &Path, pod: &Pod, namespace: &str, service_account: &str) -> Result<()> {
+    let info = WorkloadInfo {
+        name: pod.name().into(),
+        namespace: namespace.into(),
+        service_account: service_account.into(),
+    };
+    EnrollmentClient::connect(socket)
+        .map_err(|e| anyhow!("connecting to agent: {e}"))?
+        .add(pod.uid(), info, pod.netns_file())?
+        .map_err(|e| anyhow!("agent refused {}: {e}", pod.uid()))
+}
+
+/// Ids of every BPF link the kernel holds (its own listing).
+pub fn kernel_link_ids() -> Vec<u32> {
+    aya::programs::loaded_links().filter_map(|l| l.ok()).map(|l| l.id()).collect()
 }
 
 /// Waits up to `timeout` for a record matching `pred`.

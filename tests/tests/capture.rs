@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use mesh_tests::apps::{request, request_here, PeerServer};
-use mesh_tests::mesh::{sweep_pins, wait_record, MeshNode};
+use mesh_tests::mesh::{kernel_link_ids, sweep_pins, wait_record, MeshNode};
 use mesh_tests::{Cluster, InNetns};
 use ztunnel::proxy::Direction;
 use ztunnel::redirect::Exclusions;
@@ -111,10 +111,6 @@ fn unenrolled_pods_excluded_ports_and_probes_are_not_captured() {
         assert_ne!(r.dst, excluded, "excluded port captured: {r:?}");
         assert_ne!(r.dst.port(), 9090);
     }
-}
-
-fn kernel_link_ids() -> Vec<u32> {
-    aya::programs::loaded_links().filter_map(|l| l.ok()).map(|l| l.id()).collect()
 }
 
 #[test]

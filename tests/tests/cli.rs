@@ -3,27 +3,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use aya::programs::links::{FdLink, PinnedLink};
 use mesh_tests::agent_process::{ztunnel_binary, AgentProcess};
 use mesh_tests::apps::{request, PeerServer};
-use mesh_tests::mesh::{ca_dir, sweep_pins, BPFFS};
+use mesh_tests::mesh::{ca_dir, kernel_link_ids, sweep_pins, BPFFS};
+use ztunnel::redirect::pinned_link_ids;
 use mesh_tests::Cluster;
-
-fn pinned_link_ids(pin_dir: &Path) -> Vec<u32> {
-    let mut paths: Vec<std::path::PathBuf> = ["connect4", "connect6", "sockops"].iter().map(|n| pin_dir.join("links").join(n)).collect();
-    for e in std::fs::read_dir(pin_dir.join("pods")).into_iter().flatten().flatten() {
-        paths.push(e.path().join("sk_lookup"));
-    }
-    paths
-        .iter()
-        .filter_map(|p| PinnedLink::from_pin(p).ok())
-        .filter_map(|l| FdLink::from(l).info().ok().map(|i| i.id()))
-        .collect()
-}
-
-fn live_link_ids() -> Vec<u32> {
-    aya::programs::loaded_links().filter_map(|l| l.ok()).map(|l| l.id()).collect()
-}
 
 #[test]
 fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
@@ -50,12 +34,12 @@ fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
     assert_eq!(links.len(), 4, "3 cgroup links + 1 pod link");
 
     agent.crash();
-    let live = live_link_ids();
+    let live = kernel_link_ids();
     assert!(links.iter().all(|id| live.contains(id)), "capture must outlive the agent");
     assert!(request(&client, dst, "while the agent is down").is_err(), "fail closed: no unproxied traffic while enrolled");
 
     agent.uninstall().unwrap();
-    let live = live_link_ids();
+    let live = kernel_link_ids();
     for id in &links {
         assert!(!live.contains(id), "link {id} still attached after `ztunnel node --uninstall`");
     }

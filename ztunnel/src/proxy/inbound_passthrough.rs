@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 
 use super::authz::{check, dup_fd, watch};
-use super::relay::{finish, labels, relay, ConnectionRecord, Direction};
+use super::relay::{labels, refuse, relay, ConnectionRecord, Direction};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::metrics::Reporter;
@@ -32,12 +32,10 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
 }
 
 async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-    let mut rec = ConnectionRecord::new(ctx, Direction::InboundPassthrough, peer, dst);
+    let rec = ConnectionRecord::new(ctx, Direction::InboundPassthrough, peer, dst);
     let facts = ConnectionFacts { source_identity: None, source_ip: peer.ip(), destination: dst };
     if let crate::policy::Decision::Deny(reason) = check(ctx, &facts, "inbound_passthrough") {
-        rec.error = Some(reason);
-        finish(ctx, rec);
-        return socket::reset(client);
+        return refuse(ctx, rec, client, reason);
     }
     let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
     match socket::dial(&ctx.pod.netns, dst, bind).await {
@@ -49,10 +47,6 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst
             let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
             relay(ctx, rec, l, &mut client, &mut upstream).await
         }
-        Err(e) => {
-            rec.error = Some(format!("connect {dst}: {e}"));
-            finish(ctx, rec);
-            socket::reset(client);
-        }
+        Err(e) => refuse(ctx, rec, client, format!("connect {dst}: {e}")),
     }
 }

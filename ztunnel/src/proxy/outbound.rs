@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 use ztunnel_common::HBONE_PORT;
 
-use super::relay::{finish, labels, relay, ConnectionRecord, Direction};
+use super::relay::{labels, refuse, relay, ConnectionRecord, Direction};
 use super::{accept_loop, socket, ProxyContext};
 use crate::hbone::{ConnectHeaders, DialError, HboneError, PoolKey};
 use crate::identity::Identity;
@@ -36,12 +36,10 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable)
 }
 
 async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-    let mut rec = ConnectionRecord::new(ctx, Direction::Outbound, peer, dst);
+    let rec = ConnectionRecord::new(ctx, Direction::Outbound, peer, dst);
     let snap = ctx.mesh.state.snapshot();
     let Some(up) = snap.resolve(dst) else {
-        rec.error = Some(format!("service {dst} has no endpoints"));
-        finish(ctx, rec);
-        return socket::reset(client);
+        return refuse(ctx, rec, client, format!("service {dst} has no endpoints"));
     };
     let src_w = ctx.pod.workload(&ctx.mesh.state);
     if up.is_hbone() {
@@ -52,11 +50,7 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst
             let l = labels(Reporter::Source, &rec, Some(&src_w), up.workload.as_deref(), up.service.as_deref());
             relay(ctx, rec, l, &mut client, &mut upstream).await
         }
-        Err(e) => {
-            rec.error = Some(format!("connect {}: {e}", up.addr));
-            finish(ctx, rec);
-            socket::reset(client);
-        }
+        Err(e) => refuse(ctx, rec, client, format!("connect {}: {e}", up.addr)),
     }
 }
 
@@ -68,9 +62,7 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
         Identity::new(td, &w.namespace, &w.service_account),
         ctx.pod.ip_like(up.addr.ip()),
     ) else {
-        rec.error = Some("cannot form HBONE identities".into());
-        finish(ctx, rec);
-        return socket::reset(client);
+        return refuse(ctx, rec, client, "cannot form HBONE identities".into());
     };
     rec.protocol = "HBONE";
     rec.src_identity = Some(src_id.to_string());
@@ -106,9 +98,7 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
                     ctx.mesh.metrics.tls_handshake_failed(reason.as_str());
                 }
             }
-            rec.error = Some(format!("HBONE to {}: {e}", up.addr));
-            finish(ctx, rec);
-            socket::reset(client);
+            refuse(ctx, rec, client, format!("HBONE to {}: {e}", up.addr));
         }
     }
 }

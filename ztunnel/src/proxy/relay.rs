@@ -78,6 +78,14 @@ where
     finish(ctx, rec);
 }
 
+/// Refuses a connection that will not be relayed: reports it with `reason` and resets
+/// the client.
+pub fn refuse(ctx: &ProxyContext, mut rec: ConnectionRecord, client: tokio::net::TcpStream, reason: String) {
+    rec.error = Some(reason);
+    finish(ctx, rec);
+    super::socket::reset(client);
+}
+
 /// Reports a connection that ended without a relay (failed connect, denied).
 pub fn finish(ctx: &ProxyContext, rec: ConnectionRecord) {
     log_record(&rec);

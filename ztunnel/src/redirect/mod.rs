@@ -203,18 +203,6 @@ impl Capture {
         maps::remove_pod_entries(&mut ebpf, netns_cookie, ips)
     }
 
-    /// Uids with pinned state from this or an earlier instance.
-    pub fn pinned_pods(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.cfg.pin_dir.join("pods"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        out.sort();
-        out
-    }
-
     /// Per-program counters summed over CPUs.
     pub fn counters(&self) -> Result<CounterSnapshot, CaptureError> {
         let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
@@ -223,16 +211,7 @@ impl Capture {
 
     /// Kernel ids of the links this instance has pinned (cgroup links and pod links).
     pub fn link_ids(&self) -> Vec<u32> {
-        let mut paths: Vec<PathBuf> = ["connect4", "connect6", "sockops"]
-            .iter()
-            .map(|n| self.cfg.pin_dir.join("links").join(n))
-            .collect();
-        paths.extend(self.pinned_pods().iter().map(|u| self.cfg.pin_dir.join("pods").join(u).join("sk_lookup")));
-        paths
-            .iter()
-            .filter_map(|p| aya::programs::links::PinnedLink::from_pin(p).ok())
-            .filter_map(|l| FdLink::from(l).info().ok().map(|i| i.id()))
-            .collect()
+        pinned_link_ids(&self.cfg.pin_dir)
     }
 
     /// Removes every link, map entry and pin this instance (or its predecessors) created.
@@ -287,6 +266,20 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
             IpAddr::V6(a) => a.octets(),
         },
     }
+}
+
+/// Kernel ids of the links pinned under `pin_dir` (cgroup links and pod links), also
+/// readable when no agent runs (e.g. after a crash).
+pub fn pinned_link_ids(pin_dir: &Path) -> Vec<u32> {
+    let mut paths: Vec<PathBuf> = ["connect4", "connect6", "sockops"].iter().map(|n| pin_dir.join("links").join(n)).collect();
+    for entry in std::fs::read_dir(pin_dir.join("pods")).into_iter().flatten().flatten() {
+        paths.push(entry.path().join("sk_lookup"));
+    }
+    paths
+        .iter()
+        .filter_map(|p| aya::programs::links::PinnedLink::from_pin(p).ok())
+        .filter_map(|l| FdLink::from(l).info().ok().map(|i| i.id()))
+        .collect()
 }
 
 /// Detaches every link pinned under `pin_dir` and removes all its pins: uninstall for an
