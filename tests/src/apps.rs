@@ -98,3 +98,34 @@ fn parse_reply(line: &str) -> Option<PeerReply> {
     let (peer, got) = rest.split_once(" got=")?;
     Some(PeerReply { peer: peer.parse().ok()?, got: got.to_string() })
 }
+
+/// Like [`request`], but from a chosen source address inside `pod` (e.g. one added to the
+/// pod for the test) and to any destination, link-local ones included (`dst` carries the
+/// scope id).
+pub fn request_from(pod: &Pod, src: Option<std::net::IpAddr>, dst: SocketAddr, msg: &str) -> Result<PeerReply> {
+    let msg = msg.to_string();
+    pod.run(move || -> Result<PeerReply> {
+        let s = connect_bound(src, dst).with_context(|| format!("connect {dst} from {src:?}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        (&s).write_all(format!("{msg}\n").as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).context("reading reply")?;
+        parse_reply(&line).with_context(|| format!("bad reply {line:?} from {dst}"))
+    })
+}
+
+/// A blocking TCP connection from `src` (any address when `None`) to `dst`, giving up
+/// after 5 s, made in the calling thread's network namespace.
+pub fn connect_bound(src: Option<std::net::IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if dst.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::SendTimeout, &nix::sys::time::TimeVal::new(5, 0))?;
+    if let Some(ip) = src {
+        use std::os::fd::AsRawFd;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(SocketAddr::new(ip, 0)))?;
+    }
+    use std::os::fd::AsRawFd;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))?;
+    Ok(TcpStream::from(fd))
+}

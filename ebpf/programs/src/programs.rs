@@ -20,8 +20,16 @@ const SOL_SOCKET: i32 = 1;
 const SO_MARK: i32 = 36;
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
-/// Ports of the proxy itself (admin, metrics, readiness, listeners): never redirected inbound.
-const PROXY_PORTS: [u32; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+/// cgroup sock_addr verdicts: 1 lets the connect proceed, 0 fails it with EPERM.
+const CONNECT_ALLOW: i32 = 1;
+const CONNECT_REFUSE: i32 = 0;
+
+/// Netns cookie of the one pod netns this copy of `steer_inbound` is attached to. The loader
+/// sets it per pod (`bpf_get_netns_cookie` is not available to sk_lookup programs), so the
+/// program needs no address map: every inbound TCP connection in that netns is steered,
+/// whatever address it arrives on (link-local, added later, secondary).
+#[no_mangle]
+static POD_NETNS_COOKIE: u64 = 0;
 
 /// Enrolled pod network namespaces, keyed by netns cookie.
 #[map(name = "ENROLLED")]
@@ -51,13 +59,9 @@ static EXCL_CIDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(256, 1); //
 #[map(name = "PROBE_SOURCES")]
 static PROBE_SOURCES: HashMap<IpKey, u8> = HashMap::with_max_entries(64, 0);
 
-/// Enrolled pod IPs: inbound for these is captured, and dropped if the listener is gone.
-#[map(name = "INBOUND_PODS")]
-static INBOUND_PODS: HashMap<IpKey, u8> = HashMap::with_max_entries(8192, 0);
-
-/// The in-pod 15006 listener for each pod IP.
+/// The in-pod 15006 listener of each enrolled pod, keyed by the pod's netns cookie.
 #[map(name = "INBOUND_LISTENERS")]
-static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(8192, 0);
+static INBOUND_LISTENERS: SockHash<u64> = SockHash::with_max_entries(8192, 0);
 
 /// Per-program outcome counters; see `ztunnel_common::counter_index`.
 #[map(name = "COUNTERS")]
@@ -91,10 +95,14 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     out
 }
 
+/// `::1`, or exactly `::ffff:127.x.y.z` (IPv4 loopback in the mapped form). Anything else,
+/// e.g. `2001:db8::ffff:7f00:1`, is not loopback however its low bytes look.
 #[inline(always)]
 fn is_loopback(addr: &[u8; 16]) -> bool {
     let v6_loop = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
-    let v4_loop = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+    let v4_loop = addr[..10].iter().all(|b| *b == 0)
+        && addr[10] == 0xff
+        && addr[11] == 0xff
         && addr[12] == 127;
     v6_loop || v4_loop
 }
@@ -153,14 +161,16 @@ pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
     let port = u16::from_be(port_raw as u16);
     let addr = v4_mapped(ip.to_ne_bytes());
     if let Some(orig) = outbound_decision(&ctx, Program::Connect4, mark, addr, port) {
-        if remember(&ctx, Program::Connect4, &orig) {
-            unsafe {
-                (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-                (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
-            }
+        // Fail closed: a capture we cannot record must not go out unproxied.
+        if !remember(&ctx, Program::Connect4, &orig) {
+            return CONNECT_REFUSE;
+        }
+        unsafe {
+            (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+            (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
         }
     }
-    1
+    CONNECT_ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -194,22 +204,23 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     let addr = words_to_bytes([w0, w1, w2, w3]);
     let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
     if let Some(orig) = outbound_decision(&ctx, Program::Connect6, mark, addr, port) {
-        if remember(&ctx, Program::Connect6, &orig) {
-            let lo: [u8; 16] = if mapped {
-                v4_mapped([127, 0, 0, 1])
-            } else {
-                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-            };
-            unsafe {
-                (*sa).user_ip6[0] = u32::from_ne_bytes([lo[0], lo[1], lo[2], lo[3]]);
-                (*sa).user_ip6[1] = u32::from_ne_bytes([lo[4], lo[5], lo[6], lo[7]]);
-                (*sa).user_ip6[2] = u32::from_ne_bytes([lo[8], lo[9], lo[10], lo[11]]);
-                (*sa).user_ip6[3] = u32::from_ne_bytes([lo[12], lo[13], lo[14], lo[15]]);
-                (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
-            }
+        if !remember(&ctx, Program::Connect6, &orig) {
+            return CONNECT_REFUSE;
+        }
+        let lo: [u8; 16] = if mapped {
+            v4_mapped([127, 0, 0, 1])
+        } else {
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        };
+        unsafe {
+            (*sa).user_ip6[0] = u32::from_ne_bytes([lo[0], lo[1], lo[2], lo[3]]);
+            (*sa).user_ip6[1] = u32::from_ne_bytes([lo[4], lo[5], lo[6], lo[7]]);
+            (*sa).user_ip6[2] = u32::from_ne_bytes([lo[8], lo[9], lo[10], lo[11]]);
+            (*sa).user_ip6[3] = u32::from_ne_bytes([lo[12], lo[13], lo[14], lo[15]]);
+            (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
         }
     }
-    1
+    CONNECT_ALLOW
 }
 
 #[sock_ops]
@@ -277,7 +288,7 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
             read_volatile(&(*lk).local_port),
         )
     };
-    if proto != IPPROTO_TCP {
+    if proto != IPPROTO_TCP || lport == HBONE_PORT as u32 {
         return SK_PASS;
     }
     let (remote, local) = if family == AF_INET {
@@ -285,21 +296,10 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     } else {
         (words_to_bytes([r6a, r6b, r6c, r6d]), words_to_bytes([l6a, l6b, l6c, l6d]))
     };
-    let key = IpKey { addr: local };
-    if unsafe { INBOUND_PODS.get(&key) }.is_none() {
-        return SK_PASS;
-    }
-    let mut i = 0;
-    while i < PROXY_PORTS.len() {
-        if PROXY_PORTS[i] == lport {
-            return SK_PASS;
-        }
-        i += 1;
-    }
-    // The proxy reaches the app from 127.0.0.6 / the pod's own address: never loop it back.
-    let from_self = remote == local;
-    let v4_loop = remote[10] == 0xff && remote[11] == 0xff && remote[12] == 127;
-    if from_self || is_loopback(&remote) || v4_loop {
+    // Inside the pod: connections to loopback, and the proxy reaching the app from
+    // 127.0.0.6 (v4) or the pod's own address (v6). Neither can come from outside the pod:
+    // a packet from the wire with a loopback or own source never completes a handshake.
+    if is_loopback(&local) || is_loopback(&remote) || remote == local {
         return SK_PASS;
     }
     if unsafe { PROBE_SOURCES.get(&IpKey { addr: remote }) }.is_some()
@@ -308,7 +308,10 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         count(Program::SkLookup, Outcome::Bypassed);
         return SK_PASS;
     }
-    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+    // Everything else, every address and every port but 15008 (as istio-cni's rules),
+    // goes to the pod's 15006 listener; the proxy refuses its own ports there.
+    let cookie = unsafe { read_volatile(&POD_NETNS_COOKIE) };
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, cookie, 0) {
         Ok(()) => {
             count(Program::SkLookup, Outcome::Captured);
             SK_PASS

@@ -62,6 +62,9 @@ pub struct ConnectRequest {
 /// A handler's refusal, mapped to the HBONE status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectRejection {
+    /// The target is not one this server may serve (not local, a proxy port): 400.
+    #[error("bad request: {0}")]
+    BadRequest(String),
     /// Policy denies the connection: 401.
     #[error("denied: {0}")]
     Denied(String),
@@ -264,6 +267,7 @@ async fn handle_stream<H: ConnectHandler>(
         Ok(u) => u,
         Err(rejection) => {
             let status = match &rejection {
+                ConnectRejection::BadRequest(_) => StatusCode::BAD_REQUEST,
                 ConnectRejection::Denied(_) => StatusCode::UNAUTHORIZED,
                 ConnectRejection::UpstreamFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
             };

@@ -131,7 +131,7 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             let proxy = PodProxy::start(shared, ctx).map_err(|e| format!("Add {uid}: {e}"))?;
             let st = PodState { uid: uid.clone(), netns_cookie: cookie, ips: proxy.ips.clone() };
             if let Err(e) = pod_state::save(&shared.state_dir, &st) {
-                let _ = shared.capture.unenroll(&uid, cookie, &st.ips);
+                let _ = shared.capture.unenroll(&uid, cookie);
                 return Err(format!("Add {uid}: saving state: {e}"));
             }
             info!(%uid, ips = ?st.ips, netns_cookie = cookie, "pod enrolled");
@@ -170,7 +170,7 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
 fn remove_pod(shared: &Shared, st: &PodState) -> Result<(), String> {
     shared
         .capture
-        .unenroll(&st.uid, st.netns_cookie, &st.ips)
+        .unenroll(&st.uid, st.netns_cookie)
         .map_err(|e| format!("removing {}: {e}", st.uid))?;
     pod_state::remove(&shared.state_dir, &st.uid);
     shared.registry.remove(&st.ips);

@@ -160,7 +160,7 @@ impl Node {
         let shared = &self.shared;
         // Detach and clear the kernel side first, then close the pods' listeners.
         for st in pod_state::load_all(&shared.state_dir) {
-            let _ = shared.capture.unenroll(&st.uid, st.netns_cookie, &st.ips);
+            let _ = shared.capture.unenroll(&st.uid, st.netns_cookie);
             pod_state::remove(&shared.state_dir, &st.uid);
         }
         shared.pods.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -36,7 +36,7 @@ impl PodProxy {
         let hbone = open(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), HBONE_PORT))?;
         shared
             .capture
-            .enroll(&pod.uid, netns, &ips, &inbound)
+            .enroll(&pod.uid, netns, &inbound)
             .map_err(|e| format!("installing capture: {e}"))?;
 
         let ctx = ProxyContext { pod: Arc::new(pod), mesh: shared.mesh.clone() };

@@ -69,11 +69,9 @@ impl ConnectHandler for Inbound {
     async fn connect(&self, req: ConnectRequest) -> Result<Self::Upstream, ConnectRejection> {
         let ctx = &self.ctx;
         let dst = req.authority;
-        let src = req
-            .forwarded_for
-            .as_ref()
-            .map(|f| SocketAddr::new(f.ip, f.port.unwrap_or(0)))
-            .unwrap_or(self.peer);
+        // The TCP peer, never the client-supplied `forwarded` header: policy on source IPs
+        // must not be spoofable by whoever holds a mesh certificate.
+        let src = self.peer;
         let mut rec = ConnectionRecord::new(ctx, Direction::Inbound, src, dst);
         rec.protocol = "HBONE";
         rec.src_identity = Some(req.peer.to_string());
@@ -84,7 +82,10 @@ impl ConnectHandler for Inbound {
             Err(r)
         };
         if !ctx.pod.ips.contains(&dst.ip()) {
-            return refuse(rec, ConnectRejection::Denied(format!("{dst} is not an address of this pod")));
+            return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is not an address of this pod")));
+        }
+        if super::is_proxy_port(dst.port()) {
+            return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is a proxy port")));
         }
         let facts = ConnectionFacts { source_identity: Some(req.peer.clone()), source_ip: src.ip(), destination: dst };
         if let Decision::Deny(reason) = check(ctx, &facts, "inbound") {

@@ -33,6 +33,9 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
 
 async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     let rec = ConnectionRecord::new(ctx, Direction::InboundPassthrough, peer, dst);
+    if super::is_proxy_port(dst.port()) {
+        return refuse(ctx, rec, client, format!("{dst} is a proxy port; refusing the loop"));
+    }
     let facts = ConnectionFacts { source_identity: None, source_ip: peer.ip(), destination: dst };
     if let crate::policy::Decision::Deny(reason) = check(ctx, &facts, "inbound_passthrough") {
         return refuse(ctx, rec, client, reason);

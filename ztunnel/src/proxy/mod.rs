@@ -138,6 +138,14 @@ where
     }
 }
 
+/// Whether `port` is one of the in-pod proxy's own listeners. A connection aimed at one of
+/// them would come straight back into the proxy (each hop dialling the next), so both
+/// inbound paths refuse such targets, as Istio's ztunnel does.
+pub fn is_proxy_port(port: u16) -> bool {
+    use ztunnel_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+    matches!(port, OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | HBONE_PORT)
+}
+
 /// A dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`; show them as IPv4.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {

@@ -69,19 +69,13 @@ pub(super) fn write_exclusions(ebpf: &mut Ebpf, ex: &Exclusions) -> Result<(), C
     Ok(())
 }
 
-/// Removes a pod's enrollment and inbound entries.
-pub(super) fn remove_pod_entries(ebpf: &mut Ebpf, cookie: u64, ips: &[IpAddr]) -> Result<(), CaptureError> {
+/// Removes a pod's enrollment and its inbound listener, both keyed by its netns cookie.
+pub(super) fn remove_pod_entries(ebpf: &mut Ebpf, cookie: u64) -> Result<(), CaptureError> {
     let mut enrolled: HashMap<_, u64, ztunnel_common::PodEntry> = hash(ebpf, "ENROLLED")?;
     let _ = enrolled.remove(&cookie);
-    for ip in ips {
-        let key = ip_key(*ip);
-        let mut pods: HashMap<_, IpKey, u8> = hash(ebpf, "INBOUND_PODS")?;
-        let _ = pods.remove(&key);
-        let mut socks: SockHash<&mut MapData, IpKey> =
-            SockHash::try_from(ebpf.map_mut("INBOUND_LISTENERS").expect("map"))
-                .map_err(map_err("INBOUND_LISTENERS"))?;
-        let _ = socks.remove(&key);
-    }
+    let mut socks: SockHash<&mut MapData, u64> =
+        SockHash::try_from(ebpf.map_mut("INBOUND_LISTENERS").expect("map")).map_err(map_err("INBOUND_LISTENERS"))?;
+    let _ = socks.remove(&cookie);
     Ok(())
 }
 

@@ -27,7 +27,7 @@ pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
-const MAP_NAMES: [&str; 10] = [
+const MAP_NAMES: [&str; 9] = [
     "ENROLLED",
     "ORIG_BY_COOKIE",
     "ORIG_BY_TUPLE",
@@ -35,10 +35,12 @@ const MAP_NAMES: [&str; 10] = [
     "EXCL_IN_PORTS",
     "EXCL_CIDRS",
     "PROBE_SOURCES",
-    "INBOUND_PODS",
     "INBOUND_LISTENERS",
     "COUNTERS",
 ];
+
+/// The per-pod constant of `steer_inbound` (see the kernel program).
+const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
 
 /// Why capture could not be installed or changed.
 #[derive(Debug, thiserror::Error)]
@@ -102,13 +104,7 @@ impl Capture {
             let p = cfg.pin_dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err("creating pin dir", &p))?;
         }
-        let map_paths: Vec<(&str, PathBuf)> =
-            MAP_NAMES.iter().map(|n| (*n, cfg.pin_dir.join("maps").join(n))).collect();
-        let mut loader = aya::EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = load_object(&cfg.pin_dir, 0)?;
 
         let cgroup = std::fs::File::open(&cfg.cgroup).map_err(io_err("opening cgroup", &cfg.cgroup))?;
         let links = cfg.pin_dir.join("links");
@@ -129,7 +125,6 @@ impl Capture {
         attach_to_cgroup!(CgroupSockAddr, "capture_connect4", "connect4");
         attach_to_cgroup!(CgroupSockAddr, "capture_connect6", "connect6");
         attach_to_cgroup!(SockOps, "record_origdst", "sockops");
-        program::<SkLookup>(&mut ebpf, "steer_inbound")?.load().map_err(prog_err("steer_inbound"))?;
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
         let orig = OrigDstTable::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE"))
@@ -143,19 +138,19 @@ impl Capture {
         self.orig.clone()
     }
 
-    /// Starts capturing a pod: its netns cookie becomes enrolled, inbound TCP for `ips`
-    /// steers to `inbound_listener`, and an sk_lookup link is attached to its netns.
+    /// Starts capturing a pod: its netns cookie becomes enrolled, every inbound TCP
+    /// connection in its netns (but 15008 and the exemptions) steers to `inbound_listener`,
+    /// through an sk_lookup program loaded for this netns alone.
     pub fn enroll(
         &self,
         uid: &str,
         netns: &crate::netns::InpodNetns,
-        ips: &[IpAddr],
         inbound_listener: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
         let dir = self.pod_dir(uid)?;
-        let result = self.enroll_inner(&dir, netns, ips, inbound_listener);
+        let result = self.enroll_inner(&dir, netns, inbound_listener);
         if result.is_err() {
-            let _ = self.unenroll(uid, netns.cookie(), ips);
+            let _ = self.unenroll(uid, netns.cookie());
         }
         result
     }
@@ -164,43 +159,41 @@ impl Capture {
         &self,
         dir: &Path,
         netns: &crate::netns::InpodNetns,
-        ips: &[IpAddr],
         listener: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
         std::fs::create_dir_all(dir).map_err(io_err("creating pod pin dir", dir))?;
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let cookie = netns.cookie();
         {
-            let mut enrolled: HashMap<&mut MapData, u64, PodEntry> =
-                HashMap::try_from(ebpf.map_mut("ENROLLED").expect("map")).map_err(map_err("ENROLLED"))?;
-            enrolled
-                .insert(netns.cookie(), PodEntry { flags: 1, _pad: 0 }, 0)
-                .map_err(map_err("ENROLLED"))?;
-        }
-        for ip in ips {
-            let key = ip_key(*ip);
-            let mut socks: SockHash<&mut MapData, IpKey> =
+            let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+            let mut socks: SockHash<&mut MapData, u64> =
                 SockHash::try_from(ebpf.map_mut("INBOUND_LISTENERS").expect("map"))
                     .map_err(map_err("INBOUND_LISTENERS"))?;
-            socks.insert(key, listener.as_raw_fd(), 0).map_err(map_err("INBOUND_LISTENERS"))?;
-            let mut pods: HashMap<&mut MapData, IpKey, u8> =
-                HashMap::try_from(ebpf.map_mut("INBOUND_PODS").expect("map")).map_err(map_err("INBOUND_PODS"))?;
-            pods.insert(key, 1, 0).map_err(map_err("INBOUND_PODS"))?;
+            socks.insert(cookie, listener.as_raw_fd(), 0).map_err(map_err("INBOUND_LISTENERS"))?;
+            let mut enrolled: HashMap<&mut MapData, u64, PodEntry> =
+                HashMap::try_from(ebpf.map_mut("ENROLLED").expect("map")).map_err(map_err("ENROLLED"))?;
+            enrolled.insert(cookie, PodEntry { flags: 1, _pad: 0 }, 0).map_err(map_err("ENROLLED"))?;
         }
-        let p: &mut SkLookup = program(&mut ebpf, "steer_inbound")?;
+        // A copy of the object whose sk_lookup program knows this netns's cookie; its maps
+        // are the pinned ones. Only the pinned link outlives this function.
+        let mut pod_ebpf = load_object(&self.cfg.pin_dir, cookie)?;
+        let p: &mut SkLookup = program(&mut pod_ebpf, "steer_inbound")?;
+        p.load().map_err(prog_err("steer_inbound"))?;
         let id = p.attach(netns.fd()).map_err(prog_err("sk_lookup"))?;
         let link: FdLink = p.take_link(id).map_err(prog_err("sk_lookup"))?.into();
         replace_pinned(link, &dir.join("sk_lookup"))
     }
 
-    /// Stops capturing a pod: removes its map entries and detaches its sk_lookup link.
-    pub fn unenroll(&self, uid: &str, netns_cookie: u64, ips: &[IpAddr]) -> Result<(), CaptureError> {
+    /// Stops capturing a pod: detaches its sk_lookup link and removes the entries keyed by
+    /// its netns cookie (never by IP, so a late removal cannot touch a pod that reuses an
+    /// address).
+    pub fn unenroll(&self, uid: &str, netns_cookie: u64) -> Result<(), CaptureError> {
         let dir = self.pod_dir(uid)?;
         // Detach first so no lookup sees a half-removed pod.
         let link = dir.join("sk_lookup");
         sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
         let _ = std::fs::remove_dir(&dir);
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-        maps::remove_pod_entries(&mut ebpf, netns_cookie, ips)
+        maps::remove_pod_entries(&mut ebpf, netns_cookie)
     }
 
     /// Per-program counters summed over CPUs.
@@ -228,6 +221,18 @@ impl Capture {
         }
         Ok(self.cfg.pin_dir.join("pods").join(uid))
     }
+}
+
+/// Loads the embedded object against the maps pinned under `pin_dir` (created on first
+/// use), with `steer_inbound`'s netns cookie set to `pod_netns_cookie`.
+fn load_object(pin_dir: &Path, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
+    let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pin_dir.join("maps").join(n))).collect();
+    let mut loader = aya::EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.override_global(POD_NETNS_COOKIE, &pod_netns_cookie, true);
+    Ok(loader.load(EBPF_OBJECT)?)
 }
 
 /// A program of the loaded object, as its concrete type.
