@@ -79,20 +79,25 @@ pub fn ensure_bpffs() -> Result<()> {
 
 impl MeshNode {
     /// Starts an agent for `cluster.node(node)`; probes come from the node's bridge address.
-    pub fn start(cluster: &Cluster, node: usize, mut exclusions: Exclusions) -> Result<Self> {
+    pub fn start(cluster: &Cluster, node: usize, exclusions: Exclusions) -> Result<Self> {
+        Self::start_in(cluster, node, exclusions, TRUST_DOMAIN)
+    }
+
+    /// Like [`MeshNode::start`], with the agent (and the cluster CA) in `trust_domain`.
+    pub fn start_in(cluster: &Cluster, node: usize, mut exclusions: Exclusions, trust_domain: &str) -> Result<Self> {
         ensure_bpffs()?;
         let n = cluster.node(node);
         exclusions.probe_sources.push(n.gateway4().into());
         exclusions.probe_sources.push(n.gateway6().into());
         let name = format!("{}-node{node}", cluster.prefix());
         let run_dir = PathBuf::from(RUN_DIR).join(&name);
-        let mut ca = CaConfig::new(TRUST_DOMAIN);
+        let mut ca = CaConfig::new(trust_domain);
         ca.state_dir = Some(ca_dir(cluster));
         let ca = InProcessCa::new(ca).context("cluster CA")?;
         let cfg = NodeConfig {
             enrollment_socket: run_dir.join("ztunnel.sock"),
             state_dir: run_dir.join("pods"),
-            trust_domain: TRUST_DOMAIN.into(),
+            trust_domain: trust_domain.into(),
             ca: std::sync::Arc::new(ca),
             local_config: Some(mesh_config_path(cluster)),
             log_control: None,
@@ -107,6 +112,12 @@ impl MeshNode {
                 exclusions,
             },
         };
+        // The agent refuses to start without its config file: begin with an empty mesh.
+        let config = mesh_config_path(cluster);
+        if !config.exists() {
+            std::fs::create_dir_all(config.parent().expect("parent"))?;
+            std::fs::write(&config, "workloads: []\n")?;
+        }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let agent = rt.block_on(Agent::start(cfg.clone())).context("starting node agent")?;
         Ok(Self { rt, agent: Some(agent), cfg })

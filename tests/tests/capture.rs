@@ -185,3 +185,25 @@ fn restart_keeps_capture_without_duplicates_and_uninstall_removes_everything() {
     }
     drop(n1);
 }
+
+#[test]
+fn a_pod_kept_but_never_re_added_after_restart_is_released_not_black_holed() {
+    let (mut c, mut n0, _n1) = cluster_with_mesh(Exclusions::default());
+    let server = c.pods()[0].clone();
+    let outsider = c.add_pod(0, "outsider").unwrap();
+    n0.enroll(&server).unwrap();
+    let _app = PeerServer::start(&server, APP_PORT).unwrap();
+    let dst = SocketAddr::new(server.ip4().into(), APP_PORT);
+    assert_eq!(request(&outsider, dst, "before").unwrap().peer.ip().to_string(), INBOUND_SOURCE);
+
+    n0.restart().unwrap();
+    let cni = n0.client().unwrap();
+    // The new process has no listeners for it: Keep alone cannot serve the pod.
+    let keep = cni.keep(server.uid()).unwrap();
+    assert!(keep.as_ref().is_err_and(|e| e.contains("send Add")), "{keep:?}");
+    assert_eq!(cni.snapshot_sent().unwrap(), Ok(()));
+    // Released: the app is reachable again (directly), not dropped by a capture with no proxy.
+    let reply = request(&outsider, dst, "after").expect("pod black-holed after Keep without Add");
+    assert_eq!(reply.peer.ip(), IpAddr::from(outsider.ip4()));
+    assert!(n0.agent().pods().is_empty());
+}

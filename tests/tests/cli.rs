@@ -48,3 +48,25 @@ fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
     assert_eq!(r.got, "after uninstall", "uncaptured traffic flows again");
     let _ = std::fs::remove_dir_all(ca_dir(&c));
 }
+
+#[test]
+fn a_missing_local_config_stops_the_agent_before_it_installs_anything() {
+    sweep_pins();
+    let c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let pin_dir = Path::new(BPFFS).join(format!("{}-missingcfg", c.prefix()));
+    let missing = format!("/run/ztunnel-test/{}-no-such-config.yaml", c.prefix());
+    let out = std::process::Command::new(ztunnel_binary())
+        .args(["node", "--local-config", &missing, "--pin-dir", &pin_dir.display().to_string()])
+        .args(["--enrollment-socket", &format!("/run/ztunnel-test/{}-missingcfg.sock", c.prefix())])
+        .args(["--state-dir", &format!("/run/ztunnel-test/{}-missingcfg-pods", c.prefix())])
+        .args(["--ca-state-dir", &ca_dir(&c).display().to_string()])
+        .args(["--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
+        .output()
+        .expect("running ztunnel node");
+    let _ = std::fs::remove_dir_all(format!("/run/ztunnel-test/{}-missingcfg-pods", c.prefix()));
+    let _ = std::fs::remove_dir_all(ca_dir(&c));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "agent started without its config file");
+    assert!(stderr.contains(&missing), "error does not name the file: {stderr}");
+    assert!(!pin_dir.exists(), "capture was installed before the config was read");
+}

@@ -84,7 +84,7 @@ fn pod_and_service_traffic_is_carried_in_mtls_hbone() {
     assert_eq!(out.dst_identity.as_deref(), Some(id("server").as_str()), "client checked the server's SAN");
     let inb = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst).expect("inbound record");
     assert_eq!(inb.src_identity.as_deref(), Some(id("client").as_str()), "server saw the client's certificate");
-    assert_eq!(inb.src.ip(), IpAddr::from(m.client.ip4()), "forwarded header carried the client address");
+    assert_eq!(inb.src.ip(), IpAddr::from(m.client.ip4()), "the TCP peer is the client pod (dialled from its netns)");
     assert_eq!(inb.bytes_sent, (marker.len() + 1) as u64);
 
     // Same node, and IPv6.
@@ -164,4 +164,31 @@ fn connections_share_pooled_hbone_and_metrics_and_config_dump_are_served() {
     assert!(v["certificates"].as_array().is_some_and(|c| !c.is_empty()), "{v}");
     let (status, _) = http_get(admin.readiness_addr, "/healthz/ready");
     assert_eq!(status, 200);
+}
+
+#[test]
+fn workloads_without_a_trust_domain_use_the_agents_own() {
+    sweep_pins();
+    let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    let td = "example.org";
+    let n0 = MeshNode::start_in(&c, 0, Exclusions::default(), td).unwrap();
+    let n1 = MeshNode::start_in(&c, 1, Exclusions::default(), td).unwrap();
+    // workload_yaml sets no trustDomain: the agents' --trust-domain must apply.
+    let yaml = format!(
+        "workloads:\n{}{}",
+        workload_yaml(&client, "default", "client", ""),
+        workload_yaml(&server, "default", "server", "")
+    );
+    write_mesh_config(&c, &yaml, &[&n0, &n1]).unwrap();
+    n0.enroll_as(&client, "default", "client").unwrap();
+    n1.enroll_as(&server, "default", "server").unwrap();
+    let _app = PeerServer::start(&server, 8080).unwrap();
+    let dst = SocketAddr::new(server.ip4().into(), 8080);
+    let mut ev1 = n1.events();
+    assert_eq!(request(&client, dst, "custom-td").expect("HBONE in example.org").got, "custom-td");
+    let inb = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst).expect("inbound record");
+    assert_eq!(inb.src_identity.as_deref(), Some("spiffe://example.org/ns/default/sa/client"));
+    assert_eq!(inb.dst_identity.as_deref(), Some("spiffe://example.org/ns/default/sa/server"));
 }

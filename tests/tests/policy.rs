@@ -86,7 +86,7 @@ fn allow_permits_deny_wins_and_changes_cut_open_connections() {
     let plain_result = Open::new(&plain, dst);
     assert!(plain_result.is_err(), "plaintext passed an identity-only ALLOW");
     let rec = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::InboundPassthrough && r.error.is_some()).expect("denied record");
-    assert_eq!(rec.error.as_deref(), Some("no ALLOW policy matched"));
+    assert_eq!(rec.error.as_deref(), Some("allow policies exist, but none allowed"));
 
     // Removing the policy that allowed `client` cuts its open connection; `other` stays.
     write_mesh_config(&c, &config(&[allow("b", "other")]), &[&n0, &n1]).unwrap();
@@ -94,13 +94,13 @@ fn allow_permits_deny_wins_and_changes_cut_open_connections() {
     from_other.ping().expect("still allowed");
     assert!(Open::new(&client, dst).is_err(), "new connection from client not refused");
     let rec = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.error.is_some()).expect("401 record");
-    assert!(rec.error.as_deref().unwrap().contains("no ALLOW policy matched"), "{rec:?}");
+    assert!(rec.error.as_deref().unwrap().contains("allow policies exist, but none allowed"), "{rec:?}");
 
     // A DENY wins over the ALLOW and cuts `other` too.
     write_mesh_config(&c, &config(&[allow("b", "other"), deny("d", "other")]), &[&n0, &n1]).unwrap();
     assert!(from_other.is_cut(), "open connection survived a DENY");
     assert!(Open::new(&other, dst).is_err());
-    let rec = wait_record(&mut ev1, WAIT, |r| r.error.as_deref().is_some_and(|e| e.contains("denied by policy default/d"))).expect("deny record");
+    let rec = wait_record(&mut ev1, WAIT, |r| r.error.as_deref().is_some_and(|e| e.contains("explicitly denied by: default/d"))).expect("deny record");
     assert_eq!(rec.src_identity.as_deref(), Some("spiffe://cluster.local/ns/default/sa/other"));
 
     // Without policies everything is allowed again.
@@ -110,6 +110,13 @@ fn allow_permits_deny_wins_and_changes_cut_open_connections() {
     let denied = n1.agent().metrics().encode();
     assert!(denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound\"}")), "{denied}");
     assert!(denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound_passthrough\"}")), "{denied}");
+    // As Istio counts them: opened, then closed and failed with response_flags="DENY".
+    for family in ["istio_tcp_connections_closed_total", "istio_tcp_connections_failed_total"] {
+        assert!(
+            denied.lines().any(|l| l.starts_with(family) && l.contains("response_flags=\"DENY\"") && l.contains("reporter=\"destination\"")),
+            "{family} has no DENY series: {denied}"
+        );
+    }
 }
 
 #[test]
@@ -134,4 +141,65 @@ fn malformed_config_entries_are_rejected_by_name_and_the_rest_applies() {
     write_mesh_config(&c, "workloads: [unclosed", &[]).unwrap();
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(n0.agent().state().snapshot().config.workloads.len(), 1);
+}
+
+/// Sends one HBONE CONNECT to `server`'s 15008 from inside `from`, authenticated as
+/// `identity` (a certificate from the cluster's own CA), with a chosen `forwarded` header.
+fn forged_connect(c: &Cluster, from: &Pod, identity: &str, server: SocketAddr, forwarded_for: SocketAddr) -> Result<(), String> {
+    use std::sync::Arc;
+    use ztunnel::hbone::{CertManagerTls, ConnectHeaders, ConnectionPool, PoolConfig, PoolKey, TcpDialer};
+    use ztunnel::identity::{CaConfig, CertManager, CertManagerConfig, InProcessCa};
+    let mut cfg = CaConfig::new("cluster.local");
+    cfg.state_dir = Some(mesh_tests::mesh::ca_dir(c));
+    let ca = Arc::new(InProcessCa::new(cfg).unwrap());
+    let src: ztunnel::identity::Identity = identity.parse().unwrap();
+    let dst_id: ztunnel::identity::Identity = "spiffe://cluster.local/ns/default/sa/server".parse().unwrap();
+    from.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let certs = CertManager::new(ca, CertManagerConfig::default());
+            let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(TcpDialer), Arc::new(CertManagerTls { certs }));
+            let key = PoolKey {
+                src_identity: src,
+                dst_identity: dst_id,
+                dst_alt_identities: vec![],
+                dst: SocketAddr::new(server.ip(), 15008),
+                src_ip: forwarded_for.ip(),
+            };
+            let headers = ConnectHeaders { forwarded_for: Some(forwarded_for), ..Default::default() };
+            pool.connect(key, server, headers).await.map(|_| ()).map_err(|e| e.to_string())
+        })
+    })
+}
+
+#[test]
+fn source_ip_policy_checks_the_tcp_peer_not_the_forwarded_header() {
+    sweep_pins();
+    let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let attacker = c.add_pod(0, "attacker").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    let n0 = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let n1 = MeshNode::start(&c, 1, Exclusions::default()).unwrap();
+    let only_client_ip = format!(
+        "- name: from-client-ip\n  namespace: default\n  action: Allow\n  rules:\n  - clauses:\n    - matches:\n      - sourceIps: [\"{}\"]\n",
+        client.ip4()
+    );
+    let yaml = format!(
+        "workloads:\n{}{}policies:\n{only_client_ip}",
+        workload_yaml(&client, "default", "client", ""),
+        workload_yaml(&server, "default", "server", "")
+    );
+    write_mesh_config(&c, &yaml, &[&n0, &n1]).unwrap();
+    n0.enroll(&client).unwrap();
+    n1.enroll(&server).unwrap();
+    let listener = server.run(|| TcpListener::bind(("::", 9000))).unwrap();
+    let _echo = EchoServer::spawn(listener).unwrap();
+    let dst = SocketAddr::new(server.ip4().into(), 9000);
+    Open::new(&client, dst).expect("the allowed source IP gets in");
+    // A valid mesh identity from another address, claiming the allowed IP in `forwarded`.
+    let claimed = SocketAddr::new(client.ip4().into(), 40000);
+    let forged = forged_connect(&c, &attacker, "spiffe://cluster.local/ns/default/sa/attacker", dst, claimed);
+    let err = forged.expect_err("forged forwarded header passed a sourceIps policy");
+    assert!(err.contains("401"), "{err}");
 }

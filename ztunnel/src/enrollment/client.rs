@@ -7,7 +7,7 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixA
 use prost::Message;
 
 use super::wire::{recv_datagram, send_datagram, WireError};
-use super::{workload_request::Payload, workload_response, AddWorkload, DelWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, WorkloadResponse};
+use super::{workload_request::Payload, workload_response, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, WorkloadResponse};
 
 /// One connection to a node agent's enrollment socket.
 #[derive(Debug)]
@@ -37,6 +37,12 @@ impl EnrollmentClient {
     /// Removes a pod.
     pub fn del(&self, uid: &str) -> Result<AckResult, WireError> {
         let req = WorkloadRequest { payload: Some(Payload::Del(DelWorkload { uid: uid.into() })) };
+        self.request(&req.encode_to_vec(), &[])
+    }
+
+    /// Tells the agent a pod it already serves still exists (snapshot after a CNI restart).
+    pub fn keep(&self, uid: &str) -> Result<AckResult, WireError> {
+        let req = WorkloadRequest { payload: Some(Payload::Keep(KeepWorkload { uid: uid.into() })) };
         self.request(&req.encode_to_vec(), &[])
     }
 

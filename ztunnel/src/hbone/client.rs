@@ -199,6 +199,8 @@ pub enum HboneError {
 pub struct ConnectHeaders {
     /// Original client address, sent as `forwarded: for="ip:port"`.
     pub forwarded_for: Option<SocketAddr>,
+    /// Service hostname the client addressed, appended as `;host=<name>` (as Istio does).
+    pub forwarded_host: Option<String>,
     /// W3C `baggage` (source workload metadata).
     pub baggage: Option<String>,
     /// W3C `traceparent`.
@@ -223,7 +225,8 @@ pub(crate) fn build_request(
     let headers = req.headers_mut();
     headers.extend(h.extra.clone());
     if let Some(src) = h.forwarded_for {
-        headers.insert("forwarded", value("forwarded", format!("for=\"{src}\""))?);
+        let host = h.forwarded_host.as_ref().map(|h| format!(";host={h}")).unwrap_or_default();
+        headers.insert("forwarded", value("forwarded", format!("for=\"{src}\"{host}"))?);
     }
     if let Some(b) = &h.baggage {
         headers.insert("baggage", value("baggage", b.clone())?);

@@ -190,6 +190,7 @@ async fn connect_reaches_upstream_and_server_sees_client_identity() {
     let pool = pool(&certs, dials.clone(), PoolConfig::default());
     let headers = ConnectHeaders {
         forwarded_for: Some("10.0.0.7:4242".parse().unwrap()),
+        forwarded_host: None,
         baggage: Some("k8s.namespace.name=default,k8s.deployment.name=client".into()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         extra: Default::default(),

@@ -79,6 +79,8 @@ pub struct ConnectionLabels {
     pub source_app: String,
     /// Client `version` label.
     pub source_version: String,
+    /// Cluster id of the client workload.
+    pub source_cluster: String,
     /// Server workload name.
     pub destination_workload: String,
     /// Server canonical service name.
@@ -93,6 +95,8 @@ pub struct ConnectionLabels {
     pub destination_app: String,
     /// Server `version` label.
     pub destination_version: String,
+    /// Cluster id of the server workload.
+    pub destination_cluster: String,
     /// Service hostname the client addressed (e.g. `reviews.default.svc.cluster.local`).
     pub destination_service: String,
     /// Namespace of that service.
@@ -119,6 +123,7 @@ impl Default for ConnectionLabels {
             source_principal: u(),
             source_app: u(),
             source_version: u(),
+            source_cluster: u(),
             destination_workload: u(),
             destination_canonical_service: u(),
             destination_canonical_revision: u(),
@@ -126,6 +131,7 @@ impl Default for ConnectionLabels {
             destination_principal: u(),
             destination_app: u(),
             destination_version: u(),
+            destination_cluster: u(),
             destination_service: u(),
             destination_service_namespace: u(),
             destination_service_name: u(),
@@ -220,6 +226,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     connections_opened: Family<ConnectionLabels, Counter>,
     connections_closed: Family<ConnectionLabels, Counter>,
+    connections_failed: Family<ConnectionLabels, Counter>,
     sent_bytes: Family<ConnectionLabels, Counter>,
     received_bytes: Family<ConnectionLabels, Counter>,
     tls_handshake_failures: Family<ReasonLabel, Counter>,
@@ -258,6 +265,12 @@ impl Metrics {
             "istio_tcp_connections_closed",
             "The total number of TCP connections closed",
             connections_closed.clone(),
+        );
+        let connections_failed = Family::default();
+        registry.register(
+            "istio_tcp_connections_failed",
+            "The total number of TCP connections that failed (denied by policy, upstream unreachable)",
+            connections_failed.clone(),
         );
         let sent_bytes = Family::default();
         registry.register(
@@ -299,6 +312,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             connections_opened,
             connections_closed,
+            connections_failed,
             sent_bytes,
             received_bytes,
             tls_handshake_failures,
@@ -311,6 +325,16 @@ impl Metrics {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         // A panic while encoding leaves the registry itself intact; keep serving.
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a connection refused after it was accepted, as Istio's ztunnel does: opened
+    /// with `response_flags="-"`, then closed and failed with `flag` (e.g. `DENY`, `CONNECT`).
+    pub fn connection_failed(&self, labels: &ConnectionLabels, flag: &str) {
+        self.connections_opened.get_or_create(labels).inc();
+        let mut failed = labels.clone();
+        failed.response_flags = flag.to_string();
+        self.connections_closed.get_or_create(&failed).inc();
+        self.connections_failed.get_or_create(&failed).inc();
     }
 
     /// Counts a newly established connection (`istio_tcp_connections_opened_total`).

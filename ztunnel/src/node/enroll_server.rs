@@ -140,8 +140,14 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             Ok(())
         }
         Payload::Keep(keep) => {
-            if pod_state::load(&shared.state_dir, &keep.uid).is_none() {
-                return Err(format!("Keep {}: unknown pod", keep.uid));
+            // Keep only means something for a pod this process serves. A pod known from
+            // before a restart but never re-Added has no listeners: its capture would drop
+            // every connection. It is refused here and released at SnapshotSent.
+            if !shared.pods.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&keep.uid) {
+                return Err(match pod_state::load(&shared.state_dir, &keep.uid) {
+                    Some(_) => format!("Keep {}: not served since the agent restarted; send Add with its netns", keep.uid),
+                    None => format!("Keep {}: unknown pod", keep.uid),
+                });
             }
             shared.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(keep.uid);
             Ok(())
@@ -157,7 +163,7 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             let seen = shared.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
             for st in pod_state::load_all(&shared.state_dir) {
                 if !seen.contains(&st.uid) {
-                    info!(uid = %st.uid, "removing stale pod not in snapshot");
+                    warn!(uid = %st.uid, "releasing pod not re-added in the snapshot: no proxy serves it");
                     remove_pod(shared, &st)?;
                 }
             }

@@ -50,6 +50,8 @@ pub enum NodeError {
     Capture(#[from] CaptureError),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("local config {path}: {reason}")]
+    LocalConfig { path: PathBuf, reason: String },
 }
 
 /// State shared by the enrollment server and the handle.
@@ -80,11 +82,20 @@ impl Node {
             path: cfg.state_dir.clone(),
             source,
         })?;
-        let capture = Capture::install(cfg.capture.clone())?;
         let (events, _) = broadcast::channel(4096);
         let registry = PodRegistry::default();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let mesh = mesh::mesh_context(&cfg, registry.clone(), metrics, events);
+        // Config before capture and pods: a missing or unreadable file stops the agent
+        // before it installs anything, and no pod is ever served with an empty policy set.
+        let loaded = match &cfg.local_config {
+            Some(path) => Some(
+                mesh::load_local_config(path, &mesh)
+                    .map_err(|reason| NodeError::LocalConfig { path: path.clone(), reason })?,
+            ),
+            None => None,
+        };
+        let capture = Capture::install(cfg.capture.clone())?;
         let shared = Arc::new(Shared {
             capture,
             state_dir: cfg.state_dir.clone(),
@@ -93,23 +104,26 @@ impl Node {
             mesh,
             registry,
         });
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let listener = enroll_server::bind(&cfg.enrollment_socket).map_err(|source| NodeError::Io {
             what: "binding enrollment socket",
             path: cfg.enrollment_socket.clone(),
             source,
         })?;
         let mut tasks = vec![tokio::spawn(enroll_server::serve(listener, shared.clone()))];
-        if let Some(path) = cfg.local_config.clone() {
-            tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone())));
+        if let (Some(path), Some(loaded)) = (cfg.local_config.clone(), loaded) {
+            tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone(), loaded)));
         }
         let admin = match cfg.admin.clone() {
-            Some(a) => Some(mesh::start_admin(a, &shared, cfg.log_control.clone()).map_err(|source| NodeError::Io {
+            Some(a) => Some(mesh::start_admin(a, &shared, cfg.log_control.clone(), ready.clone()).map_err(|source| NodeError::Io {
                 what: "binding admin listeners",
                 path: PathBuf::from("admin"),
                 source,
             })?),
             None => None,
         };
+        // Capture installed, first config applied, enrollment served: now ready.
+        ready.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(socket = %cfg.enrollment_socket.display(), "node agent ready");
         Ok(Self { shared, tasks, socket_path: cfg.enrollment_socket, admin })
     }

@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument};
 
 use super::authz::{check, dup_fd, watch, Guarded};
-use super::relay::{finish, labels, ConnectionRecord, Direction, Metered};
+use super::relay::{finish, labels, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::hbone::{serve_connection, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
@@ -87,20 +87,24 @@ impl ConnectHandler for Inbound {
         if super::is_proxy_port(dst.port()) {
             return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is a proxy port")));
         }
+        let dst_w = ctx.pod.workload(&ctx.mesh.state);
+        let src_w = ctx.mesh.state.snapshot().workload_by_ip(src.ip());
+        let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
         let facts = ConnectionFacts { source_identity: Some(req.peer.clone()), source_ip: src.ip(), destination: dst };
         if let Decision::Deny(reason) = check(ctx, &facts, "inbound") {
+            ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);
             return refuse(rec, ConnectRejection::Denied(reason));
         }
         let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
         let upstream = match socket::dial(&ctx.pod.netns, dst, bind).await {
             Ok(u) => u,
-            Err(e) => return refuse(rec, ConnectRejection::UpstreamFailed(format!("{dst}: {e}"))),
+            Err(e) => {
+                ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
+                return refuse(rec, ConnectRejection::UpstreamFailed(format!("{dst}: {e}")));
+            }
         };
         let fds = dup_fd(&upstream).into_iter().collect();
         let guard = watch(ctx, facts, fds, "inbound");
-        let dst_w = ctx.pod.workload(&ctx.mesh.state);
-        let src_w = ctx.mesh.state.snapshot().workload_by_ip(src.ip());
-        let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
         Ok(Metered::new(Guarded { inner: upstream, watch: guard }, ctx, rec, l))
     }
 }

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 
 use super::authz::{check, dup_fd, watch};
-use super::relay::{labels, refuse, relay, ConnectionRecord, Direction};
+use super::relay::{labels, refuse, relay, ConnectionRecord, Direction, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::metrics::Reporter;
@@ -36,8 +36,12 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst
     if super::is_proxy_port(dst.port()) {
         return refuse(ctx, rec, client, format!("{dst} is a proxy port; refusing the loop"));
     }
+    let dst_w = ctx.pod.workload(&ctx.mesh.state);
+    let src_w = ctx.mesh.state.snapshot().workload_by_ip(peer.ip());
+    let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
     let facts = ConnectionFacts { source_identity: None, source_ip: peer.ip(), destination: dst };
     if let crate::policy::Decision::Deny(reason) = check(ctx, &facts, "inbound_passthrough") {
+        ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);
         return refuse(ctx, rec, client, reason);
     }
     let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
@@ -45,11 +49,11 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst
         Ok(mut upstream) => {
             let fds = [dup_fd(&client), dup_fd(&upstream)].into_iter().flatten().collect();
             let _watch = watch(ctx, facts, fds, "inbound_passthrough");
-            let dst_w = ctx.pod.workload(&ctx.mesh.state);
-            let src_w = ctx.mesh.state.snapshot().workload_by_ip(peer.ip());
-            let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
             relay(ctx, rec, l, &mut client, &mut upstream).await
         }
-        Err(e) => refuse(ctx, rec, client, format!("connect {dst}: {e}")),
+        Err(e) => {
+            ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
+            refuse(ctx, rec, client, format!("connect {dst}: {e}"))
+        }
     }
 }

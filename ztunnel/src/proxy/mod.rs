@@ -96,6 +96,9 @@ impl PodContext {
             authorization_policies: vec![],
             canonical_name: String::new(),
             canonical_revision: String::new(),
+            cluster_id: String::new(),
+            workload_name: String::new(),
+            workload_type: String::new(),
         })
     }
 }

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 use ztunnel_common::HBONE_PORT;
 
-use super::relay::{labels, refuse, relay, ConnectionRecord, Direction};
+use super::relay::{labels, refuse, relay, ConnectionRecord, Direction, FLAG_CONNECT};
 use super::{accept_loop, socket, ProxyContext};
 use crate::hbone::{ConnectHeaders, DialError, HboneError, PoolKey};
 use crate::identity::Identity;
@@ -45,12 +45,13 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst
     if up.is_hbone() {
         return hbone(ctx, client, rec, &up, &src_w).await;
     }
+    let l = labels(Reporter::Source, &rec, Some(&src_w), up.workload.as_deref(), up.service.as_deref());
     match socket::dial(&ctx.pod.netns, up.addr, None).await {
-        Ok(mut upstream) => {
-            let l = labels(Reporter::Source, &rec, Some(&src_w), up.workload.as_deref(), up.service.as_deref());
-            relay(ctx, rec, l, &mut client, &mut upstream).await
+        Ok(mut upstream) => relay(ctx, rec, l, &mut client, &mut upstream).await,
+        Err(e) => {
+            ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
+            refuse(ctx, rec, client, format!("connect {}: {e}", up.addr))
         }
-        Err(e) => refuse(ctx, rec, client, format!("connect {}: {e}", up.addr)),
     }
 }
 
@@ -83,16 +84,16 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
     };
     let headers = ConnectHeaders {
         forwarded_for: Some(SocketAddr::new(src_ip, rec.src.port())),
+        forwarded_host: up.service.as_ref().map(|s| s.hostname.clone()),
         baggage: Some(baggage(src_w)),
         traceparent: Some(traceparent()),
         extra: Default::default(),
     };
+    let l = labels(Reporter::Source, &rec, Some(src_w), Some(w), up.service.as_deref());
     match ctx.mesh.pool.connect(key, up.addr, headers).await {
-        Ok(mut tunnel) => {
-            let l = labels(Reporter::Source, &rec, Some(src_w), Some(w), up.service.as_deref());
-            relay(ctx, rec, l, &mut client, &mut tunnel).await
-        }
+        Ok(mut tunnel) => relay(ctx, rec, l, &mut client, &mut tunnel).await,
         Err(e) => {
+            ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
             if let HboneError::Dial(d) = &e {
                 if let DialError::Tls { reason, .. } = d.as_ref() {
                     ctx.mesh.metrics.tls_handshake_failed(reason.as_str());
@@ -103,11 +104,21 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
     }
 }
 
-/// W3C baggage describing the source workload, as Istio sends it.
-fn baggage(w: &Workload) -> String {
-    let svc = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
-    let ver = if w.canonical_revision.is_empty() { "latest" } else { &w.canonical_revision };
-    format!("k8s.namespace.name={},k8s.pod.name={},service.name={svc},service.version={ver}", w.namespace, w.name)
+/// W3C baggage describing the source workload with Istio's keys, in Istio's order, each
+/// left out when empty: cluster, namespace, `k8s.<workload type>.name`, canonical service
+/// and revision.
+pub fn baggage(w: &Workload) -> String {
+    let kind = if w.workload_type.is_empty() { "pod" } else { w.workload_type.as_str() };
+    let name = if w.workload_name.is_empty() { &w.name } else { &w.workload_name };
+    let kind_key = format!("k8s.{kind}.name");
+    let pairs = [
+        ("k8s.cluster.name", w.cluster_id.as_str()),
+        ("k8s.namespace.name", w.namespace.as_str()),
+        (kind_key.as_str(), name.as_str()),
+        ("service.name", w.canonical_name.as_str()),
+        ("service.version", w.canonical_revision.as_str()),
+    ];
+    pairs.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// A fresh W3C traceparent (random trace and span ids, not sampled).

@@ -92,21 +92,38 @@ pub fn finish(ctx: &ProxyContext, rec: ConnectionRecord) {
     let _ = ctx.mesh.events.send(rec);
 }
 
-/// Istio-style labels for a connection reported by `reporter`.
-pub fn labels(reporter: Reporter, rec: &ConnectionRecord, src: Option<&crate::state::Workload>, dst: Option<&crate::state::Workload>, service: Option<&crate::state::Service>) -> ConnectionLabels {
+/// Istio-style labels for a connection reported by `reporter`: workload, canonical
+/// service/revision, version (the revision), namespace and cluster of each side, the
+/// addressed service, the principals proven in mTLS.
+pub fn labels(
+    reporter: Reporter,
+    rec: &ConnectionRecord,
+    src: Option<&crate::state::Workload>,
+    dst: Option<&crate::state::Workload>,
+    service: Option<&crate::state::Service>,
+) -> ConnectionLabels {
     let unknown = || "unknown".to_string();
+    let or_unknown = |s: &str| if s.is_empty() { unknown() } else { s.to_string() };
     let mut l = ConnectionLabels { reporter, ..Default::default() };
     if let Some(w) = src {
-        l.source_workload = w.name.clone();
-        l.source_workload_namespace = w.namespace.clone();
-        l.source_canonical_service = if w.canonical_name.is_empty() { w.name.clone() } else { w.canonical_name.clone() };
-        l.source_app = l.source_canonical_service.clone();
+        let canonical = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
+        l.source_workload = or_unknown(&w.name);
+        l.source_workload_namespace = or_unknown(&w.namespace);
+        l.source_canonical_service = or_unknown(canonical);
+        l.source_app = or_unknown(canonical);
+        l.source_canonical_revision = or_unknown(&w.canonical_revision);
+        l.source_version = or_unknown(&w.canonical_revision);
+        l.source_cluster = or_unknown(&w.cluster_id);
     }
     if let Some(w) = dst {
-        l.destination_workload = w.name.clone();
-        l.destination_workload_namespace = w.namespace.clone();
-        l.destination_canonical_service = if w.canonical_name.is_empty() { w.name.clone() } else { w.canonical_name.clone() };
-        l.destination_app = l.destination_canonical_service.clone();
+        let canonical = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
+        l.destination_workload = or_unknown(&w.name);
+        l.destination_workload_namespace = or_unknown(&w.namespace);
+        l.destination_canonical_service = or_unknown(canonical);
+        l.destination_app = or_unknown(canonical);
+        l.destination_canonical_revision = or_unknown(&w.canonical_revision);
+        l.destination_version = or_unknown(&w.canonical_revision);
+        l.destination_cluster = or_unknown(&w.cluster_id);
     }
     if let Some(s) = service {
         l.destination_service = s.hostname.clone();
@@ -120,6 +137,11 @@ pub fn labels(reporter: Reporter, rec: &ConnectionRecord, src: Option<&crate::st
     l.connection_security_policy = if rec.protocol == "HBONE" { "mutual_tls".into() } else { "unknown".into() };
     l
 }
+
+/// Istio's `response_flags` for a connection refused by authorization policy.
+pub const FLAG_DENY: &str = "DENY";
+/// Istio's `response_flags` for a connection whose upstream could not be reached.
+pub const FLAG_CONNECT: &str = "CONNECT";
 
 /// Whether access-log lines are JSON (`LOG_FORMAT=json`), read once.
 fn json_logs() -> bool {
