@@ -84,7 +84,22 @@ impl MeshNode {
     }
 
     /// Like [`MeshNode::start`], with the agent (and the cluster CA) in `trust_domain`.
-    pub fn start_in(cluster: &Cluster, node: usize, mut exclusions: Exclusions, trust_domain: &str) -> Result<Self> {
+    pub fn start_in(cluster: &Cluster, node: usize, exclusions: Exclusions, trust_domain: &str) -> Result<Self> {
+        Self::start_with(cluster, node, exclusions, trust_domain, Default::default())
+    }
+
+    /// Like [`MeshNode::start`], with per-pod connection caps.
+    pub fn start_limited(cluster: &Cluster, node: usize, limits: ztunnel::proxy::limit::Limits) -> Result<Self> {
+        Self::start_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits)
+    }
+
+    fn start_with(
+        cluster: &Cluster,
+        node: usize,
+        mut exclusions: Exclusions,
+        trust_domain: &str,
+        limits: ztunnel::proxy::limit::Limits,
+    ) -> Result<Self> {
         ensure_bpffs()?;
         let n = cluster.node(node);
         exclusions.probe_sources.push(n.gateway4().into());
@@ -101,6 +116,7 @@ impl MeshNode {
             ca: std::sync::Arc::new(ca),
             local_config: Some(mesh_config_path(cluster)),
             log_control: None,
+            limits,
             admin: Some(AdminConfig {
                 admin_addr: "127.0.0.1:0".parse().expect("addr"),
                 metrics_addr: "127.0.0.1:0".parse().expect("addr"),

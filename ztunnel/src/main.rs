@@ -75,6 +75,10 @@ struct NodeArgs {
     /// Data-path worker threads (the admin server has its own thread).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
+    /// Concurrent connections one pod may hold on each of its listeners; past it new
+    /// connections are reset (a flood against one pod cannot starve the others).
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = 4096)]
+    max_connections_per_pod: usize,
     /// Remove every program, link, pin and state this agent created, then exit.
     #[arg(long)]
     uninstall: bool,
@@ -134,6 +138,7 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         ca: std::sync::Arc::new(ca),
         local_config: args.local_config,
         log_control: Some(log),
+        limits: ztunnel::proxy::limit::Limits { connections_per_pod_listener: args.max_connections_per_pod },
         admin: Some(AdminConfig {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use super::tests::{
-    certs, echo_upstream, h2_connect, server_and_echo, start_server_reporting, tls_connect,
+    certs, echo_upstream, h2_connect, server_and_echo, start_server_reporting, start_server_with, tls_connect,
 };
 use super::*;
 use crate::identity::CertManager;
@@ -368,4 +368,26 @@ async fn garbage_instead_of_h2_preface_closes_only_that_connection() {
     good.echo(b"after").await;
     Tunnel::open(&good_send, echo).await.echo(b"new").await;
     assert!(!good_conn.is_finished());
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_after_tls_is_cut_at_the_handshake_timeout() {
+    let certs = certs();
+    let h2 = H2Config { handshake_timeout: Duration::from_millis(300), ..H2Config::default() };
+    let (server, mut ended) = start_server_with(&certs, Default::default(), h2).await;
+    // TLS completes, then nothing: no preface, no SETTINGS (a slowloris on 15008).
+    let mut tls = tls_connect(&certs, server).await;
+    let result = within("server gives up on the stalled client", ended.recv()).await.expect("server result");
+    assert!(matches!(result, Err(ServeError::HandshakeTimeout(_))), "{result:?}");
+    let mut buf = [0u8; 64];
+    let n = within("connection closed", async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return 0,
+                Ok(_) => continue, // the server's own SETTINGS
+            }
+        }
+    })
+    .await;
+    assert_eq!(n, 0);
 }

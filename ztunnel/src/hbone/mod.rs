@@ -41,6 +41,9 @@ pub struct H2Config {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is dropped.
     pub keepalive_timeout: Duration,
+    /// How long a client has, once TLS is up, to send the h2 preface and SETTINGS (a
+    /// client that stalls there would otherwise hold a connection forever).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for H2Config {
@@ -53,6 +56,7 @@ impl Default for H2Config {
             max_concurrent_streams: 1000,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -31,6 +31,9 @@ pub enum ServeError {
     /// The client stopped answering keepalive PINGs.
     #[error(transparent)]
     Keepalive(#[from] KeepaliveError),
+    /// The client sent no h2 preface and SETTINGS within the handshake timeout.
+    #[error("no HTTP/2 preface within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
 }
 
 /// The `Forwarded: for=` value of a request: the original client address.
@@ -146,14 +149,16 @@ where
     let peer = tls::peer_identity(tls.get_ref().1)?;
     let span = debug_span!("hbone_server", peer = %peer);
     async move {
-        let mut conn = h2::server::Builder::new()
+        let handshake = h2::server::Builder::new()
             .initial_window_size(cfg.stream_window)
             .initial_connection_window_size(cfg.connection_window)
             .max_frame_size(cfg.max_frame_size)
             .max_header_list_size(cfg.max_header_list_size)
             .max_concurrent_streams(cfg.max_concurrent_streams)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+            .handshake::<_, Bytes>(tls);
+        let mut conn = tokio::time::timeout(cfg.handshake_timeout, handshake)
+            .await
+            .map_err(|_| ServeError::HandshakeTimeout(cfg.handshake_timeout))??;
         let pings = conn.ping_pong().expect("ping_pong is available once");
         let keepalive = keepalive(pings, cfg.keepalive_interval, cfg.keepalive_timeout);
         tokio::pin!(keepalive, drain);

@@ -44,6 +44,15 @@ pub(super) async fn start_server_reporting(
     certs: &CertManager,
     seen: Arc<Seen>,
 ) -> (SocketAddr, mpsc::UnboundedReceiver<Result<(), ServeError>>) {
+    start_server_with(certs, seen, H2Config::default()).await
+}
+
+/// Like [`start_server_reporting`], with chosen h2 settings.
+pub(super) async fn start_server_with(
+    certs: &CertManager,
+    seen: Arc<Seen>,
+    h2: H2Config,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Result<(), ServeError>>) {
     let (ended_tx, ended_rx) = mpsc::unbounded_channel();
     let cert = certs.fetch(&id("server")).await.unwrap();
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&cert, cert.roots()).unwrap()));
@@ -66,10 +75,10 @@ pub(super) async fn start_server_reporting(
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let (acceptor, handler) = (acceptor.clone(), handler.clone());
-            let ended_tx = ended_tx.clone();
+            let (ended_tx, h2) = (ended_tx.clone(), h2.clone());
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(tcp).await {
-                    let result = serve_connection(tls, handler, &H2Config::default()).await;
+                    let result = serve_connection(tls, handler, &h2).await;
                     let _ = ended_tx.send(result);
                 }
             });

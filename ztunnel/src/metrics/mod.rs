@@ -157,6 +157,11 @@ struct KindLabel {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
 /// A scrape-time reader for [`Metrics::add_collector`]: returns `(labels, value)` per series.
 pub type CollectFn = Box<dyn Fn() -> Vec<(Vec<(String, String)>, u64)> + Send + Sync>;
 
@@ -233,6 +238,7 @@ pub struct Metrics {
     authorization_denied: Family<DirectionLabel, Counter>,
     config_rejected: Family<KindLabel, Counter>,
     enrollment_rejected: Counter,
+    connections_limited: Family<ListenerLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -308,7 +314,14 @@ impl Metrics {
             "The total number of rejected workload enrollment requests",
             enrollment_rejected.clone(),
         );
+        let connections_limited = Family::default();
+        registry.register(
+            "ztunnel_connections_limited",
+            "The total number of connections reset because a pod listener was at its connection cap, by listener",
+            connections_limited.clone(),
+        );
         Metrics {
+            connections_limited,
             registry: Mutex::new(registry),
             connections_opened,
             connections_closed,
@@ -335,6 +348,11 @@ impl Metrics {
         failed.response_flags = flag.to_string();
         self.connections_closed.get_or_create(&failed).inc();
         self.connections_failed.get_or_create(&failed).inc();
+    }
+
+    /// Counts a connection reset at a pod listener's cap (`ztunnel_connections_limited_total`).
+    pub fn connection_limited(&self, listener: &str) {
+        self.connections_limited.get_or_create(&ListenerLabel { listener: listener.to_string() }).inc();
     }
 
     /// Counts a newly established connection (`istio_tcp_connections_opened_total`).

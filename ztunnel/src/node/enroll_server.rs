@@ -122,6 +122,7 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             let ctx = PodContext {
                 ips,
                 server_tls: Default::default(),
+                limits: crate::proxy::limit::PodLimits::new(&shared.mesh.limits),
                 uid: uid.clone(),
                 name: info.name,
                 namespace: info.namespace,

@@ -72,6 +72,7 @@ pub(super) fn mesh_context(
         pool,
         metrics,
         events,
+        limits: cfg.limits,
     }
 }
 

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub local_config: Option<PathBuf>,
     /// Admin / metrics / readiness listeners; `None` to run without them.
     pub admin: Option<AdminConfig>,
+    /// Per-pod connection caps.
+    pub limits: crate::proxy::limit::Limits,
     /// Live log-level control for the admin `/logging` endpoint (record-only when `None`).
     pub log_control: Option<Arc<crate::admin::LogControl>>,
 }

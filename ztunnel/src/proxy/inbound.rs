@@ -23,7 +23,8 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 
 /// Serves the pod's HBONE listener until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
-    accept_loop(listener, move |stream: TcpStream, peer: SocketAddr| {
+    let (limit, metrics) = (ctx.pod.limits.inbound_hbone.clone(), ctx.mesh.metrics.clone());
+    accept_loop(listener, limit, metrics, "inbound", move |stream: TcpStream, peer: SocketAddr| {
         let ctx = ctx.clone();
         let span = tracing::info_span!("inbound", pod = %ctx.pod.uid, peer = %canonical(peer));
         async move { connection(ctx, stream, canonical(peer)).await }.instrument(span)

@@ -16,7 +16,8 @@ use crate::policy::ConnectionFacts;
 
 /// Serves the pod's passthrough listener until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
-    accept_loop(listener, move |stream: TcpStream, peer: SocketAddr| {
+    let (limit, metrics) = (ctx.pod.limits.inbound_passthrough.clone(), ctx.mesh.metrics.clone());
+    accept_loop(listener, limit, metrics, "inbound_passthrough", move |stream: TcpStream, peer: SocketAddr| {
         let ctx = ctx.clone();
         async move {
             let dst = match stream.local_addr() {

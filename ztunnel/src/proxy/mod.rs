@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod inbound;
 pub mod inbound_passthrough;
+pub mod limit;
 pub mod outbound;
 pub mod relay;
 pub mod socket;
@@ -38,6 +39,8 @@ pub struct PodContext {
     pub ips: Vec<IpAddr>,
     /// The pod's HBONE server TLS config, rebuilt only when its certificate changes.
     pub server_tls: ServerTlsCache,
+    /// Concurrent connections left on each of the pod's listeners.
+    pub limits: limit::PodLimits,
 }
 
 /// One TLS server config per certificate: building a rustls config (and its verifier) per
@@ -112,6 +115,8 @@ pub struct MeshContext {
     pub pool: ConnectionPool,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub events: broadcast::Sender<ConnectionRecord>,
+    /// Per-pod resource limits.
+    pub limits: limit::Limits,
 }
 
 /// One pod's listeners' context.
@@ -121,17 +126,33 @@ pub struct ProxyContext {
     pub mesh: MeshContext,
 }
 
-/// Accepts on `listener` forever, handing each connection to `handle`.
-pub(crate) async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, handle: F)
-where
+/// Accepts on `listener` forever, handing each connection to `handle` while it holds a
+/// slot of `limit`; at the cap a connection is reset at once and counted under `name`.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    limit: limit::ConnectionLimit,
+    metrics: Arc<crate::metrics::Metrics>,
+    name: &'static str,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(slot) = limit.try_acquire() else {
+                    metrics.connection_limited(name);
+                    warn!(listener = name, peer = %canonical(peer), "pod connection limit reached; resetting");
+                    socket::reset(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer));
+                let work = handle(stream, peer);
+                tokio::spawn(async move {
+                    work.await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");

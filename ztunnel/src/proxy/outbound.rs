@@ -18,7 +18,8 @@ use crate::state::{Upstream, Workload};
 
 /// Serves one outbound listener of a pod until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable) {
-    accept_loop(listener, move |stream: TcpStream, peer: SocketAddr| {
+    let (limit, metrics) = (ctx.pod.limits.outbound.clone(), ctx.mesh.metrics.clone());
+    accept_loop(listener, limit, metrics, "outbound", move |stream: TcpStream, peer: SocketAddr| {
         let ctx = ctx.clone();
         let orig = orig.clone();
         async move {

@@ -1,11 +1,12 @@
 //! Istio ztunnel's local-config YAML (`LOCAL_XDS_PATH`): `{workloads, services, policies}`,
-//! parsed and validated entry by entry so an error names the bad item.
+//! parsed and validated entry by entry so an error names the bad item. A rejected policy is
+//! also kept as an [`InvalidPolicy`] so the workloads it would select fail closed.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Authorization;
+use crate::policy::{parse_policy, Authorization, InvalidPolicy};
 
 /// How a workload is reached: through HBONE (mesh member) or plain TCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -32,7 +33,8 @@ pub struct Workload {
     pub protocol: WorkloadProtocol,
     #[serde(default)]
     pub node: String,
-    #[serde(default = "default_td")]
+    /// Empty unless the config sets it: the agent's own trust domain then applies.
+    #[serde(default)]
     pub trust_domain: String,
     /// `"<namespace>/<hostname>"` → service port → target port.
     #[serde(default)]
@@ -44,14 +46,19 @@ pub struct Workload {
     pub canonical_name: String,
     #[serde(default)]
     pub canonical_revision: String,
+    /// Cluster the workload runs in (`k8s.cluster.name` baggage, `*_cluster` labels).
+    #[serde(default)]
+    pub cluster_id: String,
+    /// Name of the controller owning the pod, e.g. the Deployment (`k8s.<type>.name`).
+    #[serde(default)]
+    pub workload_name: String,
+    /// Kind of that controller, lower case: `deployment`, `pod`, `job`, `cronjob`.
+    #[serde(default)]
+    pub workload_type: String,
 }
 
 fn default_sa() -> String {
     "default".into()
-}
-
-fn default_td() -> String {
-    "cluster.local".into()
 }
 
 /// A Kubernetes-style service: VIPs and ports in front of workloads.
@@ -96,6 +103,8 @@ pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub policies: Vec<Authorization>,
+    /// Policy entries that were rejected; each makes the workloads it could select deny everything.
+    pub invalid_policies: Vec<InvalidPolicy>,
 }
 
 /// One rejected entry (or the whole document when it is not YAML at all).
@@ -107,7 +116,9 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// The document's top level. Unknown keys are refused: a misspelt `policies:` must not quietly mean "no policies".
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     workloads: Vec<serde_yaml::Value>,
@@ -135,7 +146,10 @@ fn parse_entries<T: serde::de::DeserializeOwned>(
     let mut out = Vec::new();
     for (i, v) in raw.into_iter().enumerate() {
         let name = entry_name(&v, i);
-        match serde_yaml::from_value::<T>(v).map_err(|e| e.to_string()).and_then(|t| validate(&t).map(|_| t)) {
+        match serde_yaml::from_value::<T>(v)
+            .map_err(|e| e.to_string())
+            .and_then(|t| validate(&t).map(|_| t))
+        {
             Ok(t) => out.push(t),
             Err(reason) => errors.push(ConfigError { kind, name, reason }),
         }
@@ -151,7 +165,11 @@ pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
         Err(e) => {
             return (
                 LocalConfig::default(),
-                vec![ConfigError { kind: "document", name: "local config".into(), reason: e.to_string() }],
+                vec![ConfigError {
+                    kind: "document",
+                    name: "local config".into(),
+                    reason: e.to_string(),
+                }],
             )
         }
     };
@@ -172,6 +190,28 @@ pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
         }
         Ok(())
     });
-    let policies = parse_entries("policy", raw.policies, &mut errors, |p: &Authorization| p.validate());
-    (LocalConfig { workloads, services, policies }, errors)
+    let mut policies = Vec::new();
+    let mut invalid_policies = Vec::new();
+    for (i, v) in raw.policies.into_iter().enumerate() {
+        match parse_policy(&v) {
+            Ok(p) => policies.push(p),
+            Err(bad) => {
+                errors.push(ConfigError {
+                    kind: "policy",
+                    name: entry_name(&v, i),
+                    reason: bad.reason.clone(),
+                });
+                invalid_policies.push(bad);
+            }
+        }
+    }
+    (
+        LocalConfig {
+            workloads,
+            services,
+            policies,
+            invalid_policies,
+        },
+        errors,
+    )
 }

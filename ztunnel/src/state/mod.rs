@@ -2,7 +2,8 @@
 //! for the data path (who is at this IP? which endpoints back this VIP?). Loaded from
 //! Istio's local-config YAML shape (`{workloads, services, policies}`) for now; xDS later
 //! feeds the same store. Updates replace the whole snapshot atomically; a bad entry is
-//! rejected by name and the last good snapshot stays in force.
+//! rejected by name (a bad policy also fails closed for the workloads it could select), and
+//! a document that is not YAML at all leaves the last snapshot in force.
 mod config;
 mod store;
 

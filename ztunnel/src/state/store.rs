@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::config::{LocalConfig, Service, Workload, WorkloadProtocol};
 use super::{parse_local_config, ConfigError};
-use crate::policy::Authorization;
+use crate::policy::{InvalidPolicy, Policies};
 
 /// One consistent view of workloads, services and policies.
 #[derive(Debug, Default)]
@@ -35,7 +35,9 @@ pub struct Upstream {
 impl Upstream {
     /// Whether to tunnel in HBONE (the destination is a mesh workload).
     pub fn is_hbone(&self) -> bool {
-        self.workload.as_ref().is_some_and(|w| w.protocol == WorkloadProtocol::Hbone)
+        self.workload
+            .as_ref()
+            .is_some_and(|w| w.protocol == WorkloadProtocol::Hbone)
     }
 }
 
@@ -74,9 +76,17 @@ impl Snapshot {
         self.by_uid.get(uid).cloned()
     }
 
-    /// Policies in force.
-    pub fn policies(&self) -> &[Authorization] {
-        &self.config.policies
+    /// Policies in force, with the rejected entries that make the workloads they select fail closed.
+    pub fn policies(&self) -> Policies<'_> {
+        Policies {
+            valid: &self.config.policies,
+            invalid: &self.config.invalid_policies,
+        }
+    }
+
+    /// Policy entries that were rejected (each denies everything for the workloads it could select).
+    pub fn invalid_policies(&self) -> &[InvalidPolicy] {
+        &self.config.invalid_policies
     }
 
     /// Resolves a destination: service VIP → one endpoint (round robin), workload IP →
@@ -85,21 +95,41 @@ impl Snapshot {
         if let Some(svc) = self.vips.get(&dst.ip()) {
             let key = svc.key();
             let eps = self.endpoints.get(&key).filter(|e| !e.is_empty())?;
-            let i = self.rr.get(&key).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
+            let i = self
+                .rr
+                .get(&key)
+                .map(|c| c.fetch_add(1, Ordering::Relaxed))
+                .unwrap_or(0);
             let ep = eps[i % eps.len()].clone();
             let target = match svc.ports.get(&dst.port()) {
-                Some(0) | None => ep.services.get(&key).and_then(|m| m.get(&dst.port())).copied().unwrap_or(dst.port()),
+                Some(0) | None => ep
+                    .services
+                    .get(&key)
+                    .and_then(|m| m.get(&dst.port()))
+                    .copied()
+                    .unwrap_or(dst.port()),
                 Some(t) => *t,
             };
             let ip = pick_family(&ep.workload_ips, dst.ip())?;
-            return Some(Upstream { workload: Some(ep), service: Some(svc.clone()), addr: SocketAddr::new(ip, target) });
+            return Some(Upstream {
+                workload: Some(ep),
+                service: Some(svc.clone()),
+                addr: SocketAddr::new(ip, target),
+            });
         }
-        Some(Upstream { workload: self.workload_by_ip(dst.ip()), service: None, addr: dst })
+        Some(Upstream {
+            workload: self.workload_by_ip(dst.ip()),
+            service: None,
+            addr: dst,
+        })
     }
 }
 
 fn pick_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
-    ips.iter().find(|i| i.is_ipv4() == like.is_ipv4()).or_else(|| ips.first()).copied()
+    ips.iter()
+        .find(|i| i.is_ipv4() == like.is_ipv4())
+        .or_else(|| ips.first())
+        .copied()
 }
 
 /// The live store: readers take cheap `Arc` snapshots; writers replace them whole.
@@ -144,6 +174,10 @@ impl StateStore {
         self.rejected.fetch_add(errors.len() as u64, Ordering::Relaxed);
         for e in &errors {
             tracing::warn!(error = %e, "config entry rejected");
+        }
+        for p in &cfg.invalid_policies {
+            tracing::warn!(policy = %p.key(), reason = %p.reason, namespace = ?p.namespace, scope = ?p.scope,
+                "invalid policy: the workloads it could select deny all connections until it is fixed");
         }
         if !errors.iter().any(|e| e.kind == "document") {
             self.replace(cfg);
