@@ -161,6 +161,7 @@ fn config_dump(s: &Shared) -> serde_json::Value {
         "workloads": snap.config.workloads,
         "services": snap.config.services,
         "policies": snap.config.policies,
+        "invalidPolicies": snap.config.invalid_policies,
         "certificates": s.mesh.certs.snapshot(),
         "hbonePool": s.mesh.pool.stats(),
         "ebpfCounters": s.capture.counters().ok(),

@@ -136,20 +136,7 @@ fn action(v: &Value) -> Result<PolicyAction, PolicyError> {
 
 /// A rule is a list of clauses (Istio) or `{clauses: [...]}` (ours).
 fn rule(v: &Value, path: &str, policy_ns: &str) -> Result<Rule, PolicyError> {
-    let (clauses, path) = match v {
-        Value::Sequence(s) => (s.as_slice(), path.to_string()),
-        _ => {
-            let m = mapping(v, path, &["clauses"])?;
-            let path = format!("{path}.clauses");
-            (
-                m.get("clauses")
-                    .map(|c| sequence(c, &path))
-                    .transpose()?
-                    .unwrap_or_default(),
-                path,
-            )
-        }
-    };
+    let (clauses, path) = nested(v, path, "clauses")?;
     clauses
         .iter()
         .enumerate()
@@ -159,25 +146,24 @@ fn rule(v: &Value, path: &str, policy_ns: &str) -> Result<Rule, PolicyError> {
 
 /// A clause is a list of matches (Istio) or `{matches: [...]}` (ours).
 fn clause(v: &Value, path: &str, policy_ns: &str) -> Result<Clause, PolicyError> {
-    let (matches, path) = match v {
-        Value::Sequence(s) => (s.as_slice(), path.to_string()),
-        _ => {
-            let m = mapping(v, path, &["matches"])?;
-            let path = format!("{path}.matches");
-            (
-                m.get("matches")
-                    .map(|c| sequence(c, &path))
-                    .transpose()?
-                    .unwrap_or_default(),
-                path,
-            )
-        }
-    };
+    let (matches, path) = nested(v, path, "matches")?;
     matches
         .iter()
         .enumerate()
         .map(|(i, m)| match_group(m, &format!("{path}[{i}]"), policy_ns))
         .collect()
+}
+
+/// One level of nesting: a plain list (Istio), or a mapping holding the list under `key` (ours; absent = empty).
+/// Returns the items and the path they live at.
+fn nested<'v>(v: &'v Value, path: &str, key: &'static str) -> Result<(&'v [Value], String), PolicyError> {
+    if let Value::Sequence(items) = v {
+        return Ok((items, path.to_string()));
+    }
+    let m = mapping(v, path, &[key])?;
+    let path = format!("{path}.{key}");
+    let items = m.get(key).map(|l| sequence(l, &path)).transpose()?.unwrap_or_default();
+    Ok((items, path))
 }
 
 fn match_group(v: &Value, path: &str, policy_ns: &str) -> Result<Match, PolicyError> {
