@@ -209,7 +209,9 @@ pub struct ConnectHeaders {
     pub extra: HeaderMap,
 }
 
-pub(crate) fn build_request(
+/// The CONNECT request the client sends for `target` with `h` (the inverse of the server's parse).
+/// Public only so the `hbone_headers` fuzz target (ztunnel/fuzz) can reach it.
+pub fn build_request(
     target: SocketAddr,
     h: &ConnectHeaders,
 ) -> Result<Request<()>, HboneError> {

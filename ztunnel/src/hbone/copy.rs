@@ -8,10 +8,12 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// First buffer size of each direction; small so idle connections cost little memory.
+/// Buffer size of a direction once data flows; small so busy small connections cost little.
 const INITIAL_BUF: usize = 16 * 1024;
 /// Largest buffer a busy direction grows to.
 const MAX_BUF: usize = 256 * 1024;
+/// Stack space used to wait for data while a direction holds no heap buffer.
+const PROBE: usize = 2 * 1024;
 
 /// Bytes moved by [`copy_bidirectional`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -22,11 +24,16 @@ pub struct CopyStats {
     pub b_to_a: u64,
 }
 
-/// One direction of the copy: a buffer that doubles whenever a read fills it.
+/// One direction of the copy. An idle direction holds no heap buffer: it waits for data
+/// with a small stack buffer and allocates only when bytes arrive, then gives the buffer
+/// back when its reader goes quiet again (unless it has grown for bulk traffic). So an idle
+/// proxied connection costs a few hundred bytes instead of two copy buffers.
 struct Direction {
+    /// Bytes read and not yet fully written are `buf[pos..]`; capacity 0 when idle.
     buf: Vec<u8>,
     pos: usize,
-    filled: usize,
+    /// Capacity to allocate next; doubles whenever a read fills the buffer.
+    size: usize,
     read_done: bool,
     need_flush: bool,
     done: bool,
@@ -36,13 +43,52 @@ struct Direction {
 impl Direction {
     fn new() -> Self {
         Direction {
-            buf: vec![0; INITIAL_BUF],
+            buf: Vec::new(),
             pos: 0,
-            filled: 0,
+            size: INITIAL_BUF,
             read_done: false,
             need_flush: false,
             done: false,
             total: 0,
+        }
+    }
+
+    /// Reads into the buffer (or, with none, into a stack probe first). `Ready(Ok(()))` once
+    /// bytes or EOF arrived.
+    fn poll_fill<R: AsyncRead + ?Sized>(&mut self, cx: &mut Context<'_>, mut reader: Pin<&mut R>) -> Poll<io::Result<()>> {
+        self.pos = 0;
+        self.buf.clear();
+        if self.buf.capacity() == 0 {
+            let mut probe = [0u8; PROBE];
+            let mut rb = ReadBuf::new(&mut probe);
+            ready!(reader.as_mut().poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                self.read_done = true;
+            } else {
+                self.buf.reserve_exact(self.size);
+                self.buf.extend_from_slice(rb.filled());
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let mut rb = ReadBuf::uninit(self.buf.spare_capacity_mut());
+        match reader.as_mut().poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    self.read_done = true;
+                } else {
+                    // SAFETY: ReadBuf guarantees its first `n` bytes were initialised by the read.
+                    unsafe { self.buf.set_len(n) };
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if self.size <= INITIAL_BUF {
+                    self.buf = Vec::new();
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -57,33 +103,18 @@ impl Direction {
         W: AsyncWrite + ?Sized,
     {
         loop {
-            if self.pos == self.filled && !self.read_done {
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.pos = 0;
-                            self.filled = n;
-                        }
+            if self.pos == self.buf.len() && !self.read_done {
+                if let Poll::Pending = self.poll_fill(cx, reader.as_mut())? {
+                    // Nothing more to read now: push out what was written so far.
+                    if self.need_flush {
+                        ready!(writer.as_mut().poll_flush(cx))?;
+                        self.need_flush = false;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        // Nothing more to read now: push out what was written so far.
-                        if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
+                    return Poll::Pending;
                 }
             }
-            while self.pos < self.filled {
-                let n = ready!(writer
-                    .as_mut()
-                    .poll_write(cx, &self.buf[self.pos..self.filled]))?;
+            while self.pos < self.buf.len() {
+                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -91,9 +122,10 @@ impl Direction {
                 self.total += n as u64;
                 self.need_flush = true;
             }
-            if self.filled == self.buf.len() && self.buf.len() < MAX_BUF {
-                let grown = (self.buf.len() * 2).min(MAX_BUF);
-                self.buf.resize(grown, 0);
+            if !self.read_done && self.buf.len() == self.buf.capacity() && self.size < MAX_BUF {
+                self.size = (self.size * 2).min(MAX_BUF);
+                self.buf = Vec::with_capacity(self.size);
+                self.pos = 0;
             }
             if self.read_done {
                 // EOF: forward it as a write shutdown (which also flushes).

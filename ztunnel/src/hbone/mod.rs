@@ -13,14 +13,14 @@ mod stream;
 use std::time::Duration;
 
 pub use client::{
-    CertManagerTls, ClientTlsProvider, ConnectHeaders, DialError, DialFuture, Dialer, HboneError,
+    build_request, CertManagerTls, ClientTlsProvider, ConnectHeaders, DialError, DialFuture, Dialer, HboneError,
     PoolKey, TcpDialer, TlsConfigFuture,
 };
 pub use copy::{copy_bidirectional, CopyStats};
 pub use pool::{ConnectionPool, PoolConfig, PoolStats};
 pub use server::{
-    serve_connection, serve_connection_until, ConnectHandler, ConnectRejection, ConnectRequest,
-    ForwardedFor, ServeError, StreamSummary,
+    parse_forwarded_for, parse_request, serve_connection, serve_connection_until, ConnectHandler, ConnectRejection,
+    ConnectRequest, ForwardedFor, ServeError, StreamSummary,
 };
 pub use stream::HboneStream;
 

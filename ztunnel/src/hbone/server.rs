@@ -190,7 +190,8 @@ where
 }
 
 /// Why a request is not a valid HBONE CONNECT (answered with 400).
-fn parse_request(req: &Request<h2::RecvStream>, peer: Identity) -> Result<ConnectRequest, String> {
+/// Public only so the `hbone_headers` fuzz target (ztunnel/fuzz) can reach it.
+pub fn parse_request(req: &Request<h2::RecvStream>, peer: Identity) -> Result<ConnectRequest, String> {
     if req.method() != Method::CONNECT {
         return Err(format!("method {} is not CONNECT", req.method()));
     }
@@ -221,7 +222,8 @@ fn parse_request(req: &Request<h2::RecvStream>, peer: Identity) -> Result<Connec
 
 /// Extracts `for=` from a `Forwarded` header: `for=1.2.3.4`, `for="1.2.3.4:80"`,
 /// `for="[::1]:80"` or `for="[::1]"`.
-pub(crate) fn parse_forwarded_for(value: &str) -> Option<ForwardedFor> {
+/// Public only so the `hbone_headers` fuzz target (ztunnel/fuzz) can reach it.
+pub fn parse_forwarded_for(value: &str) -> Option<ForwardedFor> {
     let first = value.split(',').next()?;
     let raw = first.split(';').find_map(|kv| {
         let (k, v) = kv.trim().split_once('=')?;

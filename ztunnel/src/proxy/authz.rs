@@ -1,9 +1,10 @@
 //! Authorization at the destination pod: checked when a connection arrives and re-checked
 //! whenever the policy set changes, so a new DENY (or a removed ALLOW) cuts connections
 //! that are already open.
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::AbortHandle;
@@ -25,10 +26,43 @@ pub fn check(ctx: &ProxyContext, facts: &ConnectionFacts, direction: &str) -> De
     d
 }
 
-/// Keeps re-checking an open connection; when it stops being allowed, shuts down its
-/// sockets (both directions end, so the relay returns). Stops when dropped.
+/// Set once, when policy stops allowing a connection; wakes the task copying its bytes.
+#[derive(Default)]
+struct Revocation {
+    revoked: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Revocation {
+    fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    /// Whether revoked; if not, the polling task is woken when it is.
+    fn poll_revoked(&self, cx: &mut Context<'_>) -> bool {
+        if self.revoked.load(Ordering::SeqCst) {
+            return true;
+        }
+        {
+            let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
+            }
+        }
+        self.revoked.load(Ordering::SeqCst)
+    }
+}
+
+/// Keeps re-checking an open connection against policy changes; when it stops being
+/// allowed, the [`Guarded`] stream carrying this watch fails both ways, so the copy ends and
+/// both sockets close. No fd is duplicated for it. Stops when dropped.
 pub struct Watch {
     task: AbortHandle,
+    revocation: Arc<Revocation>,
 }
 
 impl Drop for Watch {
@@ -37,39 +71,49 @@ impl Drop for Watch {
     }
 }
 
-/// Starts watching `facts` against policy changes; `sockets` are shut down on revocation.
-pub fn watch(ctx: &ProxyContext, facts: ConnectionFacts, sockets: Vec<OwnedFd>, direction: &'static str) -> Watch {
+/// Starts watching `facts` against policy changes.
+pub fn watch(ctx: &ProxyContext, facts: ConnectionFacts, direction: &'static str) -> Watch {
     let ctx = ctx.clone();
     let mut changes = ctx.mesh.state.subscribe();
+    let revocation = Arc::new(Revocation::default());
+    let rev = revocation.clone();
     let task = tokio::spawn(async move {
         while changes.changed().await.is_ok() {
             if let Decision::Deny(_) = check(&ctx, &facts, direction) {
-                for s in &sockets {
-                    // SAFETY: shutting down a socket fd we own a duplicate of.
-                    unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
-                }
+                rev.revoke();
                 warn!(pod = %ctx.pod.uid, src = %facts.source_ip, dst = %facts.destination, "open connection closed: no longer allowed by policy");
                 return;
             }
         }
     });
-    Watch { task: task.abort_handle() }
+    Watch { task: task.abort_handle(), revocation }
 }
 
-/// A stream that carries its policy watch: dropping the stream stops the watch.
+/// A stream that carries its policy watch: once revoked, reads and writes fail; dropping
+/// the stream stops the watch.
 pub struct Guarded<S> {
     pub inner: S,
     pub watch: Watch,
 }
 
+fn revoked_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection no longer allowed by policy")
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.watch.revocation.poll_revoked(cx) {
+            return Poll::Ready(Err(revoked_error()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if self.watch.revocation.poll_revoked(cx) {
+            return Poll::Ready(Err(revoked_error()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -78,9 +122,4 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-}
-
-/// A duplicate of a socket's fd, for [`watch`] to shut it down later.
-pub fn dup_fd(s: &impl std::os::fd::AsFd) -> Option<OwnedFd> {
-    s.as_fd().try_clone_to_owned().ok()
 }

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument};
 
-use super::authz::{check, dup_fd, watch, Guarded};
+use super::authz::{check, watch, Guarded};
 use super::relay::{finish, labels, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
@@ -104,8 +104,7 @@ impl ConnectHandler for Inbound {
                 return refuse(rec, ConnectRejection::UpstreamFailed(format!("{dst}: {e}")));
             }
         };
-        let fds = dup_fd(&upstream).into_iter().collect();
-        let guard = watch(ctx, facts, fds, "inbound");
+        let guard = watch(ctx, facts, "inbound");
         Ok(Metered::new(Guarded { inner: upstream, watch: guard }, ctx, rec, l))
     }
 }

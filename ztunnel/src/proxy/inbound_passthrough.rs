@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 
-use super::authz::{check, dup_fd, watch};
+use super::authz::{check, watch, Guarded};
 use super::relay::{labels, refuse, relay, ConnectionRecord, Direction, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
@@ -47,9 +47,8 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst
     }
     let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
     match socket::dial(&ctx.pod.netns, dst, bind).await {
-        Ok(mut upstream) => {
-            let fds = [dup_fd(&client), dup_fd(&upstream)].into_iter().flatten().collect();
-            let _watch = watch(ctx, facts, fds, "inbound_passthrough");
+        Ok(upstream) => {
+            let mut upstream = Guarded { inner: upstream, watch: watch(ctx, facts, "inbound_passthrough") };
             relay(ctx, rec, l, &mut client, &mut upstream).await
         }
         Err(e) => {
