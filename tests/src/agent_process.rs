@@ -71,6 +71,11 @@ impl AgentProcess {
         crate::mesh::enroll_at(&self.socket, pod, "default", pod.name())
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Current CPU time and RSS of the agent process.
     pub fn usage(&self) -> Result<Usage> {
         let pid = self.child.id();

@@ -36,6 +36,13 @@ enum Cmd {
     Demo,
     /// Set up, then run every test in the workspace (needs root).
     Test,
+    /// Set up, then run the memory-per-connection and soak scenarios (needs root); extra
+    /// args go to the soak binary (`--only memory|soak`, `--minutes M`, `--settle S`).
+    Soak {
+        /// Arguments passed through to `mesh-tests --bin soak`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, then run the benchmark suite (needs root); extra args go to the bench binary.
     Bench {
         /// Arguments passed through to `mesh-tests --bin bench`.
@@ -60,25 +67,8 @@ fn main() -> ExitCode {
                 "--test-threads=2",
             ])
         }),
-        Cmd::Bench { args } => require_root("bench").and_then(|()| setup()).and_then(|()| {
-            // The bench runs node agents as separate `ztunnel` processes (to measure their
-            // CPU and memory alone), so the release binary must exist first.
-            let code = cargo(&["build", "--release", "-p", "ztunnel", "--bin", "ztunnel"])?;
-            if code != 0 {
-                return Ok(code);
-            }
-            let mut argv = vec![
-                "run",
-                "--release",
-                "-p",
-                "mesh-tests",
-                "--bin",
-                "bench",
-                "--",
-            ];
-            argv.extend(args.iter().map(String::as_str));
-            cargo(&argv)
-        }),
+        Cmd::Bench { args } => require_root("bench").and_then(|()| setup()).and_then(|()| release_bench("bench", &args)),
+        Cmd::Soak { args } => require_root("soak").and_then(|()| setup()).and_then(|()| release_bench("soak", &args)),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -87,6 +77,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a release bench binary of `mesh-tests` with `args`. Benches run node agents as
+/// separate `ztunnel` processes (to measure their CPU and memory alone), so the release
+/// binary is built first.
+fn release_bench(bin: &str, args: &[String]) -> Result<i32> {
+    let code = cargo(&["build", "--release", "-p", "ztunnel", "--bin", "ztunnel"])?;
+    if code != 0 {
+        return Ok(code);
+    }
+    let mut argv = vec!["run", "--release", "-p", "mesh-tests", "--bin", bin, "--"];
+    argv.extend(args.iter().map(String::as_str));
+    cargo(&argv)
 }
 
 /// Idempotent machine set-up; prints one line per item, saying what it found or did.

@@ -228,11 +228,28 @@ impl Capture {
 fn load_object(pin_dir: &Path, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
     let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pin_dir.join("maps").join(n))).collect();
     let mut loader = aya::EbpfLoader::new();
+    // Drops the kernel BTF that `new` parsed before the object is loaded.
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
     loader.override_global(POD_NETNS_COOKIE, &pod_netns_cookie, true);
-    Ok(loader.load(EBPF_OBJECT)?)
+    // The programs need no CO-RE relocations; without this aya keeps the parsed kernel BTF.
+    loader.btf(None);
+    let ebpf = loader.load(EBPF_OBJECT);
+    drop(loader);
+    release_freed_memory();
+    Ok(ebpf?)
+}
+
+/// `EbpfLoader::new` parses the kernel's BTF (tens of MB, freed right after); glibc keeps
+/// freed heap in its arenas, so without a trim every enrollment would leave the agent's RSS
+/// tens of MB higher for good.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// A program of the loaded object, as its concrete type.
