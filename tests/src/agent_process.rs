@@ -44,6 +44,8 @@ impl AgentProcess {
             n.gateway4().to_string(),
             "--probe-source".into(),
             n.gateway6().to_string(),
+            "--handoff-socket".into(),
+            run_dir.join("handoff.sock").display().to_string(),
         ];
         args.extend(extra.iter().cloned());
         let child = Command::new(binary)
@@ -69,6 +71,21 @@ impl AgentProcess {
     /// Enrolls a pod through the agent's socket.
     pub fn enroll(&self, pod: &Pod) -> Result<()> {
         crate::mesh::enroll_at(&self.socket, pod, "default", pod.name())
+    }
+
+    /// Waits up to `timeout` for the agent to exit on its own (after handing its pods to a
+    /// successor); its exit status, or `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The agent's process id.

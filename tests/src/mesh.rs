@@ -117,6 +117,7 @@ impl MeshNode {
             local_config: Some(mesh_config_path(cluster)),
             log_control: None,
             limits,
+            handoff_socket: Some(run_dir.join("handoff.sock")),
             admin: Some(AdminConfig {
                 admin_addr: "127.0.0.1:0".parse().expect("addr"),
                 metrics_addr: "127.0.0.1:0".parse().expect("addr"),

@@ -75,6 +75,14 @@ struct NodeArgs {
     /// Data-path worker threads (the admin server has its own thread).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
+    /// Where a new agent takes this one's pods and listening sockets over (hitless upgrade
+    /// or restart); a starting agent first takes them from whatever agent serves it.
+    #[arg(long, env = "ZTUNNEL_HANDOFF_SOCKET", default_value = "/var/run/ztunnel/handoff.sock")]
+    handoff_socket: PathBuf,
+    /// After handing its pods over, how long (seconds) the old agent keeps relaying the
+    /// connections it had accepted before it exits.
+    #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value_t = 30)]
+    drain_timeout: u64,
     /// Concurrent connections one pod may hold on each of its listeners; past it new
     /// connections are reset (a flood against one pod cannot starve the others).
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = 4096)]
@@ -140,6 +148,7 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         ca: std::sync::Arc::new(ca),
         local_config: args.local_config,
         log_control: Some(log),
+        handoff_socket: Some(args.handoff_socket),
         limits: ztunnel::proxy::limit::Limits { connections_per_pod_listener: args.max_connections_per_pod },
         admin: Some(AdminConfig {
             admin_addr: args.admin_addr,
@@ -157,11 +166,19 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
             },
         },
     };
+    let drain_timeout = args.drain_timeout;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
     rt.block_on(async move {
-        let _node = Node::start(cfg).await.context("starting node agent")?;
-        tokio::signal::ctrl_c().await?;
-        tracing::info!("shutting down; capture stays installed (use --uninstall to remove)");
+        let node = Node::start(cfg).await.context("starting node agent")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r?;
+                tracing::info!("shutting down; capture stays installed (use --uninstall to remove)");
+            }
+            open = node.retired(std::time::Duration::from_secs(drain_timeout)) => {
+                tracing::info!(still_open = open, "pods handed to the successor and connections drained; exiting");
+            }
+        }
         Ok(())
     })
 }

@@ -12,7 +12,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::pod::PodProxy;
+use super::pod::{Listeners, PodProxy};
 use super::pod_state::{self, PodState};
 use super::Shared;
 use crate::enrollment::{recv_datagram, send_datagram, workload_request::Payload, workload_response, Ack, WireError, WorkloadRequest, WorkloadResponse};
@@ -33,10 +33,20 @@ pub(super) fn bind(path: &Path) -> std::io::Result<OwnedFd> {
 
 /// Accepts CNI connections until aborted; aborting also ends every connection task.
 pub(super) async fn serve(listener: OwnedFd, shared: Arc<Shared>) {
+    accept_seqpacket(listener, "enrollment", move |fd| connection(fd, shared.clone())).await
+}
+
+/// Accepts connections on a `SOCK_SEQPACKET` listener until aborted, running `conn` for
+/// each; aborting also ends every connection task. Shared by enrollment and handover.
+pub(super) async fn accept_seqpacket<F, Fut>(listener: OwnedFd, what: &'static str, conn: F)
+where
+    F: Fn(OwnedFd) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     // SAFETY: we own the fd and nothing else registers or closes it while `listener` lives.
     let listener = match unsafe { AsyncFd::register(listener) } {
         Ok(l) => l,
-        Err(e) => return warn!(error = %e, "enrollment socket not pollable"),
+        Err(e) => return warn!(error = %e, socket = what, "socket not pollable"),
     };
     let mut conns = JoinSet::new();
     loop {
@@ -47,10 +57,10 @@ pub(super) async fn serve(listener: OwnedFd, shared: Arc<Shared>) {
                     Ok(raw) => {
                         // SAFETY: accept4 returned a new fd that we now own.
                         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                        conns.spawn(connection(fd, shared.clone()));
+                        conns.spawn(conn(fd));
                     }
                     Err(nix::Error::EAGAIN) => guard.clear_ready(),
-                    Err(e) => warn!(error = %e, "enrollment accept failed"),
+                    Err(e) => warn!(error = %e, socket = what, "accept failed"),
                 }
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -98,6 +108,9 @@ fn reply(conn: &AsyncFd<OwnedFd>, outcome: Result<(), String>) {
 
 /// Applies one request. Errors are the text of the `Ack`.
 fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), String> {
+    if shared.retirement.handed_off() {
+        return Err("this agent handed its pods to a successor; reconnect to the enrollment socket".into());
+    }
     let req = WorkloadRequest::decode(bytes).map_err(|e| format!("malformed request: {e}"))?;
     match req.payload.ok_or("malformed request: no payload")? {
         Payload::Add(add) => {
@@ -114,31 +127,9 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
                 return Err(format!("Add {uid}: pod is already enrolled"));
             }
             let netns = InpodNetns::new(File::from(fds.remove(0))).map_err(|e| format!("Add {uid}: {e}"))?;
-            let cookie = netns.cookie();
-            let ips = netns
-                .run(crate::netns::pod_addresses_here)
-                .and_then(|r| r)
-                .map_err(|e| format!("Add {uid}: listing pod addresses: {e}"))?;
-            let ctx = PodContext {
-                ips,
-                server_tls: Default::default(),
-                limits: crate::proxy::limit::PodLimits::new(&shared.mesh.limits),
-                uid: uid.clone(),
-                name: info.name,
-                namespace: info.namespace,
-                service_account: info.service_account,
-                netns,
-            };
-            let proxy = PodProxy::start(shared, ctx).map_err(|e| format!("Add {uid}: {e}"))?;
-            let st = PodState { uid: uid.clone(), netns_cookie: cookie, ips: proxy.ips.clone() };
-            if let Err(e) = pod_state::save(&shared.state_dir, &st) {
-                let _ = shared.capture.unenroll(&uid, cookie);
-                return Err(format!("Add {uid}: saving state: {e}"));
-            }
-            info!(%uid, ips = ?st.ips, netns_cookie = cookie, "pod enrolled");
-            pods.insert(uid.clone(), proxy);
-            shared.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
-            Ok(())
+            let listeners = Listeners::open(&netns).map_err(|e| format!("Add {uid}: {e}"))?;
+            let id = PodIdentity { uid, name: info.name, namespace: info.namespace, service_account: info.service_account };
+            admit(shared, &mut pods, id, netns, listeners)
         }
         Payload::Keep(keep) => {
             // Keep only means something for a pod this process serves. A pod known from
@@ -171,6 +162,52 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             Ok(())
         }
     }
+}
+
+/// Who a pod is, as enrollment (or a handover) names it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct PodIdentity {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// Starts serving a pod on `listeners` (capture, proxy tasks, state file) and records it in
+/// `pods`. Shared by Add and by taking pods over from a previous agent.
+pub(super) fn admit(
+    shared: &Shared,
+    pods: &mut std::collections::HashMap<String, PodProxy>,
+    id: PodIdentity,
+    netns: InpodNetns,
+    listeners: Listeners,
+) -> Result<(), String> {
+    let uid = id.uid.clone();
+    let cookie = netns.cookie();
+    let ips = netns
+        .run(crate::netns::pod_addresses_here)
+        .and_then(|r| r)
+        .map_err(|e| format!("Add {uid}: listing pod addresses: {e}"))?;
+    let ctx = PodContext {
+        ips,
+        server_tls: Default::default(),
+        limits: crate::proxy::limit::PodLimits::new(&shared.mesh.limits),
+        uid: id.uid,
+        name: id.name,
+        namespace: id.namespace,
+        service_account: id.service_account,
+        netns,
+    };
+    let proxy = PodProxy::start(shared, ctx, listeners).map_err(|e| format!("Add {uid}: {e}"))?;
+    let st = PodState { uid: uid.clone(), netns_cookie: cookie, ips: proxy.ips.clone() };
+    if let Err(e) = pod_state::save(&shared.state_dir, &st) {
+        let _ = shared.capture.unenroll(&uid, cookie);
+        return Err(format!("Add {uid}: saving state: {e}"));
+    }
+    info!(%uid, ips = ?st.ips, netns_cookie = cookie, "pod enrolled");
+    pods.insert(uid.clone(), proxy);
+    shared.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
+    Ok(())
 }
 
 /// Kernel state first (detach, clear maps), then close the listeners.

@@ -53,6 +53,7 @@ pub(super) fn mesh_context(
     registry: PodRegistry,
     metrics: Arc<crate::metrics::Metrics>,
     events: broadcast::Sender<ConnectionRecord>,
+    draining: tokio::sync::watch::Receiver<bool>,
 ) -> MeshContext {
     let certs = CertManager::new(cfg.ca.clone(), CertManagerConfig::default());
     let dialer = move |key: PoolKey| {
@@ -73,6 +74,7 @@ pub(super) fn mesh_context(
         metrics,
         events,
         limits: cfg.limits,
+        draining,
     }
 }
 

@@ -2,6 +2,7 @@
 //! capture for them, and runs each pod's in-pod proxy listeners (outbound, inbound HBONE,
 //! inbound passthrough), sharing one identity manager, HBONE pool and state store.
 mod enroll_server;
+mod handoff;
 mod mesh;
 mod pod;
 mod pod_state;
@@ -41,6 +42,9 @@ pub struct NodeConfig {
     pub admin: Option<AdminConfig>,
     /// Per-pod connection caps.
     pub limits: crate::proxy::limit::Limits,
+    /// Unix socket where a successor agent takes this agent's pods over (and where this
+    /// agent first looks for a predecessor to take them from); `None` disables handover.
+    pub handoff_socket: Option<PathBuf>,
     /// Live log-level control for the admin `/logging` endpoint (record-only when `None`).
     pub log_control: Option<Arc<crate::admin::LogControl>>,
 }
@@ -65,6 +69,9 @@ pub(crate) struct Shared {
     pub seen: Mutex<std::collections::HashSet<String>>,
     pub mesh: MeshContext,
     pub registry: PodRegistry,
+    /// Tells HBONE connections to finish (GOAWAY) once the pods are handed over.
+    pub drain: tokio::sync::watch::Sender<bool>,
+    pub retirement: handoff::Retirement,
 }
 
 /// A running node agent. Dropping it stops serving but leaves capture pinned (as a crash
@@ -74,6 +81,7 @@ pub struct Node {
     tasks: Vec<JoinHandle<()>>,
     socket_path: PathBuf,
     admin: Option<AdminServer>,
+    limits: crate::proxy::limit::Limits,
 }
 
 impl Node {
@@ -87,7 +95,8 @@ impl Node {
         let (events, _) = broadcast::channel(4096);
         let registry = PodRegistry::default();
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let mesh = mesh::mesh_context(&cfg, registry.clone(), metrics, events);
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        let mesh = mesh::mesh_context(&cfg, registry.clone(), metrics, events, draining);
         // Config before capture and pods: a missing or unreadable file stops the agent
         // before it installs anything, and no pod is ever served with an empty policy set.
         let loaded = match &cfg.local_config {
@@ -105,14 +114,31 @@ impl Node {
             seen: Mutex::new(Default::default()),
             mesh,
             registry,
+            drain,
+            retirement: Default::default(),
         });
+        let mut tasks = vec![];
+        if let Some(path) = &cfg.handoff_socket {
+            // Take the pods of the agent we replace (if one runs) before serving anything.
+            match handoff::take(path, &shared) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pods = n, "took over pods from the previous agent"),
+                Err(e) => tracing::warn!(error = %e, "taking over from the previous agent failed; pods need a new Add"),
+            }
+            let listener = enroll_server::bind(path).map_err(|source| NodeError::Io {
+                what: "binding handoff socket",
+                path: path.clone(),
+                source,
+            })?;
+            tasks.push(tokio::spawn(handoff::serve(listener, shared.clone())));
+        }
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let listener = enroll_server::bind(&cfg.enrollment_socket).map_err(|source| NodeError::Io {
             what: "binding enrollment socket",
             path: cfg.enrollment_socket.clone(),
             source,
         })?;
-        let mut tasks = vec![tokio::spawn(enroll_server::serve(listener, shared.clone()))];
+        tasks.push(tokio::spawn(enroll_server::serve(listener, shared.clone())));
         if let (Some(path), Some(loaded)) = (cfg.local_config.clone(), loaded) {
             tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone(), loaded)));
         }
@@ -127,7 +153,18 @@ impl Node {
         // Capture installed, first config applied, enrollment served: now ready.
         ready.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(socket = %cfg.enrollment_socket.display(), "node agent ready");
-        Ok(Self { shared, tasks, socket_path: cfg.enrollment_socket, admin })
+        Ok(Self { shared, tasks, socket_path: cfg.enrollment_socket, admin, limits: cfg.limits })
+    }
+
+    /// Resolves once a successor has taken this agent's pods and the connections accepted
+    /// before that ended, or `deadline` passed; returns how many were still open.
+    pub async fn retired(&self, deadline: std::time::Duration) -> usize {
+        self.shared.retirement.drained(self.limits.connections_per_pod_listener, deadline).await
+    }
+
+    /// Whether a successor has taken this agent's pods.
+    pub fn handed_off(&self) -> bool {
+        self.shared.retirement.handed_off()
     }
 
     /// Subscribes to per-connection records (the access log as data).
@@ -191,6 +228,9 @@ impl Drop for Node {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = std::fs::remove_file(&self.socket_path);
+        // After a handover the path belongs to the successor's socket.
+        if !self.shared.retirement.handed_off() {
+            let _ = std::fs::remove_file(&self.socket_path);
+        }
     }
 }

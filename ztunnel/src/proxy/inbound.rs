@@ -13,7 +13,7 @@ use super::authz::{check, watch, Guarded};
 use super::relay::{finish, labels, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
-use crate::hbone::{serve_connection, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
+use crate::hbone::{serve_connection_until, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
 use crate::metrics::Reporter;
 use crate::policy::{ConnectionFacts, Decision};
 use crate::tls::RejectReason;
@@ -54,7 +54,11 @@ async fn connection(ctx: ProxyContext, stream: TcpStream, peer: SocketAddr) {
         }
     };
     let handler = Arc::new(Inbound { ctx: ctx.clone(), peer });
-    if let Err(e) = serve_connection(tls, handler, &H2Config::default()).await {
+    let mut draining = ctx.mesh.draining.clone();
+    let drain = async move {
+        let _ = draining.wait_for(|d| *d).await;
+    };
+    if let Err(e) = serve_connection_until(tls, handler, &H2Config::default(), drain).await {
         debug!(error = %e, "HBONE connection ended");
     }
 }

@@ -117,6 +117,9 @@ pub struct MeshContext {
     pub events: broadcast::Sender<ConnectionRecord>,
     /// Per-pod resource limits.
     pub limits: limit::Limits,
+    /// Turns true when this agent hands its pods to a successor: HBONE connections then
+    /// finish their streams and close (GOAWAY), so peers reconnect to the successor.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 /// One pod's listeners' context.
