@@ -117,7 +117,9 @@ pub fn request_from(pod: &Pod, src: Option<std::net::IpAddr>, dst: SocketAddr, m
 /// A blocking TCP connection from `src` (any address when `None`) to `dst`, giving up
 /// after 5 s, made in the calling thread's network namespace.
 pub fn connect_bound(src: Option<std::net::IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
     let family = if dst.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::SendTimeout, &nix::sys::time::TimeVal::new(5, 0))?;

@@ -46,10 +46,7 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let d = |c: u8| u32::from(c - b'0');
             let v = d(b[i + 1]) * 64 + d(b[i + 2]) * 8 + d(b[i + 3]);
             out.push(v as u8);
@@ -138,12 +135,9 @@ fn empty_cgroup(path: &Path) -> Result<()> {
         return Ok(());
     }
     if procs.contains(&me) {
-        let parent = path
-            .parent()
-            .ok_or_else(|| anyhow!("cgroup {} has no parent", path.display()))?;
+        let parent = path.parent().ok_or_else(|| anyhow!("cgroup {} has no parent", path.display()))?;
         let pp = parent.join("cgroup.procs");
-        fs::write(&pp, me.to_string())
-            .with_context(|| format!("move self ({me}) to {}", pp.display()))?;
+        fs::write(&pp, me.to_string()).with_context(|| format!("move self ({me}) to {}", pp.display()))?;
     }
     let kill_file = path.join("cgroup.kill");
     if kill_file.exists() {
@@ -170,10 +164,7 @@ fn wait_unpopulated(path: &Path, timeout: Duration) -> Result<()> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!(
-                "cgroup {} still populated after {timeout:?}",
-                path.display()
-            );
+            bail!("cgroup {} still populated after {timeout:?}", path.display());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -186,10 +177,7 @@ mod tests {
     #[test]
     fn unescape() {
         assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
-        assert_eq!(
-            unescape_mount_path("/sys/fs/cgroup/unified"),
-            "/sys/fs/cgroup/unified"
-        );
+        assert_eq!(unescape_mount_path("/sys/fs/cgroup/unified"), "/sys/fs/cgroup/unified");
         assert_eq!(unescape_mount_path("/x\\"), "/x\\");
     }
 }

@@ -22,8 +22,8 @@ use anyhow::{bail, Context, Result};
 use crate::cgroup::{cgroup2_root, create_cgroup, remove_cgroup_tree};
 use crate::cmd::ip_in;
 use crate::netns::{
-    create_netns, delete_netns, in_netns, run_async_in_netns, set_sysctls, spawn_in_netns,
-    spawn_in_netns_cmd, wait_link_up, wait_no_tentative,
+    create_netns, delete_netns, in_netns, run_async_in_netns, set_sysctls, spawn_in_netns, spawn_in_netns_cmd,
+    wait_link_up, wait_no_tentative,
 };
 use crate::sweep::{new_prefix, sweep_leftovers};
 
@@ -79,8 +79,7 @@ impl Cluster {
             netns_names: Vec::new(),
             cgroup: None,
         };
-        c.build(nodes)
-            .with_context(|| format!("building cluster {}", c.prefix))?;
+        c.build(nodes).with_context(|| format!("building cluster {}", c.prefix))?;
         Ok(c)
     }
 
@@ -101,67 +100,19 @@ impl Cluster {
             let name = format!("{}-node{n}", self.prefix);
             let file = create_netns(&name)?;
             self.netns_names.push(name.clone());
-            set_sysctls(
-                &file,
-                &[
-                    ("net/ipv4/ip_forward", "1"),
-                    ("net/ipv6/conf/all/forwarding", "1"),
-                ],
-            )?;
+            set_sysctls(&file, &[("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1")])?;
             let fabric_port = format!("n{n}");
-            ip_in(
-                &name,
-                &[
-                    "link",
-                    "add",
-                    ETH,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &fabric_port,
-                    "netns",
-                    &fabric_name,
-                ],
-            )?;
-            ip_in(
-                &fabric_name,
-                &["link", "set", &fabric_port, "master", BRIDGE, "up"],
-            )?;
-            ip_in(
-                &name,
-                &["addr", "add", &format!("{}/24", underlay4(n)), "dev", ETH],
-            )?;
-            ip_in(
-                &name,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{}/64", underlay6(n)),
-                    "dev",
-                    ETH,
-                    "nodad",
-                ],
-            )?;
+            ip_in(&name, &["link", "add", ETH, "type", "veth", "peer", "name", &fabric_port, "netns", &fabric_name])?;
+            ip_in(&fabric_name, &["link", "set", &fabric_port, "master", BRIDGE, "up"])?;
+            ip_in(&name, &["addr", "add", &format!("{}/24", underlay4(n)), "dev", ETH])?;
+            ip_in(&name, &["-6", "addr", "add", &format!("{}/64", underlay6(n)), "dev", ETH, "nodad"])?;
             ip_in(&name, &["link", "set", ETH, "up"])?;
 
             let gw4 = Ipv4Addr::new(10, 244, n as u8, 1);
             let gw6: Ipv6Addr = format!("fd00:244:{n}::1").parse()?;
             ip_in(&name, &["link", "add", BRIDGE, "type", "bridge"])?;
             ip_in(&name, &["addr", "add", &format!("{gw4}/24"), "dev", BRIDGE])?;
-            ip_in(
-                &name,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{gw6}/64"),
-                    "dev",
-                    BRIDGE,
-                    "nodad",
-                ],
-            )?;
+            ip_in(&name, &["-6", "addr", "add", &format!("{gw6}/64"), "dev", BRIDGE, "nodad"])?;
             ip_in(&name, &["link", "set", BRIDGE, "up"])?;
 
             self.nodes.push(Node {
@@ -181,27 +132,8 @@ impl Cluster {
         for n in 0..nodes {
             let name = self.nodes[n].netns_name().to_string();
             for m in (0..nodes).filter(|&m| m != n) {
-                ip_in(
-                    &name,
-                    &[
-                        "route",
-                        "add",
-                        &format!("10.244.{m}.0/24"),
-                        "via",
-                        &underlay4(m).to_string(),
-                    ],
-                )?;
-                ip_in(
-                    &name,
-                    &[
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("fd00:244:{m}::/64"),
-                        "via",
-                        &underlay6(m).to_string(),
-                    ],
-                )?;
+                ip_in(&name, &["route", "add", &format!("10.244.{m}.0/24"), "via", &underlay4(m).to_string()])?;
+                ip_in(&name, &["-6", "route", "add", &format!("fd00:244:{m}::/64"), "via", &underlay6(m).to_string()])?;
             }
         }
 
@@ -222,25 +154,16 @@ impl Cluster {
     /// cluster and consist of `[A-Za-z0-9_.-]`.
     pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Pod> {
         let n = node;
-        let node = self
-            .nodes
-            .get(n)
-            .cloned()
-            .with_context(|| format!("add_pod({n}, {name:?}): no such node"))?;
+        let node = self.nodes.get(n).cloned().with_context(|| format!("add_pod({n}, {name:?}): no such node"))?;
         if name.is_empty()
             || name.len() > 64
             || name.starts_with('.')
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
         {
             bail!("add_pod: invalid pod name {name:?} (use 1-64 chars of [A-Za-z0-9_.-])");
         }
         if self.pods.iter().any(|p| p.name() == name) {
-            bail!(
-                "add_pod: pod {name:?} already exists in cluster {}",
-                self.prefix
-            );
+            bail!("add_pod: pod {name:?} already exists in cluster {}", self.prefix);
         }
         let k = self.pods.iter().filter(|p| p.node() == n).count();
         let host = k + POD_HOST_BASE;
@@ -260,62 +183,18 @@ impl Cluster {
 
         let node_port = format!("v{k}");
         let node_ns = node.netns_name();
-        ip_in(
-            &ns_name,
-            &[
-                "link", "add", ETH, "type", "veth", "peer", "name", &node_port, "netns", node_ns,
-            ],
-        )?;
-        ip_in(
-            node_ns,
-            &["link", "set", &node_port, "master", BRIDGE, "up"],
-        )?;
+        ip_in(&ns_name, &["link", "add", ETH, "type", "veth", "peer", "name", &node_port, "netns", node_ns])?;
+        ip_in(node_ns, &["link", "set", &node_port, "master", BRIDGE, "up"])?;
 
         let ip4 = Ipv4Addr::new(10, 244, n as u8, host as u8);
         let ip6: Ipv6Addr = format!("fd00:244:{n}::{host}").parse()?;
         ip_in(&ns_name, &["addr", "add", &format!("{ip4}/24"), "dev", ETH])?;
-        ip_in(
-            &ns_name,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{ip6}/64"),
-                "dev",
-                ETH,
-                "nodad",
-            ],
-        )?;
+        ip_in(&ns_name, &["-6", "addr", "add", &format!("{ip6}/64"), "dev", ETH, "nodad"])?;
         ip_in(&ns_name, &["link", "set", ETH, "up"])?;
-        ip_in(
-            &ns_name,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &node.gateway4().to_string(),
-            ],
-        )?;
-        ip_in(
-            &ns_name,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &node.gateway6().to_string(),
-                "dev",
-                ETH,
-            ],
-        )?;
+        ip_in(&ns_name, &["route", "add", "default", "via", &node.gateway4().to_string()])?;
+        ip_in(&ns_name, &["-6", "route", "add", "default", "via", &node.gateway6().to_string(), "dev", ETH])?;
 
-        let cgroup = self
-            .cgroup
-            .as_ref()
-            .context("cluster cgroup missing")?
-            .join(name);
+        let cgroup = self.cgroup.as_ref().context("cluster cgroup missing")?.join(name);
         create_cgroup(&cgroup)?;
 
         let pod = Pod {
@@ -368,9 +247,7 @@ impl Cluster {
     ///
     /// Why: lets tests observe or break the underlay (e.g. capture, link down).
     pub fn fabric_netns_file(&self) -> &File {
-        self.fabric
-            .as_ref()
-            .expect("fabric exists after Cluster::new")
+        self.fabric.as_ref().expect("fabric exists after Cluster::new")
     }
 
     /// Names of every netns this cluster created (fabric, nodes, pods).
@@ -382,9 +259,7 @@ impl Cluster {
 
     /// The per-cluster cgroup directory `<cgroup2-root>/<prefix>`.
     pub fn cgroup_path(&self) -> &Path {
-        self.cgroup
-            .as_deref()
-            .expect("cgroup exists after Cluster::new")
+        self.cgroup.as_deref().expect("cgroup exists after Cluster::new")
     }
 }
 
@@ -439,10 +314,7 @@ pub trait InNetns {
     /// Runs `f` in the netns on a new thread without waiting for it.
     ///
     /// Why: long-lived in-process servers.
-    fn spawn_thread<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> JoinHandle<R> {
+    fn spawn_thread<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> JoinHandle<R> {
         spawn_in_netns(self.netns_file(), f)
     }
 }

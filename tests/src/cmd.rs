@@ -18,12 +18,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("failed to execute `{}`", render(program, args)))?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            render(program, args),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed ({}): {}", render(program, args), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -65,11 +60,7 @@ pub fn ip_retry(args: &[&str]) -> Result<String> {
 ///
 /// Why: link state and address flags settle asynchronously in the kernel;
 /// tests must start only when the topology is really usable.
-pub fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> Result<bool>,
-) -> Result<()> {
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if check()? {

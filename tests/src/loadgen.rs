@@ -129,36 +129,19 @@ pub async fn latency(
     duration: Duration,
     payload: usize,
 ) -> io::Result<FortioResult> {
-    let spec = LoadSpec {
-        connections,
-        qps: Some(qps),
-        payload,
-        ..LoadSpec::new(addr, duration)
-    };
+    let spec = LoadSpec { connections, qps: Some(qps), payload, ..LoadSpec::new(addr, duration) };
     run_load(&spec).await
 }
 
 /// Maximum keep-alive request rate (fortio `-qps 0`), 1 KiB framed requests.
-pub async fn max_rate(
-    addr: SocketAddr,
-    connections: usize,
-    duration: Duration,
-) -> io::Result<FortioResult> {
-    let spec = LoadSpec {
-        connections,
-        qps: None,
-        ..LoadSpec::new(addr, duration)
-    };
+pub async fn max_rate(addr: SocketAddr, connections: usize, duration: Duration) -> io::Result<FortioResult> {
+    let spec = LoadSpec { connections, qps: None, ..LoadSpec::new(addr, duration) };
     run_load(&spec).await
 }
 
 /// New connections per second: each connection carries one 1 KiB framed request and
 /// response; `concurrency` loops run in parallel.
-pub async fn connection_rate(
-    addr: SocketAddr,
-    duration: Duration,
-    concurrency: usize,
-) -> io::Result<f64> {
+pub async fn connection_rate(addr: SocketAddr, duration: Duration, concurrency: usize) -> io::Result<f64> {
     connection_rate_with(addr, duration, concurrency, Protocol::Framed).await
 }
 
@@ -196,10 +179,7 @@ pub async fn connection_rate_with(
         first_err = first_err.or(f);
     }
     if let Some(e) = first_err {
-        return Err(io::Error::new(
-            e.kind(),
-            format!("{errs} of {} connections failed; first: {e}", ok + errs),
-        ));
+        return Err(io::Error::new(e.kind(), format!("{errs} of {} connections failed; first: {e}", ok + errs)));
     }
     Ok(ok as f64 / start.elapsed().as_secs_f64())
 }
@@ -255,24 +235,15 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
         conn.request().await?; // warm-up, untimed (fortio does the same)
         conns.push(conn);
     }
-    let interval = qps
-        .filter(|q| *q > 0.0)
-        .map(|q| Duration::from_secs_f64(connections as f64 / q));
+    let interval = qps.filter(|q| *q > 0.0).map(|q| Duration::from_secs_f64(connections as f64 / q));
     let start = Instant::now();
     let end = start + spec.duration;
     let mut set = JoinSet::new();
     for (i, mut conn) in conns.into_iter().enumerate() {
         // Stagger the connections across one interval so requests do not arrive in bursts.
-        let offset = interval
-            .map(|iv| iv.mul_f64(i as f64 / connections as f64))
-            .unwrap_or_default();
+        let offset = interval.map(|iv| iv.mul_f64(i as f64 / connections as f64)).unwrap_or_default();
         set.spawn(async move {
-            let mut raw = Raw {
-                samples: Vec::new(),
-                codes: BTreeMap::new(),
-                sockets: 1,
-                elapsed: Duration::ZERO,
-            };
+            let mut raw = Raw { samples: Vec::new(), codes: BTreeMap::new(), sockets: 1, elapsed: Duration::ZERO };
             let mut k: u32 = 0;
             loop {
                 if let Some(iv) = interval {
@@ -306,12 +277,7 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
             raw
         });
     }
-    let mut total = Raw {
-        samples: Vec::new(),
-        codes: BTreeMap::new(),
-        sockets: 0,
-        elapsed: Duration::ZERO,
-    };
+    let mut total = Raw { samples: Vec::new(), codes: BTreeMap::new(), sockets: 0, elapsed: Duration::ZERO };
     while let Some(r) = set.join_next().await {
         let r = r.map_err(io::Error::other)?;
         total.samples.extend(r.samples);
@@ -353,10 +319,7 @@ fn finish(spec: &LoadSpec, wall: SystemTime, raws: Vec<Raw>) -> FortioResult {
         run_type: run_type.into(),
         labels: spec.labels.clone(),
         start_time: fortio::rfc3339(wall),
-        requested_qps: spec
-            .qps
-            .filter(|q| *q > 0.0)
-            .map_or("max".into(), |q| format!("{q}")),
+        requested_qps: spec.qps.filter(|q| *q > 0.0).map_or("max".into(), |q| format!("{q}")),
         requested_duration: fortio::go_duration(spec.duration),
         actual_qps: done as f64 / elapsed.as_secs_f64().max(1e-9),
         actual_duration: elapsed.as_nanos() as u64,

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::broadcast;
-use ztunnel::enrollment::{EnrollmentClient, WorkloadInfo};
 use ztunnel::admin::AdminConfig;
+use ztunnel::enrollment::{EnrollmentClient, WorkloadInfo};
 use ztunnel::identity::{CaConfig, InProcessCa};
 use ztunnel::node::{Node as Agent, NodeConfig};
 use ztunnel::proxy::ConnectionRecord;
@@ -208,9 +208,9 @@ impl MeshNode {
         let _ = std::fs::remove_dir_all(self.cfg.enrollment_socket.parent().unwrap_or(Path::new("/nonexistent")));
         if let Some(cfg) = &self.cfg.local_config {
             let _ = std::fs::remove_file(cfg);
-            let _ = std::fs::remove_dir_all(cfg.with_file_name(
-                cfg.file_name().and_then(|n| n.to_str()).unwrap_or("").replace("-mesh.yaml", "-ca"),
-            ));
+            let _ = std::fs::remove_dir_all(
+                cfg.with_file_name(cfg.file_name().and_then(|n| n.to_str()).unwrap_or("").replace("-mesh.yaml", "-ca")),
+            );
         }
         Ok(())
     }
@@ -229,11 +229,8 @@ impl Drop for MeshNode {
 /// Hands `pod` to the agent listening on `socket`, as the CNI plugin would; an error ack
 /// becomes an error.
 pub fn enroll_at(socket: &Path, pod: &Pod, namespace: &str, service_account: &str) -> Result<()> {
-    let info = WorkloadInfo {
-        name: pod.name().into(),
-        namespace: namespace.into(),
-        service_account: service_account.into(),
-    };
+    let info =
+        WorkloadInfo { name: pod.name().into(), namespace: namespace.into(), service_account: service_account.into() };
     EnrollmentClient::connect(socket)
         .map_err(|e| anyhow!("connecting to agent: {e}"))?
         .add(pod.uid(), info, pod.netns_file())?

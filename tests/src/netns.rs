@@ -35,8 +35,7 @@ pub fn in_netns<R: Send + 'static>(netns: &File, f: impl FnOnce() -> R + Send + 
         std::thread::Builder::new()
             .name("in-netns".into())
             .spawn_scoped(s, move || {
-                setns(netns, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns(CLONE_NEWNET) failed: {e}"));
+                setns(netns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns(CLONE_NEWNET) failed: {e}"));
                 f()
             })
             .expect("failed to spawn netns thread")
@@ -61,8 +60,7 @@ pub fn spawn_in_netns<R: Send + 'static>(
     std::thread::Builder::new()
         .name("netns-thread".into())
         .spawn(move || {
-            setns(&fd, CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns(CLONE_NEWNET) failed: {e}"));
+            setns(&fd, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns(CLONE_NEWNET) failed: {e}"));
             drop(fd);
             f()
         })
@@ -99,13 +97,7 @@ pub fn spawn_in_netns_cmd(netns: &File, cgroup: Option<&Path>, mut cmd: Command)
     let procs_fd: Option<OwnedFd> = match cgroup {
         Some(cg) => {
             let p = cg.join("cgroup.procs");
-            Some(
-                OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .with_context(|| format!("open {}", p.display()))?
-                    .into(),
-            )
+            Some(OpenOptions::new().write(true).open(&p).with_context(|| format!("open {}", p.display()))?.into())
         }
         None => None,
     };
@@ -126,9 +118,7 @@ pub fn spawn_in_netns_cmd(netns: &File, cgroup: Option<&Path>, mut cmd: Command)
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("failed to spawn {cmd:?} in netns"))?;
+    let child = cmd.spawn().with_context(|| format!("failed to spawn {cmd:?} in netns"))?;
     drop(ns_fd);
     drop(procs_fd);
     Ok(child)
@@ -148,14 +138,8 @@ pub fn create_netns(name: &str) -> Result<File> {
     ip_retry(&["netns", "add", name])?;
     let path = netns_path(name);
     let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-    set_sysctls(
-        &file,
-        &[
-            ("net/ipv6/conf/all/accept_dad", "0"),
-            ("net/ipv6/conf/default/accept_dad", "0"),
-        ],
-    )
-    .with_context(|| format!("sysctls in netns {name}"))?;
+    set_sysctls(&file, &[("net/ipv6/conf/all/accept_dad", "0"), ("net/ipv6/conf/default/accept_dad", "0")])
+        .with_context(|| format!("sysctls in netns {name}"))?;
     ip_in(name, &["link", "set", "lo", "up"])?;
     Ok(file)
 }
@@ -170,10 +154,7 @@ pub fn delete_netns(name: &str) -> Result<()> {
 /// Names of all named network namespaces (entries of `/run/netns`).
 pub fn list_netns() -> Vec<String> {
     match std::fs::read_dir(NETNS_DIR) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect(),
+        Ok(rd) => rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect(),
         Err(_) => Vec::new(),
     }
 }
@@ -183,23 +164,14 @@ pub fn list_netns() -> Vec<String> {
 /// Why: `net.*` sysctls are per namespace and resolved from the writing
 /// thread's netns, so a netns thread is enough (no `ip netns exec` fork).
 pub fn set_sysctls(netns: &File, kv: &[(&str, &str)]) -> Result<()> {
-    let kv: Vec<(String, String)> = kv
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let kv: Vec<(String, String)> = kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     in_netns(netns, move || -> Result<()> {
         for (k, v) in &kv {
             let p = Path::new("/proc/sys").join(k);
             std::fs::write(&p, v).with_context(|| format!("write {v} to {}", p.display()))?;
-            let got = std::fs::read_to_string(&p)
-                .with_context(|| format!("read back {}", p.display()))?;
+            let got = std::fs::read_to_string(&p).with_context(|| format!("read back {}", p.display()))?;
             if got.trim() != v {
-                bail!(
-                    "sysctl {} is {:?} after writing {:?}",
-                    p.display(),
-                    got.trim(),
-                    v
-                );
+                bail!("sysctl {} is {:?} after writing {:?}", p.display(), got.trim(), v);
             }
         }
         Ok(())
@@ -212,14 +184,10 @@ pub fn set_sysctls(netns: &File, kv: &[(&str, &str)]) -> Result<()> {
 /// the first connection of a test flaky.
 pub fn wait_link_up(ns: &str, dev: &str) -> Result<()> {
     let mut last = String::new();
-    wait_until(
-        &format!("{dev} in netns {ns} to be UP"),
-        SETTLE_TIMEOUT,
-        || {
-            last = ip_in(ns, &["-o", "link", "show", "dev", dev])?;
-            Ok(last.contains("state UP"))
-        },
-    )
+    wait_until(&format!("{dev} in netns {ns} to be UP"), SETTLE_TIMEOUT, || {
+        last = ip_in(ns, &["-o", "link", "show", "dev", dev])?;
+        Ok(last.contains("state UP"))
+    })
     .with_context(|| format!("last state: {}", last.trim()))
 }
 
@@ -232,13 +200,9 @@ pub fn wait_no_tentative(ns: &str) -> Result<()> {
         bail!("IPv6 DAD failed in netns {ns}: {}", failed.trim());
     }
     let mut last = String::new();
-    wait_until(
-        &format!("IPv6 addresses in netns {ns} to leave tentative state"),
-        SETTLE_TIMEOUT,
-        || {
-            last = ip_in(ns, &["-6", "-o", "addr", "show", "tentative"])?;
-            Ok(last.trim().is_empty())
-        },
-    )
+    wait_until(&format!("IPv6 addresses in netns {ns} to leave tentative state"), SETTLE_TIMEOUT, || {
+        last = ip_in(ns, &["-6", "-o", "addr", "show", "tentative"])?;
+        Ok(last.trim().is_empty())
+    })
     .with_context(|| format!("still tentative: {}", last.trim()))
 }

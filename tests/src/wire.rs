@@ -57,7 +57,15 @@ pub fn sniff<R>(node: &Node, traffic: impl FnOnce() -> R) -> Result<(Capture, R)
             return vec![];
         }
         let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
-        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
         let _ = ready_tx.send(Ok(()));
         let mut frames = vec![];
         let mut buf = vec![0u8; 65536];

@@ -145,7 +145,9 @@ fn link_local_destination_is_captured() {
     let reply = request_from(&s.outsider, None, dst, "link-local").unwrap();
     let proxied = reply.peer.ip().to_string() == INBOUND_SOURCE || matches!(reply.peer.ip(), IpAddr::V6(a) if a == ll);
     assert!(proxied, "app reached directly by {}", reply.peer);
-    assert!(wait_record(&mut ev, WAIT, |r| r.direction == Direction::InboundPassthrough && r.dst.ip() == IpAddr::V6(ll)).is_some());
+    assert!(wait_record(&mut ev, WAIT, |r| r.direction == Direction::InboundPassthrough
+        && r.dst.ip() == IpAddr::V6(ll))
+    .is_some());
 }
 
 #[test]

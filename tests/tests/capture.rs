@@ -45,7 +45,13 @@ fn pod_to_pod_goes_through_both_in_pod_proxies_v4_and_v6() {
         assert_eq!(out.bytes_sent, 6, "request bytes went through 15001");
         let inb = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::InboundPassthrough && r.dst == dst)
             .unwrap_or_else(|| panic!("destination proxy logged no inbound record for {dst}"));
-        assert_eq!(inb.src.ip(), match ip { IpAddr::V4(_) => IpAddr::from(client.ip4()), IpAddr::V6(_) => IpAddr::from(client.ip6()) });
+        assert_eq!(
+            inb.src.ip(),
+            match ip {
+                IpAddr::V4(_) => IpAddr::from(client.ip4()),
+                IpAddr::V6(_) => IpAddr::from(client.ip6()),
+            }
+        );
 
         let (a0, a1) = (n0.counters(), n1.counters());
         if ip.is_ipv4() {

@@ -37,7 +37,8 @@ fn leaf_signed_by_cluster_ca(dir: &std::path::Path, uri: &str, roots: &TrustBund
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(uri).unwrap())];
     let cert = params.signed_by(&key, &issuer).unwrap();
-    WorkloadCertificate::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), roots.to_pem().as_bytes()).unwrap()
+    WorkloadCertificate::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), roots.to_pem().as_bytes())
+        .unwrap()
 }
 
 /// Handshakes with the pod's 15008 and waits for the server's verdict: `Ok` when the
@@ -45,7 +46,8 @@ fn leaf_signed_by_cluster_ca(dir: &std::path::Path, uri: &str, roots: &TrustBund
 fn try_hbone(addr: SocketAddr, cfg: rustls::ClientConfig) -> Result<(), String> {
     let tcp = TcpStream::connect_timeout(&addr, WAIT).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(cfg), ztunnel::tls::server_name(addr.ip())).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), ztunnel::tls::server_name(addr.ip()))
+        .map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     tls.flush().map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
@@ -74,7 +76,8 @@ fn bad_client_certificates_are_refused_and_counted_and_bad_server_sans_rejected(
     let trust = cluster_ca.trust_bundle().clone();
     let me: Identity = "spiffe://cluster.local/ns/default/sa/client".parse().unwrap();
     let server_id: Identity = "spiffe://cluster.local/ns/default/sa/server".parse().unwrap();
-    let config_for = |cert: &WorkloadCertificate| ztunnel::tls::client_config(cert, &trust, vec![server_id.clone()]).unwrap();
+    let config_for =
+        |cert: &WorkloadCertificate| ztunnel::tls::client_config(cert, &trust, vec![server_id.clone()]).unwrap();
 
     let good = cluster_ca.issue(&me).unwrap();
     let past = SystemTime::now() - Duration::from_secs(7200);

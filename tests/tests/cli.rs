@@ -6,8 +6,8 @@ use std::path::Path;
 use mesh_tests::agent_process::{ztunnel_binary, AgentProcess};
 use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::mesh::{ca_dir, kernel_link_ids, sweep_pins, BPFFS};
-use ztunnel::redirect::pinned_link_ids;
 use mesh_tests::Cluster;
+use ztunnel::redirect::pinned_link_ids;
 
 #[test]
 fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
@@ -16,8 +16,14 @@ fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
     let client = c.add_pod(0, "client").unwrap();
     let server = c.add_pod(0, "server").unwrap();
     let extra: Vec<String> = [
-        "--ca-state-dir", &ca_dir(&c).display().to_string(),
-        "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
+        "--ca-state-dir",
+        &ca_dir(&c).display().to_string(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -27,7 +33,11 @@ fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
     let _app = PeerServer::start(&server, 8080).unwrap();
     let dst = SocketAddr::new(server.ip4().into(), 8080);
     let r = request(&client, dst, "through the proxy").unwrap();
-    assert_eq!(r.peer.ip(), std::net::IpAddr::from(client.ip4()), "server not enrolled: reached directly from the client pod");
+    assert_eq!(
+        r.peer.ip(),
+        std::net::IpAddr::from(client.ip4()),
+        "server not enrolled: reached directly from the client pod"
+    );
 
     let pin_dir = Path::new(BPFFS).join(format!("{}-node0", c.prefix()));
     let links = pinned_link_ids(&pin_dir);
@@ -36,7 +46,10 @@ fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
     agent.crash();
     let live = kernel_link_ids();
     assert!(links.iter().all(|id| live.contains(id)), "capture must outlive the agent");
-    assert!(request(&client, dst, "while the agent is down").is_err(), "fail closed: no unproxied traffic while enrolled");
+    assert!(
+        request(&client, dst, "while the agent is down").is_err(),
+        "fail closed: no unproxied traffic while enrolled"
+    );
 
     agent.uninstall().unwrap();
     let live = kernel_link_ids();

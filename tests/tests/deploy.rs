@@ -102,7 +102,8 @@ fn ztunnel_binary() -> &'static Path {
 fn node_help_flags() -> &'static BTreeSet<String> {
     static FLAGS: OnceLock<BTreeSet<String>> = OnceLock::new();
     FLAGS.get_or_init(|| {
-        let out = Command::new(ztunnel_binary()).args(["node", "--help"]).output().expect("running ztunnel node --help");
+        let out =
+            Command::new(ztunnel_binary()).args(["node", "--help"]).output().expect("running ztunnel node --help");
         assert!(out.status.success(), "ztunnel node --help failed: {}", String::from_utf8_lossy(&out.stderr));
         let help = String::from_utf8(out.stdout).expect("utf-8 help");
         let flags: BTreeSet<String> = help
@@ -145,7 +146,9 @@ fn daemonset_args_are_flags_the_binary_accepts() {
     assert_eq!(args.first().map(String::as_str), Some("node"), "runs the `node` subcommand");
     assert!(!args.iter().any(|a| a == "--uninstall"), "the DaemonSet must never uninstall capture");
     let flags = flag_names(&args);
-    for required in ["--enrollment-socket", "--pin-dir", "--state-dir", "--cgroup", "--metrics-addr", "--readiness-addr"] {
+    for required in
+        ["--enrollment-socket", "--pin-dir", "--state-dir", "--cgroup", "--metrics-addr", "--readiness-addr"]
+    {
         assert!(flags.contains(required), "DaemonSet passes {required}");
     }
     assert_flags_accepted(&flags, "deploy/ztunnel-node.yaml");
@@ -183,7 +186,8 @@ fn daemonset_ports_and_readiness_match_istio() {
         assert_eq!(addr.port(), port, "{flag}");
         assert!(addr.ip().is_unspecified(), "{flag} listens on every address (kubelet probes the pod IP)");
     }
-    let admin: std::net::SocketAddr = flag_value(&args, "--admin-addr").expect("--admin-addr").parse().expect("admin addr");
+    let admin: std::net::SocketAddr =
+        flag_value(&args, "--admin-addr").expect("--admin-addr").parse().expect("admin addr");
     assert!(admin.ip().is_loopback() && admin.port() == 15000, "admin on localhost:15000");
     assert_eq!(spec["hostNetwork"].as_bool(), Some(false));
     assert_ne!(spec["hostPID"].as_bool(), Some(true));
@@ -200,10 +204,7 @@ fn daemonset_mounts_and_privileges() {
             .iter()
             .find(|m| m["mountPath"].as_str() == Some(mount_path))
             .unwrap_or_else(|| panic!("mount at {mount_path}"));
-        let v = volumes
-            .iter()
-            .find(|v| v["name"] == m["name"])
-            .unwrap_or_else(|| panic!("volume {:?}", m["name"]));
+        let v = volumes.iter().find(|v| v["name"] == m["name"]).unwrap_or_else(|| panic!("volume {:?}", m["name"]));
         (m, &v["hostPath"])
     };
 
@@ -256,7 +257,10 @@ fn daemonset_labels_tolerations_and_rbac() {
     let tolerations = tmpl["spec"]["tolerations"].as_sequence().expect("tolerations");
     assert!(!tolerations.is_empty() && tolerations.iter().all(|t| t["operator"].as_str() == Some("Exists")));
     for effect in ["NoSchedule", "NoExecute"] {
-        assert!(tolerations.iter().any(|t| t["effect"].as_str() == Some(effect) && t["key"].is_null()), "tolerates every {effect} taint");
+        assert!(
+            tolerations.iter().any(|t| t["effect"].as_str() == Some(effect) && t["key"].is_null()),
+            "tolerates every {effect} taint"
+        );
     }
 
     let docs = plain_manifest();

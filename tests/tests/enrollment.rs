@@ -16,7 +16,11 @@ fn add_bytes(uid: &str) -> Vec<u8> {
     WorkloadRequest {
         payload: Some(Payload::Add(AddWorkload {
             uid: uid.into(),
-            workload_info: Some(WorkloadInfo { name: uid.into(), namespace: "default".into(), service_account: "sa".into() }),
+            workload_info: Some(WorkloadInfo {
+                name: uid.into(),
+                namespace: "default".into(),
+                service_account: "sa".into(),
+            }),
         })),
     }
     .encode_to_vec()
@@ -81,9 +85,15 @@ fn a_subprocess_in_the_pod_cgroup_is_captured() {
     cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let out = a.spawn(cmd).unwrap().wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("peer=127.0.0.6:") && text.contains("got=from-bash"), "{text:?} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.starts_with("peer=127.0.0.6:") && text.contains("got=from-bash"),
+        "{text:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dst = SocketAddr::new(b.ip4().into(), 8080);
-    assert!(wait_record(&mut ev, Duration::from_secs(5), |r| r.dst == dst && r.src.ip() == std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST)).is_some());
+    assert!(wait_record(&mut ev, Duration::from_secs(5), |r| r.dst == dst
+        && r.src.ip() == std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST))
+    .is_some());
 }
 
 /// Runs the capture test binary's tests in two processes at the same time: each builds its
@@ -96,7 +106,11 @@ fn two_test_processes_at_once_do_not_interfere() {
     let me = std::env::current_exe().unwrap();
     let spawn = || {
         Command::new(&me)
-            .args(["--exact", "bad_enrollment_requests_are_refused_with_reasons_and_the_agent_keeps_serving", "--test-threads=1"])
+            .args([
+                "--exact",
+                "bad_enrollment_requests_are_refused_with_reasons_and_the_agent_keeps_serving",
+                "--test-threads=1",
+            ])
             .env("ZT_CHILD", "1")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

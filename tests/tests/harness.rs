@@ -28,9 +28,8 @@ fn two_by_two() -> (Cluster, Vec<Pod>) {
 /// checks a round trip plus that the server saw the client's real pod IP.
 fn check_tcp(server: &Pod, server_ip: IpAddr, client: &Pod, client_ip: IpAddr, port: u16) {
     let addr = SocketAddr::new(server_ip, port);
-    let listener = server
-        .run(move || TcpListener::bind(addr))
-        .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", server.name()));
+    let listener =
+        server.run(move || TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", server.name()));
     let accept = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().expect("accept");
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -47,23 +46,15 @@ fn check_tcp(server: &Pod, server_ip: IpAddr, client: &Pod, client_ip: IpAddr, p
         s.read_exact(&mut buf)?;
         Ok(buf)
     });
-    let reply =
-        reply.unwrap_or_else(|e| panic!("{} -> {addr} from {}: {e}", client.name(), client_ip));
+    let reply = reply.unwrap_or_else(|e| panic!("{} -> {addr} from {}: {e}", client.name(), client_ip));
     assert_eq!(&reply, b"pong");
     let (peer, got) = accept.join().expect("accept thread");
     assert_eq!(&got, b"ping");
-    assert_eq!(
-        peer.ip(),
-        client_ip,
-        "server must see the client pod IP (no NAT)"
-    );
+    assert_eq!(peer.ip(), client_ip, "server must see the client pod IP (no NAT)");
 }
 
 fn netns_listed(prefix: &str) -> Vec<String> {
-    let out = Command::new("/usr/sbin/ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap();
+    let out = Command::new("/usr/sbin/ip").args(["netns", "list"]).output().unwrap();
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -79,19 +70,10 @@ fn address_plan() {
     assert_eq!(pods[0].ip4().to_string(), "10.244.0.10");
     assert_eq!(pods[1].ip4().to_string(), "10.244.0.11");
     assert_eq!(pods[2].ip4().to_string(), "10.244.1.10");
-    assert_eq!(
-        pods[0].ip6(),
-        "fd00:244:0::10".parse::<std::net::Ipv6Addr>().unwrap()
-    );
-    assert_eq!(
-        pods[3].ip6(),
-        "fd00:244:1::11".parse::<std::net::Ipv6Addr>().unwrap()
-    );
+    assert_eq!(pods[0].ip6(), "fd00:244:0::10".parse::<std::net::Ipv6Addr>().unwrap());
+    assert_eq!(pods[3].ip6(), "fd00:244:1::11".parse::<std::net::Ipv6Addr>().unwrap());
     assert_eq!(c.node(1).gateway4().to_string(), "10.244.1.1");
-    assert_eq!(
-        c.node(1).gateway6(),
-        "fd00:244:1::1".parse::<std::net::Ipv6Addr>().unwrap()
-    );
+    assert_eq!(c.node(1).gateway6(), "fd00:244:1::1".parse::<std::net::Ipv6Addr>().unwrap());
     assert_eq!(pods[2].node(), 1);
     assert_eq!(pods[2].uid(), format!("{}-a1", c.prefix()));
     assert!(c.add_pod(0, "a0").is_err(), "duplicate pod name must fail");
@@ -122,15 +104,9 @@ fn node_gateway_reaches_pod() {
     let listener = a0.run(|| TcpListener::bind("0.0.0.0:9000")).unwrap();
     let t = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer.ip()));
     let dst = SocketAddr::new(a0.ip4().into(), 9000);
-    c.node(0)
-        .run(move || TcpStream::connect_timeout(&dst, TIMEOUT))
-        .unwrap();
+    c.node(0).run(move || TcpStream::connect_timeout(&dst, TIMEOUT)).unwrap();
     let peer = t.join().unwrap().unwrap();
-    assert_eq!(
-        peer,
-        IpAddr::from(c.node(0).gateway4()),
-        "probes come from the br0 address"
-    );
+    assert_eq!(peer, IpAddr::from(c.node(0).gateway4()), "probes come from the br0 address");
 }
 
 #[test]
@@ -170,26 +146,16 @@ fn spawned_process_is_in_pod_cgroup_and_netns() {
     let (_c, pods) = two_by_two();
     let pod = &pods[2];
     let mut cmd = Command::new("/bin/sh");
-    cmd.args(["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net"])
-        .stdout(Stdio::piped());
+    cmd.args(["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net"]).stdout(Stdio::piped());
     let out = pod.spawn(cmd).unwrap().wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    let rel = pod
-        .cgroup_path()
-        .strip_prefix(cgroup2_root().unwrap())
-        .unwrap();
+    let rel = pod.cgroup_path().strip_prefix(cgroup2_root().unwrap()).unwrap();
     let want_cg = format!("0::/{}", rel.display());
-    assert!(
-        text.lines().any(|l| l == want_cg),
-        "expected {want_cg:?} in:\n{text}"
-    );
+    assert!(text.lines().any(|l| l == want_cg), "expected {want_cg:?} in:\n{text}");
     let ino = pod.netns_file().metadata().unwrap().ino();
     let want_ns = format!("net:[{ino}]");
-    assert!(
-        text.lines().any(|l| l == want_ns),
-        "expected {want_ns:?} in:\n{text}"
-    );
+    assert!(text.lines().any(|l| l == want_ns), "expected {want_ns:?} in:\n{text}");
     // And it is not our own netns.
     let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
     assert_ne!(mine.to_string_lossy(), want_ns);
@@ -215,11 +181,7 @@ fn drop_cleans_up_netns_cgroups_and_processes() {
     let mut child = pods[1].spawn(cmd).unwrap();
 
     drop(c);
-    assert!(
-        netns_listed(&prefix).is_empty(),
-        "netns left: {:?}",
-        netns_listed(&prefix)
-    );
+    assert!(netns_listed(&prefix).is_empty(), "netns left: {:?}", netns_listed(&prefix));
     for cg in pod_cgs.iter().chain([&cluster_cg]) {
         assert!(!cg.exists(), "cgroup {} still exists", cg.display());
     }
@@ -237,24 +199,13 @@ fn sweep_removes_leftovers_of_dead_processes() {
     child.wait().unwrap();
     let prefix = format!("zt{dead}x0");
     let ns = format!("{prefix}-fabric");
-    let out = Command::new("/usr/sbin/ip")
-        .args(["netns", "add", &ns])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("/usr/sbin/ip").args(["netns", "add", &ns]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cg = cgroup2_root().unwrap().join(&prefix).join("p");
     std::fs::create_dir_all(&cg).unwrap();
     // Something alive in the leftover cgroup.
     let mut sleeper = Command::new("/bin/sh");
-    sleeper.args([
-        "-c",
-        "echo $$ > \"$0/cgroup.procs\" && exec sleep 1000",
-        cg.to_str().unwrap(),
-    ]);
+    sleeper.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec sleep 1000", cg.to_str().unwrap()]);
     let mut sleeper = sleeper.spawn().unwrap();
     // Wait until it moved itself.
     // (A concurrent test's Cluster::new may sweep it first; that is fine too.)

@@ -79,10 +79,12 @@ fn pod_and_service_traffic_is_carried_in_mtls_hbone() {
     assert!(tls.iter().any(|p| p.len() > 5 && p[0] == 0x16 && p[1] == 0x03), "no TLS handshake record to 15008");
     assert!(tls.iter().any(|p| p.len() > 5 && p[0] == 0x17 && p[1] == 0x03 && p[2] == 0x03), "no TLS application data");
 
-    let out = wait_record(&mut ev0, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst).expect("outbound record");
+    let out =
+        wait_record(&mut ev0, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst).expect("outbound record");
     assert_eq!(out.protocol, "HBONE");
     assert_eq!(out.dst_identity.as_deref(), Some(id("server").as_str()), "client checked the server's SAN");
-    let inb = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst).expect("inbound record");
+    let inb =
+        wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst).expect("inbound record");
     assert_eq!(inb.src_identity.as_deref(), Some(id("client").as_str()), "server saw the client's certificate");
     assert_eq!(inb.src.ip(), IpAddr::from(m.client.ip4()), "the TCP peer is the client pod (dialled from its netns)");
     assert_eq!(inb.bytes_sent, (marker.len() + 1) as u64);
@@ -119,7 +121,10 @@ fn pod_and_service_traffic_is_carried_in_mtls_hbone() {
     assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"), "plaintext CONNECT was served");
     std::thread::sleep(Duration::from_millis(100));
     let metrics = m.n1.agent().metrics().encode();
-    assert!(metrics.lines().any(|l| l.starts_with("ztunnel_tls_handshake_failures_total{") && !l.ends_with(" 0")), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("ztunnel_tls_handshake_failures_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -152,9 +157,17 @@ fn connections_share_pooled_hbone_and_metrics_and_config_dump_are_served() {
     assert!(body.contains("istio_tcp_received_bytes_total{"), "{body}");
     assert!(body.contains("istio_tcp_sent_bytes_total{"));
     assert!(body.contains("istio_tcp_connections_closed_total{"));
-    assert!(body.lines().any(|l| l.starts_with("ztunnel_ebpf_program_events_total{") && l.contains("sk_lookup")), "{body}");
+    assert!(
+        body.lines().any(|l| l.starts_with("ztunnel_ebpf_program_events_total{") && l.contains("sk_lookup")),
+        "{body}"
+    );
     let (_, client_metrics) = http_get(m.n0.agent().admin().unwrap().metrics_addr, "/metrics");
-    assert!(client_metrics.lines().any(|l| l.starts_with("ztunnel_hbone_pool_connections_opened_total") && l.ends_with(" 1")), "{client_metrics}");
+    assert!(
+        client_metrics
+            .lines()
+            .any(|l| l.starts_with("ztunnel_hbone_pool_connections_opened_total") && l.ends_with(" 1")),
+        "{client_metrics}"
+    );
 
     let (status, dump) = http_get(admin.admin_addr, "/config_dump");
     assert_eq!(status, 200);
@@ -188,7 +201,8 @@ fn workloads_without_a_trust_domain_use_the_agents_own() {
     let dst = SocketAddr::new(server.ip4().into(), 8080);
     let mut ev1 = n1.events();
     assert_eq!(request(&client, dst, "custom-td").expect("HBONE in example.org").got, "custom-td");
-    let inb = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst).expect("inbound record");
+    let inb =
+        wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst).expect("inbound record");
     assert_eq!(inb.src_identity.as_deref(), Some("spiffe://example.org/ns/default/sa/client"));
     assert_eq!(inb.dst_identity.as_deref(), Some("spiffe://example.org/ns/default/sa/server"));
 }

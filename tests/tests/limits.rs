@@ -26,7 +26,8 @@ fn a_pod_at_its_connection_cap_resets_new_connections_and_other_pods_still_get_t
     let to_victim = SocketAddr::new(victim.ip4().into(), 8080);
 
     // Fill the victim's inbound listener with idle connections.
-    let held: Vec<TcpStream> = (0..CAP).map(|_| flooder.run(move || connect_bound(None, to_victim)).expect("within the cap")).collect();
+    let held: Vec<TcpStream> =
+        (0..CAP).map(|_| flooder.run(move || connect_bound(None, to_victim)).expect("within the cap")).collect();
     std::thread::sleep(Duration::from_millis(200));
     let over = flooder.run(move || -> std::io::Result<usize> {
         let mut s = connect_bound(None, to_victim)?;

@@ -85,7 +85,8 @@ fn allow_permits_deny_wins_and_changes_cut_open_connections() {
     let mut from_other = Open::new(&other, dst).expect("other allowed");
     let plain_result = Open::new(&plain, dst);
     assert!(plain_result.is_err(), "plaintext passed an identity-only ALLOW");
-    let rec = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::InboundPassthrough && r.error.is_some()).expect("denied record");
+    let rec = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::InboundPassthrough && r.error.is_some())
+        .expect("denied record");
     assert_eq!(rec.error.as_deref(), Some("allow policies exist, but none allowed"));
 
     // Removing the policy that allowed `client` cuts its open connection; `other` stays.
@@ -93,14 +94,18 @@ fn allow_permits_deny_wins_and_changes_cut_open_connections() {
     assert!(from_client.is_cut(), "open connection survived losing its ALLOW");
     from_other.ping().expect("still allowed");
     assert!(Open::new(&client, dst).is_err(), "new connection from client not refused");
-    let rec = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.error.is_some()).expect("401 record");
+    let rec =
+        wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.error.is_some()).expect("401 record");
     assert!(rec.error.as_deref().unwrap().contains("allow policies exist, but none allowed"), "{rec:?}");
 
     // A DENY wins over the ALLOW and cuts `other` too.
     write_mesh_config(&c, &config(&[allow("b", "other"), deny("d", "other")]), &[&n0, &n1]).unwrap();
     assert!(from_other.is_cut(), "open connection survived a DENY");
     assert!(Open::new(&other, dst).is_err());
-    let rec = wait_record(&mut ev1, WAIT, |r| r.error.as_deref().is_some_and(|e| e.contains("explicitly denied by: default/d"))).expect("deny record");
+    let rec = wait_record(&mut ev1, WAIT, |r| {
+        r.error.as_deref().is_some_and(|e| e.contains("explicitly denied by: default/d"))
+    })
+    .expect("deny record");
     assert_eq!(rec.src_identity.as_deref(), Some("spiffe://cluster.local/ns/default/sa/other"));
 
     // Without policies everything is allowed again.
@@ -108,12 +113,20 @@ fn allow_permits_deny_wins_and_changes_cut_open_connections() {
     Open::new(&client, dst).expect("allowed without policies");
     Open::new(&plain, dst).expect("plaintext allowed without policies");
     let denied = n1.agent().metrics().encode();
-    assert!(denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound\"}")), "{denied}");
-    assert!(denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound_passthrough\"}")), "{denied}");
+    assert!(
+        denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound\"}")),
+        "{denied}"
+    );
+    assert!(
+        denied.lines().any(|l| l.starts_with("ztunnel_authorization_denied_total{direction=\"inbound_passthrough\"}")),
+        "{denied}"
+    );
     // As Istio counts them: opened, then closed and failed with response_flags="DENY".
     for family in ["istio_tcp_connections_closed_total", "istio_tcp_connections_failed_total"] {
         assert!(
-            denied.lines().any(|l| l.starts_with(family) && l.contains("response_flags=\"DENY\"") && l.contains("reporter=\"destination\"")),
+            denied.lines().any(|l| l.starts_with(family)
+                && l.contains("response_flags=\"DENY\"")
+                && l.contains("reporter=\"destination\"")),
             "{family} has no DENY series: {denied}"
         );
     }
@@ -145,7 +158,13 @@ fn malformed_config_entries_are_rejected_by_name_and_the_rest_applies() {
 
 /// Sends one HBONE CONNECT to `server`'s 15008 from inside `from`, authenticated as
 /// `identity` (a certificate from the cluster's own CA), with a chosen `forwarded` header.
-fn forged_connect(c: &Cluster, from: &Pod, identity: &str, server: SocketAddr, forwarded_for: SocketAddr) -> Result<(), String> {
+fn forged_connect(
+    c: &Cluster,
+    from: &Pod,
+    identity: &str,
+    server: SocketAddr,
+    forwarded_for: SocketAddr,
+) -> Result<(), String> {
     use std::sync::Arc;
     use ztunnel::hbone::{CertManagerTls, ConnectHeaders, ConnectionPool, PoolConfig, PoolKey, TcpDialer};
     use ztunnel::identity::{CaConfig, CertManager, CertManagerConfig, InProcessCa};
@@ -158,7 +177,8 @@ fn forged_connect(c: &Cluster, from: &Pod, identity: &str, server: SocketAddr, f
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let certs = CertManager::new(ca, CertManagerConfig::default());
-            let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(TcpDialer), Arc::new(CertManagerTls { certs }));
+            let pool =
+                ConnectionPool::new(PoolConfig::default(), Arc::new(TcpDialer), Arc::new(CertManagerTls { certs }));
             let key = PoolKey {
                 src_identity: src,
                 dst_identity: dst_id,

@@ -39,10 +39,18 @@ fn rig() -> Rig {
     std::fs::create_dir_all(config.parent().unwrap()).unwrap();
     std::fs::write(&config, yaml).unwrap();
     let extra: Vec<String> = [
-        "--ca-state-dir", &ca_dir(&c).display().to_string(),
-        "--local-config", &config.display().to_string(),
-        "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
-        "--drain-timeout", "20",
+        "--ca-state-dir",
+        &ca_dir(&c).display().to_string(),
+        "--local-config",
+        &config.display().to_string(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "20",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -66,7 +74,8 @@ impl Rig {
 fn stream(client: &Pod, dst: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<u64, String>> {
     let client = client.clone();
     std::thread::spawn(move || {
-        let mut s = client.run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        let mut s =
+            client.run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5))).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
         s.write_all(b"E").map_err(|e| e.to_string())?;
         let mut pings = 0;
@@ -82,31 +91,35 @@ fn stream(client: &Pod, dst: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::
 }
 
 /// Opens, echoes and closes connections back to back until told to stop; returns failures.
-fn churn(client: &Pod, dst: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) -> std::thread::JoinHandle<Vec<String>> {
+fn churn(
+    client: &Pod,
+    dst: SocketAddr,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Vec<String>> {
     let client = client.clone();
     std::thread::spawn(move || {
-        client
-            .run(move || {
-                let mut failures = vec![];
-                while !stop.load(Ordering::Relaxed) {
-                    let r = (|| -> std::io::Result<()> {
-                        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                        s.write_all(b"Eping")?;
-                        let mut buf = [0u8; 4];
-                        s.read_exact(&mut buf)
-                    })();
-                    match r {
-                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            failures.push(e.to_string());
-                            0
-                        }
-                    };
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                failures
-            })
+        client.run(move || {
+            let mut failures = vec![];
+            while !stop.load(Ordering::Relaxed) {
+                let r = (|| -> std::io::Result<()> {
+                    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    s.write_all(b"Eping")?;
+                    let mut buf = [0u8; 4];
+                    s.read_exact(&mut buf)
+                })();
+                match r {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failures.push(e.to_string());
+                        0
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            failures
+        })
     })
 }
 
@@ -119,7 +132,8 @@ fn replace_under_load(i: usize) {
     let new_ok = Arc::new(AtomicU64::new(0));
     let churner = churn(&r.client, dst, stop.clone(), new_ok.clone());
     let client = r.client.clone();
-    let load = std::thread::spawn(move || client.run(move || blocking::latency(dst, 8, 500.0, Duration::from_secs(4), 1024)));
+    let load =
+        std::thread::spawn(move || client.run(move || blocking::latency(dst, 8, 500.0, Duration::from_secs(4), 1024)));
 
     std::thread::sleep(Duration::from_millis(1500));
     let successor = AgentProcess::start(ztunnel_binary(), &r.c, i, &r.extra).expect("successor agent");
@@ -168,14 +182,13 @@ fn after_sigkill_capture_fails_closed_until_a_new_agent_serves_the_re_added_pod(
     let killed = Instant::now();
     r.agents[1].crash();
     let try_once = |client: &Pod| {
-        client
-            .run(move || -> std::io::Result<()> {
-                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.write_all(b"Eping")?;
-                let mut buf = [0u8; 4];
-                s.read_exact(&mut buf)
-            })
+        client.run(move || -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"Eping")?;
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf)
+        })
     };
     assert!(try_once(&r.client).is_err(), "traffic reached the app with no agent: capture failed open");
     let successor = AgentProcess::start(ztunnel_binary(), &r.c, 1, &r.extra).expect("new agent");
@@ -188,6 +201,9 @@ fn after_sigkill_capture_fails_closed_until_a_new_agent_serves_the_re_added_pod(
         }
     }
     let gap = first_ok.expect("no traffic after the new agent came up");
-    println!("SIGKILL gap: {} ms from kill to the first successful connection (includes starting the new agent)", gap.as_millis());
+    println!(
+        "SIGKILL gap: {} ms from kill to the first successful connection (includes starting the new agent)",
+        gap.as_millis()
+    );
     r.agents[1] = successor;
 }

@@ -19,10 +19,7 @@ const APT_PACKAGES: &[&str] = &["iproute2", "procps", "kmod"];
 const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Parser)]
-#[command(
-    name = "xtask",
-    about = "Project tasks: toolchain set-up, demo, tests, benchmarks"
-)]
+#[command(name = "xtask", about = "Project tasks: toolchain set-up, demo, tests, benchmarks")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -58,16 +55,12 @@ fn main() -> ExitCode {
         Cmd::Demo => require_root("demo")
             .and_then(|()| setup())
             .and_then(|()| cargo(&["run", "--release", "-p", "mesh-tests", "--bin", "demo"])),
-        Cmd::Test => require_root("test").and_then(|()| setup()).and_then(|()| {
-            cargo(&[
-                "test",
-                "--workspace",
-                "--no-fail-fast",
-                "--",
-                "--test-threads=2",
-            ])
-        }),
-        Cmd::Bench { args } => require_root("bench").and_then(|()| setup()).and_then(|()| release_bench("bench", &args)),
+        Cmd::Test => require_root("test")
+            .and_then(|()| setup())
+            .and_then(|()| cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"])),
+        Cmd::Bench { args } => {
+            require_root("bench").and_then(|()| setup()).and_then(|()| release_bench("bench", &args))
+        }
         Cmd::Soak { args } => require_root("soak").and_then(|()| setup()).and_then(|()| release_bench("soak", &args)),
     };
     match result {
@@ -108,11 +101,7 @@ fn setup() -> Result<()> {
 }
 
 fn apt_packages(root: bool) -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     for p in APT_PACKAGES.iter().filter(|p| !missing.contains(p)) {
         println!("setup: apt package {p}: present");
     }
@@ -120,18 +109,10 @@ fn apt_packages(root: bool) -> Result<()> {
         return Ok(());
     }
     if !root {
-        bail!(
-            "apt packages missing ({}) and not root to install them",
-            missing.join(", ")
-        );
+        bail!("apt packages missing ({}) and not root to install them", missing.join(", "));
     }
-    println!(
-        "setup: apt packages missing: {}; running apt-get update + install",
-        missing.join(" ")
-    );
-    run(Command::new("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    println!("setup: apt packages missing: {}; running apt-get update + install", missing.join(" "));
+    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
@@ -146,10 +127,7 @@ fn dpkg_installed(pkg: &str) -> bool {
         .args(["-W", "-f=${Status}", pkg])
         .stderr(Stdio::null())
         .output()
-        .map(|o| {
-            o.status.success()
-                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
-        })
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         .unwrap_or(false)
 }
 
@@ -160,32 +138,14 @@ fn rust_toolchain() -> Result<()> {
         println!("setup: rust nightly toolchain: present");
     } else {
         println!("setup: installing rust nightly toolchain");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let comps = capture(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))?;
+    let comps = capture(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
     if comps.lines().any(|l| l.starts_with("rust-src")) {
         println!("setup: rust-src for nightly: present");
     } else {
         println!("setup: adding rust-src to nightly");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(())
 }
@@ -197,14 +157,8 @@ fn bpf_linker() -> Result<()> {
         println!("setup: bpf-linker {BPF_LINKER_VERSION}: present");
         return Ok(());
     }
-    let was = if found.trim().is_empty() {
-        "not found".to_string()
-    } else {
-        found.trim().to_string()
-    };
-    println!(
-        "setup: bpf-linker is {was}; installing bpf-linker@{BPF_LINKER_VERSION} (about 2 minutes)"
-    );
+    let was = if found.trim().is_empty() { "not found".to_string() } else { found.trim().to_string() };
+    println!("setup: bpf-linker is {was}; installing bpf-linker@{BPF_LINKER_VERSION} (about 2 minutes)");
     run(Command::new(cargo_bin()).args([
         "install",
         &format!("bpf-linker@{BPF_LINKER_VERSION}"),
@@ -216,10 +170,7 @@ fn bpf_linker() -> Result<()> {
 
 fn mount_bpffs(root: bool) -> Result<()> {
     let mounts = read_mounts()?;
-    if mounts
-        .iter()
-        .any(|m| m.fstype == "bpf" && m.target == BPFFS)
-    {
+    if mounts.iter().any(|m| m.fstype == "bpf" && m.target == BPFFS) {
         println!("setup: bpffs at {BPFFS}: mounted");
         return Ok(());
     }
@@ -268,9 +219,7 @@ fn read_mounts() -> Result<Vec<Mount>> {
 /// The effective uid is the owner of `/proc/self` (avoids a libc dependency).
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -290,15 +239,9 @@ fn cargo_bin() -> String {
 
 /// Runs cargo from the workspace root and returns its exit code.
 fn cargo(args: &[&str]) -> Result<i32> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace");
     println!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(cargo_bin())
-        .args(args)
-        .current_dir(root)
-        .status()
-        .context("running cargo")?;
+    let status = Command::new(cargo_bin()).args(args).current_dir(root).status().context("running cargo")?;
     Ok(status.code().unwrap_or(1))
 }
 
@@ -311,10 +254,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.stderr(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed with {}", out.status);
     }

@@ -167,7 +167,8 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         },
     };
     let drain_timeout = args.drain_timeout;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
     rt.block_on(async move {
         let node = Node::start(cfg).await.context("starting node agent")?;
         tokio::select! {

@@ -25,10 +25,7 @@ impl InpodNetns {
     /// Takes ownership of a netns fd, verifying that it really is a network namespace.
     pub fn new(file: File) -> io::Result<Self> {
         let cookie = run_in(&file, netns_cookie_here).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("fd is not a network namespace: {e}"),
-            )
+            io::Error::new(io::ErrorKind::InvalidInput, format!("fd is not a network namespace: {e}"))
         })??;
         Ok(Self { file, cookie })
     }
@@ -63,8 +60,7 @@ pub fn run_in<R>(target: &File, f: impl FnOnce() -> R) -> io::Result<R> {
 
 /// Cookie of the namespace the calling thread is in.
 pub fn netns_cookie_here() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
     socket_netns_cookie(&sock)
 }
 

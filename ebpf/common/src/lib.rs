@@ -95,9 +95,7 @@ pub const fn counter_index(p: Program, o: Outcome) -> u32 {
 
 /// Converts an IPv4 address (network order octets) into the mapped 16-byte form.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
 }
 
 #[cfg(feature = "user")]

@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use ztunnel_common::{
-    counter_index, v4_mapped, IpKey, OrigDst, Outcome, PodEntry, PortKey, Program, TupleKey,
-    COUNTER_SLOTS, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
+    counter_index, v4_mapped, IpKey, OrigDst, Outcome, PodEntry, PortKey, Program, TupleKey, COUNTER_SLOTS, HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
 };
 
 const AF_INET: u32 = 2;
@@ -100,23 +100,14 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
 #[inline(always)]
 fn is_loopback(addr: &[u8; 16]) -> bool {
     let v6_loop = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
-    let v4_loop = addr[..10].iter().all(|b| *b == 0)
-        && addr[10] == 0xff
-        && addr[11] == 0xff
-        && addr[12] == 127;
+    let v4_loop = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
     v6_loop || v4_loop
 }
 
 /// Shared decision for connect4/connect6: returns the original destination to record, or
 /// `None` when the connect must be left alone.
 #[inline(always)]
-fn outbound_decision(
-    ctx: &SockAddrContext,
-    p: Program,
-    mark: u32,
-    addr: [u8; 16],
-    port: u16,
-) -> Option<OrigDst> {
+fn outbound_decision(ctx: &SockAddrContext, p: Program, mark: u32, addr: [u8; 16], port: u16) -> Option<OrigDst> {
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     unsafe { ENROLLED.get(&netns) }?;
     if mark == PROXY_MARK || is_loopback(&addr) || port_excluded(&EXCL_OUT_PORTS, port) {
@@ -191,15 +182,7 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     let mut mark: u32 = 0;
-    unsafe {
-        bpf_getsockopt(
-            sa.cast(),
-            SOL_SOCKET,
-            SO_MARK,
-            (&mut mark as *mut u32).cast(),
-            4,
-        )
-    };
+    unsafe { bpf_getsockopt(sa.cast(), SOL_SOCKET, SO_MARK, (&mut mark as *mut u32).cast(), 4) };
     let port = u16::from_be(port_raw as u16);
     let addr = words_to_bytes([w0, w1, w2, w3]);
     let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
@@ -207,11 +190,8 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
         if !remember(&ctx, Program::Connect6, &orig) {
             return CONNECT_REFUSE;
         }
-        let lo: [u8; 16] = if mapped {
-            v4_mapped([127, 0, 0, 1])
-        } else {
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-        };
+        let lo: [u8; 16] =
+            if mapped { v4_mapped([127, 0, 0, 1]) } else { [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] };
         unsafe {
             (*sa).user_ip6[0] = u32::from_ne_bytes([lo[0], lo[1], lo[2], lo[3]]);
             (*sa).user_ip6[1] = u32::from_ne_bytes([lo[4], lo[5], lo[6], lo[7]]);
@@ -253,12 +233,8 @@ pub fn record_origdst(ctx: SockOpsContext) -> u32 {
     } else {
         return 1;
     };
-    let key = TupleKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ops.cast()) },
-        addr,
-        port: lport as u16,
-        _pad: [0; 6],
-    };
+    let key =
+        TupleKey { netns_cookie: unsafe { bpf_get_netns_cookie(ops.cast()) }, addr, port: lport as u16, _pad: [0; 6] };
     if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
         count(Program::SockOps, Outcome::Error);
     } else {
@@ -302,9 +278,7 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     if is_loopback(&local) || is_loopback(&remote) || remote == local {
         return SK_PASS;
     }
-    if unsafe { PROBE_SOURCES.get(&IpKey { addr: remote }) }.is_some()
-        || port_excluded(&EXCL_IN_PORTS, lport as u16)
-    {
+    if unsafe { PROBE_SOURCES.get(&IpKey { addr: remote }) }.is_some() || port_excluded(&EXCL_IN_PORTS, lport as u16) {
         count(Program::SkLookup, Outcome::Bypassed);
         return SK_PASS;
     }

@@ -84,7 +84,11 @@ fn measure(client: &Pod, dst: SocketAddr, secs: f64, agents: &[&AgentProcess]) -
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 fn start_server(pod: &Pod) -> Result<EchoServer> {
@@ -97,7 +101,11 @@ fn main() -> Result<()> {
     sweep_leftovers();
     sweep_pins();
     let binary = std::env::current_exe()?.with_file_name("ztunnel");
-    anyhow::ensure!(binary.exists(), "{} missing: run `cargo build --release -p ztunnel` (cargo xtask bench does)", binary.display());
+    anyhow::ensure!(
+        binary.exists(),
+        "{} missing: run `cargo build --release -p ztunnel` (cargo xtask bench does)",
+        binary.display()
+    );
 
     let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
     let plain_c = c.add_pod(0, "plainc")?;
@@ -117,9 +125,16 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(config.parent().expect("parent"))?;
     std::fs::write(&config, yaml)?;
     let extra: Vec<String> = [
-        "--ca-state-dir", &ca_dir(&c).display().to_string(),
-        "--local-config", &config.display().to_string(),
-        "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
+        "--ca-state-dir",
+        &ca_dir(&c).display().to_string(),
+        "--local-config",
+        &config.display().to_string(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -134,7 +149,8 @@ fn main() -> Result<()> {
     for p in [&tcp_s, &mesh_s] {
         a1.enroll(p)?;
     }
-    let _servers: Vec<EchoServer> = [&plain_s, &tcp_s, &mesh_s, &mesh_local].iter().map(|p| start_server(p)).collect::<Result<_>>()?;
+    let _servers: Vec<EchoServer> =
+        [&plain_s, &tcp_s, &mesh_s, &mesh_local].iter().map(|p| start_server(p)).collect::<Result<_>>()?;
 
     let scenarios: Vec<(&str, &Pod, SocketAddr, Vec<&AgentProcess>)> = vec![
         ("no-mesh", &plain_c, SocketAddr::new(plain_s.ip4().into(), PORT), vec![]),
@@ -185,7 +201,10 @@ fn main() -> Result<()> {
         println!();
         report.insert(label.into(), row.into());
     }
-    for (label, f) in [("agent CPU s / 1000 req", (|s: &Sample| s.cpu_s_per_1k) as fn(&Sample) -> f64), ("agent CPU s / GB", |s: &Sample| s.cpu_s_per_gb)] {
+    for (label, f) in [
+        ("agent CPU s / 1000 req", (|s: &Sample| s.cpu_s_per_1k) as fn(&Sample) -> f64),
+        ("agent CPU s / GB", |s: &Sample| s.cpu_s_per_gb),
+    ] {
         print!("{label:<30} {:>11}", "-");
         let mut row = serde_json::Map::new();
         for n in &names[1..] {

@@ -51,13 +51,23 @@ fn main() -> Result<()> {
         println!("\nclient -> {dst}: server got {:?} (app saw peer {})", reply.got, reply.peer);
         let out = wait_record(&mut ev0, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst)
             .context("node0 recorded no outbound connection")?;
-        println!("  node0 outbound (15001): captured {} -> {}, sent in {} as {}",
-            out.src, out.dst, out.protocol, out.src_identity.as_deref().unwrap_or("-"));
+        println!(
+            "  node0 outbound (15001): captured {} -> {}, sent in {} as {}",
+            out.src,
+            out.dst,
+            out.protocol,
+            out.src_identity.as_deref().unwrap_or("-")
+        );
         println!("                          verified server identity {}", out.dst_identity.as_deref().unwrap_or("-"));
         let inb = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst)
             .context("node1 recorded no inbound HBONE connection")?;
-        println!("  node1 inbound  (15008): mTLS peer {} from {}, policy ALLOW, {} bytes in / {} out",
-            inb.src_identity.as_deref().unwrap_or("-"), inb.src, inb.bytes_sent, inb.bytes_received);
+        println!(
+            "  node1 inbound  (15008): mTLS peer {} from {}, policy ALLOW, {} bytes in / {} out",
+            inb.src_identity.as_deref().unwrap_or("-"),
+            inb.src,
+            inb.bytes_sent,
+            inb.bytes_received
+        );
         ensure!(out.protocol == "HBONE" && inb.src_identity == out.src_identity, "identities do not match end to end");
         ensure!(inb.bytes_sent == out.bytes_sent, "bytes did not arrive end to end");
     }
@@ -67,8 +77,11 @@ fn main() -> Result<()> {
     let denied = request(&intruder, dst, "let me in");
     ensure!(denied.is_err(), "the intruder was let in: {denied:?}");
     let rec = wait_record(&mut ev1, WAIT, |r| r.error.is_some()).context("no denial recorded")?;
-    println!("\nintruder -> {dst}: refused (HBONE 401); node1 says: {} for {}",
-        rec.error.as_deref().unwrap_or("-"), rec.src_identity.as_deref().unwrap_or("-"));
+    println!(
+        "\nintruder -> {dst}: refused (HBONE 401); node1 says: {} for {}",
+        rec.error.as_deref().unwrap_or("-"),
+        rec.src_identity.as_deref().unwrap_or("-")
+    );
 
     print_counters("node0", &node0.counters());
     print_counters("node1", &node1.counters());
@@ -88,13 +101,16 @@ fn shorten(line: &str) -> String {
     let keep = ["reporter", "source_principal", "destination_workload", "connection_security_policy", "direction"];
     let Some((name, rest)) = line.split_once('{') else { return line.to_string() };
     let Some((labels, value)) = rest.rsplit_once('}') else { return line.to_string() };
-    let labels: Vec<&str> = labels.split(',').filter(|l| keep.iter().any(|k| l.starts_with(&format!("{k}=")))).collect();
+    let labels: Vec<&str> =
+        labels.split(',').filter(|l| keep.iter().any(|k| l.starts_with(&format!("{k}=")))).collect();
     format!("{name}{{{}}}{value}", labels.join(","))
 }
 
 fn print_counters(node: &str, c: &CounterSnapshot) {
     println!("\n{node} eBPF counters (captured / bypassed / errors):");
-    for (name, o) in [("connect4", c.connect4), ("connect6", c.connect6), ("sock_ops", c.sock_ops), ("sk_lookup", c.sk_lookup)] {
+    for (name, o) in
+        [("connect4", c.connect4), ("connect6", c.connect6), ("sock_ops", c.sock_ops), ("sk_lookup", c.sk_lookup)]
+    {
         println!("  {name:<10} {:>4} / {:>4} / {:>4}", o.captured, o.bypassed, o.errors);
     }
 }

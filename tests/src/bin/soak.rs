@@ -78,7 +78,8 @@ fn hold(pod: &Pod, dst: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
     pod.run(move || -> Result<Vec<TcpStream>> {
         let mut v = Vec::with_capacity(n);
         for i in 0..n {
-            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).with_context(|| format!("connection {i}"))?;
+            let mut s =
+                TcpStream::connect_timeout(&dst, Duration::from_secs(5)).with_context(|| format!("connection {i}"))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(b"Eping")?;
             let mut buf = [0u8; 4];
@@ -123,10 +124,18 @@ fn rig() -> Result<Rig> {
     std::fs::create_dir_all(config.parent().expect("parent"))?;
     std::fs::write(&config, yaml)?;
     let extra: Vec<String> = [
-        "--ca-state-dir", &ca_dir(&c).display().to_string(),
-        "--local-config", &config.display().to_string(),
-        "--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
-        "--max-connections-per-pod", "65536",
+        "--ca-state-dir",
+        &ca_dir(&c).display().to_string(),
+        "--local-config",
+        &config.display().to_string(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--max-connections-per-pod",
+        "65536",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -138,7 +147,12 @@ fn rig() -> Result<Rig> {
     for p in [&tcp_c, &mesh_c] {
         a0.enroll(p)?;
     }
-    println!("rig: agent RSS {} KB fresh, {} KB after enrolling 2 pods ({} ms)", fresh.rss_kb, footprint(&a0).rss_kb, t.elapsed().as_millis());
+    println!(
+        "rig: agent RSS {} KB fresh, {} KB after enrolling 2 pods ({} ms)",
+        fresh.rss_kb,
+        footprint(&a0).rss_kb,
+        t.elapsed().as_millis()
+    );
     for p in [&tcp_s, &mesh_s] {
         a1.enroll(p)?;
     }
@@ -217,7 +231,13 @@ fn soak(r: &Rig, o: &Opts) -> Result<serde_json::Value> {
     let t = Instant::now();
     let held = hold(pod, dst, o.idle)?;
     let at_idle = note_peak(&mut peak);
-    println!("soak: {} idle connections held in {:.1} s: source {:?} destination {:?}", o.idle, t.elapsed().as_secs_f64(), at_idle.0, at_idle.1);
+    println!(
+        "soak: {} idle connections held in {:.1} s: source {:?} destination {:?}",
+        o.idle,
+        t.elapsed().as_secs_f64(),
+        at_idle.0,
+        at_idle.1
+    );
     drop(held);
     std::thread::sleep(Duration::from_secs(2));
     let warm = note_peak(&mut peak);

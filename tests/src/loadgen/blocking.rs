@@ -4,17 +4,14 @@
 use super::*;
 
 fn runtime() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
 /// Serves `listener` on the calling thread forever (see [`super::echo_server`]); use
 /// [`EchoServer::spawn`] for a background server that stops on drop.
 pub fn echo_server(listener: std::net::TcpListener) -> io::Result<()> {
     listener.set_nonblocking(true)?;
-    runtime()?
-        .block_on(async { super::echo_server(tokio::net::TcpListener::from_std(listener)?).await })
+    runtime()?.block_on(async { super::echo_server(tokio::net::TcpListener::from_std(listener)?).await })
 }
 
 /// Declares, for each async generator in [`super`], a function of the same name and
@@ -53,18 +50,13 @@ pub fn run_load(spec: &LoadSpec) -> io::Result<FortioResult> {
             .map(|t| {
                 // Thread t gets connections t, t+threads, …; qps in proportion.
                 let conns = (spec.connections.max(1) + threads - 1 - t) / threads;
-                let qps = spec
-                    .qps
-                    .map(|q| q * conns as f64 / spec.connections.max(1) as f64);
+                let qps = spec.qps.map(|q| q * conns as f64 / spec.connections.max(1) as f64);
                 s.spawn(move || runtime()?.block_on(drive(spec, conns, qps)))
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| io::Error::other("load thread panicked"))?
-            })
+            .map(|h| h.join().map_err(|_| io::Error::other("load thread panicked"))?)
             .collect::<io::Result<Vec<_>>>()
     })?;
     Ok(finish(spec, wall, raws))

@@ -22,13 +22,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub(super) fn new(
-        stream: TcpStream,
-        addr: SocketAddr,
-        protocol: Protocol,
-        payload: usize,
-        close: bool,
-    ) -> Self {
+    pub(super) fn new(stream: TcpStream, addr: SocketAddr, protocol: Protocol, payload: usize, close: bool) -> Self {
         let _ = stream.set_nodelay(true);
         let request = match protocol {
             Protocol::Framed => vec![b'q'; payload.max(1)],
@@ -78,22 +72,12 @@ impl Conn {
     }
 
     async fn http_response(&mut self) -> io::Result<String> {
-        let eof = || {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed mid-response",
-            )
-        };
+        let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response");
         self.line.clear();
         if self.rd.read_line(&mut self.line).await? == 0 {
             return Err(eof());
         }
-        let code = self
-            .line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("-1")
-            .to_string();
+        let code = self.line.split_whitespace().nth(1).unwrap_or("-1").to_string();
         let mut length = 0u64;
         loop {
             self.line.clear();
@@ -107,12 +91,9 @@ impl Conn {
             if let Some((name, value)) = h.split_once(':') {
                 let value = value.trim();
                 if name.eq_ignore_ascii_case("content-length") {
-                    length = value.parse().map_err(|_| {
-                        io::Error::new(io::ErrorKind::InvalidData, "bad content-length")
-                    })?;
-                } else if name.eq_ignore_ascii_case("connection")
-                    && value.eq_ignore_ascii_case("close")
-                {
+                    length =
+                        value.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad content-length"))?;
+                } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
                     self.must_reconnect = true;
                 }
             }

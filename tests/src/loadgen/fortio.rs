@@ -23,11 +23,7 @@ pub struct FortioResult {
     #[serde(rename = "StartTime", default)]
     pub start_time: String,
     /// Requested rate: a number, or `"max"` for as-fast-as-possible (a string, as fortio).
-    #[serde(
-        rename = "RequestedQPS",
-        default,
-        deserialize_with = "string_or_number"
-    )]
+    #[serde(rename = "RequestedQPS", default, deserialize_with = "string_or_number")]
     pub requested_qps: String,
     /// Requested duration as a Go duration string, e.g. `"10s"`.
     #[serde(rename = "RequestedDuration", default)]
@@ -120,11 +116,7 @@ pub struct Percentile {
 impl FortioResult {
     /// The value (seconds) of percentile `p` (e.g. 99.0), if it was computed.
     pub fn percentile(&self, p: f64) -> Option<f64> {
-        self.duration_histogram
-            .percentiles
-            .iter()
-            .find(|x| (x.percentile - p).abs() < 1e-9)
-            .map(|x| x.value)
+        self.duration_histogram.percentiles.iter().find(|x| (x.percentile - p).abs() < 1e-9).map(|x| x.value)
     }
 
     /// Requests that failed at the socket level (fortio's `-1` code).
@@ -154,11 +146,7 @@ impl Histogram {
         let secs = |ns: u64| ns as f64 / 1e9;
         let sum: f64 = samples.iter().map(|&x| secs(x)).sum();
         let avg = sum / n as f64;
-        let var = samples
-            .iter()
-            .map(|&x| (secs(x) - avg).powi(2))
-            .sum::<f64>()
-            / n as f64;
+        let var = samples.iter().map(|&x| (secs(x) - avg).powi(2)).sum::<f64>() / n as f64;
         let (min, max) = (secs(samples[0]), secs(samples[n - 1]));
         let percentiles = percentiles
             .iter()
@@ -166,22 +154,10 @@ impl Histogram {
                 // Nearest rank: the smallest sample with at least p% of samples at or below it.
                 // (less a hair, so 99.9% of 1000 is rank 999 despite float rounding).
                 let rank = ((p / 100.0) * n as f64 - 1e-9).ceil() as usize;
-                Percentile {
-                    percentile: p,
-                    value: secs(samples[rank.clamp(1, n) - 1]),
-                }
+                Percentile { percentile: p, value: secs(samples[rank.clamp(1, n) - 1]) }
             })
             .collect();
-        Histogram {
-            count: n as u64,
-            min,
-            max,
-            sum,
-            avg,
-            std_dev: var.sqrt(),
-            data: buckets(samples),
-            percentiles,
-        }
+        Histogram { count: n as u64, min, max, sum, avg, std_dev: var.sqrt(), data: buckets(samples), percentiles }
     }
 }
 
@@ -194,11 +170,7 @@ fn buckets(sorted: &[u64]) -> Vec<Bucket> {
     let mut i = 0;
     let mut start = lo;
     while i < sorted.len() {
-        let end = if start + width > hi {
-            hi + 1
-        } else {
-            start + width
-        };
+        let end = if start + width > hi { hi + 1 } else { start + width };
         let first = i;
         while i < sorted.len() && sorted[i] < end {
             i += 1;

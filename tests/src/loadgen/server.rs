@@ -39,27 +39,19 @@ impl EchoServer {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let (tx, rx) = oneshot::channel();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let thread = std::thread::Builder::new()
-            .name(format!("echo-{addr}"))
-            .spawn(move || {
-                rt.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = echo_server(listener) => {}
-                        _ = rx => {}
-                    }
-                });
-            })?;
-        Ok(EchoServer {
-            addr,
-            stop: Some(tx),
-            thread: Some(thread),
-        })
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new().name(format!("echo-{addr}")).spawn(move || {
+            rt.block_on(async move {
+                let Ok(listener) = TcpListener::from_std(listener) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = echo_server(listener) => {}
+                    _ = rx => {}
+                }
+            });
+        })?;
+        Ok(EchoServer { addr, stop: Some(tx), thread: Some(thread) })
     }
 }
 
@@ -103,10 +95,7 @@ async fn serve(mut stream: TcpStream) -> io::Result<()> {
 async fn read_size(stream: &mut TcpStream) -> io::Result<usize> {
     let size = stream.read_u32().await? as usize;
     if size > MAX_PAYLOAD {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "payload too large",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "payload too large"));
     }
     Ok(if size == 0 { DEFAULT_PAYLOAD } else { size })
 }
@@ -184,20 +173,12 @@ async fn http(stream: TcpStream) -> io::Result<()> {
         if content_length > MAX_PAYLOAD {
             return Err(bad("request body too large"));
         }
-        let got = tokio::io::copy(
-            &mut (&mut rd).take(content_length as u64),
-            &mut tokio::io::sink(),
-        )
-        .await?;
+        let got = tokio::io::copy(&mut (&mut rd).take(content_length as u64), &mut tokio::io::sink()).await?;
         if got < content_length as u64 {
             return Ok(());
         }
         let size = query_size(&target)
-            .unwrap_or(if content_length > 0 {
-                content_length
-            } else {
-                DEFAULT_PAYLOAD
-            })
+            .unwrap_or(if content_length > 0 { content_length } else { DEFAULT_PAYLOAD })
             .min(MAX_PAYLOAD);
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n");
@@ -218,9 +199,7 @@ async fn http(stream: TcpStream) -> io::Result<()> {
 
 fn query_size(target: &str) -> Option<usize> {
     let (_, query) = target.split_once('?')?;
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("size=")?.parse().ok())
+    query.split('&').find_map(|kv| kv.strip_prefix("size=")?.parse().ok())
 }
 
 fn bad(msg: &str) -> io::Error {

@@ -16,34 +16,19 @@ fn server() -> EchoServer {
 fn assert_sane(r: &FortioResult, code: &str) {
     let h = &r.duration_histogram;
     assert!(h.count > 0, "no samples: {r:?}");
-    assert_eq!(
-        r.ret_codes.get(code).copied(),
-        Some(h.count),
-        "codes {:?}",
-        r.ret_codes
-    );
+    assert_eq!(r.ret_codes.get(code).copied(), Some(h.count), "codes {:?}", r.ret_codes);
     assert_eq!(r.errors(), 0);
     assert!(r.actual_qps > 0.0);
     assert!(h.min > 0.0 && h.min <= h.avg && h.avg <= h.max, "{h:?}");
     let values: Vec<f64> = h.percentiles.iter().map(|p| p.value).collect();
     assert_eq!(values.len(), DEFAULT_PERCENTILES.len());
-    assert!(
-        values.windows(2).all(|w| w[0] <= w[1]),
-        "percentiles not ordered: {values:?}"
-    );
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "percentiles not ordered: {values:?}");
     assert!(h.min <= values[0] && values[values.len() - 1] <= h.max);
     assert_eq!(h.data.iter().map(|b| b.count).sum::<u64>(), h.count);
     assert!((h.data.last().unwrap().percent - 100.0).abs() < 1e-9);
 
     let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
-    for key in [
-        "ActualQPS",
-        "RequestedQPS",
-        "NumThreads",
-        "RetCodes",
-        "DurationHistogram",
-        "StartTime",
-    ] {
+    for key in ["ActualQPS", "RequestedQPS", "NumThreads", "RetCodes", "DurationHistogram", "StartTime"] {
         assert!(json.get(key).is_some(), "JSON lacks {key}");
     }
     let dh = &json["DurationHistogram"];
@@ -54,11 +39,7 @@ fn assert_sane(r: &FortioResult, code: &str) {
     assert!(dh["Percentiles"][0]["Value"].as_f64().unwrap() > 0.0);
     let back = FortioResult::from_json(&r.to_json()).unwrap();
     assert_eq!(
-        (
-            back.duration_histogram.count,
-            &back.ret_codes,
-            &back.requested_qps
-        ),
+        (back.duration_histogram.count, &back.ret_codes, &back.requested_qps),
         (h.count, &r.ret_codes, &r.requested_qps)
     );
     assert!((back.actual_qps - r.actual_qps).abs() < 1e-6 * r.actual_qps);
@@ -77,11 +58,7 @@ fn latency_is_paced_and_well_formed() {
     let r = blocking::latency(s.addr, 4, 200.0, RUN, DEFAULT_PAYLOAD).unwrap();
     assert_sane(&r, "OK");
     // 200 qps for 0.5 s is ~100 requests; allow slack for a busy machine.
-    assert!(
-        (60..=110).contains(&r.duration_histogram.count),
-        "count {}",
-        r.duration_histogram.count
-    );
+    assert!((60..=110).contains(&r.duration_histogram.count), "count {}", r.duration_histogram.count);
     assert_eq!(r.requested_qps, "200");
     assert_eq!(r.num_threads, 4);
     assert_eq!(r.socket_count, 4);
@@ -93,11 +70,7 @@ fn max_rate_runs_unpaced_over_keepalive() {
     let s = server();
     let r = blocking::max_rate(s.addr, 4, RUN).unwrap();
     assert_sane(&r, "OK");
-    assert!(
-        r.duration_histogram.count > 200,
-        "only {} requests",
-        r.duration_histogram.count
-    );
+    assert!(r.duration_histogram.count > 200, "only {} requests", r.duration_histogram.count);
     assert_eq!(r.requested_qps, "max");
     assert_eq!(r.socket_count, 4, "keep-alive must not reconnect");
 }
@@ -124,10 +97,7 @@ fn http_load_and_threads() {
     };
     let r = blocking::run_load(&spec).unwrap();
     assert_sane(&r, "200");
-    assert_eq!(
-        (r.run_type.as_str(), r.labels.as_str(), r.socket_count),
-        ("HTTP", "http test", 4)
-    );
+    assert_eq!((r.run_type.as_str(), r.labels.as_str(), r.socket_count), ("HTTP", "http test", 4));
 }
 
 #[tokio::test]
@@ -135,9 +105,7 @@ async fn async_api_on_a_runtime() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(echo_server(listener));
-    let r = latency(addr, 2, 100.0, Duration::from_millis(300), 64)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let r = latency(addr, 2, 100.0, Duration::from_millis(300), 64).await.unwrap_or_else(|e| panic!("{e}"));
     assert_sane(&r, "OK");
 }
 
@@ -156,8 +124,7 @@ fn echo_and_http_modes_speak_the_documented_protocol() {
     c.read_exact(&mut buf).unwrap();
 
     let mut c = TcpStream::connect(s.addr).unwrap();
-    c.write_all(b"GET /?size=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    c.write_all(b"GET /?size=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut resp = String::new();
     c.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
@@ -178,9 +145,8 @@ fn parses_real_fortio_json() {
     assert_eq!(r.requested_qps, "1000");
     assert_eq!(r.percentile(99.0), Some(0.002));
     assert_eq!(r.ret_codes["200"], 9995);
-    let numeric = FortioResult::from_json(
-        r#"{"RequestedQPS":1000,"ActualQPS":1,"DurationHistogram":{"Count":0,"Avg":0}}"#,
-    );
+    let numeric =
+        FortioResult::from_json(r#"{"RequestedQPS":1000,"ActualQPS":1,"DurationHistogram":{"Count":0,"Avg":0}}"#);
     assert_eq!(numeric.unwrap().requested_qps, "1000");
 }
 
@@ -188,11 +154,7 @@ fn parses_real_fortio_json() {
 fn histogram_uses_nearest_rank() {
     let mut ns: Vec<u64> = (1..=1000).rev().collect();
     let h = Histogram::from_nanos(&mut ns, DEFAULT_PERCENTILES);
-    let got: Vec<f64> = h
-        .percentiles
-        .iter()
-        .map(|p| (p.value * 1e9).round())
-        .collect();
+    let got: Vec<f64> = h.percentiles.iter().map(|p| (p.value * 1e9).round()).collect();
     assert_eq!(got, vec![500.0, 750.0, 900.0, 990.0, 999.0]);
     assert_eq!((h.count, h.min, h.max), (1000, 1e-9, 1e-6));
     assert_eq!(Histogram::from_nanos(&mut [], DEFAULT_PERCENTILES).count, 0);
@@ -201,10 +163,7 @@ fn histogram_uses_nearest_rank() {
 #[test]
 fn formats_times_like_go() {
     assert_eq!(fortio::rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-    assert_eq!(
-        fortio::rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_210_096_123)),
-        "2024-02-29T12:34:56.123Z"
-    );
+    assert_eq!(fortio::rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_210_096_123)), "2024-02-29T12:34:56.123Z");
     assert_eq!(fortio::go_duration(Duration::from_secs(10)), "10s");
     assert_eq!(fortio::go_duration(Duration::from_millis(500)), "500ms");
     let _ = fortio_available(); // must not panic whatever PATH holds

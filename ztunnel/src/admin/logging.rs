@@ -14,9 +14,7 @@ pub enum LogLevelError {
     #[error("missing level: use ?level=<off|error|warn|info|debug|trace> or target=level,...")]
     Missing,
     /// Some part of the directive list is not `level` or `target=level`.
-    #[error(
-        "invalid level directive {0:?}: expected off|error|warn|info|debug|trace or target=level"
-    )]
+    #[error("invalid level directive {0:?}: expected off|error|warn|info|debug|trace or target=level")]
     Invalid(String),
     /// The directive was valid but the installed subscriber refused it.
     #[error("applying log level failed: {0}")]
@@ -35,10 +33,7 @@ pub struct LogControl {
 
 impl std::fmt::Debug for LogControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogControl")
-            .field("current", &self.current())
-            .field("live", &self.apply.is_some())
-            .finish()
+        f.debug_struct("LogControl").field("current", &self.current()).field("live", &self.apply.is_some()).finish()
     }
 }
 
@@ -46,30 +41,18 @@ impl LogControl {
     /// A control that only records the requested level (nothing is reloaded); used when the
     /// process installed no reloadable filter, so `/logging` still answers consistently.
     pub fn record_only(initial: impl Into<String>) -> Self {
-        LogControl {
-            current: Mutex::new(initial.into()),
-            apply: None,
-        }
+        LogControl { current: Mutex::new(initial.into()), apply: None }
     }
 
     /// A control that calls `apply` with each validated, normalised directive string
     /// (e.g. `"info,ztunnel::proxy=debug"`), for subscribers other than an `EnvFilter`.
-    pub fn new(
-        initial: impl Into<String>,
-        apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
-    ) -> Self {
-        LogControl {
-            current: Mutex::new(initial.into()),
-            apply: Some(Box::new(apply)),
-        }
+    pub fn new(initial: impl Into<String>, apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        LogControl { current: Mutex::new(initial.into()), apply: Some(Box::new(apply)) }
     }
 
     /// A control that swaps the `EnvFilter` behind a `tracing_subscriber::reload` layer, the
     /// usual way `main` makes its log level changeable at run time.
-    pub fn from_reload_handle<S: 'static>(
-        handle: reload::Handle<EnvFilter, S>,
-        initial: impl Into<String>,
-    ) -> Self {
+    pub fn from_reload_handle<S: 'static>(handle: reload::Handle<EnvFilter, S>, initial: impl Into<String>) -> Self {
         Self::new(initial, move |spec| {
             let filter = EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
             handle.reload(filter).map_err(|e| e.to_string())
@@ -83,10 +66,7 @@ impl LogControl {
 
     /// The directive currently in force (or last recorded).
     pub fn current(&self) -> String {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Validates `spec`, applies it if live, records it and returns the normalised directive.
@@ -108,8 +88,7 @@ fn is_level(s: &str) -> bool {
 fn is_target(s: &str) -> bool {
     !s.is_empty()
         && !s.ends_with(':')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'))
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'))
 }
 
 /// Turns a user-supplied level list into a canonical `EnvFilter` directive string, refusing
@@ -129,14 +108,8 @@ fn normalize(spec: &str) -> Result<String, LogLevelError> {
         }
         let split = part.rsplit_once('=').or_else(|| part.rsplit_once(':'));
         match split {
-            Some((target, level))
-                if is_target(target.trim()) && is_level(&level.trim().to_ascii_lowercase()) =>
-            {
-                out.push(format!(
-                    "{}={}",
-                    target.trim(),
-                    level.trim().to_ascii_lowercase()
-                ));
+            Some((target, level)) if is_target(target.trim()) && is_level(&level.trim().to_ascii_lowercase()) => {
+                out.push(format!("{}={}", target.trim(), level.trim().to_ascii_lowercase()));
             }
             _ => return Err(LogLevelError::Invalid(part.to_string())),
         }
@@ -152,32 +125,14 @@ mod tests {
     #[test]
     fn normalizes_levels_and_targets() {
         assert_eq!(normalize("DEBUG").unwrap(), "debug");
-        assert_eq!(
-            normalize("info, ztunnel::proxy=trace").unwrap(),
-            "info,ztunnel::proxy=trace"
-        );
+        assert_eq!(normalize("info, ztunnel::proxy=trace").unwrap(), "info,ztunnel::proxy=trace");
         assert_eq!(normalize("access:debug").unwrap(), "access=debug");
-        assert_eq!(
-            normalize("ztunnel::proxy:warn").unwrap(),
-            "ztunnel::proxy=warn"
-        );
+        assert_eq!(normalize("ztunnel::proxy:warn").unwrap(), "ztunnel::proxy=warn");
         assert_eq!(normalize("").unwrap_err(), LogLevelError::Missing);
-        assert!(matches!(
-            normalize("verbose"),
-            Err(LogLevelError::Invalid(_))
-        ));
-        assert!(matches!(
-            normalize("info,x=loud"),
-            Err(LogLevelError::Invalid(_))
-        ));
-        assert!(matches!(
-            normalize("ztunnel::debug"),
-            Err(LogLevelError::Invalid(_))
-        ));
-        assert!(matches!(
-            normalize("a b=debug"),
-            Err(LogLevelError::Invalid(_))
-        ));
+        assert!(matches!(normalize("verbose"), Err(LogLevelError::Invalid(_))));
+        assert!(matches!(normalize("info,x=loud"), Err(LogLevelError::Invalid(_))));
+        assert!(matches!(normalize("ztunnel::debug"), Err(LogLevelError::Invalid(_))));
+        assert!(matches!(normalize("a b=debug"), Err(LogLevelError::Invalid(_))));
     }
 
     #[test]

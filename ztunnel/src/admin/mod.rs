@@ -96,17 +96,8 @@ pub fn start(
     ready: Arc<AtomicBool>,
     on_quit: QuitFn,
 ) -> std::io::Result<AdminServer> {
-    let initial = tracing::level_filters::LevelFilter::current()
-        .to_string()
-        .to_ascii_lowercase();
-    start_with_logging(
-        cfg,
-        metrics,
-        dump,
-        ready,
-        on_quit,
-        Arc::new(LogControl::record_only(initial)),
-    )
+    let initial = tracing::level_filters::LevelFilter::current().to_string().to_ascii_lowercase();
+    start_with_logging(cfg, metrics, dump, ready, on_quit, Arc::new(LogControl::record_only(initial)))
 }
 
 /// Binds all three listeners now (so a taken port is reported to the caller, and port 0
@@ -123,15 +114,10 @@ pub fn start_with_logging(
     let admin = bind(cfg.admin_addr)?;
     let metrics_l = bind(cfg.metrics_addr)?;
     let readiness = bind(cfg.readiness_addr)?;
-    let (admin_addr, metrics_addr, readiness_addr) = (
-        admin.local_addr()?,
-        metrics_l.local_addr()?,
-        readiness.local_addr()?,
-    );
+    let (admin_addr, metrics_addr, readiness_addr) =
+        (admin.local_addr()?, metrics_l.local_addr()?, readiness.local_addr()?);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let listeners = {
         let _guard = rt.enter();
         [
@@ -140,34 +126,20 @@ pub fn start_with_logging(
             (Role::Readiness, TcpListener::from_std(readiness)?),
         ]
     };
-    let shared = Arc::new(Shared {
-        metrics,
-        dump,
-        ready,
-        on_quit,
-        log,
-    });
+    let shared = Arc::new(Shared { metrics, dump, ready, on_quit, log });
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let thread = std::thread::Builder::new()
-        .name("ztunnel-admin".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let mut tasks = tokio::task::JoinSet::new();
-                for (role, listener) in listeners {
-                    tasks.spawn(serve(role, listener, shared.clone(), shutdown_rx.clone()));
-                }
-                while tasks.join_next().await.is_some() {}
-            });
-            // Dropping the runtime here cancels any connection still open.
-        })?;
+    let thread = std::thread::Builder::new().name("ztunnel-admin".into()).spawn(move || {
+        rt.block_on(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (role, listener) in listeners {
+                tasks.spawn(serve(role, listener, shared.clone(), shutdown_rx.clone()));
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        // Dropping the runtime here cancels any connection still open.
+    })?;
     tracing::info!(%admin_addr, %metrics_addr, %readiness_addr, "admin endpoints listening");
-    Ok(AdminServer {
-        admin_addr,
-        metrics_addr,
-        readiness_addr,
-        shutdown,
-        thread: Some(thread),
-    })
+    Ok(AdminServer { admin_addr, metrics_addr, readiness_addr, shutdown, thread: Some(thread) })
 }
 
 /// Binds a non-blocking listener; `[::]` falls back to `0.0.0.0` on hosts without IPv6.
@@ -198,12 +170,7 @@ struct Shared {
     log: Arc<LogControl>,
 }
 
-async fn serve(
-    role: Role,
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn serve(role: Role, listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -246,15 +213,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
-fn reply(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -271,26 +233,18 @@ async fn handle(role: Role, s: &Shared, req: Request<Incoming>) -> Response<Full
     let path = parts.uri.path();
     let m = &parts.method;
     match (role, path) {
-        (Role::Admin, "/config_dump") if m == Method::GET => {
-            match serde_json::to_string_pretty(&(s.dump)()) {
-                Ok(j) => reply(StatusCode::OK, "application/json", j + "\n"),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("config dump failed: {e}\n"),
-                ),
-            }
-        }
-        (Role::Admin, "/logging") if m == Method::GET => {
-            text(StatusCode::OK, s.log.current() + "\n")
-        }
+        (Role::Admin, "/config_dump") if m == Method::GET => match serde_json::to_string_pretty(&(s.dump)()) {
+            Ok(j) => reply(StatusCode::OK, "application/json", j + "\n"),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("config dump failed: {e}\n")),
+        },
+        (Role::Admin, "/logging") if m == Method::GET => text(StatusCode::OK, s.log.current() + "\n"),
         (Role::Admin, "/logging") if m == Method::POST => {
             let level = query_param(parts.uri.query().unwrap_or(""), "level").unwrap_or_default();
             match s.log.set(&level) {
                 Ok(now) if s.log.is_live() => text(StatusCode::OK, now + "\n"),
-                Ok(now) => text(
-                    StatusCode::OK,
-                    format!("{now}\n(recorded only: no reloadable log filter is installed)\n"),
-                ),
+                Ok(now) => {
+                    text(StatusCode::OK, format!("{now}\n(recorded only: no reloadable log filter is installed)\n"))
+                }
                 Err(LogLevelError::Apply(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e + "\n"),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
@@ -312,9 +266,7 @@ async fn handle(role: Role, s: &Shared, req: Request<Incoming>) -> Response<Full
         }
         (Role::Admin, "/config_dump" | "/logging" | "/quitquitquit")
         | (Role::Metrics, "/metrics" | "/stats/prometheus")
-        | (Role::Readiness, "/healthz/ready") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        | (Role::Readiness, "/healthz/ready") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

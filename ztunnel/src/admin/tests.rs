@@ -9,29 +9,17 @@ use crate::metrics::ConnectionLabels;
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read response");
     let (head, body) = raw.split_once("\r\n\r\n").expect("complete response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
     (status, head.to_ascii_lowercase(), body.to_string())
 }
 
 fn local() -> AdminConfig {
     let a: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    AdminConfig {
-        admin_addr: a,
-        metrics_addr: a,
-        readiness_addr: a,
-    }
+    AdminConfig { admin_addr: a, metrics_addr: a, readiness_addr: a }
 }
 
 struct Fixture {
@@ -56,25 +44,18 @@ fn fixture() -> Fixture {
         }),
     )
     .expect("start");
-    Fixture {
-        server,
-        metrics,
-        ready,
-        quits,
-    }
+    Fixture { server, metrics, ready, quits }
 }
 
 #[test]
 fn metrics_endpoints_serve_istio_exposition() {
     let f = fixture();
     f.metrics.connection_opened(&ConnectionLabels::default());
-    f.metrics
-        .connection_closed(&ConnectionLabels::default(), 10, 20);
+    f.metrics.connection_closed(&ConnectionLabels::default(), 10, 20);
     for path in ["/metrics", "/stats/prometheus"] {
         let (status, head, body) = http(f.server.metrics_addr, "GET", path);
         assert_eq!(status, 200, "{path}");
-        assert!(head
-            .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"));
+        assert!(head.contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"));
         assert!(body.contains("# TYPE istio_tcp_connections_opened counter"));
         assert!(body.contains("istio_tcp_connections_opened_total{reporter=\"source\""));
         assert!(body.contains("# TYPE istio_tcp_sent_bytes counter"));
@@ -134,21 +115,14 @@ fn logging_get_and_set() {
     assert_eq!(status, 200);
     assert!(body.starts_with("debug\n"), "{body}");
     assert_eq!(http(f.server.admin_addr, "GET", "/logging").2, "debug\n");
-    let (status, _, body) = http(
-        f.server.admin_addr,
-        "POST",
-        "/logging?level=info%2Cztunnel%3A%3Aproxy%3Dtrace",
-    );
+    let (status, _, body) = http(f.server.admin_addr, "POST", "/logging?level=info%2Cztunnel%3A%3Aproxy%3Dtrace");
     assert_eq!(status, 200);
     assert!(body.starts_with("info,ztunnel::proxy=trace\n"), "{body}");
     let (status, _, body) = http(f.server.admin_addr, "POST", "/logging?level=loud");
     assert_eq!(status, 400);
     assert!(body.contains("invalid level"), "{body}");
     assert_eq!(http(f.server.admin_addr, "POST", "/logging").0, 400);
-    assert_eq!(
-        http(f.server.admin_addr, "GET", "/logging").2,
-        "info,ztunnel::proxy=trace\n"
-    );
+    assert_eq!(http(f.server.admin_addr, "GET", "/logging").2, "info,ztunnel::proxy=trace\n");
 }
 
 #[test]
@@ -168,20 +142,14 @@ fn live_log_control_is_used() {
         log,
     )
     .unwrap();
-    assert_eq!(
-        http(server.admin_addr, "POST", "/logging?level=warn").2,
-        "warn\n"
-    );
+    assert_eq!(http(server.admin_addr, "POST", "/logging?level=warn").2, "warn\n");
     assert_eq!(*applied.lock().unwrap(), "warn");
 }
 
 #[test]
 fn bind_errors_are_synchronous_and_drop_stops_serving() {
     let f = fixture();
-    let taken = AdminConfig {
-        admin_addr: f.server.admin_addr,
-        ..local()
-    };
+    let taken = AdminConfig { admin_addr: f.server.admin_addr, ..local() };
     let err = start(
         taken,
         Arc::new(Metrics::new()),
@@ -195,10 +163,7 @@ fn bind_errors_are_synchronous_and_drop_stops_serving() {
     let addr = f.server.readiness_addr;
     assert_eq!(http(addr, "GET", "/healthz/ready").0, 503);
     drop(f);
-    assert!(
-        TcpStream::connect(addr).is_err(),
-        "listener closed after drop"
-    );
+    assert!(TcpStream::connect(addr).is_err(), "listener closed after drop");
 }
 
 #[test]
@@ -207,8 +172,7 @@ fn keep_alive_serves_several_requests() {
     let mut s = TcpStream::connect(f.server.metrics_addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     for _ in 0..2 {
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         while !buf.ends_with(b"# EOF\n") {
@@ -222,14 +186,8 @@ fn keep_alive_serves_several_requests() {
 
 #[test]
 fn query_params_decode() {
-    assert_eq!(
-        query_param("a=1&level=debug", "level").as_deref(),
-        Some("debug")
-    );
-    assert_eq!(
-        query_param("level=a%3Db+c%", "level").as_deref(),
-        Some("a=b c%")
-    );
+    assert_eq!(query_param("a=1&level=debug", "level").as_deref(), Some("debug"));
+    assert_eq!(query_param("level=a%3Db+c%", "level").as_deref(), Some("a=b c%"));
     assert_eq!(query_param("x=1", "level"), None);
     assert_eq!(query_param("level", "level").as_deref(), Some(""));
 }

@@ -7,7 +7,10 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixA
 use prost::Message;
 
 use super::wire::{recv_datagram, send_datagram, WireError};
-use super::{workload_request::Payload, workload_response, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, WorkloadResponse};
+use super::{
+    workload_request::Payload, workload_response, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo,
+    WorkloadRequest, WorkloadResponse,
+};
 
 /// One connection to a node agent's enrollment socket.
 #[derive(Debug)]
@@ -28,9 +31,8 @@ impl EnrollmentClient {
 
     /// Enrolls a pod, passing its network namespace.
     pub fn add(&self, uid: &str, info: WorkloadInfo, netns: &impl AsRawFd) -> Result<AckResult, WireError> {
-        let req = WorkloadRequest {
-            payload: Some(Payload::Add(AddWorkload { uid: uid.into(), workload_info: Some(info) })),
-        };
+        let req =
+            WorkloadRequest { payload: Some(Payload::Add(AddWorkload { uid: uid.into(), workload_info: Some(info) })) };
         self.request(&req.encode_to_vec(), &[netns.as_raw_fd()])
     }
 
@@ -56,8 +58,7 @@ impl EnrollmentClient {
     pub fn request(&self, bytes: &[u8], fds: &[RawFd]) -> Result<AckResult, WireError> {
         send_datagram(self.sock.as_raw_fd(), bytes, fds)?;
         let reply = recv_datagram(self.sock.as_raw_fd())?;
-        let resp = WorkloadResponse::decode(reply.bytes.as_slice())
-            .map_err(|_| WireError::Io(nix::Error::EBADMSG))?;
+        let resp = WorkloadResponse::decode(reply.bytes.as_slice()).map_err(|_| WireError::Io(nix::Error::EBADMSG))?;
         match resp.payload {
             Some(workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
             Some(workload_response::Payload::Ack(ack)) => Ok(Err(ack.error)),

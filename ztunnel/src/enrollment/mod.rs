@@ -8,6 +8,6 @@ mod wire;
 pub use client::EnrollmentClient;
 pub use wire::{recv_datagram, send_datagram, Datagram, WireError, MAX_DATAGRAM};
 pub use ztunnel_proto::enrollment::{
-    workload_request, workload_response, Ack, AddWorkload, DelWorkload, KeepWorkload,
-    SnapshotSent, WorkloadInfo, WorkloadRequest, WorkloadResponse,
+    workload_request, workload_response, Ack, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo,
+    WorkloadRequest, WorkloadResponse,
 };

@@ -55,8 +55,7 @@ pub fn recv_datagram(fd: RawFd) -> Result<Datagram, WireError> {
 /// Sends one datagram with optional fds.
 pub fn send_datagram(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), WireError> {
     let iov = [IoSlice::new(bytes)];
-    let cmsgs: Vec<ControlMessage> =
-        if fds.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(fds)] };
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(fds)] };
     sendmsg::<()>(fd, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
     Ok(())
 }

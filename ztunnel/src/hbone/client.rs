@@ -66,8 +66,7 @@ impl Dialer for TcpDialer {
 }
 
 /// The future returned by [`ClientTlsProvider::client_config`].
-pub type TlsConfigFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Arc<ClientConfig>, DialError>> + Send + 'a>>;
+pub type TlsConfigFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<ClientConfig>, DialError>> + Send + 'a>>;
 
 /// Supplies the client TLS config for a pool key (certificate of the source, expected server
 /// identities).
@@ -88,10 +87,7 @@ impl ClientTlsProvider for CertManagerTls {
     fn client_config<'a>(&'a self, key: &'a PoolKey) -> TlsConfigFuture<'a> {
         Box::pin(async move {
             let cert = self.certs.fetch(&key.src_identity).await?;
-            let expected = std::iter::once(&key.dst_identity)
-                .chain(&key.dst_alt_identities)
-                .cloned()
-                .collect();
+            let expected = std::iter::once(&key.dst_identity).chain(&key.dst_alt_identities).cloned().collect();
             Ok(Arc::new(tls::client_config(&cert, cert.roots(), expected)?))
         })
     }
@@ -211,10 +207,7 @@ pub struct ConnectHeaders {
 
 /// The CONNECT request the client sends for `target` with `h` (the inverse of the server's parse).
 /// Public only so the `hbone_headers` fuzz target (ztunnel/fuzz) can reach it.
-pub fn build_request(
-    target: SocketAddr,
-    h: &ConnectHeaders,
-) -> Result<Request<()>, HboneError> {
+pub fn build_request(target: SocketAddr, h: &ConnectHeaders) -> Result<Request<()>, HboneError> {
     let value = |name: &'static str, v: String| {
         HeaderValue::try_from(v.as_str()).map_err(|_| HboneError::InvalidHeader { name, value: v })
     };
@@ -253,20 +246,13 @@ pub(crate) async fn establish(
     h2: &H2Config,
 ) -> Result<Established, DialError> {
     let dst = key.dst;
-    let tcp = dialer
-        .dial(key)
-        .await
-        .map_err(|source| DialError::Connect { dst, source })?;
+    let tcp = dialer.dial(key).await.map_err(|source| DialError::Connect { dst, source })?;
     let _ = tcp.set_nodelay(true);
     let cfg = tls.client_config(key).await?;
     let stream = TlsConnector::from(cfg)
         .connect(tls::server_name(dst.ip()), tcp)
         .await
-        .map_err(|source| DialError::Tls {
-            dst,
-            reason: RejectReason::from_io(&source),
-            source,
-        })?;
+        .map_err(|source| DialError::Tls { dst, reason: RejectReason::from_io(&source), source })?;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(h2.stream_window)
         .initial_connection_window_size(h2.connection_window)

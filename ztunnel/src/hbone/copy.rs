@@ -55,7 +55,11 @@ impl Direction {
 
     /// Reads into the buffer (or, with none, into a stack probe first). `Ready(Ok(()))` once
     /// bytes or EOF arrived.
-    fn poll_fill<R: AsyncRead + ?Sized>(&mut self, cx: &mut Context<'_>, mut reader: Pin<&mut R>) -> Poll<io::Result<()>> {
+    fn poll_fill<R: AsyncRead + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+    ) -> Poll<io::Result<()>> {
         self.pos = 0;
         self.buf.clear();
         if self.buf.capacity() == 0 {
@@ -103,15 +107,13 @@ impl Direction {
         W: AsyncWrite + ?Sized,
     {
         loop {
-            if self.pos == self.buf.len() && !self.read_done {
-                if let Poll::Pending = self.poll_fill(cx, reader.as_mut())? {
-                    // Nothing more to read now: push out what was written so far.
-                    if self.need_flush {
-                        ready!(writer.as_mut().poll_flush(cx))?;
-                        self.need_flush = false;
-                    }
-                    return Poll::Pending;
+            // Nothing more to read now: push out what was written so far.
+            if self.pos == self.buf.len() && !self.read_done && self.poll_fill(cx, reader.as_mut())?.is_pending() {
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
                 }
+                return Poll::Pending;
             }
             while self.pos < self.buf.len() {
                 let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..]))?;
@@ -159,10 +161,7 @@ where
             }
         }
         if ab.done && ba.done {
-            Poll::Ready(Ok(CopyStats {
-                a_to_b: ab.total,
-                b_to_a: ba.total,
-            }))
+            Poll::Ready(Ok(CopyStats { a_to_b: ab.total, b_to_a: ba.total }))
         } else {
             Poll::Pending
         }
@@ -179,8 +178,7 @@ mod tests {
     async fn copies_both_ways_with_half_close_and_grows_buffer() {
         let (mut a_outer, mut a_inner) = tokio::io::duplex(64 * 1024);
         let (mut b_inner, mut b_outer) = tokio::io::duplex(64 * 1024);
-        let copier =
-            tokio::spawn(async move { copy_bidirectional(&mut a_inner, &mut b_inner).await });
+        let copier = tokio::spawn(async move { copy_bidirectional(&mut a_inner, &mut b_inner).await });
 
         let big = vec![7u8; 1 << 20];
         let writer = {
@@ -201,12 +199,6 @@ mod tests {
         b_outer.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"reply after eof");
         let stats = copier.await.unwrap().unwrap();
-        assert_eq!(
-            stats,
-            CopyStats {
-                a_to_b: 1 << 20,
-                b_to_a: 15
-            }
-        );
+        assert_eq!(stats, CopyStats { a_to_b: 1 << 20, b_to_a: 15 });
     }
 }

@@ -18,9 +18,7 @@ use crate::identity::CertManager;
 
 /// Fails the test instead of hanging when the server does not react.
 async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
+    tokio::time::timeout(Duration::from_secs(5), fut).await.unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 /// An accepted CONNECT tunnel, kept open across [`Tunnel::echo`] calls.
@@ -31,32 +29,20 @@ struct Tunnel {
 
 impl Tunnel {
     async fn open(send: &h2::client::SendRequest<Bytes>, target: SocketAddr) -> Tunnel {
-        let req = http::Request::builder()
-            .method("CONNECT")
-            .uri(target.to_string())
-            .body(())
-            .unwrap();
+        let req = http::Request::builder().method("CONNECT").uri(target.to_string()).body(()).unwrap();
         let mut send = send.clone().ready().await.unwrap();
         let (resp, tx) = send.send_request(req, false).unwrap();
         let resp = within("tunnel response", resp).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
-        Tunnel {
-            tx,
-            rx: resp.into_body(),
-        }
+        Tunnel { tx, rx: resp.into_body() }
     }
 
     /// Sends `msg` (without ending the stream) and expects it back from the echo upstream.
     async fn echo(&mut self, msg: &[u8]) {
-        self.tx
-            .send_data(Bytes::copy_from_slice(msg), false)
-            .unwrap();
+        self.tx.send_data(Bytes::copy_from_slice(msg), false).unwrap();
         let mut got = Vec::new();
         while got.len() < msg.len() {
-            let chunk = within("echo", self.rx.data())
-                .await
-                .expect("tunnel ended")
-                .unwrap();
+            let chunk = within("echo", self.rx.data()).await.expect("tunnel ended").unwrap();
             let _ = self.rx.flow_control().release_capacity(chunk.len());
             got.extend_from_slice(&chunk);
         }
@@ -70,32 +56,21 @@ async fn connect_with_tunnel(
     certs: &CertManager,
     server: SocketAddr,
     target: SocketAddr,
-) -> (
-    h2::client::SendRequest<Bytes>,
-    JoinHandle<Result<(), h2::Error>>,
-    Tunnel,
-) {
+) -> (h2::client::SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>, Tunnel) {
     let (send, conn) = h2_connect(certs, server).await;
     let tunnel = Tunnel::open(&send, target).await;
     (send, conn, tunnel)
 }
 
 /// Sends `req` with an empty body on a new stream and returns the response status.
-async fn status_of(
-    send: &h2::client::SendRequest<Bytes>,
-    req: http::Request<()>,
-) -> Result<StatusCode, h2::Error> {
+async fn status_of(send: &h2::client::SendRequest<Bytes>, req: http::Request<()>) -> Result<StatusCode, h2::Error> {
     let mut send = send.clone().ready().await?;
     let (resp, _) = send.send_request(req, true)?;
     Ok(within("response", resp).await?.status())
 }
 
 fn connect_to(authority: &str) -> http::Request<()> {
-    http::Request::builder()
-        .method("CONNECT")
-        .uri(authority)
-        .body(())
-        .unwrap()
+    http::Request::builder().method("CONNECT").uri(authority).body(()).unwrap()
 }
 
 #[tokio::test]
@@ -105,13 +80,7 @@ async fn bad_authority_or_method_gets_400_and_earlier_tunnel_keeps_echoing() {
     tunnel.echo(b"before").await;
 
     // `:authority` present but not `ip:port` (GET and a host name are covered elsewhere).
-    for authority in [
-        "no-port",
-        "300.1.1.1:80",
-        "127.0.0.1",
-        "[::1]",
-        "127.0.0.1:99999",
-    ] {
+    for authority in ["no-port", "300.1.1.1:80", "127.0.0.1", "[::1]", "127.0.0.1:99999"] {
         let status = status_of(&send, connect_to(authority)).await.unwrap();
         assert_eq!(status, StatusCode::BAD_REQUEST, "{authority}");
         tunnel.echo(authority.as_bytes()).await;
@@ -120,16 +89,10 @@ async fn bad_authority_or_method_gets_400_and_earlier_tunnel_keeps_echoing() {
     // POST with a body the server never reads: 400, and the unread body does not stall
     // the connection.
     let mut s = send.clone().ready().await.unwrap();
-    let post = http::Request::post("https://example.com/upload")
-        .body(())
-        .unwrap();
+    let post = http::Request::post("https://example.com/upload").body(()).unwrap();
     let (resp, mut body) = s.send_request(post, false).unwrap();
-    body.send_data(Bytes::from(vec![7u8; 64 * 1024]), true)
-        .unwrap();
-    assert_eq!(
-        within("POST response", resp).await.unwrap().status(),
-        StatusCode::BAD_REQUEST
-    );
+    body.send_data(Bytes::from(vec![7u8; 64 * 1024]), true).unwrap();
+    assert_eq!(within("POST response", resp).await.unwrap().status(), StatusCode::BAD_REQUEST);
 
     // A CONNECT without `:authority` as h2's client sends it (it adds `:scheme` to a
     // request without authority): h2 itself refuses the stream as malformed before our
@@ -144,11 +107,7 @@ async fn bad_authority_or_method_gets_400_and_earlier_tunnel_keeps_echoing() {
     assert!(err.is_reset() && err.is_remote(), "{err}");
 
     tunnel.echo(b"after").await;
-    assert_eq!(
-        seen.requests.lock().unwrap().len(),
-        1,
-        "the handler saw a malformed request"
-    );
+    assert_eq!(seen.requests.lock().unwrap().len(), 1, "the handler saw a malformed request");
 }
 
 // ---- Raw HTTP/2 framing, for requests h2's client will not produce. ----
@@ -195,15 +154,8 @@ async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Frame {
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
         let mut payload = vec![0; len];
-        within("frame payload", io.read_exact(&mut payload))
-            .await
-            .unwrap();
-        let f = Frame {
-            kind: head[3],
-            flags: head[4],
-            stream,
-            payload,
-        };
+        within("frame payload", io.read_exact(&mut payload)).await.unwrap();
+        let f = Frame { kind: head[3], flags: head[4], stream, payload };
         match f.kind {
             SETTINGS if f.flags & ACK == 0 => io.write_all(&frame(SETTINGS, ACK, 0, &[])).await,
             PING if f.flags & ACK == 0 => io.write_all(&frame(PING, ACK, 0, &f.payload)).await,
@@ -231,17 +183,8 @@ async fn connect_without_authority_pseudo_header_gets_400() {
     // Stream 1: a valid tunnel. Stream 3: `:method CONNECT` and nothing else.
     let mut tunnel = literal(2, "CONNECT");
     tunnel.extend(literal(1, &echo.to_string()));
-    io.write_all(&frame(HEADERS, END_HEADERS, 1, &tunnel))
-        .await
-        .unwrap();
-    io.write_all(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        3,
-        &literal(2, "CONNECT"),
-    ))
-    .await
-    .unwrap();
+    io.write_all(&frame(HEADERS, END_HEADERS, 1, &tunnel)).await.unwrap();
+    io.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 3, &literal(2, "CONNECT"))).await.unwrap();
 
     let (mut tunnel_status, mut bare_status) = (None, None);
     while tunnel_status.is_none() || bare_status.is_none() {
@@ -258,9 +201,7 @@ async fn connect_without_authority_pseudo_header_gets_400() {
     assert_eq!((tunnel_status, bare_status), (Some(200), Some(400)));
 
     // The tunnel opened first still carries bytes.
-    io.write_all(&frame(DATA, 0, 1, b"still alive"))
-        .await
-        .unwrap();
+    io.write_all(&frame(DATA, 0, 1, b"still alive")).await.unwrap();
     let mut got = Vec::new();
     while got.len() < b"still alive".len() {
         let f = next_frame(&mut io).await;
@@ -315,22 +256,15 @@ async fn header_flood_closes_only_that_connection() {
 
     // 64 KiB is over h2's abuse limit (4 x 16 KiB): a connection error, GOAWAY
     // ENHANCE_YOUR_CALM, tearing down that connection's tunnels too.
-    let err = status_of(&bad_send, connect_with_big_header(echo, 64 * 1024))
-        .await
-        .unwrap_err();
+    let err = status_of(&bad_send, connect_with_big_header(echo, 64 * 1024)).await.unwrap_err();
     assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err}");
     assert!(err.is_go_away() && err.is_remote(), "{err}");
-    let conn_err = within("bad connection end", bad_conn)
-        .await
-        .unwrap()
-        .unwrap_err();
+    let conn_err = within("bad connection end", bad_conn).await.unwrap().unwrap_err();
     assert_eq!(conn_err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM));
     let tail = within("doomed tunnel end", doomed.rx.data()).await;
     assert!(!matches!(tail, Some(Ok(_))), "{tail:?}");
     // The server reports it as an error, not a clean close.
-    let served = within("serve_connection result", ended.recv())
-        .await
-        .unwrap();
+    let served = within("serve_connection result", ended.recv()).await.unwrap();
     match served {
         Err(ServeError::H2(e)) => assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM)),
         other => panic!("expected an h2 error, got {other:?}"),
@@ -357,10 +291,7 @@ async fn garbage_instead_of_h2_preface_closes_only_that_connection() {
     // The server's SETTINGS may arrive first; then EOF or a reset.
     let mut sink = Vec::new();
     let _ = within("garbage connection close", bad.read_to_end(&mut sink)).await;
-    match within("serve_connection result", ended.recv())
-        .await
-        .unwrap()
-    {
+    match within("serve_connection result", ended.recv()).await.unwrap() {
         Err(ServeError::H2(e)) => assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR)),
         other => panic!("expected an h2 error, got {other:?}"),
     }

@@ -73,11 +73,7 @@ pub enum KeepaliveError {
 }
 
 /// PINGs the peer every `interval`; resolves only when the peer fails to answer.
-pub(crate) async fn keepalive(
-    mut pings: h2::PingPong,
-    interval: Duration,
-    timeout: Duration,
-) -> KeepaliveError {
+pub(crate) async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeout: Duration) -> KeepaliveError {
     loop {
         tokio::time::sleep(interval).await;
         match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {

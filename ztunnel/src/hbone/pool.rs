@@ -15,8 +15,7 @@ use tokio::time::Instant;
 use tracing::{debug, debug_span, info, Instrument};
 
 use super::client::{
-    build_request, establish, ClientTlsProvider, ConnectHeaders, DialError, Dialer, HboneError,
-    PoolKey,
+    build_request, establish, ClientTlsProvider, ConnectHeaders, DialError, Dialer, HboneError, PoolKey,
 };
 use super::stream::HboneStream;
 use super::{keepalive, H2Config};
@@ -85,11 +84,7 @@ impl PooledConn {
     }
 
     fn try_reserve(&self, max: usize) -> bool {
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
     }
 
     fn release(&self) {
@@ -220,15 +215,8 @@ impl ConnectionPool {
         target: SocketAddr,
     ) -> Result<HboneStream, (HboneError, bool)> {
         let conn = &reservation.conn;
-        let mut send = conn
-            .send
-            .clone()
-            .ready()
-            .await
-            .map_err(|e| (e.into(), true))?;
-        let (response, stream) = send
-            .send_request(request, false)
-            .map_err(|e| (e.into(), true))?;
+        let mut send = conn.send.clone().ready().await.map_err(|e| (e.into(), true))?;
+        let (response, stream) = send.send_request(request, false).map_err(|e| (e.into(), true))?;
         let response = response.await.map_err(|e| {
             let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
             (HboneError::Stream(e), refused)
@@ -236,21 +224,17 @@ impl ConnectionPool {
         match response.status() {
             StatusCode::OK => {}
             StatusCode::UNAUTHORIZED => return Err((HboneError::Denied { target }, false)),
-            StatusCode::SERVICE_UNAVAILABLE => {
-                return Err((HboneError::UpstreamFailed { target }, false))
-            }
+            StatusCode::SERVICE_UNAVAILABLE => return Err((HboneError::UpstreamFailed { target }, false)),
             StatusCode::BAD_REQUEST => return Err((HboneError::BadRequest { target }, false)),
             status => return Err((HboneError::UnexpectedStatus { target, status }, false)),
         }
         let counters = self.inner.counters.clone();
         counters.streams_opened.fetch_add(1, Ordering::Relaxed);
         counters.active_streams.fetch_add(1, Ordering::Relaxed);
-        Ok(
-            HboneStream::new(stream, response.into_body()).with_on_drop(move || {
-                counters.active_streams.fetch_sub(1, Ordering::Relaxed);
-                drop(reservation);
-            }),
-        )
+        Ok(HboneStream::new(stream, response.into_body()).with_on_drop(move || {
+            counters.active_streams.fetch_sub(1, Ordering::Relaxed);
+            drop(reservation);
+        }))
     }
 }
 
@@ -268,26 +252,14 @@ impl Drop for Reservation {
 /// Dials one connection for `key` and publishes the outcome to every waiter.
 async fn dial(inner: Arc<PoolInner>, key: PoolKey, tx: watch::Sender<DialOutcome>) {
     let cfg = &inner.cfg;
-    let result = tokio::time::timeout(
-        cfg.connect_timeout,
-        establish(&key, &*inner.dialer, &*inner.tls, &cfg.h2),
-    )
-    .await
-    .unwrap_or(Err(DialError::Timeout {
-        dst: key.dst,
-        after: cfg.connect_timeout,
-    }));
+    let result = tokio::time::timeout(cfg.connect_timeout, establish(&key, &*inner.dialer, &*inner.tls, &cfg.h2))
+        .await
+        .unwrap_or(Err(DialError::Timeout { dst: key.dst, after: cfg.connect_timeout }));
     let outcome = match result {
         Ok(est) => {
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
             let closed = Arc::new(AtomicBool::new(false));
-            spawn_driver(
-                id,
-                est.conn,
-                closed.clone(),
-                inner.counters.clone(),
-                &cfg.h2,
-            );
+            spawn_driver(id, est.conn, closed.clone(), inner.counters.clone(), &cfg.h2);
             inner.counters.opened.fetch_add(1, Ordering::Relaxed);
             inner.counters.live.fetch_add(1, Ordering::Relaxed);
             info!(conn = id, dst = %key.dst, src = %key.src_identity, dst_id = %key.dst_identity, "HBONE connection established");
@@ -361,11 +333,7 @@ async fn reap_idle(pool: Weak<PoolInner>) {
         keys.retain(|_, entry| {
             entry.conns.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
-                    && c.idle_since
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .elapsed()
-                        >= timeout;
+                    && c.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= timeout;
                 if idle {
                     debug!(conn = c.id, "closing idle HBONE connection");
                 }

@@ -96,10 +96,7 @@ pub trait ConnectHandler: Send + Sync + 'static {
     type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
     /// Authorizes and connects the request.
-    fn connect(
-        &self,
-        req: ConnectRequest,
-    ) -> impl Future<Output = Result<Self::Upstream, ConnectRejection>> + Send;
+    fn connect(&self, req: ConnectRequest) -> impl Future<Output = Result<Self::Upstream, ConnectRejection>> + Send;
 
     /// Called when an accepted tunnel ends.
     fn stream_ended(&self, _summary: StreamSummary) {}
@@ -113,10 +110,7 @@ where
 {
     type Upstream = U;
 
-    fn connect(
-        &self,
-        req: ConnectRequest,
-    ) -> impl Future<Output = Result<U, ConnectRejection>> + Send {
+    fn connect(&self, req: ConnectRequest) -> impl Future<Output = Result<U, ConnectRejection>> + Send {
         self(req)
     }
 }
@@ -196,23 +190,12 @@ pub fn parse_request(req: &Request<h2::RecvStream>, peer: Identity) -> Result<Co
         return Err(format!("method {} is not CONNECT", req.method()));
     }
     let authority = req.uri().authority().ok_or("missing :authority")?;
-    let authority: SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| format!(":authority {authority:?} is not ip:port"))?;
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
+    let authority: SocketAddr =
+        authority.as_str().parse().map_err(|_| format!(":authority {authority:?} is not ip:port"))?;
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     Ok(ConnectRequest {
         authority,
-        forwarded_for: req
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_forwarded_for),
+        forwarded_for: req.headers().get("forwarded").and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for),
         baggage: header("baggage"),
         traceparent: header("traceparent"),
         peer,
@@ -227,29 +210,17 @@ pub fn parse_forwarded_for(value: &str) -> Option<ForwardedFor> {
     let first = value.split(',').next()?;
     let raw = first.split(';').find_map(|kv| {
         let (k, v) = kv.trim().split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("for")
-            .then(|| v.trim().trim_matches('"'))
+        k.trim().eq_ignore_ascii_case("for").then(|| v.trim().trim_matches('"'))
     })?;
     if let Ok(sa) = raw.parse::<SocketAddr>() {
-        return Some(ForwardedFor {
-            ip: sa.ip(),
-            port: Some(sa.port()),
-        });
+        return Some(ForwardedFor { ip: sa.ip(), port: Some(sa.port()) });
     }
-    let ip = raw
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .ok()?;
+    let ip = raw.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
     Some(ForwardedFor { ip, port: None })
 }
 
 fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
-    let resp = Response::builder()
-        .status(status)
-        .body(())
-        .expect("static response");
+    let resp = Response::builder().status(status).body(()).expect("static response");
     if let Err(e) = respond.send_response(resp, true) {
         debug!(error = %e, %status, "could not send response");
     }
@@ -282,13 +253,8 @@ async fn handle_stream<H: ConnectHandler>(
             return respond_status(respond, status);
         }
     };
-    let send = match respond.send_response(
-        Response::builder()
-            .status(StatusCode::OK)
-            .body(())
-            .expect("static"),
-        false,
-    ) {
+    let send = match respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("static"), false)
+    {
         Ok(send) => send,
         Err(e) => {
             debug!(error = %e, "client went away before 200");
@@ -298,10 +264,5 @@ async fn handle_stream<H: ConnectHandler>(
     let mut tunnel = HboneStream::new(send, req.into_body());
     let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
     debug!(%authority, ?result, "tunnel finished");
-    handler.stream_ended(StreamSummary {
-        authority,
-        peer,
-        result,
-        duration: started.elapsed(),
-    });
+    handler.stream_ended(StreamSummary { authority, peer, result, duration: started.elapsed() });
 }

@@ -26,13 +26,7 @@ pub struct HboneStream {
 impl HboneStream {
     /// Wraps the two halves of an h2 stream.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        HboneStream {
-            send,
-            recv,
-            pending: Bytes::new(),
-            write_closed: false,
-            on_drop: None,
-        }
+        HboneStream { send, recv, pending: Bytes::new(), write_closed: false, on_drop: None }
     }
 
     /// Runs `f` when the stream is dropped (the pool uses it to free the stream slot).
@@ -57,9 +51,7 @@ impl Drop for HboneStream {
 
 impl fmt::Debug for HboneStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HboneStream")
-            .field("stream_id", &self.stream_id())
-            .finish_non_exhaustive()
+        f.debug_struct("HboneStream").field("stream_id", &self.stream_id()).finish_non_exhaustive()
     }
 }
 
@@ -67,9 +59,7 @@ impl fmt::Debug for HboneStream {
 /// their kind.
 pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        return e
-            .into_io()
-            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
     }
     let kind = match e.reason() {
         Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => io::ErrorKind::BrokenPipe,
@@ -80,11 +70,7 @@ pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
 }
 
 impl AsyncRead for HboneStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(out.remaining());
@@ -107,11 +93,7 @@ impl AsyncRead for HboneStream {
 }
 
 impl AsyncWrite for HboneStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if self.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -124,9 +106,7 @@ impl AsyncWrite for HboneStream {
             let available = self.send.capacity();
             if available > 0 {
                 let n = available.min(want);
-                self.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(h2_to_io)?;
+                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
                 return Poll::Ready(Ok(n));
             }
             match ready!(self.send.poll_capacity(cx)) {
@@ -135,10 +115,7 @@ impl AsyncWrite for HboneStream {
                 // The stream can no longer send: report why if the peer reset it.
                 None => {
                     return Poll::Ready(Err(match ready!(self.send.poll_reset(cx)) {
-                        Ok(reason) => io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            format!("stream reset: {reason}"),
-                        ),
+                        Ok(reason) => io::Error::new(io::ErrorKind::BrokenPipe, format!("stream reset: {reason}")),
                         Err(e) => h2_to_io(e),
                     }))
                 }

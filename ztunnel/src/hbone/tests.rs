@@ -66,9 +66,7 @@ pub(super) async fn start_server_with(
             if target.port() == 1 {
                 return Err(ConnectRejection::Denied("port 1 is forbidden".into()));
             }
-            TcpStream::connect(target)
-                .await
-                .map_err(|e| ConnectRejection::UpstreamFailed(e.to_string()))
+            TcpStream::connect(target).await.map_err(|e| ConnectRejection::UpstreamFailed(e.to_string()))
         }
     });
     tokio::spawn(async move {
@@ -102,23 +100,15 @@ pub(super) async fn tls_connect(certs: &CertManager, server: SocketAddr) -> TlsS
     let cert = certs.fetch(&id("client")).await.unwrap();
     let cfg = tls::client_config(&cert, cert.roots(), vec![id("server")]).unwrap();
     let tcp = TcpStream::connect(server).await.unwrap();
-    TlsConnector::from(Arc::new(cfg))
-        .connect(tls::server_name(server.ip()), tcp)
-        .await
-        .unwrap()
+    TlsConnector::from(Arc::new(cfg)).connect(tls::server_name(server.ip()), tcp).await.unwrap()
 }
 
 /// An h2 connection to the server; the task resolves when the connection ends.
 pub(super) async fn h2_connect(
     certs: &CertManager,
     server: SocketAddr,
-) -> (
-    h2::client::SendRequest<Bytes>,
-    JoinHandle<Result<(), h2::Error>>,
-) {
-    let (send, conn) = h2::client::handshake(tls_connect(certs, server).await)
-        .await
-        .unwrap();
+) -> (h2::client::SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>) {
+    let (send, conn) = h2::client::handshake(tls_connect(certs, server).await).await.unwrap();
     (send, tokio::spawn(conn))
 }
 
@@ -147,9 +137,7 @@ async fn reply_after_eof_upstream() -> SocketAddr {
         let (mut tcp, _) = listener.accept().await.unwrap();
         let mut got = Vec::new();
         tcp.read_to_end(&mut got).await.unwrap();
-        tcp.write_all(format!("got {} bytes", got.len()).as_bytes())
-            .await
-            .unwrap();
+        tcp.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
         tcp.shutdown().await.unwrap();
     });
     addr
@@ -166,13 +154,7 @@ fn counting_dialer(dials: Arc<AtomicUsize>) -> Arc<dyn Dialer> {
 }
 
 fn pool(certs: &CertManager, dials: Arc<AtomicUsize>, cfg: PoolConfig) -> ConnectionPool {
-    ConnectionPool::new(
-        cfg,
-        counting_dialer(dials),
-        Arc::new(CertManagerTls {
-            certs: certs.clone(),
-        }),
-    )
+    ConnectionPool::new(cfg, counting_dialer(dials), Arc::new(CertManagerTls { certs: certs.clone() }))
 }
 
 fn key(dst: SocketAddr, dst_identity: Identity) -> PoolKey {
@@ -204,39 +186,19 @@ async fn connect_reaches_upstream_and_server_sees_client_identity() {
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         extra: Default::default(),
     };
-    let mut stream = pool
-        .connect(key(server, id("server")), echo, headers)
-        .await
-        .unwrap();
+    let mut stream = pool.connect(key(server, id("server")), echo, headers).await.unwrap();
     roundtrip(&mut stream, b"hello through hbone").await;
     {
         let reqs = seen.requests.lock().unwrap();
         let req = &reqs[0];
         assert_eq!(req.peer, id("client"));
         assert_eq!(req.authority, echo);
-        assert_eq!(
-            req.forwarded_for,
-            Some(ForwardedFor {
-                ip: "10.0.0.7".parse().unwrap(),
-                port: Some(4242)
-            })
-        );
-        assert!(req
-            .baggage
-            .as_deref()
-            .unwrap()
-            .contains("k8s.deployment.name=client"));
+        assert_eq!(req.forwarded_for, Some(ForwardedFor { ip: "10.0.0.7".parse().unwrap(), port: Some(4242) }));
+        assert!(req.baggage.as_deref().unwrap().contains("k8s.deployment.name=client"));
         assert!(req.traceparent.as_deref().unwrap().starts_with("00-0af7"));
     }
     let stats = pool.stats();
-    assert_eq!(
-        (
-            stats.connections_opened,
-            stats.live_connections,
-            stats.active_streams
-        ),
-        (1, 1, 1)
-    );
+    assert_eq!((stats.connections_opened, stats.live_connections, stats.active_streams), (1, 1, 1));
     drop(stream);
     assert_eq!(pool.stats().active_streams, 0);
     assert_eq!(dials.load(Ordering::SeqCst), 1);
@@ -246,10 +208,7 @@ async fn connect_reaches_upstream_and_server_sees_client_identity() {
 async fn large_transfer_both_ways_respects_flow_control() {
     let (certs, _, server, echo) = server_and_echo().await;
     let pool = pool(&certs, Arc::default(), PoolConfig::default());
-    let stream = pool
-        .connect(key(server, id("server")), echo, ConnectHeaders::default())
-        .await
-        .unwrap();
+    let stream = pool.connect(key(server, id("server")), echo, ConnectHeaders::default()).await.unwrap();
     let (mut r, mut w) = tokio::io::split(stream);
     let payload: Vec<u8> = (0..(24 << 20)).map(|i| (i % 251) as u8).collect();
     let expected = payload.clone();
@@ -270,14 +229,7 @@ async fn half_close_keeps_the_other_direction_open() {
     let server = start_server(&certs, Arc::default()).await;
     let upstream = reply_after_eof_upstream().await;
     let pool = pool(&certs, Arc::default(), PoolConfig::default());
-    let mut stream = pool
-        .connect(
-            key(server, id("server")),
-            upstream,
-            ConnectHeaders::default(),
-        )
-        .await
-        .unwrap();
+    let mut stream = pool.connect(key(server, id("server")), upstream, ConnectHeaders::default()).await.unwrap();
     stream.write_all(b"12345").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut reply = String::new();
@@ -291,28 +243,12 @@ async fn statuses_map_to_errors() {
     let server = start_server(&certs, Arc::default()).await;
     let pool = pool(&certs, Arc::default(), PoolConfig::default());
     let k = key(server, id("server"));
-    let denied = pool
-        .connect(
-            k.clone(),
-            "127.0.0.1:1".parse().unwrap(),
-            ConnectHeaders::default(),
-        )
-        .await;
-    assert!(
-        matches!(denied, Err(HboneError::Denied { .. })),
-        "{denied:?}"
-    );
+    let denied = pool.connect(k.clone(), "127.0.0.1:1".parse().unwrap(), ConnectHeaders::default()).await;
+    assert!(matches!(denied, Err(HboneError::Denied { .. })), "{denied:?}");
     // Nothing listens on this port: the server's upstream connect fails.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let failed = pool.connect(k, closed, ConnectHeaders::default()).await;
-    assert!(
-        matches!(failed, Err(HboneError::UpstreamFailed { .. })),
-        "{failed:?}"
-    );
+    assert!(matches!(failed, Err(HboneError::UpstreamFailed { .. })), "{failed:?}");
     assert_eq!(pool.stats().connections_opened, 1);
 }
 
@@ -320,25 +256,11 @@ async fn statuses_map_to_errors() {
 async fn client_rejects_server_with_unexpected_identity() {
     let (certs, _, server, echo) = server_and_echo().await;
     let pool = pool(&certs, Arc::default(), PoolConfig::default());
-    let err = pool
-        .connect(
-            key(server, id("not-the-server")),
-            echo,
-            ConnectHeaders::default(),
-        )
-        .await
-        .unwrap_err();
+    let err = pool.connect(key(server, id("not-the-server")), echo, ConnectHeaders::default()).await.unwrap_err();
     match &err {
-        HboneError::Dial(d) => assert!(
-            matches!(
-                **d,
-                DialError::Tls {
-                    reason: tls::RejectReason::SanMismatch,
-                    ..
-                }
-            ),
-            "{err}"
-        ),
+        HboneError::Dial(d) => {
+            assert!(matches!(**d, DialError::Tls { reason: tls::RejectReason::SanMismatch, .. }), "{err}")
+        }
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(pool.stats().dial_failures, 1);
@@ -353,10 +275,7 @@ async fn concurrent_connects_share_one_dial_and_connection() {
         .map(|i| {
             let pool = pool.clone();
             tokio::spawn(async move {
-                let mut s = pool
-                    .connect(key(server, id("server")), echo, ConnectHeaders::default())
-                    .await
-                    .unwrap();
+                let mut s = pool.connect(key(server, id("server")), echo, ConnectHeaders::default()).await.unwrap();
                 roundtrip(&mut s, format!("stream {i}").as_bytes()).await;
                 s
             })
@@ -368,50 +287,29 @@ async fn concurrent_connects_share_one_dial_and_connection() {
     }
     assert_eq!(dials.load(Ordering::SeqCst), 1);
     let stats = pool.stats();
-    assert_eq!(
-        (
-            stats.connections_opened,
-            stats.active_streams,
-            stats.streams_opened
-        ),
-        (1, 50, 50)
-    );
+    assert_eq!((stats.connections_opened, stats.active_streams, stats.streams_opened), (1, 50, 50));
 }
 
 #[tokio::test]
 async fn full_connection_opens_another_and_failed_dials_are_shared() {
     let (certs, _, server, echo) = server_and_echo().await;
     let dials = Arc::new(AtomicUsize::new(0));
-    let cfg = PoolConfig {
-        max_streams_per_conn: 2,
-        ..Default::default()
-    };
+    let cfg = PoolConfig { max_streams_per_conn: 2, ..Default::default() };
     let pool = pool(&certs, dials.clone(), cfg);
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(
-            pool.connect(key(server, id("server")), echo, ConnectHeaders::default())
-                .await
-                .unwrap(),
-        );
+        held.push(pool.connect(key(server, id("server")), echo, ConnectHeaders::default()).await.unwrap());
     }
     assert_eq!(dials.load(Ordering::SeqCst), 2);
     assert_eq!(pool.stats().live_connections, 2);
 
     // Ten concurrent requests to a dead endpoint: one dial, one failure, ten errors.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let before = dials.load(Ordering::SeqCst);
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let pool = pool.clone();
-            tokio::spawn(async move {
-                pool.connect(key(dead, id("server")), echo, ConnectHeaders::default())
-                    .await
-            })
+            tokio::spawn(async move { pool.connect(key(dead, id("server")), echo, ConnectHeaders::default()).await })
         })
         .collect();
     for t in tasks {
@@ -425,15 +323,9 @@ async fn full_connection_opens_another_and_failed_dials_are_shared() {
 async fn idle_connections_are_closed() {
     let (certs, _, server, echo) = server_and_echo().await;
     let dials = Arc::new(AtomicUsize::new(0));
-    let cfg = PoolConfig {
-        idle_timeout: Duration::from_millis(200),
-        ..Default::default()
-    };
+    let cfg = PoolConfig { idle_timeout: Duration::from_millis(200), ..Default::default() };
     let pool = pool(&certs, dials.clone(), cfg);
-    let mut s = pool
-        .connect(key(server, id("server")), echo, ConnectHeaders::default())
-        .await
-        .unwrap();
+    let mut s = pool.connect(key(server, id("server")), echo, ConnectHeaders::default()).await.unwrap();
     roundtrip(&mut s, b"x").await;
     // Not idle while a stream is open.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -441,16 +333,10 @@ async fn idle_connections_are_closed() {
     drop(s);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while pool.stats().live_connections != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "idle connection never closed"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "idle connection never closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut s = pool
-        .connect(key(server, id("server")), echo, ConnectHeaders::default())
-        .await
-        .unwrap();
+    let mut s = pool.connect(key(server, id("server")), echo, ConnectHeaders::default()).await.unwrap();
     roundtrip(&mut s, b"y").await;
     assert_eq!(dials.load(Ordering::SeqCst), 2);
 }
@@ -462,11 +348,7 @@ async fn malformed_request_gets_400_without_disturbing_other_streams() {
     let mut send = send.ready().await.unwrap();
 
     // A good tunnel first.
-    let connect = http::Request::builder()
-        .method("CONNECT")
-        .uri(echo.to_string())
-        .body(())
-        .unwrap();
+    let connect = http::Request::builder().method("CONNECT").uri(echo.to_string()).body(()).unwrap();
     let (resp, mut tx) = send.send_request(connect, false).unwrap();
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -475,11 +357,7 @@ async fn malformed_request_gets_400_without_disturbing_other_streams() {
     // Then a GET and a CONNECT to a host name on the same connection: both 400.
     for req in [
         http::Request::get("https://example.com/").body(()).unwrap(),
-        http::Request::builder()
-            .method("CONNECT")
-            .uri("example.com:80")
-            .body(())
-            .unwrap(),
+        http::Request::builder().method("CONNECT").uri("example.com:80").body(()).unwrap(),
     ] {
         let mut send = send.clone().ready().await.unwrap();
         let (resp, _) = send.send_request(req, true).unwrap();
@@ -487,8 +365,7 @@ async fn malformed_request_gets_400_without_disturbing_other_streams() {
     }
 
     // The first tunnel still works.
-    tx.send_data(Bytes::from_static(b"still alive"), true)
-        .unwrap();
+    tx.send_data(Bytes::from_static(b"still alive"), true).unwrap();
     let mut got = Vec::new();
     while let Some(chunk) = rx.data().await {
         let chunk = chunk.unwrap();
@@ -501,33 +378,9 @@ async fn malformed_request_gets_400_without_disturbing_other_streams() {
 #[test]
 fn forwarded_for_forms() {
     let f = |s| parse_forwarded_for(s);
-    assert_eq!(
-        f("for=10.1.2.3"),
-        Some(ForwardedFor {
-            ip: "10.1.2.3".parse().unwrap(),
-            port: None
-        })
-    );
-    assert_eq!(
-        f("for=\"10.1.2.3:80\""),
-        Some(ForwardedFor {
-            ip: "10.1.2.3".parse().unwrap(),
-            port: Some(80)
-        })
-    );
-    assert_eq!(
-        f("For=\"[::1]:80\";proto=https"),
-        Some(ForwardedFor {
-            ip: "::1".parse().unwrap(),
-            port: Some(80)
-        })
-    );
-    assert_eq!(
-        f("by=x;for=\"[fd00::1]\""),
-        Some(ForwardedFor {
-            ip: "fd00::1".parse().unwrap(),
-            port: None
-        })
-    );
+    assert_eq!(f("for=10.1.2.3"), Some(ForwardedFor { ip: "10.1.2.3".parse().unwrap(), port: None }));
+    assert_eq!(f("for=\"10.1.2.3:80\""), Some(ForwardedFor { ip: "10.1.2.3".parse().unwrap(), port: Some(80) }));
+    assert_eq!(f("For=\"[::1]:80\";proto=https"), Some(ForwardedFor { ip: "::1".parse().unwrap(), port: Some(80) }));
+    assert_eq!(f("by=x;for=\"[fd00::1]\""), Some(ForwardedFor { ip: "fd00::1".parse().unwrap(), port: None }));
     assert_eq!(f("for=unknown"), None);
 }

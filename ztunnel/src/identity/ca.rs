@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    PKCS_ECDSA_P256_SHA256,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -190,10 +190,7 @@ impl InProcessCa {
                 (generated, CaSource::Generated(dir.clone()))
             }
         } else {
-            (
-                generate_root(&cfg.trust_domain, cfg.root_ttl)?,
-                CaSource::Memory,
-            )
+            (generate_root(&cfg.trust_domain, cfg.root_ttl)?, CaSource::Memory)
         };
         info!(source = ?source, roots = ?signing.roots, "in-process CA ready");
         Ok(InProcessCa {
@@ -236,11 +233,8 @@ impl InProcessCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCertificate, CaError> {
-        let key =
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| CaError::Sign {
-                what: id.to_string(),
-                source,
-            })?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|source| CaError::Sign { what: id.to_string(), source })?;
         let leaf = self.sign_leaf(id, &key, not_before, not_after)?;
         let mut chain = vec![leaf];
         chain.extend(self.chain.iter().cloned());
@@ -256,18 +250,10 @@ impl InProcessCa {
         id: &Identity,
         ttl: Duration,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        let csr =
-            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|source| CaError::Csr {
-                identity: id.clone(),
-                source,
-            })?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|source| CaError::Csr { identity: id.clone(), source })?;
         let now = SystemTime::now();
-        let leaf = self.sign_leaf(
-            id,
-            &csr.public_key,
-            now - Duration::from_secs(60),
-            now + ttl,
-        )?;
+        let leaf = self.sign_leaf(id, &csr.public_key, now - Duration::from_secs(60), now + ttl)?;
         let mut chain = vec![leaf];
         chain.extend(self.chain.iter().cloned());
         Ok(chain)
@@ -281,20 +267,12 @@ impl InProcessCa {
         not_after: SystemTime,
     ) -> Result<CertificateDer<'static>, CaError> {
         if id.trust_domain() != self.trust_domain {
-            return Err(CaError::WrongTrustDomain {
-                identity: id.clone(),
-                ca_trust_domain: self.trust_domain.clone(),
-            });
+            return Err(CaError::WrongTrustDomain { identity: id.clone(), ca_trust_domain: self.trust_domain.clone() });
         }
         if not_after <= not_before {
-            return Err(CaError::EmptyValidity {
-                identity: id.clone(),
-            });
+            return Err(CaError::EmptyValidity { identity: id.clone() });
         }
-        let sign_err = |source| CaError::Sign {
-            what: id.to_string(),
-            source,
-        };
+        let sign_err = |source| CaError::Sign { what: id.to_string(), source };
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_uri().try_into().map_err(sign_err)?)];
@@ -302,18 +280,10 @@ impl InProcessCa {
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(public_key, &self.issuer)
-            .map_err(sign_err)?;
+        let cert = params.signed_by(public_key, &self.issuer).map_err(sign_err)?;
         Ok(cert.der().clone())
     }
 }
@@ -334,19 +304,14 @@ struct SigningMaterial {
 
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("system RNG unavailable");
+    SystemRandom::new().fill(&mut bytes).expect("system RNG unavailable");
     bytes[0] &= 0x7f; // positive INTEGER
     bytes[0] |= 0x01; // and no leading zero byte to strip
     SerialNumber::from_slice(&bytes)
 }
 
 fn generate_root(trust_domain: &str, ttl: Duration) -> Result<SigningMaterial, CaError> {
-    let sign_err = |source| CaError::Sign {
-        what: "self-signed root".into(),
-        source,
-    };
+    let sign_err = |source| CaError::Sign { what: "self-signed root".into(), source };
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -357,11 +322,7 @@ fn generate_root(trust_domain: &str, ttl: Duration) -> Result<SigningMaterial, C
     params.not_after = (now + ttl).into();
     params.serial_number = Some(random_serial());
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let cert = params.self_signed(&key).map_err(sign_err)?;
     let der = cert.der().clone();
     Ok(SigningMaterial {
@@ -376,19 +337,13 @@ fn generate_root(trust_domain: &str, ttl: Duration) -> Result<SigningMaterial, C
 fn read(dir: &Path, file: &'static str) -> Result<Vec<u8>, CaError> {
     let path = dir.join(file);
     fs::read(&path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => CaError::Incomplete {
-            dir: dir.to_path_buf(),
-            file,
-        },
+        std::io::ErrorKind::NotFound => CaError::Incomplete { dir: dir.to_path_buf(), file },
         _ => CaError::Io { path, source },
     })
 }
 
 fn read_certs(dir: &Path, file: &'static str) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    x509::certs_from_pem(&read(dir, file)?).map_err(|source| CaError::Parse {
-        path: dir.join(file),
-        source,
-    })
+    x509::certs_from_pem(&read(dir, file)?).map_err(|source| CaError::Parse { path: dir.join(file), source })
 }
 
 /// Loads the plug-in layout: `ca-cert.pem` + `ca-key.pem` required, `root-cert.pem` required
@@ -397,32 +352,18 @@ fn load_dir(dir: &Path) -> Result<SigningMaterial, CaError> {
     let (cert_path, key_path) = (dir.join(files::CA_CERT), dir.join(files::CA_KEY));
     let ca_cert = read_certs(dir, files::CA_CERT)?.swap_remove(0);
     let key_pem = read(dir, files::CA_KEY)?;
-    let pkcs8 = x509::pkcs8_key_from_pem(&key_pem).map_err(|source| CaError::Parse {
-        path: key_path.clone(),
-        source,
-    })?;
-    let key = KeyPair::try_from(&pkcs8).map_err(|source| CaError::Key {
-        path: key_path.clone(),
-        source,
-    })?;
+    let pkcs8 =
+        x509::pkcs8_key_from_pem(&key_pem).map_err(|source| CaError::Parse { path: key_path.clone(), source })?;
+    let key = KeyPair::try_from(&pkcs8).map_err(|source| CaError::Key { path: key_path.clone(), source })?;
 
-    let info = x509::parse_cert(&ca_cert).map_err(|source| CaError::Parse {
-        path: cert_path.clone(),
-        source,
-    })?;
+    let info = x509::parse_cert(&ca_cert).map_err(|source| CaError::Parse { path: cert_path.clone(), source })?;
     if !info.is_ca {
         return Err(CaError::NotACa { path: cert_path });
     }
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(&ca_cert).map_err(|e| CaError::Parse {
-            path: cert_path.clone(),
-            source: CertParseError::Der(e.to_string()),
-        })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&ca_cert)
+        .map_err(|e| CaError::Parse { path: cert_path.clone(), source: CertParseError::Der(e.to_string()) })?;
     if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err(CaError::KeyMismatch {
-            cert: cert_path,
-            key: key_path,
-        });
+        return Err(CaError::KeyMismatch { cert: cert_path, key: key_path });
     }
     let self_signed = parsed.subject() == parsed.issuer();
 
@@ -436,52 +377,27 @@ fn load_dir(dir: &Path) -> Result<SigningMaterial, CaError> {
         Err(CaError::Incomplete { .. }) if self_signed => TrustBundle::new([ca_cert.clone()]),
         Err(e) => return Err(e),
     };
-    let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|source| CaError::Key {
-        path: cert_path,
-        source,
-    })?;
-    Ok(SigningMaterial {
-        issuer,
-        key_pem: String::from_utf8_lossy(&key_pem).into_owned(),
-        ca_cert,
-        chain,
-        roots,
-    })
+    let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|source| CaError::Key { path: cert_path, source })?;
+    Ok(SigningMaterial { issuer, key_pem: String::from_utf8_lossy(&key_pem).into_owned(), ca_cert, chain, roots })
 }
 
 /// Writes the generated root in the plug-in layout, atomically per file, key mode 0600.
 fn persist(dir: &Path, m: &SigningMaterial) -> Result<(), CaError> {
-    fs::create_dir_all(dir).map_err(|source| CaError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(|source| CaError::Io { path: dir.to_path_buf(), source })?;
     let cert_pem = x509::certs_to_pem([&m.ca_cert]);
     // Key first: a crash after it but before the cert leaves a dir that fails loudly, not a
     // cert whose key is lost.
     write_atomic(&dir.join(files::CA_KEY), m.key_pem.as_bytes(), 0o600)?;
     write_atomic(&dir.join(files::CERT_CHAIN), cert_pem.as_bytes(), 0o644)?;
-    write_atomic(
-        &dir.join(files::ROOT_CERT),
-        m.roots.to_pem().as_bytes(),
-        0o644,
-    )?;
+    write_atomic(&dir.join(files::ROOT_CERT), m.roots.to_pem().as_bytes(), 0o644)?;
     write_atomic(&dir.join(files::CA_CERT), cert_pem.as_bytes(), 0o644)?;
     Ok(())
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     let tmp = path.with_extension("pem.tmp");
-    let io_err = |source| CaError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err)?;
+    let io_err = |source| CaError::Io { path: path.to_path_buf(), source };
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io_err)?;
     f.write_all(data).map_err(io_err)?;
     f.sync_all().map_err(io_err)?;
     fs::rename(&tmp, path).map_err(io_err)

@@ -91,15 +91,9 @@ impl fmt::Debug for TrustBundle {
         let serials: Vec<String> = self
             .roots
             .iter()
-            .map(|r| {
-                x509::parse_cert(r)
-                    .map(|i| i.serial)
-                    .unwrap_or_else(|_| "<unparseable>".into())
-            })
+            .map(|r| x509::parse_cert(r).map(|i| i.serial).unwrap_or_else(|_| "<unparseable>".into()))
             .collect();
-        f.debug_struct("TrustBundle")
-            .field("root_serials", &serials)
-            .finish()
+        f.debug_struct("TrustBundle").field("root_serials", &serials).finish()
     }
 }
 
@@ -125,13 +119,8 @@ impl WorkloadCertificate {
     ) -> Result<Self, WorkloadCertError> {
         let leaf = chain.first().ok_or(WorkloadCertError::EmptyChain)?;
         let info = x509::parse_cert(leaf)?;
-        let identity = info
-            .identities
-            .first()
-            .cloned()
-            .ok_or(WorkloadCertError::NoIdentity {
-                uris: info.other_uris.clone(),
-            })?;
+        let identity =
+            info.identities.first().cloned().ok_or(WorkloadCertError::NoIdentity { uris: info.other_uris.clone() })?;
         Ok(WorkloadCertificate {
             identity,
             chain,
@@ -192,10 +181,7 @@ impl WorkloadCertificate {
 
     /// When to renew: half way through the validity window (Istio's choice).
     pub fn refresh_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
         self.not_before + life / 2
     }
 

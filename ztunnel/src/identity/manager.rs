@@ -87,10 +87,7 @@ pub struct CertManagerConfig {
 
 impl Default for CertManagerConfig {
     fn default() -> Self {
-        CertManagerConfig {
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(120),
-        }
+        CertManagerConfig { initial_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(120) }
     }
 }
 
@@ -118,12 +115,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for entry in self
-            .entries
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+        for entry in self.entries.get_mut().unwrap_or_else(|e| e.into_inner()).values() {
             entry.task.abort();
         }
     }
@@ -156,36 +148,22 @@ impl CertManager {
             {
                 let slot = rx.borrow_and_update();
                 match (&slot.cert, slot.state) {
-                    (Some(cert), _) if SystemTime::now() < cert.not_after() => {
-                        return Ok(cert.clone())
-                    }
+                    (Some(cert), _) if SystemTime::now() < cert.not_after() => return Ok(cert.clone()),
                     (Some(_), CertState::RenewalFailing) => {
                         return Err(CertError::Expired {
                             identity: id.clone(),
-                            last_error: slot
-                                .last_error
-                                .as_ref()
-                                .map(|e| e.to_string())
-                                .unwrap_or_default(),
+                            last_error: slot.last_error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
                         })
                     }
                     (None, CertState::Failed) => {
-                        let source = slot
-                            .last_error
-                            .clone()
-                            .expect("failed slot carries its error");
-                        return Err(CertError::Fetch {
-                            identity: id.clone(),
-                            source,
-                        });
+                        let source = slot.last_error.clone().expect("failed slot carries its error");
+                        return Err(CertError::Fetch { identity: id.clone(), source });
                     }
                     _ => {}
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(CertError::Stopped {
-                    identity: id.clone(),
-                });
+                return Err(CertError::Stopped { identity: id.clone() });
             }
         }
     }
@@ -225,10 +203,7 @@ impl CertManager {
         if let Some(entry) = entries.get(id) {
             return entry.tx.subscribe();
         }
-        let generation = self
-            .inner
-            .next_generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let generation = self.inner.next_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = watch::channel(Slot {
             cert: None,
             state: CertState::Initializing,
@@ -246,14 +221,7 @@ impl CertManager {
         };
         let span = info_span!("cert_worker", identity = %id);
         let task = tokio::spawn(worker.run().instrument(span)).abort_handle();
-        entries.insert(
-            id.clone(),
-            Entry {
-                generation,
-                tx,
-                task,
-            },
-        );
+        entries.insert(id.clone(), Entry { generation, tx, task });
         rx
     }
 }
@@ -331,10 +299,7 @@ impl Worker {
             return;
         };
         let mut entries = lock(&inner.entries);
-        if entries
-            .get(&self.id)
-            .is_some_and(|e| e.generation == self.generation)
-        {
+        if entries.get(&self.id).is_some_and(|e| e.generation == self.generation) {
             entries.remove(&self.id);
         }
     }

@@ -12,9 +12,7 @@ mod provider;
 mod spiffe;
 pub mod x509;
 
-pub use ca::{
-    files as ca_files, CaConfig, CaError, CaSource, InProcessCa, DEFAULT_LEAF_TTL, DEFAULT_ROOT_TTL,
-};
+pub use ca::{files as ca_files, CaConfig, CaError, CaSource, InProcessCa, DEFAULT_LEAF_TTL, DEFAULT_ROOT_TTL};
 pub use certificate::{TrustBundle, WorkloadCertError, WorkloadCertificate};
 pub use manager::{CertError, CertManager, CertManagerConfig, CertSnapshot, CertState};
 pub use provider::{CertificateProvider, FetchFuture, ProviderError};

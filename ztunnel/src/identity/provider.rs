@@ -26,8 +26,7 @@ pub enum ProviderError {
 
 /// The future returned by [`CertificateProvider::fetch`]; boxed so providers can be used as
 /// `Arc<dyn CertificateProvider>`.
-pub type FetchFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<WorkloadCertificate, ProviderError>> + Send + 'a>>;
+pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<WorkloadCertificate, ProviderError>> + Send + 'a>>;
 
 /// Issues a fresh certificate for an identity; the [`super::CertManager`] caches and renews.
 pub trait CertificateProvider: Send + Sync {

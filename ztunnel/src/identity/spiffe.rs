@@ -18,9 +18,7 @@ pub enum IdentityError {
         input: String,
     },
     /// The trust domain is empty or uses characters SPIFFE does not allow.
-    #[error(
-        "identity {input:?} has an invalid trust domain {trust_domain:?} (allowed: a-z 0-9 . - _)"
-    )]
+    #[error("identity {input:?} has an invalid trust domain {trust_domain:?} (allowed: a-z 0-9 . - _)")]
     InvalidTrustDomain {
         /// The rejected input.
         input: String,
@@ -58,11 +56,7 @@ pub struct Identity {
 
 impl Identity {
     /// Builds an identity from its parts, validating them as [`FromStr`] would.
-    pub fn new(
-        trust_domain: &str,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<Self, IdentityError> {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, IdentityError> {
         format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -90,72 +84,45 @@ impl Identity {
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
-        && td.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        })
+        && td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s != "."
         && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 impl FromStr for Identity {
     type Err = IdentityError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let rest = input
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| IdentityError::MissingScheme {
-                input: input.to_string(),
-            })?;
+        let rest =
+            input.strip_prefix(SCHEME).ok_or_else(|| IdentityError::MissingScheme { input: input.to_string() })?;
         let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
         if !valid_trust_domain(td) {
-            return Err(IdentityError::InvalidTrustDomain {
-                input: input.to_string(),
-                trust_domain: td.to_string(),
-            });
+            return Err(IdentityError::InvalidTrustDomain { input: input.to_string(), trust_domain: td.to_string() });
         }
         let parts: Vec<&str> = path.split('/').collect();
         let [ns_key, ns, sa_key, sa] = parts.as_slice() else {
-            return Err(IdentityError::BadPath {
-                input: input.to_string(),
-                path: format!("/{path}"),
-            });
+            return Err(IdentityError::BadPath { input: input.to_string(), path: format!("/{path}") });
         };
         if *ns_key != "ns" || *sa_key != "sa" {
-            return Err(IdentityError::BadPath {
-                input: input.to_string(),
-                path: format!("/{path}"),
-            });
+            return Err(IdentityError::BadPath { input: input.to_string(), path: format!("/{path}") });
         }
         for (what, seg) in [("namespace", ns), ("service account", sa)] {
             if !valid_segment(seg) {
-                return Err(IdentityError::InvalidSegment {
-                    input: input.to_string(),
-                    what,
-                    segment: seg.to_string(),
-                });
+                return Err(IdentityError::InvalidSegment { input: input.to_string(), what, segment: seg.to_string() });
             }
         }
-        Ok(Identity {
-            trust_domain: td.to_string(),
-            namespace: ns.to_string(),
-            service_account: sa.to_string(),
-        })
+        Ok(Identity { trust_domain: td.to_string(), namespace: ns.to_string(), service_account: sa.to_string() })
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -185,61 +152,27 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
-            .parse()
-            .unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage".parse().unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "bookinfo-productpage");
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
-        );
-        assert_eq!(
-            Identity::new("cluster.local", "default", "bookinfo-productpage").unwrap(),
-            id
-        );
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
+        assert_eq!(Identity::new("cluster.local", "default", "bookinfo-productpage").unwrap(), id);
     }
 
     #[test]
     fn rejects_malformed() {
         let err = |s: &str| s.parse::<Identity>().unwrap_err();
-        assert!(matches!(
-            err("http://td/ns/a/sa/b"),
-            IdentityError::MissingScheme { .. }
-        ));
-        assert!(matches!(
-            err("spiffe:///ns/a/sa/b"),
-            IdentityError::InvalidTrustDomain { .. }
-        ));
-        assert!(matches!(
-            err("spiffe://TD/ns/a/sa/b"),
-            IdentityError::InvalidTrustDomain { .. }
-        ));
+        assert!(matches!(err("http://td/ns/a/sa/b"), IdentityError::MissingScheme { .. }));
+        assert!(matches!(err("spiffe:///ns/a/sa/b"), IdentityError::InvalidTrustDomain { .. }));
+        assert!(matches!(err("spiffe://TD/ns/a/sa/b"), IdentityError::InvalidTrustDomain { .. }));
         assert!(matches!(err("spiffe://td"), IdentityError::BadPath { .. }));
-        assert!(matches!(
-            err("spiffe://td/ns/a/sa"),
-            IdentityError::BadPath { .. }
-        ));
-        assert!(matches!(
-            err("spiffe://td/ns/a/sa/b/c"),
-            IdentityError::BadPath { .. }
-        ));
-        assert!(matches!(
-            err("spiffe://td/sa/a/ns/b"),
-            IdentityError::BadPath { .. }
-        ));
-        assert!(matches!(
-            err("spiffe://td/ns//sa/b"),
-            IdentityError::InvalidSegment { .. }
-        ));
-        assert!(matches!(
-            err("spiffe://td/ns/a/sa/b c"),
-            IdentityError::InvalidSegment { .. }
-        ));
-        assert!(err("spiffe://td/ns/a")
-            .to_string()
-            .contains("expected /ns/<namespace>/sa/"));
+        assert!(matches!(err("spiffe://td/ns/a/sa"), IdentityError::BadPath { .. }));
+        assert!(matches!(err("spiffe://td/ns/a/sa/b/c"), IdentityError::BadPath { .. }));
+        assert!(matches!(err("spiffe://td/sa/a/ns/b"), IdentityError::BadPath { .. }));
+        assert!(matches!(err("spiffe://td/ns//sa/b"), IdentityError::InvalidSegment { .. }));
+        assert!(matches!(err("spiffe://td/ns/a/sa/b c"), IdentityError::InvalidSegment { .. }));
+        assert!(err("spiffe://td/ns/a").to_string().contains("expected /ns/<namespace>/sa/"));
     }
 
     #[test]

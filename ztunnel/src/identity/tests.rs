@@ -47,31 +47,19 @@ fn ca_issues_p256_leaf_with_spiffe_san() {
     let ttl = cert.not_after().duration_since(SystemTime::now()).unwrap();
     assert!(ttl > Duration::from_secs(23 * 3600) && ttl <= DEFAULT_LEAF_TTL);
     let (_, leaf) = x509_parser::parse_x509_certificate(cert.leaf()).unwrap();
-    assert_eq!(
-        leaf.public_key().algorithm.algorithm.to_id_string(),
-        "1.2.840.10045.2.1"
-    );
+    assert_eq!(leaf.public_key().algorithm.algorithm.to_id_string(), "1.2.840.10045.2.1");
     verify_chain(&cert, ca.trust_bundle()).unwrap();
     // Serials are random per certificate.
-    assert_ne!(
-        ca.issue(&id("default", "web")).unwrap().serial(),
-        cert.serial()
-    );
+    assert_ne!(ca.issue(&id("default", "web")).unwrap().serial(), cert.serial());
 }
 
 #[test]
 fn ca_refuses_other_trust_domain_and_empty_validity() {
     let ca = InProcessCa::new(CaConfig::new("cluster.local")).unwrap();
     let other = Identity::new("evil.local", "default", "web").unwrap();
-    assert!(matches!(
-        ca.issue(&other),
-        Err(CaError::WrongTrustDomain { .. })
-    ));
+    assert!(matches!(ca.issue(&other), Err(CaError::WrongTrustDomain { .. })));
     let now = SystemTime::now();
-    assert!(matches!(
-        ca.issue_with_validity(&id("a", "b"), now, now),
-        Err(CaError::EmptyValidity { .. })
-    ));
+    assert!(matches!(ca.issue_with_validity(&id("a", "b"), now, now), Err(CaError::EmptyValidity { .. })));
 }
 
 #[test]
@@ -87,27 +75,18 @@ fn ca_persists_root_across_instances() {
     // A certificate from the restarted CA verifies against the original root.
     verify_chain(&second.issue(&id("a", "b")).unwrap(), first.trust_bundle()).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join(ca_files::CA_KEY))
-        .unwrap()
-        .permissions()
-        .mode();
+    let mode = std::fs::metadata(dir.join(ca_files::CA_KEY)).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Writes an Istio plug-in layout: a root, and an intermediate that signs.
-fn write_plugin_dir(
-    dir: &PathBuf,
-    key_as_sec1: bool,
-) -> (CertificateDer<'static>, CertificateDer<'static>) {
+fn write_plugin_dir(dir: &PathBuf, key_as_sec1: bool) -> (CertificateDer<'static>, CertificateDer<'static>) {
     let ca_params = |cn: &str| {
         let mut p = CertificateParams::default();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         p
     };
     let root_key = KeyPair::generate().unwrap();
@@ -115,9 +94,7 @@ fn write_plugin_dir(
     let root = root_params.self_signed(&root_key).unwrap();
     let root_issuer = Issuer::new(root_params, root_key);
     let int_key = KeyPair::generate().unwrap();
-    let int = ca_params("plugin intermediate")
-        .signed_by(&int_key, &root_issuer)
-        .unwrap();
+    let int = ca_params("plugin intermediate").signed_by(&int_key, &root_issuer).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     let key_pem = if key_as_sec1 {
         // Re-encode as "EC PRIVATE KEY" (SEC1), as openssl-made plug-in keys often are.
@@ -131,11 +108,7 @@ fn write_plugin_dir(
     std::fs::write(dir.join(ca_files::CA_KEY), key_pem).unwrap();
     std::fs::write(dir.join(ca_files::CA_CERT), int.pem()).unwrap();
     std::fs::write(dir.join(ca_files::ROOT_CERT), root.pem()).unwrap();
-    std::fs::write(
-        dir.join(ca_files::CERT_CHAIN),
-        format!("{}{}", int.pem(), root.pem()),
-    )
-    .unwrap();
+    std::fs::write(dir.join(ca_files::CERT_CHAIN), format!("{}{}", int.pem(), root.pem())).unwrap();
     (root.der().clone(), int.der().clone())
 }
 
@@ -166,22 +139,9 @@ fn plugin_ca_errors_are_specific() {
     cfg.plugin_dir = Some(dir.clone());
     std::fs::remove_file(dir.join(ca_files::ROOT_CERT)).unwrap();
     let err = InProcessCa::new(cfg.clone()).err().unwrap();
-    assert!(
-        matches!(
-            err,
-            CaError::Incomplete {
-                file: "root-cert.pem",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, CaError::Incomplete { file: "root-cert.pem", .. }), "{err}");
     write_plugin_dir(&dir, false);
-    std::fs::write(
-        dir.join(ca_files::CA_KEY),
-        KeyPair::generate().unwrap().serialize_pem(),
-    )
-    .unwrap();
+    std::fs::write(dir.join(ca_files::CA_KEY), KeyPair::generate().unwrap().serialize_pem()).unwrap();
     let err = InProcessCa::new(cfg).err().unwrap();
     assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
@@ -192,19 +152,12 @@ fn ca_signs_csr_with_requested_identity() {
     let ca = InProcessCa::new(CaConfig::new("cluster.local")).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/x/sa/y".try_into().unwrap(),
-    )];
+    params.subject_alt_names = vec![rcgen::SanType::URI("spiffe://cluster.local/ns/x/sa/y".try_into().unwrap())];
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-    let chain = ca
-        .sign_csr(&csr, &id("ns1", "sa1"), Duration::from_secs(3600))
-        .unwrap();
+    let chain = ca.sign_csr(&csr, &id("ns1", "sa1"), Duration::from_secs(3600)).unwrap();
     let info = x509::parse_cert(&chain[0]).unwrap();
     assert_eq!(info.identities, vec![id("ns1", "sa1")]);
-    assert!(matches!(
-        ca.sign_csr("garbage", &id("a", "b"), Duration::from_secs(1)),
-        Err(CaError::Csr { .. })
-    ));
+    assert!(matches!(ca.sign_csr("garbage", &id("a", "b"), Duration::from_secs(1)), Err(CaError::Csr { .. })));
 }
 
 /// A provider that counts fetches, waits a little, and fails on chosen attempts.
@@ -232,10 +185,7 @@ impl CertificateProvider for TestProvider {
     }
 }
 
-fn provider(
-    fail: impl Fn(usize) -> bool + Send + Sync + 'static,
-    ttl: Duration,
-) -> Arc<TestProvider> {
+fn provider(fail: impl Fn(usize) -> bool + Send + Sync + 'static, ttl: Duration) -> Arc<TestProvider> {
     Arc::new(TestProvider {
         ca: InProcessCa::new(CaConfig::new("cluster.local")).unwrap(),
         calls: AtomicUsize::new(0),
@@ -262,9 +212,7 @@ async fn concurrent_first_fetches_share_one_request() {
     assert_eq!(snap[0].serial.as_deref(), Some(serials[0].as_str()));
 }
 
-async fn futures_join<T: Send + 'static>(
-    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
-) -> Vec<T> {
+async fn futures_join<T: Send + 'static>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::new();
     for h in handles.collect::<Vec<_>>() {
         out.push(h.await.unwrap());
@@ -286,10 +234,7 @@ async fn initial_failure_is_reported_and_retried_on_next_request() {
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -299,20 +244,15 @@ async fn renews_at_half_life_and_keeps_old_cert_while_failing() {
     // Attempt 0 succeeds, renewals 1..=3 fail, attempt 4 succeeds. Certificates live 4 s
     // (second granularity), so renewal starts 1-2 s after issue.
     let p = provider(|n| (1..=3).contains(&n), Duration::from_secs(4));
-    let cfg = CertManagerConfig {
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_millis(200),
-    };
+    let cfg =
+        CertManagerConfig { initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(200) };
     let mgr = CertManager::new(p.clone(), cfg);
     let who = id("a", "b");
     let first = mgr.fetch(&who).await.unwrap();
     assert_eq!(mgr.snapshot()[0].state, CertState::Available);
     assert_eq!(p.calls.load(Ordering::SeqCst), 1);
 
-    wait_for("a failed renewal", || {
-        mgr.snapshot()[0].state == CertState::RenewalFailing
-    })
-    .await;
+    wait_for("a failed renewal", || mgr.snapshot()[0].state == CertState::RenewalFailing).await;
     let snap = &mgr.snapshot()[0];
     assert!(snap.failures >= 1, "{snap:?}");
     assert!(snap.last_error.as_deref().unwrap().contains("refused"));

@@ -55,8 +55,7 @@ fn unix(secs: i64) -> SystemTime {
 
 /// Parses the SANs, validity and serial of a DER certificate.
 pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertParseError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| CertParseError::Der(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CertParseError::Der(e.to_string()))?;
     let mut identities = Vec::new();
     let mut other_uris = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -69,12 +68,7 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertParseError> {
             }
         }
     }
-    let serial = cert
-        .tbs_certificate
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let serial = cert.tbs_certificate.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
     let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
     Ok(CertInfo {
         identities,
@@ -90,25 +84,16 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertParseError> {
 pub fn certs_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertParseError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertParseError::Pem {
-            what: "certificate",
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| CertParseError::Pem { what: "certificate", detail: e.to_string() })?;
     if certs.is_empty() {
-        return Err(CertParseError::Pem {
-            what: "certificate",
-            detail: "no CERTIFICATE block".into(),
-        });
+        return Err(CertParseError::Pem { what: "certificate", detail: "no CERTIFICATE block".into() });
     }
     Ok(certs)
 }
 
 /// Encodes certificates as a PEM document.
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
-    let blocks: Vec<pem::Pem> = certs
-        .into_iter()
-        .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))
-        .collect();
+    let blocks: Vec<pem::Pem> = certs.into_iter().map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())).collect();
     pem::encode_many(&blocks)
 }
 
@@ -116,31 +101,21 @@ pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>)
 /// it as PKCS#8, the only form the `ring` backend signs with; Istio plug-in CA keys are often
 /// PKCS#1 or SEC1.
 pub fn pkcs8_key_from_pem(pem: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, CertParseError> {
-    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| CertParseError::Pem {
-        what: "private key",
-        detail: e.to_string(),
-    })?;
+    let key = PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| CertParseError::Pem { what: "private key", detail: e.to_string() })?;
     match key {
         PrivateKeyDer::Pkcs8(k) => Ok(k),
         PrivateKeyDer::Pkcs1(k) => {
             // AlgorithmIdentifier { rsaEncryption, NULL }
             let alg = der_tlv(
                 0x30,
-                &[
-                    &der_tlv(
-                        0x06,
-                        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01],
-                    )[..],
-                    &[0x05, 0x00],
-                ]
-                .concat(),
+                &[&der_tlv(0x06, &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01])[..], &[0x05, 0x00]].concat(),
             );
             Ok(wrap_pkcs8(&alg, k.secret_pkcs1_der()))
         }
         PrivateKeyDer::Sec1(k) => {
-            let curve = sec1_curve_oid(k.secret_sec1_der()).ok_or_else(|| {
-                CertParseError::KeyFormat("EC PRIVATE KEY without named-curve parameters".into())
-            })?;
+            let curve = sec1_curve_oid(k.secret_sec1_der())
+                .ok_or_else(|| CertParseError::KeyFormat("EC PRIVATE KEY without named-curve parameters".into()))?;
             // AlgorithmIdentifier { id-ecPublicKey, namedCurve }
             let ec_public_key = der_tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]);
             let alg = der_tlv(0x30, &[&ec_public_key[..], &der_tlv(0x06, &curve)].concat());
@@ -161,11 +136,7 @@ fn der_tlv(tag: u8, value: &[u8]) -> Vec<u8> {
     if len < 0x80 {
         out.push(len as u8);
     } else {
-        let bytes: Vec<u8> = len
-            .to_be_bytes()
-            .into_iter()
-            .skip_while(|b| *b == 0)
-            .collect();
+        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
         out.push(0x80 | bytes.len() as u8);
         out.extend(bytes);
     }
@@ -213,9 +184,7 @@ fn read_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
         rest = &rest[n..];
         len
     };

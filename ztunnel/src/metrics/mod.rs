@@ -14,8 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
-    NoLabelSet,
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, NoLabelSet,
 };
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -175,31 +174,22 @@ struct FnCollector {
 
 impl fmt::Debug for FnCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FnCollector")
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("FnCollector").field("name", &self.name).finish()
     }
 }
 
 impl Collector for FnCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let series = (self.f)();
-        let mut family = encoder.encode_descriptor(
-            &self.name,
-            &self.help,
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
+        let mut family =
+            encoder.encode_descriptor(&self.name, &self.help, None, prometheus_client::metrics::MetricType::Counter)?;
         for (labels, value) in series {
             if labels.is_empty() {
                 // Unlabelled series: `name_total 4`, not `name_total{} 4`.
                 family.encode_counter::<NoLabelSet, u64, u64>(&value, None)?;
                 continue;
             }
-            let labels: Vec<(String, String)> = labels
-                .into_iter()
-                .map(|(k, v)| (sanitize_name(&k), v))
-                .collect();
+            let labels: Vec<(String, String)> = labels.into_iter().map(|(k, v)| (sanitize_name(&k), v)).collect();
             ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
@@ -209,16 +199,8 @@ impl Collector for FnCollector {
 /// Replaces characters that are not valid in a metric or label name with `_`, so a caller's
 /// typo cannot corrupt the whole exposition.
 fn sanitize_name(name: &str) -> String {
-    let mut out: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let mut out: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' }).collect();
     if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert(0, '_');
     }
@@ -382,30 +364,18 @@ impl Metrics {
     /// Counts a failed TLS handshake (`ztunnel_tls_handshake_failures_total{reason}`); keep
     /// `reason` to a small fixed set to bound cardinality.
     pub fn tls_handshake_failed(&self, reason: &str) {
-        self.tls_handshake_failures
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
+        self.tls_handshake_failures.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     /// Counts a connection denied by policy (`ztunnel_authorization_denied_total{direction}`),
     /// `direction` being e.g. `"inbound"` or `"outbound"`.
     pub fn policy_denied(&self, direction: &str) {
-        self.authorization_denied
-            .get_or_create(&DirectionLabel {
-                direction: direction.to_string(),
-            })
-            .inc();
+        self.authorization_denied.get_or_create(&DirectionLabel { direction: direction.to_string() }).inc();
     }
 
     /// Counts a configuration resource rejected as invalid (`ztunnel_config_rejected_total{kind}`).
     pub fn config_rejected(&self, kind: &str) {
-        self.config_rejected
-            .get_or_create(&KindLabel {
-                kind: kind.to_string(),
-            })
-            .inc();
+        self.config_rejected.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
     }
 
     /// Counts a rejected enrollment request (`ztunnel_enrollment_rejected_total`).
@@ -425,8 +395,7 @@ impl Metrics {
         if !help.ends_with('.') {
             help.push('.'); // as prometheus-client does for registered metrics
         }
-        self.registry()
-            .register_collector(Box::new(FnCollector { name, help, f }));
+        self.registry().register_collector(Box::new(FnCollector { name, help, f }));
     }
 
     /// Renders every metric in OpenMetrics text format (ending in `# EOF`), for `/metrics`.

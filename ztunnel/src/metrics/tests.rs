@@ -44,10 +44,7 @@ const LABELS_TEXT: &str = concat!(
 );
 
 fn assert_line(text: &str, line: &str) {
-    assert!(
-        text.lines().any(|l| l == line),
-        "missing line {line:?} in:\n{text}"
-    );
+    assert!(text.lines().any(|l| l == line), "missing line {line:?} in:\n{text}");
 }
 
 #[test]
@@ -68,22 +65,10 @@ fn tcp_series_have_istio_names_labels_and_values() {
         assert_line(&text, &format!("# TYPE {family} counter"));
         assert_eq!(text.matches(&format!("# TYPE {family} ")).count(), 1);
     }
-    assert_line(
-        &text,
-        &format!("istio_tcp_connections_opened_total{LABELS_TEXT} 2"),
-    );
-    assert_line(
-        &text,
-        &format!("istio_tcp_connections_closed_total{LABELS_TEXT} 1"),
-    );
-    assert_line(
-        &text,
-        &format!("istio_tcp_sent_bytes_total{LABELS_TEXT} 105"),
-    );
-    assert_line(
-        &text,
-        &format!("istio_tcp_received_bytes_total{LABELS_TEXT} 40"),
-    );
+    assert_line(&text, &format!("istio_tcp_connections_opened_total{LABELS_TEXT} 2"));
+    assert_line(&text, &format!("istio_tcp_connections_closed_total{LABELS_TEXT} 1"));
+    assert_line(&text, &format!("istio_tcp_sent_bytes_total{LABELS_TEXT} 105"));
+    assert_line(&text, &format!("istio_tcp_received_bytes_total{LABELS_TEXT} 40"));
     assert!(text.ends_with("# EOF\n"));
 }
 
@@ -92,16 +77,9 @@ fn default_labels_are_istio_unknowns() {
     let m = Metrics::new();
     m.connection_opened(&ConnectionLabels::default());
     let text = m.encode();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
-        .expect("series present");
-    assert!(line.starts_with(
-        r#"istio_tcp_connections_opened_total{reporter="source",source_workload="unknown","#
-    ));
-    assert!(line.ends_with(
-        r#"request_protocol="tcp",response_flags="-",connection_security_policy="unknown"} 1"#
-    ));
+    let line = text.lines().find(|l| l.starts_with("istio_tcp_connections_opened_total{")).expect("series present");
+    assert!(line.starts_with(r#"istio_tcp_connections_opened_total{reporter="source",source_workload="unknown","#));
+    assert!(line.ends_with(r#"request_protocol="tcp",response_flags="-",connection_security_policy="unknown"} 1"#));
 }
 
 #[test]
@@ -113,14 +91,8 @@ fn ztunnel_counters() {
     m.config_rejected("workload");
     m.enrollment_rejected();
     let text = m.encode();
-    assert_line(
-        &text,
-        r#"ztunnel_tls_handshake_failures_total{reason="bad_certificate"} 2"#,
-    );
-    assert_line(
-        &text,
-        r#"ztunnel_authorization_denied_total{direction="inbound"} 1"#,
-    );
+    assert_line(&text, r#"ztunnel_tls_handshake_failures_total{reason="bad_certificate"} 2"#);
+    assert_line(&text, r#"ztunnel_authorization_denied_total{direction="inbound"} 1"#);
     assert_line(&text, r#"ztunnel_config_rejected_total{kind="workload"} 1"#);
     assert_line(&text, "ztunnel_enrollment_rejected_total 1");
 }
@@ -129,10 +101,7 @@ fn ztunnel_counters() {
 fn label_values_are_escaped() {
     let m = Metrics::new();
     m.config_rejected("a\"b\nc");
-    assert_line(
-        &m.encode(),
-        r#"ztunnel_config_rejected_total{kind="a\"b\nc"} 1"#,
-    );
+    assert_line(&m.encode(), r#"ztunnel_config_rejected_total{kind="a\"b\nc"} 1"#);
 }
 
 #[test]
@@ -146,51 +115,23 @@ fn collectors_are_read_at_scrape_time() {
         Box::new(move || {
             vec![
                 (
-                    vec![
-                        ("program".into(), "connect4".into()),
-                        ("outcome".into(), "redirected".into()),
-                    ],
+                    vec![("program".into(), "connect4".into()), ("outcome".into(), "redirected".into())],
                     r.load(Ordering::Relaxed),
                 ),
-                (
-                    vec![
-                        ("program".into(), "connect4".into()),
-                        ("outcome".into(), "bypassed".into()),
-                    ],
-                    3,
-                ),
+                (vec![("program".into(), "connect4".into()), ("outcome".into(), "bypassed".into())], 3),
             ]
         }),
     );
-    m.add_collector(
-        "ztunnel_hbone_pool_connections_opened",
-        "HBONE pool connections",
-        Box::new(|| vec![(vec![], 4)]),
-    );
+    m.add_collector("ztunnel_hbone_pool_connections_opened", "HBONE pool connections", Box::new(|| vec![(vec![], 4)]));
     let text = m.encode();
-    assert_line(
-        &text,
-        "# HELP ztunnel_ebpf_program_events Events counted by the eBPF programs.",
-    );
+    assert_line(&text, "# HELP ztunnel_ebpf_program_events Events counted by the eBPF programs.");
     assert_line(&text, "# TYPE ztunnel_ebpf_program_events counter");
-    assert_eq!(
-        text.matches("# TYPE ztunnel_ebpf_program_events ").count(),
-        1
-    );
-    assert_line(
-        &text,
-        r#"ztunnel_ebpf_program_events_total{program="connect4",outcome="redirected"} 7"#,
-    );
-    assert_line(
-        &text,
-        r#"ztunnel_ebpf_program_events_total{program="connect4",outcome="bypassed"} 3"#,
-    );
+    assert_eq!(text.matches("# TYPE ztunnel_ebpf_program_events ").count(), 1);
+    assert_line(&text, r#"ztunnel_ebpf_program_events_total{program="connect4",outcome="redirected"} 7"#);
+    assert_line(&text, r#"ztunnel_ebpf_program_events_total{program="connect4",outcome="bypassed"} 3"#);
     assert_line(&text, "ztunnel_hbone_pool_connections_opened_total 4");
     redirected.store(9, Ordering::Relaxed);
-    assert_line(
-        &m.encode(),
-        r#"ztunnel_ebpf_program_events_total{program="connect4",outcome="redirected"} 9"#,
-    );
+    assert_line(&m.encode(), r#"ztunnel_ebpf_program_events_total{program="connect4",outcome="redirected"} 9"#);
     assert!(m.encode().ends_with("# EOF\n"));
 }
 

@@ -6,7 +6,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use nix::sys::socket::{accept4, bind as nix_bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    accept4, bind as nix_bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
 use prost::Message;
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinSet;
@@ -15,7 +17,10 @@ use tracing::{info, warn};
 use super::pod::{Listeners, PodProxy};
 use super::pod_state::{self, PodState};
 use super::Shared;
-use crate::enrollment::{recv_datagram, send_datagram, workload_request::Payload, workload_response, Ack, WireError, WorkloadRequest, WorkloadResponse};
+use crate::enrollment::{
+    recv_datagram, send_datagram, workload_request::Payload, workload_response, Ack, WireError, WorkloadRequest,
+    WorkloadResponse,
+};
 use crate::netns::InpodNetns;
 use crate::proxy::PodContext;
 
@@ -128,7 +133,8 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             }
             let netns = InpodNetns::new(File::from(fds.remove(0))).map_err(|e| format!("Add {uid}: {e}"))?;
             let listeners = Listeners::open(&netns).map_err(|e| format!("Add {uid}: {e}"))?;
-            let id = PodIdentity { uid, name: info.name, namespace: info.namespace, service_account: info.service_account };
+            let id =
+                PodIdentity { uid, name: info.name, namespace: info.namespace, service_account: info.service_account };
             admit(shared, &mut pods, id, netns, listeners)
         }
         Payload::Keep(keep) => {
@@ -137,7 +143,9 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             // every connection. It is refused here and released at SnapshotSent.
             if !shared.pods.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&keep.uid) {
                 return Err(match pod_state::load(&shared.state_dir, &keep.uid) {
-                    Some(_) => format!("Keep {}: not served since the agent restarted; send Add with its netns", keep.uid),
+                    Some(_) => {
+                        format!("Keep {}: not served since the agent restarted; send Add with its netns", keep.uid)
+                    }
                     None => format!("Keep {}: unknown pod", keep.uid),
                 });
             }
@@ -212,10 +220,7 @@ pub(super) fn admit(
 
 /// Kernel state first (detach, clear maps), then close the listeners.
 fn remove_pod(shared: &Shared, st: &PodState) -> Result<(), String> {
-    shared
-        .capture
-        .unenroll(&st.uid, st.netns_cookie)
-        .map_err(|e| format!("removing {}: {e}", st.uid))?;
+    shared.capture.unenroll(&st.uid, st.netns_cookie).map_err(|e| format!("removing {}: {e}", st.uid))?;
     pod_state::remove(&shared.state_dir, &st.uid);
     shared.registry.remove(&st.ips);
     shared.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&st.uid);

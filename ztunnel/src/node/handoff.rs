@@ -157,7 +157,8 @@ fn give(fd: OwnedFd, shared: &Shared) -> Result<usize, String> {
 /// many pods this agent now serves; a pod that cannot be started is logged and left to be
 /// re-Added by the CNI.
 pub(super) fn take(path: &Path, shared: &Shared) -> Result<usize, String> {
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
+    let fd =
+        socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
     let addr = UnixAddr::new(path).map_err(|e| e.to_string())?;
     if connect(fd.as_raw_fd(), &addr).is_err() {
         return Ok(0); // nobody to take over from

@@ -65,7 +65,8 @@ pub(super) fn mesh_context(
             socket::dial(&pod.netns, key.dst, None).await
         }
     };
-    let pool = ConnectionPool::new(PoolConfig::default(), Arc::new(dialer), Arc::new(CertManagerTls { certs: certs.clone() }));
+    let pool =
+        ConnectionPool::new(PoolConfig::default(), Arc::new(dialer), Arc::new(CertManagerTls { certs: certs.clone() }));
     MeshContext {
         trust_domain: cfg.trust_domain.clone(),
         state: Arc::new(StateStore::default()),
@@ -180,9 +181,17 @@ fn register_collectors(shared: &Arc<Shared>) {
             let Some(s) = weak.upgrade() else { return vec![] };
             let Ok(c) = s.capture.counters() else { return vec![] };
             let mut out = vec![];
-            for (prog, o) in [("connect4", c.connect4), ("connect6", c.connect6), ("sock_ops", c.sock_ops), ("sk_lookup", c.sk_lookup)] {
+            for (prog, o) in [
+                ("connect4", c.connect4),
+                ("connect6", c.connect6),
+                ("sock_ops", c.sock_ops),
+                ("sk_lookup", c.sk_lookup),
+            ] {
                 for (outcome, v) in [("captured", o.captured), ("bypassed", o.bypassed), ("error", o.errors)] {
-                    out.push((vec![("program".to_string(), prog.to_string()), ("outcome".to_string(), outcome.to_string())], v));
+                    out.push((
+                        vec![("program".to_string(), prog.to_string()), ("outcome".to_string(), outcome.to_string())],
+                        v,
+                    ));
                 }
             }
             out

@@ -143,11 +143,11 @@ impl Node {
             tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone(), loaded)));
         }
         let admin = match cfg.admin.clone() {
-            Some(a) => Some(mesh::start_admin(a, &shared, cfg.log_control.clone(), ready.clone()).map_err(|source| NodeError::Io {
-                what: "binding admin listeners",
-                path: PathBuf::from("admin"),
-                source,
-            })?),
+            Some(a) => {
+                Some(mesh::start_admin(a, &shared, cfg.log_control.clone(), ready.clone()).map_err(|source| {
+                    NodeError::Io { what: "binding admin listeners", path: PathBuf::from("admin"), source }
+                })?)
+            }
             None => None,
         };
         // Capture installed, first config applied, enrollment served: now ready.

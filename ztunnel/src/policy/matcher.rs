@@ -122,9 +122,7 @@ pub struct InvalidPolicy {
 
 /// Whether `w` lists `namespace/name` in its `authorizationPolicies` (selects the policy whatever its scope).
 fn listed(w: &Workload, namespace: &str, name: &str) -> bool {
-    w.authorization_policies
-        .iter()
-        .any(|k| k.split_once('/') == Some((namespace, name)))
+    w.authorization_policies.iter().any(|k| k.split_once('/') == Some((namespace, name)))
 }
 
 impl Authorization {
@@ -146,10 +144,7 @@ impl Authorization {
     /// Whether any rule matches the connection.
     pub fn matches(&self, f: &ConnectionFacts) -> bool {
         let principal = f.source_identity.as_ref().map(principal_of);
-        self.rules.iter().any(|rule| {
-            rule.iter()
-                .all(|clause| clause_matches(clause, f, principal.as_deref()))
-        })
+        self.rules.iter().any(|rule| rule.iter().all(|clause| clause_matches(clause, f, principal.as_deref())))
     }
 }
 
@@ -159,12 +154,7 @@ fn clause_matches(clause: &[Match], f: &ConnectionFacts, principal: Option<&str>
 
 /// The identity as Istio policies name it: `<td>/ns/<ns>/sa/<sa>`.
 fn principal_of(id: &Identity) -> String {
-    format!(
-        "{}/ns/{}/sa/{}",
-        id.trust_domain(),
-        id.namespace(),
-        id.service_account()
-    )
+    format!("{}/ns/{}/sa/{}", id.trust_domain(), id.namespace(), id.service_account())
 }
 
 /// Positive entries (if any) must hit, negative entries must not.
@@ -198,13 +188,10 @@ impl Match {
     fn matches_with(&self, f: &ConnectionFacts, principal: Option<&str>) -> bool {
         let id = f.source_identity.as_ref();
         let (dst_ip, dst_port) = (f.destination.ip(), f.destination.port());
-        check(&self.namespaces, &self.not_namespaces, |m| {
-            id.is_some_and(|i| m.matches(i.namespace()))
-        }) && check(&self.principals, &self.not_principals, |m| {
-            principal.is_some_and(|p| m.matches(p))
-        }) && check(&self.service_accounts, &self.not_service_accounts, |m| {
-            id.is_some_and(|i| m.matches(i))
-        }) && check(&self.source_ips, &self.not_source_ips, |c| c.contains(f.source_ip))
+        check(&self.namespaces, &self.not_namespaces, |m| id.is_some_and(|i| m.matches(i.namespace())))
+            && check(&self.principals, &self.not_principals, |m| principal.is_some_and(|p| m.matches(p)))
+            && check(&self.service_accounts, &self.not_service_accounts, |m| id.is_some_and(|i| m.matches(i)))
+            && check(&self.source_ips, &self.not_source_ips, |c| c.contains(f.source_ip))
             && check(&self.destination_ips, &self.not_destination_ips, |c| c.contains(dst_ip))
             && check(&self.destination_ports, &self.not_destination_ports, |p| *p == dst_port)
     }
@@ -319,11 +306,7 @@ impl Cidr {
 impl InvalidPolicy {
     /// `"<namespace>/<name>"`, with `?` for a part that could not be read.
     pub fn key(&self) -> String {
-        format!(
-            "{}/{}",
-            self.namespace.as_deref().unwrap_or("?"),
-            self.name.as_deref().unwrap_or("?")
-        )
+        format!("{}/{}", self.namespace.as_deref().unwrap_or("?"), self.name.as_deref().unwrap_or("?"))
     }
 
     /// Whether `w` could be selected by the entry, judged from what could be read and erring on the side of yes:

@@ -96,10 +96,7 @@ pub fn evaluate<'a>(policies: impl Into<Policies<'a>>, workload: &Workload, fact
 
 /// Istio's order: a matching DENY wins; no ALLOW means allowed; otherwise some ALLOW must match.
 fn decide(policies: &[&Authorization], facts: &ConnectionFacts) -> Decision {
-    if let Some(p) = policies
-        .iter()
-        .find(|p| p.action == PolicyAction::Deny && p.matches(facts))
-    {
+    if let Some(p) = policies.iter().find(|p| p.action == PolicyAction::Deny && p.matches(facts)) {
         return Decision::Deny(format!("explicitly denied by: {}", p.key()));
     }
     let mut allows = policies.iter().filter(|p| p.action == PolicyAction::Allow).peekable();

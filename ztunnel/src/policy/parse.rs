@@ -21,11 +21,7 @@ pub enum PolicyError {
     #[error("{}unknown field `{field}`", at(.path))]
     UnknownField { path: String, field: String },
     #[error("{}invalid {what} {value:?}", at(.path))]
-    Invalid {
-        path: String,
-        what: &'static str,
-        value: String,
-    },
+    Invalid { path: String, what: &'static str, value: String },
 }
 
 fn at(path: &str) -> String {
@@ -39,12 +35,7 @@ fn at(path: &str) -> String {
 /// Parses a policy entry, or describes it as an [`InvalidPolicy`] built from whatever could still be read.
 pub fn parse_policy(v: &Value) -> Result<Authorization, InvalidPolicy> {
     policy(v).map_err(|e| {
-        let text = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-        };
+        let text = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
         InvalidPolicy {
             namespace: text("namespace"),
             name: text("name"),
@@ -75,16 +66,10 @@ fn policy(v: &Value) -> Result<Authorization, PolicyError> {
     let name = required_text(m, "name")?;
     let namespace = required_text(m, "namespace")?;
     let scope = m.get("scope").map(scope).transpose()?.unwrap_or_default();
-    let action = action(m.get("action").ok_or(PolicyError::Missing {
-        path: String::new(),
-        field: "action",
-    })?)?;
+    let action = action(m.get("action").ok_or(PolicyError::Missing { path: String::new(), field: "action" })?)?;
     let dry_run = match m.get("dryRun") {
         None => false,
-        Some(v) => v.as_bool().ok_or(PolicyError::WrongType {
-            path: "dryRun".into(),
-            expected: "true or false",
-        })?,
+        Some(v) => v.as_bool().ok_or(PolicyError::WrongType { path: "dryRun".into(), expected: "true or false" })?,
     };
     let rules = match m.get("rules") {
         None => vec![],
@@ -94,27 +79,14 @@ fn policy(v: &Value) -> Result<Authorization, PolicyError> {
             .map(|(i, r)| rule(r, &format!("rules[{i}]"), &namespace))
             .collect::<Result<_, _>>()?,
     };
-    Ok(Authorization {
-        name,
-        namespace,
-        scope,
-        action,
-        rules,
-        dry_run,
-    })
+    Ok(Authorization { name, namespace, scope, action, rules, dry_run })
 }
 
 fn required_text(m: &Mapping, key: &'static str) -> Result<String, PolicyError> {
-    let v = m.get(key).ok_or(PolicyError::Missing {
-        path: String::new(),
-        field: key,
-    })?;
+    let v = m.get(key).ok_or(PolicyError::Missing { path: String::new(), field: key })?;
     Some(text(v, key)?)
         .filter(|s| !s.is_empty())
-        .ok_or(PolicyError::WrongType {
-            path: key.into(),
-            expected: "a non-empty string",
-        })
+        .ok_or(PolicyError::WrongType { path: key.into(), expected: "a non-empty string" })
 }
 
 fn scope(v: &Value) -> Result<PolicyScope, PolicyError> {
@@ -137,21 +109,13 @@ fn action(v: &Value) -> Result<PolicyAction, PolicyError> {
 /// A rule is a list of clauses (Istio) or `{clauses: [...]}` (ours).
 fn rule(v: &Value, path: &str, policy_ns: &str) -> Result<Rule, PolicyError> {
     let (clauses, path) = nested(v, path, "clauses")?;
-    clauses
-        .iter()
-        .enumerate()
-        .map(|(i, c)| clause(c, &format!("{path}[{i}]"), policy_ns))
-        .collect()
+    clauses.iter().enumerate().map(|(i, c)| clause(c, &format!("{path}[{i}]"), policy_ns)).collect()
 }
 
 /// A clause is a list of matches (Istio) or `{matches: [...]}` (ours).
 fn clause(v: &Value, path: &str, policy_ns: &str) -> Result<Clause, PolicyError> {
     let (matches, path) = nested(v, path, "matches")?;
-    matches
-        .iter()
-        .enumerate()
-        .map(|(i, m)| match_group(m, &format!("{path}[{i}]"), policy_ns))
-        .collect()
+    matches.iter().enumerate().map(|(i, m)| match_group(m, &format!("{path}[{i}]"), policy_ns)).collect()
 }
 
 /// One level of nesting: a plain list (Istio), or a mapping holding the list under `key` (ours; absent = empty).
@@ -171,35 +135,20 @@ fn match_group(v: &Value, path: &str, policy_ns: &str) -> Result<Match, PolicyEr
     let list = |key: &str| -> Result<Vec<(String, &Value)>, PolicyError> {
         let field = format!("{path}.{key}");
         let items = m.get(key).map(|l| sequence(l, &field)).transpose()?.unwrap_or_default();
-        Ok(items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| (format!("{field}[{i}]"), item))
-            .collect())
+        Ok(items.iter().enumerate().map(|(i, item)| (format!("{field}[{i}]"), item)).collect())
     };
     let strings = |key: &str, principal: bool| -> Result<Vec<StringMatch>, PolicyError> {
-        list(key)?
-            .into_iter()
-            .map(|(p, v)| string_match(v, &p, principal))
-            .collect()
+        list(key)?.into_iter().map(|(p, v)| string_match(v, &p, principal)).collect()
     };
     let accounts = |key: &str| -> Result<Vec<ServiceAccountMatch>, PolicyError> {
-        list(key)?
-            .into_iter()
-            .map(|(p, v)| service_account(v, &p, policy_ns))
-            .collect()
+        list(key)?.into_iter().map(|(p, v)| service_account(v, &p, policy_ns)).collect()
     };
     let cidrs = |key: &str| -> Result<Vec<Cidr>, PolicyError> {
-        list(key)?
-            .into_iter()
-            .map(|(p, v)| text(v, &p)?.parse().map_err(|_| invalid(&p, "CIDR", v)))
-            .collect()
+        list(key)?.into_iter().map(|(p, v)| text(v, &p)?.parse().map_err(|_| invalid(&p, "CIDR", v))).collect()
     };
     let ports = |key: &str| -> Result<Vec<u16>, PolicyError> {
         let port = |(p, v): (String, &Value)| {
-            v.as_u64()
-                .and_then(|n| u16::try_from(n).ok())
-                .ok_or_else(|| invalid(&p, "port", v))
+            v.as_u64().and_then(|n| u16::try_from(n).ok()).ok_or_else(|| invalid(&p, "port", v))
         };
         list(key)?.into_iter().map(port).collect()
     };
@@ -230,10 +179,9 @@ fn string_match(v: &Value, path: &str, principal: bool) -> Result<StringMatch, P
             let (k, inner) = m.iter().next().expect("one entry");
             tagged_match(k.as_str().unwrap_or_default(), inner, path)
         }
-        _ => Err(PolicyError::WrongType {
-            path: path.into(),
-            expected: "a string or !Exact/!Prefix/!Suffix/!Presence",
-        }),
+        _ => {
+            Err(PolicyError::WrongType { path: path.into(), expected: "a string or !Exact/!Prefix/!Suffix/!Presence" })
+        }
     }
 }
 
@@ -246,16 +194,9 @@ fn tagged_match(kind: &str, v: &Value, path: &str) -> Result<StringMatch, Policy
             Value::Null => Ok(StringMatch::Presence),
             Value::Sequence(s) if s.is_empty() => Ok(StringMatch::Presence),
             Value::String(s) if s.is_empty() => Ok(StringMatch::Presence),
-            _ => Err(PolicyError::WrongType {
-                path: path.into(),
-                expected: "`!Presence []`",
-            }),
+            _ => Err(PolicyError::WrongType { path: path.into(), expected: "`!Presence []`" }),
         },
-        _ => Err(PolicyError::Invalid {
-            path: path.into(),
-            what: "string match kind",
-            value: kind.into(),
-        }),
+        _ => Err(PolicyError::Invalid { path: path.into(), what: "string match kind", value: kind.into() }),
     }
 }
 
@@ -269,10 +210,7 @@ fn service_account(v: &Value, path: &str, policy_ns: &str) -> Result<ServiceAcco
         _ => {
             let m = mapping(v, path, &["namespace", "serviceAccount"])?;
             let get = |field: &'static str| {
-                let v = m.get(field).ok_or_else(|| PolicyError::Missing {
-                    path: path.into(),
-                    field,
-                })?;
+                let v = m.get(field).ok_or_else(|| PolicyError::Missing { path: path.into(), field })?;
                 text(v, &format!("{path}.{field}"))
             };
             (get("namespace")?, get("serviceAccount")?)
@@ -281,24 +219,15 @@ fn service_account(v: &Value, path: &str, policy_ns: &str) -> Result<ServiceAcco
     if namespace.is_empty() || service_account.is_empty() || service_account.contains('/') {
         return Err(invalid(path, "service account", v));
     }
-    Ok(ServiceAccountMatch {
-        namespace,
-        service_account,
-    })
+    Ok(ServiceAccountMatch { namespace, service_account })
 }
 
 fn mapping<'v>(v: &'v Value, path: &str, allowed: &[&str]) -> Result<&'v Mapping, PolicyError> {
-    let m = v.as_mapping().ok_or_else(|| PolicyError::WrongType {
-        path: path.into(),
-        expected: "a mapping",
-    })?;
+    let m = v.as_mapping().ok_or_else(|| PolicyError::WrongType { path: path.into(), expected: "a mapping" })?;
     for k in m.keys() {
         let k = k.as_str().unwrap_or_default();
         if !allowed.contains(&k) {
-            return Err(PolicyError::UnknownField {
-                path: path.into(),
-                field: k.into(),
-            });
+            return Err(PolicyError::UnknownField { path: path.into(), field: k.into() });
         }
     }
     Ok(m)
@@ -306,19 +235,11 @@ fn mapping<'v>(v: &'v Value, path: &str, allowed: &[&str]) -> Result<&'v Mapping
 
 /// A list; an explicit null is refused (a field that was meant to say something must not quietly say nothing).
 fn sequence<'v>(v: &'v Value, path: &str) -> Result<&'v [Value], PolicyError> {
-    v.as_sequence()
-        .map(Vec::as_slice)
-        .ok_or_else(|| PolicyError::WrongType {
-            path: path.into(),
-            expected: "a list",
-        })
+    v.as_sequence().map(Vec::as_slice).ok_or_else(|| PolicyError::WrongType { path: path.into(), expected: "a list" })
 }
 
 fn text(v: &Value, path: &str) -> Result<String, PolicyError> {
-    v.as_str().map(str::to_string).ok_or_else(|| PolicyError::WrongType {
-        path: path.into(),
-        expected: "a string",
-    })
+    v.as_str().map(str::to_string).ok_or_else(|| PolicyError::WrongType { path: path.into(), expected: "a string" })
 }
 
 fn invalid(path: &str, what: &'static str, v: &Value) -> PolicyError {
@@ -326,9 +247,5 @@ fn invalid(path: &str, what: &'static str, v: &Value) -> PolicyError {
         Value::String(s) => s.clone(),
         other => serde_yaml::to_string(other).unwrap_or_default().trim_end().to_string(),
     };
-    PolicyError::Invalid {
-        path: path.into(),
-        what,
-        value,
-    }
+    PolicyError::Invalid { path: path.into(), what, value }
 }

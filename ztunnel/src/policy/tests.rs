@@ -100,25 +100,13 @@ struct Row {
 /// A row whose policies all load.
 fn ok(what: &'static str, policies: impl Into<String>, facts: ConnectionFacts, want: Want) -> Row {
     let policies = policies.into();
-    Row {
-        what,
-        policies,
-        facts,
-        want,
-        clean: true,
-    }
+    Row { what, policies, facts, want, clean: true }
 }
 
 /// A row with at least one rejected policy entry.
 fn bad(what: &'static str, policies: impl Into<String>, facts: ConnectionFacts, want: Want) -> Row {
     let policies = policies.into();
-    Row {
-        what,
-        policies,
-        facts,
-        want,
-        clean: false,
-    }
+    Row { what, policies, facts, want, clean: false }
 }
 
 const P_FE: &str = "principals: [!Exact cluster.local/ns/web/sa/fe]";
@@ -367,11 +355,8 @@ fn invalid_rows() -> Vec<Row> {
 }
 
 fn check(row: &Row) -> Result<(), String> {
-    let doc = if row.policies.is_empty() {
-        WORKLOADS.to_string()
-    } else {
-        format!("{WORKLOADS}policies:\n{}", row.policies)
-    };
+    let doc =
+        if row.policies.is_empty() { WORKLOADS.to_string() } else { format!("{WORKLOADS}policies:\n{}", row.policies) };
     let (cfg, errors) = parse_local_config(&doc);
     if errors.iter().any(|e| e.kind != "policy") || cfg.workloads.len() != 1 {
         return Err(format!("workloads did not load: {errors:?}"));
@@ -404,17 +389,9 @@ fn policy_table_matches_istio_semantics() {
         .chain([address_rows(), shape_rows(), scope_rows(), invalid_rows()])
         .flatten()
         .collect();
-    let failures: Vec<String> = rows
-        .iter()
-        .filter_map(|r| check(r).err().map(|e| format!("{}: {e}", r.what)))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} rows failed:\n{}",
-        failures.len(),
-        rows.len(),
-        failures.join("\n")
-    );
+    let failures: Vec<String> =
+        rows.iter().filter_map(|r| check(r).err().map(|e| format!("{}: {e}", r.what))).collect();
+    assert!(failures.is_empty(), "{} of {} rows failed:\n{}", failures.len(), rows.len(), failures.join("\n"));
 }
 
 fn auth(rules: Vec<Rule>) -> Authorization {
@@ -433,23 +410,13 @@ fn empty_rules_rule_clause_and_match_follow_rbac_empty_policy() {
     let f = plain();
     assert!(!auth(vec![]).matches(&f), "no rules must never match");
     assert!(auth(vec![vec![]]).matches(&f), "a rule without clauses must match");
-    assert!(
-        auth(vec![vec![vec![]]]).matches(&f),
-        "a clause without matches must match"
-    );
-    assert!(
-        !auth(vec![vec![vec![Match::default()]]]).matches(&f),
-        "an empty match group must be skipped"
-    );
+    assert!(auth(vec![vec![vec![]]]).matches(&f), "a clause without matches must match");
+    assert!(!auth(vec![vec![vec![Match::default()]]]).matches(&f), "an empty match group must be skipped");
 }
 
 #[test]
 fn string_matches_never_match_an_empty_value() {
-    for m in [
-        StringMatch::Exact("a".into()),
-        StringMatch::Prefix("a".into()),
-        StringMatch::Suffix("a".into()),
-    ] {
+    for m in [StringMatch::Exact("a".into()), StringMatch::Prefix("a".into()), StringMatch::Suffix("a".into())] {
         assert!(!m.matches(""), "{m:?} matched the empty string");
         assert!(m.matches("a"), "{m:?} missed its own value");
     }
@@ -465,14 +432,8 @@ fn cidrs_take_full_length_for_bare_ips_and_refuse_bad_prefixes() {
     assert!("fd00::/129".parse::<Cidr>().is_err());
     assert!("nope/8".parse::<Cidr>().is_err());
     let block: Cidr = "10.1.0.0/16".parse().unwrap();
-    assert!(
-        block.contains("::ffff:10.1.2.3".parse().unwrap()),
-        "an IPv4-mapped source must count as IPv4"
-    );
-    assert!("0.0.0.0/0"
-        .parse::<Cidr>()
-        .unwrap()
-        .contains("1.2.3.4".parse().unwrap()));
+    assert!(block.contains("::ffff:10.1.2.3".parse().unwrap()), "an IPv4-mapped source must count as IPv4");
+    assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("1.2.3.4".parse().unwrap()));
 }
 
 #[test]
@@ -482,17 +443,8 @@ fn rejected_policies_are_reported_by_kind_and_name_and_kept_as_invalid() {
     let (cfg, errors) = parse_local_config(doc);
     assert!(cfg.policies.is_empty());
     assert_eq!(errors.len(), 2);
-    assert_eq!(
-        errors[0].to_string(),
-        "policy prod/broken: rules[0][0][0].sourceIps[0]: invalid CIDR \"not-an-ip\""
-    );
-    assert!(
-        errors[1]
-            .to_string()
-            .starts_with("policy prod/typo: action: invalid action"),
-        "{}",
-        errors[1]
-    );
+    assert_eq!(errors[0].to_string(), "policy prod/broken: rules[0][0][0].sourceIps[0]: invalid CIDR \"not-an-ip\"");
+    assert!(errors[1].to_string().starts_with("policy prod/typo: action: invalid action"), "{}", errors[1]);
     let keys: Vec<String> = cfg.invalid_policies.iter().map(InvalidPolicy::key).collect();
     assert_eq!(keys, ["prod/broken", "prod/typo"]);
 }
@@ -507,21 +459,12 @@ fn fixing_an_invalid_policy_restores_normal_evaluation() {
         evaluate(snap.policies(), &w, f)
     };
     assert_eq!(store.apply_yaml(&doc("not-an-ip")).len(), 1);
-    assert!(
-        !eval(&store, &conn(Some(FE), "172.16.0.1", 80)).allowed(),
-        "broken DENY must deny everything"
-    );
+    assert!(!eval(&store, &conn(Some(FE), "172.16.0.1", 80)).allowed(), "broken DENY must deny everything");
     assert_eq!(store.rejected_total(), 1);
     assert!(store.apply_yaml(&doc("10.1.0.0/16")).is_empty());
     assert!(store.snapshot().invalid_policies().is_empty());
-    assert!(
-        eval(&store, &conn(Some(FE), "172.16.0.1", 80)).allowed(),
-        "fixed DENY must only deny its sources"
-    );
-    assert_eq!(
-        eval(&store, &fe()),
-        Decision::Deny("explicitly denied by: prod/d".into())
-    );
+    assert!(eval(&store, &conn(Some(FE), "172.16.0.1", 80)).allowed(), "fixed DENY must only deny its sources");
+    assert_eq!(eval(&store, &fe()), Decision::Deny("explicitly denied by: prod/d".into()));
 }
 
 #[test]
@@ -529,10 +472,7 @@ fn istio_shape_round_trips_through_yaml_serialization() {
     let (cfg, errors) = parse_local_config(&format!("{WORKLOADS}policies:\n{ISTIO_EXAMPLE}"));
     assert!(errors.is_empty(), "{errors:?}");
     let yaml = serde_yaml::to_string(&serde_yaml::to_value(&cfg.policies).unwrap()).unwrap();
-    assert!(
-        yaml.contains("!Suffix /sa/client") && yaml.contains("!Presence []"),
-        "{yaml}"
-    );
+    assert!(yaml.contains("!Suffix /sa/client") && yaml.contains("!Presence []"), "{yaml}");
     let (again, errors) = parse_local_config(&format!("policies:\n{yaml}"));
     assert!(errors.is_empty(), "{errors:?}\n{yaml}");
     assert_eq!(again.policies, cfg.policies);
@@ -562,9 +502,7 @@ fn workload_without_trust_domain_leaves_it_empty_for_the_agent_to_fill() {
 #[test]
 fn misspelt_policies_key_keeps_the_last_state_instead_of_dropping_policies() {
     let store = StateStore::default();
-    assert!(store
-        .apply_yaml(&format!("{WORKLOADS}policies:\n{}", deny("[[]]")))
-        .is_empty());
+    assert!(store.apply_yaml(&format!("{WORKLOADS}policies:\n{}", deny("[[]]"))).is_empty());
     let errors = store.apply_yaml(&format!("{WORKLOADS}polices:\n{}", deny("[[]]")));
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0].kind, "document");

@@ -45,7 +45,10 @@ async fn connection(ctx: ProxyContext, stream: TcpStream, peer: SocketAddr) {
     };
     // A peer that connects and never finishes the handshake must not hold a task forever.
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(stream));
-    let tls = match handshake.await.unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))) {
+    let tls = match handshake
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")))
+    {
         Ok(t) => t,
         Err(e) => {
             let reason = RejectReason::from_io(&e);

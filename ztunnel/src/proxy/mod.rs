@@ -52,7 +52,10 @@ pub struct ServerTlsCache {
 
 impl ServerTlsCache {
     /// The config for `cert`, reusing the cached one while the certificate is the same.
-    pub fn get(&self, cert: &crate::identity::WorkloadCertificate) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
+    pub fn get(
+        &self,
+        cert: &crate::identity::WorkloadCertificate,
+    ) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((serial, cfg)) = cur.as_ref() {
             if serial == cert.serial() {

@@ -70,12 +70,8 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
     rec.src_identity = Some(src_id.to_string());
     rec.dst_identity = Some(dst_id.to_string());
     // The server may prove the workload's identity or one the service lists as its own.
-    let dst_alt_identities = up
-        .service
-        .iter()
-        .flat_map(|s| &s.subject_alt_names)
-        .filter_map(|san| san.parse::<Identity>().ok())
-        .collect();
+    let dst_alt_identities =
+        up.service.iter().flat_map(|s| &s.subject_alt_names).filter_map(|san| san.parse::<Identity>().ok()).collect();
     let key = PoolKey {
         src_identity: src_id,
         dst_identity: dst_id,

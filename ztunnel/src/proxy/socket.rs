@@ -26,9 +26,7 @@ pub fn upstream_socket(netns: &InpodNetns, dst: SocketAddr, bind: Option<IpAddr>
 
 /// A marked listener in the pod's netns. `[::]` listeners accept IPv4 too.
 pub fn listener(netns: &InpodNetns, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let sock = netns.run(|| {
-        socket2_like(addr)
-    })??;
+    let sock = netns.run(|| socket2_like(addr))??;
     Ok(sock)
 }
 

@@ -19,9 +19,11 @@ pub fn cgroup2_root() -> std::io::Result<PathBuf> {
 /// Whether bpffs is mounted at `path` (pins need it).
 pub fn bpffs_mounted(path: &std::path::Path) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| {
+        .map(|m| {
+            m.lines().any(|l| {
             let mut f = l.split_whitespace();
             matches!((f.next(), f.next(), f.next()), (Some(_), Some(p), Some("bpf")) if std::path::Path::new(p) == path)
-        }))
+        })
+        })
         .unwrap_or(false)
 }

@@ -10,7 +10,6 @@ use ztunnel_common::{counter_index, IpKey, OrigDst, Outcome, PortKey, Program, T
 
 use super::{ip_key, map_err, CaptureError};
 
-
 /// Traffic that capture leaves alone.
 #[derive(Debug, Clone, Default)]
 pub struct Exclusions {
@@ -134,12 +133,7 @@ impl OrigDstTable {
 
     /// Takes (looks up and removes) the original destination of a connection from `peer`.
     pub fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        let key = TupleKey {
-            netns_cookie,
-            addr: ip_key(peer.ip()).addr,
-            port: peer.port(),
-            _pad: [0; 6],
-        };
+        let key = TupleKey { netns_cookie, addr: ip_key(peer.ip()).addr, port: peer.port(), _pad: [0; 6] };
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let orig = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);

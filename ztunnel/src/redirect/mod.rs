@@ -24,8 +24,7 @@ pub use cgroup::{bpffs_mounted, cgroup2_root};
 pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
-static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
 const MAP_NAMES: [&str; 9] = [
     "ENROLLED",
@@ -127,8 +126,7 @@ impl Capture {
         attach_to_cgroup!(SockOps, "record_origdst", "sockops");
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
         let orig = OrigDstTable::new(
-            aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE"))
-                .map_err(map_err("ORIG_BY_TUPLE"))?,
+            aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE")).map_err(map_err("ORIG_BY_TUPLE"))?,
         )?;
         Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig })
     }
@@ -213,9 +211,8 @@ impl Capture {
     }
 
     fn pod_dir(&self, uid: &str) -> Result<PathBuf, CaptureError> {
-        let ok = !uid.is_empty()
-            && uid.len() <= 128
-                        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+        let ok =
+            !uid.is_empty() && uid.len() <= 128 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
         if !ok {
             return Err(CaptureError::BadUid(uid.to_string()));
         }
@@ -267,8 +264,11 @@ where
 fn replace_pinned(link: FdLink, path: &Path) -> Result<(), CaptureError> {
     let fresh = pending_path(path);
     let _ = sys::detach_pinned(&fresh);
-    link.pin(&fresh)
-        .map_err(|e| CaptureError::Io { what: "pinning", path: fresh.clone(), source: std::io::Error::other(e.to_string()) })?;
+    link.pin(&fresh).map_err(|e| CaptureError::Io {
+        what: "pinning",
+        path: fresh.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     sys::detach_pinned(path).map_err(io_err("detaching previous", path))?;
     std::fs::rename(&fresh, path).map_err(io_err("renaming pin", path))
 }
@@ -293,7 +293,8 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
 /// Kernel ids of the links pinned under `pin_dir` (cgroup links and pod links), also
 /// readable when no agent runs (e.g. after a crash).
 pub fn pinned_link_ids(pin_dir: &Path) -> Vec<u32> {
-    let mut paths: Vec<PathBuf> = ["connect4", "connect6", "sockops"].iter().map(|n| pin_dir.join("links").join(n)).collect();
+    let mut paths: Vec<PathBuf> =
+        ["connect4", "connect6", "sockops"].iter().map(|n| pin_dir.join("links").join(n)).collect();
     for entry in std::fs::read_dir(pin_dir.join("pods")).into_iter().flatten().flatten() {
         paths.push(entry.path().join("sk_lookup"));
     }

@@ -146,10 +146,7 @@ fn parse_entries<T: serde::de::DeserializeOwned>(
     let mut out = Vec::new();
     for (i, v) in raw.into_iter().enumerate() {
         let name = entry_name(&v, i);
-        match serde_yaml::from_value::<T>(v)
-            .map_err(|e| e.to_string())
-            .and_then(|t| validate(&t).map(|_| t))
-        {
+        match serde_yaml::from_value::<T>(v).map_err(|e| e.to_string()).and_then(|t| validate(&t).map(|_| t)) {
             Ok(t) => out.push(t),
             Err(reason) => errors.push(ConfigError { kind, name, reason }),
         }
@@ -165,11 +162,7 @@ pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
         Err(e) => {
             return (
                 LocalConfig::default(),
-                vec![ConfigError {
-                    kind: "document",
-                    name: "local config".into(),
-                    reason: e.to_string(),
-                }],
+                vec![ConfigError { kind: "document", name: "local config".into(), reason: e.to_string() }],
             )
         }
     };
@@ -196,22 +189,10 @@ pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
         match parse_policy(&v) {
             Ok(p) => policies.push(p),
             Err(bad) => {
-                errors.push(ConfigError {
-                    kind: "policy",
-                    name: entry_name(&v, i),
-                    reason: bad.reason.clone(),
-                });
+                errors.push(ConfigError { kind: "policy", name: entry_name(&v, i), reason: bad.reason.clone() });
                 invalid_policies.push(bad);
             }
         }
     }
-    (
-        LocalConfig {
-            workloads,
-            services,
-            policies,
-            invalid_policies,
-        },
-        errors,
-    )
+    (LocalConfig { workloads, services, policies, invalid_policies }, errors)
 }

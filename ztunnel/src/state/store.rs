@@ -35,9 +35,7 @@ pub struct Upstream {
 impl Upstream {
     /// Whether to tunnel in HBONE (the destination is a mesh workload).
     pub fn is_hbone(&self) -> bool {
-        self.workload
-            .as_ref()
-            .is_some_and(|w| w.protocol == WorkloadProtocol::Hbone)
+        self.workload.as_ref().is_some_and(|w| w.protocol == WorkloadProtocol::Hbone)
     }
 }
 
@@ -78,10 +76,7 @@ impl Snapshot {
 
     /// Policies in force, with the rejected entries that make the workloads they select fail closed.
     pub fn policies(&self) -> Policies<'_> {
-        Policies {
-            valid: &self.config.policies,
-            invalid: &self.config.invalid_policies,
-        }
+        Policies { valid: &self.config.policies, invalid: &self.config.invalid_policies }
     }
 
     /// Policy entries that were rejected (each denies everything for the workloads it could select).
@@ -95,19 +90,10 @@ impl Snapshot {
         if let Some(svc) = self.vips.get(&dst.ip()) {
             let key = svc.key();
             let eps = self.endpoints.get(&key).filter(|e| !e.is_empty())?;
-            let i = self
-                .rr
-                .get(&key)
-                .map(|c| c.fetch_add(1, Ordering::Relaxed))
-                .unwrap_or(0);
+            let i = self.rr.get(&key).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
             let ep = eps[i % eps.len()].clone();
             let target = match svc.ports.get(&dst.port()) {
-                Some(0) | None => ep
-                    .services
-                    .get(&key)
-                    .and_then(|m| m.get(&dst.port()))
-                    .copied()
-                    .unwrap_or(dst.port()),
+                Some(0) | None => ep.services.get(&key).and_then(|m| m.get(&dst.port())).copied().unwrap_or(dst.port()),
                 Some(t) => *t,
             };
             let ip = pick_family(&ep.workload_ips, dst.ip())?;
@@ -117,19 +103,12 @@ impl Snapshot {
                 addr: SocketAddr::new(ip, target),
             });
         }
-        Some(Upstream {
-            workload: self.workload_by_ip(dst.ip()),
-            service: None,
-            addr: dst,
-        })
+        Some(Upstream { workload: self.workload_by_ip(dst.ip()), service: None, addr: dst })
     }
 }
 
 fn pick_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
-    ips.iter()
-        .find(|i| i.is_ipv4() == like.is_ipv4())
-        .or_else(|| ips.first())
-        .copied()
+    ips.iter().find(|i| i.is_ipv4() == like.is_ipv4()).or_else(|| ips.first()).copied()
 }
 
 /// The live store: readers take cheap `Arc` snapshots; writers replace them whole.

@@ -51,10 +51,8 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     PROVIDER
         .get_or_init(|| {
             let mut p = ring::default_provider();
-            p.cipher_suites = vec![
-                ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-                ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            ];
+            p.cipher_suites =
+                vec![ring::cipher_suite::TLS13_AES_128_GCM_SHA256, ring::cipher_suite::TLS13_AES_256_GCM_SHA384];
             Arc::new(p)
         })
         .clone()
@@ -73,13 +71,9 @@ fn root_store(trust: &TrustBundle) -> Result<Arc<RootCertStore>, TlsError> {
 
 /// Server config presenting `cert` and requiring a client certificate that chains to `trust`
 /// and carries a SPIFFE identity in `cert`'s trust domain.
-pub fn server_config(
-    cert: &WorkloadCertificate,
-    trust: &TrustBundle,
-) -> Result<ServerConfig, TlsError> {
+pub fn server_config(cert: &WorkloadCertificate, trust: &TrustBundle) -> Result<ServerConfig, TlsError> {
     let provider = crypto_provider();
-    let chain = WebPkiClientVerifier::builder_with_provider(root_store(trust)?, provider.clone())
-        .build()?;
+    let chain = WebPkiClientVerifier::builder_with_provider(root_store(trust)?, provider.clone()).build()?;
     let verifier = SameTrustDomainClientVerifier {
         chain,
         trust_domain: cert.identity().trust_domain().to_string(),
@@ -90,10 +84,7 @@ pub fn server_config(
         .map_err(TlsError::Protocol)?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(cert.chain().to_vec(), cert.private_key())
-        .map_err(|e| TlsError::Certificate {
-            identity: cert.identity().clone(),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| TlsError::Certificate { identity: cert.identity().clone(), source: Box::new(e) })?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     // No resumption: every connection re-proves the peer's identity.
     cfg.session_storage = Arc::new(NoServerSessionStorage {});
@@ -113,21 +104,14 @@ pub fn client_config(
         return Err(TlsError::NoExpectedIdentity);
     }
     let provider = crypto_provider();
-    let verifier = ExpectedIdentityServerVerifier {
-        roots: root_store(trust)?,
-        expected,
-        provider: provider.clone(),
-    };
+    let verifier = ExpectedIdentityServerVerifier { roots: root_store(trust)?, expected, provider: provider.clone() };
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Protocol)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(cert.chain().to_vec(), cert.private_key())
-        .map_err(|e| TlsError::Certificate {
-            identity: cert.identity().clone(),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| TlsError::Certificate { identity: cert.identity().clone(), source: Box::new(e) })?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.enable_sni = false;
     // Resumption is keyed by server name, which is a placeholder here; never reuse sessions.

@@ -51,10 +51,7 @@ async fn handshake(server_cfg: ServerConfig, client_cfg: ClientConfig) -> Outcom
         Ok(tls)
     }
     .await;
-    let server = tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
     Outcome { server, client }
 }
 
@@ -67,10 +64,7 @@ fn client_reason(o: &Outcome) -> RejectReason {
 }
 
 fn pair(ca: &InProcessCa, td: &str) -> (WorkloadCertificate, WorkloadCertificate) {
-    (
-        ca.issue(&id(td, "server")).unwrap(),
-        ca.issue(&id(td, "client")).unwrap(),
-    )
+    (ca.issue(&id(td, "server")).unwrap(), ca.issue(&id(td, "client")).unwrap())
 }
 
 #[tokio::test]
@@ -80,12 +74,7 @@ async fn mutual_tls_succeeds_and_exposes_identities() {
     let trust = ca.trust_bundle();
     let o = handshake(
         server_config(&srv, trust).unwrap(),
-        client_config(
-            &cli,
-            trust,
-            vec![id("cluster.local", "other"), srv.identity().clone()],
-        )
-        .unwrap(),
+        client_config(&cli, trust, vec![id("cluster.local", "other"), srv.identity().clone()]).unwrap(),
     )
     .await;
     let server = o.server.unwrap();
@@ -94,16 +83,12 @@ async fn mutual_tls_succeeds_and_exposes_identities() {
     assert_eq!(peer_identity(sconn).unwrap(), *cli.identity());
     assert_eq!(peer_identity(client.get_ref().1).unwrap(), *srv.identity());
     assert_eq!(sconn.alpn_protocol(), Some(ALPN_H2));
-    assert_eq!(
-        sconn.protocol_version(),
-        Some(rustls::ProtocolVersion::TLSv1_3)
-    );
+    assert_eq!(sconn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     assert!(sconn.server_name().is_none(), "client must not send SNI");
     let suite = sconn.negotiated_cipher_suite().unwrap().suite();
     assert!(matches!(
         suite,
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-            | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
     ));
     assert_eq!(crypto_provider().cipher_suites.len(), 2);
 }
@@ -120,10 +105,7 @@ async fn client_rejects_server_with_unexpected_san() {
     .await;
     assert_eq!(client_reason(&o), RejectReason::SanMismatch);
     let msg = o.client.as_ref().unwrap_err().to_string();
-    assert!(
-        msg.contains("someone-else") && msg.contains("sa/server"),
-        "{msg}"
-    );
+    assert!(msg.contains("someone-else") && msg.contains("sa/server"), "{msg}");
     assert_eq!(server_reason(&o), RejectReason::PeerAlert);
 }
 
@@ -142,12 +124,7 @@ async fn server_rejects_client_of_another_trust_domain() {
     )
     .await;
     assert_eq!(server_reason(&o), RejectReason::WrongTrustDomain);
-    assert!(o
-        .server
-        .as_ref()
-        .unwrap_err()
-        .to_string()
-        .contains("evil.local"));
+    assert!(o.server.as_ref().unwrap_err().to_string().contains("evil.local"));
     assert_eq!(client_reason(&o), RejectReason::PeerAlert);
 }
 
@@ -156,18 +133,14 @@ async fn server_rejects_missing_client_cert() {
     let ca = ca("cluster.local");
     let (srv, _) = pair(&ca, "cluster.local");
     let trust = ca.trust_bundle();
-    let verifier =
-        ExpectedIdentityServerVerifier {
-            roots: Arc::new(trust.roots().iter().fold(
-                rustls::RootCertStore::empty(),
-                |mut s, r| {
-                    s.add(r.clone()).unwrap();
-                    s
-                },
-            )),
-            expected: vec![srv.identity().clone()],
-            provider: crypto_provider(),
-        };
+    let verifier = ExpectedIdentityServerVerifier {
+        roots: Arc::new(trust.roots().iter().fold(rustls::RootCertStore::empty(), |mut s, r| {
+            s.add(r.clone()).unwrap();
+            s
+        })),
+        expected: vec![srv.identity().clone()],
+        provider: crypto_provider(),
+    };
     let mut anonymous = ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -185,9 +158,7 @@ async fn server_rejects_expired_client_cert() {
     let (srv, _) = pair(&ca, "cluster.local");
     let day = Duration::from_secs(86400);
     let now = SystemTime::now();
-    let expired = ca
-        .issue_with_validity(&id("cluster.local", "client"), now - 2 * day, now - day)
-        .unwrap();
+    let expired = ca.issue_with_validity(&id("cluster.local", "client"), now - 2 * day, now - day).unwrap();
     let trust = ca.trust_bundle();
     let o = handshake(
         server_config(&srv, trust).unwrap(),
@@ -240,13 +211,7 @@ async fn client_rejects_untrusted_server() {
 fn config_errors_are_specific() {
     let ca = ca("cluster.local");
     let (srv, _) = pair(&ca, "cluster.local");
-    assert!(matches!(
-        server_config(&srv, &TrustBundle::default()),
-        Err(TlsError::EmptyTrustBundle)
-    ));
-    assert!(matches!(
-        client_config(&srv, ca.trust_bundle(), vec![]),
-        Err(TlsError::NoExpectedIdentity)
-    ));
+    assert!(matches!(server_config(&srv, &TrustBundle::default()), Err(TlsError::EmptyTrustBundle)));
+    assert!(matches!(client_config(&srv, ca.trust_bundle(), vec![]), Err(TlsError::NoExpectedIdentity)));
     assert_eq!(RejectReason::SanMismatch.as_str(), "san_mismatch");
 }

@@ -10,8 +10,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::ParsedCertificate;
 use rustls::{
-    CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError,
-    RootCertStore, SignatureScheme,
+    CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme,
 };
 
 use crate::identity::{x509, Identity};
@@ -128,10 +127,7 @@ impl RejectReason {
 
     /// Classifies an I/O error from a tokio-rustls handshake or stream.
     pub fn from_io(e: &io::Error) -> Self {
-        match e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
             Some(tls) => Self::from_rustls(tls),
             None => RejectReason::Io,
         }
@@ -142,9 +138,7 @@ impl RejectReason {
 pub fn cert_identities(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, VerifyError> {
     let info = x509::parse_cert(cert).map_err(|e| VerifyError::Unparseable(e.to_string()))?;
     if info.identities.is_empty() {
-        return Err(VerifyError::NoSpiffeIdentity {
-            uris: info.other_uris,
-        });
+        return Err(VerifyError::NoSpiffeIdentity { uris: info.other_uris });
     }
     Ok(info.identities)
 }
@@ -152,10 +146,7 @@ pub fn cert_identities(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, Verif
 /// The identity of the peer of a completed handshake (its leaf's first SPIFFE SAN); the HBONE
 /// server hands it to policy.
 pub fn peer_identity(conn: &CommonState) -> Result<Identity, VerifyError> {
-    let leaf = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(VerifyError::NoPeerCertificate)?;
+    let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(VerifyError::NoPeerCertificate)?;
     Ok(cert_identities(leaf)?.swap_remove(0))
 }
 
@@ -184,12 +175,7 @@ macro_rules! provider_signature_checks {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
         }
 
         fn verify_tls13_signature(
@@ -198,18 +184,11 @@ macro_rules! provider_signature_checks {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.provider
-                .signature_verification_algorithms
-                .supported_schemes()
+            self.provider.signature_verification_algorithms.supported_schemes()
         }
     };
 }
@@ -243,8 +222,7 @@ impl ClientCertVerifier for SameTrustDomainClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.chain.verify_client_cert(end_entity, intermediates, now)?;
         check_identities(
             end_entity,
             |ids| ids[0].trust_domain() == self.trust_domain,
@@ -288,10 +266,7 @@ impl ServerCertVerifier for ExpectedIdentityServerVerifier {
         check_identities(
             end_entity,
             |ids| ids.iter().any(|id| self.expected.contains(id)),
-            |ids| VerifyError::SanMismatch {
-                expected: self.expected.clone(),
-                presented: ids,
-            },
+            |ids| VerifyError::SanMismatch { expected: self.expected.clone(), presented: ids },
         )?;
         Ok(ServerCertVerified::assertion())
     }
