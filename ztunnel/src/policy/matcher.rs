@@ -9,8 +9,8 @@ use serde::ser::{SerializeTupleVariant, Serializer};
 use serde::Serialize;
 
 use super::ConnectionFacts;
+use super::PolicyTarget;
 use crate::identity::Identity;
-use crate::state::Workload;
 
 /// Which workloads a policy applies to (Istio's `Scope`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -121,8 +121,8 @@ pub struct InvalidPolicy {
 }
 
 /// Whether `w` lists `namespace/name` in its `authorizationPolicies` (selects the policy whatever its scope).
-fn listed(w: &Workload, namespace: &str, name: &str) -> bool {
-    w.authorization_policies.iter().any(|k| k.split_once('/') == Some((namespace, name)))
+fn listed(w: &PolicyTarget<'_>, namespace: &str, name: &str) -> bool {
+    w.selected_by.iter().any(|k| k.split_once('/') == Some((namespace, name)))
 }
 
 impl Authorization {
@@ -132,7 +132,7 @@ impl Authorization {
     }
 
     /// Whether the policy is evaluated for `w`: its scope covers `w`, or `w` lists it.
-    pub fn applies_to(&self, w: &Workload) -> bool {
+    pub fn applies_to(&self, w: &PolicyTarget<'_>) -> bool {
         listed(w, &self.namespace, &self.name)
             || match self.scope {
                 PolicyScope::Global => true,
@@ -312,7 +312,7 @@ impl InvalidPolicy {
     /// Whether `w` could be selected by the entry, judged from what could be read and erring on the side of yes:
     /// an unreadable namespace counts as Global; an unreadable scope, or a selector scope without a readable name,
     /// counts as Namespace; a workload listing `namespace/name` is always selected.
-    pub fn applies_to(&self, w: &Workload) -> bool {
+    pub fn applies_to(&self, w: &PolicyTarget<'_>) -> bool {
         let Some(ns) = self.namespace.as_deref() else {
             return true;
         };

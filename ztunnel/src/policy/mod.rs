@@ -21,7 +21,6 @@ use std::net::{IpAddr, SocketAddr};
 use tracing::{debug, info};
 
 use crate::identity::Identity;
-use crate::state::Workload;
 
 /// The reason given when ALLOW policies apply and none of them matches (Istio's wording).
 const NOT_ALLOWED: &str = "allow policies exist, but none allowed";
@@ -75,8 +74,24 @@ impl<'a, const N: usize> From<&'a [Authorization; N]> for Policies<'a> {
     }
 }
 
+/// The destination workload as policy sees it: the policy engine needs only these facts,
+/// so it does not depend on the state store (which depends on it for parsing).
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyTarget<'a> {
+    /// Workload uid, for logs.
+    pub uid: &'a str,
+    /// Namespace-scoped policies of this namespace apply.
+    pub namespace: &'a str,
+    /// Policies that select the workload directly, as `"<namespace>/<name>"`.
+    pub selected_by: &'a [String],
+}
+
 /// Evaluates `policies` for a connection to `workload`.
-pub fn evaluate<'a>(policies: impl Into<Policies<'a>>, workload: &Workload, facts: &ConnectionFacts) -> Decision {
+pub fn evaluate<'a>(
+    policies: impl Into<Policies<'a>>,
+    workload: &PolicyTarget<'_>,
+    facts: &ConnectionFacts,
+) -> Decision {
     let policies = policies.into();
     if let Some(bad) = policies.invalid.iter().find(|p| p.applies_to(workload)) {
         return Decision::Deny(format!(
@@ -109,7 +124,7 @@ fn decide(policies: &[&Authorization], facts: &ConnectionFacts) -> Decision {
 
 /// Reports what the dry-run policies would have done: at info when enforcing them would change the decision,
 /// at debug otherwise. Never affects the decision.
-fn log_dry_run(selected: &[&Authorization], decision: &Decision, workload: &Workload, facts: &ConnectionFacts) {
+fn log_dry_run(selected: &[&Authorization], decision: &Decision, workload: &PolicyTarget<'_>, facts: &ConnectionFacts) {
     let src = facts.source_identity.as_ref().map(|i| i.to_string());
     for p in selected.iter().filter(|p| p.dry_run) {
         let matched = p.matches(facts);

@@ -368,7 +368,7 @@ fn check(row: &Row) -> Result<(), String> {
     }
     let snap = Snapshot::new(cfg);
     let w = snap.workload_by_uid("server").expect("server workload");
-    let got = evaluate(snap.policies(), &w, &row.facts);
+    let got = evaluate(snap.policies(), &w.policy_target(), &row.facts);
     let pass = match (&row.want, &got) {
         (Want::Allow, Decision::Allow) => true,
         (Want::Deny(want), Decision::Deny(reason)) => reason == want,
@@ -456,7 +456,7 @@ fn fixing_an_invalid_policy_restores_normal_evaluation() {
     let eval = |store: &StateStore, f: &ConnectionFacts| {
         let snap = store.snapshot();
         let w = snap.workload_by_uid("server").expect("server workload");
-        evaluate(snap.policies(), &w, f)
+        evaluate(snap.policies(), &w.policy_target(), f)
     };
     assert_eq!(store.apply_yaml(&doc("not-an-ip")).len(), 1);
     assert!(!eval(&store, &conn(Some(FE), "172.16.0.1", 80)).allowed(), "broken DENY must deny everything");

@@ -17,7 +17,7 @@ use crate::policy::{evaluate, ConnectionFacts, Decision};
 pub fn check(ctx: &ProxyContext, facts: &ConnectionFacts, direction: &str) -> Decision {
     let snap = ctx.mesh.state.snapshot();
     let workload = ctx.pod.workload(&ctx.mesh.state);
-    let d = evaluate(snap.policies(), &workload, facts);
+    let d = evaluate(snap.policies(), &workload.policy_target(), facts);
     if let Decision::Deny(reason) = &d {
         ctx.mesh.metrics.policy_denied(direction);
         warn!(pod = %ctx.pod.uid, src = %facts.source_ip, dst = %facts.destination,

@@ -57,6 +57,17 @@ pub struct Workload {
     pub workload_type: String,
 }
 
+impl Workload {
+    /// What the policy engine needs to know about this workload as a destination.
+    pub fn policy_target(&self) -> crate::policy::PolicyTarget<'_> {
+        crate::policy::PolicyTarget {
+            uid: &self.uid,
+            namespace: &self.namespace,
+            selected_by: &self.authorization_policies,
+        }
+    }
+}
+
 fn default_sa() -> String {
     "default".into()
 }
