@@ -147,6 +147,15 @@ fn rust_toolchain() -> Result<()> {
         println!("setup: adding rust-src to nightly");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
+    // CI checks formatting and lints on the stable toolchain before testing.
+    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        if capture(Command::new(cargo_bin()).args([tool, "--version"])).is_ok() {
+            println!("setup: cargo {tool}: present");
+        } else {
+            println!("setup: adding {component} to the default toolchain");
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
     Ok(())
 }
 
