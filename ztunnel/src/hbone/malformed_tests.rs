@@ -322,3 +322,27 @@ async fn a_client_that_stalls_after_tls_is_cut_at_the_handshake_timeout() {
     .await;
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn a_connection_without_streams_is_closed_after_the_idle_timeout() {
+    let certs = certs();
+    let h2 = H2Config { idle_timeout: Duration::from_millis(300), ..H2Config::default() };
+    let (server, mut ended) = start_server_with(&certs, Default::default(), h2).await;
+    let (_send, conn) = h2_connect(&certs, server).await;
+    // The server sends GOAWAY; the client, with nothing in flight, hangs up (the server may
+    // then see a broken pipe on its final frames: either way the connection is gone).
+    let result = within("server closes the idle connection", ended.recv()).await.expect("server result");
+    assert!(!matches!(result, Err(ServeError::HandshakeTimeout(_))), "{result:?}");
+    let _ = within("client sees the close", conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_with_an_open_tunnel_is_not_idle() {
+    let (certs, _seen, _server, echo) = server_and_echo().await;
+    let h2 = H2Config { idle_timeout: Duration::from_millis(200), ..H2Config::default() };
+    let (server, _ended) = start_server_with(&certs, Default::default(), h2).await;
+    let (send, _conn, mut tunnel) = connect_with_tunnel(&certs, server, echo).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tunnel.echo(b"still open").await;
+    drop(send);
+}

@@ -44,6 +44,9 @@ pub struct H2Config {
     /// How long a client has, once TLS is up, to send the h2 preface and SETTINGS (a
     /// client that stalls there would otherwise hold a connection forever).
     pub handshake_timeout: Duration,
+    /// A server connection with no stream in flight for this long is closed (GOAWAY), so
+    /// idle tunnels from peers do not pile up (clients' pools close theirs sooner).
+    pub idle_timeout: Duration,
 }
 
 impl Default for H2Config {
@@ -57,6 +60,7 @@ impl Default for H2Config {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10 * 60),
         }
     }
 }

@@ -157,6 +157,10 @@ where
         let keepalive = keepalive(pings, cfg.keepalive_interval, cfg.keepalive_timeout);
         tokio::pin!(keepalive, drain);
         let mut draining = false;
+        // Streams in flight; with none for `idle_timeout`, the connection is closed (GOAWAY).
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let idle = tokio::time::sleep(cfg.idle_timeout);
+        tokio::pin!(idle);
         loop {
             tokio::select! {
                 next = conn.accept() => match next {
@@ -164,7 +168,11 @@ where
                     Some(Ok((req, respond))) => {
                         let (handler, peer) = (handler.clone(), peer.clone());
                         let span = debug_span!("hbone_stream", stream = respond.stream_id().as_u32());
-                        tokio::spawn(handle_stream(req, respond, peer, handler).instrument(span));
+                        let in_flight = StreamGuard::new(active.clone());
+                        tokio::spawn(async move {
+                            handle_stream(req, respond, peer, handler).await;
+                            drop(in_flight);
+                        }.instrument(span));
                     }
                     // Only a NO_ERROR close is clean; a GOAWAY h2 sent because the peer broke the
                     // protocol (e.g. ENHANCE_YOUR_CALM for a header flood) is the peer's error.
@@ -176,11 +184,36 @@ where
                     draining = true;
                     conn.graceful_shutdown();
                 }
+                () = &mut idle, if !draining => {
+                    if active.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                        debug!("closing idle HBONE connection");
+                        draining = true;
+                        conn.graceful_shutdown();
+                    } else {
+                        idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                    }
+                }
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Counts one stream in flight on a connection until dropped.
+struct StreamGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamGuard {
+    fn new(active: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        StreamGuard(active)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Why a request is not a valid HBONE CONNECT (answered with 400).
