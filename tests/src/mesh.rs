@@ -93,12 +93,29 @@ impl MeshNode {
         Self::start_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits)
     }
 
+    /// Like [`MeshNode::start`], with kernel maps sized for `max_pods` pods.
+    pub fn start_with_max_pods(cluster: &Cluster, node: usize, max_pods: u32) -> Result<Self> {
+        Self::start_full(cluster, node, Exclusions::default(), TRUST_DOMAIN, Default::default(), max_pods)
+    }
+
     fn start_with(
+        cluster: &Cluster,
+        node: usize,
+        exclusions: Exclusions,
+        trust_domain: &str,
+        limits: ztunnel::proxy::limit::Limits,
+    ) -> Result<Self> {
+        let max_pods = ztunnel::redirect::DEFAULT_MAX_PODS;
+        Self::start_full(cluster, node, exclusions, trust_domain, limits, max_pods)
+    }
+
+    fn start_full(
         cluster: &Cluster,
         node: usize,
         mut exclusions: Exclusions,
         trust_domain: &str,
         limits: ztunnel::proxy::limit::Limits,
+        max_pods: u32,
     ) -> Result<Self> {
         ensure_bpffs()?;
         let n = cluster.node(node);
@@ -127,6 +144,7 @@ impl MeshNode {
                 pin_dir: PathBuf::from(BPFFS).join(&name),
                 cgroup: crate::cgroup2_root()?.to_path_buf(),
                 exclusions,
+                max_pods,
             },
         };
         // The agent refuses to start without its config file: begin with an empty mesh.

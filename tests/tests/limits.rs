@@ -47,3 +47,41 @@ fn a_pod_at_its_connection_cap_resets_new_connections_and_other_pods_still_get_t
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(request(&flooder, to_victim, "after").expect("victim after flood").got, "after");
 }
+
+#[test]
+fn a_full_pod_map_refuses_the_next_enrollment_with_the_reason_and_counts_it() {
+    sweep_pins();
+    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let pods: Vec<_> = (0..3).map(|i| c.add_pod(0, &format!("p{i}")).unwrap()).collect();
+    let node = MeshNode::start_with_max_pods(&c, 0, 2).unwrap();
+    node.enroll(&pods[0]).unwrap();
+    node.enroll(&pods[1]).unwrap();
+    let err = node.enroll(&pods[2]).expect_err("enrolled past the size of the kernel maps");
+    assert!(err.to_string().contains("INBOUND_LISTENERS"), "reason does not name the full map: {err}");
+    let m = node.agent().metrics().encode();
+    assert!(m.contains("ztunnel_enrollment_rejected_total 1"), "{m}");
+    // The pods that are enrolled stay captured.
+    let _app = PeerServer::start(&pods[0], 8080).unwrap();
+    let reply = request(&pods[2], SocketAddr::new(pods[0].ip4().into(), 8080), "still-captured").unwrap();
+    assert_eq!(reply.peer.ip().to_string(), "127.0.0.6");
+}
+
+#[test]
+fn a_direct_connection_to_the_outbound_listener_is_closed_and_counted() {
+    sweep_pins();
+    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let pod = c.add_pod(0, "client").unwrap();
+    let node = MeshNode::start(&c, 0, Default::default()).unwrap();
+    node.enroll(&pod).unwrap();
+    // Loopback is not captured, so this reaches 15001 with no original destination recorded.
+    let dst: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+    let got = pod.run(move || -> std::io::Result<usize> {
+        let mut s = connect_bound(None, dst)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.read(&mut [0u8; 8])
+    });
+    assert!(!matches!(got, Ok(n) if n > 0), "{got:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let m = node.agent().metrics().encode();
+    assert!(m.contains("ztunnel_original_destination_missing_total 1"), "{m}");
+}

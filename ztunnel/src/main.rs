@@ -83,6 +83,9 @@ struct NodeArgs {
     /// connections it had accepted before it exits.
     #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
+    /// Pods this agent can enroll (sizes the kernel maps when they are first created).
+    #[arg(long, env = "ZTUNNEL_MAX_PODS", default_value_t = ztunnel::redirect::DEFAULT_MAX_PODS)]
+    max_pods: u32,
     /// Concurrent connections one pod may hold on each of its listeners; past it new
     /// connections are reset (a flood against one pod cannot starve the others).
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_POD", default_value_t = 4096)]
@@ -158,6 +161,7 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         capture: CaptureConfig {
             pin_dir: args.pin_dir,
             cgroup,
+            max_pods: args.max_pods,
             exclusions: Exclusions {
                 outbound_ports: args.exclude_outbound_ports,
                 inbound_ports: args.exclude_inbound_ports,

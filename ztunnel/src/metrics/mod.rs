@@ -220,6 +220,7 @@ pub struct Metrics {
     authorization_denied: Family<DirectionLabel, Counter>,
     config_rejected: Family<KindLabel, Counter>,
     enrollment_rejected: Counter,
+    original_destination_missing: Counter,
     connections_limited: Family<ListenerLabel, Counter>,
 }
 
@@ -296,6 +297,12 @@ impl Metrics {
             "The total number of rejected workload enrollment requests",
             enrollment_rejected.clone(),
         );
+        let original_destination_missing = Counter::default();
+        registry.register(
+            "ztunnel_original_destination_missing",
+            "Connections on the outbound listener closed because the kernel had no original destination for them",
+            original_destination_missing.clone(),
+        );
         let connections_limited = Family::default();
         registry.register(
             "ztunnel_connections_limited",
@@ -304,6 +311,7 @@ impl Metrics {
         );
         Metrics {
             connections_limited,
+            original_destination_missing,
             registry: Mutex::new(registry),
             connections_opened,
             connections_closed,
@@ -330,6 +338,11 @@ impl Metrics {
         failed.response_flags = flag.to_string();
         self.connections_closed.get_or_create(&failed).inc();
         self.connections_failed.get_or_create(&failed).inc();
+    }
+
+    /// Counts an outbound connection closed for lack of an original destination.
+    pub fn original_destination_missing(&self) {
+        self.original_destination_missing.inc();
     }
 
     /// Counts a connection reset at a pod listener's cap (`ztunnel_connections_limited_total`).

@@ -28,8 +28,12 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable)
                     let span = tracing::info_span!("outbound", pod = %ctx.pod.uid, src = %peer, %dst);
                     handle(&ctx, stream, peer, dst).instrument(span).await
                 }
-                // Someone connected to 15001 directly: there is no destination to serve.
-                None => warn!(pod = %ctx.pod.uid, %peer, "no original destination; closing"),
+                // Someone connected to 15001 directly, or the kernel's entry was evicted:
+                // there is no destination to serve, so the connection is closed (fail closed).
+                None => {
+                    ctx.mesh.metrics.original_destination_missing();
+                    warn!(pod = %ctx.pod.uid, %peer, "no original destination; closing")
+                }
             }
         }
     })

@@ -67,7 +67,13 @@ pub struct CaptureConfig {
     pub cgroup: PathBuf,
     /// What is never captured.
     pub exclusions: Exclusions,
+    /// Pods one agent can enroll (size of the per-pod maps, fixed when they are first
+    /// created). At the limit an Add is refused with the reason; nothing is left unproxied.
+    pub max_pods: u32,
 }
+
+/// Default for [`CaptureConfig::max_pods`].
+pub const DEFAULT_MAX_PODS: u32 = 4096;
 
 /// Installed capture: programs attached, maps pinned. Dropping it leaves capture in place
 /// (pins keep it); [`Capture::uninstall`] removes everything.
@@ -103,7 +109,7 @@ impl Capture {
             let p = cfg.pin_dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err("creating pin dir", &p))?;
         }
-        let mut ebpf = load_object(&cfg.pin_dir, 0)?;
+        let mut ebpf = load_object(&cfg.pin_dir, cfg.max_pods, 0)?;
 
         let cgroup = std::fs::File::open(&cfg.cgroup).map_err(io_err("opening cgroup", &cfg.cgroup))?;
         let links = cfg.pin_dir.join("links");
@@ -173,7 +179,7 @@ impl Capture {
         }
         // A copy of the object whose sk_lookup program knows this netns's cookie; its maps
         // are the pinned ones. Only the pinned link outlives this function.
-        let mut pod_ebpf = load_object(&self.cfg.pin_dir, cookie)?;
+        let mut pod_ebpf = load_object(&self.cfg.pin_dir, self.cfg.max_pods, cookie)?;
         let p: &mut SkLookup = program(&mut pod_ebpf, "steer_inbound")?;
         p.load().map_err(prog_err("steer_inbound"))?;
         let id = p.attach(netns.fd()).map_err(prog_err("sk_lookup"))?;
@@ -222,7 +228,7 @@ impl Capture {
 
 /// Loads the embedded object against the maps pinned under `pin_dir` (created on first
 /// use), with `steer_inbound`'s netns cookie set to `pod_netns_cookie`.
-fn load_object(pin_dir: &Path, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
+fn load_object(pin_dir: &Path, max_pods: u32, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
     let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pin_dir.join("maps").join(n))).collect();
     let mut loader = aya::EbpfLoader::new();
     // Drops the kernel BTF that `new` parsed before the object is loaded.
@@ -230,6 +236,9 @@ fn load_object(pin_dir: &Path, pod_netns_cookie: u64) -> Result<Ebpf, CaptureErr
         loader.map_pin_path(name, path.as_path());
     }
     loader.override_global(POD_NETNS_COOKIE, &pod_netns_cookie, true);
+    for per_pod in ["ENROLLED", "INBOUND_LISTENERS"] {
+        loader.map_max_entries(per_pod, max_pods.max(1));
+    }
     // The programs need no CO-RE relocations; without this aya keeps the parsed kernel BTF.
     loader.btf(None);
     let ebpf = loader.load(EBPF_OBJECT);
