@@ -223,3 +223,34 @@ fn source_ip_policy_checks_the_tcp_peer_not_the_forwarded_header() {
     let err = forged.expect_err("forged forwarded header passed a sourceIps policy");
     assert!(err.contains("401"), "{err}");
 }
+
+#[test]
+fn an_invalid_policy_makes_the_workloads_it_selects_deny_all_until_fixed() {
+    sweep_pins();
+    let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    let n0 = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let n1 = MeshNode::start(&c, 1, Exclusions::default()).unwrap();
+    let workloads = format!(
+        "workloads:\n{}{}",
+        workload_yaml(&client, "default", "client", ""),
+        workload_yaml(&server, "default", "server", "")
+    );
+    // A DENY that cannot be read must not vanish: the namespace it selects denies all.
+    let broken = "policies:\n- name: broken-deny\n  namespace: default\n  action: Deny\n  rules:\n  - clauses:\n    - matches:\n      - sourceIps: [\"10.0.0.0/99\"]\n";
+    write_mesh_config(&c, &format!("{workloads}{broken}"), &[&n0, &n1]).unwrap();
+    n0.enroll(&client).unwrap();
+    n1.enroll(&server).unwrap();
+    let listener = server.run(|| TcpListener::bind(("::", 9000))).unwrap();
+    let _echo = EchoServer::spawn(listener).unwrap();
+    let dst = SocketAddr::new(server.ip4().into(), 9000);
+    let mut ev1 = n1.events();
+    assert!(Open::new(&client, dst).is_err(), "a workload selected by an invalid policy accepted a connection");
+    let rec = wait_record(&mut ev1, WAIT, |r| r.error.is_some()).expect("denied record");
+    assert!(rec.error.as_deref().unwrap().contains("default/broken-deny is invalid"), "{rec:?}");
+    assert!(n1.agent().metrics().encode().contains("ztunnel_config_rejected_total{kind=\"policy\"}"));
+    // Fixed: normal evaluation again.
+    write_mesh_config(&c, &workloads, &[&n0, &n1]).unwrap();
+    Open::new(&client, dst).expect("allowed once the policy is fixed");
+}
