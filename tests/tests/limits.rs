@@ -18,7 +18,8 @@ fn a_pod_at_its_connection_cap_resets_new_connections_and_other_pods_still_get_t
     let victim = c.add_pod(0, "victim").unwrap();
     let bystander = c.add_pod(0, "bystander").unwrap();
     let flooder = c.add_pod(0, "flooder").unwrap();
-    let node = MeshNode::start_limited(&c, 0, Limits { connections_per_pod_listener: CAP }).unwrap();
+    let node = MeshNode::start_limited(&c, 0, Limits { connections_per_pod_listener: CAP, connections_per_peer: CAP })
+        .unwrap();
     node.enroll(&victim).unwrap();
     node.enroll(&bystander).unwrap();
     let _a = PeerServer::start(&victim, 8080).unwrap();
@@ -36,7 +37,7 @@ fn a_pod_at_its_connection_cap_resets_new_connections_and_other_pods_still_get_t
     });
     assert!(!matches!(over, Ok(n) if n > 0), "connection past the cap was served: {over:?}");
     let m = node.agent().metrics().encode();
-    assert!(m.contains("ztunnel_connections_limited_total{listener=\"inbound_passthrough\"}"), "{m}");
+    assert!(m.contains("ztunnel_connections_limited_total{listener=\"inbound_passthrough\",limit=\"pod\"}"), "{m}");
 
     // Another pod on the same agent is unaffected.
     let to_bystander = SocketAddr::new(bystander.ip4().into(), 8080);
@@ -84,4 +85,29 @@ fn a_direct_connection_to_the_outbound_listener_is_closed_and_counted() {
     std::thread::sleep(Duration::from_millis(200));
     let m = node.agent().metrics().encode();
     assert!(m.contains("ztunnel_original_destination_missing_total 1"), "{m}");
+}
+
+#[test]
+fn one_remote_address_cannot_take_a_pods_whole_allowance() {
+    sweep_pins();
+    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let victim = c.add_pod(0, "victim").unwrap();
+    let flooder = c.add_pod(0, "flooder").unwrap();
+    let other = c.add_pod(0, "other").unwrap();
+    let node =
+        MeshNode::start_limited(&c, 0, Limits { connections_per_pod_listener: 64, connections_per_peer: 4 }).unwrap();
+    node.enroll(&victim).unwrap();
+    let _a = PeerServer::start(&victim, 8080).unwrap();
+    let to_victim = SocketAddr::new(victim.ip4().into(), 8080);
+    let _held: Vec<TcpStream> = (0..4).map(|_| flooder.run(move || connect_bound(None, to_victim)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let over = flooder.run(move || -> std::io::Result<usize> {
+        let mut s = connect_bound(None, to_victim)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.read(&mut [0u8; 8])
+    });
+    assert!(!matches!(over, Ok(n) if n > 0), "a fifth connection from one peer was served: {over:?}");
+    assert_eq!(request(&other, to_victim, "other-peer").expect("another peer refused").got, "other-peer");
+    let m = node.agent().metrics().encode();
+    assert!(m.contains("ztunnel_connections_limited_total{listener=\"inbound_passthrough\",limit=\"peer\"}"), "{m}");
 }

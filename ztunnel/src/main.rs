@@ -83,6 +83,9 @@ struct NodeArgs {
     /// connections it had accepted before it exits.
     #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
+    /// Of a pod listener's connections, how many one remote address may hold.
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_PEER", default_value_t = 1024)]
+    max_connections_per_peer: usize,
     /// Pods this agent can enroll (sizes the kernel maps when they are first created).
     #[arg(long, env = "ZTUNNEL_MAX_PODS", default_value_t = ztunnel::redirect::DEFAULT_MAX_PODS)]
     max_pods: u32,
@@ -152,7 +155,10 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
         local_config: args.local_config,
         log_control: Some(log),
         handoff_socket: Some(args.handoff_socket),
-        limits: ztunnel::proxy::limit::Limits { connections_per_pod_listener: args.max_connections_per_pod },
+        limits: ztunnel::proxy::limit::Limits {
+            connections_per_pod_listener: args.max_connections_per_pod,
+            connections_per_peer: args.max_connections_per_peer,
+        },
         admin: Some(AdminConfig {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,

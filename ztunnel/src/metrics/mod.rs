@@ -159,6 +159,7 @@ struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabel {
     listener: String,
+    limit: String,
 }
 
 /// A scrape-time reader for [`Metrics::add_collector`]: returns `(labels, value)` per series.
@@ -346,8 +347,11 @@ impl Metrics {
     }
 
     /// Counts a connection reset at a pod listener's cap (`ztunnel_connections_limited_total`).
-    pub fn connection_limited(&self, listener: &str) {
-        self.connections_limited.get_or_create(&ListenerLabel { listener: listener.to_string() }).inc();
+    /// `limit` says which cap was hit: `pod` (the listener's) or `peer` (one address's share).
+    pub fn connection_limited(&self, listener: &str, limit: &str) {
+        self.connections_limited
+            .get_or_create(&ListenerLabel { listener: listener.to_string(), limit: limit.to_string() })
+            .inc();
     }
 
     /// Counts a newly established connection (`istio_tcp_connections_opened_total`).

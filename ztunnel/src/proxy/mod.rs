@@ -147,11 +147,14 @@ pub(crate) async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Some(slot) = limit.try_acquire() else {
-                    metrics.connection_limited(name);
-                    warn!(listener = name, peer = %canonical(peer), "pod connection limit reached; resetting");
-                    socket::reset(stream);
-                    continue;
+                let slot = match limit.try_acquire(canonical(peer).ip()) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        metrics.connection_limited(name, why.as_str());
+                        warn!(listener = name, peer = %canonical(peer), ?why, "connection limit reached; resetting");
+                        socket::reset(stream);
+                        continue;
+                    }
                 };
                 let _ = stream.set_nodelay(true);
                 let work = handle(stream, peer);
