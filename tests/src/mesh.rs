@@ -198,6 +198,11 @@ impl MeshNode {
         self.agent().capture().link_ids()
     }
 
+    /// The agent's enrollment socket.
+    pub fn enrollment_socket(&self) -> &Path {
+        &self.cfg.enrollment_socket
+    }
+
     /// The agent's pin directory.
     pub fn pin_dir(&self) -> &Path {
         &self.cfg.capture.pin_dir

@@ -125,3 +125,23 @@ fn two_test_processes_at_once_do_not_interfere() {
         assert!(stdout.contains("1 passed"), "{stdout}");
     }
 }
+
+#[test]
+fn the_enrollment_and_handoff_sockets_refuse_other_users() {
+    use std::os::unix::process::CommandExt;
+    sweep_pins();
+    let c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let node = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let run_dir = node.enrollment_socket().parent().unwrap().to_path_buf();
+    for sock in [node.enrollment_socket().to_path_buf(), run_dir.join("handoff.sock")] {
+        let as_root = Command::new(env!("CARGO_BIN_EXE_uds_probe")).arg(&sock).output().unwrap();
+        assert!(as_root.status.success(), "root could not connect to {}: {as_root:?}", sock.display());
+        let nobody = Command::new(env!("CARGO_BIN_EXE_uds_probe")).arg(&sock).uid(65534).gid(65534).output().unwrap();
+        assert!(
+            !nobody.status.success(),
+            "uid 65534 reached {}: {}",
+            sock.display(),
+            String::from_utf8_lossy(&nobody.stdout)
+        );
+    }
+}

@@ -24,14 +24,18 @@ use crate::enrollment::{
 use crate::netns::InpodNetns;
 use crate::proxy::PodContext;
 
-/// Creates the listening `SOCK_SEQPACKET` socket (replacing a stale socket file).
+/// Creates the listening `SOCK_SEQPACKET` socket (replacing a stale socket file). Whoever
+/// can talk to these sockets can enroll pods or take every pod's sockets: the file is made
+/// owner-only, and [`accept_seqpacket`] also checks the peer's uid.
 pub(super) fn bind(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let _ = std::fs::remove_file(path);
     let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
     nix_bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
     Ok(fd)
 }
@@ -62,7 +66,10 @@ where
                     Ok(raw) => {
                         // SAFETY: accept4 returned a new fd that we now own.
                         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                        conns.spawn(conn(fd));
+                        match same_user(&fd) {
+                            Ok(()) => drop(conns.spawn(conn(fd))),
+                            Err(why) => warn!(socket = what, %why, "refusing connection"),
+                        }
                     }
                     Err(nix::Error::EAGAIN) => guard.clear_ready(),
                     Err(e) => warn!(error = %e, socket = what, "accept failed"),
@@ -70,6 +77,19 @@ where
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
+    }
+}
+
+/// Only a process running as this agent's user (root on a node) may use its sockets.
+fn same_user(fd: &OwnedFd) -> Result<(), String> {
+    let cred = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("no peer credentials: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid() == me {
+        Ok(())
+    } else {
+        Err(format!("peer uid {} (pid {}) is not this agent's uid {me}", cred.uid(), cred.pid()))
     }
 }
 
