@@ -192,3 +192,23 @@ fn proxy_admin_ports_are_not_exempt_inbound() {
         assert_captured(&s, reply.peer, dst, &mut ev);
     }
 }
+
+#[test]
+fn an_app_that_copies_the_proxy_mark_is_still_captured() {
+    let mut s = setup();
+    let app = s.c.add_pod(0, "marker").unwrap();
+    s.node.enroll(&app).unwrap();
+    let _server = PeerServer::start(&s.outsider, APP_PORT).unwrap();
+    let mut ev = s.node.events();
+    let before = s.node.counters();
+    // A process of the pod (in the pod's cgroup, not the agent's) sets SO_MARK=0x539 itself.
+    let dst = SocketAddr::new(s.outsider.ip4().into(), APP_PORT);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_marked_client"));
+    cmd.args([dst.to_string(), "1337".to_string()]).stdout(std::process::Stdio::piped());
+    let out = app.spawn(cmd).unwrap().wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("got=marked"), "{out:?}");
+    let rec = wait_record(&mut ev, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst);
+    assert!(rec.is_some(), "a connect carrying the proxy mark skipped the outbound proxy");
+    assert!(s.node.counters().connect4.captured > before.connect4.captured);
+}

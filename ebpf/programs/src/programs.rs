@@ -2,7 +2,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt},
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -42,6 +42,12 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(6
 /// Original destination by (netns cookie, client addr, client port), read by the proxy.
 #[map(name = "ORIG_BY_TUPLE")]
 static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// cgroup (v2) ids of the node agent's processes. The proxy mark alone is not proof: an app
+/// with CAP_NET_RAW may set `SO_MARK` itself, so a marked connect bypasses capture only when
+/// it comes from one of these cgroups. LRU, so ids of agents long gone age out.
+#[map(name = "PROXY_CGROUPS")]
+static PROXY_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(64, 0);
 
 /// Outbound destination ports that are never captured.
 #[map(name = "EXCL_OUT_PORTS")]
@@ -110,7 +116,8 @@ fn is_loopback(addr: &[u8; 16]) -> bool {
 fn outbound_decision(ctx: &SockAddrContext, p: Program, mark: u32, addr: [u8; 16], port: u16) -> Option<OrigDst> {
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     unsafe { ENROLLED.get(&netns) }?;
-    if mark == PROXY_MARK || is_loopback(&addr) || port_excluded(&EXCL_OUT_PORTS, port) {
+    let proxy = mark == PROXY_MARK && unsafe { PROXY_CGROUPS.get(&bpf_get_current_cgroup_id()) }.is_some();
+    if proxy || is_loopback(&addr) || port_excluded(&EXCL_OUT_PORTS, port) {
         count(p, Outcome::Bypassed);
         return None;
     }

@@ -104,7 +104,39 @@ struct Rig {
     a1: AgentProcess,
     tcp: (Pod, SocketAddr),
     hbone: (Pod, SocketAddr),
-    _servers: Vec<EchoServer>,
+    _servers: Vec<Server>,
+}
+
+/// The echo app as its own process inside the pod (10,000 connections need more fds than
+/// one process may hold on both ends); killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server(pod: &Pod) -> Result<Server> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--serve-echo", &PORT.to_string()]);
+    let child = pod.spawn(cmd)?;
+    let dst = SocketAddr::new(pod.ip4().into(), PORT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod.run(move || TcpStream::connect_timeout(&dst, Duration::from_millis(200))).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "echo server in {} did not start", pod.name());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Server(child))
+}
+
+/// `--serve-echo PORT`: serve the load generator's protocol on `[::]:PORT` until killed.
+fn serve_echo(port: u16) -> Result<()> {
+    let _server = EchoServer::spawn(TcpListener::bind(("::", port))?)?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 fn rig() -> Result<Rig> {
@@ -156,10 +188,7 @@ fn rig() -> Result<Rig> {
     for p in [&tcp_s, &mesh_s] {
         a1.enroll(p)?;
     }
-    let servers = [&tcp_s, &mesh_s]
-        .iter()
-        .map(|p| Ok(EchoServer::spawn(p.run(|| TcpListener::bind(("::", PORT)))?)?))
-        .collect::<Result<Vec<_>>>()?;
+    let servers = [&tcp_s, &mesh_s].iter().map(|p| start_server(p)).collect::<Result<Vec<_>>>()?;
     Ok(Rig {
         tcp: (tcp_c, SocketAddr::new(tcp_s.ip4().into(), PORT)),
         hbone: (mesh_c, SocketAddr::new(mesh_s.ip4().into(), PORT)),
@@ -274,6 +303,10 @@ fn soak(r: &Rig, o: &Opts) -> Result<serde_json::Value> {
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve-echo") {
+        return serve_echo(args.get(2).and_then(|p| p.parse().ok()).unwrap_or(PORT));
+    }
     let o = opts();
     sweep_leftovers();
     sweep_pins();

@@ -68,6 +68,12 @@ pub(super) fn write_exclusions(ebpf: &mut Ebpf, ex: &Exclusions) -> Result<(), C
     Ok(())
 }
 
+/// Lets sockets of processes in cgroup `id` (this agent's) bypass capture with the proxy mark.
+pub(super) fn register_proxy_cgroup(ebpf: &mut Ebpf, id: u64) -> Result<(), CaptureError> {
+    let mut m: HashMap<_, u64, u8> = hash(ebpf, "PROXY_CGROUPS")?;
+    m.insert(id, 1, 0).map_err(map_err("PROXY_CGROUPS"))
+}
+
 /// Removes a pod's enrollment and its inbound listener, both keyed by its netns cookie.
 pub(super) fn remove_pod_entries(ebpf: &mut Ebpf, cookie: u64) -> Result<(), CaptureError> {
     let mut enrolled: HashMap<_, u64, ztunnel_common::PodEntry> = hash(ebpf, "ENROLLED")?;

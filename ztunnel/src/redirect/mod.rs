@@ -26,7 +26,8 @@ pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
-const MAP_NAMES: [&str; 9] = [
+const MAP_NAMES: [&str; 10] = [
+    "PROXY_CGROUPS",
     "ENROLLED",
     "ORIG_BY_COOKIE",
     "ORIG_BY_TUPLE",
@@ -131,6 +132,9 @@ impl Capture {
         attach_to_cgroup!(CgroupSockAddr, "capture_connect6", "connect6");
         attach_to_cgroup!(SockOps, "record_origdst", "sockops");
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
+        let own =
+            cgroup::own_cgroup_id().map_err(io_err("finding the agent's cgroup", Path::new("/proc/self/cgroup")))?;
+        maps::register_proxy_cgroup(&mut ebpf, own)?;
         let orig = OrigDstTable::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE")).map_err(map_err("ORIG_BY_TUPLE"))?,
         )?;
