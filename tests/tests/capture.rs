@@ -213,3 +213,24 @@ fn a_pod_kept_but_never_re_added_after_restart_is_released_not_black_holed() {
     assert_eq!(reply.peer.ip(), IpAddr::from(outsider.ip4()));
     assert!(n0.agent().pods().is_empty());
 }
+
+#[test]
+fn a_pod_whose_re_add_fails_after_restart_stays_captured_and_fails_closed() {
+    let (mut c, mut n0, _n1) = cluster_with_mesh(Exclusions::default());
+    let server = c.pods()[0].clone();
+    let outsider = c.add_pod(0, "outsider").unwrap();
+    n0.enroll(&server).unwrap();
+    let _app = PeerServer::start(&server, APP_PORT).unwrap();
+    let dst = SocketAddr::new(server.ip4().into(), APP_PORT);
+    n0.restart().unwrap();
+    // Something in the pod grabs 15001 while no agent serves it: the re-Add cannot open it.
+    let squatter = server.run(|| std::net::TcpListener::bind("127.0.0.1:15001")).unwrap();
+    let cni = n0.client().unwrap();
+    let add = n0.enroll(&server);
+    assert!(add.is_err(), "re-Add succeeded although 15001 was taken");
+    assert_eq!(cni.snapshot_sent().unwrap(), Ok(()));
+    // Still captured, and with no proxy to serve it: refused, never delivered unproxied.
+    let reached = request(&outsider, dst, "sneak");
+    assert!(reached.is_err(), "the app was reached without the proxy: {reached:?}");
+    drop(squatter);
+}

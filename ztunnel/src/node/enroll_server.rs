@@ -81,7 +81,7 @@ where
 }
 
 /// Only a process running as this agent's user (root on a node) may use its sockets.
-fn same_user(fd: &OwnedFd) -> Result<(), String> {
+pub(super) fn same_user(fd: &OwnedFd) -> Result<(), String> {
     let cred = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| format!("no peer credentials: {e}"))?;
     // SAFETY: geteuid has no preconditions.
@@ -151,11 +151,25 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             if pods.contains_key(&uid) {
                 return Err(format!("Add {uid}: pod is already enrolled"));
             }
-            let netns = InpodNetns::new(File::from(fds.remove(0))).map_err(|e| format!("Add {uid}: {e}"))?;
-            let listeners = Listeners::open(&netns).map_err(|e| format!("Add {uid}: {e}"))?;
-            let id =
-                PodIdentity { uid, name: info.name, namespace: info.namespace, service_account: info.service_account };
-            admit(shared, &mut pods, id, netns, listeners)
+            let result = InpodNetns::new(File::from(fds.remove(0)))
+                .map_err(|e| format!("Add {uid}: {e}"))
+                .and_then(|netns| Ok((Listeners::open(&netns).map_err(|e| format!("Add {uid}: {e}"))?, netns)))
+                .and_then(|(listeners, netns)| {
+                    let id = PodIdentity {
+                        uid: uid.clone(),
+                        name: info.name,
+                        namespace: info.namespace,
+                        service_account: info.service_account,
+                    };
+                    admit(shared, &mut pods, id, netns, listeners)
+                });
+            if result.is_err() && pod_state::load(&shared.state_dir, &uid).is_some() {
+                // A pod captured before (e.g. before a crash) that cannot be served now (say
+                // something in it holds 15001) stays captured and fails closed: it counts as
+                // present at SnapshotSent instead of being released unproxied.
+                shared.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
+            }
+            result
         }
         Payload::Keep(keep) => {
             // Keep only means something for a pod this process serves. A pod known from

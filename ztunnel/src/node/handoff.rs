@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 use tracing::{info, warn};
 
-use super::enroll_server::{accept_seqpacket, admit, PodIdentity};
+use super::enroll_server::{accept_seqpacket, admit, same_user, PodIdentity};
 use super::pod::Listeners;
 use super::Shared;
 use crate::enrollment::{recv_datagram, send_datagram};
@@ -105,8 +105,10 @@ fn blocking(fd: &OwnedFd) -> Result<(), String> {
     let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
     let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| e.to_string())?;
-    setsockopt(fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(STEP_TIMEOUT.as_secs() as i64, 0))
-        .map_err(|e| e.to_string())
+    // Bounded both ways: a peer that stops reading or writing cannot hold the pods forever.
+    let step = nix::sys::time::TimeVal::new(STEP_TIMEOUT.as_secs() as i64, 0);
+    setsockopt(fd, sockopt::ReceiveTimeout, &step).map_err(|e| e.to_string())?;
+    setsockopt(fd, sockopt::SendTimeout, &step).map_err(|e| e.to_string())
 }
 
 fn send(fd: &OwnedFd, msg: &Message, fds: &[OwnedFd]) -> Result<(), String> {
@@ -163,6 +165,8 @@ pub(super) fn take(path: &Path, shared: &Shared) -> Result<usize, String> {
     if connect(fd.as_raw_fd(), &addr).is_err() {
         return Ok(0); // nobody to take over from
     }
+    // Only take sockets from an agent running as our own user.
+    same_user(&fd)?;
     blocking(&fd)?;
     let mut pods = shared.pods.lock().unwrap_or_else(|e| e.into_inner());
     loop {

@@ -24,11 +24,18 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// Serves the pod's HBONE listener until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
     let (limit, metrics) = (ctx.pod.limits.inbound_hbone.clone(), ctx.mesh.metrics.clone());
-    accept_loop(listener, limit, metrics, "inbound", move |stream: TcpStream, peer: SocketAddr| {
-        let ctx = ctx.clone();
-        let span = tracing::info_span!("inbound", pod = %ctx.pod.uid, peer = %canonical(peer));
-        async move { connection(ctx, stream, canonical(peer)).await }.instrument(span)
-    })
+    accept_loop(
+        listener,
+        limit,
+        metrics,
+        "inbound",
+        |_| {},
+        move |stream: TcpStream, peer: SocketAddr| {
+            let ctx = ctx.clone();
+            let span = tracing::info_span!("inbound", pod = %ctx.pod.uid, peer = %canonical(peer));
+            async move { connection(ctx, stream, canonical(peer)).await }.instrument(span)
+        },
+    )
     .await
 }
 

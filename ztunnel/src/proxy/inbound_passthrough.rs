@@ -17,18 +17,25 @@ use crate::policy::ConnectionFacts;
 /// Serves the pod's passthrough listener until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
     let (limit, metrics) = (ctx.pod.limits.inbound_passthrough.clone(), ctx.mesh.metrics.clone());
-    accept_loop(listener, limit, metrics, "inbound_passthrough", move |stream: TcpStream, peer: SocketAddr| {
-        let ctx = ctx.clone();
-        async move {
-            let dst = match stream.local_addr() {
-                Ok(a) => canonical(a),
-                Err(e) => return warn!(error = %e, "no local address"),
-            };
-            let peer = canonical(peer);
-            let span = tracing::info_span!("inbound_passthrough", pod = %ctx.pod.uid, src = %peer, %dst);
-            handle(&ctx, stream, peer, dst).instrument(span).await
-        }
-    })
+    accept_loop(
+        listener,
+        limit,
+        metrics,
+        "inbound_passthrough",
+        |_| {},
+        move |stream: TcpStream, peer: SocketAddr| {
+            let ctx = ctx.clone();
+            async move {
+                let dst = match stream.local_addr() {
+                    Ok(a) => canonical(a),
+                    Err(e) => return warn!(error = %e, "no local address"),
+                };
+                let peer = canonical(peer);
+                let span = tracing::info_span!("inbound_passthrough", pod = %ctx.pod.uid, src = %peer, %dst);
+                handle(&ctx, stream, peer, dst).instrument(span).await
+            }
+        },
+    )
     .await
 }
 

@@ -79,14 +79,13 @@ impl PodContext {
         self.ips.iter().find(|i| i.is_ipv4() == like.is_ipv4()).or(self.ips.first()).copied()
     }
 
-    /// The workload record for this pod: from the state store when known, otherwise
-    /// derived from the enrollment (so namespace-scoped policies still apply).
+    /// The workload record for this pod: from the state store by uid when known, otherwise
+    /// derived from the enrollment (so namespace-scoped policies still apply). Never looked
+    /// up by IP: a stale entry for a reused address must not lend this pod another
+    /// workload's namespace or policies.
     pub fn workload(&self, state: &StateStore) -> Arc<Workload> {
         let snap = state.snapshot();
         if let Some(w) = snap.workload_by_uid(&self.uid) {
-            return w;
-        }
-        if let Some(w) = self.ips.iter().find_map(|ip| snap.workload_by_ip(*ip)) {
             return w;
         }
         Arc::new(Workload {
@@ -133,12 +132,14 @@ pub struct ProxyContext {
 }
 
 /// Accepts on `listener` forever, handing each connection to `handle` while it holds a
-/// slot of `limit`; at the cap a connection is reset at once and counted under `name`.
+/// slot of `limit`; at the cap a connection is reset at once, counted under `name`, and
+/// `on_refused` runs (e.g. to drop kernel state kept for it).
 pub(crate) async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     limit: limit::ConnectionLimit,
     metrics: Arc<crate::metrics::Metrics>,
     name: &'static str,
+    on_refused: impl Fn(SocketAddr),
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -152,6 +153,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                     Err(why) => {
                         metrics.connection_limited(name, why.as_str());
                         warn!(listener = name, peer = %canonical(peer), ?why, "connection limit reached; resetting");
+                        on_refused(peer);
                         socket::reset(stream);
                         continue;
                     }

@@ -19,7 +19,13 @@ use crate::state::{Upstream, Workload};
 /// Serves one outbound listener of a pod until the task is aborted.
 pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable) {
     let (limit, metrics) = (ctx.pod.limits.outbound.clone(), ctx.mesh.metrics.clone());
-    accept_loop(listener, limit, metrics, "outbound", move |stream: TcpStream, peer: SocketAddr| {
+    // A refused connection's original destination is taken too, so a pod at its cap cannot
+    // fill the node-wide kernel table and get other pods' entries evicted.
+    let (forget, cookie) = (orig.clone(), ctx.pod.netns.cookie());
+    let on_refused = move |peer: SocketAddr| {
+        let _ = forget.take(cookie, peer);
+    };
+    accept_loop(listener, limit, metrics, "outbound", on_refused, move |stream: TcpStream, peer: SocketAddr| {
         let ctx = ctx.clone();
         let orig = orig.clone();
         async move {
