@@ -145,3 +145,19 @@ fn the_enrollment_and_handoff_sockets_refuse_other_users() {
         );
     }
 }
+
+#[test]
+fn uids_that_could_leave_the_state_directory_and_second_uids_for_one_netns_are_refused() {
+    sweep_pins();
+    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let pod = c.add_pod(0, "pod").unwrap();
+    let node = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let cni = node.client().unwrap();
+    let del = cni.del("../../../../etc/passwd").unwrap();
+    assert!(del.as_ref().is_err_and(|e| e.contains("invalid pod uid")), "{del:?}");
+    node.enroll(&pod).unwrap();
+    let info = WorkloadInfo { name: "twin".into(), namespace: "default".into(), service_account: "twin".into() };
+    let twin = cni.add("twin-uid", info, pod.netns_file()).unwrap();
+    assert!(twin.as_ref().is_err_and(|e| e.contains("already enrolled as")), "{twin:?}");
+    assert_eq!(node.agent().pods(), vec![pod.uid().to_string()]);
+}

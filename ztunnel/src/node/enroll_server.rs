@@ -137,7 +137,18 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
         return Err("this agent handed its pods to a successor; reconnect to the enrollment socket".into());
     }
     let req = WorkloadRequest::decode(bytes).map_err(|e| format!("malformed request: {e}"))?;
-    match req.payload.ok_or("malformed request: no payload")? {
+    let payload = req.payload.ok_or("malformed request: no payload")?;
+    // Uids name state files and pin directories: nothing that could leave those directories.
+    let uid = match &payload {
+        Payload::Add(a) => Some(&a.uid),
+        Payload::Keep(k) => Some(&k.uid),
+        Payload::Del(d) => Some(&d.uid),
+        Payload::SnapshotSent(_) => None,
+    };
+    if let Some(uid) = uid.filter(|u| !u.is_empty() && !pod_state::valid_uid(u)) {
+        return Err(format!("invalid pod uid {uid:?}: only [A-Za-z0-9_-], at most 128 characters"));
+    }
+    match payload {
         Payload::Add(add) => {
             let uid = add.uid;
             if uid.is_empty() {
@@ -153,6 +164,13 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             }
             let result = InpodNetns::new(File::from(fds.remove(0)))
                 .map_err(|e| format!("Add {uid}: {e}"))
+                .and_then(|netns| match pods.values().find(|p| p.ctx.pod.netns.cookie() == netns.cookie()) {
+                    // Two uids on one netns would share (and overwrite) its kernel entries.
+                    Some(other) => {
+                        Err(format!("Add {uid}: its network namespace is already enrolled as {}", other.ctx.pod.uid))
+                    }
+                    None => Ok(netns),
+                })
                 .and_then(|netns| Ok((Listeners::open(&netns).map_err(|e| format!("Add {uid}: {e}"))?, netns)))
                 .and_then(|(listeners, netns)| {
                     let id = PodIdentity {

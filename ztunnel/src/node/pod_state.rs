@@ -11,6 +11,8 @@ pub struct PodState {
     pub ips: Vec<IpAddr>,
 }
 
+pub use crate::redirect::valid_pod_uid as valid_uid;
+
 /// Writes (replaces) a pod's state file.
 pub fn save(dir: &Path, st: &PodState) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{}.tmp", st.uid));
@@ -20,6 +22,9 @@ pub fn save(dir: &Path, st: &PodState) -> std::io::Result<()> {
 
 /// Reads one pod's state, if present and readable.
 pub fn load(dir: &Path, uid: &str) -> Option<PodState> {
+    if !valid_uid(uid) {
+        return None;
+    }
     let bytes = std::fs::read(dir.join(format!("{uid}.json"))).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
@@ -40,5 +45,8 @@ pub fn load_all(dir: &Path) -> Vec<PodState> {
 
 /// Forgets a pod.
 pub fn remove(dir: &Path, uid: &str) {
+    if !valid_uid(uid) {
+        return;
+    }
     let _ = std::fs::remove_file(dir.join(format!("{uid}.json")));
 }

@@ -221,9 +221,7 @@ impl Capture {
     }
 
     fn pod_dir(&self, uid: &str) -> Result<PathBuf, CaptureError> {
-        let ok =
-            !uid.is_empty() && uid.len() <= 128 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
-        if !ok {
+        if !valid_pod_uid(uid) {
             return Err(CaptureError::BadUid(uid.to_string()));
         }
         Ok(self.cfg.pin_dir.join("pods").join(uid))
@@ -260,6 +258,12 @@ fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Whether `uid` can name a pin directory (bpffs refuses `.`) and a state file without
+/// leaving its directory: `[A-Za-z0-9_-]`, 1–128 bytes.
+pub fn valid_pod_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= 128 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
 }
 
 /// A program of the loaded object, as its concrete type.
