@@ -198,6 +198,14 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
 /// would stay at the peak for good. Every few seconds, hand free pages back to the kernel
 /// (measured: jemalloc instead doubled idle RSS; see docs/decisions.md).
 fn start_heap_trimmer() {
+    // A fixed mmap threshold (glibc otherwise raises it after the first big free): large
+    // buffers, such as the kernel BTF aya parses at each enrollment, are mapped and
+    // returned on free instead of leaving a high-water mark in the heap.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; called before the runtime starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
     #[cfg(target_env = "gnu")]
     std::thread::Builder::new()
         .name("heap-trim".into())

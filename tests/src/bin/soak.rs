@@ -168,6 +168,8 @@ fn rig() -> Result<Rig> {
         "127.0.0.1:0",
         "--max-connections-per-pod",
         "65536",
+        "--max-connections-per-peer",
+        "65536",
     ]
     .iter()
     .map(|s| s.to_string())
