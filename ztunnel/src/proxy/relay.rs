@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::ProxyContext;
-use crate::metrics::{ConnectionLabels, Reporter};
+use crate::metrics::{ConnectionCounters, ConnectionLabels, Reporter};
 
 /// Which listener a connection came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -68,7 +68,8 @@ pub async fn relay<C, U>(
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    ctx.mesh.metrics.connection_opened(&labels);
+    let counters = ctx.mesh.metrics.open_connection(&labels);
+    drop(labels);
     match crate::hbone::copy_bidirectional(client, upstream).await {
         Ok(stats) => {
             rec.bytes_sent = stats.a_to_b;
@@ -79,7 +80,7 @@ pub async fn relay<C, U>(
     rec.duration_ms = start.elapsed().as_millis() as u64;
     // Istio's ztunnel reports bytes from the reporter's point of view: received from the
     // client side, sent to it.
-    ctx.mesh.metrics.connection_closed(&labels, rec.bytes_received, rec.bytes_sent);
+    counters.close(rec.bytes_received, rec.bytes_sent);
     finish(ctx, rec);
 }
 
@@ -176,7 +177,7 @@ fn log_record(rec: &ConnectionRecord) {
 /// where the copy loop belongs to someone else (the HBONE server splices tunnels itself).
 pub struct Metered<S> {
     inner: S,
-    report: Option<(ProxyContext, ConnectionRecord, ConnectionLabels, Instant)>,
+    report: Option<(ProxyContext, ConnectionRecord, ConnectionCounters, Instant)>,
     /// Bytes written into `inner` (from the client).
     to_upstream: u64,
     /// Bytes read from `inner` (towards the client).
@@ -186,18 +187,18 @@ pub struct Metered<S> {
 impl<S> Metered<S> {
     /// Starts metering: counts the connection as opened now.
     pub fn new(inner: S, ctx: &ProxyContext, rec: ConnectionRecord, labels: ConnectionLabels) -> Self {
-        ctx.mesh.metrics.connection_opened(&labels);
-        Self { inner, report: Some((ctx.clone(), rec, labels, Instant::now())), to_upstream: 0, from_upstream: 0 }
+        let counters = ctx.mesh.metrics.open_connection(&labels);
+        Self { inner, report: Some((ctx.clone(), rec, counters, Instant::now())), to_upstream: 0, from_upstream: 0 }
     }
 }
 
 impl<S> Drop for Metered<S> {
     fn drop(&mut self) {
-        if let Some((ctx, mut rec, labels, start)) = self.report.take() {
+        if let Some((ctx, mut rec, counters, start)) = self.report.take() {
             rec.bytes_sent = self.to_upstream;
             rec.bytes_received = self.from_upstream;
             rec.duration_ms = start.elapsed().as_millis() as u64;
-            ctx.mesh.metrics.connection_closed(&labels, rec.bytes_received, rec.bytes_sent);
+            counters.close(rec.bytes_received, rec.bytes_sent);
             finish(&ctx, rec);
         }
     }
