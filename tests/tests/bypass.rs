@@ -212,3 +212,19 @@ fn an_app_that_copies_the_proxy_mark_is_still_captured() {
     assert!(rec.is_some(), "a connect carrying the proxy mark skipped the outbound proxy");
     assert!(s.node.counters().connect4.captured > before.connect4.captured);
 }
+
+#[test]
+fn a_connect_whose_original_destination_cannot_be_recorded_fails_instead_of_leaving_unproxied() {
+    let mut s = setup();
+    let app = s.c.add_pod(0, "app").unwrap();
+    s.node.enroll(&app).unwrap();
+    let _server = PeerServer::start(&s.outsider, APP_PORT).unwrap();
+    let dst = SocketAddr::new(s.outsider.ip4().into(), APP_PORT);
+    let before = s.node.counters();
+    s.node.agent().capture().inject_record_failure(true).unwrap();
+    let result = request(&app, dst, "unrecorded");
+    s.node.agent().capture().inject_record_failure(false).unwrap();
+    assert!(result.is_err(), "the connect went out although its destination was not recorded: {result:?}");
+    assert!(s.node.counters().connect4.errors > before.connect4.errors, "failure not counted");
+    assert_eq!(request(&app, dst, "recorded").unwrap().got, "recorded");
+}

@@ -49,6 +49,10 @@ static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entri
 #[map(name = "PROXY_CGROUPS")]
 static PROXY_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(64, 0);
 
+/// Fault switches; slot 0 makes recording an original destination fail.
+#[map(name = "FAULTS")]
+static FAULTS: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(1, 0);
+
 /// Outbound destination ports that are never captured.
 #[map(name = "EXCL_OUT_PORTS")]
 static EXCL_OUT_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(256, 0);
@@ -131,7 +135,10 @@ fn outbound_decision(ctx: &SockAddrContext, p: Program, mark: u32, addr: [u8; 16
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, p: Program, orig: &OrigDst) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    if ORIG_BY_COOKIE.insert(&cookie, orig, 0).is_err() {
+    // Fault injection (slot 0 set by the operator or a test): behave as if the map refused
+    // the entry, so the fail-closed path can be exercised on a real kernel.
+    let injected = FAULTS.get(0).is_some_and(|v| *v != 0);
+    if injected || ORIG_BY_COOKIE.insert(&cookie, orig, 0).is_err() {
         count(p, Outcome::Error);
         return false;
     }

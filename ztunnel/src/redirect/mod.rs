@@ -26,7 +26,8 @@ pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
-const MAP_NAMES: [&str; 10] = [
+const MAP_NAMES: [&str; 11] = [
+    "FAULTS",
     "PROXY_CGROUPS",
     "ENROLLED",
     "ORIG_BY_COOKIE",
@@ -202,6 +203,16 @@ impl Capture {
         let _ = std::fs::remove_dir(&dir);
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
         maps::remove_pod_entries(&mut ebpf, netns_cookie)
+    }
+
+    /// Makes the connect programs fail to record original destinations (`true`) or work
+    /// normally: fault injection, to prove on a live kernel that such a failure refuses the
+    /// connect instead of letting it out unproxied.
+    pub fn inject_record_failure(&self, on: bool) -> Result<(), CaptureError> {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut faults: aya::maps::Array<&mut MapData, u32> =
+            aya::maps::Array::try_from(ebpf.map_mut("FAULTS").expect("map")).map_err(map_err("FAULTS"))?;
+        faults.set(0, u32::from(on), 0).map_err(map_err("FAULTS"))
     }
 
     /// Per-program counters summed over CPUs.
