@@ -32,7 +32,7 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
         |_| {},
         move |stream: TcpStream, peer: SocketAddr| {
             let ctx = ctx.clone();
-            let span = tracing::info_span!("inbound", pod = %ctx.pod.uid, peer = %canonical(peer));
+            let span = tracing::debug_span!("inbound", pod = %ctx.pod.uid, peer = %canonical(peer));
             async move { connection(ctx, stream, canonical(peer)).await }.instrument(span)
         },
     )

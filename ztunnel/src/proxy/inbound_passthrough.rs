@@ -31,7 +31,7 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
                     Err(e) => return warn!(error = %e, "no local address"),
                 };
                 let peer = canonical(peer);
-                let span = tracing::info_span!("inbound_passthrough", pod = %ctx.pod.uid, src = %peer, %dst);
+                let span = tracing::debug_span!("inbound_passthrough", pod = %ctx.pod.uid, src = %peer, %dst);
                 handle(&ctx, stream, peer, dst).instrument(span).await
             }
         },

@@ -31,7 +31,7 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable)
         async move {
             match orig.take(ctx.pod.netns.cookie(), peer) {
                 Some(dst) => {
-                    let span = tracing::info_span!("outbound", pod = %ctx.pod.uid, src = %peer, %dst);
+                    let span = tracing::debug_span!("outbound", pod = %ctx.pod.uid, src = %peer, %dst);
                     handle(&ctx, stream, peer, dst).instrument(span).await
                 }
                 // Someone connected to 15001 directly, or the kernel's entry was evicted:
