@@ -24,6 +24,30 @@ pub struct Usage {
     pub rss_bytes: u64,
 }
 
+/// The flags a test agent of `cluster` needs besides its node's own: the cluster's CA
+/// state, ephemeral admin ports, the cluster's local config when `workloads_yaml` is given
+/// (written first), then `more`.
+pub fn cluster_args(cluster: &Cluster, workloads_yaml: Option<&str>, more: &[&str]) -> Result<Vec<String>> {
+    let mut args: Vec<String> = vec![
+        "--ca-state-dir".into(),
+        crate::mesh::ca_dir(cluster).display().to_string(),
+        "--admin-addr".into(),
+        "127.0.0.1:0".into(),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+        "--readiness-addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    if let Some(yaml) = workloads_yaml {
+        let config = crate::mesh::mesh_config_path(cluster);
+        std::fs::create_dir_all(config.parent().context("config dir")?)?;
+        std::fs::write(&config, yaml)?;
+        args.extend(["--local-config".to_string(), config.display().to_string()]);
+    }
+    args.extend(more.iter().map(|s| s.to_string()));
+    Ok(args)
+}
+
 impl AgentProcess {
     /// Starts `binary node` for `cluster.node(node)`, with extra CLI args.
     pub fn start(binary: &Path, cluster: &Cluster, node: usize, extra: &[String]) -> Result<Self> {

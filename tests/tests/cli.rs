@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use mesh_tests::agent_process::{ztunnel_binary, AgentProcess};
+use mesh_tests::agent_process::{cluster_args, ztunnel_binary, AgentProcess};
 use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::mesh::{ca_dir, kernel_link_ids, sweep_pins, BPFFS};
 use mesh_tests::Cluster;
@@ -15,19 +15,7 @@ fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
     let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
     let client = c.add_pod(0, "client").unwrap();
     let server = c.add_pod(0, "server").unwrap();
-    let extra: Vec<String> = [
-        "--ca-state-dir",
-        &ca_dir(&c).display().to_string(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let extra = cluster_args(&c, None, &[]).unwrap();
     let mut agent = AgentProcess::start(ztunnel_binary(), &c, 0, &extra).expect("ztunnel node");
     agent.enroll(&client).unwrap();
     let _app = PeerServer::start(&server, 8080).unwrap();

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_tests::agent_process::{ztunnel_binary, AgentProcess};
+use mesh_tests::agent_process::{cluster_args, ztunnel_binary, AgentProcess};
 use mesh_tests::loadgen::{blocking, EchoServer};
-use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
+use mesh_tests::mesh::{sweep_pins, workload_yaml};
 use mesh_tests::{Cluster, InNetns, Pod};
 
 const PORT: u16 = 9000;
@@ -35,32 +35,22 @@ fn rig() -> Rig {
         workload_yaml(&client, "default", client.name(), ""),
         workload_yaml(&server, "default", server.name(), "")
     );
-    let config = mesh_config_path(&c);
-    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
-    std::fs::write(&config, yaml).unwrap();
-    let extra: Vec<String> = [
-        "--ca-state-dir",
-        &ca_dir(&c).display().to_string(),
-        "--local-config",
-        &config.display().to_string(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-        "--drain-timeout",
-        "20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let extra = cluster_args(&c, Some(&yaml), &["--drain-timeout", "20"]).unwrap();
     let a0 = AgentProcess::start(ztunnel_binary(), &c, 0, &extra).expect("agent 0");
     let a1 = AgentProcess::start(ztunnel_binary(), &c, 1, &extra).expect("agent 1");
     a0.enroll(&client).unwrap();
     a1.enroll(&server).unwrap();
     let echo = EchoServer::spawn(server.run(|| TcpListener::bind(("::", PORT))).unwrap()).unwrap();
     Rig { c, client, server, agents: vec![a0, a1], extra, _echo: echo }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        // Agents first (their Drop uninstalls), then the cluster's config and CA files.
+        self.agents.clear();
+        let _ = std::fs::remove_file(mesh_tests::mesh::mesh_config_path(&self.c));
+        let _ = std::fs::remove_dir_all(mesh_tests::mesh::ca_dir(&self.c));
+    }
 }
 
 impl Rig {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mesh_tests::agent_process::{AgentProcess, Usage};
+use mesh_tests::agent_process::{cluster_args, AgentProcess, Usage};
 use mesh_tests::loadgen::{blocking, EchoServer};
 use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
 use mesh_tests::{sweep_leftovers, Cluster, InNetns, Pod};
@@ -121,24 +121,7 @@ fn main() -> Result<()> {
         workload_yaml(&mesh_s, "default", mesh_s.name(), ""),
         workload_yaml(&mesh_local, "default", mesh_local.name(), ""),
     );
-    let config = mesh_config_path(&c);
-    std::fs::create_dir_all(config.parent().expect("parent"))?;
-    std::fs::write(&config, yaml)?;
-    let extra: Vec<String> = [
-        "--ca-state-dir",
-        &ca_dir(&c).display().to_string(),
-        "--local-config",
-        &config.display().to_string(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let extra = cluster_args(&c, Some(&yaml), &[])?;
     let a0 = AgentProcess::start(&binary, &c, 0, &extra)?;
     let a1 = AgentProcess::start(&binary, &c, 1, &extra)?;
     std::thread::sleep(Duration::from_millis(500));
@@ -228,7 +211,7 @@ fn main() -> Result<()> {
     println!("\nfull results: {}", out.join("capture.json").display());
     a0.stop_and_uninstall()?;
     a1.stop_and_uninstall()?;
-    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(mesh_config_path(&c));
     let _ = std::fs::remove_dir_all(ca_dir(&c));
     Ok(())
 }

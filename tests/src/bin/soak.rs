@@ -18,9 +18,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mesh_tests::agent_process::AgentProcess;
+use mesh_tests::agent_process::{cluster_args, AgentProcess};
 use mesh_tests::loadgen::{blocking, EchoServer};
-use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
+use mesh_tests::mesh::{sweep_pins, workload_yaml};
 use mesh_tests::{sweep_leftovers, Cluster, InNetns, Pod};
 use serde_json::json;
 
@@ -152,28 +152,8 @@ fn rig() -> Result<Rig> {
         workload_yaml(&mesh_c, "default", mesh_c.name(), ""),
         workload_yaml(&mesh_s, "default", mesh_s.name(), "")
     );
-    let config = mesh_config_path(&c);
-    std::fs::create_dir_all(config.parent().expect("parent"))?;
-    std::fs::write(&config, yaml)?;
-    let extra: Vec<String> = [
-        "--ca-state-dir",
-        &ca_dir(&c).display().to_string(),
-        "--local-config",
-        &config.display().to_string(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--readiness-addr",
-        "127.0.0.1:0",
-        "--max-connections-per-pod",
-        "65536",
-        "--max-connections-per-peer",
-        "65536",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let extra =
+        cluster_args(&c, Some(&yaml), &["--max-connections-per-pod", "65536", "--max-connections-per-peer", "65536"])?;
     let a0 = AgentProcess::start(&binary, &c, 0, &extra)?;
     let a1 = AgentProcess::start(&binary, &c, 1, &extra)?;
     let fresh = footprint(&a0);
