@@ -19,7 +19,7 @@ cd "$here"
 seconds="${FUZZ_SECONDS:-20}"
 read -r -a targets <<<"${FUZZ_TARGETS:-zds_request local_config hbone_headers certificate policy}"
 toolchain="${FUZZ_TOOLCHAIN:-nightly}"
-# Build and run flags must match, or `cargo fuzz run` rebuilds.
+# Reproduce a crash with the same flags (`cargo fuzz run --debug-assertions <target> <file>`).
 flags=(--debug-assertions)
 
 if ! command -v cargo >/dev/null 2>&1 && [ -f "${CARGO_HOME:-$HOME/.cargo}/env" ]; then

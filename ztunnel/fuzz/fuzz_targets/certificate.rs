@@ -53,7 +53,10 @@ fn check_identity(s: &str) {
     let parsed = Identity::from_str(s);
     match (&parsed, reference_identity(s)) {
         (Ok(id), Some((td, ns, sa))) => {
-            assert_eq!((id.trust_domain(), id.namespace(), id.service_account()), (td.as_str(), ns.as_str(), sa.as_str()));
+            assert_eq!(
+                (id.trust_domain(), id.namespace(), id.service_account()),
+                (td.as_str(), ns.as_str(), sa.as_str())
+            );
             assert_eq!(id.to_string(), s, "an identity prints as it was written");
             assert_eq!(id.to_uri(), s);
             assert_eq!(Identity::new(&td, &ns, &sa).as_ref(), Ok(id), "rebuilding from parts");
@@ -73,7 +76,11 @@ fn signing_key() -> &'static KeyPair {
 #[derive(Arbitrary, Debug)]
 enum San {
     /// A SPIFFE id built from parts (valid or not).
-    Spiffe { td: String, ns: String, sa: String },
+    Spiffe {
+        td: String,
+        ns: String,
+        sa: String,
+    },
     Uri(String),
     Dns(String),
 }
@@ -129,11 +136,16 @@ fn generated_cert(spec: CertSpec) {
     assert_eq!(info.is_ca, spec.ca, "basicConstraints CA");
     assert_eq!(info.not_before, to_system_time(params.not_before.unix_timestamp()), "notBefore");
     assert_eq!(info.not_after, to_system_time(params.not_after.unix_timestamp()), "notAfter");
-    assert!(info.serial.len() % 2 == 0 && info.serial.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(
+        info.serial.len() % 2 == 0 && info.serial.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
     if let Some(serial) = &spec.serial {
         // DER INTEGERs are minimal and positive: leading zero bytes aside, the serial is what was set.
         let strip = |b: &[u8]| b.iter().skip_while(|x| **x == 0).copied().collect::<Vec<u8>>();
-        let got: Vec<u8> = (0..info.serial.len()).step_by(2).map(|i| u8::from_str_radix(&info.serial[i..i + 2], 16).unwrap()).collect();
+        let got: Vec<u8> = (0..info.serial.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&info.serial[i..i + 2], 16).unwrap())
+            .collect();
         assert_eq!(strip(&got), strip(serial), "serial");
     }
 

@@ -192,11 +192,17 @@ fn check_built(b: Built) {
     let sent = [&forwarded, &b.baggage, &b.traceparent];
     let req = match build_request(target, &headers) {
         Ok(req) => {
-            assert!(sent.iter().all(|v| v.as_deref().is_none_or(valid_value)), "built a request with a forbidden header value");
+            assert!(
+                sent.iter().all(|v| v.as_deref().is_none_or(valid_value)),
+                "built a request with a forbidden header value"
+            );
             req
         }
         Err(e) => {
-            assert!(!sent.iter().all(|v| v.as_deref().is_none_or(valid_value)), "build_request failed on valid headers: {e}");
+            assert!(
+                !sent.iter().all(|v| v.as_deref().is_none_or(valid_value)),
+                "build_request failed on valid headers: {e}"
+            );
             return;
         }
     };
@@ -207,7 +213,8 @@ fn check_built(b: Built) {
         assert_eq!(c.authority, target, ":authority round trip");
         assert_eq!(c.peer, peer());
         let readable = |v: &Option<String>| v.clone().filter(|v| text_value(v));
-        let expected_src = readable(&forwarded).and(forwarded_for).map(|s| ForwardedFor { ip: s.ip(), port: Some(s.port()) });
+        let expected_src =
+            readable(&forwarded).and(forwarded_for).map(|s| ForwardedFor { ip: s.ip(), port: Some(s.port()) });
         assert_eq!(c.forwarded_for, expected_src, "forwarded round trip: sent {forwarded:?}");
         assert_eq!(c.baggage, readable(&b.baggage), "baggage round trip");
         assert_eq!(c.traceparent, readable(&b.traceparent), "traceparent round trip");

@@ -126,7 +126,7 @@ fn check_store(text: &str, cfg: &LocalConfig, expected_errors: &[ConfigError]) {
             source_ip: w.workload_ips[0],
             destination: SocketAddr::new(w.workload_ips[0], 80),
         };
-        let _ = evaluate(snap.policies(), w, &facts);
+        let _ = evaluate(snap.policies(), &w.policy_target(), &facts);
     }
 }
 

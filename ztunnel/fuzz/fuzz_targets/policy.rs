@@ -58,7 +58,13 @@ fn ip(u: &mut Unstructured, seen: &[IpAddr]) -> arbitrary::Result<IpAddr> {
 
 fn string_match(u: &mut Unstructured) -> arbitrary::Result<StringMatch> {
     let s = if u.ratio(3, 4)? {
-        let pool = [NAMESPACES, ACCOUNTS, DOMAINS, &["*", "cluster.local/ns/ns1/sa/sa1", "spiffe://cluster.local/ns/default/sa/default", "*x", "x*"]].concat();
+        let pool = [
+            NAMESPACES,
+            ACCOUNTS,
+            DOMAINS,
+            &["*", "cluster.local/ns/ns1/sa/sa1", "spiffe://cluster.local/ns/default/sa/default", "*x", "x*"],
+        ]
+        .concat();
         pick(u, &pool)?
     } else {
         u.arbitrary()?
@@ -79,7 +85,11 @@ fn cidr(u: &mut Unstructured, ips: &mut Vec<IpAddr>) -> arbitrary::Result<Cidr> 
     Ok(Cidr { addr, prefix_len })
 }
 
-fn vec_of<T>(u: &mut Unstructured, max: usize, mut f: impl FnMut(&mut Unstructured) -> arbitrary::Result<T>) -> arbitrary::Result<Vec<T>> {
+fn vec_of<T>(
+    u: &mut Unstructured,
+    max: usize,
+    mut f: impl FnMut(&mut Unstructured) -> arbitrary::Result<T>,
+) -> arbitrary::Result<Vec<T>> {
     let n = u.int_in_range(0..=max)?;
     (0..n).map(|_| f(u)).collect()
 }
@@ -204,7 +214,8 @@ fn write_match(m: &Match, policy_ns: &str, st: Style) -> Value {
             v.iter()
                 .map(|a| {
                     if st.plain && !a.namespace.contains('/') {
-                        if a.namespace == policy_ns && !a.service_account.is_empty() && !a.service_account.contains('/') {
+                        if a.namespace == policy_ns && !a.service_account.is_empty() && !a.service_account.contains('/')
+                        {
                             return s(&a.service_account);
                         }
                         return s(&format!("{}/{}", a.namespace, a.service_account));
@@ -225,7 +236,11 @@ fn write_match(m: &Match, policy_ns: &str, st: Style) -> Value {
             v.iter()
                 .map(|c| {
                     let full = if c.addr.is_ipv4() { 32 } else { 128 };
-                    if st.plain && c.prefix_len == full { s(&c.addr.to_string()) } else { s(&c.to_string()) }
+                    if st.plain && c.prefix_len == full {
+                        s(&c.addr.to_string())
+                    } else {
+                        s(&c.to_string())
+                    }
                 })
                 .collect(),
         )
@@ -286,7 +301,9 @@ fn write_policy(p: &Authorization, st: Style) -> Value {
 
 /// Whether the documentation says the parser must refuse `p`.
 fn must_reject(p: &Authorization) -> bool {
-    let bad_account = |a: &ServiceAccountMatch| a.namespace.is_empty() || a.service_account.is_empty() || a.service_account.contains('/');
+    let bad_account = |a: &ServiceAccountMatch| {
+        a.namespace.is_empty() || a.service_account.is_empty() || a.service_account.contains('/')
+    };
     let bad_cidr = |c: &Cidr| c.prefix_len > if c.addr.is_ipv4() { 32 } else { 128 };
     p.name.is_empty()
         || p.namespace.is_empty()
@@ -401,7 +418,11 @@ fn facts(u: &mut Unstructured, pools: &Pools) -> arbitrary::Result<ConnectionFac
         None
     };
     let dst_port = if !pools.ports.is_empty() && u.arbitrary()? { *u.choose(&pools.ports)? } else { u.arbitrary()? };
-    Ok(ConnectionFacts { source_identity, source_ip: ip(u, &pools.ips)?, destination: SocketAddr::new(ip(u, &pools.ips)?, dst_port) })
+    Ok(ConnectionFacts {
+        source_identity,
+        source_ip: ip(u, &pools.ips)?,
+        destination: SocketAddr::new(ip(u, &pools.ips)?, dst_port),
+    })
 }
 
 fn workload(u: &mut Unstructured, policies: &[Authorization]) -> arbitrary::Result<Workload> {
@@ -433,8 +454,9 @@ fn workload(u: &mut Unstructured, policies: &[Authorization]) -> arbitrary::Resu
 
 fn check_decisions(valid: &[Authorization], invalid: &[InvalidPolicy], w: &Workload, f: &ConnectionFacts) {
     let policies = ztunnel::policy::Policies { valid, invalid };
-    let d = evaluate(policies, w, f);
-    assert_eq!(evaluate(policies, w, f), d, "evaluate is not deterministic");
+    let target = w.policy_target();
+    let d = evaluate(policies, &target, f);
+    assert_eq!(evaluate(policies, &target, f), d, "evaluate is not deterministic");
     if let Decision::Deny(reason) = &d {
         assert!(!reason.is_empty(), "a denial names its reason");
     }
@@ -446,7 +468,7 @@ fn check_decisions(valid: &[Authorization], invalid: &[InvalidPolicy], w: &Workl
     );
     let enforced: Vec<Authorization> = valid.iter().filter(|p| !p.dry_run).cloned().collect();
     let without_dry_run = ztunnel::policy::Policies { valid: &enforced, invalid };
-    assert_eq!(evaluate(without_dry_run, w, f), d, "dry-run policies changed the decision");
+    assert_eq!(evaluate(without_dry_run, &target, f), d, "dry-run policies changed the decision");
 }
 
 fn structured(u: &mut Unstructured) -> arbitrary::Result<()> {
@@ -464,7 +486,8 @@ fn structured(u: &mut Unstructured) -> arbitrary::Result<()> {
     let (mut valid, mut invalid) = (cfg.policies.iter(), cfg.invalid_policies.iter());
     for p in &generated {
         if must_reject(p) {
-            let bad = invalid.next().unwrap_or_else(|| panic!("accepted a policy that breaks the rules: {p:?}\n{yaml}"));
+            let bad =
+                invalid.next().unwrap_or_else(|| panic!("accepted a policy that breaks the rules: {p:?}\n{yaml}"));
             assert_eq!(bad.namespace.as_deref(), Some(p.namespace.as_str()).filter(|n| !n.is_empty()));
             assert_eq!(bad.name.as_deref(), Some(p.name.as_str()).filter(|n| !n.is_empty()));
             assert!(bad.scope.is_none() || bad.scope == Some(p.scope), "scope misread: {bad:?} for {p:?}");

@@ -101,7 +101,11 @@ fn built(u: &mut Unstructured) -> arbitrary::Result<()> {
     let payload = match b {
         Built::Add { uid, info } => Some(Payload::Add(AddWorkload {
             uid,
-            workload_info: info.map(|(name, namespace, service_account)| WorkloadInfo { name, namespace, service_account }),
+            workload_info: info.map(|(name, namespace, service_account)| WorkloadInfo {
+                name,
+                namespace,
+                service_account,
+            }),
         })),
         Built::Keep { uid } => Some(Payload::Keep(KeepWorkload { uid })),
         Built::Del { uid } => Some(Payload::Del(DelWorkload { uid })),
