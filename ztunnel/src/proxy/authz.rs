@@ -102,19 +102,27 @@ fn revoked_error() -> std::io::Error {
 
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if self.watch.revocation.poll_revoked(cx) {
+        if self.watch.revocation.revoked.load(Ordering::Acquire) {
             return Poll::Ready(Err(revoked_error()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            // Only a task about to wait needs waking on revocation: register then, so the
+            // busy path costs one atomic load.
+            Poll::Pending if self.watch.revocation.poll_revoked(cx) => Poll::Ready(Err(revoked_error())),
+            r => r,
+        }
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        if self.watch.revocation.poll_revoked(cx) {
+        if self.watch.revocation.revoked.load(Ordering::Acquire) {
             return Poll::Ready(Err(revoked_error()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending if self.watch.revocation.poll_revoked(cx) => Poll::Ready(Err(revoked_error())),
+            r => r,
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
