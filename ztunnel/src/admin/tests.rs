@@ -50,8 +50,7 @@ fn fixture() -> Fixture {
 #[test]
 fn metrics_endpoints_serve_istio_exposition() {
     let f = fixture();
-    f.metrics.connection_opened(&ConnectionLabels::default());
-    f.metrics.connection_closed(&ConnectionLabels::default(), 10, 20);
+    f.metrics.open_connection(&ConnectionLabels::default()).close(10, 20);
     for path in ["/metrics", "/stats/prometheus"] {
         let (status, head, body) = http(f.server.metrics_addr, "GET", path);
         assert_eq!(status, 200, "{path}");

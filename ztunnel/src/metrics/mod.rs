@@ -218,14 +218,22 @@ pub struct ConnectionCounters {
 }
 
 impl ConnectionCounters {
-    /// Counts the connection closed with its byte totals (from the reporter's view).
-    pub fn close(&self, sent: u64, received: u64) {
+    /// Adds bytes of the still-open connection, so long-lived connections show traffic
+    /// before they close. Bytes added here must not be passed again to [`Self::close`].
+    /// `sent` is bytes sent towards the client (response direction), `received` bytes
+    /// received from it, as in Istio.
+    pub fn transferred(&self, sent: u64, received: u64) {
         if sent > 0 {
             self.sent.inc_by(sent);
         }
         if received > 0 {
             self.received.inc_by(received);
         }
+    }
+
+    /// Counts the connection closed and adds its (remaining) byte counts.
+    pub fn close(&self, sent: u64, received: u64) {
+        self.transferred(sent, received);
         self.closed.inc();
     }
 }
@@ -385,30 +393,6 @@ impl Metrics {
             sent: self.sent_bytes.get_or_create(labels).clone(),
             received: self.received_bytes.get_or_create(labels).clone(),
         }
-    }
-
-    /// Counts a newly established connection (`istio_tcp_connections_opened_total`).
-    pub fn connection_opened(&self, labels: &ConnectionLabels) {
-        self.connections_opened.get_or_create(labels).inc();
-    }
-
-    /// Adds bytes of a still-open connection, so long-lived connections show traffic before
-    /// they close. Bytes added here must not be passed again to [`Metrics::connection_closed`].
-    pub fn bytes_transferred(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
-        if sent > 0 {
-            self.sent_bytes.get_or_create(labels).inc_by(sent);
-        }
-        if received > 0 {
-            self.received_bytes.get_or_create(labels).inc_by(received);
-        }
-    }
-
-    /// Counts a finished connection and adds its (remaining) byte counts to
-    /// `istio_tcp_sent_bytes_total` / `istio_tcp_received_bytes_total`. `sent` is bytes sent
-    /// towards the client (response direction), `received` bytes received from it, as in Istio.
-    pub fn connection_closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
-        self.bytes_transferred(labels, sent, received);
-        self.connections_closed.get_or_create(labels).inc();
     }
 
     /// Counts a failed TLS handshake (`ztunnel_tls_handshake_failures_total{reason}`); keep

@@ -51,10 +51,10 @@ fn assert_line(text: &str, line: &str) {
 fn tcp_series_have_istio_names_labels_and_values() {
     let m = Metrics::new();
     let l = labels();
-    m.connection_opened(&l);
-    m.connection_opened(&l);
-    m.connection_closed(&l, 100, 40);
-    m.bytes_transferred(&l, 5, 0);
+    let first = m.open_connection(&l);
+    let _second = m.open_connection(&l);
+    first.close(100, 40);
+    first.transferred(5, 0);
     let text = m.encode();
     for family in [
         "istio_tcp_connections_opened",
@@ -75,7 +75,7 @@ fn tcp_series_have_istio_names_labels_and_values() {
 #[test]
 fn default_labels_are_istio_unknowns() {
     let m = Metrics::new();
-    m.connection_opened(&ConnectionLabels::default());
+    m.open_connection(&ConnectionLabels::default());
     let text = m.encode();
     let line = text.lines().find(|l| l.starts_with("istio_tcp_connections_opened_total{")).expect("series present");
     assert!(line.starts_with(r#"istio_tcp_connections_opened_total{reporter="source",source_workload="unknown","#));

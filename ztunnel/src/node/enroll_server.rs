@@ -162,25 +162,13 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             if pods.contains_key(&uid) {
                 return Err(format!("Add {uid}: pod is already enrolled"));
             }
-            let result = InpodNetns::new(File::from(fds.remove(0)))
-                .map_err(|e| format!("Add {uid}: {e}"))
-                .and_then(|netns| match pods.values().find(|p| p.ctx.pod.netns.cookie() == netns.cookie()) {
-                    // Two uids on one netns would share (and overwrite) its kernel entries.
-                    Some(other) => {
-                        Err(format!("Add {uid}: its network namespace is already enrolled as {}", other.ctx.pod.uid))
-                    }
-                    None => Ok(netns),
-                })
-                .and_then(|netns| Ok((Listeners::open(&netns).map_err(|e| format!("Add {uid}: {e}"))?, netns)))
-                .and_then(|(listeners, netns)| {
-                    let id = PodIdentity {
-                        uid: uid.clone(),
-                        name: info.name,
-                        namespace: info.namespace,
-                        service_account: info.service_account,
-                    };
-                    admit(shared, &mut pods, id, netns, listeners)
-                });
+            let id = PodIdentity {
+                uid: uid.clone(),
+                name: info.name,
+                namespace: info.namespace,
+                service_account: info.service_account,
+            };
+            let result = add_pod(shared, &mut pods, id, fds.remove(0));
             if result.is_err() && pod_state::load(&shared.state_dir, &uid).is_some() {
                 // A pod captured before (e.g. before a crash) that cannot be served now (say
                 // something in it holds 15001) stays captured and fails closed: it counts as
@@ -222,6 +210,23 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             Ok(())
         }
     }
+}
+
+/// The work of an Add once the request is well formed: its netns must not be enrolled
+/// under another uid (two uids would share, and overwrite, its kernel entries).
+fn add_pod(
+    shared: &Shared,
+    pods: &mut std::collections::HashMap<String, PodProxy>,
+    id: PodIdentity,
+    netns_fd: OwnedFd,
+) -> Result<(), String> {
+    let uid = id.uid.clone();
+    let netns = InpodNetns::new(File::from(netns_fd)).map_err(|e| format!("Add {uid}: {e}"))?;
+    if let Some(other) = pods.values().find(|p| p.ctx.pod.netns.cookie() == netns.cookie()) {
+        return Err(format!("Add {uid}: its network namespace is already enrolled as {}", other.ctx.pod.uid));
+    }
+    let listeners = Listeners::open(&netns).map_err(|e| format!("Add {uid}: {e}"))?;
+    admit(shared, pods, id, netns, listeners)
 }
 
 /// Who a pod is, as enrollment (or a handover) names it.

@@ -10,11 +10,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument};
 
 use super::authz::{check, watch, Guarded};
-use super::relay::{finish, labels, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
+use super::relay::{destination_labels, finish, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::hbone::{serve_connection_until, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
-use crate::metrics::Reporter;
 use crate::policy::{ConnectionFacts, Decision};
 use crate::tls::RejectReason;
 
@@ -102,9 +101,7 @@ impl ConnectHandler for Inbound {
         if super::is_proxy_port(dst.port()) {
             return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is a proxy port")));
         }
-        let dst_w = ctx.pod.workload(&ctx.mesh.state);
-        let src_w = ctx.mesh.state.snapshot().workload_by_ip(src.ip());
-        let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
+        let l = destination_labels(ctx, &rec, src.ip());
         let facts = ConnectionFacts { source_identity: Some(req.peer.clone()), source_ip: src.ip(), destination: dst };
         if let Decision::Deny(reason) = check(ctx, &facts, "inbound") {
             ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);

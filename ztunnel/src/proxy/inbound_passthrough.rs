@@ -8,10 +8,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 
 use super::authz::{check, watch, Guarded};
-use super::relay::{labels, refuse, relay, ConnectionRecord, Direction, FLAG_CONNECT, FLAG_DENY};
+use super::relay::{destination_labels, refuse, relay, ConnectionRecord, Direction, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
-use crate::metrics::Reporter;
 use crate::policy::ConnectionFacts;
 
 /// Serves the pod's passthrough listener until the task is aborted.
@@ -44,9 +43,7 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst
     if super::is_proxy_port(dst.port()) {
         return refuse(ctx, rec, client, format!("{dst} is a proxy port; refusing the loop"));
     }
-    let dst_w = ctx.pod.workload(&ctx.mesh.state);
-    let src_w = ctx.mesh.state.snapshot().workload_by_ip(peer.ip());
-    let l = labels(Reporter::Destination, &rec, src_w.as_deref(), Some(&dst_w), None);
+    let l = destination_labels(ctx, &rec, peer.ip());
     let facts = ConnectionFacts { source_identity: None, source_ip: peer.ip(), destination: dst };
     if let crate::policy::Decision::Deny(reason) = check(ctx, &facts, "inbound_passthrough") {
         ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);

@@ -109,27 +109,24 @@ pub fn labels(
     service: Option<&crate::state::Service>,
 ) -> ConnectionLabels {
     let unknown = || "unknown".to_string();
-    let or_unknown = |s: &str| if s.is_empty() { unknown() } else { s.to_string() };
     let mut l = ConnectionLabels { reporter, ..Default::default() };
-    if let Some(w) = src {
-        let canonical = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
-        l.source_workload = or_unknown(&w.name);
-        l.source_workload_namespace = or_unknown(&w.namespace);
-        l.source_canonical_service = or_unknown(canonical);
-        l.source_app = or_unknown(canonical);
-        l.source_canonical_revision = or_unknown(&w.canonical_revision);
-        l.source_version = or_unknown(&w.canonical_revision);
-        l.source_cluster = or_unknown(&w.cluster_id);
+    if let Some(w) = src.map(SideLabels::of) {
+        l.source_workload = w.workload;
+        l.source_workload_namespace = w.namespace;
+        l.source_app = w.canonical.clone();
+        l.source_canonical_service = w.canonical;
+        l.source_version = w.revision.clone();
+        l.source_canonical_revision = w.revision;
+        l.source_cluster = w.cluster;
     }
-    if let Some(w) = dst {
-        let canonical = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
-        l.destination_workload = or_unknown(&w.name);
-        l.destination_workload_namespace = or_unknown(&w.namespace);
-        l.destination_canonical_service = or_unknown(canonical);
-        l.destination_app = or_unknown(canonical);
-        l.destination_canonical_revision = or_unknown(&w.canonical_revision);
-        l.destination_version = or_unknown(&w.canonical_revision);
-        l.destination_cluster = or_unknown(&w.cluster_id);
+    if let Some(w) = dst.map(SideLabels::of) {
+        l.destination_workload = w.workload;
+        l.destination_workload_namespace = w.namespace;
+        l.destination_app = w.canonical.clone();
+        l.destination_canonical_service = w.canonical;
+        l.destination_version = w.revision.clone();
+        l.destination_canonical_revision = w.revision;
+        l.destination_cluster = w.cluster;
     }
     if let Some(s) = service {
         l.destination_service = s.hostname.clone();
@@ -142,6 +139,39 @@ pub fn labels(
     l.response_flags = "-".into();
     l.connection_security_policy = if rec.protocol == "HBONE" { "mutual_tls".into() } else { "unknown".into() };
     l
+}
+
+/// The label values one side of a connection contributes, `"unknown"` where empty: the
+/// canonical service is the canonical name or else the workload name, and Istio reports
+/// the canonical revision as the version too.
+struct SideLabels {
+    workload: String,
+    namespace: String,
+    canonical: String,
+    revision: String,
+    cluster: String,
+}
+
+impl SideLabels {
+    fn of(w: &crate::state::Workload) -> Self {
+        let or_unknown = |s: &str| if s.is_empty() { "unknown".to_string() } else { s.to_string() };
+        let canonical = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
+        SideLabels {
+            workload: or_unknown(&w.name),
+            namespace: or_unknown(&w.namespace),
+            canonical: or_unknown(canonical),
+            revision: or_unknown(&w.canonical_revision),
+            cluster: or_unknown(&w.cluster_id),
+        }
+    }
+}
+
+/// Labels of a connection the destination pod reports: this pod's workload, and the
+/// source workload known at the TCP peer's address.
+pub fn destination_labels(ctx: &ProxyContext, rec: &ConnectionRecord, peer: std::net::IpAddr) -> ConnectionLabels {
+    let dst = ctx.pod.workload(&ctx.mesh.state);
+    let src = ctx.mesh.state.snapshot().workload_by_ip(peer);
+    labels(Reporter::Destination, rec, src.as_deref(), Some(&dst), None)
 }
 
 /// Istio's `response_flags` for a connection refused by authorization policy.
