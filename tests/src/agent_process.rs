@@ -181,7 +181,7 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             self.shutdown();
-            let _ = Command::new(&self.binary).args(&self.args).arg("--uninstall").status();
+            let _ = self.uninstall();
         }
     }
 }

@@ -245,6 +245,7 @@ fn uninstall(args: &NodeArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir(&args.state_dir);
     }
     let _ = std::fs::remove_file(&args.enrollment_socket);
+    let _ = std::fs::remove_file(&args.handoff_socket);
     tracing::info!(pin_dir = %args.pin_dir.display(), "uninstalled");
     Ok(())
 }
