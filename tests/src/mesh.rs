@@ -132,6 +132,7 @@ impl MeshNode {
             trust_domain: trust_domain.into(),
             ca: std::sync::Arc::new(ca),
             local_config: Some(mesh_config_path(cluster)),
+            xds: None,
             log_control: None,
             limits,
             handoff_socket: Some(run_dir.join("handoff.sock")),

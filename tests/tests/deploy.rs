@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
@@ -25,7 +25,7 @@ fn read(path: &Path) -> String {
 /// Every non-empty document of a multi-document YAML file.
 fn documents(path: &Path) -> Vec<Value> {
     let text = read(path);
-    serde_yaml::Deserializer::from_str(&text)
+    serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display())))
         .filter(|v| !v.is_null())
         .collect()
@@ -295,7 +295,7 @@ fn helm_templates_carry_the_plain_manifest_flags() {
     for f in ["Chart.yaml", "values.yaml", "templates/_helpers.tpl", "templates/NOTES.txt"] {
         assert!(chart.join(f).is_file(), "chart has {f}");
     }
-    let values: Value = serde_yaml::from_str(&read(&chart.join("values.yaml"))).expect("values.yaml parses");
+    let values: Value = serde_yaml_ng::from_str(&read(&chart.join("values.yaml"))).expect("values.yaml parses");
     assert_eq!(values["uninstallJob"]["enabled"].as_bool(), Some(false), "uninstall is opt-in");
 
     let ds_template = read(&chart.join("templates/daemonset.yaml"));

@@ -3,7 +3,9 @@
 //! Dependencies flow one way: `redirect` (kernel programs, shared types) and `netns` at the
 //! bottom; `identity`/`tls` beside them; then `hbone` and `proxy`; `node` wires them together.
 pub mod admin;
+pub mod controller;
 pub mod enrollment;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
@@ -13,4 +15,6 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod task;
 pub mod tls;
+pub mod xds;

@@ -63,6 +63,32 @@ struct NodeArgs {
     /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
     #[arg(long, env = "LOCAL_XDS_PATH")]
     local_config: Option<PathBuf>,
+    /// Control plane serving delta ADS (istiod or `ztunnel controller`), e.g.
+    /// `https://istiod.istio-system.svc:15012`; the state then comes from it.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// PEM roots for the xDS server's certificate.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    xds_root_ca: Option<PathBuf>,
+    /// CA serving `IstioCertificateService` (istiod or `ztunnel controller`); without it the
+    /// in-process CA signs.
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// PEM roots for the CA server's certificate.
+    #[arg(long, env = "CA_ROOT_CA")]
+    ca_root_ca: Option<PathBuf>,
+    /// File with the bearer token sent to the xDS server and the CA.
+    #[arg(long, env = "AUTH_TOKEN")]
+    auth_token: Option<PathBuf>,
+    /// Name expected in the control plane's certificate (default: the address's host).
+    #[arg(long, env = "ZTUNNEL_CONTROL_PLANE_SERVER_NAME")]
+    control_plane_server_name: Option<String>,
+    /// This node's name, sent to the control plane.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// Cluster id, sent to the control plane.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     /// Admin listener (config_dump, logging, quitquitquit): localhost only.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: std::net::SocketAddr,
@@ -146,13 +172,43 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     let mut ca = CaConfig::new(args.trust_domain.clone());
     ca.plugin_dir = args.ca_dir;
     ca.state_dir = Some(args.ca_state_dir);
-    let ca = InProcessCa::new(ca).context("initialising the CA")?;
+    let read = |p: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+        p.as_ref().map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display()))).transpose()
+    };
+    let endpoint = |address: String, root_pem: Option<Vec<u8>>| ztunnel::grpc::ControlPlaneEndpoint {
+        address,
+        root_pem,
+        server_name: args.control_plane_server_name.clone(),
+        token_path: args.auth_token.clone(),
+    };
+    let node_name = if args.node_name.is_empty() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    } else {
+        args.node_name.clone()
+    };
+    let xds = match args.xds_address.clone() {
+        Some(address) => Some(ztunnel::xds::XdsConfig {
+            server: endpoint(address, read(&args.xds_root_ca)?),
+            node_name,
+            cluster_id: args.cluster_id.clone(),
+        }),
+        None => None,
+    };
+    let ca: std::sync::Arc<dyn ztunnel::identity::CertificateProvider> = match args.ca_address.clone() {
+        Some(address) => std::sync::Arc::new(ztunnel::identity::RemoteCa::new(
+            endpoint(address, read(&args.ca_root_ca)?),
+            None,
+            ztunnel::identity::DEFAULT_LEAF_TTL,
+        )),
+        None => std::sync::Arc::new(InProcessCa::new(ca).context("initialising the CA")?),
+    };
     let cfg = NodeConfig {
         enrollment_socket: args.enrollment_socket,
         state_dir: args.state_dir,
         trust_domain: args.trust_domain,
-        ca: std::sync::Arc::new(ca),
+        ca,
         local_config: args.local_config,
+        xds,
         log_control: Some(log),
         handoff_socket: Some(args.handoff_socket),
         limits: ztunnel::proxy::limit::Limits {
@@ -205,6 +261,7 @@ fn start_heap_trimmer() {
     // SAFETY: mallopt only tunes the allocator; called before the runtime starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     #[cfg(target_env = "gnu")]
     std::thread::Builder::new()

@@ -59,7 +59,7 @@ fn check_round_trip(cfg: &LocalConfig) {
         return;
     }
     let doc = Doc { workloads: &cfg.workloads, services: &cfg.services, policies: &cfg.policies };
-    let yaml = serde_yaml::to_string(&doc).expect("config serializes as YAML");
+    let yaml = serde_yaml_ng::to_string(&doc).expect("config serializes as YAML");
     let (again, errors) = parse_local_config(&yaml);
     assert!(errors.is_empty(), "re-parse of a serialized config failed: {errors:?}\n{yaml}");
     assert_eq!(again.workloads, cfg.workloads, "workloads differ after a round trip\n{yaml}");

@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 use ztunnel::identity::Identity;
 use ztunnel::policy::{
     evaluate, Authorization, Cidr, ConnectionFacts, Decision, InvalidPolicy, Match, PolicyAction, PolicyScope,
@@ -186,7 +186,7 @@ fn write_string_match(m: &StringMatch, principal: bool, st: Style) -> Value {
             return Value::String(p);
         }
     }
-    let tagged = serde_yaml::to_value(m).expect("StringMatch serializes");
+    let tagged = serde_yaml_ng::to_value(m).expect("StringMatch serializes");
     match (st.maps, tagged) {
         (true, Value::Tagged(t)) => {
             let mut map = Mapping::new();
@@ -220,7 +220,7 @@ fn write_match(m: &Match, policy_ns: &str, st: Style) -> Value {
                         }
                         return s(&format!("{}/{}", a.namespace, a.service_account));
                     }
-                    serde_yaml::to_value(a).expect("serializes")
+                    serde_yaml_ng::to_value(a).expect("serializes")
                 })
                 .collect(),
         )
@@ -268,9 +268,9 @@ fn write_policy(p: &Authorization, st: Style) -> Value {
     map.insert(s("name"), s(&p.name));
     map.insert(s("namespace"), s(&p.namespace));
     if !(st.omit_defaults && p.scope == PolicyScope::Namespace) {
-        map.insert(s("scope"), serde_yaml::to_value(p.scope).unwrap());
+        map.insert(s("scope"), serde_yaml_ng::to_value(p.scope).unwrap());
     }
-    map.insert(s("action"), serde_yaml::to_value(p.action).unwrap());
+    map.insert(s("action"), serde_yaml_ng::to_value(p.action).unwrap());
     if !(st.omit_defaults && !p.dry_run) {
         map.insert(s("dryRun"), Value::Bool(p.dry_run));
     }
@@ -479,7 +479,7 @@ fn structured(u: &mut Unstructured) -> arbitrary::Result<()> {
     let entries: Vec<Value> = generated.iter().zip(&styles).map(|(p, st)| write_policy(p, *st)).collect();
     let mut doc = Mapping::new();
     doc.insert(s("policies"), Value::Sequence(entries));
-    let yaml = serde_yaml::to_string(&doc).expect("document serializes");
+    let yaml = serde_yaml_ng::to_string(&doc).expect("document serializes");
     let (cfg, errors) = parse_local_config(&yaml);
     assert!(cfg.workloads.is_empty() && cfg.services.is_empty());
 
@@ -523,8 +523,8 @@ fn raw(data: &[u8]) -> arbitrary::Result<()> {
         check_decisions(&cfg.policies, &cfg.invalid_policies, w, &f);
     }
     // Valid policies written back as YAML decide the same way.
-    let yaml = serde_yaml::to_string(&serde_yaml::to_value(&cfg.policies).unwrap()).unwrap();
-    let entries: Vec<Value> = serde_yaml::from_str(&yaml).unwrap();
+    let yaml = serde_yaml_ng::to_string(&serde_yaml_ng::to_value(&cfg.policies).unwrap()).unwrap();
+    let entries: Vec<Value> = serde_yaml_ng::from_str(&yaml).unwrap();
     let again: Vec<Authorization> = entries
         .iter()
         .map(|v| ztunnel::policy::parse_policy(v).unwrap_or_else(|e| panic!("written policy rejected: {e:?}\n{yaml}")))

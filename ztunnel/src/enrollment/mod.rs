@@ -7,7 +7,7 @@ mod wire;
 
 pub use client::EnrollmentClient;
 pub use wire::{recv_datagram, send_datagram, Datagram, WireError, MAX_DATAGRAM};
-pub use ztunnel_proto::enrollment::{
+pub use ztunnel_proto::zds::{
     workload_request, workload_response, Ack, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo,
     WorkloadRequest, WorkloadResponse,
 };

@@ -25,8 +25,11 @@ use super::{keepalive, H2Config};
 pub struct PoolConfig {
     /// Streams per connection before another connection is opened (Istio: ~100).
     pub max_streams_per_conn: usize,
-    /// A connection without streams for this long is closed.
+    /// The last idle connection of a key is closed after this long without streams.
     pub idle_timeout: Duration,
+    /// Further idle connections of a key (opened for a burst) are closed after this long
+    /// without streams, so a burst's TLS and h2 buffers are given back soon after it ends.
+    pub surplus_idle_timeout: Duration,
     /// Limit for dial + TLS + h2 handshakes.
     pub connect_timeout: Duration,
     /// HTTP/2 settings.
@@ -38,6 +41,7 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_conn: 100,
             idle_timeout: Duration::from_secs(300),
+            surplus_idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             h2: H2Config::default(),
         }
@@ -318,28 +322,47 @@ fn spawn_driver(
     );
 }
 
-/// Periodically drops connections idle longer than the configured timeout; dropping the last
+/// Periodically drops idle connections: all but the most recently used idle connection of
+/// a key after the surplus timeout, that one after the idle timeout. Dropping the last
 /// request handle lets h2 close the connection with GOAWAY.
 async fn reap_idle(pool: Weak<PoolInner>) {
     let period = match pool.upgrade() {
-        Some(p) => (p.cfg.idle_timeout / 2).max(Duration::from_millis(10)),
+        Some(p) => (p.cfg.idle_timeout.min(p.cfg.surplus_idle_timeout) / 2).max(Duration::from_millis(10)),
         None => return,
     };
     loop {
         tokio::time::sleep(period).await;
         let Some(inner) = pool.upgrade() else { return };
-        let timeout = inner.cfg.idle_timeout;
         let mut keys = inner.keys.lock().unwrap_or_else(|e| e.into_inner());
         keys.retain(|_, entry| {
-            entry.conns.retain(|c| {
-                let idle = c.active.load(Ordering::Acquire) == 0
-                    && c.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= timeout;
-                if idle {
-                    debug!(conn = c.id, "closing idle HBONE connection");
-                }
-                !idle && !c.is_closed()
-            });
+            reap_entry(entry, &inner.cfg);
             !entry.conns.is_empty() || entry.dialing.is_some()
         });
     }
+}
+
+/// Closes the idle connections of one key that are past their timeout.
+fn reap_entry(entry: &mut KeyEntry, cfg: &PoolConfig) {
+    entry.conns.retain(|c| !c.is_closed());
+    // How long each connection has been without streams (None: in use).
+    let idle_for: Vec<Option<Duration>> = entry
+        .conns
+        .iter()
+        .map(|c| {
+            (c.active.load(Ordering::Acquire) == 0)
+                .then(|| c.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed())
+        })
+        .collect();
+    // The most recently used idle connection is kept warm for the longer timeout.
+    let warm = idle_for.iter().enumerate().filter_map(|(i, d)| d.map(|d| (i, d))).min_by_key(|&(_, d)| d).map(|(i, _)| i);
+    let mut i = 0;
+    entry.conns.retain(|c| {
+        let limit = if Some(i) == warm { cfg.idle_timeout } else { cfg.surplus_idle_timeout };
+        let close = idle_for[i].is_some_and(|d| d >= limit);
+        i += 1;
+        if close {
+            debug!(conn = c.id, "closing idle HBONE connection");
+        }
+        !close
+    });
 }

@@ -169,10 +169,8 @@ where
                         let (handler, peer) = (handler.clone(), peer.clone());
                         let span = debug_span!("hbone_stream", stream = respond.stream_id().as_u32());
                         let in_flight = StreamGuard::new(active.clone());
-                        tokio::spawn(async move {
-                            handle_stream(req, respond, peer, handler).await;
-                            drop(in_flight);
-                        }.instrument(span));
+                        let fut = handle_stream(req, respond, peer, handler).instrument(span);
+                        crate::task::spawn_holding(fut, in_flight);
                     }
                     // Only a NO_ERROR close is clean; a GOAWAY h2 sent because the peer broke the
                     // protocol (e.g. ENHANCE_YOUR_CALM for a header flood) is the peer's error.
@@ -261,20 +259,40 @@ fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
 
 async fn handle_stream<H: ConnectHandler>(
     req: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     peer: Identity,
     handler: Arc<H>,
 ) {
     let started = Instant::now();
+    // Setting up is boxed: the request, its parsed form and the handler's connect state are
+    // freed once the tunnel is up, so an idle tunnel's task keeps only the copy's state.
+    let Some((authority, mut tunnel, mut upstream)) = Box::pin(open_tunnel(req, respond, &peer, &*handler)).await
+    else {
+        return;
+    };
+    let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
+    debug!(%authority, ?result, "tunnel finished");
+    handler.stream_ended(StreamSummary { authority, peer, result, duration: started.elapsed() });
+}
+
+/// Parses the CONNECT, asks the handler for the upstream and answers 200, or answers the
+/// rejection's status.
+async fn open_tunnel<H: ConnectHandler>(
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: &Identity,
+    handler: &H,
+) -> Option<(SocketAddr, HboneStream, H::Upstream)> {
     let parsed = match parse_request(&req, peer.clone()) {
         Ok(p) => p,
         Err(reason) => {
             info!(%reason, "rejecting malformed HBONE request");
-            return respond_status(respond, StatusCode::BAD_REQUEST);
+            respond_status(respond, StatusCode::BAD_REQUEST);
+            return None;
         }
     };
     let authority = parsed.authority;
-    let mut upstream = match handler.connect(parsed).await {
+    let upstream = match handler.connect(parsed).await {
         Ok(u) => u,
         Err(rejection) => {
             let status = match &rejection {
@@ -283,7 +301,8 @@ async fn handle_stream<H: ConnectHandler>(
                 ConnectRejection::UpstreamFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             info!(%authority, %rejection, "CONNECT rejected");
-            return respond_status(respond, status);
+            respond_status(respond, status);
+            return None;
         }
     };
     let send = match respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("static"), false)
@@ -291,11 +310,8 @@ async fn handle_stream<H: ConnectHandler>(
         Ok(send) => send,
         Err(e) => {
             debug!(error = %e, "client went away before 200");
-            return;
+            return None;
         }
     };
-    let mut tunnel = HboneStream::new(send, req.into_body());
-    let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
-    debug!(%authority, ?result, "tunnel finished");
-    handler.stream_ended(StreamSummary { authority, peer, result, duration: started.elapsed() });
+    Some((authority, HboneStream::new(send, req.into_body()), upstream))
 }

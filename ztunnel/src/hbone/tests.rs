@@ -342,6 +342,36 @@ async fn idle_connections_are_closed() {
 }
 
 #[tokio::test]
+async fn a_bursts_surplus_connections_close_soon_and_one_stays_warm() {
+    let (certs, _, server, echo) = server_and_echo().await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let cfg = PoolConfig {
+        max_streams_per_conn: 2,
+        idle_timeout: Duration::from_secs(60),
+        surplus_idle_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let pool = pool(&certs, dials.clone(), cfg);
+    let mut burst = Vec::new();
+    for _ in 0..6 {
+        burst.push(pool.connect(key(server, id("server")), echo, ConnectHeaders::default()).await.unwrap());
+    }
+    assert_eq!(pool.stats().live_connections, 3);
+    drop(burst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pool.stats().live_connections != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "surplus idle connections never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The warm one outlives the surplus timeout and serves the next tunnel without a dial.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(pool.stats().live_connections, 1);
+    let mut s = pool.connect(key(server, id("server")), echo, ConnectHeaders::default()).await.unwrap();
+    roundtrip(&mut s, b"warm").await;
+    assert_eq!(dials.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
 async fn malformed_request_gets_400_without_disturbing_other_streams() {
     let (certs, _, server, echo) = server_and_echo().await;
     let (send, _conn) = h2_connect(&certs, server).await;

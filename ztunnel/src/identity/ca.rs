@@ -2,6 +2,7 @@
 //! controller is that CA") can issue workload certificates without Istio.
 
 use std::fs;
+use std::net::IpAddr;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -233,9 +234,33 @@ impl InProcessCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCertificate, CaError> {
+        self.issue_with_sans(id, &[], not_before, not_after)
+    }
+
+    /// Issues a serving certificate for a control-plane endpoint: the SPIFFE identity plus DNS
+    /// names and IPs clients dial, so both SPIFFE-aware peers and hostname-verifying gRPC clients
+    /// (Istio's ztunnel checks `istiod.istio-system.svc`) accept it.
+    pub fn issue_server(&self, id: &Identity, dns_names: &[&str], ips: &[IpAddr]) -> Result<WorkloadCertificate, CaError> {
+        let mut extra = Vec::with_capacity(dns_names.len() + ips.len());
+        for name in dns_names {
+            let name = (*name).to_string().try_into().map_err(|source| CaError::Sign { what: name.to_string(), source })?;
+            extra.push(SanType::DnsName(name));
+        }
+        extra.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let now = SystemTime::now();
+        self.issue_with_sans(id, &extra, now - Duration::from_secs(60), now + self.leaf_ttl)
+    }
+
+    fn issue_with_sans(
+        &self,
+        id: &Identity,
+        extra_sans: &[SanType],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCertificate, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|source| CaError::Sign { what: id.to_string(), source })?;
-        let leaf = self.sign_leaf(id, &key, not_before, not_after)?;
+        let leaf = self.sign_leaf(id, extra_sans, &key, not_before, not_after)?;
         let mut chain = vec![leaf];
         chain.extend(self.chain.iter().cloned());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
@@ -253,7 +278,7 @@ impl InProcessCa {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|source| CaError::Csr { identity: id.clone(), source })?;
         let now = SystemTime::now();
-        let leaf = self.sign_leaf(id, &csr.public_key, now - Duration::from_secs(60), now + ttl)?;
+        let leaf = self.sign_leaf(id, &[], &csr.public_key, now - Duration::from_secs(60), now + ttl)?;
         let mut chain = vec![leaf];
         chain.extend(self.chain.iter().cloned());
         Ok(chain)
@@ -262,6 +287,7 @@ impl InProcessCa {
     fn sign_leaf(
         &self,
         id: &Identity,
+        extra_sans: &[SanType],
         public_key: &impl PublicKeyData,
         not_before: SystemTime,
         not_after: SystemTime,
@@ -276,6 +302,7 @@ impl InProcessCa {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_uri().try_into().map_err(sign_err)?)];
+        params.subject_alt_names.extend(extra_sans.iter().cloned());
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());

@@ -6,6 +6,7 @@
 //! [`InProcessCa`].
 
 mod ca;
+mod caclient;
 mod certificate;
 mod manager;
 mod provider;
@@ -13,6 +14,7 @@ mod spiffe;
 pub mod x509;
 
 pub use ca::{files as ca_files, CaConfig, CaError, CaSource, InProcessCa, DEFAULT_LEAF_TTL, DEFAULT_ROOT_TTL};
+pub use caclient::RemoteCa;
 pub use certificate::{TrustBundle, WorkloadCertError, WorkloadCertificate};
 pub use manager::{CertError, CertManager, CertManagerConfig, CertSnapshot, CertState};
 pub use provider::{CertificateProvider, FetchFuture, ProviderError};

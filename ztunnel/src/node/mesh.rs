@@ -69,7 +69,7 @@ pub(super) fn mesh_context(
         ConnectionPool::new(PoolConfig::default(), Arc::new(dialer), Arc::new(CertManagerTls { certs: certs.clone() }));
     MeshContext {
         trust_domain: cfg.trust_domain.clone(),
-        state: Arc::new(StateStore::default()),
+        state: Arc::new(if cfg.xds.is_some() { StateStore::awaiting_sync() } else { StateStore::default() }),
         certs,
         pool,
         metrics,
@@ -169,6 +169,7 @@ fn config_dump(s: &Shared) -> serde_json::Value {
         "hbonePool": s.mesh.pool.stats(),
         "ebpfCounters": s.capture.counters().ok(),
         "configRejected": s.mesh.state.rejected_total(),
+        "xds": s.xds.as_ref().map(|x| x.summary()),
     })
 }
 
@@ -197,6 +198,9 @@ fn register_collectors(shared: &Arc<Shared>) {
             out
         }),
     );
+    if let Some(xds) = shared.xds.clone() {
+        crate::xds::client::register_metrics(&shared.mesh.metrics, xds);
+    }
     let pool = shared.mesh.pool.clone();
     shared.mesh.metrics.add_collector(
         "ztunnel_hbone_pool_connections_opened",

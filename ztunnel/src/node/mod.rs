@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub ca: Arc<dyn CertificateProvider>,
     /// Istio local-config YAML (`{workloads, services, policies}`), re-read when it changes.
     pub local_config: Option<PathBuf>,
+    /// A control plane serving delta ADS (`XDS_ADDRESS`); the state then comes from it,
+    /// and pods' connections are refused until its first full state arrives.
+    pub xds: Option<crate::xds::XdsConfig>,
     /// Admin / metrics / readiness listeners; `None` to run without them.
     pub admin: Option<AdminConfig>,
     /// Per-pod connection caps.
@@ -72,6 +75,8 @@ pub(crate) struct Shared {
     /// Tells HBONE connections to finish (GOAWAY) once the pods are handed over.
     pub drain: tokio::sync::watch::Sender<bool>,
     pub retirement: handoff::Retirement,
+    /// The xDS client's counters, when the state comes from a control plane.
+    pub xds: Option<Arc<crate::xds::XdsStats>>,
 }
 
 /// A running node agent. Dropping it stops serving but leaves capture pinned (as a crash
@@ -116,8 +121,12 @@ impl Node {
             registry,
             drain,
             retirement: Default::default(),
+            xds: cfg.xds.as_ref().map(|_| Arc::default()),
         });
         let mut tasks = vec![];
+        if let (Some(xds), Some(stats)) = (cfg.xds.clone(), shared.xds.clone()) {
+            tasks.push(tokio::spawn(crate::xds::run(xds, shared.mesh.state.clone(), stats)));
+        }
         if let Some(path) = &cfg.handoff_socket {
             // Take the pods of the agent we replace (if one runs) before serving anything.
             match handoff::take(path, &shared) {

@@ -6,7 +6,7 @@
 //!   optional `scope` (Namespace) and `dryRun` (false), bare IPs.
 //!
 //! Anything unexpected is an error rather than ignored: a misread policy must fail closed, never open.
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 use super::matcher::{Authorization, Cidr, Clause, InvalidPolicy, Match, PolicyAction, PolicyScope, Rule};
 use super::matcher::{ServiceAccountMatch, StringMatch};
@@ -245,7 +245,7 @@ fn text(v: &Value, path: &str) -> Result<String, PolicyError> {
 fn invalid(path: &str, what: &'static str, v: &Value) -> PolicyError {
     let value = match v {
         Value::String(s) => s.clone(),
-        other => serde_yaml::to_string(other).unwrap_or_default().trim_end().to_string(),
+        other => serde_yaml_ng::to_string(other).unwrap_or_default().trim_end().to_string(),
     };
     PolicyError::Invalid { path: path.into(), what, value }
 }

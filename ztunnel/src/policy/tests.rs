@@ -471,7 +471,7 @@ fn fixing_an_invalid_policy_restores_normal_evaluation() {
 fn istio_shape_round_trips_through_yaml_serialization() {
     let (cfg, errors) = parse_local_config(&format!("{WORKLOADS}policies:\n{ISTIO_EXAMPLE}"));
     assert!(errors.is_empty(), "{errors:?}");
-    let yaml = serde_yaml::to_string(&serde_yaml::to_value(&cfg.policies).unwrap()).unwrap();
+    let yaml = serde_yaml_ng::to_string(&serde_yaml_ng::to_value(&cfg.policies).unwrap()).unwrap();
     assert!(yaml.contains("!Suffix /sa/client") && yaml.contains("!Presence []"), "{yaml}");
     let (again, errors) = parse_local_config(&format!("policies:\n{yaml}"));
     assert!(errors.is_empty(), "{errors:?}\n{yaml}");

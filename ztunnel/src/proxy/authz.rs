@@ -13,11 +13,18 @@ use tracing::warn;
 use super::ProxyContext;
 use crate::policy::{evaluate, ConnectionFacts, Decision};
 
+/// Why connections are refused before the control plane's first state arrived.
+pub const NOT_SYNCED: &str = "waiting for the control plane's first configuration";
+
 /// Evaluates the pod's policies for a new connection (and counts denials).
 pub fn check(ctx: &ProxyContext, facts: &ConnectionFacts, direction: &str) -> Decision {
-    let snap = ctx.mesh.state.snapshot();
-    let workload = ctx.pod.workload(&ctx.mesh.state);
-    let d = evaluate(snap.policies(), &workload.policy_target(), facts);
+    let d = if ctx.mesh.state.is_synced() {
+        let snap = ctx.mesh.state.snapshot();
+        let workload = ctx.pod.workload(&ctx.mesh.state);
+        evaluate(snap.policies(), &workload.policy_target(), facts)
+    } else {
+        Decision::Deny(NOT_SYNCED.into())
+    };
     if let Decision::Deny(reason) = &d {
         ctx.mesh.metrics.policy_denied(direction);
         warn!(pod = %ctx.pod.uid, src = %facts.source_ip, dst = %facts.destination,

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 
 use super::authz::{check, watch, Guarded};
-use super::relay::{destination_labels, refuse, relay, ConnectionRecord, Direction, FLAG_CONNECT, FLAG_DENY};
+use super::relay::{destination_labels, refuse, splice, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
 use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::policy::ConnectionFacts;
@@ -38,26 +38,42 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener) {
     .await
 }
 
-async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+async fn handle(ctx: &ProxyContext, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    // Setting up is boxed so an idle connection's task keeps only the copy's state.
+    if let Some((client, upstream)) = Box::pin(connect(ctx, client, peer, dst)).await {
+        splice(client, upstream).await
+    }
+}
+
+/// Checks policy and dials the app; a connection that cannot be set up is refused here.
+async fn connect(
+    ctx: &ProxyContext,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Option<(TcpStream, Metered<Guarded<TcpStream>>)> {
     let rec = ConnectionRecord::new(ctx, Direction::InboundPassthrough, peer, dst);
     if super::is_proxy_port(dst.port()) {
-        return refuse(ctx, rec, client, format!("{dst} is a proxy port; refusing the loop"));
+        refuse(ctx, rec, client, format!("{dst} is a proxy port; refusing the loop"));
+        return None;
     }
     let l = destination_labels(ctx, &rec, peer.ip());
     let facts = ConnectionFacts { source_identity: None, source_ip: peer.ip(), destination: dst };
     if let crate::policy::Decision::Deny(reason) = check(ctx, &facts, "inbound_passthrough") {
         ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);
-        return refuse(ctx, rec, client, reason);
+        refuse(ctx, rec, client, reason);
+        return None;
     }
     let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
     match socket::dial(&ctx.pod.netns, dst, bind).await {
         Ok(upstream) => {
-            let mut upstream = Guarded { inner: upstream, watch: watch(ctx, facts, "inbound_passthrough") };
-            relay(ctx, rec, l, &mut client, &mut upstream).await
+            let upstream = Guarded { inner: upstream, watch: watch(ctx, facts, "inbound_passthrough") };
+            Some((client, Metered::new(upstream, ctx, rec, l)))
         }
         Err(e) => {
             ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
-            refuse(ctx, rec, client, format!("connect {dst}: {e}"))
+            refuse(ctx, rec, client, format!("connect {dst}: {e}"));
+            None
         }
     }
 }

@@ -160,10 +160,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                 };
                 let _ = stream.set_nodelay(true);
                 let work = handle(stream, peer);
-                tokio::spawn(async move {
-                    work.await;
-                    drop(slot);
-                });
+                crate::task::spawn_holding(work, slot);
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");

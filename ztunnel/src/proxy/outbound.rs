@@ -8,9 +8,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 use ztunnel_common::HBONE_PORT;
 
-use super::relay::{labels, refuse, relay, ConnectionRecord, Direction, FLAG_CONNECT};
+use super::relay::{labels, refuse, splice, ConnectionRecord, Direction, Metered, FLAG_CONNECT};
 use super::{accept_loop, socket, ProxyContext};
-use crate::hbone::{ConnectHeaders, DialError, HboneError, PoolKey};
+use crate::hbone::{ConnectHeaders, DialError, HboneError, HboneStream, PoolKey};
 use crate::identity::Identity;
 use crate::metrics::Reporter;
 use crate::redirect::OrigDstTable;
@@ -46,27 +46,64 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable)
     .await
 }
 
-async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+/// An outbound connection once its upstream is up.
+enum Connected {
+    Tcp(Metered<TcpStream>),
+    Hbone(Metered<HboneStream>),
+}
+
+async fn handle(ctx: &ProxyContext, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    // Setting up is boxed: its state (labels, identities, the dial or HBONE handshake) is
+    // freed once connected, so an idle connection's task keeps only the copy's state.
+    let Some((client, upstream)) = Box::pin(connect(ctx, client, peer, dst)).await else {
+        return;
+    };
+    match upstream {
+        Connected::Tcp(up) => splice(client, up).await,
+        Connected::Hbone(up) => splice(client, up).await,
+    }
+}
+
+/// Resolves `dst` and connects to it; a connection that cannot be set up is refused here.
+async fn connect(
+    ctx: &ProxyContext,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Option<(TcpStream, Connected)> {
     let rec = ConnectionRecord::new(ctx, Direction::Outbound, peer, dst);
-    let snap = ctx.mesh.state.snapshot();
-    let Some(up) = snap.resolve(dst) else {
-        return refuse(ctx, rec, client, format!("service {dst} has no endpoints"));
+    // Before the first state arrives every destination looks unknown (plain TCP, no
+    // mTLS): refuse instead of sending in clear what the mesh would carry in HBONE.
+    if !ctx.mesh.state.is_synced() {
+        refuse(ctx, rec, client, super::authz::NOT_SYNCED.into());
+        return None;
+    }
+    let Some(up) = ctx.mesh.state.snapshot().resolve(dst) else {
+        refuse(ctx, rec, client, format!("service {dst} has no endpoints"));
+        return None;
     };
     let src_w = ctx.pod.workload(&ctx.mesh.state);
     if up.is_hbone() {
-        return hbone(ctx, client, rec, &up, &src_w).await;
+        return hbone(ctx, client, rec, &up, &src_w).await.map(|(c, u)| (c, Connected::Hbone(u)));
     }
     let l = labels(Reporter::Source, &rec, Some(&src_w), up.workload.as_deref(), up.service.as_deref());
     match socket::dial(&ctx.pod.netns, up.addr, None).await {
-        Ok(mut upstream) => relay(ctx, rec, l, &mut client, &mut upstream).await,
+        Ok(upstream) => Some((client, Connected::Tcp(Metered::new(upstream, ctx, rec, l)))),
         Err(e) => {
             ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
-            refuse(ctx, rec, client, format!("connect {}: {e}", up.addr))
+            refuse(ctx, rec, client, format!("connect {}: {e}", up.addr));
+            None
         }
     }
 }
 
-async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRecord, up: &Upstream, src_w: &Workload) {
+async fn hbone(
+    ctx: &ProxyContext,
+    client: TcpStream,
+    mut rec: ConnectionRecord,
+    up: &Upstream,
+    src_w: &Workload,
+) -> Option<(TcpStream, Metered<HboneStream>)> {
     let w = up.workload.as_ref().expect("hbone upstream has a workload");
     let td = if w.trust_domain.is_empty() { &ctx.mesh.trust_domain } else { &w.trust_domain };
     let (Some(src_id), Ok(dst_id), Some(src_ip)) = (
@@ -74,7 +111,8 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
         Identity::new(td, &w.namespace, &w.service_account),
         ctx.pod.ip_like(up.addr.ip()),
     ) else {
-        return refuse(ctx, rec, client, "cannot form HBONE identities".into());
+        refuse(ctx, rec, client, "cannot form HBONE identities".into());
+        return None;
     };
     rec.protocol = "HBONE";
     rec.src_identity = Some(src_id.to_string());
@@ -98,7 +136,7 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
     };
     let l = labels(Reporter::Source, &rec, Some(src_w), Some(w), up.service.as_deref());
     match ctx.mesh.pool.connect(key, up.addr, headers).await {
-        Ok(mut tunnel) => relay(ctx, rec, l, &mut client, &mut tunnel).await,
+        Ok(tunnel) => Some((client, Metered::new(tunnel, ctx, rec, l))),
         Err(e) => {
             ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
             if let HboneError::Dial(d) = &e {
@@ -107,6 +145,7 @@ async fn hbone(ctx: &ProxyContext, mut client: TcpStream, mut rec: ConnectionRec
                 }
             }
             refuse(ctx, rec, client, format!("HBONE to {}: {e}", up.addr));
+            None
         }
     }
 }

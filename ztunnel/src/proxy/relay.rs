@@ -56,32 +56,17 @@ impl ConnectionRecord {
     }
 }
 
-/// Splices `client` and `upstream` until both directions close, then reports.
-pub async fn relay<C, U>(
-    ctx: &ProxyContext,
-    mut rec: ConnectionRecord,
-    labels: ConnectionLabels,
-    client: &mut C,
-    upstream: &mut U,
-) where
+/// Copies between `client` and `upstream` until both directions close; `upstream` reports
+/// the connection when it is dropped. Callers set up the connection in a separate (boxed)
+/// future, so an idle connection's task holds only this copy's state.
+pub async fn splice<C, U>(mut client: C, mut upstream: Metered<U>)
+where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let counters = ctx.mesh.metrics.open_connection(&labels);
-    drop(labels);
-    match crate::hbone::copy_bidirectional(client, upstream).await {
-        Ok(stats) => {
-            rec.bytes_sent = stats.a_to_b;
-            rec.bytes_received = stats.b_to_a;
-        }
-        Err(e) => rec.error = Some(format!("copy: {e}")),
+    if let Err(e) = crate::hbone::copy_bidirectional(&mut client, &mut upstream).await {
+        upstream.fail(format!("copy: {e}"));
     }
-    rec.duration_ms = start.elapsed().as_millis() as u64;
-    // Istio's ztunnel reports bytes from the reporter's point of view: received from the
-    // client side, sent to it.
-    counters.close(rec.bytes_received, rec.bytes_sent);
-    finish(ctx, rec);
 }
 
 /// Refuses a connection that will not be relayed: reports it with `reason` and resets
@@ -219,6 +204,13 @@ impl<S> Metered<S> {
     pub fn new(inner: S, ctx: &ProxyContext, rec: ConnectionRecord, labels: ConnectionLabels) -> Self {
         let counters = ctx.mesh.metrics.open_connection(&labels);
         Self { inner, report: Some((ctx.clone(), rec, counters, Instant::now())), to_upstream: 0, from_upstream: 0 }
+    }
+
+    /// Records why the connection ended badly, for its report.
+    pub fn fail(&mut self, reason: String) {
+        if let Some((_, rec, _, _)) = self.report.as_mut() {
+            rec.error = Some(reason);
+        }
     }
 }
 

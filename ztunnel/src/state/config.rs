@@ -132,14 +132,14 @@ pub struct ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
-    workloads: Vec<serde_yaml::Value>,
+    workloads: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
-    services: Vec<serde_yaml::Value>,
+    services: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
-    policies: Vec<serde_yaml::Value>,
+    policies: Vec<serde_yaml_ng::Value>,
 }
 
-fn entry_name(v: &serde_yaml::Value, idx: usize) -> String {
+fn entry_name(v: &serde_yaml_ng::Value, idx: usize) -> String {
     let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     match (field("namespace"), field("name").or_else(|| field("uid"))) {
         (Some(ns), Some(n)) => format!("{ns}/{n}"),
@@ -150,14 +150,14 @@ fn entry_name(v: &serde_yaml::Value, idx: usize) -> String {
 
 fn parse_entries<T: serde::de::DeserializeOwned>(
     kind: &'static str,
-    raw: Vec<serde_yaml::Value>,
+    raw: Vec<serde_yaml_ng::Value>,
     errors: &mut Vec<ConfigError>,
     validate: impl Fn(&T) -> Result<(), String>,
 ) -> Vec<T> {
     let mut out = Vec::new();
     for (i, v) in raw.into_iter().enumerate() {
         let name = entry_name(&v, i);
-        match serde_yaml::from_value::<T>(v).map_err(|e| e.to_string()).and_then(|t| validate(&t).map(|_| t)) {
+        match serde_yaml_ng::from_value::<T>(v).map_err(|e| e.to_string()).and_then(|t| validate(&t).map(|_| t)) {
             Ok(t) => out.push(t),
             Err(reason) => errors.push(ConfigError { kind, name, reason }),
         }
@@ -168,7 +168,7 @@ fn parse_entries<T: serde::de::DeserializeOwned>(
 /// Parses a local config. Bad entries are returned as errors (by kind and name) and left
 /// out; the good ones are kept. A document that is not valid YAML is one error.
 pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
-    let raw: RawConfig = match serde_yaml::from_str(text) {
+    let raw: RawConfig = match serde_yaml_ng::from_str(text) {
         Ok(r) => r,
         Err(e) => {
             return (

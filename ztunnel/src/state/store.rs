@@ -1,7 +1,7 @@
 //! Indexed, atomically replaced snapshots of the mesh state.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
@@ -117,6 +117,9 @@ pub struct StateStore {
     current: RwLock<Arc<Snapshot>>,
     version: watch::Sender<u64>,
     rejected: AtomicU64,
+    /// False until a control plane has delivered its first full state: until then the
+    /// proxies refuse connections rather than decide on an empty (allow-all) policy set.
+    synced: AtomicBool,
 }
 
 impl Default for StateStore {
@@ -132,7 +135,27 @@ impl StateStore {
             current: RwLock::new(Arc::new(Snapshot::new(config))),
             version: watch::channel(0).0,
             rejected: AtomicU64::new(0),
+            synced: AtomicBool::new(true),
         }
+    }
+
+    /// An empty store that is not in force until [`Self::mark_synced`] (xDS mode).
+    pub fn awaiting_sync() -> Self {
+        let s = Self::default();
+        s.synced.store(false, Ordering::Release);
+        s
+    }
+
+    /// The control plane's first full state has been applied.
+    pub fn mark_synced(&self) {
+        if !self.synced.swap(true, Ordering::AcqRel) {
+            self.version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Whether the state may be used to decide on connections.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
     }
 
     /// The current snapshot.

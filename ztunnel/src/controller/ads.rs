@@ -1,0 +1,513 @@
+//! The controller's delta ADS server: pushes Address and Authorization resources to node agents
+//! exactly as istiod serves Istio's ztunnel (DESIGN §6), so either node agent can use either
+//! control plane. Each stream only ever receives what changed since what it holds.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prost_types::Any;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, field, info, info_span, warn, Instrument, Span};
+use ztunnel_proto::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use ztunnel_proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+
+use super::grpc::{authenticate, Authenticator};
+
+/// The subscription name meaning "every resource of this type".
+const WILDCARD: &str = "*";
+/// Responses queued per stream; small because snapshots coalesce in the watch channel, so a slow
+/// client only ever falls behind to the newest state, never through a backlog.
+const RESPONSE_BUFFER: usize = 4;
+
+/// One resource as served: its encoded form and the version string clients echo back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionedResource {
+    /// Hash of the encoded resource: equal bytes give equal versions, so unchanged resources are
+    /// never re-sent, even across controller restarts.
+    pub version: String,
+    /// The resource, `type_url` included.
+    pub resource: Any,
+}
+
+impl VersionedResource {
+    /// Wraps `resource`, computing its version from its type and bytes.
+    pub fn new(resource: Any) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(resource.type_url.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&resource.value);
+        let digest = ctx.finish();
+        let version = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        VersionedResource { version, resource }
+    }
+}
+
+/// Everything the controller serves at one moment, published through a
+/// `watch::Receiver<Arc<ResourceSnapshot>>` so every stream can diff against its client's state.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceSnapshot {
+    version: u64,
+    types: BTreeMap<String, BTreeMap<String, VersionedResource>>,
+}
+
+impl ResourceSnapshot {
+    /// An empty snapshot; `version` labels responses (`system_version_info`) and logs.
+    pub fn new(version: u64) -> Self {
+        ResourceSnapshot { version, types: BTreeMap::new() }
+    }
+
+    /// Builds from `type_url → name → resource`, computing each resource's version.
+    pub fn from_types(version: u64, types: BTreeMap<String, BTreeMap<String, Any>>) -> Self {
+        let types = types
+            .into_iter()
+            .map(|(type_url, named)| (type_url, named.into_iter().map(|(n, r)| (n, VersionedResource::new(r))).collect()))
+            .collect();
+        ResourceSnapshot { version, types }
+    }
+
+    /// Adds or replaces resource `name` under its own `type_url`.
+    pub fn insert(&mut self, name: impl Into<String>, resource: Any) {
+        self.types.entry(resource.type_url.clone()).or_default().insert(name.into(), VersionedResource::new(resource));
+    }
+
+    /// Removes resource `name` of `type_url`, returning whether it existed.
+    pub fn remove(&mut self, type_url: &str, name: &str) -> bool {
+        self.types.get_mut(type_url).is_some_and(|named| named.remove(name).is_some())
+    }
+
+    /// The snapshot's version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Sets the snapshot's version (the publisher bumps it per change).
+    pub fn set_version(&mut self, version: u64) {
+        self.version = version;
+    }
+
+    /// One resource, if present.
+    pub fn get(&self, type_url: &str, name: &str) -> Option<&VersionedResource> {
+        self.types.get(type_url)?.get(name)
+    }
+
+    /// All resources of one type, by name.
+    pub fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, VersionedResource>> {
+        self.types.get(type_url)
+    }
+}
+
+/// Counters an operator (and the tests) read to see whether config reaches the nodes.
+#[derive(Debug, Default)]
+struct AdsMetrics {
+    connected: AtomicU64,
+    connections_total: AtomicU64,
+    pushes_total: AtomicU64,
+    nacks_total: AtomicU64,
+    pushes_by_type: Mutex<BTreeMap<String, u64>>,
+    nacks_by_type: Mutex<BTreeMap<String, u64>>,
+}
+
+fn bump(map: &Mutex<BTreeMap<String, u64>>, key: &str) {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_string(), 1);
+        }
+    }
+}
+
+fn read(map: &Mutex<BTreeMap<String, u64>>, key: &str) -> u64 {
+    map.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+}
+
+/// Decrements the connected-clients gauge however a stream ends.
+struct ConnectedGuard(Arc<Inner>);
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        self.0.metrics.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Inner {
+    snapshots: watch::Receiver<Arc<ResourceSnapshot>>,
+    authenticator: Option<Authenticator>,
+    metrics: AdsMetrics,
+    next_stream: AtomicU64,
+    /// Set once by [`AdsServer::close_streams`]; every stream ends when it is.
+    closing: watch::Sender<bool>,
+}
+
+/// Envoy's `AggregatedDiscoveryService`, delta variant only (what ztunnel speaks). Cheap to
+/// clone: clones share the snapshot feed and the counters.
+#[derive(Clone)]
+pub struct AdsServer {
+    inner: Arc<Inner>,
+}
+
+impl AdsServer {
+    /// Serves whatever `snapshots` holds; every new snapshot is pushed to every stream.
+    pub fn new(snapshots: watch::Receiver<Arc<ResourceSnapshot>>) -> Self {
+        AdsServer {
+            inner: Arc::new(Inner {
+                snapshots,
+                authenticator: None,
+                metrics: AdsMetrics::default(),
+                next_stream: AtomicU64::new(1),
+                closing: watch::Sender::new(false),
+            }),
+        }
+    }
+
+    /// Requires a valid bearer token on every stream; the node it names is logged with the stream.
+    /// Must be called before the server is cloned or served.
+    pub fn with_authenticator(self, authenticator: Authenticator) -> Self {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| panic!("with_authenticator after clone"));
+        AdsServer { inner: Arc::new(Inner { authenticator: Some(authenticator), ..inner }) }
+    }
+
+    /// The tonic service to mount on a server.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        // Snapshots of a large mesh exceed tonic's 4 MiB default.
+        AggregatedDiscoveryServiceServer::new(self).max_encoding_message_size(usize::MAX)
+    }
+
+    /// Ends every open stream (and any opened later) with `UNAVAILABLE`, so a graceful server
+    /// shutdown is not held up by streams that would otherwise last forever; node agents
+    /// reconnect and keep their last config meanwhile.
+    pub fn close_streams(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Streams open right now.
+    pub fn connected_clients(&self) -> u64 {
+        self.inner.metrics.connected.load(Ordering::Relaxed)
+    }
+
+    /// Streams accepted since start.
+    pub fn connections_total(&self) -> u64 {
+        self.inner.metrics.connections_total.load(Ordering::Relaxed)
+    }
+
+    /// Responses sent, all types.
+    pub fn pushes_total(&self) -> u64 {
+        self.inner.metrics.pushes_total.load(Ordering::Relaxed)
+    }
+
+    /// Responses sent for `type_url`.
+    pub fn pushes_for(&self, type_url: &str) -> u64 {
+        read(&self.inner.metrics.pushes_by_type, type_url)
+    }
+
+    /// Responses clients rejected, all types.
+    pub fn nacks_total(&self) -> u64 {
+        self.inner.metrics.nacks_total.load(Ordering::Relaxed)
+    }
+
+    /// Responses clients rejected for `type_url`.
+    pub fn nacks_for(&self, type_url: &str) -> u64 {
+        read(&self.inner.metrics.nacks_by_type, type_url)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented("only delta xDS (DeltaAggregatedResources) is served"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let node = match &self.inner.authenticator {
+            Some(auth) => Some(authenticate(auth, request.metadata()).inspect_err(|s| {
+                warn!(peer = ?request.remote_addr(), reason = s.message(), "ADS stream refused");
+            })?),
+            None => None,
+        };
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("ads_stream", id, node = node.as_deref().unwrap_or("-"), client = field::Empty);
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let metrics = &self.inner.metrics;
+        metrics.connected.fetch_add(1, Ordering::Relaxed);
+        metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        let guard = ConnectedGuard(self.inner.clone());
+        let stream = AdsStream {
+            inner: self.inner.clone(),
+            snapshots: self.inner.snapshots.clone(),
+            tx,
+            types: BTreeMap::new(),
+            nonces: 0,
+            span: span.clone(),
+        };
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                info!(peer = ?request.remote_addr(), "ADS stream open");
+                let reason = stream.run(request.into_inner()).await;
+                info!(reason, "ADS stream closed");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What one stream's client holds and wants of one type.
+#[derive(Debug, Default)]
+struct TypeState {
+    /// Subscribed to every resource of the type.
+    wildcard: bool,
+    /// Explicitly subscribed names (on-demand lookups), in addition to or instead of wildcard.
+    names: BTreeSet<String>,
+    /// What the client holds: name → version (from `initial_resource_versions` and our sends).
+    /// Rejected (NACKed) versions stay here, so they are not re-sent until they change.
+    known: HashMap<String, String>,
+    /// Nonce of the latest response, to tell current ACK/NACKs from stale ones.
+    last_nonce: Option<String>,
+}
+
+impl TypeState {
+    /// Computes the response that brings the client from `known` to `current`: changed or new
+    /// subscribed resources, and removals for held names that no longer exist. Names in `fresh`
+    /// (just subscribed by name) are always answered, with the resource or a removal meaning
+    /// "no such resource", which is what ends an on-demand lookup in Istio's ztunnel.
+    fn delta(
+        &mut self,
+        current: Option<&BTreeMap<String, VersionedResource>>,
+        fresh: &BTreeSet<String>,
+    ) -> (Vec<Resource>, Vec<String>) {
+        let empty = BTreeMap::new();
+        let current = current.unwrap_or(&empty);
+        let mut removed = Vec::new();
+        self.known.retain(|name, _| {
+            let keep = current.contains_key(name);
+            if !keep {
+                removed.push(name.clone());
+            }
+            keep
+        });
+        let mut resources = Vec::new();
+        let mut offer = |name: &String, vr: &VersionedResource| {
+            if fresh.contains(name) || self.known.get(name) != Some(&vr.version) {
+                self.known.insert(name.clone(), vr.version.clone());
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: vr.version.clone(),
+                    resource: Some(vr.resource.clone()),
+                    ..Default::default()
+                });
+            }
+        };
+        if self.wildcard {
+            current.iter().for_each(|(name, vr)| offer(name, vr));
+        } else {
+            self.names.iter().filter_map(|n| current.get_key_value(n)).for_each(|(name, vr)| offer(name, vr));
+        }
+        for name in fresh {
+            if !current.contains_key(name) && !removed.contains(name) {
+                removed.push(name.clone());
+            }
+        }
+        removed.sort();
+        (resources, removed)
+    }
+}
+
+/// Why a stream ended (logged).
+type EndReason = &'static str;
+
+/// One client's stream: its per-type state, driven by its requests and by new snapshots.
+struct AdsStream {
+    inner: Arc<Inner>,
+    snapshots: watch::Receiver<Arc<ResourceSnapshot>>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    types: BTreeMap<String, TypeState>,
+    nonces: u64,
+    span: Span,
+}
+
+impl AdsStream {
+    async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) -> EndReason {
+        let mut closing = self.inner.closing.subscribe();
+        // Requests are handled against the current snapshot without marking it seen, so a
+        // snapshot that arrived meanwhile is still pushed to every subscribed type (a repeat
+        // costs nothing: deltas against what the client holds are then empty).
+        loop {
+            tokio::select! {
+                request = requests.next() => match request {
+                    None => return "client closed the stream",
+                    Some(Err(status)) => {
+                        debug!(code = ?status.code(), message = status.message(), "ADS receive failed");
+                        return "receive failed";
+                    }
+                    Some(Ok(request)) => {
+                        let snapshot = self.snapshots.borrow().clone();
+                        if !self.handle_request(request, &snapshot).await {
+                            return "client gone";
+                        }
+                    }
+                },
+                _ = async { closing.wait_for(|closing| *closing).await.map(|_| ()) } => {
+                    let _ = self.tx.try_send(Err(Status::unavailable("control plane shutting down")));
+                    return "controller shutting down";
+                }
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        return "snapshot publisher gone";
+                    }
+                    let snapshot = self.snapshots.borrow_and_update().clone();
+                    if !self.push_all(&snapshot).await {
+                        return "client gone";
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one request: ACK/NACK bookkeeping, then subscription changes (answered at once).
+    /// Returns false when the client is gone.
+    async fn handle_request(&mut self, req: DeltaDiscoveryRequest, snapshot: &ResourceSnapshot) -> bool {
+        if let Some(node) = req.node.as_ref().filter(|n| self.types.is_empty() && !n.id.is_empty()) {
+            self.span.record("client", node.id.as_str());
+        }
+        let type_url = req.type_url.clone();
+        if !req.response_nonce.is_empty() {
+            self.acknowledge(&req);
+        }
+        let first = !self.types.contains_key(&type_url);
+        let state = self.types.entry(type_url.clone()).or_default();
+        if first {
+            // Envoy's legacy rule: a first request naming nothing is a wildcard subscription.
+            state.wildcard = req.resource_names_subscribe.is_empty();
+            // The client already holds these; like istiod, treat them as subscribed so their
+            // removal is reported, and send only what differs.
+            for (name, version) in &req.initial_resource_versions {
+                state.names.insert(name.clone());
+                state.known.insert(name.clone(), version.clone());
+            }
+        }
+        let mut fresh = BTreeSet::new();
+        for name in &req.resource_names_subscribe {
+            if name == WILDCARD {
+                state.wildcard = true;
+            } else if state.names.insert(name.clone()) || !first {
+                fresh.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                state.wildcard = false;
+                let names = &state.names;
+                state.known.retain(|n, _| names.contains(n));
+            } else {
+                state.names.remove(name);
+                fresh.remove(name);
+                if !state.wildcard {
+                    state.known.remove(name);
+                }
+            }
+        }
+        let subscription_change = !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        if first {
+            debug!(type_url, wildcard = state.wildcard, names = state.names.len(), held = state.known.len(), "subscribed");
+        }
+        if !first && !subscription_change {
+            return true; // a plain ACK/NACK
+        }
+        let (resources, removed) = state.delta(snapshot.resources(&type_url), &fresh);
+        // The first request of a type is always answered, even with nothing: Istio's ztunnel
+        // becomes ready only after one response per type.
+        if resources.is_empty() && removed.is_empty() && !first {
+            return true;
+        }
+        self.send(&type_url, snapshot.version(), resources, removed).await
+    }
+
+    /// Logs and counts an ACK or NACK. A NACK changes nothing else: the rejected versions stay
+    /// recorded as held, so they are not re-sent in a loop; the next change is.
+    fn acknowledge(&mut self, req: &DeltaDiscoveryRequest) {
+        let current = self.types.get(&req.type_url).and_then(|s| s.last_nonce.as_deref()) == Some(&req.response_nonce);
+        match &req.error_detail {
+            None => debug!(type_url = req.type_url, nonce = req.response_nonce, current, "ACK"),
+            Some(err) => {
+                let metrics = &self.inner.metrics;
+                metrics.nacks_total.fetch_add(1, Ordering::Relaxed);
+                bump(&metrics.nacks_by_type, &req.type_url);
+                warn!(
+                    type_url = req.type_url,
+                    nonce = req.response_nonce,
+                    current,
+                    code = err.code,
+                    message = err.message,
+                    "client rejected config (NACK)"
+                );
+            }
+        }
+    }
+
+    /// Pushes every subscribed type's delta after a snapshot change.
+    async fn push_all(&mut self, snapshot: &ResourceSnapshot) -> bool {
+        let mut pending = Vec::new();
+        for (type_url, state) in &mut self.types {
+            let (resources, removed) = state.delta(snapshot.resources(type_url), &BTreeSet::new());
+            if !resources.is_empty() || !removed.is_empty() {
+                pending.push((type_url.clone(), resources, removed));
+            }
+        }
+        for (type_url, resources, removed) in pending {
+            if !self.send(&type_url, snapshot.version(), resources, removed).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn send(&mut self, type_url: &str, version: u64, resources: Vec<Resource>, removed: Vec<String>) -> bool {
+        self.nonces += 1;
+        let nonce = format!("{version}-{}", self.nonces);
+        debug!(type_url, nonce, resources = resources.len(), removed = removed.len(), version, "push");
+        if let Some(state) = self.types.get_mut(type_url) {
+            state.last_nonce = Some(nonce.clone());
+        }
+        let response = DeltaDiscoveryResponse {
+            system_version_info: version.to_string(),
+            type_url: type_url.to_string(),
+            resources,
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        };
+        if self.tx.send(Ok(response)).await.is_err() {
+            return false;
+        }
+        let metrics = &self.inner.metrics;
+        metrics.pushes_total.fetch_add(1, Ordering::Relaxed);
+        bump(&metrics.pushes_by_type, type_url);
+        true
+    }
+}
+
+#[cfg(test)]
+#[path = "ads_tests.rs"]
+mod tests;
