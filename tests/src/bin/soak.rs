@@ -54,6 +54,9 @@ fn opts() -> Opts {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 struct Footprint {
     rss_kb: u64,
+    /// Of `rss_kb`, anonymous memory (heap, stacks): what the agent allocated, as opposed
+    /// to code and file pages.
+    rss_anon_kb: u64,
     fds: u64,
     threads: u64,
 }
@@ -70,7 +73,7 @@ fn footprint(a: &AgentProcess) -> Footprint {
             .unwrap_or(0)
     };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
-    Footprint { rss_kb: field("VmRSS:"), fds, threads: field("Threads:") }
+    Footprint { rss_kb: field("VmRSS:"), rss_anon_kb: field("RssAnon:"), fds, threads: field("Threads:") }
 }
 
 /// Opens `n` connections from inside `pod`, each echoed once, and keeps them open.
@@ -195,9 +198,12 @@ fn memory(settle: u64) -> Result<serde_json::Value> {
     for mode in ["captured-tcp", "hbone"] {
         let r = rig()?;
         let (pod, dst) = if mode == "hbone" { (&r.hbone.0, r.hbone.1) } else { (&r.tcp.0, r.tcp.1) };
-        drop(hold(pod, dst, 20)?);
-        // Past one period of the agent's heap trimmer, so the idle level is settled.
-        std::thread::sleep(Duration::from_secs(6));
+        // Warm-up runs the same code paths as the measurement (a burst of more connections
+        // than one HBONE connection carries, then its close), so the idle level already has
+        // those code pages resident; then past the pool's surplus-idle close (10 s) and a
+        // period of the agent's heap trimmer, so the idle level is settled.
+        drop(hold(pod, dst, 300)?);
+        std::thread::sleep(Duration::from_secs(16));
         let idle = (footprint(&r.a0), footprint(&r.a1));
         let mut sizes = serde_json::Map::new();
         for n in [1000usize, 4000] {
@@ -213,8 +219,16 @@ fn memory(settle: u64) -> Result<serde_json::Value> {
         std::thread::sleep(Duration::from_secs(settle));
         let after = (footprint(&r.a0), footprint(&r.a1));
         println!(
-            "memory {mode}: RSS idle {} / {} KB, {settle} s after all closed {} / {} KB (source / destination agent)",
-            idle.0.rss_kb, idle.1.rss_kb, after.0.rss_kb, after.1.rss_kb
+            "memory {mode}: RSS idle {} / {} KB, {settle} s after all closed {} / {} KB (source / destination agent); \
+             anonymous {} / {} KB -> {} / {} KB",
+            idle.0.rss_kb,
+            idle.1.rss_kb,
+            after.0.rss_kb,
+            after.1.rss_kb,
+            idle.0.rss_anon_kb,
+            idle.1.rss_anon_kb,
+            after.0.rss_anon_kb,
+            after.1.rss_anon_kb
         );
         out.insert(
             mode.into(),

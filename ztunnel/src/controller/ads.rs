@@ -69,7 +69,9 @@ impl ResourceSnapshot {
     pub fn from_types(version: u64, types: BTreeMap<String, BTreeMap<String, Any>>) -> Self {
         let types = types
             .into_iter()
-            .map(|(type_url, named)| (type_url, named.into_iter().map(|(n, r)| (n, VersionedResource::new(r))).collect()))
+            .map(|(type_url, named)| {
+                (type_url, named.into_iter().map(|(n, r)| (n, VersionedResource::new(r))).collect())
+            })
             .collect();
         ResourceSnapshot { version, types }
     }
@@ -141,7 +143,6 @@ impl Drop for ConnectedGuard {
 
 struct Inner {
     snapshots: watch::Receiver<Arc<ResourceSnapshot>>,
-    authenticator: Option<Authenticator>,
     metrics: AdsMetrics,
     next_stream: AtomicU64,
     /// Set once by [`AdsServer::close_streams`]; every stream ends when it is.
@@ -153,6 +154,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct AdsServer {
     inner: Arc<Inner>,
+    authenticator: Option<Authenticator>,
 }
 
 impl AdsServer {
@@ -161,19 +163,17 @@ impl AdsServer {
         AdsServer {
             inner: Arc::new(Inner {
                 snapshots,
-                authenticator: None,
                 metrics: AdsMetrics::default(),
                 next_stream: AtomicU64::new(1),
                 closing: watch::Sender::new(false),
             }),
+            authenticator: None,
         }
     }
 
     /// Requires a valid bearer token on every stream; the node it names is logged with the stream.
-    /// Must be called before the server is cloned or served.
     pub fn with_authenticator(self, authenticator: Authenticator) -> Self {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| panic!("with_authenticator after clone"));
-        AdsServer { inner: Arc::new(Inner { authenticator: Some(authenticator), ..inner }) }
+        AdsServer { authenticator: Some(authenticator), ..self }
     }
 
     /// The tonic service to mount on a server.
@@ -239,7 +239,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let node = match &self.inner.authenticator {
+        let node = match &self.authenticator {
             Some(auth) => Some(authenticate(auth, request.metadata()).inspect_err(|s| {
                 warn!(peer = ?request.remote_addr(), reason = s.message(), "ADS stream refused");
             })?),
@@ -428,9 +428,16 @@ impl AdsStream {
                 }
             }
         }
-        let subscription_change = !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        let subscription_change =
+            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
         if first {
-            debug!(type_url, wildcard = state.wildcard, names = state.names.len(), held = state.known.len(), "subscribed");
+            debug!(
+                type_url,
+                wildcard = state.wildcard,
+                names = state.names.len(),
+                held = state.known.len(),
+                "subscribed"
+            );
         }
         if !first && !subscription_change {
             return true; // a plain ACK/NACK

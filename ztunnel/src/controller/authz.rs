@@ -108,8 +108,14 @@ pub fn convert_authorization_policy(
             l7_fields.join(", ")
         ));
     }
-    let authorization =
-        Authorization { name: ap.metadata.name.clone(), namespace: namespace.to_string(), scope, action, rules, dry_run };
+    let authorization = Authorization {
+        name: ap.metadata.name.clone(),
+        namespace: namespace.to_string(),
+        scope,
+        action,
+        rules,
+        dry_run,
+    };
     let selector = spec.selector.as_ref().map(|s| s.match_labels.clone());
     let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
     Ok(Converted::Policy { authorization, selector, warning })
@@ -195,8 +201,12 @@ fn convert_rule(rule: &AuthorizationRule, namespace: &str) -> Result<(Rule, Vec<
         let (values, not_values) = (&when.values, &when.not_values);
         let mut m = Match::default();
         match when.key.as_str() {
-            "source.namespace" => (m.namespaces, m.not_namespaces) = (string_matches(values), string_matches(not_values)),
-            "source.principal" => (m.principals, m.not_principals) = (string_matches(values), string_matches(not_values)),
+            "source.namespace" => {
+                (m.namespaces, m.not_namespaces) = (string_matches(values), string_matches(not_values))
+            }
+            "source.principal" => {
+                (m.principals, m.not_principals) = (string_matches(values), string_matches(not_values))
+            }
             "source.ip" => {
                 m.source_ips = cidrs(values, &format!("{at}.values"))?;
                 m.not_source_ips = cidrs(not_values, &format!("{at}.notValues"))?;
@@ -400,9 +410,8 @@ pub fn convert_peer_authentication(pa: &PeerAuthn, all: &[PeerAuthn], root_names
         match port_mode {
             MtlsMode::Strict => {
                 // Enforced by the parent already (Go's operator precedence reproduced: `a || b && c || d`).
-                let inherited = mode == MtlsMode::Strict
-                    || (mode == MtlsMode::Unset && strict(ns))
-                    || (unset(ns) && strict(root));
+                let inherited =
+                    mode == MtlsMode::Strict || (mode == MtlsMode::Unset && strict(ns)) || (unset(ns) && strict(root));
                 if inherited {
                     continue;
                 }

@@ -137,8 +137,6 @@ struct CaInner {
     ca: Arc<InProcessCa>,
     authenticator: Authenticator,
     authorizer: NodeAuthorizer,
-    default_ttl: Duration,
-    max_ttl: Duration,
     issued: AtomicU64,
     refusals: Mutex<BTreeMap<RefusalReason, u64>>,
 }
@@ -147,6 +145,8 @@ struct CaInner {
 #[derive(Clone)]
 pub struct CaServer {
     inner: Arc<CaInner>,
+    default_ttl: Duration,
+    max_ttl: Duration,
 }
 
 impl CaServer {
@@ -158,19 +158,17 @@ impl CaServer {
                 ca,
                 authenticator,
                 authorizer,
-                default_ttl: DEFAULT_CERT_TTL,
-                max_ttl: DEFAULT_MAX_CERT_TTL,
                 issued: AtomicU64::new(0),
                 refusals: Mutex::new(BTreeMap::new()),
             }),
+            default_ttl: DEFAULT_CERT_TTL,
+            max_ttl: DEFAULT_MAX_CERT_TTL,
         }
     }
 
     /// Sets the lifetime used when a request names none, and the cap on requested lifetimes.
-    /// Must be called before the server is cloned or served.
     pub fn with_ttls(self, default_ttl: Duration, max_ttl: Duration) -> Self {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| panic!("with_ttls after clone"));
-        CaServer { inner: Arc::new(CaInner { default_ttl: default_ttl.min(max_ttl), max_ttl, ..inner }) }
+        CaServer { default_ttl: default_ttl.min(max_ttl), max_ttl, ..self }
     }
 
     /// The tonic service to mount on a server.
@@ -205,7 +203,8 @@ impl CaServer {
     /// first, then intermediates, root last (Istio's convention: clients take the last as root).
     pub fn sign(&self, node: &str, req: &IstioCertificateRequest) -> Result<Vec<String>, CsrError> {
         let ca = &self.inner.ca;
-        let csr = CertificateSigningRequestParams::from_pem(&req.csr).map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(&req.csr).map_err(|e| CsrError::Malformed(e.to_string()))?;
         let identity = match csr.params.subject_alt_names.as_slice() {
             [SanType::URI(uri)] => uri.as_str().parse::<Identity>().map_err(CsrError::NotSpiffe)?,
             sans => return Err(CsrError::SanCount(describe_sans(sans))),
@@ -227,8 +226,8 @@ impl CaServer {
             reason,
         })?;
         let ttl = match u64::try_from(req.validity_duration) {
-            Ok(0) | Err(_) => self.inner.default_ttl,
-            Ok(secs) => Duration::from_secs(secs).min(self.inner.max_ttl),
+            Ok(0) | Err(_) => self.default_ttl,
+            Ok(secs) => Duration::from_secs(secs).min(self.max_ttl),
         };
         let mut chain = ca.sign_csr(&req.csr, &identity, ttl)?;
         for root in ca.trust_bundle().roots() {

@@ -183,7 +183,8 @@ mod tests {
         let chain = tls.chain_der();
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
         let names = &leaf.subject_alternative_name().unwrap().unwrap().value.general_names;
-        let uris: Vec<&str> = names.iter().filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None }).collect();
+        let uris: Vec<&str> =
+            names.iter().filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None }).collect();
         let dns: Vec<&str> =
             names.iter().filter_map(|n| if let GeneralName::DNSName(d) = n { Some(*d) } else { None }).collect();
         let ips: Vec<&[u8]> =

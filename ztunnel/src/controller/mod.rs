@@ -1,7 +1,46 @@
 //! The control plane (`ztunnel controller`): turns Kubernetes-style objects into the xDS
 //! resources node proxies consume and serves them, together with the CA, over one TLS gRPC
 //! listener (DESIGN §5, §6).
+//!
+//! The translation core turns a directory of Kubernetes YAML (Namespaces, Pods, Deployments, Services,
+//! ServiceAccounts, AuthorizationPolicies, PeerAuthentications, and routing objects carried for the waypoint)
+//! into `istio.workload.Address` and `istio.security.Authorization` resources with istiod's ambient semantics, so
+//! any Istio ztunnel, or ours, sees what istiod would send it. The flow is one way and only the first step does
+//! I/O: [`source`] (files → objects, plus what could not be read) → [`model`] (objects → workloads, services,
+//! policies, waypoints; every object's status) → [`translate`] (model → named xDS resources).
+//!
+//! The translation never uses the proxy, the capture, HBONE or the node agent: it speaks to the data plane only
+//! through the protos. Each rule, and where it differs from Istio, is documented in its module: [`model`]
+//! (ambient enrolment, workloads, status), [`services`] (ports, protocols, load balancing), [`pods`] (Deployments
+//! and this project's `mesh.local/pod-ips` / `mesh.local/nodes` annotations), [`waypoint`]
+//! (`istio.io/use-waypoint`), [`authz`] (AuthorizationPolicy and PeerAuthentication).
 
 pub mod ads;
+pub mod authz;
 pub mod ca;
 pub mod grpc;
+pub mod model;
+pub mod objects;
+pub mod pods;
+pub mod services;
+pub mod source;
+pub mod status;
+pub mod translate;
+pub mod waypoint;
+
+use std::io;
+use std::path::Path;
+
+pub use model::{Model, Options};
+pub use source::fingerprint;
+pub use status::{Origin, Outcome, StatusEntry};
+pub use translate::{translate, Resources};
+
+/// Reads `dir` (a directory of YAML, or one file) and builds the model. Fails only when `dir` cannot be read at
+/// all; every problem inside it is in [`Model::status`].
+pub fn load(dir: &Path, options: Options) -> io::Result<Model> {
+    Ok(Model::build(source::read_dir(dir)?, options))
+}
+
+#[cfg(test)]
+mod tests;

@@ -606,11 +606,16 @@ pub fn parse_object(v: Value) -> Result<Object, ParseError> {
         return Err(ParseError::Invalid("missing `metadata.name`".into()));
     }
     if !valid_name(&meta.name) {
-        return Err(ParseError::Invalid(format!("invalid metadata.name {:?} (lowercase DNS name expected)", meta.name)));
+        return Err(ParseError::Invalid(format!(
+            "invalid metadata.name {:?} (lowercase DNS name expected)",
+            meta.name
+        )));
     }
     if let Some(ns) = &meta.namespace {
         if !valid_name(ns) {
-            return Err(ParseError::Invalid(format!("invalid metadata.namespace {ns:?} (lowercase DNS label expected)")));
+            return Err(ParseError::Invalid(format!(
+                "invalid metadata.namespace {ns:?} (lowercase DNS label expected)"
+            )));
         }
     }
     Ok(object)

@@ -44,7 +44,12 @@ pub struct PodInfo {
 }
 
 /// Reads a written Pod; `Err` is why it is rejected.
-pub fn from_pod(pod: &Pod, namespace: &str, source: usize, deployments: &[(&str, &Deployment)]) -> Result<PodInfo, String> {
+pub fn from_pod(
+    pod: &Pod,
+    namespace: &str,
+    source: usize,
+    deployments: &[(&str, &Deployment)],
+) -> Result<PodInfo, String> {
     let mut ips: Vec<IpAddr> = Vec::new();
     let listed: Vec<&str> = if pod.status.pod_ips.is_empty() {
         pod.status.pod_ip.iter().map(String::as_str).filter(|s| !s.is_empty()).collect()

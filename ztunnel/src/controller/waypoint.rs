@@ -227,9 +227,7 @@ impl Waypoints {
     fn for_target(&self, labels: &StringMap, namespace: &str, ns_labels: &StringMap) -> (Resolution<'_>, bool) {
         match use_waypoint(labels, namespace) {
             Some(UseWaypoint::None) => (Ok(None), true),
-            Some(UseWaypoint::Named { namespace: wns, name }) => {
-                (self.lookup(&wns, &name, namespace, ns_labels), true)
-            }
+            Some(UseWaypoint::Named { namespace: wns, name }) => (self.lookup(&wns, &name, namespace, ns_labels), true),
             None => match use_waypoint(ns_labels, namespace) {
                 Some(UseWaypoint::Named { namespace: wns, name }) => {
                     (self.lookup(&wns, &name, namespace, ns_labels), false)

@@ -2,8 +2,8 @@
 //! controller is that CA") can issue workload certificates without Istio.
 
 use std::fs;
-use std::net::IpAddr;
 use std::io::Write;
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -240,10 +240,16 @@ impl InProcessCa {
     /// Issues a serving certificate for a control-plane endpoint: the SPIFFE identity plus DNS
     /// names and IPs clients dial, so both SPIFFE-aware peers and hostname-verifying gRPC clients
     /// (Istio's ztunnel checks `istiod.istio-system.svc`) accept it.
-    pub fn issue_server(&self, id: &Identity, dns_names: &[&str], ips: &[IpAddr]) -> Result<WorkloadCertificate, CaError> {
+    pub fn issue_server(
+        &self,
+        id: &Identity,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+    ) -> Result<WorkloadCertificate, CaError> {
         let mut extra = Vec::with_capacity(dns_names.len() + ips.len());
         for name in dns_names {
-            let name = (*name).to_string().try_into().map_err(|source| CaError::Sign { what: name.to_string(), source })?;
+            let name =
+                (*name).to_string().try_into().map_err(|source| CaError::Sign { what: name.to_string(), source })?;
             extra.push(SanType::DnsName(name));
         }
         extra.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));

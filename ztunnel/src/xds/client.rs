@@ -61,14 +61,14 @@ pub enum XdsError {
 
 /// Everything received so far, by resource name, with the version the server gave it.
 #[derive(Debug, Default)]
-struct Resources {
+pub(crate) struct Resources {
     addresses: BTreeMap<String, (String, AddressResource)>,
     /// A policy that could not be read is kept as a marker that fails closed.
     policies: BTreeMap<String, (String, Result<Authorization, InvalidPolicy>)>,
 }
 
 impl Resources {
-    fn config(&self) -> LocalConfig {
+    pub(crate) fn config(&self) -> LocalConfig {
         let mut c = LocalConfig::default();
         for (_, a) in self.addresses.values() {
             match a {
@@ -85,7 +85,7 @@ impl Resources {
         c
     }
 
-    fn versions(&self, type_idx: usize) -> HashMap<String, String> {
+    pub(crate) fn versions(&self, type_idx: usize) -> HashMap<String, String> {
         match type_idx {
             0 => self.addresses.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect(),
             _ => self.policies.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect(),
@@ -93,7 +93,7 @@ impl Resources {
     }
 
     /// Applies one response; returns the rejected resources as `name: reason`.
-    fn apply(&mut self, type_idx: usize, resp: &DeltaDiscoveryResponse) -> Vec<String> {
+    pub(crate) fn apply(&mut self, type_idx: usize, resp: &DeltaDiscoveryResponse) -> Vec<String> {
         let mut errors = Vec::new();
         for name in &resp.removed_resources {
             match type_idx {

@@ -6,3 +6,6 @@ pub mod client;
 pub mod convert;
 
 pub use client::{run, XdsConfig, XdsError, XdsStats};
+
+#[cfg(test)]
+mod tests;

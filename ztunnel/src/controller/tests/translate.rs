@@ -1,0 +1,128 @@
+//! The model as xDS resources: names, fields, and that the packed resources decode back.
+use prost::Message;
+use ztunnel_proto::security as xsec;
+use ztunnel_proto::workload as xwl;
+
+use super::*;
+use crate::controller::translate::translate;
+
+fn demo() -> Model {
+    crate::controller::load(&demo_dir(), Options::default()).expect("deploy/demo")
+}
+
+#[test]
+fn workload_resource_is_named_by_uid_and_decodes_with_its_fields() {
+    let m = demo();
+    let anys = translate(&m).address_anys();
+    let productpage = m.workloads.values().find(|w| w.workload_name == "productpage-v1").unwrap();
+    assert!(productpage.uid.starts_with("Kubernetes//Pod/bookinfo/productpage-v1-"), "{}", productpage.uid);
+    let any = &anys[&productpage.uid];
+    assert_eq!(any.type_url, ztunnel_proto::ADDRESS_TYPE_URL);
+    let Some(xwl::address::Type::Workload(w)) = xwl::Address::decode(any.value.as_slice()).unwrap().r#type else {
+        panic!("not a workload")
+    };
+    assert_eq!(w.uid, productpage.uid);
+    assert_eq!((w.name.as_str(), w.namespace.as_str()), (productpage.name.as_str(), "bookinfo"));
+    assert_eq!(w.addresses, vec![vec![10, 10, 1, 10]]);
+    assert_eq!(w.tunnel_protocol, xwl::TunnelProtocol::Hbone as i32);
+    assert_eq!(w.service_account, "bookinfo-productpage");
+    assert_eq!(w.node, "node-a");
+    assert_eq!((w.canonical_name.as_str(), w.canonical_revision.as_str()), ("productpage", "v1"));
+    assert_eq!((w.workload_name.as_str(), w.workload_type), ("productpage-v1", xwl::WorkloadType::Pod as i32));
+    assert_eq!(w.trust_domain, "", "the default trust domain is left out, as istiod does");
+    assert_eq!(w.cluster_id, "Kubernetes");
+    let ports = &w.services["bookinfo/productpage.bookinfo.svc.cluster.local"].ports;
+    assert_eq!(
+        ports,
+        &vec![xwl::Port { service_port: 9080, target_port: 9080, app_protocol: xwl::AppProtocol::Http11 as i32 }]
+    );
+}
+
+#[test]
+fn service_resource_is_named_namespace_slash_hostname() {
+    let resources = translate(&demo());
+    let Some(xwl::address::Type::Service(s)) =
+        &resources.addresses["bookinfo/reviews.bookinfo.svc.cluster.local"].r#type
+    else {
+        panic!("not a service")
+    };
+    assert_eq!((s.name.as_str(), s.namespace.as_str()), ("reviews", "bookinfo"));
+    assert_eq!(s.hostname, "reviews.bookinfo.svc.cluster.local");
+    assert_eq!(
+        s.addresses,
+        vec![xwl::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 12], length: None }]
+    );
+    assert_eq!(s.ports[0].service_port, 9080);
+    assert!(s.canonical);
+    assert_eq!(resources.addresses.len(), 6 + 4);
+}
+
+#[test]
+fn authorization_resource_decodes_with_rules() {
+    let m = demo();
+    let anys = translate(&m).authorization_anys();
+    let any = &anys["bookinfo/reviews-from-productpage"];
+    assert_eq!(any.type_url, ztunnel_proto::AUTHORIZATION_TYPE_URL);
+    let a = xsec::Authorization::decode(any.value.as_slice()).unwrap();
+    assert_eq!((a.name.as_str(), a.namespace.as_str()), ("reviews-from-productpage", "bookinfo"));
+    assert_eq!(a.scope, xsec::Scope::WorkloadSelector as i32);
+    assert_eq!(a.action, xsec::Action::Allow as i32);
+    let clauses = &a.rules[0].clauses;
+    assert_eq!(clauses[0].matches[0].destination_ports, vec![9080]);
+    let exact = xsec::string_match::MatchType::Exact("cluster.local/ns/bookinfo/sa/bookinfo-productpage".into());
+    assert_eq!(clauses[1].matches[0].principals, vec![xsec::StringMatch { match_type: Some(exact) }]);
+}
+
+#[test]
+fn presence_ip_and_waypoint_fields_translate() {
+    let yaml = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\n\
+                spec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                metadata: {name: ips, namespace: ns}\nspec:\n  rules: [{from: [{source: {ipBlocks: [10.1.0.0/16, 'fd00::1']}}]}]\n\
+                ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: ns\n  \
+                labels: {istio.io/waypoint-for: all}\nspec: {gatewayClassName: istio-waypoint}\nstatus:\n  \
+                addresses: [{type: IPAddress, value: 10.0.0.99}]\n"
+        .to_string()
+        + &pod("ns", "a", "10.0.0.1", &[("istio.io/use-waypoint", "wp")]);
+    let r = translate(&build(&yaml));
+    let strict = &r.authorizations["istio-system/istio_converted_static_strict"];
+    let presence = xsec::StringMatch { match_type: Some(xsec::string_match::MatchType::Presence(())) };
+    assert_eq!(strict.rules[0].clauses[0].matches[0].not_principals, vec![presence]);
+    assert_eq!(strict.action, xsec::Action::Deny as i32);
+    let ips = &r.authorizations["ns/ips"].rules[0].clauses[0].matches[0].source_ips;
+    let v6 = "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec();
+    assert_eq!(
+        ips,
+        &vec![xsec::Address { address: vec![10, 1, 0, 0], length: 16 }, xsec::Address { address: v6, length: 128 }]
+    );
+    let Some(xwl::address::Type::Workload(w)) = &r.addresses["Kubernetes//Pod/ns/a"].r#type else { panic!() };
+    let wp = w.waypoint.as_ref().expect("waypoint");
+    assert_eq!(wp.hbone_mtls_port, 15008);
+    let expected = xwl::gateway_address::Destination::Address(xwl::NetworkAddress {
+        network: String::new(),
+        address: vec![10, 0, 0, 99],
+        length: None,
+    });
+    assert_eq!(wp.destination, Some(expected));
+    assert_eq!(w.authorization_policies, vec!["istio-system/istio_converted_static_strict".to_string()]);
+}
+
+#[test]
+fn packed_addresses_do_not_depend_on_map_order() {
+    // A workload in several services: its `services` map must encode the same way every time.
+    let svc = |name: &str, ip: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
+             spec: {{clusterIP: {ip}, selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let yaml = (1..=8).map(|i| svc(&format!("s{i}"), &format!("10.96.0.{i}"))).collect::<String>()
+        + &pod("ns", "web", "10.0.0.1", &[("app", "web")]);
+    let m = build(&yaml);
+    let uid = "Kubernetes//Pod/ns/web";
+    let first = translate(&m).address_anys()[uid].clone();
+    for _ in 0..16 {
+        assert_eq!(translate(&m).address_anys()[uid], first);
+    }
+    let decoded = xwl::Address::decode(first.value.as_slice()).unwrap();
+    assert_eq!(decoded, translate(&m).addresses[uid], "decodes to the same message");
+}
