@@ -58,6 +58,26 @@ pub fn workload_yaml(pod: &Pod, namespace: &str, service_account: &str, extra: &
     )
 }
 
+/// How a test's node agents reach its control plane: address, root, one token per node.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneAccess {
+    pub address: std::net::SocketAddr,
+    pub root_pem: String,
+    pub tokens_dir: PathBuf,
+}
+
+impl ControlPlaneAccess {
+    /// The endpoint as node `node` uses it (its own token file).
+    pub fn endpoint(&self, node: &str) -> ztunnel::grpc::ControlPlaneEndpoint {
+        ztunnel::grpc::ControlPlaneEndpoint {
+            address: format!("https://{}", self.address),
+            root_pem: Some(self.root_pem.clone().into_bytes()),
+            server_name: Some("localhost".into()),
+            token_path: Some(self.tokens_dir.join(node)),
+        }
+    }
+}
+
 /// bpffs mount point used for all pins.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
@@ -109,14 +129,34 @@ impl MeshNode {
         Self::start_full(cluster, node, exclusions, trust_domain, limits, max_pods)
     }
 
+    /// Starts an agent that takes its state from a control plane over xDS and its
+    /// certificates from that control plane's CA (no local config).
+    pub fn start_with_control_plane(cluster: &Cluster, node: usize, cp: &ControlPlaneAccess) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        Self::start_full_with(cluster, node, Exclusions::default(), "cluster.local", limits, 0, Some(cp))
+    }
+
     fn start_full(
+        cluster: &Cluster,
+        node: usize,
+        exclusions: Exclusions,
+        trust_domain: &str,
+        limits: ztunnel::proxy::limit::Limits,
+        max_pods: u32,
+    ) -> Result<Self> {
+        Self::start_full_with(cluster, node, exclusions, trust_domain, limits, max_pods, None)
+    }
+
+    fn start_full_with(
         cluster: &Cluster,
         node: usize,
         mut exclusions: Exclusions,
         trust_domain: &str,
         limits: ztunnel::proxy::limit::Limits,
         max_pods: u32,
+        cp: Option<&ControlPlaneAccess>,
     ) -> Result<Self> {
+        let max_pods = if max_pods == 0 { ztunnel::redirect::DEFAULT_MAX_PODS } else { max_pods };
         ensure_bpffs()?;
         let n = cluster.node(node);
         exclusions.probe_sources.push(n.gateway4().into());
@@ -125,14 +165,25 @@ impl MeshNode {
         let run_dir = PathBuf::from(RUN_DIR).join(&name);
         let mut ca = CaConfig::new(trust_domain);
         ca.state_dir = Some(ca_dir(cluster));
-        let ca = InProcessCa::new(ca).context("cluster CA")?;
+        let ca: std::sync::Arc<dyn ztunnel::identity::CertificateProvider> = match cp {
+            Some(cp) => std::sync::Arc::new(ztunnel::identity::RemoteCa::new(
+                cp.endpoint(n.name()),
+                None,
+                ztunnel::identity::DEFAULT_LEAF_TTL,
+            )),
+            None => std::sync::Arc::new(InProcessCa::new(ca).context("cluster CA")?),
+        };
         let cfg = NodeConfig {
             enrollment_socket: run_dir.join("ztunnel.sock"),
             state_dir: run_dir.join("pods"),
             trust_domain: trust_domain.into(),
-            ca: std::sync::Arc::new(ca),
-            local_config: Some(mesh_config_path(cluster)),
-            xds: None,
+            ca,
+            local_config: if cp.is_some() { None } else { Some(mesh_config_path(cluster)) },
+            xds: cp.map(|cp| ztunnel::xds::XdsConfig {
+                server: cp.endpoint(n.name()),
+                node_name: n.name().to_string(),
+                cluster_id: "Kubernetes".into(),
+            }),
             log_control: None,
             limits,
             handoff_socket: Some(run_dir.join("handoff.sock")),

@@ -23,6 +23,39 @@ struct Cli {
 enum Cmd {
     /// The per-node agent: enrolls pods, captures their traffic with eBPF, proxies it.
     Node(NodeArgs),
+    /// The control plane: serves Istio's delta ADS and CA APIs from a directory of
+    /// Kubernetes YAML.
+    Controller(ControllerArgs),
+}
+
+#[derive(Parser)]
+struct ControllerArgs {
+    /// Directory (or file) of Kubernetes YAML; re-read on change.
+    #[arg(long, env = "CONTROLLER_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// gRPC listener for ADS and the CA (istiod's port).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// Istio plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Where a generated mesh root is kept so restarts keep trust.
+    #[arg(long, default_value = "/var/run/ztunnel/controller/ca")]
+    ca_state_dir: PathBuf,
+    /// One bearer-token file per node (created for nodes that run pods).
+    #[arg(long, default_value = "/var/run/ztunnel/controller/tokens")]
+    tokens_dir: PathBuf,
+    /// Writes the mesh root (PEM) here for node agents' `XDS_ROOT_CA` / `CA_ROOT_CA`.
+    #[arg(long)]
+    root_cert_out: Option<PathBuf>,
+    /// Only load the directory, list every object's status, and exit (non-zero when any
+    /// object was rejected).
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Parser)]
@@ -140,7 +173,54 @@ fn main() -> anyhow::Result<()> {
     let log = init_logging();
     match cli.cmd {
         Cmd::Node(args) => run_node(args, log),
+        Cmd::Controller(args) => run_controller(args),
     }
+}
+
+fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    use ztunnel::controller::{Controller, ControllerConfig, Options};
+    let options =
+        Options { trust_domain: args.trust_domain.clone(), cluster_id: args.cluster_id, ..Default::default() };
+    if args.check {
+        let model = ztunnel::controller::load(&args.config_dir, options)
+            .with_context(|| format!("reading {}", args.config_dir.display()))?;
+        let mut errors = 0;
+        for e in model.status() {
+            println!("{e}");
+            errors += e.outcome.is_error() as usize;
+        }
+        println!(
+            "{} workloads, {} services, {} policies; {errors} objects rejected",
+            model.workloads.len(),
+            model.services.len(),
+            model.authorizations.len()
+        );
+        anyhow::ensure!(errors == 0, "{errors} objects rejected");
+        return Ok(());
+    }
+    let mut ca = CaConfig::new(args.trust_domain);
+    ca.plugin_dir = args.ca_dir;
+    ca.state_dir = Some(args.ca_state_dir);
+    let ca = Arc::new(InProcessCa::new(ca).context("initialising the CA")?);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let cfg = ControllerConfig {
+            config_dir: args.config_dir,
+            listen: args.listen,
+            options,
+            ca,
+            tokens_dir: args.tokens_dir,
+            poll_interval: std::time::Duration::from_millis(200),
+        };
+        let controller = Controller::start(cfg).await?;
+        if let Some(path) = &args.root_cert_out {
+            std::fs::write(path, controller.root_pem()).with_context(|| format!("writing {}", path.display()))?;
+        }
+        println!("controller listening on {}", controller.addr());
+        tokio::signal::ctrl_c().await?;
+        controller.stop().await;
+        Ok(())
+    })
 }
 
 /// Text or JSON (`LOG_FORMAT=json`) logs, filtered by `RUST_LOG`, changeable at run time

@@ -83,7 +83,7 @@ pub fn convert_authorization_policy(
             }
         }
         // L7 rules never match for ALLOW; for DENY the L4 remainder is kept.
-        if !(action == PolicyAction::Allow && !l7.is_empty()) {
+        if action == PolicyAction::Deny || l7.is_empty() {
             rules.push(clauses);
         }
     }

@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod model;
 pub mod objects;
 pub mod pods;
+pub mod runtime;
 pub mod services;
 pub mod source;
 pub mod status;
@@ -32,6 +33,7 @@ use std::io;
 use std::path::Path;
 
 pub use model::{Model, Options};
+pub use runtime::{Controller, ControllerConfig, ControllerError};
 pub use source::fingerprint;
 pub use status::{Origin, Outcome, StatusEntry};
 pub use translate::{translate, Resources};

@@ -111,9 +111,9 @@ pub struct ContainerPort {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
-    #[serde(default, deserialize_with = "null_default")]
+    #[serde(default, rename = "podIPs", deserialize_with = "null_default")]
     pub pod_ips: Vec<PodIp>,
     /// `Succeeded` / `Failed` pods are terminal and are not workloads.
     #[serde(default)]

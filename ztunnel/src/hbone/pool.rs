@@ -354,7 +354,8 @@ fn reap_entry(entry: &mut KeyEntry, cfg: &PoolConfig) {
         })
         .collect();
     // The most recently used idle connection is kept warm for the longer timeout.
-    let warm = idle_for.iter().enumerate().filter_map(|(i, d)| d.map(|d| (i, d))).min_by_key(|&(_, d)| d).map(|(i, _)| i);
+    let warm =
+        idle_for.iter().enumerate().filter_map(|(i, d)| d.map(|d| (i, d))).min_by_key(|&(_, d)| d).map(|(i, _)| i);
     let mut i = 0;
     entry.conns.retain(|c| {
         let limit = if Some(i) == warm { cfg.idle_timeout } else { cfg.surplus_idle_timeout };

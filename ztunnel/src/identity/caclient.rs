@@ -45,7 +45,8 @@ impl RemoteCa {
             .into_iter()
             .collect(),
         };
-        let req = IstioCertificateRequest { csr, validity_duration: self.ttl.as_secs() as i64, metadata: Some(metadata) };
+        let req =
+            IstioCertificateRequest { csr, validity_duration: self.ttl.as_secs() as i64, metadata: Some(metadata) };
         let bearer = self.endpoint.bearer().map_err(|e| e.to_string())?;
         let channel = self.endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = IstioCertificateServiceClient::with_interceptor(channel, with_bearer(bearer));

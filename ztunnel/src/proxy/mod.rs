@@ -85,7 +85,10 @@ impl PodContext {
     /// workload's namespace or policies.
     pub fn workload(&self, state: &StateStore) -> Arc<Workload> {
         let snap = state.snapshot();
-        if let Some(w) = snap.workload_by_uid(&self.uid) {
+        // By uid (local config), or by namespace and name (the xDS workload of this pod; a
+        // name is unique in its namespace, unlike an address, which may be reused).
+        if let Some(w) = snap.workload_by_uid(&self.uid).or_else(|| snap.workload_by_name(&self.namespace, &self.name))
+        {
             return w;
         }
         Arc::new(Workload {

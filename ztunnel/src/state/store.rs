@@ -16,6 +16,9 @@ pub struct Snapshot {
     pub config: LocalConfig,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     by_uid: HashMap<String, Arc<Workload>>,
+    /// `(namespace, name)` → workload: enrollment names pods by their Kubernetes uid, while
+    /// istiod names workloads `cluster//Pod/namespace/name`.
+    by_name: HashMap<(String, String), Arc<Workload>>,
     vips: HashMap<IpAddr, Arc<Service>>,
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
     rr: HashMap<String, AtomicUsize>,
@@ -49,6 +52,7 @@ impl Snapshot {
                 s.by_ip.insert(*ip, w.clone());
             }
             s.by_uid.insert(w.uid.clone(), w.clone());
+            s.by_name.insert((w.namespace.clone(), w.name.clone()), w.clone());
             for key in w.services.keys() {
                 s.endpoints.entry(key.clone()).or_default().push(w.clone());
             }
@@ -72,6 +76,11 @@ impl Snapshot {
     /// The workload with a uid.
     pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
         self.by_uid.get(uid).cloned()
+    }
+
+    /// The workload named `name` in `namespace`.
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        self.by_name.get(&(namespace.to_string(), name.to_string())).cloned()
     }
 
     /// Policies in force, with the rejected entries that make the workloads they select fail closed.

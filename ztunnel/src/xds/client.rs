@@ -129,8 +129,7 @@ impl Resources {
                             Some((ns, n)) => (Some(ns.to_string()), Some(n.to_string())),
                             None => (None, Some(r.name.clone())),
                         };
-                        let marker =
-                            InvalidPolicy { namespace, name, scope: None::<PolicyScope>, reason: e.clone() };
+                        let marker = InvalidPolicy { namespace, name, scope: None::<PolicyScope>, reason: e.clone() };
                         self.policies.insert(r.name.clone(), (String::new(), Err(marker)));
                     }
                     errors.push(format!("{}: {e}", r.name));
@@ -150,7 +149,9 @@ pub async fn run(cfg: XdsConfig, store: Arc<StateStore>, stats: Arc<XdsStats>) {
         let span = tracing::info_span!("xds", server = %cfg.server.address);
         match stream(&cfg, &store, &stats, &mut resources, &mut backoff).instrument(span).await {
             Ok(()) => info!(server = %cfg.server.address, "xDS stream closed by the server; reconnecting"),
-            Err(e) => warn!(server = %cfg.server.address, error = %e, retry_in = ?backoff, "xDS stream failed; serving the last good state"),
+            Err(e) => {
+                warn!(server = %cfg.server.address, error = %e, retry_in = ?backoff, "xDS stream failed; serving the last good state")
+            }
         }
         stats.disconnects.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(backoff).await;

@@ -7,9 +7,7 @@ use std::net::IpAddr;
 use ztunnel_proto::security as pb_sec;
 use ztunnel_proto::workload as pb;
 
-use crate::policy::{
-    Authorization, Cidr, Match, PolicyAction, PolicyScope, Rule, ServiceAccountMatch, StringMatch,
-};
+use crate::policy::{Authorization, Cidr, Match, PolicyAction, PolicyScope, Rule, ServiceAccountMatch, StringMatch};
 use crate::state::{Service, Workload, WorkloadProtocol};
 
 /// One `Address` resource: a workload or a service.
@@ -132,7 +130,8 @@ fn string_match(m: &pb_sec::StringMatch) -> Result<StringMatch, String> {
 fn cidr(a: &pb_sec::Address) -> Result<Cidr, String> {
     let addr = ip(&a.address)?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    let prefix_len = u8::try_from(a.length).ok().filter(|l| *l <= max).ok_or(format!("prefix /{} on {addr}", a.length))?;
+    let prefix_len =
+        u8::try_from(a.length).ok().filter(|l| *l <= max).ok_or(format!("prefix /{} on {addr}", a.length))?;
     Ok(Cidr { addr, prefix_len })
 }
 

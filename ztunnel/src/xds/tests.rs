@@ -97,7 +97,11 @@ fn service_converts_with_network_qualified_vips_and_ports() {
         name: "reviews".into(),
         namespace: "bookinfo".into(),
         hostname: "reviews.bookinfo.svc.cluster.local".into(),
-        addresses: vec![pb::NetworkAddress { network: "net1".into(), address: vec![10, 96, 0, 7], ..Default::default() }],
+        addresses: vec![pb::NetworkAddress {
+            network: "net1".into(),
+            address: vec![10, 96, 0, 7],
+            ..Default::default()
+        }],
         ports: vec![pb::Port { service_port: 80, target_port: 9080, app_protocol: 0 }],
         subject_alt_names: vec!["spiffe://cluster.local/ns/bookinfo/sa/reviews".into()],
         ..Default::default()

@@ -149,7 +149,7 @@ fn http_fields_broaden_a_deny_rule_to_its_l4_part() {
 
 #[test]
 fn deny_with_only_http_fields_has_no_effect() {
-    let spec = "  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin]}}]\n    when: [{key: request.headers[x-user], values: [bob]}]\n";
+    let spec = "  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin]}}]\n    when: [{key: 'request.headers[x-user]', values: [bob]}]\n";
     let m = mesh(&policy("bookinfo", "p", spec));
     assert!(allowed(&m, "reviews", Some(PRODUCTPAGE), "10.0.0.9", 9080));
     let Outcome::Warning(w) = outcome(&m, "AuthorizationPolicy", "bookinfo", "p") else { panic!("no warning") };

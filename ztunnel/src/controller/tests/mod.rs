@@ -96,14 +96,3 @@ fn istio_samples() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/istio-samples");
     dir.is_dir().then_some(dir)
 }
-
-#[test]
-fn debug_pod_text() {
-    let t = pod("ns", "a", "10.0.0.1", &[("app", "x")]);
-    println!("{t}");
-    let m = build(&t);
-    for s in m.status() {
-        println!("{s}");
-    }
-    panic!();
-}

@@ -1,0 +1,233 @@
+//! The control plane end to end on the mini-cluster: node agents that start with no local
+//! config get workloads, services and policies from `ztunnel controller` over delta ADS and
+//! their certificates from its CA; edits to the YAML directory change live behaviour within
+//! 2 s; with the controller gone, traffic keeps flowing on the last state.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_tests::apps::{request, PeerServer};
+use mesh_tests::mesh::{sweep_pins, wait_record, ControlPlaneAccess, MeshNode};
+use mesh_tests::{Cluster, Pod};
+use ztunnel::controller::{Controller, ControllerConfig, Options};
+use ztunnel::identity::{CaConfig, InProcessCa};
+use ztunnel::proxy::Direction;
+
+const WAIT: Duration = Duration::from_secs(5);
+const VIP: &str = "10.96.7.10";
+
+/// A controller on its own runtime, with its YAML directory and token directory.
+struct ControlPlane {
+    rt: tokio::runtime::Runtime,
+    controller: Option<Controller>,
+    dir: PathBuf,
+    access: ControlPlaneAccess,
+    ca: Arc<InProcessCa>,
+}
+
+impl ControlPlane {
+    fn start(dir: &Path) -> ControlPlane {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let ca = Arc::new(InProcessCa::new(CaConfig::new("cluster.local")).unwrap());
+        let tokens = dir.join("tokens");
+        let controller = rt.block_on(Controller::start(config(dir, "127.0.0.1:0".parse().unwrap(), ca.clone())));
+        let controller = controller.expect("controller starts");
+        let access = ControlPlaneAccess {
+            address: controller.addr(),
+            root_pem: controller.root_pem().into(),
+            tokens_dir: tokens,
+        };
+        ControlPlane { rt, controller: Some(controller), dir: dir.to_path_buf(), access, ca }
+    }
+
+    fn controller(&self) -> &Controller {
+        self.controller.as_ref().expect("controller running")
+    }
+
+    fn stop(&mut self) {
+        if let Some(c) = self.controller.take() {
+            self.rt.block_on(c.stop());
+        }
+    }
+
+    /// Starts again on the same address, with the same CA and tokens.
+    fn restart(&mut self) {
+        let cfg = config(&self.dir, self.access.address, self.ca.clone());
+        self.controller = Some(self.rt.block_on(Controller::start(cfg)).expect("controller restarts"));
+    }
+}
+
+fn config(dir: &Path, listen: SocketAddr, ca: Arc<InProcessCa>) -> ControllerConfig {
+    ControllerConfig {
+        config_dir: dir.join("config"),
+        listen,
+        options: Options::default(),
+        ca,
+        tokens_dir: dir.join("tokens"),
+        poll_interval: Duration::from_millis(100),
+    }
+}
+
+fn pod_yaml(pod: &Pod, node: &str, sa: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: {name}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: app\nstatus:\n  podIP: {ip4}\n  podIPs:\n  - ip: {ip4}\n  - ip: {ip6}\n---\n",
+        name = pod.name(),
+        ip4 = pod.ip4(),
+        ip6 = pod.ip6(),
+    )
+}
+
+fn namespace_yaml(ambient: bool) -> String {
+    let label = if ambient { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default{label}\n")
+}
+
+fn write(dir: &Path, file: &str, text: &str) {
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    let tmp = config.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, config.join(file)).unwrap();
+}
+
+struct Mesh {
+    _c: Cluster,
+    n0: MeshNode,
+    n1: MeshNode,
+    cp: ControlPlane,
+    client: Pod,
+    server: Pod,
+    _app: PeerServer,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.cp.stop();
+        let _ = std::fs::remove_dir_all(&self.cp.dir);
+    }
+}
+
+fn mesh() -> Mesh {
+    sweep_pins();
+    let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-controller", c.prefix()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write(&dir, "namespace.yaml", &namespace_yaml(true));
+    let pods = pod_yaml(&client, c.node(0).name(), "client") + &pod_yaml(&server, c.node(1).name(), "server");
+    write(&dir, "pods.yaml", &pods);
+    write(
+        &dir,
+        "service.yaml",
+        &format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: server\n  namespace: default\nspec:\n  clusterIP: {VIP}\n  selector:\n    app: server\n  ports:\n  - port: 80\n    targetPort: 8080\n"),
+    );
+    let cp = ControlPlane::start(&dir);
+    let errors: Vec<String> =
+        cp.controller().status().iter().filter(|e| e.outcome.is_error()).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let n0 = MeshNode::start_with_control_plane(&c, 0, &cp.access).unwrap();
+    let n1 = MeshNode::start_with_control_plane(&c, 1, &cp.access).unwrap();
+    n0.enroll_as(&client, "default", "client").unwrap();
+    n1.enroll_as(&server, "default", "server").unwrap();
+    let app = PeerServer::start(&server, 8080).unwrap();
+    Mesh { _c: c, n0, n1, cp, client, server, _app: app }
+}
+
+/// Retries `f` until it holds or `limit` passes; returns how long it took.
+fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), 80)
+}
+
+#[test]
+fn agents_started_empty_get_state_and_certificates_from_the_controller_and_carry_hbone() {
+    let m = mesh();
+    let mut ev = m.n0.events();
+    within(WAIT, || request(&m.client, vip(), "x").is_ok()).expect("service reachable once synced");
+    let r = request(&m.client, vip(), "through-the-vip").unwrap();
+    assert_eq!(r.got, "through-the-vip");
+    let rec = wait_record(&mut ev, WAIT, |r| r.direction == Direction::Outbound && r.dst == vip() && r.error.is_none())
+        .expect("outbound record");
+    assert_eq!(rec.protocol, "HBONE");
+    assert_eq!(rec.dst_identity.as_deref(), Some("spiffe://cluster.local/ns/default/sa/server"));
+    assert!(m.cp.controller().ca().issued_total() >= 2, "certificates came from the controller's CA");
+    assert!(m.cp.controller().ads().connected_clients() >= 2);
+}
+
+#[test]
+fn a_deny_policy_added_to_the_directory_applies_within_two_seconds() {
+    let m = mesh();
+    within(WAIT, || request(&m.client, vip(), "x").is_ok()).expect("allowed before the policy");
+    write(
+        &m.cp.dir,
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: default\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n",
+    );
+    let took = within(Duration::from_secs(2), || request(&m.client, vip(), "x").is_err());
+    assert!(took.is_some(), "the DENY was not in force within 2 s");
+    let dump = m.n1.agent().state().snapshot();
+    assert!(dump.config.policies.iter().any(|p| p.name == "deny-client"));
+}
+
+#[test]
+fn removing_the_ambient_label_turns_the_pods_into_plain_tcp_within_two_seconds() {
+    let m = mesh();
+    let mut ev = m.n0.events();
+    within(WAIT, || request(&m.client, vip(), "x").is_ok()).expect("reachable");
+    write(&m.cp.dir, "namespace.yaml", &namespace_yaml(false));
+    let dst = SocketAddr::new(m.server.ip4().into(), 8080);
+    let took = within(Duration::from_secs(2), || {
+        request(&m.client, dst, "x").is_ok()
+            && wait_record(&mut ev, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst)
+                .is_some_and(|r| r.protocol == "TCP")
+    });
+    assert!(took.is_some(), "the server was still reached in HBONE 2 s after the label was removed");
+}
+
+#[test]
+fn with_the_controller_stopped_traffic_flows_and_a_restart_resyncs_the_same_state() {
+    let mut m = mesh();
+    within(WAIT, || request(&m.client, vip(), "x").is_ok()).expect("reachable");
+    let before = m.n0.agent().state().snapshot().config.workloads.len();
+    m.cp.stop();
+    for i in 0..5 {
+        assert!(request(&m.client, vip(), "controller-away").is_ok(), "request {i} failed without the controller");
+    }
+    m.cp.restart();
+    let model = m.cp.controller().model();
+    let synced = within(WAIT, || {
+        let snap = m.n0.agent().state().snapshot();
+        let mut uids: Vec<&str> = snap.config.workloads.iter().map(|w| w.uid.as_str()).collect();
+        uids.sort();
+        uids == model.workloads.keys().map(String::as_str).collect::<Vec<_>>()
+            && m.cp.controller().ads().connected_clients() >= 2
+    });
+    assert!(synced.is_some(), "agents did not resync to the controller's view");
+    assert_eq!(m.n0.agent().state().snapshot().config.workloads.len(), before, "nothing stale or doubled");
+    assert!(request(&m.client, vip(), "after-restart").is_ok());
+}
+
+#[test]
+fn a_node_cannot_obtain_a_certificate_for_a_pod_that_is_not_scheduled_on_it() {
+    let mut m = mesh();
+    // A pod on node 1 enrolled as the client's service account, which only node 0 runs.
+    let stray = m._c.add_pod(1, "stray").unwrap();
+    m.n1.enroll_as(&stray, "default", "client").unwrap();
+    let dst = SocketAddr::new(m.server.ip4().into(), 8080);
+    within(WAIT, || request(&m.client, dst, "x").is_ok()).expect("reachable");
+    assert!(request(&stray, dst, "x").is_err(), "the stray pod got a certificate it may not hold");
+    let refused = within(WAIT, || m.cp.controller().ca().refusals_total() >= 1);
+    assert!(refused.is_some(), "the refusal was not counted");
+}

@@ -1,0 +1,275 @@
+//! A running `ztunnel controller`: watches its YAML directory, rebuilds the model and the
+//! xDS resources on every change, and serves them (with the CA) over TLS. Node agents
+//! authenticate with a per-node bearer token; the CA signs only identities of pods scheduled
+//! on the asking node, read from the current model.
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use ztunnel_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+use super::ads::{AdsServer, ResourceSnapshot};
+use super::ca::{CaServer, NodeAuthorizer};
+use super::grpc::{serve, Authenticator, ServerTlsMaterial, CONTROLLER_DNS_NAME};
+use super::{load, translate, Model, Options, StatusEntry};
+use crate::identity::{Identity, InProcessCa};
+
+/// What the controller serves and from where.
+pub struct ControllerConfig {
+    /// Directory (or file) of Kubernetes YAML, re-read when it changes.
+    pub config_dir: PathBuf,
+    /// gRPC (ADS + CA) listener.
+    pub listen: SocketAddr,
+    /// Trust domain, cluster id, root namespace.
+    pub options: Options,
+    /// Signs workload certificates and the controller's own serving certificate.
+    pub ca: Arc<InProcessCa>,
+    /// One token file per node (file name = node name), created for every node the model
+    /// schedules pods on; a node agent presents its file's content as its bearer token.
+    pub tokens_dir: PathBuf,
+    /// How often the directory is checked for changes.
+    pub poll_interval: Duration,
+}
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("serving certificate: {0}")]
+    Tls(#[from] super::grpc::TlsMaterialError),
+}
+
+/// Handle to a running controller; dropping it stops serving.
+pub struct Controller {
+    addr: SocketAddr,
+    root_pem: String,
+    ads: AdsServer,
+    ca: CaServer,
+    model: Arc<RwLock<Arc<Model>>>,
+    stop: Option<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+type Tokens = Arc<RwLock<HashMap<String, String>>>;
+
+impl Controller {
+    /// Loads the directory, binds the listener and starts serving.
+    pub async fn start(cfg: ControllerConfig) -> Result<Self, ControllerError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ControllerError::Io { path, source }
+        };
+        let model = load(&cfg.config_dir, cfg.options.clone()).map_err(io(&cfg.config_dir))?;
+        report(&model, &[]);
+        std::fs::create_dir_all(&cfg.tokens_dir).map_err(io(&cfg.tokens_dir))?;
+        let tokens: Tokens = Arc::default();
+        refresh_tokens(&cfg.tokens_dir, &model, &tokens);
+        let (tx, rx) = watch::channel(Arc::new(snapshot(&model, 1)));
+        let model = Arc::new(RwLock::new(Arc::new(model)));
+        let authenticator: Authenticator = {
+            let tokens = tokens.clone();
+            Arc::new(move |t: &str| tokens.read().unwrap_or_else(|e| e.into_inner()).get(t).cloned())
+        };
+        let authorizer: NodeAuthorizer = {
+            let model = model.clone();
+            Arc::new(move |node: &str, id: &Identity| {
+                let m = model.read().unwrap_or_else(|e| e.into_inner()).clone();
+                may_hold(&m, node, id)
+            })
+        };
+        let ads = AdsServer::new(rx).with_authenticator(authenticator.clone());
+        let ca = CaServer::new(cfg.ca.clone(), authenticator, authorizer);
+        let listener = TcpListener::bind(cfg.listen).await.map_err(io(Path::new(&cfg.listen.to_string())))?;
+        let addr = listener.local_addr().map_err(io(Path::new(&cfg.listen.to_string())))?;
+        let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        if !addr.ip().is_unspecified() {
+            ips.push(addr.ip());
+        }
+        let tls = ServerTlsMaterial::issue(&cfg.ca, &[CONTROLLER_DNS_NAME, "localhost"], &ips)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = {
+            let (ads, ca) = (ads.clone(), ca.clone());
+            tokio::spawn(async move {
+                if let Err(e) = serve(listener, tls, ads, ca, async move { drop(stopped.await) }).await {
+                    warn!(error = %e, "controller gRPC server ended");
+                }
+            })
+        };
+        let cfg_root_pem = cfg.ca.trust_bundle().to_pem();
+        let watcher = tokio::spawn(watch_dir(cfg, model.clone(), tokens, tx));
+        info!(%addr, "controller serving");
+        Ok(Controller { addr, root_pem: cfg_root_pem, ads, ca, model, stop: Some(stop), tasks: vec![server, watcher] })
+    }
+
+    /// The bound gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// PEM of the root that signs the serving certificate and every workload certificate.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Every object's outcome in the current model (what `ztunnel controller --check` lists).
+    pub fn status(&self) -> Vec<StatusEntry> {
+        self.model.read().unwrap_or_else(|e| e.into_inner()).status().to_vec()
+    }
+
+    /// The current model.
+    pub fn model(&self) -> Arc<Model> {
+        self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// ADS counters (clients, pushes, NACKs).
+    pub fn ads(&self) -> &AdsServer {
+        &self.ads
+    }
+
+    /// CA counters (issued, refusals by reason).
+    pub fn ca(&self) -> &CaServer {
+        &self.ca
+    }
+
+    /// Stops serving: open ADS streams end, and node agents keep their last state.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The resources of `model`, as the ADS server publishes them.
+fn snapshot(model: &Model, version: u64) -> ResourceSnapshot {
+    let r = translate(model);
+    let types = [
+        (ADDRESS_TYPE_URL.to_string(), r.address_anys()),
+        (AUTHORIZATION_TYPE_URL.to_string(), r.authorization_anys()),
+    ];
+    ResourceSnapshot::from_types(version, types.into_iter().collect())
+}
+
+/// Istio's node authorization: `node` may hold `id` only if a pod with that namespace and
+/// service account is scheduled on it.
+fn may_hold(model: &Model, node: &str, id: &Identity) -> Result<(), String> {
+    let on_node = model
+        .workloads
+        .values()
+        .any(|w| w.node == node && w.namespace == id.namespace() && w.service_account == id.service_account());
+    if on_node {
+        Ok(())
+    } else {
+        Err(format!("node {node} may not hold {id}: no pod with that service account is scheduled on it"))
+    }
+}
+
+/// Logs the objects whose status is an error and were not in `before`.
+fn report(model: &Model, before: &[StatusEntry]) {
+    for e in model.status().iter().filter(|e| e.outcome.is_error() && !before.contains(e)) {
+        warn!(status = %e, "object rejected; the rest applies");
+    }
+}
+
+/// Makes sure every node the model schedules pods on has a token file, and loads all of
+/// them (token → node).
+fn refresh_tokens(dir: &Path, model: &Model, tokens: &Tokens) {
+    for node in model.workloads.values().map(|w| w.node.as_str()).filter(|n| !n.is_empty()) {
+        let path = dir.join(node);
+        if node.contains('/') || node.starts_with('.') || path.exists() {
+            continue;
+        }
+        let token = random_token();
+        if let Err(e) = write_private(&path, &token) {
+            warn!(path = %path.display(), error = %e, "cannot write node token");
+        }
+    }
+    let mut map = HashMap::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let (Ok(token), Some(node)) = (std::fs::read_to_string(e.path()), e.file_name().to_str().map(String::from))
+            else {
+                continue;
+            };
+            if !token.trim().is_empty() {
+                map.insert(token.trim().to_string(), node);
+            }
+        }
+    }
+    *tokens.write().unwrap_or_else(|e| e.into_inner()) = map;
+}
+
+fn random_token() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 24];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(content.as_bytes())
+}
+
+/// Re-reads the directory whenever its fingerprint changes and publishes the new resources.
+async fn watch_dir(
+    cfg: ControllerConfig,
+    model: Arc<RwLock<Arc<Model>>>,
+    tokens: Tokens,
+    tx: watch::Sender<Arc<ResourceSnapshot>>,
+) {
+    let mut last = super::fingerprint(&cfg.config_dir);
+    let mut version = 1;
+    loop {
+        tokio::time::sleep(cfg.poll_interval).await;
+        let fp = super::fingerprint(&cfg.config_dir);
+        if fp == last {
+            continue;
+        }
+        last = fp;
+        let next = match load(&cfg.config_dir, cfg.options.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(dir = %cfg.config_dir.display(), error = %e, "cannot read config; keeping the last state");
+                continue;
+            }
+        };
+        let before = model.read().unwrap_or_else(|e| e.into_inner()).status().to_vec();
+        report(&next, &before);
+        refresh_tokens(&cfg.tokens_dir, &next, &tokens);
+        version += 1;
+        let snap = snapshot(&next, version);
+        info!(
+            version,
+            workloads = next.workloads.len(),
+            services = next.services.len(),
+            policies = next.authorizations.len(),
+            "config changed; pushing"
+        );
+        *model.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        tx.send_replace(Arc::new(snap));
+    }
+}
