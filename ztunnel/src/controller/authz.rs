@@ -123,8 +123,8 @@ pub fn convert_authorization_policy(
 
 const HTTP_DENY_NO_EFFECT: &str = "After omitting unsupported HTTP attributes, this DENY policy has no enforceable \
     rules at ztunnel and will have no effect. Deploy a waypoint proxy and use a targetRef to enforce this policy.";
-const HTTP_DENY_MIXED: &str =
-    "DENY policy with HTTP attributes is enforced without the HTTP rules. This will be more restrictive than requested.";
+const HTTP_DENY_MIXED: &str = "DENY policy with HTTP attributes is enforced without the HTTP rules. \
+    This will be more restrictive than requested.";
 const HTTP_ALLOW_RULE: &str =
     "Within an ALLOW policy, rules matching HTTP attributes are omitted. This will be more restrictive than requested.";
 

@@ -198,7 +198,7 @@ mod tests {
 /// A real controller listener on loopback (TLS, both services) and clients for it, shared by the
 /// ADS and CA tests.
 #[cfg(test)]
-pub(super) mod testing {
+pub(crate) mod testing {
     use std::net::SocketAddr;
     use std::sync::Arc;
 

@@ -188,3 +188,68 @@ fn a_resource_of_the_wrong_type_is_rejected() {
     let errors = r.apply(0, &resp);
     assert!(errors[0].contains("inside a"), "{errors:?}");
 }
+
+fn address_any(w: pb::Workload) -> prost_types::Any {
+    prost_types::Any { type_url: ADDRESS_TYPE_URL.into(), value: wrap(w) }
+}
+
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Against the controller's real ADS server over TLS: a resource the agent cannot accept is
+/// NACKed (counted on both sides) and the agent keeps serving the version it had.
+#[tokio::test]
+async fn a_resource_that_fails_validation_is_nacked_and_the_previous_version_stays() {
+    use std::sync::Arc;
+
+    use crate::controller::ads::{AdsServer, ResourceSnapshot};
+    use crate::controller::ca::CaServer;
+    use crate::controller::grpc::testing::{authenticator, test_ca, TestServer};
+    use crate::controller::grpc::CONTROLLER_DNS_NAME;
+    use crate::grpc::ControlPlaneEndpoint;
+    use crate::state::StateStore;
+    use crate::xds::{run, XdsConfig, XdsStats};
+
+    let ca = test_ca();
+    let mut first = ResourceSnapshot::new(1);
+    first.insert("uid-1", address_any(pb_workload("uid-1", [10, 0, 0, 1])));
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+    let ads = AdsServer::new(rx).with_authenticator(authenticator());
+    let ca_server = CaServer::new(ca.clone(), authenticator(), Arc::new(|_: &str, _: &crate::identity::Identity| Ok(())));
+    let server = TestServer::start(&ca, ads.clone(), ca_server).await;
+    let token = std::env::temp_dir().join(format!("xds-nack-token-{}", std::process::id()));
+    std::fs::write(&token, "token-node-a").unwrap();
+    let cfg = XdsConfig {
+        server: ControlPlaneEndpoint {
+            address: format!("https://{}", server.addr),
+            root_pem: Some(ca.trust_bundle().to_pem().into_bytes()),
+            server_name: Some(CONTROLLER_DNS_NAME.into()),
+            token_path: Some(token.clone()),
+        },
+        node_name: "node-a".into(),
+        cluster_id: "Kubernetes".into(),
+    };
+    let store = Arc::new(StateStore::awaiting_sync());
+    let stats = Arc::new(XdsStats::default());
+    let client = tokio::spawn(run(cfg, store.clone(), stats.clone()));
+    eventually("the first sync", || store.is_synced()).await;
+    let ip = |s: &StateStore| s.snapshot().config.workloads.first().map(|w| w.workload_ips.clone());
+    assert_eq!(ip(&store), Some(vec!["10.0.0.1".parse().unwrap()]));
+
+    let mut bad = pb_workload("uid-1", [10, 0, 0, 2]);
+    bad.tunnel_protocol = 2; // LEGACY_ISTIO_MTLS: not something this agent can serve
+    let mut second = ResourceSnapshot::new(2);
+    second.insert("uid-1", address_any(bad));
+    tx.send_replace(Arc::new(second));
+    eventually("the NACK at the server", || ads.nacks_total() == 1).await;
+    assert_eq!(stats.nacks[0].load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(ip(&store), Some(vec!["10.0.0.1".parse().unwrap()]), "the previous version stays in force");
+
+    client.abort();
+    let _ = std::fs::remove_file(token);
+}

@@ -96,3 +96,12 @@ fn istio_samples() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/istio-samples");
     dir.is_dir().then_some(dir)
 }
+
+/// An indented YAML literal as YAML: drops the first line break and the indentation common to all lines, so
+/// fixtures can be written as YAML inside the test.
+fn yaml(text: &str) -> String {
+    let text = text.strip_prefix('\n').unwrap_or(text);
+    let indent = text.lines().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min();
+    let indent = indent.unwrap_or(0);
+    text.lines().map(|l| format!("{}\n", l.get(indent..).unwrap_or("").trim_end())).collect()
+}

@@ -24,9 +24,9 @@ fn pod_label_opts_in_without_namespace_label() {
 
 #[test]
 fn pod_label_none_opts_out_of_ambient_namespace() {
-    let yaml = namespace("mesh", &[("istio.io/dataplane-mode", "ambient")])
+    let text = namespace("mesh", &[("istio.io/dataplane-mode", "ambient")])
         + &pod("mesh", "a", "10.0.0.1", &[("istio.io/dataplane-mode", "none")]);
-    let m = build(&yaml);
+    let m = build(&text);
     assert_eq!(workload(&m, "mesh", "a").tunnel_protocol, TunnelProtocol::None);
 }
 
@@ -40,9 +40,17 @@ fn pods_outside_ambient_are_plain_tcp_workloads() {
 
 #[test]
 fn pod_fields_come_from_spec_and_status() {
-    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\nspec:\n  nodeName: node-b\n\
-                status:\n  podIPs: [{ip: 10.0.0.7}, {ip: 'fd00::7'}]\n";
-    let m = build(yaml);
+    let m = build(&yaml(
+        "
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: p, namespace: ns}
+        spec:
+          nodeName: node-b
+        status:
+          podIPs: [{ip: 10.0.0.7}, {ip: 'fd00::7'}]
+        ",
+    ));
     let w = workload(&m, "ns", "p");
     assert_eq!(w.addresses, vec![ip("10.0.0.7"), ip("fd00::7")]);
     assert_eq!(w.node, "node-b");
@@ -62,10 +70,10 @@ fn pod_without_ip_or_terminal_is_not_a_workload() {
 
 #[test]
 fn canonical_name_and_revision_follow_istio_label_order() {
-    let yaml = pod("ns", "a", "10.0.0.1", &[("app", "shop"), ("app.kubernetes.io/name", "store"), ("version", "v2")])
+    let text = pod("ns", "a", "10.0.0.1", &[("app", "shop"), ("app.kubernetes.io/name", "store"), ("version", "v2")])
         + &pod("ns", "b", "10.0.0.2", &[("service.istio.io/canonical-name", "cn"), ("app", "shop")])
         + &pod("ns", "c", "10.0.0.3", &[]);
-    let m = build(&yaml);
+    let m = build(&text);
     let a = workload(&m, "ns", "a");
     assert_eq!((a.canonical_name.as_str(), a.canonical_revision.as_str()), ("store", "v2"));
     let b = workload(&m, "ns", "b");
@@ -76,29 +84,56 @@ fn canonical_name_and_revision_follow_istio_label_order() {
 
 #[test]
 fn workload_name_comes_from_replicaset_owner() {
-    let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-7d9f8b6c5d-x2x4z\n  labels: {pod-template-hash: 7d9f8b6c5d}\n\
-                \x20 ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f8b6c5d, controller: true}]\n\
-                status: {podIP: 10.0.0.1}\n";
-    let m = build(yaml);
+    let m = build(&yaml(
+        "
+        apiVersion: v1
+        kind: Pod
+        metadata:
+          name: web-7d9f8b6c5d-x2x4z
+          labels: {pod-template-hash: 7d9f8b6c5d}
+          ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f8b6c5d, controller: true}]
+        status: {podIP: 10.0.0.1}
+        ",
+    ));
     assert_eq!(workload(&m, "default", "web-7d9f8b6c5d-x2x4z").workload_name, "web");
 }
 
 #[test]
 fn workload_name_comes_from_matching_deployment() {
-    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: ns}\n\
-                      spec:\n  selector: {matchLabels: {app: web}}\n  template: {metadata: {labels: {app: web}}}\n";
+    let deployment = yaml(
+        "
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {name: web, namespace: ns}
+        spec:
+          selector: {matchLabels: {app: web}}
+          template: {metadata: {labels: {app: web}}}
+        ",
+    );
     let m = build(&format!("{deployment}{}", pod("ns", "web-1", "10.0.0.1", &[("app", "web")])));
     assert_eq!(workload(&m, "ns", "web-1").workload_name, "web");
 }
 
-const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: ns\n\
-    \x20 annotations:\n    mesh.local/pod-ips: \"10.0.0.5, 10.0.0.6\"\n    mesh.local/nodes: node-a,node-b\n\
-    spec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web, version: v1}}\n\
-    \x20   spec: {serviceAccountName: web}\n";
+const DEPLOYMENT: &str = r#"
+    apiVersion: apps/v1
+    kind: Deployment
+    metadata:
+      name: web
+      namespace: ns
+      annotations:
+        mesh.local/pod-ips: "10.0.0.5, 10.0.0.6"
+        mesh.local/nodes: node-a,node-b
+    spec:
+      replicas: 2
+      selector: {matchLabels: {app: web}}
+      template:
+        metadata: {labels: {app: web, version: v1}}
+        spec: {serviceAccountName: web}
+"#;
 
 #[test]
 fn deployment_expands_into_pods_with_annotated_ips_and_nodes() {
-    let m = build(DEPLOYMENT);
+    let m = build(&yaml(DEPLOYMENT));
     let mut ws: Vec<_> = m.workloads.values().collect();
     ws.sort_by_key(|w| w.addresses[0]);
     assert_eq!(ws.len(), 2);
@@ -113,13 +148,13 @@ fn deployment_expands_into_pods_with_annotated_ips_and_nodes() {
         assert!(w.labels.contains_key("pod-template-hash"));
     }
     assert_ne!(ws[0].name, ws[1].name);
-    let again = build(DEPLOYMENT);
+    let again = build(&yaml(DEPLOYMENT));
     assert_eq!(again.workloads.keys().collect::<Vec<_>>(), m.workloads.keys().collect::<Vec<_>>(), "stable names");
 }
 
 #[test]
 fn deployment_with_wrong_ip_count_is_rejected() {
-    let m = build(&DEPLOYMENT.replace("replicas: 2", "replicas: 3"));
+    let m = build(&yaml(DEPLOYMENT).replace("replicas: 2", "replicas: 3"));
     let Outcome::Error(reason) = outcome(&m, "Deployment", "ns", "web") else { panic!("not rejected") };
     assert!(reason.contains("2 IPs for 3 replicas"), "{reason}");
     assert!(m.workloads.is_empty());
@@ -127,25 +162,43 @@ fn deployment_with_wrong_ip_count_is_rejected() {
 
 #[test]
 fn deployment_without_ip_annotation_loads_without_workloads() {
-    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template: {metadata: {labels: {app: web}}}\n";
-    let m = build(yaml);
+    let m = build(&yaml(
+        "
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {name: web}
+        spec:
+          template: {metadata: {labels: {app: web}}}
+        ",
+    ));
     assert_no_errors(&m);
     assert!(m.workloads.is_empty());
     assert!(matches!(outcome(&m, "Deployment", "default", "web"), Outcome::Warning(_)));
 }
 
-const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec:\n  clusterIP: 10.96.0.1\n\
-    \x20 selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: grpc-api, port: 90, targetPort: http}\n\
-    \x20 - {name: metrics, port: 91, targetPort: metrics}\n  - {port: 92}\n";
+const SERVICE: &str = "
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web, namespace: ns}
+    spec:
+      clusterIP: 10.96.0.1
+      selector: {app: web}
+      ports:
+      - {name: http, port: 80, targetPort: 8080}
+      - {name: grpc-api, port: 90, targetPort: http}
+      - {name: metrics, port: 91, targetPort: metrics}
+      - {port: 92}
+";
 
 #[test]
 fn service_ports_and_selector_join_workloads() {
-    let yaml = format!(
-        "{SERVICE}{}{}",
+    let text = format!(
+        "{}{}{}",
+        yaml(SERVICE),
         pod("ns", "web-1", "10.0.0.1", &[("app", "web")]),
         pod("ns", "other", "10.0.0.2", &[("app", "other")])
     );
-    let m = build(&yaml);
+    let m = build(&text);
     let s = &m.services["ns/web.ns.svc.cluster.local"];
     assert_eq!(s.vips, vec![ip("10.96.0.1")]);
     let pm = |service_port, target_port, app_protocol| PortMapping { service_port, target_port, app_protocol };
@@ -171,13 +224,13 @@ fn service_ports_and_selector_join_workloads() {
 
 #[test]
 fn services_in_other_namespaces_do_not_select() {
-    let m = build(&format!("{SERVICE}{}", pod("elsewhere", "web-1", "10.0.0.1", &[("app", "web")])));
+    let m = build(&(yaml(SERVICE) + &pod("elsewhere", "web-1", "10.0.0.1", &[("app", "web")])));
     assert!(workload(&m, "elsewhere", "web-1").services.is_empty());
 }
 
 #[test]
 fn invalid_cluster_ip_rejects_the_service() {
-    let m = build(&SERVICE.replace("10.96.0.1", "10.96.0.300"));
+    let m = build(&yaml(SERVICE).replace("10.96.0.1", "10.96.0.300"));
     assert!(matches!(outcome(&m, "Service", "ns", "web"), Outcome::Error(r) if r.contains("10.96.0.300")));
     assert!(m.services.is_empty());
 }
@@ -185,11 +238,20 @@ fn invalid_cluster_ip_rejects_the_service() {
 /// A waypoint Gateway taking all traffic, and a second one.
 fn waypoints() -> String {
     let gw = |name: &str, for_: &str| {
-        format!(
-            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: ns\n\
-             \x20 labels: {{istio.io/waypoint-for: {for_}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  \
-             - {{name: mesh, port: 15008, protocol: HBONE}}\n"
-        )
+        yaml(&format!(
+            "
+            ---
+            apiVersion: gateway.networking.k8s.io/v1
+            kind: Gateway
+            metadata:
+              name: {name}
+              namespace: ns
+              labels: {{istio.io/waypoint-for: {for_}}}
+            spec:
+              gatewayClassName: istio-waypoint
+              listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+            "
+        ))
     };
     gw("wp-ns", "all") + &gw("wp-own", "all") + &gw("wp-svc-only", "service")
 }
@@ -206,12 +268,12 @@ fn hostname_waypoint(name: &str) -> Option<WaypointAddress> {
 
 #[test]
 fn use_waypoint_pod_label_beats_namespace_label() {
-    let yaml = waypoints()
+    let text = waypoints()
         + &namespace("ns", &[("istio.io/use-waypoint", "wp-ns")])
         + &pod("ns", "own", "10.0.0.1", &[("istio.io/use-waypoint", "wp-own")])
         + &pod("ns", "inherits", "10.0.0.2", &[])
         + &pod("ns", "optout", "10.0.0.3", &[("istio.io/use-waypoint", "none")]);
-    let m = build(&yaml);
+    let m = build(&text);
     assert_no_errors(&m);
     assert_eq!(workload(&m, "ns", "own").waypoint, hostname_waypoint("wp-own"));
     assert_eq!(workload(&m, "ns", "inherits").waypoint, hostname_waypoint("wp-ns"));
@@ -227,12 +289,12 @@ fn use_waypoint_service_label_beats_namespace_label() {
             name.len()
         )
     };
-    let yaml = waypoints()
+    let text = waypoints()
         + &namespace("ns", &[("istio.io/use-waypoint", "wp-ns")])
         + &svc("own", "istio.io/use-waypoint: wp-own")
         + &svc("inherits", "")
         + &svc("optout", "istio.io/use-waypoint: none");
-    let m = build(&yaml);
+    let m = build(&text);
     assert_no_errors(&m);
     let waypoint = |n: &str| m.services[&format!("ns/{n}.ns.svc.cluster.local")].waypoint.clone();
     assert_eq!(waypoint("own"), hostname_waypoint("wp-own"));
@@ -243,22 +305,29 @@ fn use_waypoint_service_label_beats_namespace_label() {
 #[test]
 fn service_label_does_not_set_the_waypoint_of_its_pods() {
     // Istio: a service's waypoint is for traffic to the service; the pods keep their own (here none).
-    let yaml = waypoints()
-        + "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: ns\n  labels: {istio.io/use-waypoint: wp-own}\n\
-           spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80}]}\n"
+    let text = waypoints()
+        + &yaml(
+            "
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: web, namespace: ns, labels: {istio.io/use-waypoint: wp-own}}
+            spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80}]}
+            ",
+        )
         + &pod("ns", "web-1", "10.0.0.1", &[("app", "web")]);
-    let m = build(&yaml);
+    let m = build(&text);
     assert_eq!(m.services["ns/web.ns.svc.cluster.local"].waypoint, hostname_waypoint("wp-own"));
     assert_eq!(workload(&m, "ns", "web-1").waypoint, None);
 }
 
 #[test]
 fn service_only_waypoint_binds_services_not_workloads() {
-    let yaml = waypoints()
+    let text = waypoints()
         + &namespace("ns", &[("istio.io/use-waypoint", "wp-svc-only")])
         + &pod("ns", "inherits", "10.0.0.1", &[])
         + &pod("ns", "asks", "10.0.0.2", &[("istio.io/use-waypoint", "wp-svc-only")]);
-    let m = build(&yaml);
+    let m = build(&text);
     assert_eq!(workload(&m, "ns", "inherits").waypoint, None, "namespace-wide: silently not for workloads");
     assert_eq!(workload(&m, "ns", "asks").waypoint, None);
     assert!(matches!(outcome(&m, "Pod", "ns", "asks"), Outcome::Warning(w) if w.contains("workload traffic")));
@@ -273,13 +342,19 @@ fn missing_waypoint_is_reported_on_the_object() {
 
 #[test]
 fn service_named_by_use_waypoint_stands_in_for_a_gateway() {
-    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: waypoint\n  namespace: ns\n  labels: {istio.io/waypoint-for: all}\n\
-                spec: {clusterIP: 10.96.0.9, selector: {app: waypoint}, ports: [{port: 15008}]}\n"
-        .to_string()
+    let waypoint = yaml(
+        "
+        apiVersion: v1
+        kind: Service
+        metadata: {name: waypoint, namespace: ns, labels: {istio.io/waypoint-for: all}}
+        spec: {clusterIP: 10.96.0.9, selector: {app: waypoint}, ports: [{port: 15008}]}
+        ",
+    );
+    let text = waypoint
         + &namespace("ns", &[("istio.io/use-waypoint", "waypoint")])
         + &pod("ns", "app", "10.0.0.1", &[])
         + &pod("ns", "waypoint-pod", "10.0.0.9", &[("app", "waypoint")]);
-    let m = build(&yaml);
+    let m = build(&text);
     assert_no_errors(&m);
     assert_eq!(workload(&m, "ns", "app").waypoint, hostname_waypoint("waypoint"));
     assert_eq!(workload(&m, "ns", "waypoint-pod").waypoint, None, "a waypoint's own pods have none");
@@ -288,13 +363,13 @@ fn service_named_by_use_waypoint_stands_in_for_a_gateway() {
 
 #[test]
 fn malformed_documents_and_objects_are_reported_while_the_rest_applies() {
-    let yaml = format!(
+    let text = format!(
         "{}---\nkind: Pod\napiVersion: v1\nmetadata: {{name: broken}}\nspec: [not, a, mapping]\n\
          ---\nkey: [unclosed\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\n{}",
         pod("ns", "good", "10.0.0.1", &[]),
         pod("ns", "also-good", "10.0.0.2", &[])
     );
-    let m = build(&yaml);
+    let m = build(&text);
     assert_eq!(m.workloads.len(), 2, "the good pods still apply");
     let errors: Vec<_> = m.errors().collect();
     assert_eq!(errors.len(), 2, "{errors:?}");

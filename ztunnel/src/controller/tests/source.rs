@@ -30,9 +30,15 @@ fn reads_yaml_files_recursively_and_skips_others() {
 
 #[test]
 fn list_items_are_objects_with_their_index() {
-    let yaml = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ServiceAccount, metadata: {name: a}}\n\
-                - {apiVersion: v1, kind: ServiceAccount, metadata: {}}\n";
-    let m = build(yaml);
+    let m = build(&yaml(
+        "
+        apiVersion: v1
+        kind: List
+        items:
+        - {apiVersion: v1, kind: ServiceAccount, metadata: {name: a}}
+        - {apiVersion: v1, kind: ServiceAccount, metadata: {}}
+        ",
+    ));
     assert!(m.service_accounts.contains("default/a"));
     let e: Vec<_> = m.errors().collect();
     assert_eq!(e.len(), 1);

@@ -75,15 +75,29 @@ fn authorization_resource_decodes_with_rules() {
 
 #[test]
 fn presence_ip_and_waypoint_fields_translate() {
-    let yaml = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\n\
-                spec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
-                metadata: {name: ips, namespace: ns}\nspec:\n  rules: [{from: [{source: {ipBlocks: [10.1.0.0/16, 'fd00::1']}}]}]\n\
-                ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: ns\n  \
-                labels: {istio.io/waypoint-for: all}\nspec: {gatewayClassName: istio-waypoint}\nstatus:\n  \
-                addresses: [{type: IPAddress, value: 10.0.0.99}]\n"
-        .to_string()
-        + &pod("ns", "a", "10.0.0.1", &[("istio.io/use-waypoint", "wp")]);
-    let r = translate(&build(&yaml));
+    let objects = yaml(
+        "
+        apiVersion: security.istio.io/v1
+        kind: PeerAuthentication
+        metadata: {name: default, namespace: istio-system}
+        spec: {mtls: {mode: STRICT}}
+        ---
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: ips, namespace: ns}
+        spec:
+          rules: [{from: [{source: {ipBlocks: [10.1.0.0/16, 'fd00::1']}}]}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: Gateway
+        metadata: {name: wp, namespace: ns, labels: {istio.io/waypoint-for: all}}
+        spec: {gatewayClassName: istio-waypoint}
+        status:
+          addresses: [{type: IPAddress, value: 10.0.0.99}]
+        ",
+    );
+    let text = objects + &pod("ns", "a", "10.0.0.1", &[("istio.io/use-waypoint", "wp")]);
+    let r = translate(&build(&text));
     let strict = &r.authorizations["istio-system/istio_converted_static_strict"];
     let presence = xsec::StringMatch { match_type: Some(xsec::string_match::MatchType::Presence(())) };
     assert_eq!(strict.rules[0].clauses[0].matches[0].not_principals, vec![presence]);
@@ -110,14 +124,19 @@ fn presence_ip_and_waypoint_fields_translate() {
 fn packed_addresses_do_not_depend_on_map_order() {
     // A workload in several services: its `services` map must encode the same way every time.
     let svc = |name: &str, ip: &str| {
-        format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
-             spec: {{clusterIP: {ip}, selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
-        )
+        yaml(&format!(
+            "
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {{name: {name}, namespace: ns}}
+            spec: {{clusterIP: {ip}, selector: {{app: web}}, ports: [{{port: 80}}]}}
+            "
+        ))
     };
-    let yaml = (1..=8).map(|i| svc(&format!("s{i}"), &format!("10.96.0.{i}"))).collect::<String>()
+    let text = (1..=8).map(|i| svc(&format!("s{i}"), &format!("10.96.0.{i}"))).collect::<String>()
         + &pod("ns", "web", "10.0.0.1", &[("app", "web")]);
-    let m = build(&yaml);
+    let m = build(&text);
     let uid = "Kubernetes//Pod/ns/web";
     let first = translate(&m).address_anys()[uid].clone();
     for _ in 0..16 {
