@@ -220,7 +220,8 @@ async fn a_resource_that_fails_validation_is_nacked_and_the_previous_version_sta
     first.insert("uid-1", address_any(pb_workload("uid-1", [10, 0, 0, 1])));
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
     let ads = AdsServer::new(rx).with_authenticator(authenticator());
-    let ca_server = CaServer::new(ca.clone(), authenticator(), Arc::new(|_: &str, _: &crate::identity::Identity| Ok(())));
+    let ca_server =
+        CaServer::new(ca.clone(), authenticator(), Arc::new(|_: &str, _: &crate::identity::Identity| Ok(())));
     let server = TestServer::start(&ca, ads.clone(), ca_server).await;
     let token = std::env::temp_dir().join(format!("xds-nack-token-{}", std::process::id()));
     std::fs::write(&token, "token-node-a").unwrap();
