@@ -51,6 +51,22 @@ pub fn cluster_args(cluster: &Cluster, workloads_yaml: Option<&str>, more: &[&st
 impl AgentProcess {
     /// Starts `binary node` for `cluster.node(node)`, with extra CLI args.
     pub fn start(binary: &Path, cluster: &Cluster, node: usize, extra: &[String]) -> Result<Self> {
+        Self::spawn(binary, cluster, node, extra, None)
+    }
+
+    /// Starts `binary node --inpod-uds <zds>`: the agent connects to that ZDS socket (Istio's
+    /// direction) and serves none; returns once the process runs.
+    pub fn start_connecting(
+        binary: &Path,
+        cluster: &Cluster,
+        node: usize,
+        zds: &Path,
+        extra: &[String],
+    ) -> Result<Self> {
+        Self::spawn(binary, cluster, node, extra, Some(zds))
+    }
+
+    fn spawn(binary: &Path, cluster: &Cluster, node: usize, extra: &[String], zds: Option<&Path>) -> Result<Self> {
         crate::mesh::ensure_bpffs()?;
         let n = cluster.node(node);
         let name = format!("{}-node{node}", cluster.prefix());
@@ -71,6 +87,9 @@ impl AgentProcess {
             "--handoff-socket".into(),
             run_dir.join("handoff.sock").display().to_string(),
         ];
+        if let Some(zds) = zds {
+            args.extend(["--inpod-uds".to_string(), zds.display().to_string()]);
+        }
         args.extend(extra.iter().cloned());
         let child = Command::new(binary)
             .args(&args)
@@ -79,6 +98,9 @@ impl AgentProcess {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let mut me = Self { child, args, binary: binary.to_path_buf(), socket };
+        if zds.is_some() {
+            return Ok(me);
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while EnrollmentClient::connect(&me.socket).is_err() {
             if let Some(status) = me.child.try_wait()? {

@@ -54,6 +54,9 @@ pub struct Cluster {
     fabric: Option<File>,
     nodes: Vec<Node>,
     pods: Vec<Pod>,
+    /// Pods ever added per node (indexes are never reused: a removed pod's veth and
+    /// addresses may live on while something holds its netns).
+    pods_added: std::collections::BTreeMap<usize, usize>,
     /// Every netns name created so far, in creation order (for cleanup).
     netns_names: Vec<String>,
     /// Cluster cgroup directory, once created.
@@ -76,6 +79,7 @@ impl Cluster {
             fabric: None,
             nodes: Vec::new(),
             pods: Vec::new(),
+            pods_added: Default::default(),
             netns_names: Vec::new(),
             cgroup: None,
         };
@@ -165,11 +169,12 @@ impl Cluster {
         if self.pods.iter().any(|p| p.name() == name) {
             bail!("add_pod: pod {name:?} already exists in cluster {}", self.prefix);
         }
-        let k = self.pods.iter().filter(|p| p.node() == n).count();
+        let k = self.pods_added.get(&n).copied().unwrap_or(0);
         let host = k + POD_HOST_BASE;
         if host > 254 {
             bail!("add_pod: node {n} is full");
         }
+        self.pods_added.insert(n, k + 1);
         self.create_pod(&node, k, name)
             .with_context(|| format!("adding pod {name:?} on node {n} of cluster {}", self.prefix))
     }
@@ -217,6 +222,22 @@ impl Cluster {
         wait_no_tentative(&ns_name)?;
         wait_no_tentative(node_ns)?;
         Ok(pod)
+    }
+
+    /// Deletes a pod as Kubernetes would once its sandbox is gone: kills its processes,
+    /// removes its cgroup and its named netns (`/run/netns/<name>` disappears; the
+    /// namespace itself lives on while something, such as an agent, holds it open).
+    ///
+    /// Why: tests of what happens to pods deleted while a component was down.
+    pub fn remove_pod(&mut self, pod: &Pod) -> Result<()> {
+        let Some(i) = self.pods.iter().position(|p| p.uid() == pod.uid()) else {
+            bail!("remove_pod: {} is not a pod of cluster {}", pod.name(), self.prefix);
+        };
+        let pod = self.pods.remove(i);
+        remove_cgroup_tree(pod.cgroup_path())?;
+        delete_netns(pod.netns_name())?;
+        self.netns_names.retain(|n| n != pod.netns_name());
+        Ok(())
     }
 
     /// The unique name prefix of this cluster (`zt{pid}x{counter}`).

@@ -64,9 +64,17 @@ pub struct ControlPlaneAccess {
     pub address: std::net::SocketAddr,
     pub root_pem: String,
     pub tokens_dir: PathBuf,
+    /// The name each cluster node has in the control plane's YAML (index = node); the
+    /// cluster's own node names when empty.
+    pub node_names: Vec<String>,
 }
 
 impl ControlPlaneAccess {
+    /// The control plane's name for cluster node `index` (default: `default`).
+    pub fn node_name(&self, index: usize, default: &str) -> String {
+        self.node_names.get(index).cloned().unwrap_or_else(|| default.to_string())
+    }
+
     /// The endpoint as node `node` uses it (its own token file).
     pub fn endpoint(&self, node: &str) -> ztunnel::grpc::ControlPlaneEndpoint {
         ztunnel::grpc::ControlPlaneEndpoint {
@@ -76,6 +84,17 @@ impl ControlPlaneAccess {
             token_path: Some(self.tokens_dir.join(node)),
         }
     }
+}
+
+/// Where an agent's state and pods come from besides its own defaults.
+#[derive(Default)]
+struct Sources<'a> {
+    /// xDS and CA from this control plane (else local config and the cluster CA).
+    control_plane: Option<&'a ControlPlaneAccess>,
+    /// Connect to this ZDS socket (else serve the enrollment socket).
+    zds_connect: Option<PathBuf>,
+    /// Sign with Istio plug-in CA files from this directory (else the cluster CA).
+    plugin_ca: Option<PathBuf>,
 }
 
 /// bpffs mount point used for all pins.
@@ -133,7 +152,32 @@ impl MeshNode {
     /// certificates from that control plane's CA (no local config).
     pub fn start_with_control_plane(cluster: &Cluster, node: usize, cp: &ControlPlaneAccess) -> Result<Self> {
         let limits = ztunnel::proxy::limit::Limits::default();
-        Self::start_full_with(cluster, node, Exclusions::default(), "cluster.local", limits, 0, Some(cp))
+        let sources = Sources { control_plane: Some(cp), ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), "cluster.local", limits, 0, sources)
+    }
+
+    /// Like [`MeshNode::start`], with the agent's in-process CA signing from Istio plug-in CA
+    /// files in `plugin_dir` (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`)
+    /// instead of the cluster's generated root: e.g. the root Istio's ztunnel uses under
+    /// `FAKE_CA`, so the two meshes trust each other.
+    pub fn start_with_plugin_ca(cluster: &Cluster, node: usize, plugin_dir: &Path) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        let sources = Sources { plugin_ca: Some(plugin_dir.to_path_buf()), ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
+    }
+
+    /// Starts an agent in Istio's direction of enrollment: it serves no socket and connects
+    /// to the ZDS socket at `zds` (retrying until something serves it). Its state comes from
+    /// `cp` when given, else from the cluster's local config.
+    pub fn start_connecting(
+        cluster: &Cluster,
+        node: usize,
+        zds: &Path,
+        cp: Option<&ControlPlaneAccess>,
+    ) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        let sources = Sources { control_plane: cp, zds_connect: Some(zds.to_path_buf()), ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
     }
 
     fn start_full(
@@ -144,7 +188,7 @@ impl MeshNode {
         limits: ztunnel::proxy::limit::Limits,
         max_pods: u32,
     ) -> Result<Self> {
-        Self::start_full_with(cluster, node, exclusions, trust_domain, limits, max_pods, None)
+        Self::start_full_with(cluster, node, exclusions, trust_domain, limits, max_pods, Sources::default())
     }
 
     fn start_full_with(
@@ -154,8 +198,9 @@ impl MeshNode {
         trust_domain: &str,
         limits: ztunnel::proxy::limit::Limits,
         max_pods: u32,
-        cp: Option<&ControlPlaneAccess>,
+        sources: Sources<'_>,
     ) -> Result<Self> {
+        let cp = sources.control_plane;
         let max_pods = if max_pods == 0 { ztunnel::redirect::DEFAULT_MAX_PODS } else { max_pods };
         ensure_bpffs()?;
         let n = cluster.node(node);
@@ -164,10 +209,14 @@ impl MeshNode {
         let name = format!("{}-node{node}", cluster.prefix());
         let run_dir = PathBuf::from(RUN_DIR).join(&name);
         let mut ca = CaConfig::new(trust_domain);
-        ca.state_dir = Some(ca_dir(cluster));
+        match &sources.plugin_ca {
+            Some(dir) => ca.plugin_dir = Some(dir.clone()),
+            None => ca.state_dir = Some(ca_dir(cluster)),
+        }
+        let cp_node = cp.map(|cp| cp.node_name(node, n.name())).unwrap_or_default();
         let ca: std::sync::Arc<dyn ztunnel::identity::CertificateProvider> = match cp {
             Some(cp) => std::sync::Arc::new(ztunnel::identity::RemoteCa::new(
-                cp.endpoint(n.name()),
+                cp.endpoint(&cp_node),
                 None,
                 ztunnel::identity::DEFAULT_LEAF_TTL,
             )),
@@ -175,13 +224,14 @@ impl MeshNode {
         };
         let cfg = NodeConfig {
             enrollment_socket: run_dir.join("ztunnel.sock"),
+            zds_connect: sources.zds_connect,
             state_dir: run_dir.join("pods"),
             trust_domain: trust_domain.into(),
             ca,
             local_config: if cp.is_some() { None } else { Some(mesh_config_path(cluster)) },
             xds: cp.map(|cp| ztunnel::xds::XdsConfig {
-                server: cp.endpoint(n.name()),
-                node_name: n.name().to_string(),
+                server: cp.endpoint(&cp_node),
+                node_name: cp_node.clone(),
                 cluster_id: "Kubernetes".into(),
             }),
             log_control: None,
@@ -263,9 +313,22 @@ impl MeshNode {
     /// Stops the agent as a crash would (capture stays pinned) and starts a new one on
     /// the same pins and state.
     pub fn restart(&mut self) -> Result<()> {
+        self.stop_agent();
+        self.start_again()
+    }
+
+    /// Stops the agent as a crash would (capture stays pinned, pod listeners close).
+    pub fn stop_agent(&mut self) {
         drop(self.agent.take());
         // Let the old runtime's aborted tasks close their sockets.
         std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// Starts a new agent on the same pins, state and config after [`MeshNode::stop_agent`].
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("agent already running");
+        }
         let agent = self.rt.block_on(Agent::start(self.cfg.clone())).context("restarting agent")?;
         self.agent = Some(agent);
         Ok(())

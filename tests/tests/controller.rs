@@ -3,93 +3,16 @@
 //! their certificates from its CA; edits to the YAML directory change live behaviour within
 //! 2 s; with the controller gone, traffic keeps flowing on the last state.
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_tests::apps::{request, PeerServer};
-use mesh_tests::mesh::{sweep_pins, wait_record, ControlPlaneAccess, MeshNode};
+use mesh_tests::control_plane::{namespace_yaml, pod_yaml, write_config as write, ControlPlane};
+use mesh_tests::mesh::{sweep_pins, wait_record, MeshNode};
 use mesh_tests::{Cluster, Pod};
-use ztunnel::controller::{Controller, ControllerConfig, Options};
-use ztunnel::identity::{CaConfig, InProcessCa};
 use ztunnel::proxy::Direction;
 
 const WAIT: Duration = Duration::from_secs(5);
 const VIP: &str = "10.96.7.10";
-
-/// A controller on its own runtime, with its YAML directory and token directory.
-struct ControlPlane {
-    rt: tokio::runtime::Runtime,
-    controller: Option<Controller>,
-    dir: PathBuf,
-    access: ControlPlaneAccess,
-    ca: Arc<InProcessCa>,
-}
-
-impl ControlPlane {
-    fn start(dir: &Path) -> ControlPlane {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let ca = Arc::new(InProcessCa::new(CaConfig::new("cluster.local")).unwrap());
-        let tokens = dir.join("tokens");
-        let controller = rt.block_on(Controller::start(config(dir, "127.0.0.1:0".parse().unwrap(), ca.clone())));
-        let controller = controller.expect("controller starts");
-        let access = ControlPlaneAccess {
-            address: controller.addr(),
-            root_pem: controller.root_pem().into(),
-            tokens_dir: tokens,
-        };
-        ControlPlane { rt, controller: Some(controller), dir: dir.to_path_buf(), access, ca }
-    }
-
-    fn controller(&self) -> &Controller {
-        self.controller.as_ref().expect("controller running")
-    }
-
-    fn stop(&mut self) {
-        if let Some(c) = self.controller.take() {
-            self.rt.block_on(c.stop());
-        }
-    }
-
-    /// Starts again on the same address, with the same CA and tokens.
-    fn restart(&mut self) {
-        let cfg = config(&self.dir, self.access.address, self.ca.clone());
-        self.controller = Some(self.rt.block_on(Controller::start(cfg)).expect("controller restarts"));
-    }
-}
-
-fn config(dir: &Path, listen: SocketAddr, ca: Arc<InProcessCa>) -> ControllerConfig {
-    ControllerConfig {
-        config_dir: dir.join("config"),
-        listen,
-        options: Options::default(),
-        ca,
-        tokens_dir: dir.join("tokens"),
-        poll_interval: Duration::from_millis(100),
-    }
-}
-
-fn pod_yaml(pod: &Pod, node: &str, sa: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: {name}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: app\nstatus:\n  podIP: {ip4}\n  podIPs:\n  - ip: {ip4}\n  - ip: {ip6}\n---\n",
-        name = pod.name(),
-        ip4 = pod.ip4(),
-        ip6 = pod.ip6(),
-    )
-}
-
-fn namespace_yaml(ambient: bool) -> String {
-    let label = if ambient { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
-    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default{label}\n")
-}
-
-fn write(dir: &Path, file: &str, text: &str) {
-    let config = dir.join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    let tmp = config.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, config.join(file)).unwrap();
-}
 
 struct Mesh {
     _c: Cluster,
@@ -101,19 +24,12 @@ struct Mesh {
     _app: PeerServer,
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.cp.stop();
-        let _ = std::fs::remove_dir_all(&self.cp.dir);
-    }
-}
-
 fn mesh() -> Mesh {
     sweep_pins();
     let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
     let client = c.add_pod(0, "client").unwrap();
     let server = c.add_pod(1, "server").unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-controller", c.prefix()));
+    let dir = ControlPlane::dir_for(&c);
     let _ = std::fs::remove_dir_all(&dir);
     write(&dir, "namespace.yaml", &namespace_yaml(true));
     let pods = pod_yaml(&client, c.node(0).name(), "client") + &pod_yaml(&server, c.node(1).name(), "server");

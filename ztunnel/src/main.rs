@@ -28,6 +28,9 @@ enum Cmd {
     /// The control plane: serves Istio's delta ADS and CA APIs from a directory of
     /// Kubernetes YAML.
     Controller(ControllerArgs),
+    /// The node-local side of enrollment: serves ZDS to the node agent and enrolls the
+    /// ambient pods the CNI plugin reports (`ztunnel cni plugin` is that plugin).
+    Cni(ztunnel::cni::cli::CniArgs),
 }
 
 #[derive(Parser)]
@@ -62,9 +65,13 @@ struct ControllerArgs {
 
 #[derive(Parser)]
 struct NodeArgs {
-    /// Enrollment socket the CNI plugin connects to.
+    /// Enrollment socket this agent serves (unless --inpod-uds is given).
     #[arg(long, env = "ZTUNNEL_ENROLLMENT_SOCKET", default_value = "/var/run/ztunnel/ztunnel.sock")]
     enrollment_socket: PathBuf,
+    /// Connect to the CNI's ZDS socket instead of serving one (Istio's direction:
+    /// `ztunnel cni` or istio-cni serves it).
+    #[arg(long, env = "INPOD_UDS")]
+    inpod_uds: Option<PathBuf>,
     /// Pin directory on bpffs.
     #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
     pin_dir: PathBuf,
@@ -171,11 +178,20 @@ fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // A container runtime runs the plugin by its file name, with no arguments.
+    if ztunnel::cni::plugin::invoked_as_plugin() {
+        ztunnel::cni::plugin::main_process();
+    }
     let cli = Cli::parse();
-    let log = init_logging();
+    // The plugin's stdout carries its result only: no logging set up for it.
+    let log = match &cli.cmd {
+        Cmd::Cni(args) if args.is_plugin() => None,
+        _ => Some(init_logging()),
+    };
     match cli.cmd {
         Cmd::Node(args) => run_node(args, log),
         Cmd::Controller(args) => run_controller(args),
+        Cmd::Cni(args) => ztunnel::cni::cli::run(args),
     }
 }
 
@@ -241,7 +257,7 @@ fn init_logging() -> Arc<LogControl> {
     Arc::new(LogControl::from_reload_handle(handle, initial))
 }
 
-fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
+fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
     if args.uninstall {
         return uninstall(&args);
     }
@@ -286,12 +302,13 @@ fn run_node(args: NodeArgs, log: Arc<LogControl>) -> anyhow::Result<()> {
     };
     let cfg = NodeConfig {
         enrollment_socket: args.enrollment_socket,
+        zds_connect: args.inpod_uds,
         state_dir: args.state_dir,
         trust_domain: args.trust_domain,
         ca,
         local_config: args.local_config,
         xds,
-        log_control: Some(log),
+        log_control: log,
         handoff_socket: Some(args.handoff_socket),
         limits: ztunnel::proxy::limit::Limits {
             connections_per_pod_listener: args.max_connections_per_pod,
@@ -383,7 +400,10 @@ fn uninstall(args: &NodeArgs) -> anyhow::Result<()> {
         }
         let _ = std::fs::remove_dir(&args.state_dir);
     }
-    let _ = std::fs::remove_file(&args.enrollment_socket);
+    // In --inpod-uds mode the socket at that path (often the same) belongs to the CNI.
+    if args.inpod_uds.is_none() {
+        let _ = std::fs::remove_file(&args.enrollment_socket);
+    }
     let _ = std::fs::remove_file(&args.handoff_socket);
     tracing::info!(pin_dir = %args.pin_dir.display(), "uninstalled");
     Ok(())

@@ -106,6 +106,9 @@ fn main() -> Result<()> {
         "{} missing: run `cargo build --release -p ztunnel` (cargo xtask bench does)",
         binary.display()
     );
+    if o.only.iter().any(|x| x == "xds-scale") {
+        return mesh_tests::xds_scale::run(&binary).map(drop);
+    }
 
     let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
     let plain_c = c.add_pod(0, "plainc")?;

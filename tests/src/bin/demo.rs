@@ -1,109 +1,217 @@
-//! `cargo xtask demo`: a two-node mini-cluster with pods on both nodes, enrolled in their
-//! node agents. Traffic is captured by eBPF and carried between the in-pod proxies in mTLS
-//! HBONE; the demo prints the identities each side saw, the policy decisions, the eBPF
-//! counters and the Istio metrics. Exits non-zero with a reason if anything is off, and
-//! cleans up everything it created.
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+//! `cargo xtask demo`: the standalone mesh on one machine. `ztunnel controller` serves the
+//! Bookinfo-shaped topology in `deploy/demo/` (Kubernetes YAML written for this project) over
+//! delta ADS and signs the pods' certificates; two mini-cluster nodes run node agents that
+//! start empty and take everything from it. The demo shows eBPF capture, HBONE between
+//! nodes with the controller's identities, the demo's AuthorizationPolicy at work, and a
+//! namespace label flip taking the pods out of the mesh and back without restarting
+//! anything. Exits non-zero with a reason if anything is off, and cleans up after itself.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::apps::{request, PeerServer};
-use mesh_tests::mesh::{sweep_pins, wait_record, workload_yaml, write_mesh_config, MeshNode};
-use mesh_tests::{sweep_leftovers, Cluster};
+use mesh_tests::mesh::{sweep_pins, wait_record, ControlPlaneAccess, MeshNode};
+use mesh_tests::{sweep_leftovers, Cluster, Pod};
+use ztunnel::controller::{Controller, ControllerConfig, Model, Options};
+use ztunnel::identity::{CaConfig, InProcessCa};
 use ztunnel::proxy::Direction;
-use ztunnel::redirect::{CounterSnapshot, Exclusions};
+use ztunnel::redirect::CounterSnapshot;
 
 const WAIT: Duration = Duration::from_secs(5);
+const NODES: [&str; 2] = ["node-a", "node-b"];
+const PORT: u16 = 9080;
+
+/// The demo's YAML, copied so the label flip never edits the repository.
+fn copy_config(work: &Path) -> Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo");
+    let dst = work.join("config");
+    std::fs::create_dir_all(&dst)?;
+    for e in std::fs::read_dir(&src).with_context(|| format!("reading {}", src.display()))? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(&path, dst.join(path.file_name().context("file name")?))?;
+        }
+    }
+    Ok(dst)
+}
+
+fn set_ambient(config: &Path, on: bool) -> Result<()> {
+    let path = config.join("namespace.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let (from, to) = if on {
+        ("istio.io/dataplane-mode: none", "istio.io/dataplane-mode: ambient")
+    } else {
+        ("istio.io/dataplane-mode: ambient", "istio.io/dataplane-mode: none")
+    };
+    ensure!(text.contains(from), "namespace.yaml has no {from:?}");
+    let tmp = config.join(".namespace.yaml.tmp");
+    std::fs::write(&tmp, text.replace(from, to))?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
+}
+
+/// One mini-cluster pod per workload of the model, on the node the YAML names, with the
+/// address the YAML gives it (the mini-cluster allocates them in the same order).
+fn create_pods(cluster: &mut Cluster, model: &Model) -> Result<Vec<(Pod, String)>> {
+    let mut pods = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let mut ws: Vec<_> = model.workloads.values().filter(|w| w.node == *node).collect();
+        ws.sort_by_key(|w| w.addresses.first().copied());
+        for w in ws {
+            let pod = cluster.add_pod(i, &w.name)?;
+            ensure!(
+                w.addresses.contains(&pod.ip4().into()),
+                "pod {} got {} but the YAML gives it {:?}",
+                w.name,
+                pod.ip4(),
+                w.addresses
+            );
+            pods.push((pod, w.service_account.clone()));
+        }
+    }
+    Ok(pods)
+}
+
+fn find<'a>(pods: &'a [(Pod, String)], prefix: &str) -> Result<&'a Pod> {
+    pods.iter().map(|(p, _)| p).find(|p| p.name().starts_with(prefix)).with_context(|| format!("no pod {prefix}*"))
+}
+
+fn vip(model: &Model, name: &str) -> Result<SocketAddr> {
+    let s = model.services.values().find(|s| s.name == name).with_context(|| format!("no service {name}"))?;
+    Ok(SocketAddr::new(*s.vips.first().context("service without a VIP")?, PORT))
+}
 
 fn main() -> Result<()> {
     sweep_leftovers();
     sweep_pins();
-    let mut cluster = Cluster::new(2).context("building the mini-cluster (needs root)")?;
-    let client = cluster.add_pod(0, "client")?;
-    let intruder = cluster.add_pod(0, "intruder")?;
-    let server = cluster.add_pod(1, "server")?;
-    println!("mini-cluster {}:", cluster.prefix());
-    for p in [&client, &intruder, &server] {
-        println!("  pod {:<9} node{}  {} / {}", p.name(), p.node(), p.ip4(), p.ip6());
-    }
+    let work = PathBuf::from(mesh_tests::mesh::RUN_DIR).join(format!("demo-{}", std::process::id()));
+    let result = run(&work);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
 
-    let node0 = MeshNode::start(&cluster, 0, Exclusions::default()).context("node0 agent")?;
-    let node1 = MeshNode::start(&cluster, 1, Exclusions::default()).context("node1 agent")?;
-    let policy = "policies:\n- name: only-client\n  namespace: default\n  action: Allow\n  rules:\n  - clauses:\n    - matches:\n      - principals: [\"cluster.local/ns/default/sa/client\"]\n";
-    let yaml = format!(
-        "workloads:\n{}{}{}{policy}",
-        workload_yaml(&client, "default", "client", ""),
-        workload_yaml(&intruder, "default", "intruder", ""),
-        workload_yaml(&server, "default", "server", ""),
-    );
-    write_mesh_config(&cluster, &yaml, &[&node0, &node1])?;
-    node0.enroll(&client)?;
-    node0.enroll(&intruder)?;
-    node1.enroll(&server)?;
-    println!("\nenrolled client and intruder on node0, server on node1; policy: ALLOW only sa/client into default");
-    let _app = PeerServer::start(&server, 8080)?;
-
-    for ip in [IpAddr::from(server.ip4()), IpAddr::from(server.ip6())] {
-        let dst = SocketAddr::new(ip, 8080);
-        let (mut ev0, mut ev1) = (node0.events(), node1.events());
-        let reply = request(&client, dst, "hello over HBONE")?;
-        ensure!(reply.got == "hello over HBONE", "server received {:?}", reply.got);
-        println!("\nclient -> {dst}: server got {:?} (app saw peer {})", reply.got, reply.peer);
-        let out = wait_record(&mut ev0, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst)
-            .context("node0 recorded no outbound connection")?;
-        println!(
-            "  node0 outbound (15001): captured {} -> {}, sent in {} as {}",
-            out.src,
-            out.dst,
-            out.protocol,
-            out.src_identity.as_deref().unwrap_or("-")
-        );
-        println!("                          verified server identity {}", out.dst_identity.as_deref().unwrap_or("-"));
-        let inb = wait_record(&mut ev1, WAIT, |r| r.direction == Direction::Inbound && r.dst == dst)
-            .context("node1 recorded no inbound HBONE connection")?;
-        println!(
-            "  node1 inbound  (15008): mTLS peer {} from {}, policy ALLOW, {} bytes in / {} out",
-            inb.src_identity.as_deref().unwrap_or("-"),
-            inb.src,
-            inb.bytes_sent,
-            inb.bytes_received
-        );
-        ensure!(out.protocol == "HBONE" && inb.src_identity == out.src_identity, "identities do not match end to end");
-        ensure!(inb.bytes_sent == out.bytes_sent, "bytes did not arrive end to end");
-    }
-
-    let dst = SocketAddr::new(server.ip4().into(), 8080);
-    let mut ev1 = node1.events();
-    let denied = request(&intruder, dst, "let me in");
-    ensure!(denied.is_err(), "the intruder was let in: {denied:?}");
-    let rec = wait_record(&mut ev1, WAIT, |r| r.error.is_some()).context("no denial recorded")?;
+fn run(work: &Path) -> Result<()> {
+    let config = copy_config(work)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let ca = Arc::new(InProcessCa::new(CaConfig::new("cluster.local"))?);
+    let cfg = ControllerConfig {
+        config_dir: config.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        options: Options::default(),
+        ca,
+        tokens_dir: work.join("tokens"),
+        poll_interval: Duration::from_millis(200),
+    };
+    let controller = rt.block_on(Controller::start(cfg)).context("starting the controller")?;
+    let model = controller.model();
+    let errors: Vec<String> =
+        controller.status().iter().filter(|e| e.outcome.is_error()).map(|e| e.to_string()).collect();
+    ensure!(errors.is_empty(), "deploy/demo has rejected objects: {errors:?}");
     println!(
-        "\nintruder -> {dst}: refused (HBONE 401); node1 says: {} for {}",
-        rec.error.as_deref().unwrap_or("-"),
-        rec.src_identity.as_deref().unwrap_or("-")
+        "controller on {}: {} workloads, {} services, {} policies from deploy/demo/",
+        controller.addr(),
+        model.workloads.len(),
+        model.services.len(),
+        model.authorizations.len()
     );
 
-    print_counters("node0", &node0.counters());
-    print_counters("node1", &node1.counters());
-    println!("\nnode1 metrics (Istio names):");
-    for line in node1.agent().metrics().encode().lines().filter(|l| {
-        l.starts_with("istio_tcp_connections_opened_total") || l.starts_with("ztunnel_authorization_denied_total")
-    }) {
-        println!("  {}", shorten(line));
+    let mut cluster = Cluster::new(2).context("building the mini-cluster (needs root)")?;
+    let pods = create_pods(&mut cluster, &model)?;
+    for (p, sa) in &pods {
+        println!("  pod {:<36} {}  {:<12} sa {sa}", p.name(), NODES[p.node()], p.ip4().to_string());
     }
-    let c0 = node0.counters();
-    ensure!(c0.connect4.captured > 0 && c0.connect6.captured > 0, "node0 captured nothing: {c0:?}");
-    println!("\ndemo OK: eBPF capture -> HBONE (mTLS, SPIFFE) -> policy -> app; cleaning up");
+    let access = ControlPlaneAccess {
+        address: controller.addr(),
+        root_pem: controller.root_pem().into(),
+        tokens_dir: work.join("tokens"),
+        node_names: NODES.iter().map(|s| s.to_string()).collect(),
+    };
+    let agents = [
+        MeshNode::start_with_control_plane(&cluster, 0, &access)?,
+        MeshNode::start_with_control_plane(&cluster, 1, &access)?,
+    ];
+    // The mini-cluster plays the CNI: each pod is handed to its node's agent.
+    for (p, sa) in &pods {
+        agents[p.node()].enroll_as(p, "bookinfo", sa)?;
+    }
+    let _apps: Vec<PeerServer> = pods.iter().map(|(p, _)| PeerServer::start(p, PORT)).collect::<Result<_>>()?;
+    println!("\nnode agents started empty; state and certificates come from the controller");
+
+    let productpage = find(&pods, "productpage")?;
+    let details = find(&pods, "details")?;
+    let reviews = vip(&model, "reviews")?;
+    let ratings = vip(&model, "ratings")?;
+    let mut ev = agents[0].events();
+    let deadline = Instant::now() + WAIT;
+    while request(productpage, reviews, "x").is_err() {
+        ensure!(Instant::now() < deadline, "productpage never reached reviews");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let r = request(productpage, reviews, "GET /reviews/0")?;
+        ensure!(r.got == "GET /reviews/0", "reviews got {:?}", r.got);
+        let rec =
+            wait_record(&mut ev, WAIT, |r| r.direction == Direction::Outbound && r.dst == reviews && r.error.is_none())
+                .context("no outbound record for reviews")?;
+        ensure!(rec.protocol == "HBONE", "productpage -> reviews went {}", rec.protocol);
+        seen.insert(rec.dst.to_string() + " as " + rec.dst_identity.as_deref().unwrap_or("-"));
+    }
+    println!(
+        "\nproductpage -> reviews {reviews}: 6 requests in HBONE (mTLS), identity {}",
+        "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+    );
+    let denied = request(details, reviews, "GET /reviews/0");
+    ensure!(denied.is_err(), "details reached reviews despite the ALLOW-only-productpage policy");
+    println!("details -> reviews: refused by AuthorizationPolicy reviews-from-productpage (only productpage may call)");
+    let r = request(productpage, ratings, "GET /ratings/0")?;
+    ensure!(r.got == "GET /ratings/0", "ratings got {:?}", r.got);
+    println!("productpage -> ratings {ratings}: allowed (no policy on ratings)");
+
+    // Out of the mesh and back, by editing one label.
+    let direct = SocketAddr::new(find(&pods, "ratings")?.ip4().into(), PORT);
+    set_ambient(&config, false)?;
+    let took = protocol_becomes(productpage, direct, &agents[0], "TCP")?;
+    println!("\nnamespace bookinfo labelled dataplane-mode=none: productpage -> ratings is plain TCP after {took:?}");
+    set_ambient(&config, true)?;
+    let took = protocol_becomes(productpage, direct, &agents[0], "HBONE")?;
+    println!("label back to ambient: productpage -> ratings is HBONE again after {took:?}");
+
+    print_counters("node-a", &agents[0].counters());
+    print_counters("node-b", &agents[1].counters());
+    println!(
+        "\ncontroller: {} certificates issued, {} refused; {} ADS clients, {} pushes, {} NACKs",
+        controller.ca().issued_total(),
+        controller.ca().refusals_total(),
+        controller.ads().connected_clients(),
+        controller.ads().pushes_total(),
+        controller.ads().nacks_total()
+    );
+    let c = agents[0].counters();
+    ensure!(c.connect4.captured > 0, "node-a captured nothing: {c:?}");
+    println!("\ndemo OK: controller -> xDS + CA -> eBPF capture -> HBONE -> policy -> app; cleaning up");
+    drop(agents);
+    rt.block_on(controller.stop());
     Ok(())
 }
 
-fn shorten(line: &str) -> String {
-    let keep = ["reporter", "source_principal", "destination_workload", "connection_security_policy", "direction"];
-    let Some((name, rest)) = line.split_once('{') else { return line.to_string() };
-    let Some((labels, value)) = rest.rsplit_once('}') else { return line.to_string() };
-    let labels: Vec<&str> =
-        labels.split(',').filter(|l| keep.iter().any(|k| l.starts_with(&format!("{k}=")))).collect();
-    format!("{name}{{{}}}{value}", labels.join(","))
+/// Sends requests until the node agent reports them carried as `protocol`; how long it took.
+fn protocol_becomes(client: &Pod, dst: SocketAddr, agent: &MeshNode, protocol: &str) -> Result<Duration> {
+    let start = Instant::now();
+    let mut ev = agent.events();
+    while start.elapsed() < Duration::from_secs(5) {
+        if request(client, dst, "x").is_ok() {
+            if let Some(r) = wait_record(&mut ev, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst) {
+                if r.protocol == protocol {
+                    return Ok(start.elapsed());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{dst} was not reached in {protocol} within 5 s")
 }
 
 fn print_counters(node: &str, c: &CounterSnapshot) {

@@ -1,5 +1,5 @@
-//! Blocking client for the enrollment socket: what a CNI plugin (or the test cluster) uses
-//! to hand pods to the node agent.
+//! Blocking sender of enrollment requests: what the test cluster uses to hand pods to a
+//! node agent, either on the agent's own socket or on a connection the agent opened to it.
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
@@ -12,7 +12,7 @@ use super::{
     WorkloadRequest, WorkloadResponse,
 };
 
-/// One connection to a node agent's enrollment socket.
+/// One enrollment connection to a node agent, requests one at a time.
 #[derive(Debug)]
 pub struct EnrollmentClient {
     sock: OwnedFd,
@@ -27,6 +27,12 @@ impl EnrollmentClient {
         let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
         connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
         Ok(Self { sock })
+    }
+
+    /// Wraps a connection the node agent opened (Istio's direction), once its hello was
+    /// read; the fd must be blocking.
+    pub fn from_fd(sock: OwnedFd) -> Self {
+        Self { sock }
     }
 
     /// Enrolls a pod, passing its network namespace.

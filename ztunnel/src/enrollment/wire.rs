@@ -1,4 +1,5 @@
-//! Datagram I/O with fd passing on a unix `SOCK_SEQPACKET` socket.
+//! Datagram I/O with fd passing on a unix `SOCK_SEQPACKET` socket, blocking or under
+//! tokio: one ZDS (or plugin) message is one datagram, so no framing is needed.
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
@@ -23,6 +24,8 @@ pub enum WireError {
     Truncated,
     #[error("peer closed the connection")]
     Closed,
+    #[error("polling the socket: {0}")]
+    Poll(std::io::Error),
 }
 
 /// Receives one datagram (blocking or not, per the socket's mode).
@@ -58,4 +61,38 @@ pub fn send_datagram(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), WireE
     let cmsgs: Vec<ControlMessage> = if fds.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(fds)] };
     sendmsg::<()>(fd, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
     Ok(())
+}
+
+/// The first datagram a node agent sends on a ZDS connection it opened: `ZdsHello{V1}`.
+pub fn hello() -> Vec<u8> {
+    use prost::Message;
+    ztunnel_proto::zds::ZdsHello { version: ztunnel_proto::zds::Version::V1 as i32 }.encode_to_vec()
+}
+
+/// Receives one datagram on a non-blocking socket registered with tokio.
+pub async fn recv_async(conn: &tokio::io::unix::AsyncFd<OwnedFd>) -> Result<Datagram, WireError> {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut guard = conn.readable().await.map_err(WireError::Poll)?;
+        match recv_datagram(conn.as_raw_fd()) {
+            Err(WireError::Io(nix::Error::EAGAIN)) => guard.clear_ready(),
+            other => return other,
+        }
+    }
+}
+
+/// Sends one datagram (with fds) on a non-blocking socket registered with tokio.
+pub async fn send_async(
+    conn: &tokio::io::unix::AsyncFd<OwnedFd>,
+    bytes: &[u8],
+    fds: &[RawFd],
+) -> Result<(), WireError> {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut guard = conn.writable().await.map_err(WireError::Poll)?;
+        match send_datagram(conn.as_raw_fd(), bytes, fds) {
+            Err(WireError::Io(nix::Error::EAGAIN)) => guard.clear_ready(),
+            other => return other,
+        }
+    }
 }

@@ -1,22 +1,20 @@
-//! Server side of the enrollment socket: one task per CNI connection, requests handled
-//! in order, every request answered with an `Ack` (empty error = success). Bad input is
-//! answered with a reason and never stops the server.
+//! The agent's side of enrollment: serving its own socket (one task per CNI connection)
+//! and the request handler that both that server and the ZDS client (`zds_client`, the
+//! agent connecting to the CNI's socket) run on a connection. Requests are handled in
+//! order, every request answered with an `Ack` (empty error = success). Bad input is
+//! answered with a reason and never ends the connection.
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
 use std::sync::Arc;
 
-use nix::sys::socket::{
-    accept4, bind as nix_bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-};
 use prost::Message;
 use tokio::io::unix::AsyncFd;
-use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::pod::{Listeners, PodProxy};
 use super::pod_state::{self, PodState};
 use super::Shared;
+use crate::enrollment::socket::accept_seqpacket;
 use crate::enrollment::{
     recv_datagram, send_datagram, workload_request::Payload, workload_response, Ack, WireError, WorkloadRequest,
     WorkloadResponse,
@@ -24,76 +22,15 @@ use crate::enrollment::{
 use crate::netns::InpodNetns;
 use crate::proxy::PodContext;
 
-/// Creates the listening `SOCK_SEQPACKET` socket (replacing a stale socket file). Whoever
-/// can talk to these sockets can enroll pods or take every pod's sockets: the file is made
-/// owner-only, and [`accept_seqpacket`] also checks the peer's uid.
-pub(super) fn bind(path: &Path) -> std::io::Result<OwnedFd> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
-    nix_bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
-    Ok(fd)
-}
-
 /// Accepts CNI connections until aborted; aborting also ends every connection task.
 pub(super) async fn serve(listener: OwnedFd, shared: Arc<Shared>) {
     accept_seqpacket(listener, "enrollment", move |fd| connection(fd, shared.clone())).await
 }
 
-/// Accepts connections on a `SOCK_SEQPACKET` listener until aborted, running `conn` for
-/// each; aborting also ends every connection task. Shared by enrollment and handover.
-pub(super) async fn accept_seqpacket<F, Fut>(listener: OwnedFd, what: &'static str, conn: F)
-where
-    F: Fn(OwnedFd) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    // SAFETY: we own the fd and nothing else registers or closes it while `listener` lives.
-    let listener = match unsafe { AsyncFd::register(listener) } {
-        Ok(l) => l,
-        Err(e) => return warn!(error = %e, socket = what, "socket not pollable"),
-    };
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            guard = listener.readable() => {
-                let Ok(mut guard) = guard else { return };
-                match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
-                    Ok(raw) => {
-                        // SAFETY: accept4 returned a new fd that we now own.
-                        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                        match same_user(&fd) {
-                            Ok(()) => drop(conns.spawn(conn(fd))),
-                            Err(why) => warn!(socket = what, %why, "refusing connection"),
-                        }
-                    }
-                    Err(nix::Error::EAGAIN) => guard.clear_ready(),
-                    Err(e) => warn!(error = %e, socket = what, "accept failed"),
-                }
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-}
-
-/// Only a process running as this agent's user (root on a node) may use its sockets.
-pub(super) fn same_user(fd: &OwnedFd) -> Result<(), String> {
-    let cred = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| format!("no peer credentials: {e}"))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if cred.uid() == me {
-        Ok(())
-    } else {
-        Err(format!("peer uid {} (pid {}) is not this agent's uid {me}", cred.uid(), cred.pid()))
-    }
-}
-
-async fn connection(fd: OwnedFd, shared: Arc<Shared>) {
+/// Serves one enrollment connection, whichever side opened it (a CNI that connected to our
+/// socket, or the CNI's socket we connected to): requests in order, one `Ack` each, until
+/// the peer closes. The fd must be non-blocking.
+pub(super) async fn connection(fd: OwnedFd, shared: Arc<Shared>) {
     // SAFETY: as above, the connection fd is owned here only.
     let Ok(conn) = (unsafe { AsyncFd::register(fd) }) else { return };
     loop {
@@ -158,17 +95,13 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
             if fds.len() != 1 {
                 return Err(format!("Add {uid}: expected exactly 1 network namespace fd, got {}", fds.len()));
             }
-            let mut pods = shared.pods.lock().unwrap_or_else(|e| e.into_inner());
-            if pods.contains_key(&uid) {
-                return Err(format!("Add {uid}: pod is already enrolled"));
-            }
             let id = PodIdentity {
                 uid: uid.clone(),
                 name: info.name,
                 namespace: info.namespace,
                 service_account: info.service_account,
             };
-            let result = add_pod(shared, &mut pods, id, fds.remove(0));
+            let result = add_request(shared, id, fds.remove(0));
             if result.is_err() && pod_state::load(&shared.state_dir, &uid).is_some() {
                 // A pod captured before (e.g. before a crash) that cannot be served now (say
                 // something in it holds 15001) stays captured and fails closed: it counts as
@@ -212,16 +145,43 @@ fn handle(shared: &Shared, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), St
     }
 }
 
+/// An Add once the request is well formed. Adds are idempotent: a CNI re-sends every pod
+/// after a reconnect, and the same pod in the same netns is acknowledged and counts as
+/// present for SnapshotSent (as Istio's ztunnel). The same pod in a new netns (its sandbox
+/// was re-created) replaces the old one.
+fn add_request(shared: &Shared, id: PodIdentity, netns_fd: OwnedFd) -> Result<(), String> {
+    let uid = id.uid.clone();
+    let netns = InpodNetns::new(File::from(netns_fd)).map_err(|e| format!("Add {uid}: {e}"))?;
+    let served = shared.pods.lock().unwrap_or_else(|e| e.into_inner()).get(&uid).map(|p| p.ctx.pod.netns.cookie());
+    match served {
+        Some(cookie) if cookie == netns.cookie() => {
+            shared.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
+            return Ok(());
+        }
+        Some(_) => {
+            let st = pod_state::load(&shared.state_dir, &uid)
+                .ok_or_else(|| format!("Add {uid}: enrolled in another netns without a state file"))?;
+            remove_pod(shared, &st)?;
+            info!(%uid, "pod re-added with a new network namespace; the old one was released");
+        }
+        None => {}
+    }
+    let mut pods = shared.pods.lock().unwrap_or_else(|e| e.into_inner());
+    add_pod(shared, &mut pods, id, netns)
+}
+
 /// The work of an Add once the request is well formed: its netns must not be enrolled
 /// under another uid (two uids would share, and overwrite, its kernel entries).
 fn add_pod(
     shared: &Shared,
     pods: &mut std::collections::HashMap<String, PodProxy>,
     id: PodIdentity,
-    netns_fd: OwnedFd,
+    netns: InpodNetns,
 ) -> Result<(), String> {
     let uid = id.uid.clone();
-    let netns = InpodNetns::new(File::from(netns_fd)).map_err(|e| format!("Add {uid}: {e}"))?;
+    if pods.contains_key(&uid) {
+        return Err(format!("Add {uid}: pod is already enrolled (a concurrent Add)"));
+    }
     if let Some(other) = pods.values().find(|p| p.ctx.pod.netns.cookie() == netns.cookie()) {
         return Err(format!("Add {uid}: its network namespace is already enrolled as {}", other.ctx.pod.uid));
     }

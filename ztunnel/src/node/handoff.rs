@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 use tracing::{info, warn};
 
-use super::enroll_server::{accept_seqpacket, admit, same_user, PodIdentity};
+use super::enroll_server::{admit, PodIdentity};
 use super::pod::Listeners;
 use super::Shared;
+use crate::enrollment::socket::{accept_seqpacket, same_user};
 use crate::enrollment::{recv_datagram, send_datagram};
 use crate::netns::InpodNetns;
 use crate::proxy::limit::PodLimits;

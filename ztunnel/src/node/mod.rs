@@ -1,4 +1,5 @@
-//! `ztunnel node`: the per-node agent. Takes pods over the enrollment socket, installs
+//! `ztunnel node`: the per-node agent. Takes pods over enrollment (serving its own socket,
+//! or connecting to the CNI's as Istio's ztunnel does), installs
 //! capture for them, and runs each pod's in-pod proxy listeners (outbound, inbound HBONE,
 //! inbound passthrough), sharing one identity manager, HBONE pool and state store.
 mod enroll_server;
@@ -6,6 +7,7 @@ mod handoff;
 mod mesh;
 mod pod;
 mod pod_state;
+mod zds_client;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::admin::{AdminConfig, AdminServer};
+use crate::enrollment::socket::bind;
 use crate::identity::CertificateProvider;
 use crate::proxy::{ConnectionRecord, MeshContext};
 use crate::redirect::{Capture, CaptureConfig, CaptureError};
@@ -26,8 +29,13 @@ pub use pod::PodProxy;
 /// Everything the node agent needs, passed down from the CLI or a test.
 #[derive(Clone)]
 pub struct NodeConfig {
-    /// Unix `SOCK_SEQPACKET` path where the CNI plugin enrolls pods.
+    /// Unix `SOCK_SEQPACKET` path this agent serves for enrollment (when `zds_connect` is
+    /// `None`): tests, the handover and use without a CNI daemon connect here.
     pub enrollment_socket: PathBuf,
+    /// Istio's direction (`INPOD_UDS`): the CNI side serves this socket and the agent
+    /// connects to it (retrying while it is absent), sends `ZdsHello`, and takes its
+    /// requests. When set, `enrollment_socket` is not served, so the two can share a path.
+    pub zds_connect: Option<PathBuf>,
     /// Regular-filesystem directory for per-pod state (netns cookie, IPs) kept across restarts.
     pub state_dir: PathBuf,
     /// eBPF capture settings.
@@ -84,7 +92,8 @@ pub(crate) struct Shared {
 pub struct Node {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
-    socket_path: PathBuf,
+    /// The enrollment socket this agent serves (none when it connects to the CNI's).
+    socket_path: Option<PathBuf>,
     admin: Option<AdminServer>,
     limits: crate::proxy::limit::Limits,
 }
@@ -134,7 +143,7 @@ impl Node {
                 Ok(n) => tracing::info!(pods = n, "took over pods from the previous agent"),
                 Err(e) => tracing::warn!(error = %e, "taking over from the previous agent failed; pods need a new Add"),
             }
-            let listener = enroll_server::bind(path).map_err(|source| NodeError::Io {
+            let listener = bind(path).map_err(|source| NodeError::Io {
                 what: "binding handoff socket",
                 path: path.clone(),
                 source,
@@ -142,12 +151,21 @@ impl Node {
             tasks.push(tokio::spawn(handoff::serve(listener, shared.clone())));
         }
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let listener = enroll_server::bind(&cfg.enrollment_socket).map_err(|source| NodeError::Io {
-            what: "binding enrollment socket",
-            path: cfg.enrollment_socket.clone(),
-            source,
-        })?;
-        tasks.push(tokio::spawn(enroll_server::serve(listener, shared.clone())));
+        let socket_path = match &cfg.zds_connect {
+            Some(path) => {
+                tasks.push(tokio::spawn(zds_client::run(path.clone(), shared.clone())));
+                None
+            }
+            None => {
+                let listener = bind(&cfg.enrollment_socket).map_err(|source| NodeError::Io {
+                    what: "binding enrollment socket",
+                    path: cfg.enrollment_socket.clone(),
+                    source,
+                })?;
+                tasks.push(tokio::spawn(enroll_server::serve(listener, shared.clone())));
+                Some(cfg.enrollment_socket.clone())
+            }
+        };
         if let (Some(path), Some(loaded)) = (cfg.local_config.clone(), loaded) {
             tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone(), loaded)));
         }
@@ -161,8 +179,11 @@ impl Node {
         };
         // Capture installed, first config applied, enrollment served: now ready.
         ready.store(true, std::sync::atomic::Ordering::Release);
-        tracing::info!(socket = %cfg.enrollment_socket.display(), "node agent ready");
-        Ok(Self { shared, tasks, socket_path: cfg.enrollment_socket, admin, limits: cfg.limits })
+        match &cfg.zds_connect {
+            Some(path) => tracing::info!(cni_socket = %path.display(), "node agent ready"),
+            None => tracing::info!(socket = %cfg.enrollment_socket.display(), "node agent ready"),
+        }
+        Ok(Self { shared, tasks, socket_path, admin, limits: cfg.limits })
     }
 
     /// Resolves once a successor has taken this agent's pods and the connections accepted
@@ -218,7 +239,9 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = std::fs::remove_file(&self.socket_path);
+        if let Some(path) = &self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
         let shared = &self.shared;
         // Detach and clear the kernel side first, then close the pods' listeners.
         for st in pod_state::load_all(&shared.state_dir) {
@@ -238,8 +261,8 @@ impl Drop for Node {
             t.abort();
         }
         // After a handover the path belongs to the successor's socket.
-        if !self.shared.retirement.handed_off() {
-            let _ = std::fs::remove_file(&self.socket_path);
+        if let Some(path) = self.socket_path.as_ref().filter(|_| !self.shared.retirement.handed_off()) {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -418,7 +418,7 @@ fn demo_configuration_loads_with_expected_counts() {
     assert_eq!(reviews.clone().count(), 3);
     assert!(reviews.clone().all(|w| w.authorization_policies == ["bookinfo/reviews-from-productpage"]));
     let productpage = m.workloads.values().find(|w| w.workload_name == "productpage-v1").expect("productpage");
-    assert_eq!((productpage.addresses[0], productpage.node.as_str()), (ip("10.10.1.10"), "node-a"));
+    assert_eq!((productpage.addresses[0], productpage.node.as_str()), (ip("10.244.0.10"), "node-a"));
     assert_eq!(productpage.service_account, "bookinfo-productpage");
 }
 

@@ -1,0 +1,218 @@
+//! The control plane at scale (a bench scenario, `cargo xtask bench --only xds-scale`): a
+//! release `ztunnel controller` serving 10,000 workloads and 2,000 services to one release
+//! `ztunnel node`. Reports the time to full sync, the agent's RSS growth for that state, the
+//! controller's RSS, and the time from a file edit to the change applied at the agent.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::agent_process::{cluster_args, AgentProcess};
+use crate::Cluster;
+
+const WORKLOADS: usize = 10_000;
+const SERVICES: usize = 2_000;
+const NODE: &str = "node-a";
+
+/// One Namespace (ambient), `WORKLOADS` pods on `NODE` (5 per service, labelled `svc: s<i>`),
+/// `SERVICES` services selecting them.
+fn write_config(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut ns = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: scale\n  labels:\n    istio.io/dataplane-mode: ambient\n",
+    );
+    ns.push('\n');
+    std::fs::write(dir.join("namespace.yaml"), ns)?;
+    let mut pods = String::new();
+    for i in 0..WORKLOADS {
+        let (a, b) = (i / 250, i % 250 + 1);
+        pods.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: scale\n  labels:\n    svc: s{}\nspec:\n  nodeName: {NODE}\n  serviceAccountName: sa{}\n  containers:\n  - name: app\n    image: app\nstatus:\n  podIP: 10.{}.{a}.{b}\n",
+            i % SERVICES,
+            i % 100,
+            100 + a / 250,
+        ));
+    }
+    std::fs::write(dir.join("pods.yaml"), pods)?;
+    let mut svcs = String::new();
+    for i in 0..SERVICES {
+        svcs.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{i}\n  namespace: scale\nspec:\n  clusterIP: 10.96.{}.{}\n  selector:\n    svc: s{i}\n  ports:\n  - port: 80\n    targetPort: 8080\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    std::fs::write(dir.join("services.yaml"), svcs)?;
+    Ok(())
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(str::to_string)))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// GET `path` from `addr`; the body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// `ztunnel_xds_messages_total` summed over types, from the agent's metrics.
+fn messages(metrics: SocketAddr) -> u64 {
+    http_get(metrics, "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("ztunnel_xds_messages_total{"))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+struct Controller(Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the scenario; prints a table and returns the numbers.
+pub fn run(binary: &Path) -> Result<serde_json::Value> {
+    let work = PathBuf::from(crate::mesh::RUN_DIR).join(format!("xds-scale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let config = work.join("config");
+    write_config(&config)?;
+    let port = free_port()?;
+    let root = work.join("root.pem");
+    let started = Instant::now();
+    let controller = Controller(
+        Command::new(binary)
+            .args(["controller", "--config-dir"])
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--ca-state-dir"])
+            .arg(work.join("ca"))
+            .arg("--tokens-dir")
+            .arg(work.join("tokens"))
+            .arg("--root-cert-out")
+            .arg(&root)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the controller")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !root.exists() || TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("controller did not come up in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let controller_up = started.elapsed();
+    let controller_rss = rss_kb(controller.0.id());
+
+    let c = Cluster::new(1).context("mini-cluster (needs root)")?;
+    let metrics_port = free_port()?;
+    let extra = cluster_args(
+        &c,
+        None,
+        &[
+            "--xds-address",
+            &format!("https://127.0.0.1:{port}"),
+            "--xds-root-ca",
+            &root.display().to_string(),
+            "--control-plane-server-name",
+            "localhost",
+            "--auth-token",
+            &work.join("tokens").join(NODE).display().to_string(),
+            "--node-name",
+            NODE,
+        ],
+    )?;
+    // A known metrics port to poll instead of an ephemeral one.
+    let mut extra = extra;
+    if let Some(i) = extra.iter().position(|a| a == "--metrics-addr") {
+        extra[i + 1] = format!("127.0.0.1:{metrics_port}");
+    }
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse()?;
+    let t0 = Instant::now();
+    let agent = AgentProcess::start(binary, &c, 0, &extra)?;
+    let empty_rss = rss_kb(agent.pid());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while messages(metrics) < 2 {
+        if Instant::now() > deadline {
+            bail!("agent did not sync in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sync = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(6)); // past a heap-trim period
+    let synced_rss = rss_kb(agent.pid());
+
+    // One change: a new service file; time until the agent applied a new response.
+    let mut edits = Vec::new();
+    for i in 0..5 {
+        let before = messages(metrics);
+        let t = Instant::now();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: extra{i}\n  namespace: scale\nspec:\n  clusterIP: 10.97.0.{}\n  selector:\n    svc: s{i}\n  ports:\n  - port: 81\n",
+            i + 1
+        );
+        std::fs::write(config.join(format!("extra{i}.yaml")), yaml)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while messages(metrics) == before {
+            if Instant::now() > deadline {
+                bail!("edit {i} not applied in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        edits.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    edits.sort_by(|a, b| a.total_cmp(b));
+    let controller_rss_serving = rss_kb(controller.0.id());
+    println!("\ncontrol plane at scale: {WORKLOADS} workloads, {SERVICES} services, one node agent");
+    println!("  controller start (load + translate + listen): {:.2} s", controller_up.as_secs_f64());
+    println!("  agent start to full sync:                     {:.2} s  (target < 2 s)", sync.as_secs_f64());
+    println!(
+        "  agent RSS: {:.1} MB empty -> {:.1} MB synced: +{:.1} MB (target < 30 MB)",
+        empty_rss as f64 / 1024.0,
+        synced_rss as f64 / 1024.0,
+        (synced_rss as f64 - empty_rss as f64) / 1024.0
+    );
+    println!(
+        "  controller RSS: {:.1} MB loaded, {:.1} MB serving",
+        controller_rss as f64 / 1024.0,
+        controller_rss_serving as f64 / 1024.0
+    );
+    println!(
+        "  file edit -> applied at the agent: median {:.0} ms, max {:.0} ms over {} edits (target < 100 ms; \
+         includes the controller's 200 ms directory poll)",
+        edits[edits.len() / 2],
+        edits[edits.len() - 1],
+        edits.len()
+    );
+    drop(agent);
+    drop(controller);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(json!({
+        "workloads": WORKLOADS, "services": SERVICES,
+        "controller_start_s": controller_up.as_secs_f64(), "full_sync_s": sync.as_secs_f64(),
+        "agent_rss_kb_empty": empty_rss, "agent_rss_kb_synced": synced_rss,
+        "controller_rss_kb": controller_rss_serving, "edit_to_applied_ms": edits,
+    }))
+}

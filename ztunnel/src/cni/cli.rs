@@ -1,0 +1,112 @@
+//! The `ztunnel cni` subcommand's flags and entry points, here rather than in `main.rs` so
+//! the binary stays wiring only: `ztunnel cni` runs the daemon, `ztunnel cni plugin` the
+//! CNI plugin (which a runtime normally runs as `ztunnel-cni`, see [`super::plugin`]).
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::{CniConfig, CniDaemon, DEFAULT_PLUGIN_SOCKET};
+
+/// `ztunnel cni [plugin]`.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct CniArgs {
+    #[command(subcommand)]
+    pub command: Option<CniCommand>,
+    /// ZDS socket node agents connect to (Istio's `INPOD_UDS`).
+    #[arg(long, env = "INPOD_UDS", default_value = "/var/run/ztunnel/ztunnel.sock")]
+    pub inpod_uds: PathBuf,
+    /// Socket the CNI plugin reports pods on (the plugin config's `daemonSocket`).
+    #[arg(long, env = "ZTUNNEL_CNI_PLUGIN_SOCKET", default_value = DEFAULT_PLUGIN_SOCKET)]
+    pub plugin_socket: PathBuf,
+    /// Pod records kept across restarts.
+    #[arg(long, env = "ZTUNNEL_CNI_STATE_DIR", default_value = "/var/run/ztunnel/cni")]
+    pub state_dir: PathBuf,
+    /// Control plane serving delta ADS (istiod or `ztunnel controller`); says which pods
+    /// are in the mesh.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// PEM roots for the xDS server's certificate.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_root_ca: Option<PathBuf>,
+    /// File with the bearer token sent to the xDS server.
+    #[arg(long, env = "AUTH_TOKEN")]
+    pub auth_token: Option<PathBuf>,
+    /// Name expected in the control plane's certificate (default: the address's host).
+    #[arg(long, env = "ZTUNNEL_CONTROL_PLANE_SERVER_NAME")]
+    pub control_plane_server_name: Option<String>,
+    /// This node's name: only pods the control plane schedules here are enrolled.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// Cluster id, sent to the control plane.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// How long (ms) a plugin ADD waits for the control plane to know the pod and the node
+    /// agent to enroll it.
+    #[arg(long, env = "ZTUNNEL_CNI_ENROLL_WAIT_MS", default_value_t = 5000)]
+    pub enroll_wait_ms: u64,
+}
+
+/// `ztunnel cni plugin`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CniCommand {
+    /// Run as the chained CNI plugin: CNI_* environment and network config on stdin, as a
+    /// container runtime calls it.
+    Plugin,
+}
+
+impl CniArgs {
+    /// Whether to run as the plugin (which must not log to stdout).
+    pub fn is_plugin(&self) -> bool {
+        matches!(self.command, Some(CniCommand::Plugin))
+    }
+
+    /// The daemon's config from the flags.
+    pub fn config(&self) -> anyhow::Result<CniConfig> {
+        let address = self
+            .xds_address
+            .clone()
+            .context("XDS_ADDRESS (--xds-address) is required: it says which pods are in the mesh")?;
+        let root_pem = match &self.xds_root_ca {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        let node_name = if self.node_name.is_empty() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+        } else {
+            self.node_name.clone()
+        };
+        Ok(CniConfig {
+            zds_socket: self.inpod_uds.clone(),
+            plugin_socket: self.plugin_socket.clone(),
+            state_dir: self.state_dir.clone(),
+            xds: crate::xds::XdsConfig {
+                server: crate::grpc::ControlPlaneEndpoint {
+                    address,
+                    root_pem,
+                    server_name: self.control_plane_server_name.clone(),
+                    token_path: self.auth_token.clone(),
+                },
+                node_name,
+                cluster_id: self.cluster_id.clone(),
+            },
+            enroll_wait: Duration::from_millis(self.enroll_wait_ms),
+        })
+    }
+}
+
+/// Runs `ztunnel cni`: the plugin (never returns) or the daemon until Ctrl-C.
+pub fn run(args: CniArgs) -> anyhow::Result<()> {
+    if args.is_plugin() {
+        super::plugin::main_process();
+    }
+    let cfg = args.config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        let daemon = CniDaemon::start(cfg).await.context("starting the cni daemon")?;
+        tokio::signal::ctrl_c().await?;
+        tracing::info!(known = daemon.status().known.len(), "shutting down; pod records stay for the next start");
+        Ok(())
+    })
+}
