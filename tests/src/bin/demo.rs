@@ -159,10 +159,10 @@ fn run(work: &Path) -> Result<()> {
         ensure!(rec.protocol == "HBONE", "productpage -> reviews went {}", rec.protocol);
         seen.insert(rec.dst.to_string() + " as " + rec.dst_identity.as_deref().unwrap_or("-"));
     }
-    println!(
-        "\nproductpage -> reviews {reviews}: 6 requests in HBONE (mTLS), identity {}",
-        "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
-    );
+    println!("\nproductpage -> reviews {reviews}: 6 requests in HBONE (mTLS), spread over:");
+    for endpoint in &seen {
+        println!("  {endpoint}");
+    }
     let denied = request(details, reviews, "GET /reviews/0");
     ensure!(denied.is_err(), "details reached reviews despite the ALLOW-only-productpage policy");
     println!("details -> reviews: refused by AuthorizationPolicy reviews-from-productpage (only productpage may call)");
