@@ -23,7 +23,7 @@ fn workload_resource_is_named_by_uid_and_decodes_with_its_fields() {
     };
     assert_eq!(w.uid, productpage.uid);
     assert_eq!((w.name.as_str(), w.namespace.as_str()), (productpage.name.as_str(), "bookinfo"));
-    assert_eq!(w.addresses, vec![vec![10, 10, 1, 10]]);
+    assert_eq!(w.addresses, vec![vec![10, 244, 0, 10]]);
     assert_eq!(w.tunnel_protocol, xwl::TunnelProtocol::Hbone as i32);
     assert_eq!(w.service_account, "bookinfo-productpage");
     assert_eq!(w.node, "node-a");
