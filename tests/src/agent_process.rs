@@ -213,8 +213,15 @@ impl Drop for AgentProcess {
 pub fn ztunnel_binary() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        // <target>/<profile>/deps/<test>-<hash>
         let exe = std::env::current_exe().expect("current_exe");
+        // A binary of this crate (demo, bench) sits beside `ztunnel` in <target>/<profile>;
+        // its xtask builds that first.
+        let in_deps = exe.parent().and_then(Path::file_name).is_some_and(|n| n == "deps");
+        let sibling = exe.with_file_name("ztunnel");
+        if !in_deps && sibling.is_file() {
+            return sibling;
+        }
+        // A test: <target>/<profile>/deps/<test>-<hash>
         let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
         let mut cmd = Command::new(env!("CARGO"));

@@ -101,7 +101,13 @@ impl CniNode {
     /// Runs the plugin for `pod` with `command` (ADD, DEL, CHECK), as the runtime would for
     /// its sandbox: CNI_NETNS is the pod's named netns, CNI_ARGS carries its Kubernetes names.
     pub fn plugin(&self, command: &str, pod: &Pod) -> PluginRun {
-        self.plugin.run(&pod_env(command, pod), &plugin_config(self.plugin_socket(), Some(prev_result(pod))))
+        self.plugin_in(command, pod, "default")
+    }
+
+    /// [`CniNode::plugin`] for a pod of `namespace`.
+    pub fn plugin_in(&self, command: &str, pod: &Pod, namespace: &str) -> PluginRun {
+        let config = plugin_config(self.plugin_socket(), Some(prev_result(pod)));
+        self.plugin.run(&pod_env_in(command, pod, namespace), &config)
     }
 }
 
@@ -114,6 +120,11 @@ impl Drop for CniNode {
 
 /// The CNI environment a runtime gives the plugin for `pod`'s sandbox.
 pub fn pod_env(command: &str, pod: &Pod) -> Vec<(String, String)> {
+    pod_env_in(command, pod, "default")
+}
+
+/// [`pod_env`] for a pod of `namespace`.
+pub fn pod_env_in(command: &str, pod: &Pod, namespace: &str) -> Vec<(String, String)> {
     let netns = crate::netns::netns_path(pod.netns_name());
     vec![
         ("CNI_COMMAND".into(), command.into()),
@@ -123,7 +134,7 @@ pub fn pod_env(command: &str, pod: &Pod) -> Vec<(String, String)> {
         (
             "CNI_ARGS".into(),
             format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
                 pod.name(),
                 container_id(pod),
                 pod.uid()

@@ -76,9 +76,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Setup => setup().map(|()| 0),
-        Cmd::Demo => require_root("demo")
-            .and_then(|()| setup())
-            .and_then(|()| cargo(&["run", "--release", "-p", "mesh-tests", "--bin", "demo"])),
+        Cmd::Demo => require_root("demo").and_then(|()| setup()).and_then(|()| release_bench("demo", &[])),
         Cmd::Test => require_root("test")
             .and_then(|()| setup())
             .and_then(|()| cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"])),

@@ -1,10 +1,13 @@
 //! `cargo xtask demo`: the standalone mesh on one machine. `ztunnel controller` serves the
 //! Bookinfo-shaped topology in `deploy/demo/` (Kubernetes YAML written for this project) over
-//! delta ADS and signs the pods' certificates; two mini-cluster nodes run node agents that
-//! start empty and take everything from it. The demo shows eBPF capture, HBONE between
-//! nodes with the controller's identities, the demo's AuthorizationPolicy at work, and a
-//! namespace label flip taking the pods out of the mesh and back without restarting
-//! anything. Exits non-zero with a reason if anything is off, and cleans up after itself.
+//! delta ADS and signs the pods' certificates. Each of two mini-cluster nodes runs a
+//! `ztunnel cni` agent and a node agent that starts empty: the node agent connects to the
+//! CNI agent's ZDS socket (Istio's direction), the demo plays the container runtime and runs
+//! the real CNI plugin binary for each pod, and the CNI agent enrolls the pods the
+//! controller says are ambient. The demo shows eBPF capture, HBONE between nodes with the
+//! controller's identities, the demo's AuthorizationPolicy at work, and a namespace label
+//! flip taking the pods out of the mesh and back without restarting anything. Exits non-zero
+//! with a reason if anything is off, and cleans up after itself.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::apps::{request, PeerServer};
+use mesh_tests::cni::CniNode;
 use mesh_tests::mesh::{sweep_pins, wait_record, ControlPlaneAccess, MeshNode};
 use mesh_tests::{sweep_leftovers, Cluster, Pod};
 use ztunnel::controller::{Controller, ControllerConfig, Model, Options};
@@ -128,16 +132,24 @@ fn run(work: &Path) -> Result<()> {
         tokens_dir: work.join("tokens"),
         node_names: NODES.iter().map(|s| s.to_string()).collect(),
     };
+    let cnis = [CniNode::start(&cluster, 0, &access)?, CniNode::start(&cluster, 1, &access)?];
     let agents = [
-        MeshNode::start_with_control_plane(&cluster, 0, &access)?,
-        MeshNode::start_with_control_plane(&cluster, 1, &access)?,
+        MeshNode::start_connecting(&cluster, 0, cnis[0].zds_socket(), Some(&access))?,
+        MeshNode::start_connecting(&cluster, 1, cnis[1].zds_socket(), Some(&access))?,
     ];
-    // The mini-cluster plays the CNI: each pod is handed to its node's agent.
-    for (p, sa) in &pods {
-        agents[p.node()].enroll_as(p, "bookinfo", sa)?;
+    println!("\nper node: `ztunnel cni` (serves ZDS) and a node agent that started empty and connected to it");
+    // The demo plays the container runtime: the chained CNI plugin runs for each new pod,
+    // and returns once the pod is enrolled (before its app would start).
+    for (p, _) in &pods {
+        let run = cnis[p.node()].plugin_in("ADD", p, "bookinfo");
+        ensure!(run.code == Some(0), "CNI ADD for {} failed: {} {}", p.name(), run.stdout, run.stderr);
+    }
+    for cni in &cnis {
+        let s = cni.wait(WAIT, |s| s.enrolled.len() == 3)?;
+        println!("  {} pods enrolled by the CNI agent", s.enrolled.len());
     }
     let _apps: Vec<PeerServer> = pods.iter().map(|(p, _)| PeerServer::start(p, PORT)).collect::<Result<_>>()?;
-    println!("\nnode agents started empty; state and certificates come from the controller");
+    println!("state, certificates and ambient membership all come from the controller");
 
     let productpage = find(&pods, "productpage")?;
     let details = find(&pods, "details")?;
@@ -159,7 +171,7 @@ fn run(work: &Path) -> Result<()> {
         ensure!(rec.protocol == "HBONE", "productpage -> reviews went {}", rec.protocol);
         seen.insert(rec.dst.to_string() + " as " + rec.dst_identity.as_deref().unwrap_or("-"));
     }
-    println!("\nproductpage -> reviews {reviews}: 6 requests in HBONE (mTLS), spread over:");
+    println!("\nproductpage -> reviews {reviews}: 6 requests in HBONE (mTLS), server identity verified:");
     for endpoint in &seen {
         println!("  {endpoint}");
     }
@@ -170,14 +182,30 @@ fn run(work: &Path) -> Result<()> {
     ensure!(r.got == "GET /ratings/0", "ratings got {:?}", r.got);
     println!("productpage -> ratings {ratings}: allowed (no policy on ratings)");
 
-    // Out of the mesh and back, by editing one label.
+    // Out of the mesh and back, by editing one label: the CNI agents release the running
+    // pods (their traffic then bypasses the mesh) and enroll them again.
     let direct = SocketAddr::new(find(&pods, "ratings")?.ip4().into(), PORT);
     set_ambient(&config, false)?;
-    let took = protocol_becomes(productpage, direct, &agents[0], "TCP")?;
-    println!("\nnamespace bookinfo labelled dataplane-mode=none: productpage -> ratings is plain TCP after {took:?}");
+    let start = Instant::now();
+    for cni in &cnis {
+        cni.wait(WAIT, |s| s.enrolled.is_empty())?;
+    }
+    let released = start.elapsed();
+    let before = agents[0].counters().connect4.captured;
+    let r = request(productpage, direct, "outside the mesh")?;
+    ensure!(r.got == "outside the mesh", "ratings got {:?}", r.got);
+    ensure!(agents[0].counters().connect4.captured == before, "a released pod's connect was still captured");
+    println!("\nnamespace bookinfo labelled dataplane-mode=none: all 6 pods released after {released:?}, traffic not captured");
     set_ambient(&config, true)?;
+    let start = Instant::now();
+    for cni in &cnis {
+        cni.wait(WAIT, |s| s.enrolled.len() == 3)?;
+    }
     let took = protocol_becomes(productpage, direct, &agents[0], "HBONE")?;
-    println!("label back to ambient: productpage -> ratings is HBONE again after {took:?}");
+    println!(
+        "label back to ambient: pods enrolled again, productpage -> ratings in HBONE after {:?}",
+        start.elapsed().max(took)
+    );
 
     print_counters("node-a", &agents[0].counters());
     print_counters("node-b", &agents[1].counters());
@@ -193,6 +221,7 @@ fn run(work: &Path) -> Result<()> {
     ensure!(c.connect4.captured > 0, "node-a captured nothing: {c:?}");
     println!("\ndemo OK: controller -> xDS + CA -> eBPF capture -> HBONE -> policy -> app; cleaning up");
     drop(agents);
+    drop(cnis);
     rt.block_on(controller.stop());
     Ok(())
 }
