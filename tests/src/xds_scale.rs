@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -110,8 +110,9 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
             .arg(work.join("tokens"))
             .arg("--root-cert-out")
             .arg(&root)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(work.join("controller.log"))?)
             .spawn()
             .context("starting the controller")?,
     );
@@ -184,6 +185,9 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
         std::thread::sleep(Duration::from_millis(500));
     }
     edits.sort_by(|a, b| a.total_cmp(b));
+    // The controller's own account of its last reload (read, model, total).
+    let log = std::fs::read_to_string(work.join("controller.log")).unwrap_or_default();
+    let reload = log.lines().rfind(|l| l.contains("config changed")).unwrap_or("").to_string();
     let controller_rss_serving = rss_kb(controller.0.id());
     println!("\ncontrol plane at scale: {WORKLOADS} workloads, {SERVICES} services, one node agent");
     println!("  controller start (load + translate + listen): {:.2} s", controller_up.as_secs_f64());
@@ -206,6 +210,7 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
         edits[edits.len() - 1],
         edits.len()
     );
+    println!("  controller's last reload: {}", reload.split_once("version=").map(|(_, r)| r).unwrap_or(&reload));
     drop(agent);
     drop(controller);
     let _ = std::fs::remove_dir_all(&work);

@@ -625,20 +625,25 @@ fn uninstall_job_mirrors_the_daemonset() {
 }
 
 /// A script that runs the real `ztunnel` with only `caps` (Kubernetes names, e.g. NET_ADMIN)
-/// in its bounding set, as a container started with `drop: [ALL], add: caps` gets them; with
-/// `full_caps_for_uninstall`, `--uninstall` runs unrestricted (to clean up after a failure).
-fn capability_wrapper(caps: &BTreeSet<String>, tag: &str, full_caps_for_uninstall: bool) -> PathBuf {
+/// in its bounding set, as a container started with `drop: [ALL], add: caps` gets them. With
+/// `stderr_to`, `--uninstall` runs unrestricted (to clean up after a failure) and the agent's
+/// stderr goes to that file instead of the test output.
+fn capability_wrapper(caps: &BTreeSet<String>, tag: &str, stderr_to: Option<&Path>) -> PathBuf {
     let bounding: String = caps.iter().map(|c| format!(",+{}", c.to_ascii_lowercase())).collect();
     let bin = ztunnel_binary().display().to_string();
-    let bypass = if full_caps_for_uninstall {
-        format!("for a in \"$@\"; do [ \"$a\" = --uninstall ] && exec {bin} \"$@\"; done\n")
-    } else {
-        String::new()
+    let (bypass, redirect) = match stderr_to {
+        Some(log) => (
+            format!("for a in \"$@\"; do [ \"$a\" = --uninstall ] && exec {bin} \"$@\"; done\n"),
+            format!(" 2>>{}", log.display()),
+        ),
+        None => (String::new(), String::new()),
     };
     let path = std::env::temp_dir().join(format!("ztunnel-caps-{}-{tag}", std::process::id()));
     std::fs::write(
         &path,
-        format!("#!/bin/sh\n{bypass}exec setpriv --inh-caps=-all --bounding-set=-all{bounding} {bin} \"$@\"\n"),
+        format!(
+            "#!/bin/sh\n{bypass}exec setpriv --inh-caps=-all --bounding-set=-all{bounding} {bin} \"$@\"{redirect}\n"
+        ),
     )
     .expect("writing the wrapper");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
@@ -684,7 +689,7 @@ impl Drop for CapsRig {
 #[test]
 fn node_agent_carries_hbone_with_only_the_charts_capabilities() {
     let caps = added_capabilities(node_agent(default_render()));
-    let wrapper = capability_wrapper(&caps, "exact", false);
+    let wrapper = capability_wrapper(&caps, "exact", None);
     let rig = CapsRig::new();
     let a0 =
         AgentProcess::start(&wrapper, &rig.c, 0, &rig.extra).expect("agent 0 starts with the chart's capabilities");
@@ -712,13 +717,19 @@ fn node_agent_cannot_capture_without_either_of_the_charts_capabilities() {
     assert!(!caps.is_empty());
     for missing in &caps {
         let fewer: BTreeSet<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
-        let wrapper = capability_wrapper(&fewer, &format!("without-{missing}"), true);
+        let log = std::env::temp_dir().join(format!("ztunnel-caps-{}-without-{missing}.log", std::process::id()));
+        let wrapper = capability_wrapper(&fewer, &format!("without-{missing}"), Some(&log));
         let rig = CapsRig::new();
         let outcome = AgentProcess::start(&wrapper, &rig.c, 0, &rig.extra)
             .map_err(|e| format!("start: {e:#}"))
             .and_then(|agent| agent.enroll(&rig.client).map_err(|e| format!("enroll: {e:#}")));
+        let stderr = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_file(wrapper);
+        let _ = std::fs::remove_file(log);
         let why = outcome.expect_err(&format!("the agent captured a pod without {missing}: the chart grants too much"));
-        println!("without {missing}: {}", why.lines().next().unwrap_or_default());
+        // The agent's own reason, when it exited: the line after "Caused by:".
+        let cause = stderr.lines().skip_while(|l| !l.starts_with("Caused by")).nth(1).unwrap_or_default().trim();
+        let cause: String = cause.chars().take(160).collect();
+        println!("without {missing}: {} {cause}", why.lines().next().unwrap_or_default());
     }
 }

@@ -20,8 +20,8 @@ use ztunnel::state::{parse_local_config, ConfigError, LocalConfig, StateStore};
 
 #[derive(serde::Serialize)]
 struct Doc<'a> {
-    workloads: &'a [ztunnel::state::Workload],
-    services: &'a [ztunnel::state::Service],
+    workloads: &'a [std::sync::Arc<ztunnel::state::Workload>],
+    services: &'a [std::sync::Arc<ztunnel::state::Service>],
     policies: &'a [ztunnel::policy::Authorization],
 }
 

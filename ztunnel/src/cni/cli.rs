@@ -46,6 +46,21 @@ pub struct CniArgs {
     /// agent to enroll it.
     #[arg(long, env = "ZTUNNEL_CNI_ENROLL_WAIT_MS", default_value_t = 5000)]
     pub enroll_wait_ms: u64,
+    /// Install the chained plugin at start: this binary is copied here as `ztunnel-cni`
+    /// (the host's `/opt/cni/bin`, mounted into the container).
+    #[arg(long, requires = "cni_conf_dir")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// The host's network configurations (`/etc/cni/net.d`): the plugin is appended to the
+    /// chain of the first conflist (or `--cni-conf-name`).
+    #[arg(long, requires = "cni_bin_dir")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The conflist to chain into (default: the first by name).
+    #[arg(long)]
+    pub cni_conf_name: Option<String>,
+    /// The daemon socket path as the runtime's plugin sees it on the host (default: the
+    /// `--plugin-socket` path).
+    #[arg(long)]
+    pub host_plugin_socket: Option<PathBuf>,
 }
 
 /// `ztunnel cni plugin`.
@@ -102,6 +117,17 @@ pub fn run(args: CniArgs) -> anyhow::Result<()> {
         super::plugin::main_process();
     }
     let cfg = args.config()?;
+    if let (Some(bin_dir), Some(conf_dir)) = (args.cni_bin_dir.clone(), args.cni_conf_dir.clone()) {
+        let install = super::install::InstallConfig {
+            bin_dir,
+            conf_dir,
+            conf_name: args.cni_conf_name.clone(),
+            daemon_socket: args.host_plugin_socket.clone().unwrap_or_else(|| args.plugin_socket.clone()),
+        };
+        let binary = std::env::current_exe().context("finding this binary")?;
+        let conf = super::install::install(&install, &binary).context("installing the CNI plugin")?;
+        tracing::info!(conf = %conf.display(), "CNI plugin installed and chained");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
         let daemon = CniDaemon::start(cfg).await.context("starting the cni daemon")?;

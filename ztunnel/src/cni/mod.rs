@@ -16,6 +16,7 @@
 mod agents;
 pub mod api;
 pub mod cli;
+pub mod install;
 mod manager;
 pub mod plugin;
 pub mod records;

@@ -243,6 +243,9 @@ async fn watch_dir(
 ) {
     let mut last = super::fingerprint(&cfg.config_dir);
     let mut version = 1;
+    let mut reader = super::source::CachedReader::default();
+    // Prime the cache with what was loaded at start (files unchanged since are not re-parsed).
+    let _ = reader.read_dir(&cfg.config_dir);
     loop {
         tokio::time::sleep(cfg.poll_interval).await;
         let fp = super::fingerprint(&cfg.config_dir);
@@ -250,13 +253,17 @@ async fn watch_dir(
             continue;
         }
         last = fp;
-        let next = match load(&cfg.config_dir, cfg.options.clone()) {
-            Ok(m) => m,
+        let started = std::time::Instant::now();
+        let objects = match reader.read_dir(&cfg.config_dir) {
+            Ok(o) => o,
             Err(e) => {
                 warn!(dir = %cfg.config_dir.display(), error = %e, "cannot read config; keeping the last state");
                 continue;
             }
         };
+        let read = started.elapsed();
+        let next = Model::build(objects, cfg.options.clone());
+        let built = started.elapsed();
         let before = model.read().unwrap_or_else(|e| e.into_inner()).status().to_vec();
         report(&next, &before);
         refresh_tokens(&cfg.tokens_dir, &next, &tokens);
@@ -267,6 +274,9 @@ async fn watch_dir(
             workloads = next.workloads.len(),
             services = next.services.len(),
             policies = next.authorizations.len(),
+            read_ms = read.as_millis() as u64,
+            model_ms = (built - read).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
             "config changed; pushing"
         );
         *model.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);

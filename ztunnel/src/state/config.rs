@@ -111,8 +111,10 @@ impl Service {
 /// The whole local config after validation.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LocalConfig {
-    pub workloads: Vec<Workload>,
-    pub services: Vec<Service>,
+    /// Shared with the snapshot's indexes and the xDS client's resource table, so each
+    /// workload is held once however many places refer to it.
+    pub workloads: Vec<std::sync::Arc<Workload>>,
+    pub services: Vec<std::sync::Arc<Service>>,
     pub policies: Vec<Authorization>,
     /// Policy entries that were rejected; each makes the workloads it could select deny everything.
     pub invalid_policies: Vec<InvalidPolicy>,
@@ -205,5 +207,7 @@ pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
             }
         }
     }
+    let workloads = workloads.into_iter().map(std::sync::Arc::new).collect();
+    let services = services.into_iter().map(std::sync::Arc::new).collect();
     (LocalConfig { workloads, services, policies, invalid_policies }, errors)
 }

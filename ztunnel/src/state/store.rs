@@ -47,7 +47,7 @@ impl Snapshot {
     pub fn new(config: LocalConfig) -> Self {
         let mut s = Snapshot::default();
         for w in &config.workloads {
-            let w = Arc::new(w.clone());
+            let w = w.clone();
             for ip in &w.workload_ips {
                 s.by_ip.insert(*ip, w.clone());
             }
@@ -58,7 +58,7 @@ impl Snapshot {
             }
         }
         for svc in &config.services {
-            let svc = Arc::new(svc.clone());
+            let svc = svc.clone();
             for ip in svc.vip_addrs().unwrap_or_default() {
                 s.vips.insert(ip, svc.clone());
             }

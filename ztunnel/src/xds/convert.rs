@@ -3,6 +3,7 @@
 //! reason out, so every rejection names the resource and says why (for the NACK).
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ztunnel_proto::security as pb_sec;
 use ztunnel_proto::workload as pb;
@@ -13,16 +14,16 @@ use crate::state::{Service, Workload, WorkloadProtocol};
 /// One `Address` resource: a workload or a service.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AddressResource {
-    Workload(Workload),
-    Service(Service),
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
 }
 
 /// Decodes and converts an `Address` resource's bytes.
 pub fn address(bytes: &[u8]) -> Result<AddressResource, String> {
     let a: pb::Address = prost::Message::decode(bytes).map_err(|e| format!("not an istio.workload.Address: {e}"))?;
     match a.r#type {
-        Some(pb::address::Type::Workload(w)) => workload(w).map(AddressResource::Workload),
-        Some(pb::address::Type::Service(s)) => service(s).map(AddressResource::Service),
+        Some(pb::address::Type::Workload(w)) => workload(w).map(|w| AddressResource::Workload(Arc::new(w))),
+        Some(pb::address::Type::Service(s)) => service(s).map(|s| AddressResource::Service(Arc::new(s))),
         None => Err("Address has neither a workload nor a service".into()),
     }
 }
