@@ -228,7 +228,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             options,
             ca,
             tokens_dir: args.tokens_dir,
-            poll_interval: std::time::Duration::from_millis(200),
+            poll_interval: std::time::Duration::from_millis(50),
         };
         let controller = Controller::start(cfg).await?;
         if let Some(path) = &args.root_cert_out {
