@@ -147,3 +147,26 @@ fn a_node_cannot_obtain_a_certificate_for_a_pod_that_is_not_scheduled_on_it() {
     let refused = within(WAIT, || m.cp.controller().ca().refusals_total() >= 1);
     assert!(refused.is_some(), "the refusal was not counted");
 }
+
+#[test]
+fn scaling_a_service_out_adds_its_new_endpoint_within_two_seconds() {
+    let mut m = mesh();
+    let mut ev = m.n0.events();
+    within(WAIT, || request(&m.client, vip(), "x").is_ok()).expect("reachable");
+    // A second replica (its own service account, to tell the endpoints apart) on node 1.
+    let extra = m._c.add_pod(1, "server2").unwrap();
+    m.n1.enroll_as(&extra, "default", "server2").unwrap();
+    let _app2 = PeerServer::start(&extra, 8080).unwrap();
+    let node1 = m._c.node(1).name().to_string();
+    let yaml = pod_yaml(&m.server, &node1, "server") + &pod_yaml(&extra, &node1, "server2");
+    let client_yaml = pod_yaml(&m.client, m._c.node(0).name(), "client");
+    // pod_yaml labels each pod app=<its name>: the new one joins the service by label.
+    write(&m.cp.dir, "pods.yaml", &(client_yaml + &yaml.replace("app: server2", "app: server")));
+    let second = "spiffe://cluster.local/ns/default/sa/server2";
+    let took = within(Duration::from_secs(2), || {
+        request(&m.client, vip(), "x").is_ok()
+            && wait_record(&mut ev, WAIT, |r| r.direction == Direction::Outbound && r.dst == vip())
+                .is_some_and(|r| r.dst_identity.as_deref() == Some(second))
+    });
+    assert!(took.is_some(), "the new endpoint got no traffic within 2 s of the edit");
+}
