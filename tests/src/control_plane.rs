@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ztunnel::controller::{Controller, ControllerConfig, Options};
+use ztunnel::controller::{Controller, ControllerConfig, Options, Source};
 use ztunnel::identity::{CaConfig, InProcessCa};
 
 use crate::mesh::ControlPlaneAccess;
@@ -79,7 +79,7 @@ impl Drop for ControlPlane {
 
 fn config(dir: &Path, listen: SocketAddr, ca: Arc<InProcessCa>) -> ControllerConfig {
     ControllerConfig {
-        config_dir: dir.join("config"),
+        source: Source::Directory(dir.join("config")),
         listen,
         options: Options::default(),
         ca,

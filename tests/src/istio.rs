@@ -1,6 +1,7 @@
 //! Istio's own ztunnel as a test peer (DESIGN §11): finding its binary, running it in
 //! dedicated mode inside one mini-cluster pod behind istio-cni's real in-pod iptables rules,
-//! reading its access log and metrics, and the public `FAKE_CA` test root it signs with,
+//! or in shared (in-pod) mode as a node's agent enrolled over ZDS, reading its access log,
+//! metrics and admin state, and the public `FAKE_CA` test root it signs with,
 //! written out as Istio plug-in CA files so our agent issues from the same root.
 //!
 //! The peer never ships with the project: tests that need it call [`peer_or_skip`], which
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::mesh::RUN_DIR;
-use crate::{InNetns, Pod};
+use crate::{InNetns, Node, Pod};
 
 /// Environment variable naming Istio's ztunnel binary.
 pub const PEER_ENV: &str = "ISTIO_ZTUNNEL";
@@ -155,10 +156,13 @@ fn restore_input(golden: &str, index: usize) -> Result<String> {
     sets.into_iter().nth(index).ok_or_else(|| anyhow!("golden file has no rule set {index}"))
 }
 
-/// One Istio ztunnel process serving one pod in dedicated mode; killed when dropped.
+/// One Istio ztunnel process, in dedicated mode (one pod) or shared mode (a node's pods,
+/// enrolled over ZDS); killed when dropped.
 pub struct IstioZtunnel {
     child: Child,
-    pod: Pod,
+    /// The netns its admin (15000), metrics (15020) and readiness (15021) ports live in:
+    /// the pod's in dedicated mode, the node's in shared mode.
+    netns: File,
     dir: TempDir,
 }
 
@@ -177,29 +181,29 @@ impl IstioZtunnel {
         dir_name: &str,
     ) -> Result<Self> {
         let dir = TempDir::new(dir_name)?;
-        let config = dir.path().join("local-config.yaml");
-        std::fs::write(&config, local_config)?;
-        let log = File::create(dir.path().join("ztunnel.log"))?;
-        let mut cmd = Command::new(binary);
-        cmd.env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("PROXY_MODE", "dedicated")
+        let mut cmd = base_command(binary, &dir, local_config)?;
+        cmd.env("PROXY_MODE", "dedicated")
             .env("PROXY_WORKLOAD_INFO", format!("{namespace}/{}/{service_account}", pod.name()))
-            .env("PACKET_MARK", PACKET_MARK.to_string())
-            .env("FAKE_CA", "true")
-            .env("XDS_ADDRESS", "")
-            .env("LOCAL_XDS_PATH", &config)
-            .env("ENABLE_ORIG_SRC", "false")
-            .env("CLUSTER_ID", "Kubernetes")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .env("PACKET_MARK", PACKET_MARK.to_string());
         let child = pod.spawn(cmd).context("spawning Istio's ztunnel")?;
-        let mut z = Self { child, pod: pod.clone(), dir };
+        let mut z = Self { child, netns: pod.netns_file().try_clone()?, dir };
         z.wait_ready().with_context(|| format!("Istio's ztunnel in {}; its log:\n{}", pod.name(), z.log()))?;
+        Ok(z)
+    }
+
+    /// Starts `binary` as `node`'s shared in-pod ztunnel (Istio's default mode), in the
+    /// node's netns: it connects to the ZDS socket `zds` (`INPOD_UDS`), says hello, and opens
+    /// each pod's listeners inside the pod netns it is handed, its sockets marked
+    /// [`PACKET_MARK`]. State, certificates and logs as [`IstioZtunnel::start`]. Waits until it
+    /// is ready, which Istio's ztunnel only is once the CNI side's first snapshot
+    /// (`SnapshotSent`) arrived: whatever serves `zds` must be running and synced.
+    pub fn start_shared(binary: &Path, node: &Node, zds: &Path, local_config: &str, dir_name: &str) -> Result<Self> {
+        let dir = TempDir::new(dir_name)?;
+        let mut cmd = base_command(binary, &dir, local_config)?;
+        cmd.env("PROXY_MODE", "shared").env("INPOD_UDS", zds).env("PACKET_MARK", PACKET_MARK.to_string());
+        let child = node.spawn(cmd).context("spawning Istio's ztunnel")?;
+        let mut z = Self { child, netns: node.netns_file().try_clone()?, dir };
+        z.wait_ready().with_context(|| format!("Istio's ztunnel on {}; its log:\n{}", node.name(), z.log()))?;
         Ok(z)
     }
 
@@ -219,10 +223,19 @@ impl IstioZtunnel {
         }
     }
 
-    /// `GET path` on one of its ports, from inside its pod: (status, body).
+    /// `GET path` on one of its ports, from inside its netns: (status, body).
     pub fn get(&self, port: u16, path: &str) -> Result<(u16, String)> {
         let path = path.to_string();
-        self.pod.run(move || http_get(SocketAddr::from(([127, 0, 0, 1], port)), &path))
+        crate::in_netns(&self.netns, move || http_get(SocketAddr::from(([127, 0, 0, 1], port)), &path))
+    }
+
+    /// Its admin `/config_dump` as JSON. In shared mode, `workloadState` maps each pod uid
+    /// it was handed over ZDS to `{state: Pending|Up, info: {name, namespace, serviceAccount}}`.
+    pub fn config_dump(&self) -> Result<serde_json::Value> {
+        match self.get(15000, "/config_dump")? {
+            (200, body) => serde_json::from_str(&body).context("config_dump is not JSON"),
+            (status, body) => bail!("config_dump answered {status}: {body}"),
+        }
     }
 
     /// Its Prometheus metrics (port 15020).
@@ -269,11 +282,65 @@ impl IstioZtunnel {
     }
 }
 
-impl Drop for IstioZtunnel {
-    fn drop(&mut self) {
+impl IstioZtunnel {
+    /// Kills it (SIGKILL, as a crash would) and waits for it to exit; its log stays readable.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Drop for IstioZtunnel {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What both modes share: a clean environment, `local_config` (written into `dir`) as its
+/// whole state (`LOCAL_XDS_PATH`, no xDS server), `FAKE_CA` certificates, JSON logs into
+/// `dir/ztunnel.log`, `ENABLE_ORIG_SRC=false`, and `dir` as its working directory.
+fn base_command(binary: &Path, dir: &TempDir, local_config: &str) -> Result<Command> {
+    let config = dir.path().join("local-config.yaml");
+    std::fs::write(&config, local_config)?;
+    let log = File::create(dir.path().join("ztunnel.log"))?;
+    let mut cmd = Command::new(binary);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("FAKE_CA", "true")
+        .env("XDS_ADDRESS", "")
+        .env("LOCAL_XDS_PATH", &config)
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("CLUSTER_ID", "Kubernetes")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok(cmd)
+}
+
+/// The TCP ports listening in `netns` (v4 and v6), read from the kernel's socket tables as
+/// seen from a thread inside it.
+pub fn listening_ports(netns: &impl InNetns) -> Result<std::collections::BTreeSet<u16>> {
+    netns.run(|| {
+        let mut ports = std::collections::BTreeSet::new();
+        for table in ["tcp", "tcp6"] {
+            // thread-self: /proc/self/net would show the netns of the process's main thread.
+            let path = format!("/proc/thread-self/net/{table}");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+                if cols.get(3) != Some(&"0A") {
+                    continue;
+                }
+                let port = cols.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+                ports.insert(port.ok_or_else(|| anyhow!("bad line in {path}: {line}"))?);
+            }
+        }
+        Ok(ports)
+    })
 }
 
 /// A minimal HTTP/1.1 GET from the calling thread's netns: (status, body).

@@ -300,6 +300,51 @@ fn the_cni_speaks_zds_hello_first_then_snapshot_sent_then_adds_with_the_netns_fd
     ok(&add.join().unwrap());
 }
 
+#[test]
+fn plugin_del_returns_only_after_the_agent_acked_the_del() {
+    sweep_pins();
+    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let pod = c.add_pod(0, "web").unwrap();
+    let dir = ControlPlane::dir_for(&c);
+    let _ = std::fs::remove_dir_all(&dir);
+    mesh_tests::control_plane::write_config(&dir, "namespace.yaml", &namespace_yaml(true));
+    mesh_tests::control_plane::write_config(&dir, "pods.yaml", &pod_yaml(&pod, c.node(0).name(), "web"));
+    let cp = ControlPlane::start(&dir);
+    let cni = CniNode::start(&c, 0, &cp.access).unwrap();
+    // A bare agent that takes its time to ack the Del.
+    let agent = ztunnel::enrollment::socket::connect(cni.zds_socket(), false).unwrap();
+    let step = nix::sys::time::TimeVal::new(10, 0);
+    nix::sys::socket::setsockopt(&agent, nix::sys::socket::sockopt::ReceiveTimeout, &step).unwrap();
+    send_datagram(agent.as_raw_fd(), &hello(), &[]).unwrap();
+    let recv = || {
+        let d = recv_datagram(agent.as_raw_fd()).unwrap();
+        WorkloadRequest::decode(d.bytes.as_slice()).unwrap().payload.unwrap()
+    };
+    let ack = || {
+        let resp = WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error: String::new() })) };
+        send_datagram(agent.as_raw_fd(), &resp.encode_to_vec(), &[]).unwrap();
+    };
+    let run_plugin = |command: &str| {
+        let env = pod_env(command, &pod);
+        let conf = plugin_config(cni.plugin_socket(), Some(prev_result(&pod)));
+        let bin = PluginBin::scratch().unwrap();
+        std::thread::spawn(move || bin.run(&env, &conf))
+    };
+    assert!(matches!(recv(), Payload::SnapshotSent(_)));
+    ack();
+    let add = run_plugin("ADD");
+    assert!(matches!(recv(), Payload::Add(_)));
+    ack();
+    ok(&add.join().unwrap());
+    let del = run_plugin("DEL");
+    let req = recv();
+    assert!(matches!(&req, Payload::Del(d) if d.uid == pod.uid()), "expected Del, got {req:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!del.is_finished(), "DEL returned while the agent still held the pod");
+    ack();
+    ok(&del.join().unwrap());
+}
+
 fn inode(fd: impl std::os::fd::AsFd) -> u64 {
     nix::sys::stat::fstat(fd).unwrap().st_ino
 }

@@ -26,7 +26,7 @@ enum Cmd {
     /// The per-node agent: enrolls pods, captures their traffic with eBPF, proxies it.
     Node(NodeArgs),
     /// The control plane: serves Istio's delta ADS and CA APIs from a directory of
-    /// Kubernetes YAML.
+    /// Kubernetes YAML (or, built with `--features kube`, a live API server).
     Controller(ControllerArgs),
     /// The node-local side of enrollment: serves ZDS to the node agent and enrolls the
     /// ambient pods the CNI plugin reports (`ztunnel cni plugin` is that plugin).
@@ -36,8 +36,12 @@ enum Cmd {
 #[derive(Parser)]
 struct ControllerArgs {
     /// Directory (or file) of Kubernetes YAML; re-read on change.
-    #[arg(long, env = "CONTROLLER_CONFIG_DIR")]
-    config_dir: PathBuf,
+    #[arg(long, env = "CONTROLLER_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config_dir: Option<PathBuf>,
+    /// Read objects from the Kubernetes API server instead (in-cluster service account, else
+    /// KUBECONFIG / ~/.kube/config); needs a build with `--features kube`.
+    #[arg(long)]
+    kubernetes: bool,
     /// gRPC listener for ADS and the CA (istiod's port).
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: std::net::SocketAddr,
@@ -195,13 +199,52 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Where `ztunnel controller` reads objects from; `--kubernetes` fails clearly in a build
+/// without the `kube` feature.
+fn controller_source(args: &ControllerArgs) -> anyhow::Result<ztunnel::controller::Source> {
+    use ztunnel::controller::Source;
+    match (&args.config_dir, args.kubernetes) {
+        (Some(dir), false) => Ok(Source::Directory(dir.clone())),
+        #[cfg(feature = "kube")]
+        (None, true) => Ok(Source::Kubernetes),
+        #[cfg(not(feature = "kube"))]
+        (None, true) => anyhow::bail!(
+            "--kubernetes: this ztunnel was built without the kube feature (build with `cargo build --features kube`), \
+             use --config-dir"
+        ),
+        _ => anyhow::bail!("give exactly one of --config-dir and --kubernetes"),
+    }
+}
+
+/// `--check`: the objects of `source` (for Kubernetes, the first full list) as a model.
+fn check_model(
+    source: &ztunnel::controller::Source,
+    options: ztunnel::controller::Options,
+) -> anyhow::Result<ztunnel::controller::Model> {
+    match source {
+        ztunnel::controller::Source::Directory(dir) => {
+            ztunnel::controller::load(dir, options).with_context(|| format!("reading {}", dir.display()))
+        }
+        #[cfg(feature = "kube")]
+        ztunnel::controller::Source::Kubernetes => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let client = ztunnel::controller::kube::client().await.context("kubernetes client configuration")?;
+                let mut watch = ztunnel::controller::kube::KubeWatch::spawn(client, std::time::Duration::ZERO);
+                let first = watch.next().await.context("kubernetes watches stopped before the first list")?;
+                Ok(ztunnel::controller::Model::build((*first).clone(), options))
+            })
+        }
+    }
+}
+
 fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     use ztunnel::controller::{Controller, ControllerConfig, Options};
     let options =
-        Options { trust_domain: args.trust_domain.clone(), cluster_id: args.cluster_id, ..Default::default() };
+        Options { trust_domain: args.trust_domain.clone(), cluster_id: args.cluster_id.clone(), ..Default::default() };
+    let source = controller_source(&args)?;
     if args.check {
-        let model = ztunnel::controller::load(&args.config_dir, options)
-            .with_context(|| format!("reading {}", args.config_dir.display()))?;
+        let model = check_model(&source, options)?;
         let mut errors = 0;
         for e in model.status() {
             println!("{e}");
@@ -223,7 +266,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let cfg = ControllerConfig {
-            config_dir: args.config_dir,
+            source,
             listen: args.listen,
             options,
             ca,

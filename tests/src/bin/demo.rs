@@ -18,7 +18,7 @@ use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::cni::CniNode;
 use mesh_tests::mesh::{sweep_pins, wait_record, ControlPlaneAccess, MeshNode};
 use mesh_tests::{sweep_leftovers, Cluster, Pod};
-use ztunnel::controller::{Controller, ControllerConfig, Model, Options};
+use ztunnel::controller::{Controller, ControllerConfig, Model, Options, Source};
 use ztunnel::identity::{CaConfig, InProcessCa};
 use ztunnel::proxy::Direction;
 use ztunnel::redirect::CounterSnapshot;
@@ -101,7 +101,7 @@ fn run(work: &Path) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let ca = Arc::new(InProcessCa::new(CaConfig::new("cluster.local"))?);
     let cfg = ControllerConfig {
-        config_dir: config.clone(),
+        source: Source::Directory(config.clone()),
         listen: "127.0.0.1:0".parse()?,
         options: Options::default(),
         ca,

@@ -8,7 +8,7 @@
 //! Agents: a newly connected agent gets a snapshot (an Add for every pod it must serve, then
 //! `SnapshotSent`, after which it drops whatever else it held); later Adds go to the newest
 //! agent, Dels to every connected one (as istio-cni does, so an older agent still draining
-//! also lets go). No snapshot is sent before the control plane's first full state: an empty
+//! also lets go). A plugin DEL is answered only after those Dels were acked. No snapshot is sent before the control plane's first full state: an empty
 //! snapshot would make the agent release every pod.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -114,6 +114,10 @@ pub(super) struct Manager {
     /// Agents connected before the control plane's first state; their snapshot waits.
     waiting: Vec<AgentLink>,
     parked: Vec<Parked>,
+    /// Plugin DELs to answer once this round's reconciliation has released their pods from
+    /// every connected agent (each Del acked, or its agent gone): a DEL that returns means
+    /// no agent serves the pod any more.
+    deleted: Vec<oneshot::Sender<PluginResponse>>,
     /// Pods an agent refused (or whose netns could not be opened), with the reason.
     add_errors: HashMap<String, String>,
     retry_at: Option<Instant>,
@@ -143,6 +147,7 @@ impl Manager {
             agents: vec![],
             waiting: vec![],
             parked: vec![],
+            deleted: vec![],
             add_errors: HashMap::new(),
             retry_at: None,
             status,
@@ -172,6 +177,9 @@ impl Manager {
                 self.reconcile().await;
             }
             self.publish();
+            for reply in self.deleted.drain(..) {
+                let _ = reply.send(PluginResponse::ok());
+            }
         }
     }
 
@@ -180,7 +188,7 @@ impl Manager {
             Event::Plugin(PluginRequest::Add { pod }, reply) => self.plugin_add(pod, reply),
             Event::Plugin(PluginRequest::Del { container_id, uid }, reply) => {
                 self.plugin_del(&container_id, uid.as_deref());
-                let _ = reply.send(PluginResponse::ok());
+                self.deleted.push(reply);
             }
             Event::Plugin(PluginRequest::Check { container_id, uid }, reply) => {
                 let _ = reply.send(self.check(&container_id, uid.as_deref()));

@@ -9,6 +9,11 @@
 //! I/O: [`source`] (files → objects, plus what could not be read) → [`model`] (objects → workloads, services,
 //! policies, waypoints; every object's status) → [`translate`] (model → named xDS resources).
 //!
+//! The objects may instead come from a live API server (cargo feature `kube`, `ztunnel controller --kubernetes`):
+//! `kube` lists and watches the same kinds, and [`watched`] turns what it receives into the same snapshot through
+//! the same parser ([`source::parse_json_object`]), so the model, status and translation are shared. That path has
+//! not run against a real cluster.
+//!
 //! The translation never uses the proxy, the capture, HBONE or the node agent: it speaks to the data plane only
 //! through the protos. Each rule, and where it differs from Istio, is documented in its module: [`model`]
 //! (ambient enrolment, workloads, status), [`services`] (ports, protocols, load balancing), [`pods`] (Deployments
@@ -19,6 +24,8 @@ pub mod ads;
 pub mod authz;
 pub mod ca;
 pub mod grpc;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod model;
 pub mod objects;
 pub mod pods;
@@ -27,13 +34,14 @@ pub mod services;
 pub mod source;
 pub mod status;
 pub mod translate;
+pub mod watched;
 pub mod waypoint;
 
 use std::io;
 use std::path::Path;
 
 pub use model::{Model, Options};
-pub use runtime::{Controller, ControllerConfig, ControllerError};
+pub use runtime::{Controller, ControllerConfig, ControllerError, Source};
 pub use source::fingerprint;
 pub use status::{Origin, Outcome, StatusEntry};
 pub use translate::{translate, Resources};

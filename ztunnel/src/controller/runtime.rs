@@ -1,5 +1,7 @@
-//! A running `ztunnel controller`: watches its YAML directory, rebuilds the model and the
-//! xDS resources on every change, and serves them (with the CA) over TLS. Node agents
+//! A running `ztunnel controller`: watches its source (a YAML directory, or a live API server
+//! with the `kube` feature), rebuilds the model and the xDS resources on every change, and
+//! serves them (with the CA) over TLS. Both sources produce the same snapshot of objects, so
+//! everything from the model on is shared. Node agents
 //! authenticate with a per-node bearer token; the CA signs only identities of pods scheduled
 //! on the asking node, read from the current model.
 use std::collections::HashMap;
@@ -17,13 +19,27 @@ use ztunnel_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use super::ads::{AdsServer, ResourceSnapshot};
 use super::ca::{CaServer, NodeAuthorizer};
 use super::grpc::{serve, Authenticator, ServerTlsMaterial, CONTROLLER_DNS_NAME};
+use super::source::Snapshot;
 use super::{load, translate, Model, Options, StatusEntry};
 use crate::identity::{Identity, InProcessCa};
 
+/// Where the controller reads Kubernetes objects from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Directory (or file) of Kubernetes YAML, re-read when it changes (checked every
+    /// [`ControllerConfig::poll_interval`]).
+    Directory(PathBuf),
+    /// A live API server, found as `kubectl` finds it (in-cluster service account, else
+    /// `KUBECONFIG` / `~/.kube/config`), listed and watched (see [`super::kube`]). Start waits
+    /// until every kind has been listed once.
+    #[cfg(feature = "kube")]
+    Kubernetes,
+}
+
 /// What the controller serves and from where.
 pub struct ControllerConfig {
-    /// Directory (or file) of Kubernetes YAML, re-read when it changes.
-    pub config_dir: PathBuf,
+    /// Where the Kubernetes objects come from.
+    pub source: Source,
     /// gRPC (ADS + CA) listener.
     pub listen: SocketAddr,
     /// Trust domain, cluster id, root namespace.
@@ -33,7 +49,7 @@ pub struct ControllerConfig {
     /// One token file per node (file name = node name), created for every node the model
     /// schedules pods on; a node agent presents its file's content as its bearer token.
     pub tokens_dir: PathBuf,
-    /// How often the directory is checked for changes.
+    /// How often a [`Source::Directory`] is checked for changes.
     pub poll_interval: Duration,
 }
 
@@ -44,6 +60,17 @@ pub enum ControllerError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("serving certificate: {0}")]
     Tls(#[from] super::grpc::TlsMaterialError),
+    /// No Kubernetes client configuration, or the watches stopped before the first full list.
+    #[cfg(feature = "kube")]
+    #[error("kubernetes: {0}")]
+    Kubernetes(String),
+}
+
+/// A started source: what it will deliver after the initial load.
+enum Updates {
+    Directory(PathBuf),
+    #[cfg(feature = "kube")]
+    Kubernetes(super::kube::KubeWatch),
 }
 
 /// Handle to a running controller; dropping it stops serving.
@@ -60,13 +87,27 @@ pub struct Controller {
 type Tokens = Arc<RwLock<HashMap<String, String>>>;
 
 impl Controller {
-    /// Loads the directory, binds the listener and starts serving.
+    /// Loads the source (for Kubernetes: waits for the first full list), binds the listener
+    /// and starts serving.
     pub async fn start(cfg: ControllerConfig) -> Result<Self, ControllerError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ControllerError::Io { path, source }
         };
-        let model = load(&cfg.config_dir, cfg.options.clone()).map_err(io(&cfg.config_dir))?;
+        let (model, updates) = match &cfg.source {
+            Source::Directory(dir) => {
+                (load(dir, cfg.options.clone()).map_err(io(dir))?, Updates::Directory(dir.clone()))
+            }
+            #[cfg(feature = "kube")]
+            Source::Kubernetes => {
+                let kube_err = |e: &dyn std::fmt::Display| ControllerError::Kubernetes(e.to_string());
+                let client = super::kube::client().await.map_err(|e| kube_err(&e))?;
+                let mut watch = super::kube::KubeWatch::spawn(client, super::kube::DEBOUNCE);
+                info!("waiting for the first list of every kind from the API server");
+                let first = watch.next().await.ok_or_else(|| kube_err(&"watches stopped before the first list"))?;
+                (Model::build((*first).clone(), cfg.options.clone()), Updates::Kubernetes(watch))
+            }
+        };
         report(&model, &[]);
         std::fs::create_dir_all(&cfg.tokens_dir).map_err(io(&cfg.tokens_dir))?;
         let tokens: Tokens = Arc::default();
@@ -103,7 +144,19 @@ impl Controller {
             })
         };
         let cfg_root_pem = cfg.ca.trust_bundle().to_pem();
-        let watcher = tokio::spawn(watch_dir(cfg, model.clone(), tokens, tx));
+        let publisher = Publisher {
+            options: cfg.options,
+            tokens_dir: cfg.tokens_dir,
+            model: model.clone(),
+            tokens,
+            tx,
+            version: 1,
+        };
+        let watcher = match updates {
+            Updates::Directory(dir) => tokio::spawn(watch_dir(dir, cfg.poll_interval, publisher)),
+            #[cfg(feature = "kube")]
+            Updates::Kubernetes(watch) => tokio::spawn(watch_kube(watch, publisher)),
+        };
         info!(%addr, "controller serving");
         Ok(Controller { addr, root_pem: cfg_root_pem, ads, ca, model, stop: Some(stop), tasks: vec![server, watcher] })
     }
@@ -234,40 +287,28 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     f.write_all(content.as_bytes())
 }
 
-/// Re-reads the directory whenever its fingerprint changes and publishes the new resources.
-async fn watch_dir(
-    cfg: ControllerConfig,
+/// Turns each new snapshot of objects into the model, the node tokens and the published
+/// resources: the part both sources share.
+struct Publisher {
+    options: Options,
+    tokens_dir: PathBuf,
     model: Arc<RwLock<Arc<Model>>>,
     tokens: Tokens,
     tx: watch::Sender<Arc<ResourceSnapshot>>,
-) {
-    let mut last = super::fingerprint(&cfg.config_dir);
-    let mut version = 1;
-    let mut reader = super::source::CachedReader::default();
-    // Prime the cache with what was loaded at start (files unchanged since are not re-parsed).
-    let _ = reader.read_dir(&cfg.config_dir);
-    loop {
-        tokio::time::sleep(cfg.poll_interval).await;
-        let fp = super::fingerprint(&cfg.config_dir);
-        if fp == last {
-            continue;
-        }
-        last = fp;
-        let started = std::time::Instant::now();
-        let objects = match reader.read_dir(&cfg.config_dir) {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(dir = %cfg.config_dir.display(), error = %e, "cannot read config; keeping the last state");
-                continue;
-            }
-        };
+    version: u64,
+}
+
+impl Publisher {
+    /// Builds the model of `objects` (whose reading began at `started`) and pushes it.
+    fn publish(&mut self, objects: Snapshot, started: std::time::Instant) {
         let read = started.elapsed();
-        let next = Model::build(objects, cfg.options.clone());
+        let next = Model::build(objects, self.options.clone());
         let built = started.elapsed();
-        let before = model.read().unwrap_or_else(|e| e.into_inner()).status().to_vec();
+        let before = self.model.read().unwrap_or_else(|e| e.into_inner()).status().to_vec();
         report(&next, &before);
-        refresh_tokens(&cfg.tokens_dir, &next, &tokens);
-        version += 1;
+        refresh_tokens(&self.tokens_dir, &next, &self.tokens);
+        self.version += 1;
+        let version = self.version;
         let snap = snapshot(&next, version);
         info!(
             version,
@@ -279,7 +320,38 @@ async fn watch_dir(
             total_ms = started.elapsed().as_millis() as u64,
             "config changed; pushing"
         );
-        *model.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
-        tx.send_replace(Arc::new(snap));
+        *self.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        self.tx.send_replace(Arc::new(snap));
     }
+}
+
+/// Re-reads the directory whenever its fingerprint changes and publishes the new resources.
+async fn watch_dir(dir: PathBuf, poll_interval: Duration, mut publisher: Publisher) {
+    let mut last = super::fingerprint(&dir);
+    let mut reader = super::source::CachedReader::default();
+    // Prime the cache with what was loaded at start (files unchanged since are not re-parsed).
+    let _ = reader.read_dir(&dir);
+    loop {
+        tokio::time::sleep(poll_interval).await;
+        let fp = super::fingerprint(&dir);
+        if fp == last {
+            continue;
+        }
+        last = fp;
+        let started = std::time::Instant::now();
+        match reader.read_dir(&dir) {
+            Ok(objects) => publisher.publish(objects, started),
+            Err(e) => warn!(dir = %dir.display(), error = %e, "cannot read config; keeping the last state"),
+        }
+    }
+}
+
+/// Publishes every snapshot the API server watches produce. If the watches stop, the last
+/// state stays served.
+#[cfg(feature = "kube")]
+async fn watch_kube(mut watch: super::kube::KubeWatch, mut publisher: Publisher) {
+    while let Some(objects) = watch.next().await {
+        publisher.publish((*objects).clone(), std::time::Instant::now());
+    }
+    warn!("kubernetes watches stopped; keeping the last state");
 }

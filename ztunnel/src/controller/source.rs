@@ -6,6 +6,9 @@
 //! Documents are split on `---` lines before parsing, so a syntax error in one document does not lose the
 //! documents after it (YAML forbids `---` at the start of a line inside a scalar, so the split is exact).
 //!
+//! [`parse_json_object`] reads one object as a Kubernetes API server returns it (JSON), through the same parser, so
+//! the live source (`kube` feature) and files produce the same [`Object`]s and everything after is shared.
+//!
 //! [`fingerprint`] is a cheap change detector for polling: it hashes names, sizes, inodes and times of the files,
 //! without reading them.
 use std::collections::hash_map::DefaultHasher;
@@ -148,6 +151,28 @@ pub fn parse_text(file: &Path, text: &str) -> Snapshot {
                 outcome: Outcome::Error("expected a Kubernetes object (a mapping with apiVersion and kind)".into()),
             }),
         }
+    }
+    snapshot
+}
+
+/// Reads one object as the Kubernetes API serves it (JSON, with `managedFields`, `resourceVersion`, `status` and
+/// the rest), through the same parser as a YAML document, so an object watched on an API server and the same object
+/// in a file become the same [`Object`]. `origin` names it (see [`Origin::kube`]). The result holds the object, or
+/// one status entry saying why it was skipped; it never fails.
+pub fn parse_json_object(origin: Origin, value: serde_json::Value) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    match serde_yaml_ng::to_value(value) {
+        Ok(value @ Value::Mapping(_)) => add_object(&mut snapshot, origin, value),
+        Ok(_) => snapshot.skipped.push(StatusEntry {
+            origin,
+            object: None,
+            outcome: Outcome::Error("expected a Kubernetes object (a mapping with apiVersion and kind)".into()),
+        }),
+        Err(e) => snapshot.skipped.push(StatusEntry {
+            origin,
+            object: None,
+            outcome: Outcome::Error(format!("cannot read the object: {e}")),
+        }),
     }
     snapshot
 }

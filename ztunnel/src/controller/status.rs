@@ -10,17 +10,33 @@ use super::objects::ObjectRef;
 /// Where an object came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Origin {
+    /// The file, or `kube://<Kind>[.<group>]/[<namespace>/]<name>` for an object of a live API server.
     pub file: PathBuf,
     /// 0-based index of the YAML document in the file.
     pub document: usize,
-    /// 1-based line the document starts on.
+    /// 1-based line the document starts on; 0 for an object that was not read from a file.
     pub line: usize,
     /// 0-based index in a `kind: List`'s `items`.
     pub item: Option<usize>,
 }
 
+impl Origin {
+    /// An object watched on a Kubernetes API server, named so that status lines and logs say which object to
+    /// `kubectl get`: `kube://Pod/default/web-1`, `kube://Deployment.apps/default/web`,
+    /// `kube://Gateway.gateway.networking.k8s.io/istio-ingress/gw`, `kube://Namespace/default` (the group keeps
+    /// Istio's and the Gateway API's `Gateway` apart).
+    pub fn kube(kind: &str, group: &str, namespace: &str, name: &str) -> Origin {
+        let kind = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
+        let path = if namespace.is_empty() { format!("{kind}/{name}") } else { format!("{kind}/{namespace}/{name}") };
+        Origin { file: PathBuf::from(format!("kube://{path}")), document: 0, line: 0, item: None }
+    }
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}", self.file.display()); // not from a file: no line or document to point at
+        }
         write!(f, "{}:{} (document {}", self.file.display(), self.line, self.document + 1)?;
         if let Some(i) = self.item {
             write!(f, ", item {}", i + 1)?;
