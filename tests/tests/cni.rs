@@ -257,91 +257,86 @@ fn after_a_cni_restart_the_agent_is_reconciled_to_the_pods_still_alive() {
     assert_captured(&f.node, &f.pods[0], &f.pods[1]);
 }
 
-#[test]
-fn the_cni_speaks_zds_hello_first_then_snapshot_sent_then_adds_with_the_netns_fd() {
-    sweep_pins();
-    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
-    let pod = c.add_pod(0, "web").unwrap();
-    let dir = ControlPlane::dir_for(&c);
-    let _ = std::fs::remove_dir_all(&dir);
-    mesh_tests::control_plane::write_config(&dir, "namespace.yaml", &namespace_yaml(true));
-    mesh_tests::control_plane::write_config(&dir, "pods.yaml", &pod_yaml(&pod, c.node(0).name(), "web"));
-    let cp = ControlPlane::start(&dir);
-    let cni = CniNode::start(&c, 0, &cp.access).unwrap();
-    // A bare agent: hello, then whatever the CNI sends, acked by hand.
-    let agent = ztunnel::enrollment::socket::connect(cni.zds_socket(), false).unwrap();
-    let step = nix::sys::time::TimeVal::new(10, 0);
-    nix::sys::socket::setsockopt(&agent, nix::sys::socket::sockopt::ReceiveTimeout, &step).unwrap();
-    send_datagram(agent.as_raw_fd(), &hello(), &[]).unwrap();
-    let recv = || {
-        let d = recv_datagram(agent.as_raw_fd()).unwrap();
+/// A CNI daemon with one ambient pod and, instead of a node agent, a bare ZDS peer the test
+/// drives by hand: it has sent its hello; requests are read and acked one by one.
+struct BareAgent {
+    pod: Pod,
+    cni: CniNode,
+    agent: std::os::fd::OwnedFd,
+    _cp: ControlPlane,
+    _c: Cluster,
+}
+
+impl BareAgent {
+    fn start() -> BareAgent {
+        sweep_pins();
+        let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
+        let pod = c.add_pod(0, "web").unwrap();
+        let dir = ControlPlane::dir_for(&c);
+        let _ = std::fs::remove_dir_all(&dir);
+        mesh_tests::control_plane::write_config(&dir, "namespace.yaml", &namespace_yaml(true));
+        mesh_tests::control_plane::write_config(&dir, "pods.yaml", &pod_yaml(&pod, c.node(0).name(), "web"));
+        let cp = ControlPlane::start(&dir);
+        let cni = CniNode::start(&c, 0, &cp.access).unwrap();
+        let agent = ztunnel::enrollment::socket::connect(cni.zds_socket(), false).unwrap();
+        let step = nix::sys::time::TimeVal::new(10, 0);
+        nix::sys::socket::setsockopt(&agent, nix::sys::socket::sockopt::ReceiveTimeout, &step).unwrap();
+        send_datagram(agent.as_raw_fd(), &hello(), &[]).unwrap();
+        BareAgent { pod, cni, agent, _cp: cp, _c: c }
+    }
+
+    /// The next request and the fds that came with it.
+    fn recv(&self) -> (Payload, Vec<std::os::fd::OwnedFd>) {
+        let d = recv_datagram(self.agent.as_raw_fd()).unwrap();
         (WorkloadRequest::decode(d.bytes.as_slice()).unwrap().payload.unwrap(), d.fds)
-    };
-    let ack = || {
+    }
+
+    fn ack(&self) {
         let resp = WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error: String::new() })) };
-        send_datagram(agent.as_raw_fd(), &resp.encode_to_vec(), &[]).unwrap();
-    };
-    let (first, fds) = recv();
-    assert!(matches!(first, Payload::SnapshotSent(_)) && fds.is_empty(), "empty snapshot: {first:?}");
-    ack();
-    let add = {
-        let env = pod_env("ADD", &pod);
-        let conf = plugin_config(cni.plugin_socket(), Some(prev_result(&pod)));
+        send_datagram(self.agent.as_raw_fd(), &resp.encode_to_vec(), &[]).unwrap();
+    }
+
+    /// Runs the plugin for the pod on its own thread, as the runtime would.
+    fn plugin(&self, command: &str) -> std::thread::JoinHandle<PluginRun> {
+        let env = pod_env(command, &self.pod);
+        let conf = plugin_config(self.cni.plugin_socket(), Some(prev_result(&self.pod)));
         let bin = PluginBin::scratch().unwrap();
         std::thread::spawn(move || bin.run(&env, &conf))
-    };
-    let (req, fds) = recv();
+    }
+}
+
+#[test]
+fn the_cni_speaks_zds_hello_first_then_snapshot_sent_then_adds_with_the_netns_fd() {
+    let a = BareAgent::start();
+    let (first, fds) = a.recv();
+    assert!(matches!(first, Payload::SnapshotSent(_)) && fds.is_empty(), "empty snapshot: {first:?}");
+    a.ack();
+    let add = a.plugin("ADD");
+    let (req, fds) = a.recv();
     let Payload::Add(add_req) = req else { panic!("expected Add, got {req:?}") };
-    assert_eq!(add_req.uid, pod.uid());
-    assert_eq!(add_req.workload_info, Some(info(&pod)));
+    assert_eq!(add_req.uid, a.pod.uid());
+    assert_eq!(add_req.workload_info, Some(info(&a.pod)));
     assert_eq!(fds.len(), 1, "exactly one fd");
-    assert_eq!(inode(&fds[0]), inode(pod.netns_file()), "the fd is the pod's netns");
-    ack();
+    assert_eq!(inode(&fds[0]), inode(a.pod.netns_file()), "the fd is the pod's netns");
+    a.ack();
     ok(&add.join().unwrap());
 }
 
 #[test]
 fn plugin_del_returns_only_after_the_agent_acked_the_del() {
-    sweep_pins();
-    let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
-    let pod = c.add_pod(0, "web").unwrap();
-    let dir = ControlPlane::dir_for(&c);
-    let _ = std::fs::remove_dir_all(&dir);
-    mesh_tests::control_plane::write_config(&dir, "namespace.yaml", &namespace_yaml(true));
-    mesh_tests::control_plane::write_config(&dir, "pods.yaml", &pod_yaml(&pod, c.node(0).name(), "web"));
-    let cp = ControlPlane::start(&dir);
-    let cni = CniNode::start(&c, 0, &cp.access).unwrap();
-    // A bare agent that takes its time to ack the Del.
-    let agent = ztunnel::enrollment::socket::connect(cni.zds_socket(), false).unwrap();
-    let step = nix::sys::time::TimeVal::new(10, 0);
-    nix::sys::socket::setsockopt(&agent, nix::sys::socket::sockopt::ReceiveTimeout, &step).unwrap();
-    send_datagram(agent.as_raw_fd(), &hello(), &[]).unwrap();
-    let recv = || {
-        let d = recv_datagram(agent.as_raw_fd()).unwrap();
-        WorkloadRequest::decode(d.bytes.as_slice()).unwrap().payload.unwrap()
-    };
-    let ack = || {
-        let resp = WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error: String::new() })) };
-        send_datagram(agent.as_raw_fd(), &resp.encode_to_vec(), &[]).unwrap();
-    };
-    let run_plugin = |command: &str| {
-        let env = pod_env(command, &pod);
-        let conf = plugin_config(cni.plugin_socket(), Some(prev_result(&pod)));
-        let bin = PluginBin::scratch().unwrap();
-        std::thread::spawn(move || bin.run(&env, &conf))
-    };
-    assert!(matches!(recv(), Payload::SnapshotSent(_)));
-    ack();
-    let add = run_plugin("ADD");
-    assert!(matches!(recv(), Payload::Add(_)));
-    ack();
+    let a = BareAgent::start();
+    assert!(matches!(a.recv().0, Payload::SnapshotSent(_)));
+    a.ack();
+    let add = a.plugin("ADD");
+    assert!(matches!(a.recv().0, Payload::Add(_)));
+    a.ack();
     ok(&add.join().unwrap());
-    let del = run_plugin("DEL");
-    let req = recv();
-    assert!(matches!(&req, Payload::Del(d) if d.uid == pod.uid()), "expected Del, got {req:?}");
+    let del = a.plugin("DEL");
+    let req = a.recv().0;
+    assert!(matches!(&req, Payload::Del(d) if d.uid == a.pod.uid()), "expected Del, got {req:?}");
     std::thread::sleep(Duration::from_millis(500));
     assert!(!del.is_finished(), "DEL returned while the agent still held the pod");
-    ack();
+    a.ack();
     ok(&del.join().unwrap());
 }
 
