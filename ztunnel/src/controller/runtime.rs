@@ -20,7 +20,7 @@ use super::ads::{AdsServer, ResourceSnapshot};
 use super::ca::{CaServer, NodeAuthorizer};
 use super::grpc::{serve, Authenticator, ServerTlsMaterial, CONTROLLER_DNS_NAME};
 use super::source::Snapshot;
-use super::{load, translate, Model, Options, StatusEntry};
+use super::{translate, Model, Options, StatusEntry};
 use crate::identity::{Identity, InProcessCa};
 
 /// Where the controller reads Kubernetes objects from.
@@ -68,7 +68,9 @@ pub enum ControllerError {
 
 /// A started source: what it will deliver after the initial load.
 enum Updates {
-    Directory(PathBuf),
+    /// The directory, the reader that already holds its parsed files, and the fingerprint
+    /// taken before that first read (so an edit made during it is still seen as a change).
+    Directory(PathBuf, super::source::CachedReader, u64),
     #[cfg(feature = "kube")]
     Kubernetes(super::kube::KubeWatch),
 }
@@ -96,7 +98,10 @@ impl Controller {
         };
         let (model, updates) = match &cfg.source {
             Source::Directory(dir) => {
-                (load(dir, cfg.options.clone()).map_err(io(dir))?, Updates::Directory(dir.clone()))
+                let fingerprint = super::fingerprint(dir);
+                let mut reader = super::source::CachedReader::default();
+                let objects = reader.read_dir(dir).map_err(io(dir))?;
+                (Model::build(objects, cfg.options.clone()), Updates::Directory(dir.clone(), reader, fingerprint))
             }
             #[cfg(feature = "kube")]
             Source::Kubernetes => {
@@ -153,7 +158,9 @@ impl Controller {
             version: 1,
         };
         let watcher = match updates {
-            Updates::Directory(dir) => tokio::spawn(watch_dir(dir, cfg.poll_interval, publisher)),
+            Updates::Directory(dir, reader, fingerprint) => {
+                tokio::spawn(watch_dir(dir, reader, fingerprint, cfg.poll_interval, publisher))
+            }
             #[cfg(feature = "kube")]
             Updates::Kubernetes(watch) => tokio::spawn(watch_kube(watch, publisher)),
         };
@@ -325,12 +332,15 @@ impl Publisher {
     }
 }
 
-/// Re-reads the directory whenever its fingerprint changes and publishes the new resources.
-async fn watch_dir(dir: PathBuf, poll_interval: Duration, mut publisher: Publisher) {
-    let mut last = super::fingerprint(&dir);
-    let mut reader = super::source::CachedReader::default();
-    // Prime the cache with what was loaded at start (files unchanged since are not re-parsed).
-    let _ = reader.read_dir(&dir);
+/// Re-reads the directory whenever its fingerprint changes (from `last`, taken before the
+/// read at start that filled `reader`) and publishes the new resources.
+async fn watch_dir(
+    dir: PathBuf,
+    mut reader: super::source::CachedReader,
+    mut last: u64,
+    poll_interval: Duration,
+    mut publisher: Publisher,
+) {
     loop {
         tokio::time::sleep(poll_interval).await;
         let fp = super::fingerprint(&dir);
