@@ -63,6 +63,15 @@ impl ControlPlaneEndpoint {
     }
 }
 
+/// The name this node gives the control plane: `configured` (`NODE_NAME`), or else the
+/// kernel's hostname, which is the node name Kubernetes uses by default.
+pub fn node_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
 /// An interceptor adding `authorization: <bearer>` to every call.
 pub fn with_bearer(
     bearer: Option<MetadataValue<Ascii>>,

@@ -322,11 +322,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         server_name: args.control_plane_server_name.clone(),
         token_path: args.auth_token.clone(),
     };
-    let node_name = if args.node_name.is_empty() {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-    } else {
-        args.node_name.clone()
-    };
+    let node_name = ztunnel::grpc::node_name(&args.node_name);
     let xds = match args.xds_address.clone() {
         Some(address) => Some(ztunnel::xds::XdsConfig {
             server: endpoint(address, read(&args.xds_root_ca)?),

@@ -87,11 +87,7 @@ impl CniArgs {
             Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
             None => None,
         };
-        let node_name = if self.node_name.is_empty() {
-            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-        } else {
-            self.node_name.clone()
-        };
+        let node_name = crate::grpc::node_name(&self.node_name);
         Ok(CniConfig {
             zds_socket: self.inpod_uds.clone(),
             plugin_socket: self.plugin_socket.clone(),
