@@ -20,7 +20,7 @@ pub const NOT_SYNCED: &str = "waiting for the control plane's first configuratio
 pub fn check(ctx: &ProxyContext, facts: &ConnectionFacts, direction: &str) -> Decision {
     let d = if ctx.mesh.state.is_synced() {
         let snap = ctx.mesh.state.snapshot();
-        let workload = ctx.pod.workload(&ctx.mesh.state);
+        let workload = ctx.pod.workload(&snap);
         evaluate(snap.policies(), &workload.policy_target(), facts)
     } else {
         Decision::Deny(NOT_SYNCED.into())

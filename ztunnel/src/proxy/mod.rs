@@ -23,7 +23,7 @@ use tracing::warn;
 use crate::hbone::ConnectionPool;
 use crate::identity::{CertManager, Identity};
 use crate::netns::InpodNetns;
-use crate::state::{StateStore, Workload, WorkloadProtocol};
+use crate::state::{Snapshot, StateStore, Workload, WorkloadProtocol};
 
 pub use relay::{ConnectionRecord, Direction};
 
@@ -79,12 +79,12 @@ impl PodContext {
         self.ips.iter().find(|i| i.is_ipv4() == like.is_ipv4()).or(self.ips.first()).copied()
     }
 
-    /// The workload record for this pod: from the state store by uid when known, otherwise
-    /// derived from the enrollment (so namespace-scoped policies still apply). Never looked
-    /// up by IP: a stale entry for a reused address must not lend this pod another
-    /// workload's namespace or policies.
-    pub fn workload(&self, state: &StateStore) -> Arc<Workload> {
-        let snap = state.snapshot();
+    /// The workload record for this pod in `snap` (the caller's snapshot, so the workload
+    /// and the policies or endpoints it is used with are of one version): by uid when known,
+    /// otherwise derived from the enrollment (so namespace-scoped policies still apply).
+    /// Never looked up by IP: a stale entry for a reused address must not lend this pod
+    /// another workload's namespace or policies.
+    pub fn workload(&self, snap: &Snapshot) -> Arc<Workload> {
         // By uid (local config), or by namespace and name (the xDS workload of this pod; a
         // name is unique in its namespace, unlike an address, which may be reused).
         if let Some(w) = snap.workload_by_uid(&self.uid).or_else(|| snap.workload_by_name(&self.namespace, &self.name))

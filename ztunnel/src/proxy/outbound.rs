@@ -78,11 +78,16 @@ async fn connect(
         refuse(ctx, rec, client, super::authz::NOT_SYNCED.into());
         return None;
     }
-    let Some(up) = ctx.mesh.state.snapshot().resolve(dst) else {
+    // One snapshot for both, dropped before connecting: a long connection must not keep an
+    // old copy of the whole state alive.
+    let (up, src_w) = {
+        let snap = ctx.mesh.state.snapshot();
+        (snap.resolve(dst), ctx.pod.workload(&snap))
+    };
+    let Some(up) = up else {
         refuse(ctx, rec, client, format!("service {dst} has no endpoints"));
         return None;
     };
-    let src_w = ctx.pod.workload(&ctx.mesh.state);
     if up.is_hbone() {
         return hbone(ctx, client, rec, &up, &src_w).await.map(|(c, u)| (c, Connected::Hbone(u)));
     }

@@ -154,8 +154,9 @@ impl SideLabels {
 /// Labels of a connection the destination pod reports: this pod's workload, and the
 /// source workload known at the TCP peer's address.
 pub fn destination_labels(ctx: &ProxyContext, rec: &ConnectionRecord, peer: std::net::IpAddr) -> ConnectionLabels {
-    let dst = ctx.pod.workload(&ctx.mesh.state);
-    let src = ctx.mesh.state.snapshot().workload_by_ip(peer);
+    let snap = ctx.mesh.state.snapshot();
+    let dst = ctx.pod.workload(&snap);
+    let src = snap.workload_by_ip(peer);
     labels(Reporter::Destination, rec, src.as_deref(), Some(&dst), None)
 }
 
