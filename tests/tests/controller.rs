@@ -139,10 +139,17 @@ fn with_the_controller_stopped_traffic_flows_and_a_restart_resyncs_the_same_stat
 fn a_node_cannot_obtain_a_certificate_for_a_pod_that_is_not_scheduled_on_it() {
     let mut m = mesh();
     // A pod on node 1 enrolled as the client's service account, which only node 0 runs.
+    // The control plane describes it (its own account, "stray"), so only the CA stops it.
     let stray = m._c.add_pod(1, "stray").unwrap();
-    m.n1.enroll_as(&stray, "default", "client").unwrap();
+    let pods = pod_yaml(&m.client, m._c.node(0).name(), "client")
+        + &pod_yaml(&m.server, m._c.node(1).name(), "server")
+        + &pod_yaml(&stray, m._c.node(1).name(), "stray");
+    write(&m.cp.dir, "pods.yaml", &pods);
     let dst = SocketAddr::new(m.server.ip4().into(), 8080);
     within(WAIT, || request(&m.client, dst, "x").is_ok()).expect("reachable");
+    within(WAIT, || m.n1.agent().state().snapshot().pod_workload("default", stray.name()).is_some())
+        .expect("the stray pod's workload reached node 1");
+    m.n1.enroll_as(&stray, "default", "client").unwrap();
     assert!(request(&stray, dst, "x").is_err(), "the stray pod got a certificate it may not hold");
     let refused = within(WAIT, || m.cp.controller().ca().refusals_total() >= 1);
     assert!(refused.is_some(), "the refusal was not counted");
@@ -169,4 +176,24 @@ fn scaling_a_service_out_adds_its_new_endpoint_within_two_seconds() {
                 .is_some_and(|r| r.dst_identity.as_deref() == Some(second))
     });
     assert!(took.is_some(), "the new endpoint got no traffic within 2 s of the edit");
+}
+
+#[test]
+fn a_pod_the_control_plane_does_not_describe_gets_no_traffic_until_it_does() {
+    let mut m = mesh();
+    // Enrolled on node 1, but absent from the directory: with no workload record, none of
+    // the policies that would select it are known, so it must not serve (nor dial) at all.
+    let unknown = m._c.add_pod(1, "unknown").unwrap();
+    m.n1.enroll_as(&unknown, "default", "server").unwrap();
+    let _app = PeerServer::start(&unknown, 8080).unwrap();
+    let dst = SocketAddr::new(unknown.ip4().into(), 8080);
+    within(WAIT, || request(&m.client, vip(), "x").is_ok()).expect("the mesh is synced");
+    assert!(request(&m.client, dst, "x").is_err(), "inbound to an undescribed pod was allowed");
+    assert!(request(&unknown, vip(), "x").is_err(), "outbound from an undescribed pod was allowed");
+    // Once described, the same pod serves: the refusal was about the missing record.
+    let pods = pod_yaml(&m.client, m._c.node(0).name(), "client")
+        + &pod_yaml(&m.server, m._c.node(1).name(), "server")
+        + &pod_yaml(&unknown, m._c.node(1).name(), "server");
+    write(&m.cp.dir, "pods.yaml", &pods);
+    within(WAIT, || request(&m.client, dst, "x").is_ok()).expect("described pod reachable");
 }

@@ -100,7 +100,6 @@ enum Verdict {
 /// Settings the manager needs from the daemon's config.
 pub(super) struct ManagerConfig {
     pub state_dir: PathBuf,
-    pub node_name: String,
     pub zds_socket: PathBuf,
     pub enroll_wait: Duration,
 }
@@ -272,12 +271,13 @@ impl Manager {
     }
 
     fn membership(&self, snap: &Snapshot, rec: &PodRecord) -> Membership {
-        let Some(w) = snap.workload_by_name(&rec.namespace, &rec.name) else { return Membership::Unknown };
-        let node = &self.cfg.node_name;
-        if !node.is_empty() && !w.node.is_empty() && &w.node != node {
-            debug!(uid = %rec.uid, workload_node = %w.node, "the control plane has this pod on another node");
-            return Membership::Outside;
-        }
+        let Some(w) = snap.pod_workload(&rec.namespace, &rec.name) else {
+            if snap.pod_is_elsewhere(&rec.namespace, &rec.name) {
+                debug!(uid = %rec.uid, "the control plane has this pod on another node");
+                return Membership::Outside;
+            }
+            return Membership::Unknown;
+        };
         if w.protocol != WorkloadProtocol::Hbone {
             return Membership::Outside;
         }

@@ -93,13 +93,12 @@ impl CniDaemon {
         std::fs::create_dir_all(&cfg.state_dir).map_err(io("creating state dir", &cfg.state_dir))?;
         let zds = bind(&cfg.zds_socket).map_err(io("binding the ZDS socket", &cfg.zds_socket))?;
         let plugin = bind(&cfg.plugin_socket).map_err(io("binding the plugin socket", &cfg.plugin_socket))?;
-        let store = Arc::new(StateStore::awaiting_sync());
+        let store = Arc::new(StateStore::awaiting_sync(&cfg.xds.node_name));
         let xds = Arc::new(XdsStats::default());
         let (status_tx, status) = watch::channel(CniStatus::default());
         let manager = manager::Manager::new(
             manager::ManagerConfig {
                 state_dir: cfg.state_dir.clone(),
-                node_name: cfg.xds.node_name.clone(),
                 zds_socket: cfg.zds_socket.clone(),
                 enroll_wait: cfg.enroll_wait,
             },

@@ -69,7 +69,10 @@ pub(super) fn mesh_context(
         ConnectionPool::new(PoolConfig::default(), Arc::new(dialer), Arc::new(CertManagerTls { certs: certs.clone() }));
     MeshContext {
         trust_domain: cfg.trust_domain.clone(),
-        state: Arc::new(if cfg.xds.is_some() { StateStore::awaiting_sync() } else { StateStore::default() }),
+        state: Arc::new(match &cfg.xds {
+            Some(xds) => StateStore::awaiting_sync(&xds.node_name),
+            None => StateStore::default(),
+        }),
         certs,
         pool,
         metrics,

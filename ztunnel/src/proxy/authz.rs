@@ -16,12 +16,17 @@ use crate::policy::{evaluate, ConnectionFacts, Decision};
 /// Why connections are refused before the control plane's first state arrived.
 pub const NOT_SYNCED: &str = "waiting for the control plane's first configuration";
 
+/// Why a pod's connections are refused while the control plane has not described it.
+pub const NO_WORKLOAD: &str = "the control plane has not described this pod's workload";
+
 /// Evaluates the pod's policies for a new connection (and counts denials).
 pub fn check(ctx: &ProxyContext, facts: &ConnectionFacts, direction: &str) -> Decision {
     let d = if ctx.mesh.state.is_synced() {
         let snap = ctx.mesh.state.snapshot();
-        let workload = ctx.pod.workload(&snap);
-        evaluate(snap.policies(), &workload.policy_target(), facts)
+        match ctx.pod.workload(&snap) {
+            Some(workload) => evaluate(snap.policies(), &workload.policy_target(), facts),
+            None => Decision::Deny(NO_WORKLOAD.into()),
+        }
     } else {
         Decision::Deny(NOT_SYNCED.into())
     };

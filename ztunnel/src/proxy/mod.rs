@@ -80,17 +80,24 @@ impl PodContext {
     }
 
     /// The workload record for this pod in `snap` (the caller's snapshot, so the workload
-    /// and the policies or endpoints it is used with are of one version): by uid when known,
-    /// otherwise derived from the enrollment (so namespace-scoped policies still apply).
-    /// Never looked up by IP: a stale entry for a reused address must not lend this pod
-    /// another workload's namespace or policies.
-    pub fn workload(&self, snap: &Snapshot) -> Arc<Workload> {
-        // By uid (local config), or by namespace and name (the xDS workload of this pod; a
-        // name is unique in its namespace, unlike an address, which may be reused).
-        if let Some(w) = snap.workload_by_uid(&self.uid).or_else(|| snap.workload_by_name(&self.namespace, &self.name))
-        {
-            return w;
+    /// and the policies or endpoints it is used with are of one version): by uid (local
+    /// config), or else the Pod workload of this name on this node (istiod's). Never looked
+    /// up by IP: a stale entry for a reused address must not lend this pod another
+    /// workload's namespace or policies.
+    ///
+    /// When the snapshot lacks it: None in xDS mode, where the pod's connections must be
+    /// refused (a stand-in would carry none of the policies that select the pod, turning an
+    /// allow-only policy into allow-all); otherwise a stand-in derived from the enrollment,
+    /// so namespace-scoped policies still apply.
+    pub fn workload(&self, snap: &Snapshot) -> Option<Arc<Workload>> {
+        if let Some(w) = snap.workload_by_uid(&self.uid).or_else(|| snap.pod_workload(&self.namespace, &self.name)) {
+            return Some(w);
         }
+        (!snap.requires_workload()).then(|| self.stand_in())
+    }
+
+    /// The workload as far as the enrollment tells it (for labels when the record is missing).
+    pub fn stand_in(&self) -> Arc<Workload> {
         Arc::new(Workload {
             uid: self.uid.clone(),
             name: self.name.clone(),

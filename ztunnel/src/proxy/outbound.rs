@@ -84,6 +84,10 @@ async fn connect(
         let snap = ctx.mesh.state.snapshot();
         (snap.resolve(dst), ctx.pod.workload(&snap))
     };
+    let Some(src_w) = src_w else {
+        refuse(ctx, rec, client, super::authz::NO_WORKLOAD.into());
+        return None;
+    };
     let Some(up) = up else {
         refuse(ctx, rec, client, format!("service {dst} has no endpoints"));
         return None;

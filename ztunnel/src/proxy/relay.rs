@@ -155,7 +155,7 @@ impl SideLabels {
 /// source workload known at the TCP peer's address.
 pub fn destination_labels(ctx: &ProxyContext, rec: &ConnectionRecord, peer: std::net::IpAddr) -> ConnectionLabels {
     let snap = ctx.mesh.state.snapshot();
-    let dst = ctx.pod.workload(&snap);
+    let dst = ctx.pod.workload(&snap).unwrap_or_else(|| ctx.pod.stand_in());
     let src = snap.workload_by_ip(peer);
     labels(Reporter::Destination, rec, src.as_deref(), Some(&dst), None)
 }

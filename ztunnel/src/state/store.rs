@@ -16,9 +16,14 @@ pub struct Snapshot {
     pub config: LocalConfig,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     by_uid: HashMap<String, Arc<Workload>>,
-    /// `(namespace, name)` → workload: enrollment names pods by their Kubernetes uid, while
-    /// istiod names workloads `cluster//Pod/namespace/name`.
-    by_name: HashMap<(String, String), Arc<Workload>>,
+    /// `(namespace, name)` → Pod workloads of that name: enrollment names pods by their
+    /// Kubernetes uid, while istiod names workloads `cluster//Pod/namespace/name`. Only Pod
+    /// workloads are indexed (a WorkloadEntry or ServiceEntry workload of the same name must
+    /// not lend a pod its policies), and all of them, so a name in two clusters is seen as
+    /// ambiguous instead of last-one-wins.
+    by_name: HashMap<(String, String), Vec<Arc<Workload>>>,
+    /// Where pods' own workloads must come from (see [`Scope`]).
+    scope: Scope,
     vips: HashMap<IpAddr, Arc<Service>>,
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
     rr: HashMap<String, AtomicUsize>,
@@ -45,14 +50,21 @@ impl Upstream {
 impl Snapshot {
     /// Builds the indexes for a validated config.
     pub fn new(config: LocalConfig) -> Self {
-        let mut s = Snapshot::default();
+        Self::scoped(config, Scope::default())
+    }
+
+    /// Builds the indexes for a validated config, for the node and mode in `scope`.
+    pub fn scoped(config: LocalConfig, scope: Scope) -> Self {
+        let mut s = Snapshot { scope, ..Snapshot::default() };
         for w in &config.workloads {
             let w = w.clone();
             for ip in &w.workload_ips {
                 s.by_ip.insert(*ip, w.clone());
             }
             s.by_uid.insert(w.uid.clone(), w.clone());
-            s.by_name.insert((w.namespace.clone(), w.name.clone()), w.clone());
+            if is_pod_uid(&w) {
+                s.by_name.entry((w.namespace.clone(), w.name.clone())).or_default().push(w.clone());
+            }
             for key in w.services.keys() {
                 s.endpoints.entry(key.clone()).or_default().push(w.clone());
             }
@@ -78,9 +90,37 @@ impl Snapshot {
         self.by_uid.get(uid).cloned()
     }
 
-    /// The workload named `name` in `namespace`.
-    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
-        self.by_name.get(&(namespace.to_string(), name.to_string())).cloned()
+    /// The Pod workload named `name` in `namespace` that runs on this node (when the node
+    /// is known on both sides). None when there is none, or when more than one would do:
+    /// an ambiguous name must not pick one pod's policies at random.
+    pub fn pod_workload(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        let node = self.scope.node.as_str();
+        let mut found = self
+            .by_name
+            .get(&(namespace.to_string(), name.to_string()))?
+            .iter()
+            .filter(|w| node.is_empty() || w.node.is_empty() || w.node == node);
+        let first = found.next()?;
+        if found.next().is_some() {
+            tracing::warn!(%namespace, %name, "more than one Pod workload with this name on this node: none is used");
+            return None;
+        }
+        Some(first.clone())
+    }
+
+    /// Whether Pod workloads named `name` in `namespace` exist, all of them on other nodes.
+    pub fn pod_is_elsewhere(&self, namespace: &str, name: &str) -> bool {
+        let node = self.scope.node.as_str();
+        self.by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .is_some_and(|c| !node.is_empty() && c.iter().all(|w| !w.node.is_empty() && w.node != node))
+    }
+
+    /// Whether a pod whose workload this snapshot lacks must be refused (xDS mode: the
+    /// control plane describes every pod it enrolls, and a stand-in would carry none of
+    /// the policies that select it).
+    pub fn requires_workload(&self) -> bool {
+        self.scope.require_workload
     }
 
     /// Policies in force, with the rejected entries that make the workloads they select fail closed.
@@ -116,6 +156,23 @@ impl Snapshot {
     }
 }
 
+/// Whether `w` is a Kubernetes Pod by its uid (istiod's `cluster//Pod/namespace/name`), and
+/// the uid names the same pod as its namespace and name fields.
+fn is_pod_uid(w: &Workload) -> bool {
+    let mut parts = w.uid.splitn(5, '/');
+    let (_cluster, group, kind, ns, name) = (parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
+    group == Some("") && kind == Some("Pod") && ns == Some(w.namespace.as_str()) && name == Some(w.name.as_str())
+}
+
+/// Which node a snapshot serves and whether pods' workloads must come from it.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// This node's name ("" when unknown: pods are then matched by name alone).
+    pub node: String,
+    /// Refuse a pod's connections while its workload is absent (set in xDS mode).
+    pub require_workload: bool,
+}
+
 fn pick_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
     ips.iter().find(|i| i.is_ipv4() == like.is_ipv4()).or_else(|| ips.first()).copied()
 }
@@ -129,6 +186,7 @@ pub struct StateStore {
     /// False until a control plane has delivered its first full state: until then the
     /// proxies refuse connections rather than decide on an empty (allow-all) policy set.
     synced: AtomicBool,
+    scope: Scope,
 }
 
 impl Default for StateStore {
@@ -145,14 +203,21 @@ impl StateStore {
             version: watch::channel(0).0,
             rejected: AtomicU64::new(0),
             synced: AtomicBool::new(true),
+            scope: Scope::default(),
         }
     }
 
-    /// An empty store that is not in force until [`Self::mark_synced`] (xDS mode).
-    pub fn awaiting_sync() -> Self {
-        let s = Self::default();
-        s.synced.store(false, Ordering::Release);
-        s
+    /// An empty store for node `node` that is not in force until [`Self::mark_synced`] (xDS
+    /// mode), and in which a pod without a workload is refused.
+    pub fn awaiting_sync(node: &str) -> Self {
+        let scope = Scope { node: node.to_string(), require_workload: true };
+        Self {
+            current: RwLock::new(Arc::new(Snapshot::scoped(LocalConfig::default(), scope.clone()))),
+            version: watch::channel(0).0,
+            rejected: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            scope,
+        }
     }
 
     /// The control plane's first full state has been applied.
@@ -174,7 +239,8 @@ impl StateStore {
 
     /// Replaces the state; subscribers are told (e.g. to re-check open connections).
     pub fn replace(&self, config: LocalConfig) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot::new(config));
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Snapshot::scoped(config, self.scope.clone()));
         self.version.send_modify(|v| *v += 1);
     }
 
@@ -204,5 +270,59 @@ impl StateStore {
     /// Notifies on every change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(uid: &str, node: &str) -> Arc<Workload> {
+        Arc::new(
+            serde_yaml_ng::from_str(&format!(
+                "uid: {uid}\nname: web\nnamespace: shop\nnode: '{node}'\nauthorizationPolicies: [shop/{uid}]\n"
+            ))
+            .unwrap(),
+        )
+    }
+
+    fn snapshot(node: &str, workloads: Vec<Arc<Workload>>) -> Snapshot {
+        let config = LocalConfig { workloads, ..LocalConfig::default() };
+        Snapshot::scoped(config, Scope { node: node.into(), require_workload: true })
+    }
+
+    #[test]
+    fn a_pod_is_not_given_a_workload_entry_of_the_same_name() {
+        let entry = workload("c1/networking.istio.io/WorkloadEntry/shop/web", "node-a");
+        let snap = snapshot("node-a", vec![entry]);
+        assert!(snap.pod_workload("shop", "web").is_none());
+    }
+
+    #[test]
+    fn a_pod_is_not_given_the_workload_of_a_pod_on_another_node() {
+        let snap = snapshot("node-a", vec![workload("c1//Pod/shop/web", "node-b")]);
+        assert!(snap.pod_workload("shop", "web").is_none());
+        assert!(snap.pod_is_elsewhere("shop", "web"));
+    }
+
+    #[test]
+    fn a_pod_name_two_workloads_claim_on_this_node_matches_neither() {
+        let snap =
+            snapshot("node-a", vec![workload("c1//Pod/shop/web", "node-a"), workload("c2//Pod/shop/web", "node-a")]);
+        assert!(snap.pod_workload("shop", "web").is_none());
+        assert!(!snap.pod_is_elsewhere("shop", "web"), "ambiguous is unknown, not elsewhere");
+    }
+
+    #[test]
+    fn a_pod_gets_its_own_pod_workload_on_this_node() {
+        let snap =
+            snapshot("node-a", vec![workload("c2//Pod/shop/web", "node-b"), workload("c1//Pod/shop/web", "node-a")]);
+        assert_eq!(snap.pod_workload("shop", "web").unwrap().uid, "c1//Pod/shop/web");
+    }
+
+    #[test]
+    fn a_uid_naming_another_pod_is_not_indexed_under_this_name() {
+        let snap = snapshot("node-a", vec![workload("c1//Pod/shop/other", "node-a")]);
+        assert!(snap.pod_workload("shop", "web").is_none());
     }
 }

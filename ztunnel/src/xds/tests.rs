@@ -235,7 +235,7 @@ async fn a_resource_that_fails_validation_is_nacked_and_the_previous_version_sta
         node_name: "node-a".into(),
         cluster_id: "Kubernetes".into(),
     };
-    let store = Arc::new(StateStore::awaiting_sync());
+    let store = Arc::new(StateStore::awaiting_sync("node-a"));
     let stats = Arc::new(XdsStats::default());
     let client = tokio::spawn(run(cfg, store.clone(), stats.clone()));
     eventually("the first sync", || store.is_synced()).await;
