@@ -19,6 +19,7 @@ pub mod agent_process;
 pub mod apps;
 pub mod cni;
 pub mod control_plane;
+pub mod foreign_lb;
 pub mod istio;
 pub mod loadgen;
 pub mod mesh;

@@ -83,6 +83,21 @@ pub struct Capture {
     cfg: CaptureConfig,
     ebpf: Mutex<Ebpf>,
     orig: OrigDstTable,
+    connect_order: ConnectOrder,
+}
+
+/// Where capture's connect programs run among other programs on the connect hooks, e.g. a
+/// CNI's socket load balancer that rewrites service VIPs to backends (Cilium, Calico eBPF).
+/// Capture must see the address the app dialled, so it asks to run before all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConnectOrder {
+    /// Appended after programs already attached to the same cgroup (kernels without
+    /// ordering flags); programs in cgroups below still run first.
+    Appended,
+    /// Before every non-preorder program of this cgroup and the cgroups below it.
+    Preorder,
+    /// As `Preorder`, and first among preorder programs of this cgroup.
+    First,
 }
 
 impl std::fmt::Debug for Capture {
@@ -129,8 +144,17 @@ impl Capture {
                 replace_pinned(link, &links.join($pin))?;
             }};
         }
-        attach_to_cgroup!(CgroupSockAddr, "capture_connect4", "connect4");
-        attach_to_cgroup!(CgroupSockAddr, "capture_connect6", "connect6");
+        let order4 = attach_connect_first(&mut ebpf, Connect::V4, cgroup.as_fd(), &links.join("connect4"))?;
+        let order6 = attach_connect_first(&mut ebpf, Connect::V6, cgroup.as_fd(), &links.join("connect6"))?;
+        let connect_order = order4.min(order6);
+        tracing::info!(order = ?connect_order, "connect programs attached");
+        if connect_order == ConnectOrder::Appended {
+            tracing::warn!(
+                "this kernel cannot order cgroup programs (BPF_F_PREORDER, 6.17+): a socket load balancer \
+                 attached to the same cgroup before this agent (e.g. Cilium's) would rewrite service addresses \
+                 before capture sees them"
+            );
+        }
         attach_to_cgroup!(SockOps, "record_origdst", "sockops");
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
         let own =
@@ -139,7 +163,12 @@ impl Capture {
         let orig = OrigDstTable::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE")).map_err(map_err("ORIG_BY_TUPLE"))?,
         )?;
-        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig })
+        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, connect_order })
+    }
+
+    /// Where the connect programs run among other programs on the same hooks.
+    pub fn connect_order(&self) -> ConnectOrder {
+        self.connect_order
     }
 
     /// Lookup of original destinations for the outbound proxy.
@@ -288,15 +317,66 @@ where
         .map_err(prog_err(name))
 }
 
+/// The two connect hooks.
+#[derive(Clone, Copy)]
+enum Connect {
+    V4,
+    V6,
+}
+
+impl Connect {
+    /// The program's name and its `enum bpf_attach_type` (`BPF_CGROUP_INET{4,6}_CONNECT`).
+    fn program(self) -> (&'static str, u32) {
+        match self {
+            Connect::V4 => ("capture_connect4", 10),
+            Connect::V6 => ("capture_connect6", 11),
+        }
+    }
+}
+
+/// Loads a connect program and attaches it to `cgroup` ahead of other programs there when
+/// the kernel can order them, pinning the link at `pin`; falls back to a plain attach.
+fn attach_connect_first(
+    ebpf: &mut Ebpf,
+    hook: Connect,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    pin: &Path,
+) -> Result<ConnectOrder, CaptureError> {
+    let (name, attach_type) = hook.program();
+    let p: &mut CgroupSockAddr = program(ebpf, name)?;
+    p.load().map_err(prog_err(name))?;
+    let prog = p.fd().map_err(prog_err(name))?.as_fd();
+    let tries =
+        [(sys::BPF_F_PREORDER | sys::BPF_F_BEFORE, ConnectOrder::First), (sys::BPF_F_PREORDER, ConnectOrder::Preorder)];
+    for (flags, order) in tries {
+        match sys::link_create(prog, cgroup, attach_type, flags) {
+            Ok(link) => {
+                replace_pinned_with(pin, |fresh| sys::obj_pin(&link, fresh))?;
+                return Ok(order);
+            }
+            // Flags this kernel does not know.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(source) => return Err(CaptureError::Io { what: "attaching", path: pin.to_path_buf(), source }),
+        }
+    }
+    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(prog_err(name))?;
+    let link: FdLink =
+        p.take_link(id).map_err(prog_err(name))?.try_into().map_err(|source| CaptureError::Link { name, source })?;
+    replace_pinned(link, pin)?;
+    Ok(ConnectOrder::Appended)
+}
+
 /// Pins `link` at `path`, detaching whatever link was pinned there before (restart).
 fn replace_pinned(link: FdLink, path: &Path) -> Result<(), CaptureError> {
+    replace_pinned_with(path, |fresh| link.pin(fresh).map(drop).map_err(|e| std::io::Error::other(e.to_string())))
+}
+
+/// Pins a link at `path` with `pin` (given the temporary name), then detaches whatever link
+/// was pinned at `path` before: the new one is attached before the old one goes.
+fn replace_pinned_with(path: &Path, pin: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), CaptureError> {
     let fresh = pending_path(path);
     let _ = sys::detach_pinned(&fresh);
-    link.pin(&fresh).map_err(|e| CaptureError::Io {
-        what: "pinning",
-        path: fresh.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    pin(&fresh).map_err(io_err("pinning", &fresh))?;
     sys::detach_pinned(path).map_err(io_err("detaching previous", path))?;
     std::fs::rename(&fresh, path).map_err(io_err("renaming pin", path))
 }

@@ -1,14 +1,36 @@
-//! The two raw bpf(2) commands aya 0.14 does not expose on a pinned link: open a pin and
-//! detach a link explicitly. Explicit detach matters because a forked child can hold copies
-//! of a link fd, so dropping our copy does not guarantee the program is gone.
+//! The raw bpf(2) commands aya 0.14 does not expose: open a pin and detach a link
+//! explicitly (a forked child can hold copies of a link fd, so dropping our copy does not
+//! guarantee the program is gone), and create a cgroup link with ordering flags (aya's
+//! attach takes only the override/multi mode) and pin it.
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// Attach flag (kernel 6.15 for prog attach, link-based on 6.17): the program runs before
+/// the non-preorder programs of its own cgroup and of every cgroup below.
+pub const BPF_F_PREORDER: u32 = 1 << 6;
+/// Attach flag (cgroup multi-program API, same kernels): with no relative program, put
+/// this one first in its cgroup's list.
+pub const BPF_F_BEFORE: u32 = 1 << 3;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -45,6 +67,27 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a fresh fd we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Creates a link attaching `prog` to `target` (a cgroup) with `flags`.
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32, flags: u32) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        flags,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a fresh fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a bpf object (here, a link) at `path` on bpffs.
+pub fn obj_pin(fd: &impl AsRawFd, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
 /// Detaches a link now, whoever else holds an fd to it.
