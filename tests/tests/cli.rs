@@ -71,3 +71,25 @@ fn a_missing_local_config_stops_the_agent_before_it_installs_anything() {
     assert!(stderr.contains(&missing), "error does not name the file: {stderr}");
     assert!(!pin_dir.exists(), "capture was installed before the config was read");
 }
+
+#[test]
+fn a_kernel_missing_a_capture_feature_stops_the_agent_naming_the_feature() {
+    sweep_pins();
+    let c = Cluster::new(1).expect("mini-cluster (needs root)");
+    let pin_dir = Path::new(BPFFS).join(format!("{}-oldkernel", c.prefix()));
+    let feature = "helper:get_netns_cookie@sock_ops";
+    let out = std::process::Command::new(ztunnel_binary())
+        .args(["node", "--simulate-missing-kernel-feature", feature, "--pin-dir", &pin_dir.display().to_string()])
+        .args(["--enrollment-socket", &format!("/run/ztunnel-test/{}-oldkernel.sock", c.prefix())])
+        .args(["--state-dir", &format!("/run/ztunnel-test/{}-oldkernel-pods", c.prefix())])
+        .args(["--ca-state-dir", &ca_dir(&c).display().to_string()])
+        .args(["--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
+        .output()
+        .expect("running ztunnel node");
+    let _ = std::fs::remove_dir_all(format!("/run/ztunnel-test/{}-oldkernel-pods", c.prefix()));
+    let _ = std::fs::remove_dir_all(ca_dir(&c));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "agent started on a kernel missing {feature}");
+    assert!(stderr.contains(feature) && stderr.contains("5.15"), "error does not name the feature: {stderr}");
+    assert!(!pin_dir.exists(), "capture was installed before the kernel was checked");
+}

@@ -135,6 +135,10 @@ struct NodeArgs {
     /// Cluster id, sent to the control plane.
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
+    /// Report this kernel feature as missing (see `ztunnel::redirect::FEATURES`): shows how
+    /// the agent refuses a kernel below its floor.
+    #[arg(long, hide = true)]
+    simulate_missing_kernel_feature: Option<String>,
     /// Admin listener (config_dump, logging, quitquitquit): localhost only.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: std::net::SocketAddr,
@@ -303,6 +307,10 @@ fn init_logging() -> Arc<LogControl> {
 fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
     if args.uninstall {
         return uninstall(&args);
+    }
+    if let Err(missing) = ztunnel::redirect::check_kernel(args.simulate_missing_kernel_feature.as_deref()) {
+        let list: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
+        anyhow::bail!("this kernel cannot run capture:\n{}", list.join("\n"));
     }
     raise_fd_limit();
     start_heap_trimmer();

@@ -7,6 +7,7 @@
 //! detaches the previous links, so the kernel never holds two copies of ours.
 mod cgroup;
 mod maps;
+mod probe;
 mod sys;
 
 use std::net::IpAddr;
@@ -22,6 +23,7 @@ use ztunnel_common::{IpKey, PodEntry};
 
 pub use cgroup::{bpffs_mounted, cgroup2_root};
 pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
+pub use probe::{check_kernel, Feature, MissingFeature, FEATURES, KERNEL_FLOOR};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
@@ -150,7 +152,7 @@ impl Capture {
         tracing::info!(order = ?connect_order, "connect programs attached");
         if connect_order == ConnectOrder::Appended {
             tracing::warn!(
-                "this kernel cannot order cgroup programs (BPF_F_PREORDER, 6.17+): a socket load balancer \
+                "this kernel cannot order cgroup programs (link-based BPF_F_PREORDER, 2025 kernels): a socket load balancer \
                  attached to the same cgroup before this agent (e.g. Cilium's) would rewrite service addresses \
                  before capture sees them"
             );

@@ -13,7 +13,7 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
-/// Attach flag (kernel 6.15 for prog attach, link-based on 6.17): the program runs before
+/// Attach flag (6.15 for prog attach; for links with the cgroup multi-program API, 2025): runs before
 /// the non-preorder programs of its own cgroup and of every cgroup below.
 pub const BPF_F_PREORDER: u32 = 1 << 6;
 /// Attach flag (cgroup multi-program API, same kernels): with no relative program, put
