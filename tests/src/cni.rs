@@ -32,6 +32,41 @@ impl CniNode {
     /// Starts the daemon for `cluster.node(node)`, learning ambient pods from `cp` with that
     /// node's token; ADDs wait at most 5 s for enrollment.
     pub fn start(cluster: &Cluster, node: usize, cp: &ControlPlaneAccess) -> Result<Self> {
+        Self::start_full(cluster, node, cp, None)
+    }
+
+    /// Like [`CniNode::start`], with the daemon installing our eBPF capture for each ambient
+    /// pod (`--ebpf-capture`) for a node agent running in `proxy_cgroup` (e.g. Istio's
+    /// ztunnel): pins under `<bpffs>/<prefix>-node<n>-cni`, node probes from the gateway.
+    pub fn start_with_capture(
+        cluster: &Cluster,
+        node: usize,
+        cp: &ControlPlaneAccess,
+        proxy_cgroup: &Path,
+    ) -> Result<Self> {
+        crate::mesh::ensure_bpffs()?;
+        let n = cluster.node(node);
+        let capture = ztunnel::cni::capture::CniCaptureConfig {
+            capture: ztunnel::redirect::CaptureConfig {
+                pin_dir: PathBuf::from(crate::mesh::BPFFS).join(format!("{}-node{node}-cni", cluster.prefix())),
+                cgroup: crate::cgroup2_root()?.to_path_buf(),
+                exclusions: ztunnel::redirect::Exclusions {
+                    probe_sources: vec![n.gateway4().into(), n.gateway6().into()],
+                    ..Default::default()
+                },
+                max_pods: ztunnel::redirect::DEFAULT_MAX_PODS,
+            },
+            proxy_cgroups: vec![proxy_cgroup.to_path_buf()],
+        };
+        Self::start_full(cluster, node, cp, Some(capture))
+    }
+
+    fn start_full(
+        cluster: &Cluster,
+        node: usize,
+        cp: &ControlPlaneAccess,
+        capture: Option<ztunnel::cni::capture::CniCaptureConfig>,
+    ) -> Result<Self> {
         let n = cluster.node(node);
         let node_name = cp.node_name(node, n.name());
         let dir = PathBuf::from(RUN_DIR).join(format!("{}-node{node}-cni", cluster.prefix()));
@@ -45,6 +80,7 @@ impl CniNode {
                 cluster_id: "Kubernetes".into(),
             },
             enroll_wait: Duration::from_secs(5),
+            capture,
         };
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let plugin = PluginBin::new(&dir.join("bin"))?;
@@ -82,6 +118,13 @@ impl CniNode {
         }
     }
 
+    /// Counters of the eBPF capture the daemon installed (`start_with_capture`).
+    pub fn capture_counters(&self) -> Result<ztunnel::redirect::CounterSnapshot> {
+        let daemon = self.daemon.as_ref().context("cni daemon not running")?;
+        let capture = daemon.capture().context("the daemon installs no capture")?;
+        Ok(capture.counters()?)
+    }
+
     /// Stops the daemon as a crash would (its pod records stay).
     pub fn stop(&mut self) {
         drop(self.daemon.take());
@@ -114,6 +157,9 @@ impl CniNode {
 impl Drop for CniNode {
     fn drop(&mut self) {
         self.stop();
+        if let Some(c) = &self.cfg.capture {
+            let _ = ztunnel::redirect::remove_pinned(&c.capture.pin_dir);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -198,10 +198,24 @@ impl IstioZtunnel {
     /// is ready, which Istio's ztunnel only is once the CNI side's first snapshot
     /// (`SnapshotSent`) arrived: whatever serves `zds` must be running and synced.
     pub fn start_shared(binary: &Path, node: &Node, zds: &Path, local_config: &str, dir_name: &str) -> Result<Self> {
+        Self::start_shared_in(binary, node, None, zds, local_config, dir_name)
+    }
+
+    /// [`IstioZtunnel::start_shared`], with the process in the cgroup `cgroup` (e.g. one our
+    /// eBPF capture knows as the proxy's).
+    pub fn start_shared_in(
+        binary: &Path,
+        node: &Node,
+        cgroup: Option<&Path>,
+        zds: &Path,
+        local_config: &str,
+        dir_name: &str,
+    ) -> Result<Self> {
         let dir = TempDir::new(dir_name)?;
         let mut cmd = base_command(binary, &dir, local_config)?;
         cmd.env("PROXY_MODE", "shared").env("INPOD_UDS", zds).env("PACKET_MARK", PACKET_MARK.to_string());
-        let child = node.spawn(cmd).context("spawning Istio's ztunnel")?;
+        let child =
+            crate::netns::spawn_in_netns_cmd(node.netns_file(), cgroup, cmd).context("spawning Istio's ztunnel")?;
         let mut z = Self { child, netns: node.netns_file().try_clone()?, dir };
         z.wait_ready().with_context(|| format!("Istio's ztunnel on {}; its log:\n{}", node.name(), z.log()))?;
         Ok(z)

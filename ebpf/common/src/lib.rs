@@ -69,6 +69,10 @@ pub enum Program {
     Connect6 = 1,
     SockOps = 2,
     SkLookup = 3,
+    /// `cgroup/getsockopt`: `SO_ORIGINAL_DST` answered for a proxy that is not ours.
+    Getsockopt = 4,
+    /// `sock_ops` on listen: a proxy's in-pod 15006 listener put into the inbound map.
+    Listen = 5,
 }
 
 /// What happened, per program.
@@ -86,7 +90,7 @@ pub enum Outcome {
 }
 
 /// Number of counter slots in the `COUNTERS` per-CPU array.
-pub const COUNTER_SLOTS: u32 = 12;
+pub const COUNTER_SLOTS: u32 = 18;
 
 /// Slot of a (program, outcome) counter.
 pub const fn counter_index(p: Program, o: Outcome) -> u32 {

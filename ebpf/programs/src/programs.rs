@@ -1,11 +1,14 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{
+        bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_sockopt, BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
     helpers::generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use ztunnel_common::{
     counter_index, v4_mapped, IpKey, OrigDst, Outcome, PodEntry, PortKey, Program, TupleKey, COUNTER_SLOTS, HBONE_PORT,
@@ -17,6 +20,10 @@ const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const SOL_SOCKET: i32 = 1;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) share the number.
+const SO_ORIGINAL_DST: i32 = 80;
 const SO_MARK: i32 = 36;
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -232,6 +239,10 @@ pub fn record_origdst(ctx: SockOpsContext) -> u32 {
             read_volatile(&(*ops).local_port),
         )
     };
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        adopt_inbound_listener(&ctx, lport);
+        return 1;
+    }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
@@ -255,6 +266,112 @@ pub fn record_origdst(ctx: SockOpsContext) -> u32 {
         count(Program::SockOps, Outcome::Captured);
     }
     let _ = ORIG_BY_COOKIE.remove(&cookie);
+    1
+}
+
+/// A proxy process opened its inbound plaintext listener (15006) inside an enrolled pod:
+/// make it the pod's inbound target, so any proxy (Istio's ztunnel included) is served by
+/// `steer_inbound` without inserting the socket itself. Only a process of a registered proxy
+/// cgroup qualifies: an app listening on 15006 in its own pod must not receive the pod's
+/// inbound traffic.
+#[inline(always)]
+fn adopt_inbound_listener(ctx: &SockOpsContext, lport: u32) {
+    if lport != INBOUND_PLAINTEXT_PORT as u32 {
+        return;
+    }
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    let mut netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    if unsafe { ENROLLED.get(&netns) }.is_none() {
+        return;
+    }
+    if unsafe { PROXY_CGROUPS.get(&bpf_get_current_cgroup_id()) }.is_none() {
+        count(Program::Listen, Outcome::Bypassed);
+        return;
+    }
+    match INBOUND_LISTENERS.update(&mut netns, unsafe { &mut *ops }, BPF_ANY as u64) {
+        Ok(()) => count(Program::Listen, Outcome::Captured),
+        Err(_) => count(Program::Listen, Outcome::Error),
+    }
+}
+
+/// Answers `getsockopt(SO_ORIGINAL_DST)` on a connection a proxy accepted on its in-pod
+/// outbound listener (15001): such proxies (Istio's ztunnel) expect iptables' REDIRECT and
+/// ask conntrack for the destination the app dialled; here the kernel has no conntrack
+/// entry, so the answer comes from the original destination `record_origdst` keyed by the
+/// pod's netns and the client's address. Anything else keeps the kernel's own answer.
+#[cgroup_sockopt(getsockopt)]
+pub fn answer_original_dst(ctx: SockoptContext) -> i32 {
+    let so: *mut bpf_sockopt = ctx.sockopt;
+    let (level, optname, sk) = unsafe {
+        (read_volatile(&(*so).level), read_volatile(&(*so).optname), read_volatile(&(*so).__bindgen_anon_1.sk))
+    };
+    if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) || sk.is_null() {
+        return 1;
+    }
+    let sk: *mut bpf_sock = sk;
+    let (family, lport, rport, r4, r6a, r6b, r6c, r6d) = unsafe {
+        (
+            read_volatile(&(*sk).family),
+            read_volatile(&(*sk).src_port),
+            read_volatile(&(*sk).dst_port),
+            read_volatile(&(*sk).dst_ip4),
+            read_volatile(&(*sk).dst_ip6[0]),
+            read_volatile(&(*sk).dst_ip6[1]),
+            read_volatile(&(*sk).dst_ip6[2]),
+            read_volatile(&(*sk).dst_ip6[3]),
+        )
+    };
+    if lport != OUTBOUND_PORT as u32 {
+        return 1;
+    }
+    let remote = if family == AF_INET { v4_mapped(r4.to_ne_bytes()) } else { words_to_bytes([r6a, r6b, r6c, r6d]) };
+    let key = TupleKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(so.cast()) },
+        addr: remote,
+        port: u16::from_be(rport),
+        _pad: [0; 6],
+    };
+    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }) else {
+        return 1;
+    };
+    let orig = *orig;
+    let mapped = orig.addr[..10].iter().all(|b| *b == 0) && orig.addr[10] == 0xff && orig.addr[11] == 0xff;
+    let (optval, end) =
+        unsafe { (read_volatile(&(*so).__bindgen_anon_2.optval), read_volatile(&(*so).__bindgen_anon_3.optval_end)) };
+    let port = orig.port.to_be_bytes();
+    if level == SOL_IP && mapped {
+        // struct sockaddr_in
+        if (optval as usize) + 16 > end as usize {
+            count(Program::Getsockopt, Outcome::Error);
+            return 1;
+        }
+        let out = optval as *mut [u8; 16];
+        let a = &orig.addr;
+        unsafe {
+            *out = [AF_INET as u8, 0, port[0], port[1], a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0];
+            (*so).optlen = 16;
+            (*so).retval = 0;
+        }
+    } else if level == SOL_IPV6 && !mapped {
+        // struct sockaddr_in6
+        if (optval as usize) + 28 > end as usize {
+            count(Program::Getsockopt, Outcome::Error);
+            return 1;
+        }
+        let head = optval as *mut [u8; 8];
+        let addr = unsafe { (optval as *mut u8).add(8) } as *mut [u8; 16];
+        let tail = unsafe { (optval as *mut u8).add(24) } as *mut [u8; 4];
+        unsafe {
+            *head = [AF_INET6 as u8, 0, port[0], port[1], 0, 0, 0, 0];
+            *addr = orig.addr;
+            *tail = [0; 4];
+            (*so).optlen = 28;
+            (*so).retval = 0;
+        }
+    } else {
+        return 1;
+    }
+    count(Program::Getsockopt, Outcome::Captured);
     1
 }
 

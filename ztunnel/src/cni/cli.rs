@@ -61,6 +61,27 @@ pub struct CniArgs {
     /// `--plugin-socket` path).
     #[arg(long)]
     pub host_plugin_socket: Option<PathBuf>,
+    /// Capture each ambient pod's traffic with our eBPF programs before handing it to the
+    /// node agent, for an agent that brings no capture of its own (Istio's ztunnel, in place
+    /// of istio-cni's iptables rules).
+    #[arg(long, requires = "proxy_cgroup")]
+    pub ebpf_capture: bool,
+    /// cgroup v2 directory of the node agent's processes (repeatable): their marked
+    /// connects are not captured and their in-pod 15006 listeners receive inbound traffic.
+    #[arg(long = "proxy-cgroup")]
+    pub proxy_cgroup: Vec<PathBuf>,
+    /// Pin directory on bpffs for `--ebpf-capture`.
+    #[arg(long, default_value = "/sys/fs/bpf/ztunnel-cni")]
+    pub pin_dir: PathBuf,
+    /// Outbound destination port never captured (repeatable; `--ebpf-capture`).
+    #[arg(long = "exclude-outbound-port")]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Inbound pod port never captured (repeatable; `--ebpf-capture`).
+    #[arg(long = "exclude-inbound-port")]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Source address of node health probes; reaches apps directly (repeatable; `--ebpf-capture`).
+    #[arg(long = "probe-source", default_value = "169.254.7.127")]
+    pub probe_sources: Vec<std::net::IpAddr>,
 }
 
 /// `ztunnel cni plugin`.
@@ -103,7 +124,32 @@ impl CniArgs {
                 cluster_id: self.cluster_id.clone(),
             },
             enroll_wait: Duration::from_millis(self.enroll_wait_ms),
+            capture: self.capture_config()?,
         })
+    }
+
+    fn capture_config(&self) -> anyhow::Result<Option<super::capture::CniCaptureConfig>> {
+        if !self.ebpf_capture {
+            return Ok(None);
+        }
+        if let Err(missing) = crate::redirect::check_kernel(None) {
+            let list: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
+            anyhow::bail!("this kernel cannot run capture:\n{}", list.join("\n"));
+        }
+        Ok(Some(super::capture::CniCaptureConfig {
+            capture: crate::redirect::CaptureConfig {
+                pin_dir: self.pin_dir.clone(),
+                cgroup: crate::redirect::cgroup2_root().context("finding the cgroup2 mount")?,
+                exclusions: crate::redirect::Exclusions {
+                    outbound_ports: self.exclude_outbound_ports.clone(),
+                    inbound_ports: self.exclude_inbound_ports.clone(),
+                    cidrs: vec![],
+                    probe_sources: self.probe_sources.clone(),
+                },
+                max_pods: crate::redirect::DEFAULT_MAX_PODS,
+            },
+            proxy_cgroups: self.proxy_cgroup.clone(),
+        }))
     }
 }
 

@@ -121,12 +121,19 @@ pub(super) struct Manager {
     add_errors: HashMap<String, String>,
     retry_at: Option<Instant>,
     status: watch::Sender<CniStatus>,
+    /// eBPF capture this daemon installs for an agent that brings none (`--ebpf-capture`).
+    capture: Option<super::capture::PodCapture>,
 }
 
 impl Manager {
     /// Starts from the records kept by a previous run; pods whose netns is gone were deleted
     /// while we were down and are forgotten (so the next snapshot releases them).
-    pub(super) fn new(cfg: ManagerConfig, store: Arc<StateStore>, status: watch::Sender<CniStatus>) -> Self {
+    pub(super) fn new(
+        cfg: ManagerConfig,
+        store: Arc<StateStore>,
+        status: watch::Sender<CniStatus>,
+        capture: Option<super::capture::PodCapture>,
+    ) -> Self {
         let mut pods = BTreeMap::new();
         for rec in records::load_all(&cfg.state_dir) {
             if rec.netns.exists() {
@@ -150,6 +157,7 @@ impl Manager {
             add_errors: HashMap::new(),
             retry_at: None,
             status,
+            capture,
         }
     }
 
@@ -308,7 +316,15 @@ impl Manager {
         if self.retry_at.is_some_and(|t| t <= Instant::now()) {
             self.retry_at = None;
         }
-        let desired = self.desired();
+        let mut desired = self.desired();
+        if let Some(capture) = self.capture.as_mut() {
+            // Captured before it is handed to the agent; one that cannot be is not handed over.
+            for (uid, why) in capture.sync(desired.keys().filter_map(|u| self.pods.get(u))) {
+                desired.remove(&uid);
+                self.add_errors.insert(uid, why);
+                self.retry_at.get_or_insert_with(|| Instant::now() + RETRY);
+            }
+        }
         for mut link in std::mem::take(&mut self.waiting) {
             if self.snapshot(&mut link, &desired).await {
                 self.agents.push(link);

@@ -15,6 +15,7 @@
 //! [`StateStore`] whose change notifications drive reconciliation.
 mod agents;
 pub mod api;
+pub mod capture;
 pub mod cli;
 pub mod install;
 mod manager;
@@ -51,6 +52,9 @@ pub struct CniConfig {
     /// agent to enroll it before it is answered (an error when the pod is in the mesh but
     /// could not be enrolled: the pod must not start unprotected).
     pub enroll_wait: Duration,
+    /// Install eBPF capture for the pods (for a node agent that brings none, e.g. Istio's
+    /// ztunnel); None when the agent captures itself (ours) or istio-cni's iptables do.
+    pub capture: Option<capture::CniCaptureConfig>,
 }
 
 /// What the daemon knows, for operators and tests.
@@ -71,6 +75,8 @@ pub struct CniStatus {
 pub enum CniError {
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("installing eBPF capture: {0}")]
+    Capture(#[from] crate::redirect::CaptureError),
 }
 
 /// A running daemon. Dropping it stops it and removes its sockets; pod records stay so a
@@ -80,6 +86,7 @@ pub struct CniDaemon {
     tasks: Vec<JoinHandle<()>>,
     status: watch::Receiver<CniStatus>,
     xds: Arc<XdsStats>,
+    capture: Option<Arc<crate::redirect::Capture>>,
 }
 
 impl CniDaemon {
@@ -96,6 +103,8 @@ impl CniDaemon {
         let store = Arc::new(StateStore::awaiting_sync(&cfg.xds.node_name));
         let xds = Arc::new(XdsStats::default());
         let (status_tx, status) = watch::channel(CniStatus::default());
+        let capture = cfg.capture.clone().map(capture::PodCapture::install).transpose()?;
+        let capture_handle = capture.as_ref().map(|c| c.capture());
         let manager = manager::Manager::new(
             manager::ManagerConfig {
                 state_dir: cfg.state_dir.clone(),
@@ -104,6 +113,7 @@ impl CniDaemon {
             },
             store.clone(),
             status_tx,
+            capture,
         );
         let (events, rx) = mpsc::channel(64);
         let ids = Arc::new(AtomicU64::new(1));
@@ -119,7 +129,7 @@ impl CniDaemon {
             })),
         ];
         tracing::info!(zds = %cfg.zds_socket.display(), plugin = %cfg.plugin_socket.display(), node = %cfg.xds.node_name, "cni daemon ready");
-        Ok(Self { cfg, tasks, status, xds })
+        Ok(Self { cfg, tasks, status, xds, capture: capture_handle })
     }
 
     /// The current view (pods known and enrolled, agents, sync).
@@ -135,6 +145,11 @@ impl CniDaemon {
     /// The xDS client's counters.
     pub fn xds_stats(&self) -> &Arc<XdsStats> {
         &self.xds
+    }
+
+    /// The eBPF capture this daemon installed (`--ebpf-capture`), for its counters.
+    pub fn capture(&self) -> Option<&Arc<crate::redirect::Capture>> {
+        self.capture.as_ref()
     }
 
     /// The daemon's settings.

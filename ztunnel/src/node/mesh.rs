@@ -190,6 +190,8 @@ fn register_collectors(shared: &Arc<Shared>) {
                 ("connect6", c.connect6),
                 ("sock_ops", c.sock_ops),
                 ("sk_lookup", c.sk_lookup),
+                ("getsockopt", c.getsockopt),
+                ("listen", c.listen),
             ] {
                 for (outcome, v) in [("captured", o.captured), ("bypassed", o.bypassed), ("error", o.errors)] {
                     out.push((

@@ -91,6 +91,10 @@ pub struct CounterSnapshot {
     pub connect6: OutcomeCounts,
     pub sock_ops: OutcomeCounts,
     pub sk_lookup: OutcomeCounts,
+    /// `SO_ORIGINAL_DST` answers given to a proxy that is not ours.
+    pub getsockopt: OutcomeCounts,
+    /// 15006 listeners of a proxy put into the inbound map on `listen()`.
+    pub listen: OutcomeCounts,
 }
 
 /// Captured / bypassed / error counts of one program.
@@ -120,6 +124,8 @@ pub(super) fn read_counters(ebpf: &Ebpf) -> Result<CounterSnapshot, CaptureError
         connect6: prog(Program::Connect6)?,
         sock_ops: prog(Program::SockOps)?,
         sk_lookup: prog(Program::SkLookup)?,
+        getsockopt: prog(Program::Getsockopt)?,
+        listen: prog(Program::Listen)?,
     })
 }
 

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::links::{FdLink, LinkError};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SockOps};
 use aya::Ebpf;
 use ztunnel_common::{IpKey, PodEntry};
 
@@ -41,6 +41,9 @@ const MAP_NAMES: [&str; 11] = [
     "INBOUND_LISTENERS",
     "COUNTERS",
 ];
+
+/// Pin names of the links at the cgroup (one per program attached there).
+const CGROUP_LINKS: [&str; 4] = ["connect4", "connect6", "sockops", "getsockopt"];
 
 /// The per-pod constant of `steer_inbound` (see the kernel program).
 const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
@@ -158,6 +161,7 @@ impl Capture {
             );
         }
         attach_to_cgroup!(SockOps, "record_origdst", "sockops");
+        attach_getsockopt(&mut ebpf, cgroup.as_fd(), &links.join("getsockopt"))?;
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
         let own =
             cgroup::own_cgroup_id().map_err(io_err("finding the agent's cgroup", Path::new("/proc/self/cgroup")))?;
@@ -187,6 +191,34 @@ impl Capture {
         netns: &crate::netns::InpodNetns,
         inbound_listener: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
+        self.enroll_with(uid, netns, Some(inbound_listener.as_raw_fd()))
+    }
+
+    /// Starts capturing a pod for a proxy that is not this agent (e.g. Istio's ztunnel
+    /// enrolled over ZDS): as [`Capture::enroll`], but the inbound listener is whichever
+    /// socket a registered proxy cgroup ([`Capture::add_proxy_cgroup`]) opens on 15006 in the
+    /// pod's netns; until then inbound connections are dropped (fail closed). Outbound
+    /// connections go to the proxy's 15001, which learns their destination with
+    /// `getsockopt(SO_ORIGINAL_DST)`, answered by the kernel programs.
+    pub fn enroll_for_proxy(&self, uid: &str, netns: &crate::netns::InpodNetns) -> Result<(), CaptureError> {
+        self.enroll_with(uid, netns, None)
+    }
+
+    /// Lets the processes of the cgroup at `path` act as a proxy: their marked connects are
+    /// not captured, and their 15006 listeners in enrolled pods receive inbound traffic.
+    pub fn add_proxy_cgroup(&self, path: &Path) -> Result<(), CaptureError> {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(path).map_err(io_err("reading proxy cgroup", path))?.ino();
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        maps::register_proxy_cgroup(&mut ebpf, id)
+    }
+
+    fn enroll_with(
+        &self,
+        uid: &str,
+        netns: &crate::netns::InpodNetns,
+        inbound_listener: Option<std::os::fd::RawFd>,
+    ) -> Result<(), CaptureError> {
         let dir = self.pod_dir(uid)?;
         let result = self.enroll_inner(&dir, netns, inbound_listener);
         if result.is_err() {
@@ -199,16 +231,18 @@ impl Capture {
         &self,
         dir: &Path,
         netns: &crate::netns::InpodNetns,
-        listener: &impl AsRawFd,
+        listener: Option<std::os::fd::RawFd>,
     ) -> Result<(), CaptureError> {
         std::fs::create_dir_all(dir).map_err(io_err("creating pod pin dir", dir))?;
         let cookie = netns.cookie();
         {
             let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-            let mut socks: SockHash<&mut MapData, u64> =
-                SockHash::try_from(ebpf.map_mut("INBOUND_LISTENERS").expect("map"))
-                    .map_err(map_err("INBOUND_LISTENERS"))?;
-            socks.insert(cookie, listener.as_raw_fd(), 0).map_err(map_err("INBOUND_LISTENERS"))?;
+            if let Some(listener) = listener {
+                let mut socks: SockHash<&mut MapData, u64> =
+                    SockHash::try_from(ebpf.map_mut("INBOUND_LISTENERS").expect("map"))
+                        .map_err(map_err("INBOUND_LISTENERS"))?;
+                socks.insert(cookie, listener, 0).map_err(map_err("INBOUND_LISTENERS"))?;
+            }
             let mut enrolled: HashMap<&mut MapData, u64, PodEntry> =
                 HashMap::try_from(ebpf.map_mut("ENROLLED").expect("map")).map_err(map_err("ENROLLED"))?;
             enrolled.insert(cookie, PodEntry { flags: 1, _pad: 0 }, 0).map_err(map_err("ENROLLED"))?;
@@ -348,24 +382,48 @@ fn attach_connect_first(
     let p: &mut CgroupSockAddr = program(ebpf, name)?;
     p.load().map_err(prog_err(name))?;
     let prog = p.fd().map_err(prog_err(name))?.as_fd();
-    let tries =
-        [(sys::BPF_F_PREORDER | sys::BPF_F_BEFORE, ConnectOrder::First), (sys::BPF_F_PREORDER, ConnectOrder::Preorder)];
-    for (flags, order) in tries {
+    let tries = [
+        (sys::BPF_F_PREORDER | sys::BPF_F_BEFORE, ConnectOrder::First),
+        (sys::BPF_F_PREORDER, ConnectOrder::Preorder),
+        (0, ConnectOrder::Appended),
+    ];
+    attach_link(prog, cgroup, attach_type, pin, &tries)
+}
+
+/// `BPF_CGROUP_GETSOCKOPT` (enum bpf_attach_type).
+const ATTACH_GETSOCKOPT: u32 = 21;
+
+/// Loads `answer_original_dst` and attaches it to `cgroup` (aya 0.14 cannot turn a
+/// getsockopt link into a pinnable one, so the link is created here).
+fn attach_getsockopt(ebpf: &mut Ebpf, cgroup: std::os::fd::BorrowedFd<'_>, pin: &Path) -> Result<(), CaptureError> {
+    let name = "answer_original_dst";
+    let p: &mut CgroupSockopt = program(ebpf, name)?;
+    p.load().map_err(prog_err(name))?;
+    let prog = p.fd().map_err(prog_err(name))?.as_fd();
+    attach_link(prog, cgroup, ATTACH_GETSOCKOPT, pin, &[(0, ConnectOrder::Appended)]).map(drop)
+}
+
+/// Creates a cgroup link with the first of `tries`' flags the kernel accepts (EINVAL means
+/// it does not know them) and pins it at `pin`; returns the order that flag set gives.
+fn attach_link(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+    pin: &Path,
+    tries: &[(u32, ConnectOrder)],
+) -> Result<ConnectOrder, CaptureError> {
+    let mut last = std::io::Error::from_raw_os_error(libc::EINVAL);
+    for &(flags, order) in tries {
         match sys::link_create(prog, cgroup, attach_type, flags) {
             Ok(link) => {
                 replace_pinned_with(pin, |fresh| sys::obj_pin(&link, fresh))?;
                 return Ok(order);
             }
-            // Flags this kernel does not know.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
-            Err(source) => return Err(CaptureError::Io { what: "attaching", path: pin.to_path_buf(), source }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && flags != 0 => last = e,
+            Err(e) => return Err(CaptureError::Io { what: "attaching", path: pin.to_path_buf(), source: e }),
         }
     }
-    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(prog_err(name))?;
-    let link: FdLink =
-        p.take_link(id).map_err(prog_err(name))?.try_into().map_err(|source| CaptureError::Link { name, source })?;
-    replace_pinned(link, pin)?;
-    Ok(ConnectOrder::Appended)
+    Err(CaptureError::Io { what: "attaching", path: pin.to_path_buf(), source: last })
 }
 
 /// Pins `link` at `path`, detaching whatever link was pinned there before (restart).
@@ -403,8 +461,7 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
 /// Kernel ids of the links pinned under `pin_dir` (cgroup links and pod links), also
 /// readable when no agent runs (e.g. after a crash).
 pub fn pinned_link_ids(pin_dir: &Path) -> Vec<u32> {
-    let mut paths: Vec<PathBuf> =
-        ["connect4", "connect6", "sockops"].iter().map(|n| pin_dir.join("links").join(n)).collect();
+    let mut paths: Vec<PathBuf> = CGROUP_LINKS.iter().map(|n| pin_dir.join("links").join(n)).collect();
     for entry in std::fs::read_dir(pin_dir.join("pods")).into_iter().flatten().flatten() {
         paths.push(entry.path().join("sk_lookup"));
     }
@@ -425,7 +482,7 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<(), CaptureError> {
         let _ = sys::detach_pinned(&pending_path(&entry.path().join("sk_lookup")));
         let _ = std::fs::remove_dir(entry.path());
     }
-    for n in ["connect4", "connect6", "sockops"] {
+    for n in CGROUP_LINKS {
         let link = pin_dir.join("links").join(n);
         sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
         let _ = sys::detach_pinned(&pending_path(&link));
