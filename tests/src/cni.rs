@@ -18,6 +18,11 @@ use ztunnel::enrollment::{recv_datagram, EnrollmentClient, ZdsHello};
 use crate::mesh::{ControlPlaneAccess, RUN_DIR};
 use crate::{Cluster, Pod};
 
+/// Outbound destination port [`CniNode::start_with_capture`] never captures.
+pub const EXCLUDED_OUTBOUND_PORT: u16 = 9090;
+/// Inbound pod port [`CniNode::start_with_capture`] never captures.
+pub const EXCLUDED_INBOUND_PORT: u16 = 9091;
+
 /// A `ztunnel cni` daemon for one node, on its own runtime. Dropping it stops the daemon
 /// and removes its sockets, pod records and plugin directory.
 pub struct CniNode {
@@ -37,7 +42,9 @@ impl CniNode {
 
     /// Like [`CniNode::start`], with the daemon installing our eBPF capture for each ambient
     /// pod (`--ebpf-capture`) for a node agent running in `proxy_cgroup` (e.g. Istio's
-    /// ztunnel): pins under `<bpffs>/<prefix>-node<n>-cni`, node probes from the gateway.
+    /// ztunnel): pins under `<bpffs>/<prefix>-node<n>-cni`, node probes from the gateway,
+    /// outbound port [`EXCLUDED_OUTBOUND_PORT`] and inbound port [`EXCLUDED_INBOUND_PORT`]
+    /// never captured.
     pub fn start_with_capture(
         cluster: &Cluster,
         node: usize,
@@ -52,9 +59,12 @@ impl CniNode {
                 cgroup: crate::cgroup2_root()?.to_path_buf(),
                 exclusions: ztunnel::redirect::Exclusions {
                     probe_sources: vec![n.gateway4().into(), n.gateway6().into()],
+                    outbound_ports: vec![EXCLUDED_OUTBOUND_PORT],
+                    inbound_ports: vec![EXCLUDED_INBOUND_PORT],
                     ..Default::default()
                 },
                 max_pods: ztunnel::redirect::DEFAULT_MAX_PODS,
+                for_foreign_proxy: true,
             },
             proxy_cgroups: vec![proxy_cgroup.to_path_buf()],
         };

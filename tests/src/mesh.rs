@@ -247,6 +247,7 @@ impl MeshNode {
                 cgroup: crate::cgroup2_root()?.to_path_buf(),
                 exclusions,
                 max_pods,
+                for_foreign_proxy: false,
             },
         };
         // The agent refuses to start without its config file: begin with an empty mesh.

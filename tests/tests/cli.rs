@@ -29,7 +29,7 @@ fn crashed_agent_keeps_pods_captured_and_cli_uninstall_removes_everything() {
 
     let pin_dir = Path::new(BPFFS).join(format!("{}-node0", c.prefix()));
     let links = pinned_link_ids(&pin_dir);
-    assert_eq!(links.len(), 5, "4 cgroup links + 1 pod link");
+    assert_eq!(links.len(), 4, "3 cgroup links + 1 pod link");
 
     agent.crash();
     let live = kernel_link_ids();

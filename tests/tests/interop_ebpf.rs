@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use mesh_tests::apps::{request, request_here, PeerServer};
 use mesh_tests::cgroup::create_cgroup;
-use mesh_tests::cni::CniNode;
+use mesh_tests::cni::{CniNode, EXCLUDED_INBOUND_PORT, EXCLUDED_OUTBOUND_PORT};
 use mesh_tests::control_plane::{namespace_yaml, pod_yaml, write_config, ControlPlane};
 use mesh_tests::istio::{peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel, TempDir};
 use mesh_tests::mesh::{sweep_pins, wait_record, write_mesh_config, MeshNode};
@@ -100,7 +100,10 @@ fn setup() -> Option<Setup> {
     cni.wait(WAIT, |s| s.synced && s.agents == 1).expect("our CNI synced with Istio's ztunnel connected");
     let run = cni.plugin("ADD", &a);
     assert_eq!(run.code, Some(0), "plugin ADD failed: {run:?}");
-    let apps = [&ours, &a, &outsider].iter().map(|p| PeerServer::start(p, APP_PORT).unwrap()).collect();
+    let mut apps: Vec<PeerServer> =
+        [&ours, &a, &outsider].iter().map(|p| PeerServer::start(p, APP_PORT).unwrap()).collect();
+    apps.push(PeerServer::start(&outsider, EXCLUDED_OUTBOUND_PORT).unwrap());
+    apps.push(PeerServer::start(&a, EXCLUDED_INBOUND_PORT).unwrap());
     Some(Setup { istio, _apps: apps, cni, agent, _cp: cp, ours, a, outsider, cluster: c, _ca: ca })
 }
 
@@ -192,4 +195,40 @@ fn node_probes_reach_an_app_captured_for_istios_ztunnel_directly() {
         s.istio.access_log().iter().skip(seen).all(|e| e["dst.addr"] != dst.to_string()),
         "the probe went through Istio's ztunnel"
     );
+}
+
+#[test]
+fn excluded_ports_bypass_istios_ztunnel_on_our_ebpf_capture() {
+    let Some(s) = setup() else { return };
+    let seen = s.istio.access_log().len();
+    // Outbound to an excluded port: the app's connect is left alone, the peer sees a itself.
+    let before = s.cni.capture_counters().unwrap();
+    let out = SocketAddr::new(s.outsider.ip4().into(), EXCLUDED_OUTBOUND_PORT);
+    let r = request(&s.a, out, "excluded-out").expect("a reaches the excluded port directly");
+    assert_eq!(r.peer.ip(), IpAddr::from(s.a.ip4()));
+    let after = s.cni.capture_counters().unwrap();
+    assert!(after.connect4.bypassed > before.connect4.bypassed, "connect4 did not bypass the excluded port");
+    assert_eq!(after.connect4.captured, before.connect4.captured, "the excluded port was captured");
+    // Inbound to an excluded port: the app sees the outsider directly.
+    let inb = SocketAddr::new(s.a.ip4().into(), EXCLUDED_INBOUND_PORT);
+    let r = request(&s.outsider, inb, "excluded-in").expect("the excluded inbound port is reached directly");
+    assert_eq!(r.peer.ip(), IpAddr::from(s.outsider.ip4()));
+    assert!(s.cni.capture_counters().unwrap().sk_lookup.bypassed > after.sk_lookup.bypassed);
+    std::thread::sleep(Duration::from_millis(200));
+    for e in s.istio.access_log().iter().skip(seen) {
+        assert!(e["dst.addr"] != out.to_string() && e["dst.addr"] != inb.to_string(), "went through Istio: {e}");
+    }
+}
+
+#[test]
+fn an_app_listening_on_15006_in_a_captured_pod_is_not_given_its_inbound() {
+    let Some(mut s) = setup() else { return };
+    // The proxy is gone; an app of the pod (not in the proxy cgroup) takes its port.
+    s.istio.kill();
+    let before = s.cni.capture_counters().unwrap();
+    let _squatter = PeerServer::start(&s.a, 15006).expect("an app listening on 15006 in the pod");
+    let after = s.cni.capture_counters().unwrap();
+    assert!(after.listen.bypassed > before.listen.bypassed, "the listen hook did not see (and refuse) the app");
+    assert_eq!(after.listen.captured, before.listen.captured, "the app's listener was adopted");
+    assert!(request(&s.outsider, app(&s.a, false), "to-squatter").is_err(), "inbound reached the app's 15006 listener");
 }

@@ -308,7 +308,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
     if args.uninstall {
         return uninstall(&args);
     }
-    if let Err(missing) = ztunnel::redirect::check_kernel(args.simulate_missing_kernel_feature.as_deref()) {
+    if let Err(missing) = ztunnel::redirect::check_kernel(args.simulate_missing_kernel_feature.as_deref(), false) {
         let list: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
         anyhow::bail!("this kernel cannot run capture:\n{}", list.join("\n"));
     }
@@ -370,6 +370,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
             pin_dir: args.pin_dir,
             cgroup,
             max_pods: args.max_pods,
+            for_foreign_proxy: false,
             exclusions: Exclusions {
                 outbound_ports: args.exclude_outbound_ports,
                 inbound_ports: args.exclude_inbound_ports,

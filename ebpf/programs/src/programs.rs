@@ -239,10 +239,6 @@ pub fn record_origdst(ctx: SockOpsContext) -> u32 {
             read_volatile(&(*ops).local_port),
         )
     };
-    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
-        adopt_inbound_listener(&ctx, lport);
-        return 1;
-    }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
@@ -274,24 +270,29 @@ pub fn record_origdst(ctx: SockOpsContext) -> u32 {
 /// `steer_inbound` without inserting the socket itself. Only a process of a registered proxy
 /// cgroup qualifies: an app listening on 15006 in its own pod must not receive the pod's
 /// inbound traffic.
-#[inline(always)]
-fn adopt_inbound_listener(ctx: &SockOpsContext, lport: u32) {
-    if lport != INBOUND_PLAINTEXT_PORT as u32 {
-        return;
-    }
+///
+/// Attached only where capture serves a proxy that is not ours (`ztunnel cni
+/// --ebpf-capture`), like `answer_original_dst`: our own agent inserts its listener itself.
+#[sock_ops]
+pub fn adopt_inbound_listener(ctx: SockOpsContext) -> u32 {
     let ops: *mut bpf_sock_ops = ctx.ops;
+    let (op, lport) = unsafe { (read_volatile(&(*ops).op), read_volatile(&(*ops).local_port)) };
+    if op != BPF_SOCK_OPS_TCP_LISTEN_CB || lport != INBOUND_PLAINTEXT_PORT as u32 {
+        return 1;
+    }
     let mut netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
     if unsafe { ENROLLED.get(&netns) }.is_none() {
-        return;
+        return 1;
     }
     if unsafe { PROXY_CGROUPS.get(&bpf_get_current_cgroup_id()) }.is_none() {
         count(Program::Listen, Outcome::Bypassed);
-        return;
+        return 1;
     }
     match INBOUND_LISTENERS.update(&mut netns, unsafe { &mut *ops }, BPF_ANY as u64) {
         Ok(()) => count(Program::Listen, Outcome::Captured),
         Err(_) => count(Program::Listen, Outcome::Error),
     }
+    1
 }
 
 /// Answers `getsockopt(SO_ORIGINAL_DST)` on a connection a proxy accepted on its in-pod
@@ -299,6 +300,7 @@ fn adopt_inbound_listener(ctx: &SockOpsContext, lport: u32) {
 /// ask conntrack for the destination the app dialled; here the kernel has no conntrack
 /// entry, so the answer comes from the original destination `record_origdst` keyed by the
 /// pod's netns and the client's address. Anything else keeps the kernel's own answer.
+/// Attached only for a proxy that is not ours (it runs on every getsockopt below its cgroup).
 #[cgroup_sockopt(getsockopt)]
 pub fn answer_original_dst(ctx: SockoptContext) -> i32 {
     let so: *mut bpf_sockopt = ctx.sockopt;

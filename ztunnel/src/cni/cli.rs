@@ -132,7 +132,7 @@ impl CniArgs {
         if !self.ebpf_capture {
             return Ok(None);
         }
-        if let Err(missing) = crate::redirect::check_kernel(None) {
+        if let Err(missing) = crate::redirect::check_kernel(None, true) {
             let list: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
             anyhow::bail!("this kernel cannot run capture:\n{}", list.join("\n"));
         }
@@ -147,6 +147,7 @@ impl CniArgs {
                     probe_sources: self.probe_sources.clone(),
                 },
                 max_pods: crate::redirect::DEFAULT_MAX_PODS,
+                for_foreign_proxy: true,
             },
             proxy_cgroups: self.proxy_cgroup.clone(),
         }))

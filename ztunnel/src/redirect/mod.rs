@@ -23,7 +23,7 @@ use ztunnel_common::{IpKey, PodEntry};
 
 pub use cgroup::{bpffs_mounted, cgroup2_root};
 pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
-pub use probe::{check_kernel, Feature, MissingFeature, FEATURES, KERNEL_FLOOR};
+pub use probe::{check_kernel, Feature, MissingFeature, FEATURES, FOREIGN_PROXY_FEATURES, KERNEL_FLOOR};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
@@ -43,7 +43,7 @@ const MAP_NAMES: [&str; 11] = [
 ];
 
 /// Pin names of the links at the cgroup (one per program attached there).
-const CGROUP_LINKS: [&str; 4] = ["connect4", "connect6", "sockops", "getsockopt"];
+const CGROUP_LINKS: [&str; 5] = ["connect4", "connect6", "sockops", "getsockopt", "adopt"];
 
 /// The per-pod constant of `steer_inbound` (see the kernel program).
 const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
@@ -77,6 +77,10 @@ pub struct CaptureConfig {
     /// Pods one agent can enroll (size of the per-pod maps, fixed when they are first
     /// created). At the limit an Add is refused with the reason; nothing is left unproxied.
     pub max_pods: u32,
+    /// Also serve a proxy that is not ours (Istio's ztunnel): answer its
+    /// `getsockopt(SO_ORIGINAL_DST)` and adopt its in-pod 15006 listeners. Off for our own
+    /// agent, which needs neither (and a getsockopt program costs every getsockopt call).
+    pub for_foreign_proxy: bool,
 }
 
 /// Default for [`CaptureConfig::max_pods`].
@@ -161,11 +165,18 @@ impl Capture {
             );
         }
         attach_to_cgroup!(SockOps, "record_origdst", "sockops");
-        attach_getsockopt(&mut ebpf, cgroup.as_fd(), &links.join("getsockopt"))?;
+        if cfg.for_foreign_proxy {
+            attach_getsockopt(&mut ebpf, cgroup.as_fd(), &links.join("getsockopt"))?;
+            attach_to_cgroup!(SockOps, "adopt_inbound_listener", "adopt");
+        }
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
-        let own =
-            cgroup::own_cgroup_id().map_err(io_err("finding the agent's cgroup", Path::new("/proc/self/cgroup")))?;
-        maps::register_proxy_cgroup(&mut ebpf, own)?;
+        // This process is the proxy, unless capture serves another one (then it is the CNI,
+        // which must not be trusted as a proxy: its cgroup is no proxy's).
+        if !cfg.for_foreign_proxy {
+            let own = cgroup::own_cgroup_id()
+                .map_err(io_err("finding the agent's cgroup", Path::new("/proc/self/cgroup")))?;
+            maps::register_proxy_cgroup(&mut ebpf, own)?;
+        }
         let orig = OrigDstTable::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE")).map_err(map_err("ORIG_BY_TUPLE"))?,
         )?;

@@ -110,6 +110,35 @@ pub const FEATURES: &[Feature] = &[
     Feature { name: "cmd:link_detach", used_for: "uninstall, pod removal", since: "5.9", check: Check::Command(34, 1) },
 ];
 
+/// What capture needs beyond [`FEATURES`] when it serves a proxy that is not ours
+/// (`ztunnel cni --ebpf-capture`): the `SO_ORIGINAL_DST` answer and the listen hook.
+pub const FOREIGN_PROXY_FEATURES: &[Feature] = &[
+    Feature {
+        name: "prog:cgroup_sockopt",
+        used_for: "answer_original_dst",
+        since: "5.3",
+        check: Check::Program(P::CgroupSockopt),
+    },
+    Feature {
+        name: "helper:get_netns_cookie@cgroup_sockopt",
+        used_for: "answer_original_dst",
+        since: "5.7",
+        check: Check::Helper(P::CgroupSockopt, H::BPF_FUNC_get_netns_cookie),
+    },
+    Feature {
+        name: "helper:sock_hash_update@sock_ops",
+        used_for: "adopt_inbound_listener",
+        since: "4.18",
+        check: Check::Helper(P::SockOps, H::BPF_FUNC_sock_hash_update),
+    },
+    Feature {
+        name: "helper:get_current_cgroup_id@sock_ops",
+        used_for: "adopt_inbound_listener (proxy check)",
+        since: "5.7",
+        check: Check::Helper(P::SockOps, H::BPF_FUNC_get_current_cgroup_id),
+    },
+];
+
 /// The oldest kernel with everything in [`FEATURES`].
 pub const KERNEL_FLOOR: &str = "5.15";
 
@@ -123,11 +152,14 @@ pub struct MissingFeature {
     pub detail: String,
 }
 
-/// Probes every feature; `simulate_missing` names one to report as missing (tests, and
-/// operators checking how the agent refuses). Returns every missing feature.
-pub fn check_kernel(simulate_missing: Option<&str>) -> Result<(), Vec<MissingFeature>> {
+/// Probes every feature ([`FOREIGN_PROXY_FEATURES`] too when `foreign_proxy`);
+/// `simulate_missing` names one to report as missing (tests, and operators checking how the
+/// agent refuses). Returns every missing feature.
+pub fn check_kernel(simulate_missing: Option<&str>, foreign_proxy: bool) -> Result<(), Vec<MissingFeature>> {
+    let extra: &[Feature] = if foreign_proxy { FOREIGN_PROXY_FEATURES } else { &[] };
     let missing: Vec<MissingFeature> = FEATURES
         .iter()
+        .chain(extra)
         .filter_map(|f| {
             let result = if simulate_missing == Some(f.name) {
                 Err("simulated by --simulate-missing-kernel-feature".into())
@@ -174,14 +206,14 @@ mod tests {
 
     #[test]
     fn this_kernel_has_every_feature_capture_needs() {
-        if let Err(missing) = check_kernel(None) {
+        if let Err(missing) = check_kernel(None, true) {
             panic!("{}", missing.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("\n"));
         }
     }
 
     #[test]
     fn a_simulated_missing_feature_is_reported_by_name_with_its_kernel_version() {
-        let missing = check_kernel(Some("prog:sk_lookup")).unwrap_err();
+        let missing = check_kernel(Some("prog:sk_lookup"), false).unwrap_err();
         assert_eq!(missing.len(), 1);
         let msg = missing[0].to_string();
         assert!(msg.contains("prog:sk_lookup") && msg.contains("5.9") && msg.contains("steer_inbound"), "{msg}");
@@ -195,9 +227,9 @@ mod tests {
 
     #[test]
     fn feature_names_are_unique() {
-        let mut names: Vec<&str> = FEATURES.iter().map(|f| f.name).collect();
+        let mut names: Vec<&str> = FEATURES.iter().chain(FOREIGN_PROXY_FEATURES).map(|f| f.name).collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), FEATURES.len());
+        assert_eq!(names.len(), FEATURES.len() + FOREIGN_PROXY_FEATURES.len());
     }
 }
