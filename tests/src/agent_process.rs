@@ -141,23 +141,7 @@ impl AgentProcess {
 
     /// Current CPU time and RSS of the agent process.
     pub fn usage(&self) -> Result<Usage> {
-        let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the parenthesised command name; utime and stime are 14th and 15th.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        Ok(Usage { cpu_seconds: ticks / hz, rss_bytes: rss_kb * 1024 })
+        crate::benchkit::process_usage(self.child.id())
     }
 
     /// Stops the agent and removes everything it installed (`ztunnel node --uninstall`).

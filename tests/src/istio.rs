@@ -156,6 +156,25 @@ fn restore_input(golden: &str, index: usize) -> Result<String> {
     sets.into_iter().nth(index).ok_or_else(|| anyhow!("golden file has no rule set {index}"))
 }
 
+/// Istio's local-config shape, read by Istio's ztunnel and ours alike: each pod an HBONE
+/// workload of namespace `default` (trust domain `cluster.local`, which Istio's ztunnel needs
+/// to build `spiffe://` identities), its service account named after it.
+pub fn local_config(pods: &[&Pod]) -> String {
+    let workloads: String = pods
+        .iter()
+        .map(|p| {
+            format!(
+                "- uid: {uid}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip4}\", \"{ip6}\"]\n  protocol: HBONE\n  services: {{}}\n",
+                uid = p.uid(),
+                name = p.name(),
+                ip4 = p.ip4(),
+                ip6 = p.ip6()
+            )
+        })
+        .collect();
+    format!("workloads:\n{workloads}services: []\npolicies: []\n")
+}
+
 /// One Istio ztunnel process, in dedicated mode (one pod) or shared mode (a node's pods,
 /// enrolled over ZDS); killed when dropped.
 pub struct IstioZtunnel {
@@ -258,6 +277,11 @@ impl IstioZtunnel {
             (200, body) => Ok(body),
             (status, body) => bail!("metrics answered {status}: {body}"),
         }
+    }
+
+    /// Its CPU seconds so far and resident memory.
+    pub fn usage(&self) -> Result<crate::agent_process::Usage> {
+        crate::benchkit::process_usage(self.child.id())
     }
 
     /// Everything it has logged so far.

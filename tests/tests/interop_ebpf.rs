@@ -17,7 +17,7 @@ use mesh_tests::apps::{request, request_here, PeerServer};
 use mesh_tests::cgroup::create_cgroup;
 use mesh_tests::cni::{CniNode, EXCLUDED_INBOUND_PORT, EXCLUDED_OUTBOUND_PORT};
 use mesh_tests::control_plane::{namespace_yaml, pod_yaml, write_config, ControlPlane};
-use mesh_tests::istio::{peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel, TempDir};
+use mesh_tests::istio::{local_config, peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel, TempDir};
 use mesh_tests::mesh::{sweep_pins, wait_record, write_mesh_config, MeshNode};
 use mesh_tests::{Cluster, InNetns, Pod};
 use serde_json::Value;
@@ -28,23 +28,6 @@ const APP_PORT: u16 = 8080;
 
 fn id(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
-}
-
-/// Istio's local-config shape, read by both proxies (as in `interop_inpod.rs`).
-fn local_config(pods: &[&Pod]) -> String {
-    let workloads: String = pods
-        .iter()
-        .map(|p| {
-            format!(
-                "- uid: {uid}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip4}\", \"{ip6}\"]\n  protocol: HBONE\n  services: {{}}\n",
-                uid = p.uid(),
-                name = p.name(),
-                ip4 = p.ip4(),
-                ip6 = p.ip6()
-            )
-        })
-        .collect();
-    format!("workloads:\n{workloads}services: []\npolicies: []\n")
 }
 
 /// Fields drop in order: Istio's ztunnel, the apps, our CNI (its capture pins), our agent,

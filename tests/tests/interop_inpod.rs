@@ -17,7 +17,8 @@ use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::cni::{CniNode, PluginRun};
 use mesh_tests::control_plane::{namespace_yaml, pod_yaml, write_config, ControlPlane};
 use mesh_tests::istio::{
-    install_istio_cni_rules, listening_ports, peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel, TempDir,
+    install_istio_cni_rules, listening_ports, local_config, peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel,
+    TempDir,
 };
 use mesh_tests::mesh::{sweep_pins, wait_record, write_mesh_config, MeshNode};
 use mesh_tests::{Cluster, Pod};
@@ -32,24 +33,6 @@ const INPOD_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 fn id(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
-}
-
-/// Istio's local-config shape, read by both proxies: every pod an HBONE workload of
-/// namespace `default`, its service account named after it, with its trust domain.
-fn local_config(pods: &[&Pod]) -> String {
-    let workloads: String = pods
-        .iter()
-        .map(|p| {
-            format!(
-                "- uid: {uid}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip4}\", \"{ip6}\"]\n  protocol: HBONE\n  services: {{}}\n",
-                uid = p.uid(),
-                name = p.name(),
-                ip4 = p.ip4(),
-                ip6 = p.ip6()
-            )
-        })
-        .collect();
-    format!("workloads:\n{workloads}services: []\npolicies: []\n")
 }
 
 /// The two nodes. Fields drop in order: Istio's ztunnel, the apps, our CNI, our agent, the

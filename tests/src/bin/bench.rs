@@ -7,17 +7,16 @@
 //! HBONE mTLS -> inbound -> app, cross-node) and `hbone-same-node`. Node agents run as
 //! separate release `ztunnel node` processes so their CPU and memory are measured alone.
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mesh_tests::agent_process::{cluster_args, AgentProcess, Usage};
-use mesh_tests::loadgen::{blocking, EchoServer};
+use mesh_tests::benchkit::{measure, median, start_server, Sample, PORT};
+use mesh_tests::loadgen::EchoServer;
 use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
-use mesh_tests::{sweep_leftovers, Cluster, InNetns, Pod};
-
-const PORT: u16 = 9000;
+use mesh_tests::{sweep_leftovers, Cluster, Pod};
 
 struct Opts {
     rounds: usize,
@@ -42,60 +41,6 @@ fn opts() -> Opts {
     o
 }
 
-/// One row of results for one scenario in one round.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-struct Sample {
-    throughput_mbps: f64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-    max_qps: f64,
-    conns_per_sec: f64,
-    /// Node-agent CPU seconds per 1000 requests during the max-rate run (mesh only).
-    cpu_s_per_1k: f64,
-    /// Node-agent CPU seconds per GB during the throughput run (mesh only).
-    cpu_s_per_gb: f64,
-}
-
-fn measure(client: &Pod, dst: SocketAddr, secs: f64, agents: &[&AgentProcess]) -> Result<Sample> {
-    let d = Duration::from_secs_f64(secs);
-    let cpu = || -> f64 { agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum() };
-    let cpu0 = cpu();
-    let tput = client.run(move || blocking::throughput(dst, d)).context("throughput")?;
-    let tput_cpu = cpu() - cpu0;
-    let lat = client.run(move || blocking::latency(dst, 16, 1000.0, d, 1024)).context("latency")?;
-    let cpu_before: f64 = agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum();
-    let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
-    let cpu_after: f64 = agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum();
-    let conns = client.run(move || blocking::connection_rate(dst, d, 8)).context("connection rate")?;
-    let reqs = max.duration_histogram.count as f64;
-    let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
-    Ok(Sample {
-        throughput_mbps: tput * 8.0 / 1e6,
-        p50_ms: ms(50.0),
-        p90_ms: ms(90.0),
-        p99_ms: ms(99.0),
-        max_qps: max.actual_qps,
-        conns_per_sec: conns,
-        cpu_s_per_1k: if agents.is_empty() || reqs == 0.0 { 0.0 } else { (cpu_after - cpu_before) / reqs * 1000.0 },
-        cpu_s_per_gb: if agents.is_empty() { 0.0 } else { tput_cpu / (tput * secs / 1e9) },
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
-fn start_server(pod: &Pod) -> Result<EchoServer> {
-    let l = pod.run(|| TcpListener::bind(("::", PORT)))?;
-    Ok(EchoServer::spawn(l)?)
-}
-
 fn main() -> Result<()> {
     let o = opts();
     sweep_leftovers();
@@ -108,6 +53,9 @@ fn main() -> Result<()> {
     );
     if o.only.iter().any(|x| x == "xds-scale") {
         return mesh_tests::xds_scale::run(&binary).map(drop);
+    }
+    if o.only.iter().any(|x| x == "side-by-side") {
+        return mesh_tests::side_by_side::run(&binary, o.rounds, o.secs);
     }
 
     let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
@@ -150,7 +98,9 @@ fn main() -> Result<()> {
             if *name != "no-mesh" && !o.only.is_empty() && !o.only.iter().any(|x| x == name) {
                 continue;
             }
-            let s = measure(client, *dst, o.secs, agents).with_context(|| format!("{name} round {round}"))?;
+            let cpu = || -> f64 { agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum() };
+            let cpu: Option<&dyn Fn() -> f64> = if agents.is_empty() { None } else { Some(&cpu) };
+            let s = measure(client, *dst, o.secs, cpu).with_context(|| format!("{name} round {round}"))?;
             eprintln!("round {round} {name:<14} {s:?}");
             samples.entry(name).or_default().push(s);
         }

@@ -1,0 +1,187 @@
+//! What every bench scenario shares: one measured sample (throughput, latency percentiles,
+//! max rate, connection rate and the proxies' CPU for them), medians across rounds, the echo
+//! server the clients talk to, and a process's CPU and memory from `/proc`.
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::agent_process::Usage;
+use crate::loadgen::{blocking, EchoServer};
+use crate::{InNetns, Pod};
+
+/// The port every bench server listens on.
+pub const PORT: u16 = 9000;
+
+/// One scenario in one round.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Sample {
+    pub throughput_mbps: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_qps: f64,
+    pub conns_per_sec: f64,
+    /// Proxy CPU seconds per 1000 requests during the max-rate run (mesh only).
+    pub cpu_s_per_1k: f64,
+    /// Proxy CPU seconds per GB during the throughput run (mesh only).
+    pub cpu_s_per_gb: f64,
+}
+
+/// Measures `client` → `dst` for `secs` per measurement: one-stream throughput, latency at
+/// 1000 qps over 16 connections with 1 KiB payloads, max keep-alive rate over 16
+/// connections, new connections per second over 8; `cpu` reads the CPU seconds used so far
+/// by the proxies that carry this traffic (none for the baseline).
+pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -> f64>) -> Result<Sample> {
+    let d = Duration::from_secs_f64(secs);
+    let now = || cpu.map(|f| f()).unwrap_or(0.0);
+    let cpu0 = now();
+    let tput = client.run(move || blocking::throughput(dst, d)).context("throughput")?;
+    let tput_cpu = now() - cpu0;
+    let lat = client.run(move || blocking::latency(dst, 16, 1000.0, d, 1024)).context("latency")?;
+    let cpu_before = now();
+    let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
+    let cpu_after = now();
+    let conns = client.run(move || blocking::connection_rate(dst, d, 8)).context("connection rate")?;
+    let reqs = max.duration_histogram.count as f64;
+    let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
+    Ok(Sample {
+        throughput_mbps: tput * 8.0 / 1e6,
+        p50_ms: ms(50.0),
+        p90_ms: ms(90.0),
+        p99_ms: ms(99.0),
+        max_qps: max.actual_qps,
+        conns_per_sec: conns,
+        cpu_s_per_1k: if cpu.is_none() || reqs == 0.0 { 0.0 } else { (cpu_after - cpu_before) / reqs * 1000.0 },
+        cpu_s_per_gb: if cpu.is_none() { 0.0 } else { tput_cpu / (tput * secs / 1e9) },
+    })
+}
+
+/// The median (the upper one of an even count); NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// An echo server on [`PORT`] inside `pod`.
+pub fn start_server(pod: &Pod) -> Result<EchoServer> {
+    let l = pod.run(|| TcpListener::bind(("::", PORT)))?;
+    Ok(EchoServer::spawn(l)?)
+}
+
+/// CPU seconds used so far and resident memory of process `pid`.
+pub fn process_usage(pid: u32) -> Result<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Usage { cpu_seconds: ticks / hz, rss_bytes: rss_kb * 1024 })
+}
+
+/// One bar group of a chart: a row's label and its values (one per series).
+pub struct BarGroup {
+    pub label: String,
+    pub values: Vec<f64>,
+}
+
+/// A grouped bar chart as SVG: `series` names the bars of each group (legend), `unit` the
+/// y axis. Plain SVG, so the bench needs no plotting dependency.
+pub fn svg_bar_chart(title: &str, unit: &str, series: &[&str], groups: &[BarGroup], x: f64, y: f64) -> String {
+    const W: f64 = 560.0;
+    const H: f64 = 260.0;
+    const COLORS: [&str; 4] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2"];
+    let max = groups.iter().flat_map(|g| g.values.iter().copied()).filter(|v| v.is_finite()).fold(0.0, f64::max);
+    let max = if max > 0.0 { max * 1.15 } else { 1.0 };
+    let (left, bottom, top) = (x + 60.0, y + H - 60.0, y + 30.0);
+    let plot_h = bottom - top;
+    let group_w = (W - 80.0) / groups.len().max(1) as f64;
+    let bar_w = (group_w - 16.0) / series.len().max(1) as f64;
+    let mut out = format!(
+        "<text x=\"{}\" y=\"{}\" font-size=\"14\" font-weight=\"bold\">{}</text>\n",
+        x + 10.0,
+        y + 18.0,
+        escape(title)
+    );
+    out += &format!(
+        "<line x1=\"{left}\" y1=\"{bottom}\" x2=\"{}\" y2=\"{bottom}\" stroke=\"#333\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{bottom}\" stroke=\"#333\"/>\n",
+        x + W - 10.0
+    );
+    for i in 0..=4 {
+        let v = max * i as f64 / 4.0;
+        let yy = bottom - plot_h * i as f64 / 4.0;
+        out += &format!(
+            "<text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">{v:.2}</text><line x1=\"{left}\" y1=\"{yy}\" x2=\"{}\" y2=\"{yy}\" stroke=\"#ddd\"/>\n",
+            left - 4.0,
+            yy + 3.0,
+            x + W - 10.0
+        );
+    }
+    out += &format!(
+        "<text x=\"{}\" y=\"{}\" font-size=\"10\" transform=\"rotate(-90 {} {})\">{}</text>\n",
+        x + 12.0,
+        (top + bottom) / 2.0,
+        x + 12.0,
+        (top + bottom) / 2.0,
+        escape(unit)
+    );
+    for (gi, g) in groups.iter().enumerate() {
+        let gx = left + 8.0 + gi as f64 * group_w;
+        for (si, v) in g.values.iter().enumerate() {
+            let v = if v.is_finite() { *v } else { 0.0 };
+            let h = plot_h * v / max;
+            out += &format!(
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"><title>{} {}: {v:.3}</title></rect>\n",
+                gx + si as f64 * bar_w,
+                bottom - h,
+                bar_w - 2.0,
+                COLORS[si % COLORS.len()],
+                escape(&g.label),
+                escape(series.get(si).copied().unwrap_or("")),
+            );
+        }
+        out += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{}</text>\n",
+            gx + (group_w - 16.0) / 2.0,
+            bottom + 14.0,
+            escape(&g.label)
+        );
+    }
+    for (si, s) in series.iter().enumerate() {
+        let lx = left + si as f64 * 120.0;
+        out += &format!(
+            "<rect x=\"{lx}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\" font-size=\"10\">{}</text>\n",
+            bottom + 26.0,
+            COLORS[si % COLORS.len()],
+            lx + 14.0,
+            bottom + 35.0,
+            escape(s)
+        );
+    }
+    out
+}
+
+/// Wraps chart fragments (each [`svg_bar_chart`] at its own offset) into one SVG document.
+pub fn svg_document(width: f64, height: f64, body: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n"
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
