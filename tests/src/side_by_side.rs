@@ -110,8 +110,8 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64) -> Result<()> {
             )
         })
         .collect::<Result<_>>()?;
-    for n in 0..2 {
-        cnis[n].wait(Duration::from_secs(10), |s| s.synced && s.agents == 1)?;
+    for cni in &cnis {
+        cni.wait(Duration::from_secs(10), |s| s.synced && s.agents == 1)?;
     }
     let add = |pod: &Pod| -> Result<()> {
         let run = cnis[node_of(pod)].plugin("ADD", pod);
