@@ -95,6 +95,8 @@ struct Sources<'a> {
     zds_connect: Option<PathBuf>,
     /// Sign with Istio plug-in CA files from this directory (else the cluster CA).
     plugin_ca: Option<PathBuf>,
+    /// Apps see clients' own addresses.
+    keep_source: bool,
 }
 
 /// bpffs mount point used for all pins.
@@ -163,6 +165,14 @@ impl MeshNode {
     pub fn start_with_plugin_ca(cluster: &Cluster, node: usize, plugin_dir: &Path) -> Result<Self> {
         let limits = ztunnel::proxy::limit::Limits::default();
         let sources = Sources { plugin_ca: Some(plugin_dir.to_path_buf()), ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
+    }
+
+    /// Like [`MeshNode::start`], with apps seeing clients' own addresses (`ENABLE_ORIG_SRC`),
+    /// as the `ztunnel node` binary does by default.
+    pub fn start_keeping_source(cluster: &Cluster, node: usize) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        let sources = Sources { keep_source: true, ..Default::default() };
         Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
     }
 
@@ -235,6 +245,7 @@ impl MeshNode {
                 cluster_id: "Kubernetes".into(),
             }),
             log_control: None,
+            keep_source: sources.keep_source,
             limits,
             handoff_socket: Some(run_dir.join("handoff.sock")),
             admin: Some(AdminConfig {

@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod netlink;
 pub mod netns;
 pub mod node;
 pub mod policy;

@@ -135,6 +135,10 @@ struct NodeArgs {
     /// Cluster id, sent to the control plane.
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
+    /// Apps see clients' own addresses (a transparent dial and per-pod reply routing); off,
+    /// they see 127.0.0.6 (IPv4) or the pod's own address (IPv6).
+    #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = true, action = clap::ArgAction::Set)]
+    enable_orig_src: bool,
     /// Report this kernel feature as missing (see `ztunnel::redirect::FEATURES`): shows how
     /// the agent refuses a kernel below its floor.
     #[arg(long, hide = true)]
@@ -356,6 +360,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         local_config: args.local_config,
         xds,
         log_control: log,
+        keep_source: args.enable_orig_src,
         handoff_socket: Some(args.handoff_socket),
         limits: ztunnel::proxy::limit::Limits {
             connections_per_pod_listener: args.max_connections_per_pod,

@@ -54,6 +54,28 @@ pub struct TupleKey {
     pub _pad: [u8; 6],
 }
 
+/// A connection the proxy is opening to an app in its own pod from the client's address
+/// (source kept): the netns, that address and port, and the app's port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DialKey {
+    pub netns_cookie: u64,
+    /// The client's address the proxy dials from, IPv6 or v4-mapped.
+    pub addr: [u8; 16],
+    /// The proxy socket's port (host byte order).
+    pub port: u16,
+    /// The app's port (host byte order).
+    pub app_port: u16,
+    pub _pad: [u8; 4],
+}
+
+/// Bits of the socket mark that say "the proxy" (as Istio's in-pod rules mask it).
+pub const PROXY_MARK_MASK: u32 = 0xfff;
+/// Mark bit on the proxy's sockets that dial an app from the client's address: the app's
+/// accepted socket inherits it (`tcp_fwmark_accept`), and a policy rule routes what it
+/// sends back to the proxy instead of out of the pod.
+pub const KEEP_SOURCE_MARK: u32 = 0x10000;
+
 /// Port key for the exclusion maps (host byte order, widened for alignment).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,4 +132,5 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::DialKey {}
 }

@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use ztunnel_common::{
-    counter_index, v4_mapped, IpKey, OrigDst, Outcome, PodEntry, PortKey, Program, TupleKey, COUNTER_SLOTS, HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
+    counter_index, v4_mapped, DialKey, IpKey, OrigDst, Outcome, PodEntry, PortKey, Program, TupleKey, COUNTER_SLOTS,
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK,
 };
 
 const AF_INET: u32 = 2;
@@ -76,6 +76,12 @@ static EXCL_CIDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(256, 1); //
 #[map(name = "PROBE_SOURCES")]
 static PROBE_SOURCES: HashMap<IpKey, u8> = HashMap::with_max_entries(64, 0);
 
+/// Connections the proxy is opening to an app in its pod from the client's own address
+/// (source kept): `steer_inbound` lets them reach the app instead of steering them back to
+/// the proxy. Written by the proxy just before its connect, removed right after.
+#[map(name = "PROXY_DIALS")]
+static PROXY_DIALS: LruHashMap<DialKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
 /// The in-pod 15006 listener of each enrolled pod, keyed by the pod's netns cookie.
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<u64> = SockHash::with_max_entries(8192, 0);
@@ -127,7 +133,8 @@ fn is_loopback(addr: &[u8; 16]) -> bool {
 fn outbound_decision(ctx: &SockAddrContext, p: Program, mark: u32, addr: [u8; 16], port: u16) -> Option<OrigDst> {
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     unsafe { ENROLLED.get(&netns) }?;
-    let proxy = mark == PROXY_MARK && unsafe { PROXY_CGROUPS.get(&bpf_get_current_cgroup_id()) }.is_some();
+    let proxy =
+        (mark & PROXY_MARK_MASK) == PROXY_MARK && unsafe { PROXY_CGROUPS.get(&bpf_get_current_cgroup_id()) }.is_some();
     if proxy || is_loopback(&addr) || port_excluded(&EXCL_OUT_PORTS, port) {
         count(p, Outcome::Bypassed);
         return None;
@@ -380,10 +387,11 @@ pub fn answer_original_dst(ctx: SockoptContext) -> i32 {
 #[sk_lookup]
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     let lk = ctx.lookup;
-    let (family, proto, r4, r6a, r6b, r6c, r6d, l4, l6a, l6b, l6c, l6d, lport) = unsafe {
+    let (family, proto, rport, r4, r6a, r6b, r6c, r6d, l4, l6a, l6b, l6c, l6d, lport) = unsafe {
         (
             read_volatile(&(*lk).family),
             read_volatile(&(*lk).protocol),
+            read_volatile(&(*lk).remote_port),
             read_volatile(&(*lk).remote_ip4),
             read_volatile(&(*lk).remote_ip6[0]),
             read_volatile(&(*lk).remote_ip6[1]),
@@ -411,13 +419,19 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     if is_loopback(&local) || is_loopback(&remote) || remote == local {
         return SK_PASS;
     }
+    let cookie = unsafe { read_volatile(&POD_NETNS_COOKIE) };
+    // The proxy itself dialling the app from the client's address (source kept).
+    let dial =
+        DialKey { netns_cookie: cookie, addr: remote, port: u16::from_be(rport), app_port: lport as u16, _pad: [0; 4] };
+    if unsafe { PROXY_DIALS.get(&dial) }.is_some() {
+        return SK_PASS;
+    }
     if unsafe { PROBE_SOURCES.get(&IpKey { addr: remote }) }.is_some() || port_excluded(&EXCL_IN_PORTS, lport as u16) {
         count(Program::SkLookup, Outcome::Bypassed);
         return SK_PASS;
     }
     // Everything else, every address and every port but 15008 (as istio-cni's rules),
     // goes to the pod's 15006 listener; the proxy refuses its own ports there.
-    let cookie = unsafe { read_volatile(&POD_NETNS_COOKIE) };
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, cookie, 0) {
         Ok(()) => {
             count(Program::SkLookup, Outcome::Captured);

@@ -253,6 +253,7 @@ pub struct Metrics {
     enrollment_rejected: Counter,
     original_destination_missing: Counter,
     connections_limited: Family<ListenerLabel, Counter>,
+    source_not_kept: Counter,
 }
 
 impl Default for Metrics {
@@ -334,6 +335,12 @@ impl Metrics {
             "Connections on the outbound listener closed because the kernel had no original destination for them",
             original_destination_missing.clone(),
         );
+        let source_not_kept = Counter::default();
+        registry.register(
+            "ztunnel_inbound_source_not_kept",
+            "Connections to an app dialled from the proxy's own address because the kernel refused the client's (transparent bind or reply routing)",
+            source_not_kept.clone(),
+        );
         let connections_limited = Family::default();
         registry.register(
             "ztunnel_connections_limited",
@@ -341,6 +348,7 @@ impl Metrics {
             connections_limited.clone(),
         );
         Metrics {
+            source_not_kept,
             connections_limited,
             original_destination_missing,
             registry: Mutex::new(registry),
@@ -410,6 +418,12 @@ impl Metrics {
     /// Counts a configuration resource rejected as invalid (`ztunnel_config_rejected_total{kind}`).
     pub fn config_rejected(&self, kind: &str) {
         self.config_rejected.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
+    }
+
+    /// Counts an app connection that could not keep the client's address
+    /// (`ztunnel_inbound_source_not_kept_total`).
+    pub fn source_not_kept(&self) {
+        self.source_not_kept.inc();
     }
 
     /// Counts a rejected enrollment request (`ztunnel_enrollment_rejected_total`).

@@ -222,6 +222,7 @@ pub(super) fn admit(
         namespace: id.namespace,
         service_account: id.service_account,
         netns,
+        keep_source: None,
     };
     let proxy = PodProxy::start(shared, ctx, listeners).map_err(|e| format!("Add {uid}: {e}"))?;
     let st = PodState { uid: uid.clone(), netns_cookie: cookie, ips: proxy.ips.clone() };

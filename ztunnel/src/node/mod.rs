@@ -58,6 +58,9 @@ pub struct NodeConfig {
     pub handoff_socket: Option<PathBuf>,
     /// Live log-level control for the admin `/logging` endpoint (record-only when `None`).
     pub log_control: Option<Arc<crate::admin::LogControl>>,
+    /// Apps see clients' own addresses (Istio's `ENABLE_ORIG_SRC`); off, they see the
+    /// proxy's (127.0.0.6 on IPv4, the pod's own address on IPv6).
+    pub keep_source: bool,
 }
 
 /// Why the node agent could not start.
@@ -74,6 +77,8 @@ pub enum NodeError {
 /// State shared by the enrollment server and the handle.
 pub(crate) struct Shared {
     pub capture: Capture,
+    /// See [`NodeConfig::keep_source`].
+    pub keep_source: bool,
     pub state_dir: PathBuf,
     pub pods: Mutex<HashMap<String, PodProxy>>,
     /// Uids re-sent since start (for stale detection at SnapshotSent).
@@ -123,6 +128,7 @@ impl Node {
         let capture = Capture::install(cfg.capture.clone())?;
         let shared = Arc::new(Shared {
             capture,
+            keep_source: cfg.keep_source,
             state_dir: cfg.state_dir.clone(),
             pods: Mutex::new(HashMap::new()),
             seen: Mutex::new(Default::default()),

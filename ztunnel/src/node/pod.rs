@@ -82,6 +82,14 @@ impl PodProxy {
         };
         let (out4, out6) = (serving(&listeners.outbound4)?, serving(&listeners.outbound6)?);
         let (inbound, hbone) = (serving(&listeners.inbound)?, serving(&listeners.hbone)?);
+        let mut pod = pod;
+        if shared.keep_source {
+            match crate::proxy::keep_source::prepare_pod(&pod.netns) {
+                Ok(()) => pod.keep_source = Some(shared.capture.proxy_dials()),
+                Err(e) => tracing::warn!(uid = %pod.uid, error = %e,
+                    "cannot route replies to clients' addresses in this pod: its apps will see the proxy's address"),
+            }
+        }
         let ctx = ProxyContext { pod: Arc::new(pod), mesh: shared.mesh.clone() };
         shared.registry.insert(&ctx.pod);
         let orig = shared.capture.orig_dst_table();

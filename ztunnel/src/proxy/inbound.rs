@@ -2,7 +2,7 @@
 //! with the pod's own certificate (peers must be in our trust domain), then for each
 //! CONNECT: the authority must be this pod, policy must allow the peer, and the app is
 //! dialled from 127.0.0.6 inside the pod.
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -11,7 +11,6 @@ use tracing::{debug, warn, Instrument};
 
 use super::authz::{check, watch, Guarded};
 use super::relay::{destination_labels, finish, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
-use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::hbone::{serve_connection_until, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
 use crate::policy::{ConnectionFacts, Decision};
@@ -107,8 +106,7 @@ impl ConnectHandler for Inbound {
             ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);
             return refuse(rec, ConnectRejection::Denied(reason));
         }
-        let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
-        let upstream = match socket::dial(&ctx.pod.netns, dst, bind).await {
+        let upstream = match super::keep_source::dial_app(ctx, dst, src.ip()).await {
             Ok(u) => u,
             Err(e) => {
                 ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);

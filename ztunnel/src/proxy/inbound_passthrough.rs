@@ -2,14 +2,13 @@
 //! socket's local address is the original destination. Policy applies (no identity:
 //! plaintext); a denied connection is reset. The app is dialled from 127.0.0.6 inside
 //! the pod so the steering program lets it through.
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 
 use super::authz::{check, watch, Guarded};
 use super::relay::{destination_labels, refuse, splice, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
-use super::socket::{self, INBOUND_SOURCE_V4};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::policy::ConnectionFacts;
 
@@ -64,8 +63,7 @@ async fn connect(
         refuse(ctx, rec, client, reason);
         return None;
     }
-    let bind = dst.is_ipv4().then_some(IpAddr::V4(INBOUND_SOURCE_V4));
-    match socket::dial(&ctx.pod.netns, dst, bind).await {
+    match super::keep_source::dial_app(ctx, dst, peer.ip()).await {
         Ok(upstream) => {
             let upstream = Guarded { inner: upstream, watch: watch(ctx, facts, "inbound_passthrough") };
             Some((client, Metered::new(upstream, ctx, rec, l)))

@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod inbound;
 pub mod inbound_passthrough;
+pub mod keep_source;
 pub mod limit;
 pub mod outbound;
 pub mod relay;
@@ -41,6 +42,9 @@ pub struct PodContext {
     pub server_tls: ServerTlsCache,
     /// Concurrent connections left on each of the pod's listeners.
     pub limits: limit::PodLimits,
+    /// Set when the app is to see clients' own addresses (the pod's reply routing is in
+    /// place): where dials from them are registered. See [`keep_source`].
+    pub keep_source: Option<crate::redirect::ProxyDials>,
 }
 
 /// One TLS server config per certificate: building a rustls config (and its verifier) per

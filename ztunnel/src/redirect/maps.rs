@@ -157,3 +157,46 @@ impl OrigDstTable {
         Some(SocketAddr::new(ip, orig.port))
     }
 }
+
+/// The proxy's dials to apps from clients' addresses (source kept), which the inbound
+/// steering program must let through: registered just before the connect, removed after.
+#[derive(Clone)]
+pub struct ProxyDials {
+    map: Arc<Mutex<HashMap<MapData, ztunnel_common::DialKey, u8>>>,
+}
+
+impl std::fmt::Debug for ProxyDials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyDials")
+    }
+}
+
+impl ProxyDials {
+    pub(super) fn new(data: MapData) -> Result<Self, CaptureError> {
+        let map = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err("PROXY_DIALS"))?;
+        Ok(Self { map: Arc::new(Mutex::new(map)) })
+    }
+
+    fn key(netns_cookie: u64, from: SocketAddr, app_port: u16) -> ztunnel_common::DialKey {
+        ztunnel_common::DialKey {
+            netns_cookie,
+            addr: ip_key(from.ip()).addr,
+            port: from.port(),
+            app_port,
+            _pad: [0; 4],
+        }
+    }
+
+    /// Registers a dial from `from` (the proxy socket's bound client address) to the app's
+    /// `app_port` in the pod of `netns_cookie`.
+    pub fn insert(&self, netns_cookie: u64, from: SocketAddr, app_port: u16) -> Result<(), CaptureError> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(Self::key(netns_cookie, from, app_port), 1, 0).map_err(map_err("PROXY_DIALS"))
+    }
+
+    /// Removes a dial registered by [`ProxyDials::insert`].
+    pub fn remove(&self, netns_cookie: u64, from: SocketAddr, app_port: u16) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(&Self::key(netns_cookie, from, app_port));
+    }
+}

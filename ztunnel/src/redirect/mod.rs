@@ -22,13 +22,13 @@ use aya::Ebpf;
 use ztunnel_common::{IpKey, PodEntry};
 
 pub use cgroup::{bpffs_mounted, cgroup2_root};
-pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts};
+pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts, ProxyDials};
 pub use probe::{check_kernel, Feature, MissingFeature, FEATURES, FOREIGN_PROXY_FEATURES, KERNEL_FLOOR};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
-const MAP_NAMES: [&str; 11] = [
+const MAP_NAMES: [&str; 12] = [
     "FAULTS",
     "PROXY_CGROUPS",
     "ENROLLED",
@@ -40,6 +40,7 @@ const MAP_NAMES: [&str; 11] = [
     "PROBE_SOURCES",
     "INBOUND_LISTENERS",
     "COUNTERS",
+    "PROXY_DIALS",
 ];
 
 /// Pin names of the links at the cgroup (one per program attached there).
@@ -92,6 +93,7 @@ pub struct Capture {
     cfg: CaptureConfig,
     ebpf: Mutex<Ebpf>,
     orig: OrigDstTable,
+    dials: ProxyDials,
     connect_order: ConnectOrder,
 }
 
@@ -180,12 +182,20 @@ impl Capture {
         let orig = OrigDstTable::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/ORIG_BY_TUPLE")).map_err(map_err("ORIG_BY_TUPLE"))?,
         )?;
-        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, connect_order })
+        let dials = ProxyDials::new(
+            aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/PROXY_DIALS")).map_err(map_err("PROXY_DIALS"))?,
+        )?;
+        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials, connect_order })
     }
 
     /// Where the connect programs run among other programs on the same hooks.
     pub fn connect_order(&self) -> ConnectOrder {
         self.connect_order
+    }
+
+    /// Where the inbound proxy registers its dials to apps from clients' addresses.
+    pub fn proxy_dials(&self) -> ProxyDials {
+        self.dials.clone()
     }
 
     /// Lookup of original destinations for the outbound proxy.
