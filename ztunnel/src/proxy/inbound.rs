@@ -1,7 +1,7 @@
 //! 15008: the pod's HBONE listener, served directly (never redirected). Terminates mTLS
 //! with the pod's own certificate (peers must be in our trust domain), then for each
 //! CONNECT: the authority must be this pod, policy must allow the peer, and the app is
-//! dialled from 127.0.0.6 inside the pod.
+//! dialled inside the pod from the peer's address (see `keep_source`).
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! 15006: plaintext TCP steered here by the inbound `sk_lookup` program. The accepted
 //! socket's local address is the original destination. Policy applies (no identity:
-//! plaintext); a denied connection is reset. The app is dialled from 127.0.0.6 inside
-//! the pod so the steering program lets it through.
+//! plaintext); a denied connection is reset. The app is dialled inside the pod from the
+//! client's address, registered so the steering program lets it through (`keep_source`).
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
