@@ -279,6 +279,11 @@ impl IstioZtunnel {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its CPU seconds so far and resident memory.
     pub fn usage(&self) -> Result<crate::agent_process::Usage> {
         crate::benchkit::process_usage(self.child.id())

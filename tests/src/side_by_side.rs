@@ -40,7 +40,8 @@ struct RowPods {
 }
 
 /// Runs the comparison; prints one line and returns when Istio's ztunnel is not available.
-pub fn run(ours_binary: &Path, rounds: usize, secs: f64) -> Result<()> {
+/// With `perf`, each mesh row's proxies are then profiled during a cross-node max-rate run.
+pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let Some(istio_binary) = peer_binary() else {
         println!(
             "side-by-side bench did NOT run: Istio's ztunnel not found ($ISTIO_ZTUNNEL or ../shared/peers/ztunnel)"
@@ -172,6 +173,14 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64) -> Result<()> {
     let report = report(&samples, &idle, &loaded);
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
     std::fs::create_dir_all(&out)?;
+    if perf {
+        for row in ["istio-iptables", "istio-ebpf", "ours-ebpf"] {
+            let pids: Vec<u32> =
+                if row == "ours-ebpf" { vec![a0.pid(), a1.pid()] } else { istio.iter().map(|z| z.pid()).collect() };
+            let dst = SocketAddr::new(p(row).remote.ip4().into(), PORT);
+            profile(row, &p(row).client, dst, &pids, &out)?;
+        }
+    }
     std::fs::write(out.join("side-by-side.json"), serde_json::to_vec_pretty(&report)?)?;
     std::fs::write(out.join("side-by-side.svg"), chart(&samples))?;
     println!("\nfull results: {}", out.join("side-by-side.json").display());
@@ -184,6 +193,59 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64) -> Result<()> {
     a1.stop_and_uninstall()?;
     let _ = std::fs::remove_file(mesh_config_path(&c));
     let _ = std::fs::remove_dir_all(ca_dir(&c));
+    Ok(())
+}
+
+/// Profiles `pids` with `perf record -g` while `client` drives `dst` at max rate for 4 s,
+/// and prints (and keeps in `out/perf-<row>.txt`) where their CPU went: by object (kernel,
+/// binary, libc) and the top symbols.
+fn profile(row: &str, client: &Pod, dst: SocketAddr, pids: &[u32], out: &Path) -> Result<()> {
+    let data = out.join(format!("perf-{row}.data"));
+    let pid_list = pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let mut rec = std::process::Command::new("perf")
+        .args(["record", "-q", "-g", "-F", "499", "-p", &pid_list, "-o"])
+        .arg(&data)
+        .args(["--", "sleep", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running perf (is it installed?)")?;
+    let load = client.run(move || crate::loadgen::blocking::max_rate(dst, 16, Duration::from_secs(4)));
+    rec.wait()?;
+    let load = load.context("max rate under perf")?;
+    let report = |sort: &str| -> Result<String> {
+        let o = std::process::Command::new("perf")
+            .args([
+                "report",
+                "-q",
+                "--stdio",
+                "--no-children",
+                "--percent-limit",
+                "1.5",
+                "--sort",
+                sort,
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&data)
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(15)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    let text = format!(
+        "{row}: proxies {pid_list}, max rate {:.0} req/s\n-- by object --\n{}\n-- top symbols --\n{}\n",
+        load.actual_qps,
+        report("dso")?,
+        report("dso,sym")?
+    );
+    println!("\n{text}");
+    std::fs::write(out.join(format!("perf-{row}.txt")), &text)?;
+    let _ = std::fs::remove_file(&data);
     Ok(())
 }
 

@@ -23,13 +23,20 @@ struct Opts {
     secs: f64,
     /// Scenarios to run besides the baseline (all when empty).
     only: Vec<String>,
+    /// Profile the proxies with `perf` (side-by-side only).
+    perf: bool,
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { rounds: 3, secs: 2.0, only: vec![] };
+    let mut o = Opts { rounds: 3, secs: 2.0, only: vec![], perf: false };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
+        if args[i] == "--perf" {
+            o.perf = true;
+            i += 1;
+            continue;
+        }
         match (args[i].as_str(), args.get(i + 1)) {
             ("--rounds", Some(v)) => o.rounds = v.parse().unwrap_or(o.rounds),
             ("--secs", Some(v)) => o.secs = v.parse().unwrap_or(o.secs),
@@ -55,7 +62,7 @@ fn main() -> Result<()> {
         return mesh_tests::xds_scale::run(&binary).map(drop);
     }
     if o.only.iter().any(|x| x == "side-by-side") {
-        return mesh_tests::side_by_side::run(&binary, o.rounds, o.secs);
+        return mesh_tests::side_by_side::run(&binary, o.rounds, o.secs, o.perf);
     }
 
     let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
