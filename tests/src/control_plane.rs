@@ -46,6 +46,18 @@ impl ControlPlane {
         ControlPlane { rt, controller: Some(controller), dir: dir.to_path_buf(), access, ca }
     }
 
+    /// Starts a controller for `cluster` whose directory holds the `default` namespace,
+    /// labelled ambient, and `pods` (each on the given node, its service account named after
+    /// it): the set-up of the tests where our CNI enrolls pods into a node agent.
+    pub fn start_ambient(cluster: &Cluster, pods: &[(&Pod, usize)]) -> ControlPlane {
+        let dir = Self::dir_for(cluster);
+        let _ = std::fs::remove_dir_all(&dir);
+        write_config(&dir, "namespace.yaml", &namespace_yaml(true));
+        let yaml: String = pods.iter().map(|(p, n)| pod_yaml(p, cluster.node(*n).name(), p.name())).collect();
+        write_config(&dir, "pods.yaml", &yaml);
+        Self::start(&dir)
+    }
+
     /// The running controller.
     pub fn controller(&self) -> &Controller {
         self.controller.as_ref().expect("controller running")

@@ -24,7 +24,7 @@ use crate::agent_process::{cluster_args, AgentProcess};
 use crate::benchkit::{measure, median, start_server, svg_bar_chart, svg_document, BarGroup, Sample, PORT};
 use crate::cgroup::create_cgroup;
 use crate::cni::CniNode;
-use crate::control_plane::{namespace_yaml, pod_yaml, write_config, ControlPlane};
+use crate::control_plane::ControlPlane;
 use crate::istio::{install_istio_cni_rules, local_config, peer_binary, IstioZtunnel};
 use crate::mesh::{ca_dir, ensure_bpffs, mesh_config_path, sweep_pins, workload_yaml, BPFFS};
 use crate::{Cluster, InNetns, Pod};
@@ -76,13 +76,9 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
     // our controller; the eBPF row's capture registered with Istio's cgroups as the proxy.
     let istio_pods: Vec<&Pod> =
         ["istio-iptables", "istio-ebpf"].iter().flat_map(|r| [&p(r).client, &p(r).remote, &p(r).local]).collect();
-    let dir = ControlPlane::dir_for(&c);
-    let _ = std::fs::remove_dir_all(&dir);
-    write_config(&dir, "namespace.yaml", &namespace_yaml(true));
     let node_of = |pod: &Pod| if pod.name().ends_with('s') { 1 } else { 0 };
-    let pods_yaml: String = istio_pods.iter().map(|q| pod_yaml(q, c.node(node_of(q)).name(), q.name())).collect();
-    write_config(&dir, "pods.yaml", &pods_yaml);
-    let cp = ControlPlane::start(&dir);
+    let placed: Vec<(&Pod, usize)> = istio_pods.iter().map(|q| (*q, node_of(q))).collect();
+    let cp = ControlPlane::start_ambient(&c, &placed);
     let cnis = [CniNode::start(&c, 0, &cp.access)?, CniNode::start(&c, 1, &cp.access)?];
     let cgroups: Vec<PathBuf> = (0..2).map(|n| c.cgroup_path().join(format!("istio-node{n}"))).collect();
     for cg in &cgroups {

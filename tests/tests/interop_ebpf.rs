@@ -16,7 +16,7 @@ use std::time::Duration;
 use mesh_tests::apps::{request, request_here, PeerServer};
 use mesh_tests::cgroup::create_cgroup;
 use mesh_tests::cni::{CniNode, EXCLUDED_INBOUND_PORT, EXCLUDED_OUTBOUND_PORT};
-use mesh_tests::control_plane::{namespace_yaml, pod_yaml, write_config, ControlPlane};
+use mesh_tests::control_plane::ControlPlane;
 use mesh_tests::istio::{local_config, peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel, TempDir};
 use mesh_tests::mesh::{sweep_pins, wait_record, write_mesh_config, MeshNode};
 use mesh_tests::{Cluster, InNetns, Pod};
@@ -62,12 +62,7 @@ fn setup() -> Option<Setup> {
     write_mesh_config(&c, &config, &[&agent]).unwrap();
     agent.enroll_as(&ours, "default", ours.name()).unwrap();
 
-    let dir = ControlPlane::dir_for(&c);
-    let _ = std::fs::remove_dir_all(&dir);
-    write_config(&dir, "namespace.yaml", &namespace_yaml(true));
-    let pods: String = [(&a, 1), (&ours, 0)].iter().map(|(p, n)| pod_yaml(p, c.node(*n).name(), p.name())).collect();
-    write_config(&dir, "pods.yaml", &pods);
-    let cp = ControlPlane::start(&dir);
+    let cp = ControlPlane::start_ambient(&c, &[(&a, 1), (&ours, 0)]);
     let proxy_cgroup: PathBuf = c.cgroup_path().join("istio-ztunnel");
     create_cgroup(&proxy_cgroup).unwrap();
     let cni = CniNode::start_with_capture(&c, 1, &cp.access, &proxy_cgroup).expect("ztunnel cni --ebpf-capture");

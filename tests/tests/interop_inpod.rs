@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::cni::{CniNode, PluginRun};
-use mesh_tests::control_plane::{namespace_yaml, pod_yaml, write_config, ControlPlane};
+use mesh_tests::control_plane::{namespace_yaml, ControlPlane};
 use mesh_tests::istio::{
     install_istio_cni_rules, listening_ports, local_config, peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel,
     TempDir,
@@ -70,13 +70,7 @@ fn shared() -> Option<Shared> {
     write_mesh_config(&c, &config, &[&agent]).unwrap();
     agent.enroll_as(&ours, "default", ours.name()).unwrap();
 
-    let dir = ControlPlane::dir_for(&c);
-    let _ = std::fs::remove_dir_all(&dir);
-    write_config(&dir, "namespace.yaml", &namespace_yaml(true));
-    let pods: String =
-        [(&a, 1), (&b, 1), (&ours, 0)].iter().map(|(p, n)| pod_yaml(p, c.node(*n).name(), p.name())).collect();
-    write_config(&dir, "pods.yaml", &pods);
-    let cp = ControlPlane::start(&dir);
+    let cp = ControlPlane::start_ambient(&c, &[(&a, 1), (&b, 1), (&ours, 0)]);
     let cni = CniNode::start(&c, 1, &cp.access).expect("ztunnel cni on node 1");
     let istio_dir = format!("{}-istio-shared", c.prefix());
     let istio = IstioZtunnel::start_shared(&binary, c.node(1), cni.zds_socket(), &config, &istio_dir)

@@ -245,14 +245,7 @@ fn protocol_becomes(client: &Pod, dst: SocketAddr, agent: &MeshNode, protocol: &
 
 fn print_counters(node: &str, c: &CounterSnapshot) {
     println!("\n{node} eBPF counters (captured / bypassed / errors):");
-    for (name, o) in [
-        ("connect4", c.connect4),
-        ("connect6", c.connect6),
-        ("sock_ops", c.sock_ops),
-        ("sk_lookup", c.sk_lookup),
-        ("getsockopt", c.getsockopt),
-        ("listen", c.listen),
-    ] {
+    for (name, o) in c.by_program() {
         println!("  {name:<10} {:>4} / {:>4} / {:>4}", o.captured, o.bypassed, o.errors);
     }
 }

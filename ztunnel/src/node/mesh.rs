@@ -185,14 +185,7 @@ fn register_collectors(shared: &Arc<Shared>) {
             let Some(s) = weak.upgrade() else { return vec![] };
             let Ok(c) = s.capture.counters() else { return vec![] };
             let mut out = vec![];
-            for (prog, o) in [
-                ("connect4", c.connect4),
-                ("connect6", c.connect6),
-                ("sock_ops", c.sock_ops),
-                ("sk_lookup", c.sk_lookup),
-                ("getsockopt", c.getsockopt),
-                ("listen", c.listen),
-            ] {
+            for (prog, o) in c.by_program() {
                 for (outcome, v) in [("captured", o.captured), ("bypassed", o.bypassed), ("error", o.errors)] {
                     out.push((
                         vec![("program".to_string(), prog.to_string()), ("outcome".to_string(), outcome.to_string())],

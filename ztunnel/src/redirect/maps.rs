@@ -97,6 +97,20 @@ pub struct CounterSnapshot {
     pub listen: OutcomeCounts,
 }
 
+impl CounterSnapshot {
+    /// Each program's counts with the name metrics and reports give it.
+    pub fn by_program(&self) -> [(&'static str, OutcomeCounts); 6] {
+        [
+            ("connect4", self.connect4),
+            ("connect6", self.connect6),
+            ("sock_ops", self.sock_ops),
+            ("sk_lookup", self.sk_lookup),
+            ("getsockopt", self.getsockopt),
+            ("listen", self.listen),
+        ]
+    }
+}
+
 /// Captured / bypassed / error counts of one program.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct OutcomeCounts {
