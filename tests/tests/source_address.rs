@@ -120,3 +120,14 @@ fn a_node_probe_still_reaches_an_app_keeping_sources_directly() {
     assert!(after.sk_lookup.bypassed > before.sk_lookup.bypassed, "the probe was not bypassed");
     assert_eq!(after.sk_lookup.captured, before.sk_lookup.captured, "the probe was captured");
 }
+
+#[test]
+fn no_proxy_dial_stays_registered_after_the_connections() {
+    let m = mesh();
+    for v6 in [false, true] {
+        assert_plaintext_keeps_source(&m, v6);
+        assert_hbone_keeps_source(&m, v6);
+    }
+    // The steering program lets a registered dial through: none may outlive its connect.
+    assert_eq!(m.n1.agent().capture().proxy_dials().registered(), 0);
+}

@@ -1,5 +1,5 @@
 //! The two rtnetlink requests keeping clients' addresses needs inside a pod's netns: a
-//! policy rule (`ip rule add fwmark M/M lookup T`) and a local default route in that table
+//! policy rule (`ip rule add fwmark M/MASK lookup T`) and a local default route in that table
 //! (`ip route add local default dev lo table T`), for both families. Written against the
 //! kernel's rtnetlink ABI directly: two fixed messages do not justify a netlink stack.
 use std::io;
@@ -44,10 +44,10 @@ impl Rtnetlink {
         Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, seq: 0 })
     }
 
-    /// `ip [-6] rule add priority P fwmark M/M lookup T` (an existing identical rule is fine).
-    pub fn add_fwmark_rule(&mut self, family: u8, mark: u32, priority: u32, table: u32) -> io::Result<()> {
+    /// `ip [-6] rule add priority P fwmark M/MASK lookup T` (an existing identical rule is fine).
+    pub fn add_fwmark_rule(&mut self, family: u8, mark: u32, mask: u32, priority: u32, table: u32) -> io::Result<()> {
         let header = [family, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL, 0, 0, 0, 0];
-        let attrs = [(FRA_PRIORITY, priority), (FRA_FWMARK, mark), (FRA_FWMASK, mark), (FRA_TABLE, table)];
+        let attrs = [(FRA_PRIORITY, priority), (FRA_FWMARK, mark), (FRA_FWMASK, mask), (FRA_TABLE, table)];
         self.request(RTM_NEWRULE, &header, &attrs)
     }
 

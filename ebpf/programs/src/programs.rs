@@ -420,7 +420,9 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let cookie = unsafe { read_volatile(&POD_NETNS_COOKIE) };
-    // The proxy itself dialling the app from the client's address (source kept).
+    // The proxy itself dialling the app from the client's address (source kept), registered
+    // for the connect's duration. (sk_lookup cannot tell that SYN from one off the wire:
+    // locally routed packets report the device owning the address as ingress, not lo.)
     let dial =
         DialKey { netns_cookie: cookie, addr: remote, port: u16::from_be(rport), app_port: lport as u16, _pad: [0; 4] };
     if unsafe { PROXY_DIALS.get(&dial) }.is_some() {

@@ -223,6 +223,7 @@ pub(super) fn admit(
         service_account: id.service_account,
         netns,
         keep_source: None,
+        wants_source: false,
     };
     let proxy = PodProxy::start(shared, ctx, listeners).map_err(|e| format!("Add {uid}: {e}"))?;
     let st = PodState { uid: uid.clone(), netns_cookie: cookie, ips: proxy.ips.clone() };

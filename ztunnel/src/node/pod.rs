@@ -83,6 +83,7 @@ impl PodProxy {
         let (out4, out6) = (serving(&listeners.outbound4)?, serving(&listeners.outbound6)?);
         let (inbound, hbone) = (serving(&listeners.inbound)?, serving(&listeners.hbone)?);
         let mut pod = pod;
+        pod.wants_source = shared.keep_source;
         if shared.keep_source {
             match crate::proxy::keep_source::prepare_pod(&pod.netns) {
                 Ok(()) => pod.keep_source = Some(shared.capture.proxy_dials()),

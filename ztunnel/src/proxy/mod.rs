@@ -45,6 +45,9 @@ pub struct PodContext {
     /// Set when the app is to see clients' own addresses (the pod's reply routing is in
     /// place): where dials from them are registered. See [`keep_source`].
     pub keep_source: Option<crate::redirect::ProxyDials>,
+    /// The agent is configured to keep sources (so a pod without `keep_source` is a
+    /// kernel refusal, counted).
+    pub wants_source: bool,
 }
 
 /// One TLS server config per certificate: building a rustls config (and its verifier) per

@@ -208,6 +208,12 @@ impl ProxyDials {
         map.insert(Self::key(netns_cookie, from, app_port), 1, 0).map_err(map_err("PROXY_DIALS"))
     }
 
+    /// How many dials are registered now (each lives only for its connect).
+    pub fn registered(&self) -> usize {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().filter(|k| k.is_ok()).count()
+    }
+
     /// Removes a dial registered by [`ProxyDials::insert`].
     pub fn remove(&self, netns_cookie: u64, from: SocketAddr, app_port: u16) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
