@@ -82,11 +82,17 @@ struct Parked {
 }
 
 /// Where the control plane puts a pod.
+/// Why an ambiguous pod's ADD fails.
+const AMBIGUOUS: &str = "the control plane has more than one Pod workload of this name on this node";
+
 enum Membership {
     /// Not (yet) a workload in the control plane's state.
     Unknown,
     /// A workload, but not an HBONE one on this node.
     Outside,
+    /// More than one Pod workload of this name on this node: which identity and policies
+    /// apply cannot be told, so the pod must not start (neither in nor out of the mesh).
+    Ambiguous,
     /// In the mesh: enroll it with this identity.
     Ambient(WorkloadInfo),
 }
@@ -274,12 +280,17 @@ impl Manager {
                 Some(e) => format!("pod {uid} is in the mesh but not enrolled: {e}"),
                 None => format!("pod {uid} is in the mesh but not enrolled"),
             }),
+            Membership::Ambiguous => PluginResponse::err(AMBIGUOUS),
             Membership::Outside | Membership::Unknown => PluginResponse::ok(),
         }
     }
 
     fn membership(&self, snap: &Snapshot, rec: &PodRecord) -> Membership {
         let Some(w) = snap.pod_workload(&rec.namespace, &rec.name) else {
+            if snap.pod_is_ambiguous(&rec.namespace, &rec.name) {
+                warn!(uid = %rec.uid, "more than one Pod workload with this name on this node");
+                return Membership::Ambiguous;
+            }
             if snap.pod_is_elsewhere(&rec.namespace, &rec.name) {
                 debug!(uid = %rec.uid, "the control plane has this pod on another node");
                 return Membership::Outside;
@@ -470,6 +481,7 @@ impl Manager {
         }
         match self.membership(&self.store.snapshot(), rec) {
             Membership::Outside => Verdict::Decided(Ok(())),
+            Membership::Ambiguous => Verdict::Decided(Err(AMBIGUOUS.into())),
             // Not known to the control plane (yet): the pod runs outside the mesh, and is
             // enrolled later if the control plane puts it in.
             Membership::Unknown => Verdict::Pending(Ok(())),

@@ -94,18 +94,29 @@ impl Snapshot {
     /// is known on both sides). None when there is none, or when more than one would do:
     /// an ambiguous name must not pick one pod's policies at random.
     pub fn pod_workload(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
-        let node = self.scope.node.as_str();
-        let mut found = self
-            .by_name
-            .get(&(namespace.to_string(), name.to_string()))?
-            .iter()
-            .filter(|w| node.is_empty() || w.node.is_empty() || w.node == node);
+        let mut found = self.pods_here(namespace, name);
         let first = found.next()?;
         if found.next().is_some() {
             tracing::warn!(%namespace, %name, "more than one Pod workload with this name on this node: none is used");
             return None;
         }
         Some(first.clone())
+    }
+
+    /// Whether more than one Pod workload of this name is on this node.
+    pub fn pod_is_ambiguous(&self, namespace: &str, name: &str) -> bool {
+        self.pods_here(namespace, name).nth(1).is_some()
+    }
+
+    /// Pod workloads of this name on this node: when the node is known, a workload must name
+    /// it (one that names no node could be anywhere).
+    fn pods_here(&self, namespace: &str, name: &str) -> impl Iterator<Item = &Arc<Workload>> {
+        let node = self.scope.node.as_str();
+        self.by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .into_iter()
+            .flatten()
+            .filter(move |w| node.is_empty() || w.node == node)
     }
 
     /// Whether Pod workloads named `name` in `namespace` exist, all of them on other nodes.
@@ -310,7 +321,8 @@ mod tests {
         let snap =
             snapshot("node-a", vec![workload("c1//Pod/shop/web", "node-a"), workload("c2//Pod/shop/web", "node-a")]);
         assert!(snap.pod_workload("shop", "web").is_none());
-        assert!(!snap.pod_is_elsewhere("shop", "web"), "ambiguous is unknown, not elsewhere");
+        assert!(snap.pod_is_ambiguous("shop", "web"));
+        assert!(!snap.pod_is_elsewhere("shop", "web"), "ambiguous is not elsewhere");
     }
 
     #[test]
@@ -318,6 +330,12 @@ mod tests {
         let snap =
             snapshot("node-a", vec![workload("c2//Pod/shop/web", "node-b"), workload("c1//Pod/shop/web", "node-a")]);
         assert_eq!(snap.pod_workload("shop", "web").unwrap().uid, "c1//Pod/shop/web");
+    }
+
+    #[test]
+    fn a_pod_workload_naming_no_node_is_not_taken_when_the_node_is_known() {
+        let snap = snapshot("node-a", vec![workload("c1//Pod/shop/web", "")]);
+        assert!(snap.pod_workload("shop", "web").is_none());
     }
 
     #[test]
