@@ -16,6 +16,7 @@ pub mod node;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
+pub mod routing;
 pub mod state;
 pub mod task;
 pub mod tls;

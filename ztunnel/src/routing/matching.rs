@@ -1,0 +1,201 @@
+//! Running a compiled VirtualService against a request: which rule matches, and what it
+//! decides. Randomness (weights) comes in as a number, so decisions are reproducible.
+use super::compile::{Action, CompiledRoute, Router};
+use super::spec::Destination;
+
+/// What the routing engine knows about a request.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    pub scheme: String,
+    /// `:authority` / `Host`.
+    pub authority: String,
+    /// Path with its query string.
+    pub path: String,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The port the request was sent to (the service port).
+    pub port: u16,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn path_only(&self) -> &str {
+        self.path.split_once('?').map(|(p, _)| p).unwrap_or(&self.path)
+    }
+
+    fn query_param(&self, name: &str) -> Option<&str> {
+        let q = self.path.split_once('?')?.1;
+        q.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then_some(v)
+        })
+    }
+}
+
+/// A compiled string condition.
+#[derive(Debug, Clone)]
+pub(super) enum StrMatch {
+    Exact(String),
+    /// A raw string prefix (not path-segment aware).
+    Prefix(String),
+    /// Anchored: the whole value must match.
+    Regex(regex::Regex),
+    Present,
+}
+
+impl StrMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Exact(e) => v == e,
+            StrMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StrMatch::Regex(r) => r.is_match(v),
+            StrMatch::Present => true,
+        }
+    }
+
+    fn matches_ignoring_case(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Exact(e) => v.eq_ignore_ascii_case(e),
+            StrMatch::Prefix(p) => {
+                v.len() >= p.len() && v.is_char_boundary(p.len()) && v[..p.len()].eq_ignore_ascii_case(p)
+            }
+            other => other.matches(v),
+        }
+    }
+}
+
+/// One match block: every condition it sets must hold.
+#[derive(Debug, Clone)]
+pub(super) struct MatchBlock {
+    pub uri: Option<StrMatch>,
+    pub scheme: Option<StrMatch>,
+    pub method: Option<StrMatch>,
+    pub authority: Option<StrMatch>,
+    pub headers: Vec<(String, StrMatch)>,
+    pub query_params: Vec<(String, StrMatch)>,
+    pub without_headers: Vec<(String, StrMatch)>,
+    pub ignore_uri_case: bool,
+    pub port: Option<u16>,
+}
+
+impl MatchBlock {
+    fn matches(&self, req: &Request) -> bool {
+        let opt = |m: &Option<StrMatch>, v: &str| m.as_ref().is_none_or(|m| m.matches(v));
+        let uri_ok = self.uri.as_ref().is_none_or(|m| {
+            if self.ignore_uri_case {
+                m.matches_ignoring_case(req.path_only())
+            } else {
+                m.matches(req.path_only())
+            }
+        });
+        uri_ok
+            && opt(&self.scheme, &req.scheme)
+            && opt(&self.method, &req.method)
+            && opt(&self.authority, &req.authority)
+            && self.port.is_none_or(|p| p == req.port)
+            && self.headers.iter().all(|(k, m)| req.header(k).is_some_and(|v| m.matches(v)))
+            && self.query_params.iter().all(|(k, m)| req.query_param(k).is_some_and(|v| m.matches(v)))
+            && !self.without_headers.iter().any(|(k, m)| req.header(k).is_some_and(|v| m.matches(v)))
+    }
+}
+
+/// One weighted destination of a decision.
+pub type WeightedTarget = (Destination, u32);
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Forward to `destination`, with `path` and `authority` after rewrites.
+    Forward { rule: usize, destination: Destination, path: String, authority: String },
+    /// Answer with a redirect to `location`.
+    Redirect { rule: usize, code: u16, location: String },
+    /// Answer directly.
+    Respond { rule: usize, status: u16, body: String },
+}
+
+impl Router {
+    /// The first rule whose match blocks (any of them) match `req`, with the block.
+    pub fn find(&self, req: &Request) -> Option<(usize, &CompiledRoute, Option<usize>)> {
+        self.http.iter().enumerate().find_map(|(i, r)| match &r.blocks {
+            None => Some((i, r, None)),
+            Some(blocks) => blocks.iter().position(|b| b.matches(req)).map(|bi| (i, r, Some(bi))),
+        })
+    }
+
+    /// Decides for `req`; `roll` (uniform, any u32) picks among weighted destinations.
+    /// `None`: no rule matches (the request goes to the service unchanged).
+    pub fn decide(&self, req: &Request, roll: u32) -> Option<Decision> {
+        let (i, r, block) = self.find(req)?;
+        Some(match &r.action {
+            Action::Route(dests) => {
+                let total: u64 = dests.iter().map(|(_, w)| *w as u64).sum();
+                let mut at = roll as u64 % total.max(1);
+                let destination = dests
+                    .iter()
+                    .find(|(_, w)| {
+                        let hit = at < *w as u64;
+                        at = at.saturating_sub(*w as u64);
+                        hit
+                    })
+                    .map(|(d, _)| d.clone())
+                    .unwrap_or_else(|| dests[0].0.clone());
+                let matched_prefix = block.and_then(|b| match r.blocks.as_ref()?.get(b)?.uri.as_ref()? {
+                    StrMatch::Prefix(p) => Some(p.clone()),
+                    _ => None,
+                });
+                Decision::Forward {
+                    rule: i,
+                    destination,
+                    path: rewrite_path(r, req, matched_prefix.as_deref()),
+                    authority: r
+                        .rewrite
+                        .as_ref()
+                        .and_then(|rw| rw.authority.clone())
+                        .unwrap_or_else(|| req.authority.clone()),
+                }
+            }
+            Action::Redirect(rd) => {
+                let scheme = rd.scheme.clone().unwrap_or_else(|| req.scheme.clone());
+                let mut authority = rd.authority.clone().unwrap_or_else(|| req.authority.clone());
+                if let Some(p) = rd.port {
+                    let host = authority.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or(authority.clone());
+                    authority = format!("{host}:{p}");
+                }
+                let path = rd.uri.clone().unwrap_or_else(|| req.path.clone());
+                Decision::Redirect {
+                    rule: i,
+                    code: rd.redirect_code.unwrap_or(301) as u16,
+                    location: format!("{scheme}://{authority}{path}"),
+                }
+            }
+            Action::Respond { status, body } => Decision::Respond { rule: i, status: *status, body: body.clone() },
+        })
+    }
+
+    /// The TCP destinations for a connection to `port` (first matching rule).
+    pub fn tcp_targets(&self, port: u16) -> Option<&[WeightedTarget]> {
+        self.tcp.iter().find(|(ports, _)| ports.as_ref().is_none_or(|ps| ps.contains(&port))).map(|(_, d)| d.as_slice())
+    }
+}
+
+/// The path to forward: `rewrite.uri` replaces the matched prefix (or the whole path when
+/// the rule matched otherwise); `uriRegexRewrite` substitutes all matches.
+fn rewrite_path(r: &CompiledRoute, req: &Request, matched_prefix: Option<&str>) -> String {
+    if let Some((re, with)) = &r.uri_regex_rewrite {
+        let (path, query) = req.path.split_once('?').map(|(p, q)| (p, Some(q))).unwrap_or((&req.path, None));
+        let out = re.replace_all(path, with.as_str()).into_owned();
+        return query.map(|q| format!("{out}?{q}")).unwrap_or(out);
+    }
+    match (r.rewrite.as_ref().and_then(|rw| rw.uri.as_deref()), matched_prefix) {
+        (Some(new), Some(prefix)) if req.path.starts_with(prefix) => format!("{new}{}", &req.path[prefix.len()..]),
+        (Some(new), _) => {
+            let query = req.path.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+            format!("{new}{query}")
+        }
+        (None, _) => req.path.clone(),
+    }
+}
