@@ -219,6 +219,44 @@ fn invalid_virtual_services_are_rejected_with_their_name_and_reason() {
     }
 }
 
+fn yaml_docs(text: &str) -> Vec<serde_yaml_ng::Value> {
+    serde_yaml_ng::Deserializer::from_str(text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect()
+}
+
+#[test]
+fn objects_of_all_three_api_versions_load_and_a_bad_one_costs_only_itself() {
+    let docs = yaml_docs(
+        r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v2}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: broken, namespace: bookinfo}
+spec: {hosts: [ratings], http: [{route: [{destination: {host: reviews, subset: v7}}]}]}
+---
+apiVersion: networking.istio.io/v2
+kind: VirtualService
+metadata: {name: future, namespace: bookinfo}
+spec: {hosts: [details]}
+"#,
+    );
+    let o = objects::load(&docs);
+    assert_eq!(o.subsets["reviews"]["v2"]["version"], "v2");
+    assert_eq!(o.routers.keys().collect::<Vec<_>>(), vec!["bookinfo/reviews"]);
+    let rejected: Vec<String> = o.rejected.iter().map(|e| e.to_string()).collect();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert!(rejected[0].contains("bookinfo/broken") && rejected[0].contains("subset v7"), "{rejected:?}");
+    assert!(rejected[1].contains("bookinfo/future") && rejected[1].contains("apiVersion"), "{rejected:?}");
+}
+
 #[test]
 fn every_bookinfo_networking_sample_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -228,28 +266,21 @@ fn every_bookinfo_networking_sample_loads() {
         return;
     };
     let mut docs = vec![];
+    let mut files = 0;
     for e in entries.flatten() {
-        let text = std::fs::read_to_string(e.path()).unwrap();
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let v: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
-            docs.push((e.path(), v));
-        }
+        docs.extend(yaml_docs(&std::fs::read_to_string(e.path()).unwrap()));
+        files += 1;
     }
-    // The subsets the samples' own DestinationRules define.
-    let mut subsets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (_, v) in docs.iter().filter(|(_, v)| v["kind"] == "DestinationRule") {
-        let host = v["spec"]["host"].as_str().unwrap_or_default().to_string();
-        for s in v["spec"]["subsets"].as_sequence().into_iter().flatten() {
-            subsets.entry(host.clone()).or_default().insert(s["name"].as_str().unwrap_or_default().to_string());
-        }
-    }
+    // The samples hold several versions of the same objects (one file per task): load each
+    // file's VirtualServices against all the samples' DestinationRules.
+    let rules: Vec<_> = docs.iter().filter(|d| d["kind"] == "DestinationRule").cloned().collect();
     let mut loaded = 0;
-    for (path, v) in docs.iter().filter(|(_, v)| v["kind"] == "VirtualService") {
-        let name = v["metadata"]["name"].as_str().unwrap_or("?");
-        let spec: VirtualService = serde_yaml_ng::from_value(v["spec"].clone())
-            .unwrap_or_else(|err| panic!("{}: {name}: {err}", path.display()));
-        compile(name, &spec, &subsets).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-        loaded += 1;
+    for vs in docs.iter().filter(|d| d["kind"] == "VirtualService") {
+        let mut set = rules.clone();
+        set.push(vs.clone());
+        let o = objects::load(&set);
+        assert!(o.rejected.is_empty(), "{:?}", o.rejected);
+        loaded += o.routers.len();
     }
-    assert!(loaded >= 10, "only {loaded} VirtualServices found in {}", dir.display());
+    assert!(files >= 10 && loaded >= 10, "only {loaded} VirtualServices in {files} files of {}", dir.display());
 }
