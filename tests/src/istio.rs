@@ -284,11 +284,6 @@ impl IstioZtunnel {
         self.child.id()
     }
 
-    /// Its CPU seconds so far and resident memory.
-    pub fn usage(&self) -> Result<crate::agent_process::Usage> {
-        crate::benchkit::process_usage(self.child.id())
-    }
-
     /// Everything it has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ztunnel.log")).unwrap_or_default()

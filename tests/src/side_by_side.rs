@@ -21,7 +21,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::agent_process::{cluster_args, AgentProcess};
-use crate::benchkit::{measure, median, start_server, svg_bar_chart, svg_document, BarGroup, Sample, PORT};
+use crate::benchkit::{
+    measure, median, process_usage, start_server, svg_bar_chart, svg_document, BarGroup, Sample, PORT,
+};
 use crate::cgroup::create_cgroup;
 use crate::cni::CniNode;
 use crate::control_plane::ControlPlane;
@@ -132,29 +134,24 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
     let _servers: Vec<_> =
         pods.values().flat_map(|r| [&r.remote, &r.local]).map(start_server).collect::<Result<_>>()?;
     std::thread::sleep(Duration::from_millis(500));
-    let idle = rss_by_proxy(&istio, &a0, &a1)?;
+    // Each mesh row's proxy processes, node 0 then node 1.
+    let (istio_pids, ours_pids) = ([istio[0].pid(), istio[1].pid()], [a0.pid(), a1.pid()]);
+    let proxies = |row: &str| if row == "ours-ebpf" { ours_pids } else { istio_pids };
+    let idle = rss_by_proxy(&istio_pids, &ours_pids)?;
 
-    let cpu_istio = |nodes: &[usize]| -> f64 {
-        nodes.iter().map(|n| istio[*n].usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum()
-    };
-    let cpu_ours = |nodes: &[usize]| -> f64 {
-        nodes.iter().map(|n| [&a0, &a1][*n].usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum()
-    };
+    let cpu_seconds =
+        |pids: &[u32]| -> f64 { pids.iter().map(|p| process_usage(*p).map(|u| u.cpu_seconds).unwrap_or(0.0)).sum() };
     let mut samples: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         for placement in ["cross-node", "same-node"] {
-            let nodes: &[usize] = if placement == "cross-node" { &[0, 1] } else { &[0] };
+            let nodes = if placement == "cross-node" { 2 } else { 1 };
             for row in ROWS {
                 let r = p(row);
                 let server = if placement == "cross-node" { &r.remote } else { &r.local };
                 let dst = SocketAddr::new(server.ip4().into(), PORT);
-                let ci = || cpu_istio(nodes);
-                let co = || cpu_ours(nodes);
-                let cpu: Option<&dyn Fn() -> f64> = match row {
-                    "no-mesh" => None,
-                    "ours-ebpf" => Some(&co),
-                    _ => Some(&ci),
-                };
+                let pids = proxies(row);
+                let cpu = || cpu_seconds(&pids[..nodes]);
+                let cpu: Option<&dyn Fn() -> f64> = if row == "no-mesh" { None } else { Some(&cpu) };
                 let s =
                     measure(&r.client, dst, secs, cpu).with_context(|| format!("{row} {placement} round {round}"))?;
                 eprintln!("round {round} {placement:<10} {row:<15} {s:?}");
@@ -165,16 +162,14 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
             verify_paths(&istio, &capture, &p("istio-iptables").remote, &p("istio-ebpf").remote)?;
         }
     }
-    let loaded = rss_by_proxy(&istio, &a0, &a1)?;
+    let loaded = rss_by_proxy(&istio_pids, &ours_pids)?;
     let report = report(&samples, &idle, &loaded);
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
     std::fs::create_dir_all(&out)?;
     if perf {
         for row in ["istio-iptables", "istio-ebpf", "ours-ebpf"] {
-            let pids: Vec<u32> =
-                if row == "ours-ebpf" { vec![a0.pid(), a1.pid()] } else { istio.iter().map(|z| z.pid()).collect() };
             let dst = SocketAddr::new(p(row).remote.ip4().into(), PORT);
-            profile(row, &p(row).client, dst, &pids, &out)?;
+            profile(row, &p(row).client, dst, &proxies(row), &out)?;
         }
     }
     std::fs::write(out.join("side-by-side.json"), serde_json::to_vec_pretty(&report)?)?;
@@ -269,11 +264,10 @@ fn verify_paths(
 }
 
 /// RSS in MB of each proxy, summed over its two node processes.
-fn rss_by_proxy(istio: &[IstioZtunnel], a0: &AgentProcess, a1: &AgentProcess) -> Result<BTreeMap<&'static str, f64>> {
-    let mb = |b: u64| b as f64 / 1e6;
-    let istio_rss: f64 = istio.iter().map(|z| z.usage().map(|u| mb(u.rss_bytes))).sum::<Result<f64>>()?;
-    let ours_rss = mb(a0.usage()?.rss_bytes) + mb(a1.usage()?.rss_bytes);
-    Ok(BTreeMap::from([("istio", istio_rss), ("ours", ours_rss)]))
+fn rss_by_proxy(istio: &[u32], ours: &[u32]) -> Result<BTreeMap<&'static str, f64>> {
+    let mb =
+        |pids: &[u32]| pids.iter().map(|p| process_usage(*p).map(|u| u.rss_bytes as f64 / 1e6)).sum::<Result<f64>>();
+    Ok(BTreeMap::from([("istio", mb(istio)?), ("ours", mb(ours)?)]))
 }
 
 type Metric = (&'static str, fn(&Sample) -> f64);

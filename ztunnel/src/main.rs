@@ -312,10 +312,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
     if args.uninstall {
         return uninstall(&args);
     }
-    if let Err(missing) = ztunnel::redirect::check_kernel(args.simulate_missing_kernel_feature.as_deref(), false) {
-        let list: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
-        anyhow::bail!("this kernel cannot run capture:\n{}", list.join("\n"));
-    }
+    ztunnel::redirect::check_kernel(args.simulate_missing_kernel_feature.as_deref(), false)?;
     raise_fd_limit();
     start_heap_trimmer();
     let cgroup = match args.cgroup {

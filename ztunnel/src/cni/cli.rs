@@ -132,10 +132,7 @@ impl CniArgs {
         if !self.ebpf_capture {
             return Ok(None);
         }
-        if let Err(missing) = crate::redirect::check_kernel(None, true) {
-            let list: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
-            anyhow::bail!("this kernel cannot run capture:\n{}", list.join("\n"));
-        }
+        crate::redirect::check_kernel(None, true)?;
         Ok(Some(super::capture::CniCaptureConfig {
             capture: crate::redirect::CaptureConfig {
                 pin_dir: self.pin_dir.clone(),

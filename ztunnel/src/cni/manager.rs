@@ -28,7 +28,7 @@ use crate::enrollment::{
     workload_request::Payload, AddWorkload, DelWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest,
 };
 use crate::redirect::valid_pod_uid;
-use crate::state::{Snapshot, StateStore, WorkloadProtocol};
+use crate::state::{PodMatch, Snapshot, StateStore, WorkloadProtocol};
 
 /// How soon a pod whose Add an agent refused is offered again.
 const RETRY: Duration = Duration::from_secs(2);
@@ -286,16 +286,17 @@ impl Manager {
     }
 
     fn membership(&self, snap: &Snapshot, rec: &PodRecord) -> Membership {
-        let Some(w) = snap.pod_workload(&rec.namespace, &rec.name) else {
-            if snap.pod_is_ambiguous(&rec.namespace, &rec.name) {
+        let w = match snap.find_pod(&rec.namespace, &rec.name) {
+            PodMatch::Here(w) => w,
+            PodMatch::Ambiguous => {
                 warn!(uid = %rec.uid, "more than one Pod workload with this name on this node");
                 return Membership::Ambiguous;
             }
-            if snap.pod_is_elsewhere(&rec.namespace, &rec.name) {
+            PodMatch::Elsewhere => {
                 debug!(uid = %rec.uid, "the control plane has this pod on another node");
                 return Membership::Outside;
             }
-            return Membership::Unknown;
+            PodMatch::Unknown => return Membership::Unknown,
         };
         if w.protocol != WorkloadProtocol::Hbone {
             return Membership::Outside;

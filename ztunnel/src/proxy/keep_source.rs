@@ -59,8 +59,7 @@ pub async fn dial_app(ctx: &ProxyContext, dst: SocketAddr, client: IpAddr) -> st
             Ok(sock) => {
                 let from = sock.local_addr()?;
                 let _registered = Registered::new(dials, ctx.pod.netns.cookie(), from, dst.port())?;
-                let r = tokio::time::timeout(std::time::Duration::from_secs(10), sock.connect(dst)).await;
-                return r.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?;
+                return socket::connect(sock, dst).await;
             }
             Err(e) => {
                 ctx.mesh.metrics.source_not_kept();
@@ -99,24 +98,24 @@ impl Drop for Registered<'_> {
 
 /// A socket in the pod's netns bound (transparently) to `client`, marked for the reply rule.
 fn transparent_socket(netns: &InpodNetns, dst: SocketAddr, client: IpAddr) -> std::io::Result<TcpSocket> {
-    let sock = netns.run(|| if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() })??;
+    let sock = socket::marked_socket(netns, dst, PROXY_MARK | KEEP_SOURCE_MARK)?;
     let (level, opt) =
         if dst.is_ipv4() { (libc::SOL_IP, libc::IP_TRANSPARENT) } else { (libc::SOL_IPV6, libc::IPV6_TRANSPARENT) };
-    set_int(&sock, level, opt, 1)?;
-    set_int(&sock, libc::SOL_SOCKET, libc::SO_MARK, (PROXY_MARK | KEEP_SOURCE_MARK) as libc::c_int)?;
-    sock.set_nodelay(true)?;
+    set_transparent(&sock, level, opt)?;
     sock.bind(SocketAddr::new(client, 0))?;
     Ok(sock)
 }
 
-fn set_int(sock: &TcpSocket, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
+/// `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (nix has no IPv6 one).
+fn set_transparent(sock: &TcpSocket, level: libc::c_int, opt: libc::c_int) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
     // SAFETY: setsockopt on an fd we own, with a properly sized int.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             level,
             opt,
-            (&v as *const libc::c_int).cast(),
+            (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

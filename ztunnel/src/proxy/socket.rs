@@ -13,11 +13,17 @@ use crate::netns::InpodNetns;
 /// the inbound steering program recognises and skips them.
 pub const INBOUND_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
+/// An unconnected TCP socket in the pod's netns, of `dst`'s family, carrying `mark`.
+pub fn marked_socket(netns: &InpodNetns, dst: SocketAddr, mark: u32) -> std::io::Result<TcpSocket> {
+    let sock = netns.run(|| if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() })??;
+    setsockopt(&sock.as_fd(), sockopt::Mark, &mark).map_err(std::io::Error::from)?;
+    sock.set_nodelay(true)?;
+    Ok(sock)
+}
+
 /// An unconnected, marked TCP socket in the pod's netns, ready to dial `dst`.
 pub fn upstream_socket(netns: &InpodNetns, dst: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpSocket> {
-    let sock = netns.run(|| if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() })??;
-    setsockopt(&sock.as_fd(), sockopt::Mark, &PROXY_MARK).map_err(std::io::Error::from)?;
-    sock.set_nodelay(true)?;
+    let sock = marked_socket(netns, dst, PROXY_MARK)?;
     if let Some(ip) = bind {
         sock.bind(SocketAddr::new(ip, 0))?;
     }
@@ -46,7 +52,11 @@ fn socket2_like(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// Connects to `dst` from inside the pod (optionally from `bind`), marked, with a timeout.
 pub async fn dial(netns: &InpodNetns, dst: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
-    let sock = upstream_socket(netns, dst, bind)?;
+    connect(upstream_socket(netns, dst, bind)?, dst).await
+}
+
+/// Connects `sock` to `dst`, giving up after 10 s.
+pub async fn connect(sock: TcpSocket, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     tokio::time::timeout(std::time::Duration::from_secs(10), sock.connect(dst))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?

@@ -19,13 +19,17 @@ pub fn cgroup2_root() -> std::io::Result<PathBuf> {
 /// The cgroup v2 id (the inode of its directory) of this process, as
 /// `bpf_get_current_cgroup_id` reports it in the kernel programs.
 pub fn own_cgroup_id() -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string("/proc/self/cgroup")?;
     let path = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup v2 entry in /proc/self/cgroup"))?;
-    let dir = cgroup2_root()?.join(path.trim_start_matches('/'));
+    cgroup_id(&cgroup2_root()?.join(path.trim_start_matches('/')))
+}
+
+/// The cgroup v2 id of the cgroup directory `dir` (its inode).
+pub fn cgroup_id(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
     Ok(std::fs::metadata(dir)?.ino())
 }
 

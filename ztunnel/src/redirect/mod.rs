@@ -16,14 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData, SockHash};
-use aya::programs::links::{FdLink, LinkError};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SockOps};
+use aya::programs::links::FdLink;
+use aya::programs::SkLookup;
 use aya::Ebpf;
 use ztunnel_common::{IpKey, PodEntry};
 
 pub use cgroup::{bpffs_mounted, cgroup2_root};
 pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts, ProxyDials};
-pub use probe::{check_kernel, Feature, MissingFeature, FEATURES, FOREIGN_PROXY_FEATURES, KERNEL_FLOOR};
+pub use probe::{check_kernel, Feature, KernelTooOld, MissingFeature, FEATURES, FOREIGN_PROXY_FEATURES, KERNEL_FLOOR};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
@@ -56,8 +56,6 @@ pub enum CaptureError {
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
     Program { name: &'static str, source: aya::programs::ProgramError },
-    #[error("link of {name}: {source}")]
-    Link { name: &'static str, source: LinkError },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("{what} {path}: {source}")]
@@ -94,14 +92,13 @@ pub struct Capture {
     ebpf: Mutex<Ebpf>,
     orig: OrigDstTable,
     dials: ProxyDials,
-    connect_order: ConnectOrder,
 }
 
 /// Where capture's connect programs run among other programs on the connect hooks, e.g. a
 /// CNI's socket load balancer that rewrites service VIPs to backends (Cilium, Calico eBPF).
 /// Capture must see the address the app dialled, so it asks to run before all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ConnectOrder {
+enum ConnectOrder {
     /// Appended after programs already attached to the same cgroup (kernels without
     /// ordering flags); programs in cgroups below still run first.
     Appended,
@@ -141,22 +138,11 @@ impl Capture {
 
         let cgroup = std::fs::File::open(&cfg.cgroup).map_err(io_err("opening cgroup", &cfg.cgroup))?;
         let links = cfg.pin_dir.join("links");
-        /// Loads a cgroup program, attaches it and pins its link (replacing an older pin).
-        macro_rules! attach_to_cgroup {
-            ($ty:ty, $prog:literal, $pin:literal) => {{
-                let p: &mut $ty = program(&mut ebpf, $prog)?;
-                p.load().map_err(prog_err($prog))?;
-                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(prog_err($prog))?;
-                let link: FdLink = p
-                    .take_link(id)
-                    .map_err(prog_err($prog))?
-                    .try_into()
-                    .map_err(|source| CaptureError::Link { name: $prog, source })?;
-                replace_pinned(link, &links.join($pin))?;
-            }};
-        }
-        let order4 = attach_connect_first(&mut ebpf, Connect::V4, cgroup.as_fd(), &links.join("connect4"))?;
-        let order6 = attach_connect_first(&mut ebpf, Connect::V6, cgroup.as_fd(), &links.join("connect6"))?;
+        let connect = |ebpf: &mut Ebpf, name, attach_type, pin: &str| {
+            attach_cgroup(ebpf, name, attach_type, cgroup.as_fd(), &links.join(pin), &CONNECT_FIRST)
+        };
+        let order4 = connect(&mut ebpf, "capture_connect4", ATTACH_CONNECT4, "connect4")?;
+        let order6 = connect(&mut ebpf, "capture_connect6", ATTACH_CONNECT6, "connect6")?;
         let connect_order = order4.min(order6);
         tracing::info!(order = ?connect_order, "connect programs attached");
         if connect_order == ConnectOrder::Appended {
@@ -166,10 +152,13 @@ impl Capture {
                  before capture sees them"
             );
         }
-        attach_to_cgroup!(SockOps, "record_origdst", "sockops");
+        let plain = |ebpf: &mut Ebpf, name, attach_type, pin: &str| {
+            attach_cgroup(ebpf, name, attach_type, cgroup.as_fd(), &links.join(pin), &APPENDED).map(drop)
+        };
+        plain(&mut ebpf, "record_origdst", ATTACH_SOCK_OPS, "sockops")?;
         if cfg.for_foreign_proxy {
-            attach_getsockopt(&mut ebpf, cgroup.as_fd(), &links.join("getsockopt"))?;
-            attach_to_cgroup!(SockOps, "adopt_inbound_listener", "adopt");
+            plain(&mut ebpf, "answer_original_dst", ATTACH_GETSOCKOPT, "getsockopt")?;
+            plain(&mut ebpf, "adopt_inbound_listener", ATTACH_SOCK_OPS, "adopt")?;
         }
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
         // This process is the proxy, unless capture serves another one (then it is the CNI,
@@ -185,12 +174,7 @@ impl Capture {
         let dials = ProxyDials::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/PROXY_DIALS")).map_err(map_err("PROXY_DIALS"))?,
         )?;
-        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials, connect_order })
-    }
-
-    /// Where the connect programs run among other programs on the same hooks.
-    pub fn connect_order(&self) -> ConnectOrder {
-        self.connect_order
+        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials })
     }
 
     /// Where the inbound proxy registers its dials to apps from clients' addresses.
@@ -228,8 +212,7 @@ impl Capture {
     /// Lets the processes of the cgroup at `path` act as a proxy: their marked connects are
     /// not captured, and their 15006 listeners in enrolled pods receive inbound traffic.
     pub fn add_proxy_cgroup(&self, path: &Path) -> Result<(), CaptureError> {
-        use std::os::unix::fs::MetadataExt;
-        let id = std::fs::metadata(path).map_err(io_err("reading proxy cgroup", path))?.ino();
+        let id = cgroup::cgroup_id(path).map_err(io_err("reading proxy cgroup", path))?;
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
         maps::register_proxy_cgroup(&mut ebpf, id)
     }
@@ -374,65 +357,44 @@ where
         .map_err(prog_err(name))
 }
 
-/// The two connect hooks.
-#[derive(Clone, Copy)]
-enum Connect {
-    V4,
-    V6,
-}
-
-impl Connect {
-    /// The program's name and its `enum bpf_attach_type` (`BPF_CGROUP_INET{4,6}_CONNECT`).
-    fn program(self) -> (&'static str, u32) {
-        match self {
-            Connect::V4 => ("capture_connect4", 10),
-            Connect::V6 => ("capture_connect6", 11),
-        }
-    }
-}
-
-/// Loads a connect program and attaches it to `cgroup` ahead of other programs there when
-/// the kernel can order them, pinning the link at `pin`; falls back to a plain attach.
-fn attach_connect_first(
-    ebpf: &mut Ebpf,
-    hook: Connect,
-    cgroup: std::os::fd::BorrowedFd<'_>,
-    pin: &Path,
-) -> Result<ConnectOrder, CaptureError> {
-    let (name, attach_type) = hook.program();
-    let p: &mut CgroupSockAddr = program(ebpf, name)?;
-    p.load().map_err(prog_err(name))?;
-    let prog = p.fd().map_err(prog_err(name))?.as_fd();
-    let tries = [
-        (sys::BPF_F_PREORDER | sys::BPF_F_BEFORE, ConnectOrder::First),
-        (sys::BPF_F_PREORDER, ConnectOrder::Preorder),
-        (0, ConnectOrder::Appended),
-    ];
-    attach_link(prog, cgroup, attach_type, pin, &tries)
-}
-
-/// `BPF_CGROUP_GETSOCKOPT` (enum bpf_attach_type).
+/// `enum bpf_attach_type` values of the cgroup hooks capture uses.
+const ATTACH_SOCK_OPS: u32 = 3;
+const ATTACH_CONNECT4: u32 = 10;
+const ATTACH_CONNECT6: u32 = 11;
 const ATTACH_GETSOCKOPT: u32 = 21;
 
-/// Loads `answer_original_dst` and attaches it to `cgroup` (aya 0.14 cannot turn a
-/// getsockopt link into a pinnable one, so the link is created here).
-fn attach_getsockopt(ebpf: &mut Ebpf, cgroup: std::os::fd::BorrowedFd<'_>, pin: &Path) -> Result<(), CaptureError> {
-    let name = "answer_original_dst";
-    let p: &mut CgroupSockopt = program(ebpf, name)?;
-    p.load().map_err(prog_err(name))?;
-    let prog = p.fd().map_err(prog_err(name))?.as_fd();
-    attach_link(prog, cgroup, ATTACH_GETSOCKOPT, pin, &[(0, ConnectOrder::Appended)]).map(drop)
-}
+/// Ahead of other programs on the hook where the kernel can order them, else appended.
+const CONNECT_FIRST: [(u32, ConnectOrder); 3] = [
+    (sys::BPF_F_PREORDER | sys::BPF_F_BEFORE, ConnectOrder::First),
+    (sys::BPF_F_PREORDER, ConnectOrder::Preorder),
+    (0, ConnectOrder::Appended),
+];
+/// A plain link (order does not matter for the hook).
+const APPENDED: [(u32, ConnectOrder); 1] = [(0, ConnectOrder::Appended)];
 
-/// Creates a cgroup link with the first of `tries`' flags the kernel accepts (EINVAL means
-/// it does not know them) and pins it at `pin`; returns the order that flag set gives.
-fn attach_link(
-    prog: std::os::fd::BorrowedFd<'_>,
-    cgroup: std::os::fd::BorrowedFd<'_>,
+/// Loads the cgroup program `name`, attaches it to `cgroup` with the first of `tries`' flags
+/// the kernel accepts (EINVAL means it does not know them) and pins the link at `pin`
+/// (replacing an older pin); returns the order that flag set gives. The link is created
+/// here rather than by aya, whose attach takes no ordering flags and cannot pin every kind.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    name: &'static str,
     attach_type: u32,
+    cgroup: std::os::fd::BorrowedFd<'_>,
     pin: &Path,
     tries: &[(u32, ConnectOrder)],
 ) -> Result<ConnectOrder, CaptureError> {
+    use aya::programs::Program;
+    let p =
+        ebpf.program_mut(name).ok_or(CaptureError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+    match p {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+    .map_err(prog_err(name))?;
+    let prog = p.fd().map_err(prog_err(name))?.as_fd();
     let mut last = std::io::Error::from_raw_os_error(libc::EINVAL);
     for &(flags, order) in tries {
         match sys::link_create(prog, cgroup, attach_type, flags) {

@@ -152,10 +152,23 @@ pub struct MissingFeature {
     pub detail: String,
 }
 
+/// Every feature the running kernel lacks: why capture cannot start.
+#[derive(Debug, Clone)]
+pub struct KernelTooOld(pub Vec<MissingFeature>);
+
+impl std::fmt::Display for KernelTooOld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "this kernel cannot run capture:")?;
+        self.0.iter().try_for_each(|m| write!(f, "\n{m}"))
+    }
+}
+
+impl std::error::Error for KernelTooOld {}
+
 /// Probes every feature ([`FOREIGN_PROXY_FEATURES`] too when `foreign_proxy`);
 /// `simulate_missing` names one to report as missing (tests, and operators checking how the
 /// agent refuses). Returns every missing feature.
-pub fn check_kernel(simulate_missing: Option<&str>, foreign_proxy: bool) -> Result<(), Vec<MissingFeature>> {
+pub fn check_kernel(simulate_missing: Option<&str>, foreign_proxy: bool) -> Result<(), KernelTooOld> {
     let extra: &[Feature] = if foreign_proxy { FOREIGN_PROXY_FEATURES } else { &[] };
     let missing: Vec<MissingFeature> = FEATURES
         .iter()
@@ -172,7 +185,7 @@ pub fn check_kernel(simulate_missing: Option<&str>, foreign_proxy: bool) -> Resu
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(missing)
+        Err(KernelTooOld(missing))
     }
 }
 
@@ -206,14 +219,14 @@ mod tests {
 
     #[test]
     fn this_kernel_has_every_feature_capture_needs() {
-        if let Err(missing) = check_kernel(None, true) {
-            panic!("{}", missing.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("\n"));
+        if let Err(e) = check_kernel(None, true) {
+            panic!("{e}");
         }
     }
 
     #[test]
     fn a_simulated_missing_feature_is_reported_by_name_with_its_kernel_version() {
-        let missing = check_kernel(Some("prog:sk_lookup"), false).unwrap_err();
+        let missing = check_kernel(Some("prog:sk_lookup"), false).unwrap_err().0;
         assert_eq!(missing.len(), 1);
         let msg = missing[0].to_string();
         assert!(msg.contains("prog:sk_lookup") && msg.contains("5.9") && msg.contains("steer_inbound"), "{msg}");

@@ -8,4 +8,4 @@ mod config;
 mod store;
 
 pub use config::{parse_local_config, ConfigError, LocalConfig, Service, Workload, WorkloadProtocol};
-pub use store::{Scope, Snapshot, StateStore, Upstream};
+pub use store::{PodMatch, Scope, Snapshot, StateStore, Upstream};

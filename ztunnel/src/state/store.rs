@@ -94,37 +94,33 @@ impl Snapshot {
     /// is known on both sides). None when there is none, or when more than one would do:
     /// an ambiguous name must not pick one pod's policies at random.
     pub fn pod_workload(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
-        let mut found = self.pods_here(namespace, name);
-        let first = found.next()?;
-        if found.next().is_some() {
-            tracing::warn!(%namespace, %name, "more than one Pod workload with this name on this node: none is used");
-            return None;
+        match self.find_pod(namespace, name) {
+            PodMatch::Here(w) => Some(w),
+            PodMatch::Ambiguous => {
+                tracing::warn!(%namespace, %name, "more than one Pod workload with this name on this node: none is used");
+                None
+            }
+            PodMatch::Elsewhere | PodMatch::Unknown => None,
         }
-        Some(first.clone())
     }
 
-    /// Whether more than one Pod workload of this name is on this node.
-    pub fn pod_is_ambiguous(&self, namespace: &str, name: &str) -> bool {
-        self.pods_here(namespace, name).nth(1).is_some()
-    }
-
-    /// Pod workloads of this name on this node: when the node is known, a workload must name
-    /// it (one that names no node could be anywhere).
-    fn pods_here(&self, namespace: &str, name: &str) -> impl Iterator<Item = &Arc<Workload>> {
+    /// Where the Pod workloads named `name` in `namespace` are, from this node's view: when
+    /// the node is known, a workload must name it to be here (one naming no node could be
+    /// anywhere, so it is neither here nor elsewhere).
+    pub fn find_pod(&self, namespace: &str, name: &str) -> PodMatch {
+        let Some(candidates) = self.by_name.get(&(namespace.to_string(), name.to_string())) else {
+            return PodMatch::Unknown;
+        };
         let node = self.scope.node.as_str();
-        self.by_name
-            .get(&(namespace.to_string(), name.to_string()))
-            .into_iter()
-            .flatten()
-            .filter(move |w| node.is_empty() || w.node == node)
-    }
-
-    /// Whether Pod workloads named `name` in `namespace` exist, all of them on other nodes.
-    pub fn pod_is_elsewhere(&self, namespace: &str, name: &str) -> bool {
-        let node = self.scope.node.as_str();
-        self.by_name
-            .get(&(namespace.to_string(), name.to_string()))
-            .is_some_and(|c| !node.is_empty() && c.iter().all(|w| !w.node.is_empty() && w.node != node))
+        let mut here = candidates.iter().filter(|w| node.is_empty() || w.node == node);
+        match (here.next(), here.next()) {
+            (Some(w), None) => PodMatch::Here(w.clone()),
+            (Some(_), Some(_)) => PodMatch::Ambiguous,
+            (None, _) if !node.is_empty() && candidates.iter().all(|w| !w.node.is_empty() && w.node != node) => {
+                PodMatch::Elsewhere
+            }
+            (None, _) => PodMatch::Unknown,
+        }
     }
 
     /// Whether a pod whose workload this snapshot lacks must be refused (xDS mode: the
@@ -173,6 +169,19 @@ fn is_pod_uid(w: &Workload) -> bool {
     let mut parts = w.uid.splitn(5, '/');
     let (_cluster, group, kind, ns, name) = (parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
     group == Some("") && kind == Some("Pod") && ns == Some(w.namespace.as_str()) && name == Some(w.name.as_str())
+}
+
+/// Where a pod's workload is, by its namespace and name (see [`Snapshot::find_pod`]).
+#[derive(Debug, Clone)]
+pub enum PodMatch {
+    /// Exactly one Pod workload of that name on this node.
+    Here(Arc<Workload>),
+    /// More than one on this node: none may be used.
+    Ambiguous,
+    /// Only on other nodes.
+    Elsewhere,
+    /// None known (or none whose node is known).
+    Unknown,
 }
 
 /// Which node a snapshot serves and whether pods' workloads must come from it.
@@ -313,7 +322,7 @@ mod tests {
     fn a_pod_is_not_given_the_workload_of_a_pod_on_another_node() {
         let snap = snapshot("node-a", vec![workload("c1//Pod/shop/web", "node-b")]);
         assert!(snap.pod_workload("shop", "web").is_none());
-        assert!(snap.pod_is_elsewhere("shop", "web"));
+        assert!(matches!(snap.find_pod("shop", "web"), PodMatch::Elsewhere));
     }
 
     #[test]
@@ -321,8 +330,7 @@ mod tests {
         let snap =
             snapshot("node-a", vec![workload("c1//Pod/shop/web", "node-a"), workload("c2//Pod/shop/web", "node-a")]);
         assert!(snap.pod_workload("shop", "web").is_none());
-        assert!(snap.pod_is_ambiguous("shop", "web"));
-        assert!(!snap.pod_is_elsewhere("shop", "web"), "ambiguous is not elsewhere");
+        assert!(matches!(snap.find_pod("shop", "web"), PodMatch::Ambiguous), "ambiguous is not elsewhere");
     }
 
     #[test]
