@@ -20,4 +20,5 @@ pub mod routing;
 pub mod state;
 pub mod task;
 pub mod tls;
+pub mod waypoint;
 pub mod xds;

@@ -31,6 +31,60 @@ enum Cmd {
     /// The node-local side of enrollment: serves ZDS to the node agent and enrolls the
     /// ambient pods the CNI plugin reports (`ztunnel cni plugin` is that plugin).
     Cni(ztunnel::cni::cli::CniArgs),
+    /// The L7 proxy: takes HBONE for services that use it (`istio.io/use-waypoint`) and
+    /// routes each HTTP request by their VirtualServices.
+    Waypoint(WaypointArgs),
+}
+
+#[derive(Parser)]
+struct WaypointArgs {
+    /// HBONE listener.
+    #[arg(long, default_value = "[::]:15008")]
+    listen: std::net::SocketAddr,
+    /// The waypoint's namespace (its identity's and its Gateway's).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The waypoint's service account (its identity).
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
+    service_account: String,
+    /// The waypoint's Gateway name (policies with a targetRef to it apply to all its traffic).
+    #[arg(long, env = "GATEWAY_NAME", default_value = "waypoint")]
+    gateway_name: String,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    local_config: PathBuf,
+    /// Directory (or file) of VirtualServices, DestinationRules and AuthorizationPolicies; re-read on change.
+    #[arg(long)]
+    routes_dir: Option<PathBuf>,
+    /// Istio plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Where a generated mesh root is kept (shared with the node agents when they sign in-process).
+    #[arg(long, default_value = "/var/run/ztunnel/ca")]
+    ca_state_dir: PathBuf,
+    /// CA serving `IstioCertificateService`; without it the in-process CA signs.
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// PEM roots for the CA server's certificate.
+    #[arg(long, env = "CA_ROOT_CA")]
+    ca_root_ca: Option<PathBuf>,
+    /// File with the bearer token sent to the CA.
+    #[arg(long, env = "AUTH_TOKEN")]
+    auth_token: Option<PathBuf>,
+    /// Prometheus listener.
+    #[arg(long, default_value = "[::]:15020")]
+    metrics_addr: std::net::SocketAddr,
+    /// Readiness listener.
+    #[arg(long, default_value = "[::]:15021")]
+    readiness_addr: std::net::SocketAddr,
+    /// Admin listener: localhost only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
+    /// Data-path worker threads.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
 }
 
 #[derive(Parser)]
@@ -204,7 +258,77 @@ fn main() -> anyhow::Result<()> {
         Cmd::Node(args) => run_node(args, log),
         Cmd::Controller(args) => run_controller(args),
         Cmd::Cni(args) => ztunnel::cni::cli::run(args),
+        Cmd::Waypoint(args) => run_waypoint(args, log),
     }
+}
+
+/// Where certificates come from: `CA_ADDRESS` when set, else the in-process CA (plug-in
+/// files, or a root kept in `state_dir`).
+fn certificate_provider(
+    trust_domain: &str,
+    plugin_dir: Option<PathBuf>,
+    state_dir: PathBuf,
+    remote: Option<ztunnel::grpc::ControlPlaneEndpoint>,
+) -> anyhow::Result<Arc<dyn ztunnel::identity::CertificateProvider>> {
+    Ok(match remote {
+        Some(endpoint) => {
+            Arc::new(ztunnel::identity::RemoteCa::new(endpoint, None, ztunnel::identity::DEFAULT_LEAF_TTL))
+        }
+        None => {
+            let mut ca = CaConfig::new(trust_domain);
+            ca.plugin_dir = plugin_dir;
+            ca.state_dir = Some(state_dir);
+            Arc::new(InProcessCa::new(ca).context("initialising the CA")?)
+        }
+    })
+}
+
+fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
+    use ztunnel::waypoint::{Waypoint, WaypointConfig};
+    let remote = match args.ca_address.clone() {
+        Some(address) => Some(ztunnel::grpc::ControlPlaneEndpoint {
+            address,
+            root_pem: args.ca_root_ca.as_ref().map(std::fs::read).transpose().context("reading CA_ROOT_CA")?,
+            server_name: None,
+            token_path: args.auth_token.clone(),
+        }),
+        None => None,
+    };
+    let ca = certificate_provider(&args.trust_domain, args.ca_dir.clone(), args.ca_state_dir.clone(), remote)?;
+    let identity = ztunnel::identity::Identity::new(&args.trust_domain, &args.namespace, &args.service_account)
+        .context("waypoint identity")?;
+    let cfg = WaypointConfig {
+        listen: args.listen,
+        identity,
+        name: (args.namespace.clone(), args.gateway_name.clone()),
+        trust_domain: args.trust_domain.clone(),
+        ca,
+        local_config: args.local_config.clone(),
+        routes_dir: args.routes_dir.clone(),
+    };
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
+    rt.block_on(async move {
+        let metrics = Arc::new(ztunnel::metrics::Metrics::new());
+        let waypoint = Waypoint::start(cfg, metrics.clone()).await.context("starting the waypoint")?;
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let routes = waypoint.routes_handle();
+        let dump = Arc::new(move || routes.status_json());
+        let admin_cfg = AdminConfig {
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+        };
+        let quit = Arc::new(|| std::process::exit(0));
+        let _admin = match log {
+            Some(log) => ztunnel::admin::start_with_logging(admin_cfg, metrics, dump, ready, quit, log),
+            None => ztunnel::admin::start(admin_cfg, metrics, dump, ready, quit),
+        }
+        .context("starting the admin server")?;
+        println!("waypoint listening on {}", waypoint.addr());
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    })
 }
 
 /// Where `ztunnel controller` reads objects from; `--kubernetes` fails clearly in a build
@@ -319,9 +443,6 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         Some(c) => c,
         None => cgroup2_root().context("finding the cgroup2 mount")?,
     };
-    let mut ca = CaConfig::new(args.trust_domain.clone());
-    ca.plugin_dir = args.ca_dir;
-    ca.state_dir = Some(args.ca_state_dir);
     let read = |p: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
         p.as_ref().map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display()))).transpose()
     };
@@ -340,14 +461,11 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         }),
         None => None,
     };
-    let ca: std::sync::Arc<dyn ztunnel::identity::CertificateProvider> = match args.ca_address.clone() {
-        Some(address) => std::sync::Arc::new(ztunnel::identity::RemoteCa::new(
-            endpoint(address, read(&args.ca_root_ca)?),
-            None,
-            ztunnel::identity::DEFAULT_LEAF_TTL,
-        )),
-        None => std::sync::Arc::new(InProcessCa::new(ca).context("initialising the CA")?),
+    let remote = match args.ca_address.clone() {
+        Some(address) => Some(endpoint(address, read(&args.ca_root_ca)?)),
+        None => None,
     };
+    let ca = certificate_provider(&args.trust_domain, args.ca_dir.clone(), args.ca_state_dir.clone(), remote)?;
     let cfg = NodeConfig {
         enrollment_socket: args.enrollment_socket,
         zds_connect: args.inpod_uds,

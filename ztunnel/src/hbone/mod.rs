@@ -20,7 +20,7 @@ pub use copy::{copy_bidirectional, CopyStats};
 pub use pool::{ConnectionPool, PoolConfig, PoolStats};
 pub use server::{
     parse_forwarded_for, parse_request, serve_connection, serve_connection_until, ConnectHandler, ConnectRejection,
-    ConnectRequest, ForwardedFor, ServeError, StreamSummary,
+    ConnectRequest, ForwardedFor, ServeError, Spliced, StreamSummary, TunnelHandler,
 };
 pub use stream::HboneStream;
 

@@ -115,6 +115,45 @@ where
     }
 }
 
+/// Decides each CONNECT and then serves the tunnel itself, for servers that speak a protocol
+/// inside it (the waypoint serves HTTP) instead of splicing it to one upstream. Every
+/// [`ConnectHandler`] is one: it splices.
+pub trait TunnelHandler: Send + Sync + 'static {
+    /// What an accepted CONNECT hands to [`TunnelHandler::serve`].
+    type Accepted: Send + 'static;
+
+    /// Authorizes the request; a rejection is answered with its status.
+    fn accept(&self, req: ConnectRequest) -> impl Future<Output = Result<Self::Accepted, ConnectRejection>> + Send;
+
+    /// Serves an accepted tunnel (after its 200) until it ends.
+    fn serve(&self, accepted: Self::Accepted, tunnel: HboneStream) -> impl Future<Output = ()> + Send;
+}
+
+/// What a splicing handler keeps between accepting a tunnel and serving it.
+pub struct Spliced<U> {
+    authority: SocketAddr,
+    peer: Identity,
+    started: Instant,
+    upstream: U,
+}
+
+impl<H: ConnectHandler> TunnelHandler for H {
+    type Accepted = Spliced<H::Upstream>;
+
+    async fn accept(&self, req: ConnectRequest) -> Result<Self::Accepted, ConnectRejection> {
+        let (authority, peer, started) = (req.authority, req.peer.clone(), Instant::now());
+        let upstream = self.connect(req).await?;
+        Ok(Spliced { authority, peer, started, upstream })
+    }
+
+    async fn serve(&self, a: Self::Accepted, mut tunnel: HboneStream) {
+        let Spliced { authority, peer, started, mut upstream } = a;
+        let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
+        debug!(%authority, ?result, "tunnel finished");
+        self.stream_ended(StreamSummary { authority, peer, result, duration: started.elapsed() });
+    }
+}
+
 /// Serves an accepted HBONE TLS connection until the client closes it.
 pub async fn serve_connection<IO, H>(
     tls: tokio_rustls::server::TlsStream<IO>,
@@ -123,7 +162,7 @@ pub async fn serve_connection<IO, H>(
 ) -> Result<(), ServeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: ConnectHandler,
+    H: TunnelHandler,
 {
     serve_connection_until(tls, handler, cfg, std::future::pending()).await
 }
@@ -138,7 +177,7 @@ pub async fn serve_connection_until<IO, H>(
 ) -> Result<(), ServeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: ConnectHandler,
+    H: TunnelHandler,
 {
     let peer = tls::peer_identity(tls.get_ref().1)?;
     let span = debug_span!("hbone_server", peer = %peer);
@@ -257,32 +296,28 @@ fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
     }
 }
 
-async fn handle_stream<H: ConnectHandler>(
+async fn handle_stream<H: TunnelHandler>(
     req: Request<h2::RecvStream>,
     respond: SendResponse<Bytes>,
     peer: Identity,
     handler: Arc<H>,
 ) {
-    let started = Instant::now();
-    // Setting up is boxed: the request, its parsed form and the handler's connect state are
-    // freed once the tunnel is up, so an idle tunnel's task keeps only the copy's state.
-    let Some((authority, mut tunnel, mut upstream)) = Box::pin(open_tunnel(req, respond, &peer, &*handler)).await
-    else {
+    // Setting up is boxed: the request, its parsed form and the handler's accept state are
+    // freed once the tunnel is up, so an idle tunnel's task keeps only the serving state.
+    let Some((tunnel, accepted)) = Box::pin(open_tunnel(req, respond, &peer, &*handler)).await else {
         return;
     };
-    let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
-    debug!(%authority, ?result, "tunnel finished");
-    handler.stream_ended(StreamSummary { authority, peer, result, duration: started.elapsed() });
+    handler.serve(accepted, tunnel).await;
 }
 
-/// Parses the CONNECT, asks the handler for the upstream and answers 200, or answers the
+/// Parses the CONNECT, asks the handler to accept it and answers 200, or answers the
 /// rejection's status.
-async fn open_tunnel<H: ConnectHandler>(
+async fn open_tunnel<H: TunnelHandler>(
     req: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: &Identity,
     handler: &H,
-) -> Option<(SocketAddr, HboneStream, H::Upstream)> {
+) -> Option<(HboneStream, H::Accepted)> {
     let parsed = match parse_request(&req, peer.clone()) {
         Ok(p) => p,
         Err(reason) => {
@@ -292,7 +327,7 @@ async fn open_tunnel<H: ConnectHandler>(
         }
     };
     let authority = parsed.authority;
-    let upstream = match handler.connect(parsed).await {
+    let accepted = match handler.accept(parsed).await {
         Ok(u) => u,
         Err(rejection) => {
             let status = match &rejection {
@@ -313,5 +348,5 @@ async fn open_tunnel<H: ConnectHandler>(
             return None;
         }
     };
-    Some((authority, HboneStream::new(send, req.into_body()), upstream))
+    Some((HboneStream::new(send, req.into_body()), accepted))
 }

@@ -36,6 +36,8 @@ pub enum Reporter {
     Source,
     /// Reported by the proxy on the server's node (inbound).
     Destination,
+    /// Reported by a waypoint (L7 proxy), as Istio ambient labels its series.
+    Waypoint,
 }
 
 impl Reporter {
@@ -44,6 +46,7 @@ impl Reporter {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
         }
     }
 }
@@ -444,6 +447,12 @@ impl Metrics {
             help.push('.'); // as prometheus-client does for registered metrics
         }
         self.registry().register_collector(Box::new(FnCollector { name, help, f }));
+    }
+
+    /// Registers a metric family of another component (the waypoint's request metrics) so
+    /// it is served on the same `/metrics`. Counters are named without `_total`.
+    pub fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        self.registry().register(name, help, metric);
     }
 
     /// Renders every metric in OpenMetrics text format (ending in `# EOF`), for `/metrics`.

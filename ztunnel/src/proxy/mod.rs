@@ -121,6 +121,7 @@ impl PodContext {
             cluster_id: String::new(),
             workload_name: String::new(),
             workload_type: String::new(),
+            labels: Default::default(),
         })
     }
 }

@@ -82,14 +82,15 @@ async fn connect(
     // old copy of the whole state alive.
     let (up, src_w) = {
         let snap = ctx.mesh.state.snapshot();
-        (snap.resolve(dst), ctx.pod.workload(&snap))
+        let src_w = ctx.pod.workload(&snap);
+        (snap.resolve_from(dst, src_w.as_deref()), src_w)
     };
     let Some(src_w) = src_w else {
         refuse(ctx, rec, client, super::authz::NO_WORKLOAD.into());
         return None;
     };
     let Some(up) = up else {
-        refuse(ctx, rec, client, format!("service {dst} has no endpoints"));
+        refuse(ctx, rec, client, format!("service {dst} has no endpoints (or its waypoint has none)"));
         return None;
     };
     if up.is_hbone() {
@@ -133,7 +134,7 @@ async fn hbone(
         src_identity: src_id,
         dst_identity: dst_id,
         dst_alt_identities,
-        dst: SocketAddr::new(up.addr.ip(), HBONE_PORT),
+        dst: up.hbone_dst.unwrap_or(SocketAddr::new(up.addr.ip(), HBONE_PORT)),
         src_ip,
     };
     let headers = ConnectHeaders {

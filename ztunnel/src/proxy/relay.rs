@@ -94,6 +94,23 @@ pub fn labels(
     service: Option<&crate::state::Service>,
 ) -> ConnectionLabels {
     let unknown = || "unknown".to_string();
+    let mut l = workload_labels(reporter, src, dst, service);
+    l.source_principal = rec.src_identity.clone().unwrap_or_else(unknown);
+    l.destination_principal = rec.dst_identity.clone().unwrap_or_else(unknown);
+    l.request_protocol = "tcp".into();
+    l.response_flags = "-".into();
+    l.connection_security_policy = if rec.protocol == "HBONE" { "mutual_tls".into() } else { "unknown".into() };
+    l
+}
+
+/// The workload and service part of Istio's labels (shared with the waypoint's request
+/// metrics); principals, protocol and flags are left at their defaults.
+pub fn workload_labels(
+    reporter: Reporter,
+    src: Option<&crate::state::Workload>,
+    dst: Option<&crate::state::Workload>,
+    service: Option<&crate::state::Service>,
+) -> ConnectionLabels {
     let mut l = ConnectionLabels { reporter, ..Default::default() };
     if let Some(w) = src.map(SideLabels::of) {
         l.source_workload = w.workload;
@@ -118,11 +135,6 @@ pub fn labels(
         l.destination_service_name = s.name.clone();
         l.destination_service_namespace = s.namespace.clone();
     }
-    l.source_principal = rec.src_identity.clone().unwrap_or_else(unknown);
-    l.destination_principal = rec.dst_identity.clone().unwrap_or_else(unknown);
-    l.request_protocol = "tcp".into();
-    l.response_flags = "-".into();
-    l.connection_security_policy = if rec.protocol == "HBONE" { "mutual_tls".into() } else { "unknown".into() };
     l
 }
 

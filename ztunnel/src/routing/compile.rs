@@ -18,8 +18,8 @@ pub struct Invalid {
 /// What a matching rule does.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Forward to one of these, chosen by weight.
-    Route(Vec<(Destination, u32)>),
+    /// Forward to one of these, chosen by weight, with each destination's header changes.
+    Route(Vec<(Destination, u32, Option<spec::Headers>)>),
     Redirect(spec::Redirect),
     Respond {
         status: u16,
@@ -45,6 +45,17 @@ pub struct CompiledRoute {
     pub fault: Option<spec::Fault>,
     /// Mirror targets with the percentage of requests copied.
     pub mirrors: Vec<(Destination, f64)>,
+    /// The rule's header changes (request and response).
+    pub headers: Option<spec::Headers>,
+    /// CORS answered by the waypoint.
+    pub cors: Option<Cors>,
+}
+
+/// A compiled `corsPolicy`.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    pub(super) origins: Vec<StrMatch>,
+    pub policy: spec::CorsPolicy,
 }
 
 /// A rule's retry policy after defaults.
@@ -85,7 +96,11 @@ pub fn compile(
     }
     let mut tcp = Vec::new();
     for (i, r) in vs.tcp.iter().enumerate() {
-        let dests = weights(&r.route, subsets).map_err(|e| bad(format!("tcp[{i}]: {e}")))?;
+        let dests = weights(&r.route, subsets)
+            .map_err(|e| bad(format!("tcp[{i}]: {e}")))?
+            .into_iter()
+            .map(|(d, w, _)| (d, w))
+            .collect();
         let ports = if r.matches.is_empty() {
             None
         } else {
@@ -182,7 +197,34 @@ fn compile_http(r: &HttpRoute, subsets: &BTreeMap<String, BTreeSet<String>>) -> 
     if r.rewrite.as_ref().is_some_and(|rw| rw.uri.is_some() && rw.uri_regex_rewrite.is_some()) {
         return Err("rewrite cannot set both uri and uriRegexRewrite".into());
     }
+    let cors = match &r.cors_policy {
+        Some(c) => {
+            if let Some(age) = &c.max_age {
+                duration(age)?;
+            }
+            let origins = c
+                .allow_origins
+                .iter()
+                .map(|o| string_match(o, "corsPolicy allowOrigins", false))
+                .collect::<Result<_, _>>()?;
+            Some(Cors { origins, policy: c.clone() })
+        }
+        None => None,
+    };
+    for ops in [&r.headers].into_iter().chain(r.route.iter().map(|d| &d.headers)).flatten() {
+        for h in ops.request.iter().chain(&ops.response) {
+            for name in h.set.keys().chain(h.add.keys()).chain(&h.remove) {
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("header name {name:?} is invalid"))?;
+            }
+            for v in h.set.values().chain(h.add.values()) {
+                http::HeaderValue::from_str(v).map_err(|_| format!("header value {v:?} is invalid"))?;
+            }
+        }
+    }
     Ok(CompiledRoute {
+        headers: r.headers.clone(),
+        cors,
         name: r.name.clone(),
         blocks,
         action,
@@ -200,7 +242,7 @@ fn compile_http(r: &HttpRoute, subsets: &BTreeMap<String, BTreeSet<String>>) -> 
 fn weights(
     route: &[spec::RouteDestination],
     subsets: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<Vec<(Destination, u32)>, String> {
+) -> Result<Vec<(Destination, u32, Option<spec::Headers>)>, String> {
     if route.is_empty() {
         return Err("route has no destinations".into());
     }
@@ -222,13 +264,16 @@ fn weights(
         }
     }
     if route.len() == 1 {
-        return Ok(vec![(route[0].destination.clone(), 100)]);
+        return Ok(vec![(route[0].destination.clone(), 100, route[0].headers.clone())]);
     }
     let total: i64 = route.iter().map(|d| d.weight).sum();
     if total == 0 {
         return Err("several destinations need weights".into());
     }
-    Ok(route.iter().map(|d| (d.destination.clone(), d.weight as u32)).collect())
+    if total > i64::from(u32::MAX) {
+        return Err(format!("weights sum to {total}, more than a 32-bit total"));
+    }
+    Ok(route.iter().map(|d| (d.destination.clone(), d.weight as u32, d.headers.clone())).collect())
 }
 
 /// `reviews` and `reviews.default.svc.cluster.local` name the same service.

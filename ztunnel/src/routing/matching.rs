@@ -1,7 +1,7 @@
 //! Running a compiled VirtualService against a request: which rule matches, and what it
 //! decides. Randomness (weights) comes in as a number, so decisions are reproducible.
-use super::compile::{Action, CompiledRoute, Router};
-use super::spec::Destination;
+use super::compile::{Action, CompiledRoute, Cors, Router};
+use super::spec::{Destination, Headers};
 
 /// What the routing engine knows about a request.
 #[derive(Debug, Clone, Default)]
@@ -48,7 +48,7 @@ pub(super) enum StrMatch {
 }
 
 impl StrMatch {
-    fn matches(&self, v: &str) -> bool {
+    pub(super) fn matches(&self, v: &str) -> bool {
         match self {
             StrMatch::Exact(e) => v == e,
             StrMatch::Prefix(p) => v.starts_with(p.as_str()),
@@ -109,8 +109,9 @@ pub type WeightedTarget = (Destination, u32);
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// Forward to `destination`, with `path` and `authority` after rewrites.
-    Forward { rule: usize, destination: Destination, path: String, authority: String },
+    /// Forward to `destination`, with `path` and `authority` after rewrites, and the
+    /// chosen destination's own header changes.
+    Forward { rule: usize, destination: Destination, path: String, authority: String, headers: Option<Box<Headers>> },
     /// Answer with a redirect to `location`.
     Redirect { rule: usize, code: u16, location: String },
     /// Answer directly.
@@ -132,17 +133,17 @@ impl Router {
         let (i, r, block) = self.find(req)?;
         Some(match &r.action {
             Action::Route(dests) => {
-                let total: u64 = dests.iter().map(|(_, w)| *w as u64).sum();
+                let total: u64 = dests.iter().map(|(_, w, _)| *w as u64).sum();
                 let mut at = roll as u64 % total.max(1);
-                let destination = dests
+                let (destination, _, headers) = dests
                     .iter()
-                    .find(|(_, w)| {
+                    .find(|(_, w, _)| {
                         let hit = at < *w as u64;
                         at = at.saturating_sub(*w as u64);
                         hit
                     })
-                    .map(|(d, _)| d.clone())
-                    .unwrap_or_else(|| dests[0].0.clone());
+                    .unwrap_or(&dests[0])
+                    .clone();
                 let matched_prefix = block.and_then(|b| match r.blocks.as_ref()?.get(b)?.uri.as_ref()? {
                     StrMatch::Prefix(p) => Some(p.clone()),
                     _ => None,
@@ -150,6 +151,7 @@ impl Router {
                 Decision::Forward {
                     rule: i,
                     destination,
+                    headers: headers.map(Box::new),
                     path: rewrite_path(r, req, matched_prefix.as_deref()),
                     authority: r
                         .rewrite
@@ -179,6 +181,47 @@ impl Router {
     /// The TCP destinations for a connection to `port` (first matching rule).
     pub fn tcp_targets(&self, port: u16) -> Option<&[WeightedTarget]> {
         self.tcp.iter().find(|(ports, _)| ports.as_ref().is_none_or(|ps| ps.contains(&port))).map(|(_, d)| d.as_slice())
+    }
+}
+
+impl Router {
+    /// The rule a decision names.
+    pub fn rule(&self, i: usize) -> Option<&CompiledRoute> {
+        self.http.get(i)
+    }
+
+    /// Whether any HTTP rule exists (a VirtualService with only `tcp` rules leaves HTTP alone).
+    pub fn has_http(&self) -> bool {
+        !self.http.is_empty()
+    }
+
+    /// Whether the VirtualService's `hosts` name the service `hostname` (`name.namespace.svc.<domain>`):
+    /// a short name is resolved in the VirtualService's own namespace (`namespace` below), `*.suffix`
+    /// and `*` are wildcards.
+    pub fn serves(&self, hostname: &str) -> bool {
+        let own_ns = self.name.split_once('/').map(|(ns, _)| ns).unwrap_or("default");
+        self.hosts.iter().any(|h| {
+            if h == "*" || h == hostname {
+                return true;
+            }
+            if let Some(suffix) = h.strip_prefix('*') {
+                return hostname.ends_with(suffix);
+            }
+            let mut parts = h.split('.');
+            let (name, ns) = (parts.next().unwrap_or(""), parts.next().unwrap_or(own_ns));
+            let svc = hostname.strip_suffix(".").unwrap_or(hostname);
+            let mut sp = svc.split('.');
+            let (sname, sns) = (sp.next().unwrap_or(""), sp.next().unwrap_or(""));
+            // `reviews` or `reviews.default` name the cluster service, never an external host.
+            (h.matches('.').count() <= 1 || h.ends_with(".svc") || h.contains(".svc.")) && name == sname && ns == sns
+        })
+    }
+}
+
+impl Cors {
+    /// Whether `origin` is one the policy allows.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.origins.iter().any(|m| m.matches(origin))
     }
 }
 

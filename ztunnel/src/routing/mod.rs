@@ -15,5 +15,5 @@ pub mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use compile::{compile, CompiledRoute, Invalid, Router};
+pub use compile::{compile, duration, CompiledRoute, Cors, Invalid, Retries, Router, DEFAULT_RETRY_ON};
 pub use matching::{Decision, Request, WeightedTarget};

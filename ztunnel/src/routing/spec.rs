@@ -38,6 +38,42 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<Percent>,
     #[serde(default)]
     pub mirrors: Vec<Mirror>,
+    pub headers: Option<Headers>,
+    pub cors_policy: Option<CorsPolicy>,
+}
+
+/// Header changes on the request (before forwarding) and on the response.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+/// `set` replaces, `add` appends, `remove` deletes (names are case-insensitive).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Cross-origin resource sharing, answered by the waypoint.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CorsPolicy {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<String>,
+    pub allow_credentials: Option<bool>,
 }
 
 /// One match block: every condition set must hold.
@@ -81,6 +117,7 @@ pub struct RouteDestination {
     pub destination: Destination,
     #[serde(default)]
     pub weight: i64,
+    pub headers: Option<Headers>,
 }
 
 /// A service (short name or FQDN), an optional DestinationRule subset and port.

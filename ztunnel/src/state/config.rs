@@ -55,6 +55,10 @@ pub struct Workload {
     /// Kind of that controller, lower case: `deployment`, `pod`, `job`, `cronjob`.
     #[serde(default)]
     pub workload_type: String,
+    /// Pod labels, for a waypoint's DestinationRule subsets (Istio's workload resource
+    /// carries none: from xDS they are `app`/`version` from the canonical name and revision).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Workload {
@@ -65,6 +69,19 @@ impl Workload {
             namespace: &self.namespace,
             selected_by: &self.authorization_policies,
         }
+    }
+
+    /// The labels subsets select on: the workload's own, or `app` and `version` from its
+    /// canonical name and revision when it has none.
+    pub fn subset_labels(&self) -> BTreeMap<String, String> {
+        if !self.labels.is_empty() {
+            return self.labels.clone();
+        }
+        [("app", &self.canonical_name), ("version", &self.canonical_revision)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
     }
 }
 
@@ -88,6 +105,27 @@ pub struct Service {
     /// Extra identities the service's endpoints may present.
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// The waypoint (L7 proxy) that traffic to the service's VIPs must go through
+    /// (`istio.io/use-waypoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// Where a waypoint is: an address (its pod's IP or its Service's VIP) or the
+/// `namespace/hostname` of its Service, and the port it takes HBONE on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default = "default_hbone_port")]
+    pub hbone_mtls_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    ztunnel_common::HBONE_PORT
 }
 
 impl Service {
@@ -193,6 +231,11 @@ pub fn parse_local_config(text: &str) -> (LocalConfig, Vec<ConfigError>) {
         s.vip_addrs().map(|_| ())?;
         if s.hostname.is_empty() {
             return Err("hostname is empty".into());
+        }
+        if let Some(w) = &s.waypoint {
+            if w.address.is_some() == w.hostname.is_some() {
+                return Err("waypoint needs exactly one of address and hostname".into());
+            }
         }
         Ok(())
     });

@@ -7,5 +7,5 @@
 mod config;
 mod store;
 
-pub use config::{parse_local_config, ConfigError, LocalConfig, Service, Workload, WorkloadProtocol};
+pub use config::{parse_local_config, ConfigError, LocalConfig, Service, WaypointRef, Workload, WorkloadProtocol};
 pub use store::{PodMatch, Scope, Snapshot, StateStore, Upstream};

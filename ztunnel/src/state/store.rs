@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use super::config::{LocalConfig, Service, Workload, WorkloadProtocol};
+use super::config::{LocalConfig, Service, WaypointRef, Workload, WorkloadProtocol};
 use super::{parse_local_config, ConfigError};
 use crate::policy::{InvalidPolicy, Policies};
 
@@ -36,8 +36,11 @@ pub struct Upstream {
     pub workload: Option<Arc<Workload>>,
     /// The service the client addressed, when it dialled a VIP.
     pub service: Option<Arc<Service>>,
-    /// Address to reach (endpoint IP and target port).
+    /// Address to reach (endpoint IP and target port); through a waypoint, the service
+    /// VIP and port the client dialled (the waypoint routes it).
     pub addr: SocketAddr,
+    /// The HBONE endpoint when it is not `addr`'s IP on 15008: the waypoint's.
+    pub hbone_dst: Option<SocketAddr>,
 }
 
 impl Upstream {
@@ -143,23 +146,107 @@ impl Snapshot {
     /// Resolves a destination: service VIP → one endpoint (round robin), workload IP →
     /// that workload, anything else → passthrough.
     pub fn resolve(&self, dst: SocketAddr) -> Option<Upstream> {
-        if let Some(svc) = self.vips.get(&dst.ip()) {
-            let key = svc.key();
-            let eps = self.endpoints.get(&key).filter(|e| !e.is_empty())?;
-            let i = self.rr.get(&key).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
-            let ep = eps[i % eps.len()].clone();
-            let target = match svc.ports.get(&dst.port()) {
-                Some(0) | None => ep.services.get(&key).and_then(|m| m.get(&dst.port())).copied().unwrap_or(dst.port()),
-                Some(t) => *t,
-            };
-            let ip = pick_family(&ep.workload_ips, dst.ip())?;
+        self.resolve_from(dst, None)
+    }
+
+    /// Like [`Snapshot::resolve`], for a client: a VIP of a service that uses a waypoint
+    /// resolves to the waypoint (unless `from` is that waypoint's own workload), and to
+    /// nothing when its waypoint cannot be found: skipping the waypoint would skip its policy.
+    pub fn resolve_from(&self, dst: SocketAddr, from: Option<&Workload>) -> Option<Upstream> {
+        let Some(svc) = self.vips.get(&dst.ip()) else {
             return Some(Upstream {
-                workload: Some(ep),
-                service: Some(svc.clone()),
-                addr: SocketAddr::new(ip, target),
+                workload: self.workload_by_ip(dst.ip()),
+                service: None,
+                addr: dst,
+                hbone_dst: None,
             });
+        };
+        if let Some(wp) = &svc.waypoint {
+            let (waypoint, ip) = self.waypoint_endpoint(wp, dst.ip())?;
+            if from.is_none_or(|f| f.uid != waypoint.uid) {
+                return Some(Upstream {
+                    workload: Some(waypoint),
+                    service: Some(svc.clone()),
+                    addr: dst,
+                    hbone_dst: Some(SocketAddr::new(ip, wp.hbone_mtls_port)),
+                });
+            }
         }
-        Some(Upstream { workload: self.workload_by_ip(dst.ip()), service: None, addr: dst })
+        let (ep, addr) = self.service_endpoint(svc, dst.ip(), dst.port(), |_| true)?;
+        Some(Upstream { workload: Some(ep), service: Some(svc.clone()), addr, hbone_dst: None })
+    }
+
+    /// One endpoint of `svc` that `keep` accepts (round robin), with its address for
+    /// `port` (the service port mapped to the endpoint's target port), in `like`'s family.
+    pub fn service_endpoint(
+        &self,
+        svc: &Service,
+        like: IpAddr,
+        port: u16,
+        keep: impl Fn(&Workload) -> bool,
+    ) -> Option<(Arc<Workload>, SocketAddr)> {
+        let key = svc.key();
+        let eps: Vec<&Arc<Workload>> = self.endpoints.get(&key)?.iter().filter(|w| keep(w)).collect();
+        if eps.is_empty() {
+            return None;
+        }
+        let i = self.rr.get(&key).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
+        let ep = eps[i % eps.len()].clone();
+        let target = match svc.ports.get(&port) {
+            Some(0) | None => ep.services.get(&key).and_then(|m| m.get(&port)).copied().unwrap_or(port),
+            Some(t) => *t,
+        };
+        let ip = pick_family(&ep.workload_ips, like)?;
+        Some((ep, SocketAddr::new(ip, target)))
+    }
+
+    /// The service with this hostname (FQDN, or a short name in `namespace`).
+    pub fn service_by_host(&self, host: &str, namespace: &str) -> Option<Arc<Service>> {
+        let services = &self.config.services;
+        services
+            .iter()
+            .find(|s| s.hostname == host)
+            .or_else(|| {
+                let short = host.split('.').next().unwrap_or(host);
+                let ns = host.split('.').nth(1).unwrap_or(namespace);
+                services.iter().find(|s| s.name == short && s.namespace == ns)
+            })
+            .cloned()
+    }
+
+    /// The service a VIP belongs to.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<Arc<Service>> {
+        self.vips.get(&ip).cloned()
+    }
+
+    /// A waypoint pod for `wp`, and its address in `like`'s family: the workload at the
+    /// address, or an endpoint of the Service the address or hostname names.
+    fn waypoint_endpoint(&self, wp: &WaypointRef, like: IpAddr) -> Option<(Arc<Workload>, IpAddr)> {
+        let svc = match (&wp.address, &wp.hostname) {
+            (Some(ip), _) => match self.vips.get(ip) {
+                Some(svc) => svc.clone(),
+                None => {
+                    let w = self.workload_by_ip(*ip)?;
+                    let ip = pick_family(&w.workload_ips, like).unwrap_or(*ip);
+                    return Some((w, ip));
+                }
+            },
+            (None, Some(h)) => {
+                let (ns, host) = h.split_once('/').unwrap_or(("", h));
+                self.config
+                    .services
+                    .iter()
+                    .find(|s| s.hostname == host && (ns.is_empty() || s.namespace == ns))?
+                    .clone()
+            }
+            (None, None) => return None,
+        };
+        let key = svc.key();
+        let eps = self.endpoints.get(&key).filter(|e| !e.is_empty())?;
+        let i = self.rr.get(&key).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
+        let w = eps[i % eps.len()].clone();
+        let ip = pick_family(&w.workload_ips, like)?;
+        Some((w, ip))
     }
 }
 

@@ -9,7 +9,7 @@ use ztunnel_proto::security as pb_sec;
 use ztunnel_proto::workload as pb;
 
 use crate::policy::{Authorization, Cidr, Match, PolicyAction, PolicyScope, Rule, ServiceAccountMatch, StringMatch};
-use crate::state::{Service, Workload, WorkloadProtocol};
+use crate::state::{Service, WaypointRef, Workload, WorkloadProtocol};
 
 /// One `Address` resource: a workload or a service.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +92,7 @@ fn workload(w: pb::Workload) -> Result<Workload, String> {
         cluster_id: w.cluster_id,
         workload_name: w.workload_name,
         workload_type: workload_type(w.workload_type).into(),
+        labels: Default::default(),
     })
 }
 
@@ -114,7 +115,25 @@ fn service(s: pb::Service) -> Result<Service, String> {
         vips,
         ports: ports(&s.ports)?,
         subject_alt_names: s.subject_alt_names,
+        waypoint: s.waypoint.as_ref().map(waypoint).transpose()?,
     })
+}
+
+/// A service's waypoint: an address, or the namespaced hostname of the waypoint's Service.
+fn waypoint(g: &pb::GatewayAddress) -> Result<WaypointRef, String> {
+    use pb::gateway_address::Destination;
+    let port = u16::try_from(g.hbone_mtls_port).ok().filter(|p| *p > 0).ok_or("waypoint hboneMtlsPort")?;
+    match &g.destination {
+        Some(Destination::Address(a)) => {
+            Ok(WaypointRef { address: Some(ip(&a.address)?), hostname: None, hbone_mtls_port: port })
+        }
+        Some(Destination::Hostname(h)) => Ok(WaypointRef {
+            address: None,
+            hostname: Some(format!("{}/{}", h.namespace, h.hostname)),
+            hbone_mtls_port: port,
+        }),
+        None => Err("waypoint without a destination".into()),
+    }
 }
 
 fn string_match(m: &pb_sec::StringMatch) -> Result<StringMatch, String> {

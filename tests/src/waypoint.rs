@@ -1,0 +1,146 @@
+//! A `ztunnel waypoint` process in a mini-cluster pod, and the local-config YAML a
+//! waypoint scenario needs (workloads with labels, services that name the waypoint), so
+//! tests and the demo set up L7 routing the same way.
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{Cluster, Pod};
+
+/// Where the waypoint's Prometheus endpoint listens inside its pod.
+pub const METRICS_ADDR: &str = "127.0.0.1:15020";
+
+/// A running waypoint; killed when dropped.
+pub struct WaypointProcess {
+    child: Child,
+    pod: Pod,
+    routes: PathBuf,
+}
+
+impl WaypointProcess {
+    /// Starts `ztunnel waypoint` in `pod` (which must not be enrolled: a waypoint's own
+    /// traffic is not captured), signing its identity `default/waypoint` with the cluster's
+    /// CA, reading the cluster's local config and the L7 objects in `routes`. Returns once
+    /// it serves metrics.
+    pub fn start(cluster: &Cluster, pod: &Pod, routes: &Path) -> Result<Self> {
+        let mut cmd = Command::new(crate::agent_process::ztunnel_binary());
+        cmd.args(["waypoint", "--listen", "[::]:15008", "--worker-threads", "2"])
+            .arg("--local-config")
+            .arg(crate::mesh::mesh_config_path(cluster))
+            .arg("--routes-dir")
+            .arg(routes)
+            .arg("--ca-state-dir")
+            .arg(crate::mesh::ca_dir(cluster))
+            .args([
+                "--metrics-addr",
+                METRICS_ADDR,
+                "--readiness-addr",
+                "127.0.0.1:15021",
+                "--admin-addr",
+                "127.0.0.1:15000",
+            ])
+            .env("RUST_LOG", std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null());
+        let child = pod.spawn(cmd).context("spawning ztunnel waypoint")?;
+        let mut w = WaypointProcess { child, pod: pod.clone(), routes: routes.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if w.metrics().is_ok() {
+                return Ok(w);
+            }
+            if let Some(status) = w.child.try_wait()? {
+                bail!("ztunnel waypoint exited: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("ztunnel waypoint did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The waypoint's Prometheus exposition.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body, _) =
+            crate::bookinfo::get(&self.pod, METRICS_ADDR.parse()?, "/metrics", "", &[], Duration::from_secs(2))?;
+        if status != 200 {
+            bail!("metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// The sum of the samples of `name` whose labels include every `key="value"` of `labels`.
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(sum_samples(&self.metrics()?, name, labels))
+    }
+
+    /// Replaces the L7 objects file `file` in the routes directory and waits until the
+    /// waypoint has re-read it (`ztunnel_config_rejected_total` or the config dump moved is
+    /// not observable from here, so the wait is a fixed 600 ms: three polls).
+    pub fn write_routes(&self, file: &str, yaml: &str) -> Result<()> {
+        write_atomically(&self.routes.join(file), yaml)?;
+        std::thread::sleep(Duration::from_millis(600));
+        Ok(())
+    }
+}
+
+impl Drop for WaypointProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `path` through a temporary file and a rename, so readers never see half a file.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Sums the samples of `name` in an exposition whose labels include all of `labels`.
+pub fn sum_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A local-config `workloads` entry for an app pod of `service` (port `port`), with its
+/// `app`/`version` labels (what DestinationRule subsets select).
+pub fn app_workload(pod: &Pod, service: &str, port: u16, app: &str, version: &str) -> String {
+    crate::mesh::workload_yaml(
+        pod,
+        "default",
+        app,
+        &format!(
+            "  services:\n    default/{service}.default.svc.cluster.local:\n      {port}: {port}\n  canonicalName: {app}\n  canonicalRevision: {version}\n  labels:\n    app: {app}\n    version: {version}\n"
+        ),
+    )
+}
+
+/// The waypoint pod's workload entry (identity `default/waypoint`).
+pub fn waypoint_workload(pod: &Pod) -> String {
+    crate::mesh::workload_yaml(pod, "default", "waypoint", "  canonicalName: waypoint\n")
+}
+
+/// A `services` entry: `name` on `vip:port`, sent through the waypoint at `waypoint` when given.
+pub fn service(name: &str, vip: Ipv4Addr, port: u16, waypoint: Option<&Pod>) -> String {
+    let mut s = format!(
+        "- name: {name}\n  namespace: default\n  hostname: {name}.default.svc.cluster.local\n  vips: [\"{vip}\"]\n  ports:\n    {port}: {port}\n"
+    );
+    if let Some(w) = waypoint {
+        s.push_str(&format!("  waypoint:\n    address: {}\n", w.ip4()));
+    }
+    s
+}
+
+/// `vip:port` as a socket address.
+pub fn vip(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}

@@ -1,0 +1,359 @@
+//! The waypoint end to end in the mini-cluster: a client pod on node 0 calls the `reviews`
+//! service, whose traffic its node agent sends to the waypoint (`ztunnel waypoint` in its
+//! own pod) in HBONE; the waypoint routes each request by the VirtualService and sends it to
+//! `reviews` v1 (node 0) or v2/v3 (node 1) in HBONE as its own identity. Every test asserts
+//! what the client received, what the apps received, or the waypoint's metrics.
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mesh_tests::bookinfo::{get, get_many, App, Role};
+use mesh_tests::mesh::{sweep_pins, write_mesh_config, MeshNode, RUN_DIR};
+use mesh_tests::waypoint::{app_workload, service, vip, waypoint_workload, write_atomically, WaypointProcess};
+use mesh_tests::{Cluster, InNetns, Pod};
+use ztunnel::redirect::Exclusions;
+
+const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const RATINGS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+const PORT: u16 = 9080;
+const WAIT: Duration = Duration::from_secs(10);
+
+const SUBSETS: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+  - name: v3
+    labels: {version: v3}
+";
+
+/// The scenario: cluster, agents, waypoint and apps, all torn down on drop.
+struct Mesh {
+    waypoint: WaypointProcess,
+    apps: Vec<App>,
+    client: Pod,
+    _nodes: Vec<MeshNode>,
+    _c: Cluster,
+}
+
+/// How the `reviews` pods answer.
+enum Backends {
+    /// Each answers `reviews-vN`.
+    Echo,
+    /// Bookinfo's reviews v2 on node 1 (it calls `ratings`, also behind the waypoint).
+    ReviewsCallingRatings,
+    /// v1 is a pod with nothing listening (every connection to it fails).
+    DeadV1,
+}
+
+fn mesh(routes: &str, backends: Backends) -> Mesh {
+    sweep_pins();
+    let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let wp = c.add_pod(0, "waypoint").unwrap();
+    let r1 = c.add_pod(0, "reviews-v1").unwrap();
+    let r2 = c.add_pod(1, "reviews-v2").unwrap();
+    let r3 = c.add_pod(1, "reviews-v3").unwrap();
+    let ratings = c.add_pod(1, "ratings").unwrap();
+    let nodes = vec![
+        MeshNode::start(&c, 0, Exclusions::default()).unwrap(),
+        MeshNode::start(&c, 1, Exclusions::default()).unwrap(),
+    ];
+    let mut yaml = String::from("workloads:\n");
+    yaml += &mesh_tests::mesh::workload_yaml(&client, "default", "client", "");
+    yaml += &waypoint_workload(&wp);
+    for (pod, v) in [(&r1, "v1"), (&r2, "v2"), (&r3, "v3")] {
+        yaml += &app_workload(pod, "reviews", PORT, "reviews", v);
+    }
+    yaml += &app_workload(&ratings, "ratings", PORT, "ratings", "v1");
+    yaml += "services:\n";
+    yaml += &service("reviews", REVIEWS_VIP, PORT, Some(&wp));
+    yaml += &service("ratings", RATINGS_VIP, PORT, Some(&wp));
+    write_mesh_config(&c, &yaml, &[&nodes[0], &nodes[1]]).unwrap();
+    nodes[0].enroll_as(&client, "default", "client").unwrap();
+    for (pod, n) in [(&r1, 0), (&r2, 1), (&r3, 1), (&ratings, 1)] {
+        nodes[n].enroll_as(pod, "default", "reviews").unwrap();
+    }
+    let mut apps = Vec::new();
+    if !matches!(backends, Backends::DeadV1) {
+        apps.push(App::start(&r1, PORT, Role::Echo { name: "reviews-v1".into() }).unwrap());
+    }
+    match backends {
+        Backends::ReviewsCallingRatings => {
+            apps.push(App::start(&r2, PORT, Role::Reviews { version: 2, ratings: vip(RATINGS_VIP, PORT) }).unwrap())
+        }
+        _ => apps.push(App::start(&r2, PORT, Role::Echo { name: "reviews-v2".into() }).unwrap()),
+    }
+    apps.push(App::start(&r3, PORT, Role::Echo { name: "reviews-v3".into() }).unwrap());
+    apps.push(App::start(&ratings, PORT, Role::Ratings).unwrap());
+    let dir = PathBuf::from(RUN_DIR).join(format!("{}-routes", c.prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_atomically(&dir.join("subsets.yaml"), SUBSETS).unwrap();
+    write_atomically(&dir.join("routes.yaml"), routes).unwrap();
+    let waypoint = WaypointProcess::start(&c, &wp, &dir).expect("waypoint");
+    Mesh { waypoint, apps, client, _nodes: nodes, _c: c }
+}
+
+fn reviews() -> SocketAddr {
+    vip(REVIEWS_VIP, PORT)
+}
+
+fn vs(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n{http}"
+    )
+}
+
+const ALL_V1: &str = "  - route:\n    - destination: {host: reviews, subset: v1}\n";
+
+fn version_counts(answers: &[(u16, String)]) -> [usize; 4] {
+    let mut n = [0; 4];
+    for (status, body) in answers {
+        assert_eq!(*status, 200, "{body}");
+        match body.trim() {
+            "reviews-v1" => n[1] += 1,
+            "reviews-v2" => n[2] += 1,
+            "reviews-v3" => n[3] += 1,
+            _ => n[0] += 1,
+        }
+    }
+    n
+}
+
+#[test]
+fn weighted_split_lands_within_five_sigma_over_1000_requests() {
+    let m = mesh(
+        &vs("  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 75\n    - destination: {host: reviews, subset: v3}\n      weight: 25\n"),
+        Backends::Echo,
+    );
+    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 1000, WAIT).unwrap();
+    let n = version_counts(&answers);
+    // Binomial(1000, 0.25): mean 250, sigma 13.7; the bound is 5 sigma (±69), so a correct
+    // split fails it about once in 1.7 million runs.
+    assert_eq!(n[0] + n[2], 0, "only v1 and v3 take traffic: {n:?}");
+    assert!((181..=319).contains(&n[3]), "v3 got {} of 1000 (expected 250 ± 69)", n[3]);
+    assert_eq!(n[1] + n[3], 1000);
+}
+
+#[test]
+fn header_match_sends_jason_to_v2_and_everyone_else_to_v1() {
+    let m = mesh(
+        &vs("  - match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n"),
+        Backends::Echo,
+    );
+    let jason =
+        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jason")], 100, WAIT).unwrap();
+    assert_eq!(version_counts(&jason), [0, 0, 100, 0]);
+    let other =
+        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jasonx")], 100, WAIT).unwrap();
+    assert_eq!(version_counts(&other), [0, 100, 0, 0], "exact means exact: jasonx is not jason");
+    let nobody = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 100, WAIT).unwrap();
+    assert_eq!(version_counts(&nobody), [0, 100, 0, 0]);
+}
+
+#[test]
+fn injected_delay_holds_the_request_for_its_fixed_delay() {
+    let m = mesh(
+        &vs("  - fault:\n      delay:\n        fixedDelay: 1s\n        percentage: {value: 100}\n    route:\n    - destination: {host: reviews, subset: v1}\n"),
+        Backends::Echo,
+    );
+    let t = Instant::now();
+    let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    let took = t.elapsed();
+    assert_eq!((status, body.trim()), (200, "reviews-v1"));
+    assert!(took >= Duration::from_secs(1), "answered after {took:?}, before the 1 s delay");
+    assert!(took < Duration::from_millis(1500), "answered after {took:?}");
+    assert_eq!(m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "DI")]).unwrap(), 1.0);
+}
+
+#[test]
+fn injected_abort_answers_its_status_without_reaching_the_app() {
+    let m = mesh(
+        &vs("  - match:\n    - headers:\n        end-user: {exact: jason}\n    fault:\n      abort:\n        httpStatus: 500\n        percentage: {value: 100}\n    route:\n    - destination: {host: reviews, subset: v1}\n  - route:\n    - destination: {host: reviews, subset: v1}\n"),
+        Backends::Echo,
+    );
+    let (status, _, _) =
+        get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jason")], WAIT).unwrap();
+    assert_eq!(status, 500);
+    assert!(m.apps[0].received().is_empty(), "the aborted request reached v1");
+    let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!((status, body.trim()), (200, "reviews-v1"));
+    assert_eq!(
+        m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "FI"), ("response_code", "500")]).unwrap(),
+        1.0
+    );
+}
+
+#[test]
+fn route_timeout_fires_at_half_a_second_while_ratings_is_delayed() {
+    // Istio's request-timeouts task: ratings is delayed 2 s, reviews (v2, which calls
+    // ratings through the waypoint too) has a 0.5 s timeout.
+    let routes = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ratings\nspec:\n  hosts: [ratings]\n  http:\n  - fault:\n      delay:\n        fixedDelay: 2s\n        percentage: {{value: 100}}\n    route:\n    - destination: {{host: ratings}}\n",
+        vs("  - route:\n    - destination: {host: reviews, subset: v2}\n    timeout: 0.5s\n")
+    );
+    let m = mesh(&routes, Backends::ReviewsCallingRatings);
+    let t = Instant::now();
+    let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    let took = t.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body, "upstream request timeout");
+    // Margin: 250 ms over the 0.5 s for two HBONE hops and the client's own connect.
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(750), "timed out after {took:?}");
+    assert_eq!(
+        m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "UT"), ("response_code", "504")]).unwrap(),
+        1.0
+    );
+}
+
+#[test]
+fn retries_of_a_dead_endpoint_are_counted_and_flagged_urx() {
+    let m = mesh(
+        &vs("  - route:\n    - destination: {host: reviews, subset: v1}\n    retries:\n      attempts: 3\n      retryOn: connect-failure\n"),
+        Backends::DeadV1,
+    );
+    let (status, _, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!(status, 503);
+    let svc = "reviews.default.svc.cluster.local";
+    assert_eq!(m.waypoint.metric_sum("ztunnel_waypoint_retries_total", &[("destination_service", svc)]).unwrap(), 3.0);
+    assert_eq!(
+        m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "URX"), ("response_code", "503")]).unwrap(),
+        1.0
+    );
+}
+
+#[test]
+fn mirror_gets_a_shadow_copy_while_the_client_sees_the_primary_only() {
+    let m = mesh(
+        &vs("  - route:\n    - destination: {host: reviews, subset: v1}\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100}\n"),
+        Backends::Echo,
+    );
+    let answers = get_many(&m.client, reviews(), "/reviews/7", "reviews:9080", &[], 20, WAIT).unwrap();
+    assert_eq!(version_counts(&answers), [0, 20, 0, 0], "answers come from the primary only");
+    let deadline = Instant::now() + WAIT;
+    let v2 = &m.apps[1];
+    while v2.received().len() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let copies = v2.received();
+    assert_eq!(copies.len(), 20, "every request mirrored once");
+    assert!(copies.iter().all(|r| r.host == "reviews-shadow:9080" && r.path == "/reviews/7"), "{copies:?}");
+    assert!(m.apps[2].received().is_empty(), "v3 untouched");
+}
+
+#[test]
+fn l7_authorization_policy_allows_get_and_denies_other_methods_and_paths_with_403() {
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: reviews-viewer\nspec:\n  targetRefs:\n  - kind: Service\n    group: \"\"\n    name: reviews\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n    to:\n    - operation:\n        methods: [GET]\n        paths: [\"/reviews/*\"]\n";
+    let m = mesh(&format!("{}{policy}", vs(ALL_V1)), Backends::Echo);
+    let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!((status, body.trim()), (200, "reviews-v1"));
+    let (status, body, _) = get(&m.client, reviews(), "/admin", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    let post =
+        raw(&m.client, reviews(), b"POST /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nContent-Length: 0\r\n\r\n");
+    assert!(post.starts_with("HTTP/1.1 403"), "{post}");
+    assert_eq!(m.apps[0].received().len(), 1, "only the allowed request reached the app");
+}
+
+#[test]
+fn invalid_virtual_service_is_rejected_and_the_previous_version_keeps_serving() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let before = m.waypoint.metric_sum("ztunnel_config_rejected_total", &[]).unwrap();
+    m.waypoint
+        .write_routes("routes.yaml", &vs("  - route:\n    - destination: {host: reviews, subset: v2}\n      weight: -5\n    - destination: {host: reviews, subset: v3}\n      weight: 105\n"))
+        .unwrap();
+    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 20, WAIT).unwrap();
+    assert_eq!(version_counts(&answers), [0, 20, 0, 0], "the last valid version (all to v1) still serves");
+    assert!(m.waypoint.metric_sum("ztunnel_config_rejected_total", &[]).unwrap() > before, "rejection counted");
+}
+
+/// Sends `bytes` on a fresh connection from `pod` and reads the answer until the server closes.
+fn raw(pod: &Pod, dst: SocketAddr, bytes: &'static [u8]) -> String {
+    pod.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, WAIT).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+/// A keep-alive connection opened before a bad request, still answering after it.
+fn bad_input_is_refused_and_other_tunnels_are_unaffected(bad: &'static [u8], expected_status: &str) {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let client = m.client.clone();
+    let dst = reviews();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<String>>();
+    // The good connection lives on its own thread in the client pod.
+    std::thread::spawn(move || {
+        let out = client.run(move || {
+            let mut s = TcpStream::connect_timeout(&dst, WAIT).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                s.write_all(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n").unwrap();
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).unwrap_or(0);
+                answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                if answers.len() == 1 {
+                    let _ = rx.recv();
+                }
+            }
+            answers
+        });
+        let _ = done_tx.send(out);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = raw(&m.client, dst, bad);
+    assert!(answer.starts_with(&format!("HTTP/1.1 {expected_status}")), "bad input answered {answer:?}");
+    let _ = tx.send(());
+    let good = done_rx.recv_timeout(WAIT).expect("good connection finished");
+    assert!(good.iter().all(|a| a.starts_with("HTTP/1.1 200") && a.contains("reviews-v1")), "{good:?}");
+}
+
+#[test]
+fn a_bad_request_line_gets_400_and_the_connection_closed() {
+    bad_input_is_refused_and_other_tunnels_are_unaffected(b"GARBAGE\r\n\r\n", "400");
+}
+
+#[test]
+fn a_bad_header_gets_400_and_the_connection_closed() {
+    bad_input_is_refused_and_other_tunnels_are_unaffected(b"GET / HTTP/1.1\r\nHost: r\r\nBad Header: x\r\n\r\n", "400");
+}
+
+#[test]
+fn content_length_with_transfer_encoding_gets_400() {
+    bad_input_is_refused_and_other_tunnels_are_unaffected(
+        b"POST /reviews/0 HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "400",
+    );
+}
+
+#[test]
+fn duplicate_content_length_gets_400() {
+    bad_input_is_refused_and_other_tunnels_are_unaffected(
+        b"POST /reviews/0 HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        "400",
+    );
+}
+
+#[test]
+fn oversized_headers_get_431_and_the_connection_closed() {
+    static BIG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let big = BIG.get_or_init(|| {
+        let mut b = b"GET /reviews/0 HTTP/1.1\r\nHost: r\r\nX-Big: ".to_vec();
+        b.extend(std::iter::repeat_n(b'a', 64 * 1024));
+        b.extend(b"\r\n\r\n");
+        b
+    });
+    bad_input_is_refused_and_other_tunnels_are_unaffected(big, "431");
+}

@@ -1,0 +1,706 @@
+//! HTTP inside a tunnel to the waypoint: each request is checked against L7 policy, routed
+//! by the service's VirtualService ([`crate::routing`] decides, this module acts), and sent
+//! to an endpoint, with the rule's faults, mirrors, header changes, CORS, retries and
+//! timeout applied as Envoy applies them.
+//!
+//! Request bodies are read whole (up to [`MAX_BODY`]) before sending, so a retry or a mirror
+//! can send the same bytes again; response bodies stream through.
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tracing::debug;
+
+use super::authz::{self, RequestFacts};
+use super::telemetry::{AccessLog, RequestLabels};
+use super::upstream::{self, Endpoint, SendError};
+use super::Shared;
+use crate::hbone::{ConnectHeaders, HboneStream};
+use crate::identity::Identity;
+use crate::metrics::Reporter;
+use crate::routing::spec::{Abort, Destination, HeaderOperations, Headers};
+use crate::routing::{self, CompiledRoute, Decision, Retries, DEFAULT_RETRY_ON};
+use crate::state::Service;
+
+/// Largest request body the waypoint buffers (for retries and mirrors); larger gets 413.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest request head (HTTP/1.1 buffer, HTTP/2 header list): larger is refused.
+pub const MAX_HEADERS: usize = 16 * 1024;
+
+/// The body of a response to the client.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// One accepted tunnel: who sent it and which service it is for.
+pub(super) struct Tunnel {
+    pub shared: Arc<Shared>,
+    pub peer: Identity,
+    /// The TCP peer (the client pod's address; never the `forwarded` header).
+    pub peer_addr: SocketAddr,
+    pub local_ip: IpAddr,
+    pub service: Arc<Service>,
+    /// The service VIP and port the client dialled (the CONNECT authority).
+    pub vip: SocketAddr,
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (detected from the first bytes) on a tunnel until it ends.
+pub(super) async fn serve(t: Arc<Tunnel>, tunnel: HboneStream) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_HEADERS).timer(hyper_util::rt::TokioTimer::new());
+    builder.http2().max_header_list_size(MAX_HEADERS as u32).timer(hyper_util::rt::TokioTimer::new());
+    let svc = hyper::service::service_fn(move |req| handle(t.clone(), req));
+    if let Err(e) = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(super::framing::FramingGuard::new(tunnel, MAX_HEADERS)), svc)
+        .await
+    {
+        debug!(error = %e, "HTTP in tunnel ended with an error");
+    }
+}
+
+/// What one request turned into, for metrics and the access log.
+#[derive(Default)]
+struct Outcome {
+    flags: Vec<&'static str>,
+    upstream: Option<Endpoint>,
+    route: String,
+    request_bytes: u64,
+}
+
+impl Outcome {
+    fn flag(&mut self, f: &'static str) {
+        if !self.flags.contains(&f) {
+            self.flags.push(f);
+        }
+    }
+}
+
+async fn handle(t: Arc<Tunnel>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let mut log = AccessLog {
+        method: req.method().to_string(),
+        path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        authority: authority_of(&req, t.vip),
+        protocol: format!("{:?}", req.version()),
+        source_principal: t.peer.to_string(),
+        downstream_peer: t.peer_addr.to_string(),
+        request_id: header_str(req.headers(), "x-request-id").unwrap_or_default().to_string(),
+        ..Default::default()
+    };
+    let grpc = is_grpc(req.headers());
+    let mut out = Outcome::default();
+    let resp = process(&t, req, &mut out).await;
+    finish(&t, &mut log, &out, &resp, grpc, started);
+    Ok(resp)
+}
+
+/// Metrics and the access-log line of a finished request.
+fn finish(t: &Tunnel, log: &mut AccessLog, out: &Outcome, resp: &Response<Body>, grpc: bool, started: Instant) {
+    let snap = t.shared.state.snapshot();
+    let src = snap.workload_by_ip(t.peer_addr.ip());
+    let dst = out.upstream.as_ref().map(|e| e.workload.clone());
+    let flags = if out.flags.is_empty() { "-".to_string() } else { out.flags.join(",") };
+    let mut common = crate::proxy::relay::workload_labels(
+        Reporter::Waypoint,
+        src.as_deref(),
+        dst.as_deref(),
+        Some(out.upstream.as_ref().map(|e| &*e.service).unwrap_or(&t.service)),
+    );
+    common.source_principal = t.peer.to_string();
+    if let Some(w) = &dst {
+        common.destination_principal =
+            format!("spiffe://{}/ns/{}/sa/{}", t.shared.upstreams.trust_domain, w.namespace, w.service_account);
+    }
+    common.request_protocol = if grpc { "grpc" } else { "http" }.into();
+    common.response_flags = flags.clone();
+    common.connection_security_policy = "mutual_tls".into();
+    let response_bytes =
+        resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    let labels = RequestLabels {
+        common,
+        response_code: resp.status().as_u16().to_string(),
+        grpc_response_status: header_str(resp.headers(), "grpc-status").unwrap_or("-").to_string(),
+    };
+    t.shared.requests.record(&labels, started.elapsed(), out.request_bytes, response_bytes);
+    log.response_code = resp.status().as_u16();
+    log.response_flags = flags;
+    log.route_name = out.route.clone();
+    log.upstream_host = out.upstream.as_ref().map(|e| e.addr.to_string()).unwrap_or_else(|| "-".into());
+    log.upstream_cluster = out.upstream.as_ref().map(|e| e.service.hostname.clone()).unwrap_or_else(|| "-".into());
+    log.bytes_received = out.request_bytes;
+    log.bytes_sent = response_bytes;
+    log.duration_ms = started.elapsed().as_millis() as u64;
+    log.emit();
+}
+
+async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Response<Body> {
+    if let Err(why) = framing(req.headers()) {
+        let mut r = local(StatusCode::BAD_REQUEST, why);
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    let authority = authority_of(&req, t.vip);
+    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    let rreq = routing::Request {
+        method: req.method().to_string(),
+        scheme: req.uri().scheme_str().unwrap_or("http").to_string(),
+        authority: authority.clone(),
+        path: path.clone(),
+        headers: req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        port: t.vip.port(),
+    };
+    let table = t.shared.routes.table();
+    let principal = t.peer.to_string();
+    let facts = RequestFacts {
+        principal: Some(principal.strip_prefix("spiffe://").unwrap_or(&principal)),
+        namespace: Some(t.peer.namespace()),
+        source_ip: t.peer_addr.ip(),
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        host: &authority,
+        port: t.vip.port(),
+        headers: req.headers(),
+    };
+    let service = (t.service.namespace.as_str(), t.service.name.as_str());
+    let waypoint = (t.shared.name.0.as_str(), t.shared.name.1.as_str());
+    let poisoned = table.poisoned_for(service, waypoint);
+    let policies: Vec<_> = table.policies.values().cloned().collect();
+    if let Err(reason) = authz::evaluate(&policies, poisoned, service, waypoint, &facts) {
+        debug!(%reason, "request denied by L7 policy");
+        t.shared.metrics.policy_denied("waypoint");
+        return local(StatusCode::FORBIDDEN, "RBAC: access denied");
+    }
+    let router = table.router_for(&t.service.hostname);
+    let decision = router.and_then(|r| r.decide(&rreq, fastrand::u32(..)));
+    let rule = match &decision {
+        Some(Decision::Forward { rule, .. } | Decision::Redirect { rule, .. } | Decision::Respond { rule, .. }) => {
+            router.and_then(|r| r.rule(*rule))
+        }
+        None => None,
+    };
+    if let (Some(r), Some(i)) = (router, &decision) {
+        let idx = match i {
+            Decision::Forward { rule, .. } | Decision::Redirect { rule, .. } | Decision::Respond { rule, .. } => *rule,
+        };
+        out.route = rule.and_then(|c| c.name.clone()).unwrap_or_else(|| format!("{}[{idx}]", r.name));
+    }
+    let origin = header_str(req.headers(), "origin").map(str::to_string);
+    let cors = rule.and_then(|r| r.cors.as_ref()).filter(|c| origin.as_deref().is_some_and(|o| c.allows_origin(o)));
+    if let (Some(c), true) = (cors, is_preflight(&req)) {
+        let mut r = local(StatusCode::OK, "");
+        cors_headers(r.headers_mut(), c, origin.as_deref().unwrap_or_default(), true);
+        return r;
+    }
+    let vs_namespace = router.and_then(|r| r.name.split_once('/')).map(|(ns, _)| ns.to_string());
+    let mut resp = match decision {
+        Some(Decision::Redirect { code, location, .. }) => {
+            let mut r = local(StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY), "");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        Some(Decision::Respond { status, body, .. }) => {
+            local(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+        }
+        Some(Decision::Forward { destination, path, authority, headers, .. }) => {
+            let ns = vs_namespace.as_deref().unwrap_or(&t.service.namespace);
+            let target = Target { destination, path, authority, headers, namespace: ns };
+            forward(t, req, out, rule, target, &table).await
+        }
+        None => {
+            let destination = Destination { host: t.service.hostname.clone(), subset: None, port: None };
+            let ns = t.service.namespace.clone();
+            let target = Target { destination, path, authority, headers: None, namespace: &ns };
+            forward(t, req, out, None, target, &table).await
+        }
+    };
+    if let (Some(c), Some(o)) = (cors, origin.as_deref()) {
+        cors_headers(resp.headers_mut(), c, o, false);
+    }
+    resp
+}
+
+/// Where a forwarded request goes, after rewrites.
+struct Target<'a> {
+    destination: Destination,
+    path: String,
+    authority: String,
+    headers: Option<Box<Headers>>,
+    /// Namespace short host names resolve in.
+    namespace: &'a str,
+}
+
+async fn forward(
+    t: &Tunnel,
+    req: Request<Incoming>,
+    out: &mut Outcome,
+    rule: Option<&CompiledRoute>,
+    target: Target<'_>,
+    table: &super::routes::RouteTable,
+) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
+    if let Some(f) = rule.and_then(|r| r.fault.as_ref()) {
+        if let Some(d) = &f.delay {
+            let pct = d.percentage.map(|p| p.value).unwrap_or(100.0);
+            if hit(pct) {
+                if let Some(delay) = d.fixed_delay.as_deref().and_then(|s| routing::duration(s).ok()) {
+                    out.flag("DI");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        if let Some(a) = &f.abort {
+            if hit(a.percentage.map(|p| p.value).unwrap_or(100.0)) {
+                out.flag("FI");
+                return abort(a, grpc);
+            }
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            return match e.downcast::<http_body_util::LengthLimitError>() {
+                Ok(_) => local(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+                Err(e) => {
+                    debug!(error = %e, "client body failed");
+                    local(StatusCode::BAD_REQUEST, "request body could not be read")
+                }
+            }
+        }
+    };
+    out.request_bytes = body.len() as u64;
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    for ops in [rule.and_then(|r| r.headers.as_ref()), target.headers.as_deref()].into_iter().flatten() {
+        apply(&mut headers, ops.request.as_ref());
+    }
+    propagate_trace(&mut headers);
+    let snap = t.shared.state.snapshot();
+    let host = &target.destination.host;
+    let Some(svc) = snap.service_by_host(host, target.namespace) else {
+        out.flag("NR");
+        return local(StatusCode::SERVICE_UNAVAILABLE, format!("no service {host}"));
+    };
+    let port = target.destination.port.as_ref().map(|p| p.number as u16).unwrap_or(t.vip.port());
+    let subset = match &target.destination.subset {
+        Some(s) => match table.subset_labels(host, s) {
+            Some(l) => Some(l.clone()),
+            None => {
+                out.flag("NR");
+                return local(StatusCode::SERVICE_UNAVAILABLE, format!("subset {s} of {host} is not defined"));
+            }
+        },
+        None => None,
+    };
+    let h2 = parts.version == Version::HTTP_2;
+    let send = Send { t, method: parts.method.clone(), path: target.path.clone(), headers, body, h2 };
+    for (m, pct) in rule.map(|r| r.mirrors.as_slice()).unwrap_or_default() {
+        if hit(*pct) {
+            mirror(t, &snap, m, &send, &target.authority, target.namespace, table);
+        }
+    }
+    let retries = rule.map(|r| r.retries.clone()).unwrap_or_else(|| Retries {
+        attempts: 2,
+        per_try_timeout: None,
+        retry_on: DEFAULT_RETRY_ON.into(),
+    });
+    let attempts = send.attempts(&snap, &svc, port, subset.as_ref(), &target.authority, &retries, out);
+    let mut resp = match rule.and_then(|r| r.timeout) {
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+            Ok(r) => r,
+            Err(_) => {
+                out.flag("UT");
+                local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            }
+        },
+        None => attempts.await,
+    };
+    for ops in [rule.and_then(|r| r.headers.as_ref()), target.headers.as_deref()].into_iter().flatten() {
+        apply(resp.headers_mut(), ops.response.as_ref());
+    }
+    resp
+}
+
+/// A request ready to send (again).
+struct Send<'a> {
+    t: &'a Tunnel,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    h2: bool,
+}
+
+impl Send<'_> {
+    fn request(&self, authority: &str) -> Option<Request<Full<Bytes>>> {
+        let uri: Uri =
+            if self.h2 { format!("http://{authority}{}", self.path).parse().ok()? } else { self.path.parse().ok()? };
+        let mut req =
+            Request::builder().method(self.method.clone()).uri(uri).body(Full::new(self.body.clone())).ok()?;
+        *req.headers_mut() = self.headers.clone();
+        if !self.h2 {
+            req.headers_mut().insert(header::HOST, HeaderValue::from_str(authority).ok()?);
+        } else {
+            req.headers_mut().remove(header::HOST);
+        }
+        *req.version_mut() = if self.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        Some(req)
+    }
+
+    fn connect_headers(&self) -> ConnectHeaders {
+        ConnectHeaders {
+            forwarded_for: Some(self.t.peer_addr),
+            forwarded_host: None,
+            baggage: None,
+            traceparent: header_str(&self.headers, "traceparent").map(str::to_string),
+            extra: Default::default(),
+        }
+    }
+
+    /// Sends with the retry policy: each attempt picks an endpoint; a retriable failure or
+    /// status is tried again (after a short, growing back-off) until attempts run out.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        snap: &crate::state::Snapshot,
+        svc: &Arc<Service>,
+        port: u16,
+        subset: Option<&std::collections::BTreeMap<String, String>>,
+        authority: &str,
+        retries: &Retries,
+        out: &mut Outcome,
+    ) -> Response<Body> {
+        let policy = RetryOn::parse(&retries.retry_on);
+        let tries = 1 + retries.attempts;
+        for attempt in 0..tries {
+            if attempt > 0 {
+                self.t.shared.requests.retried(&svc.hostname);
+                tokio::time::sleep(Duration::from_millis(25 * (1 << attempt.min(4)) as u64)).await;
+            }
+            let Some(ep) = upstream::pick(snap, svc, port, self.t.vip.ip(), subset) else {
+                out.flag("UH");
+                return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            };
+            out.upstream = Some(ep.clone());
+            let Some(req) = self.request(authority) else {
+                return local(StatusCode::BAD_REQUEST, "request cannot be forwarded");
+            };
+            let sent = self.t.shared.upstreams.send(&ep, req, self.h2, self.t.local_ip, self.connect_headers());
+            let result = match retries.per_try_timeout {
+                Some(d) => tokio::time::timeout(d, sent).await.unwrap_or(Err(SendError::PerTryTimeout(d))),
+                None => sent.await,
+            };
+            let last = attempt + 1 == tries;
+            match result {
+                Ok(resp) if policy.retries_response(&resp) => {
+                    if last {
+                        if attempt > 0 {
+                            out.flag("URX");
+                        }
+                        return resp.map(|b| b.boxed());
+                    }
+                }
+                Ok(resp) => return resp.map(|b| b.boxed()),
+                Err(e) => {
+                    debug!(error = %e, attempt, upstream = %ep.addr, "upstream attempt failed");
+                    if last || !policy.retries_error(&e) {
+                        out.flag(if attempt > 0 {
+                            "URX"
+                        } else if matches!(e, SendError::PerTryTimeout(_)) {
+                            "UT"
+                        } else {
+                            "UF"
+                        });
+                        return local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers",
+                        );
+                    }
+                }
+            }
+        }
+        unreachable!("the last attempt always returns")
+    }
+}
+
+/// A fire-and-forget copy to a mirror target, with `-shadow` appended to the host.
+fn mirror(
+    t: &Tunnel,
+    snap: &crate::state::Snapshot,
+    m: &Destination,
+    send: &Send<'_>,
+    authority: &str,
+    namespace: &str,
+    table: &super::routes::RouteTable,
+) {
+    let Some(svc) = snap.service_by_host(&m.host, namespace) else {
+        return debug!(host = %m.host, "mirror target unknown");
+    };
+    let subset = m.subset.as_ref().and_then(|s| table.subset_labels(&m.host, s));
+    let port = m.port.as_ref().map(|p| p.number as u16).unwrap_or(t.vip.port());
+    let Some(ep) = upstream::pick(snap, &svc, port, t.vip.ip(), subset) else {
+        return debug!(host = %m.host, "mirror target has no endpoint");
+    };
+    let shadow = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => format!("{h}-shadow:{p}"),
+        _ => format!("{authority}-shadow"),
+    };
+    let Some(req) = send.request(&shadow) else { return };
+    let (shared, h2, local_ip, headers) = (t.shared.clone(), send.h2, t.local_ip, send.connect_headers());
+    tokio::spawn(async move {
+        match shared.upstreams.send(&ep, req, h2, local_ip, headers).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => debug!(error = %e, "mirror failed"),
+        }
+    });
+}
+
+/// Envoy's `retry_on` conditions.
+struct RetryOn {
+    any_5xx: bool,
+    gateway: bool,
+    reset: bool,
+    connect: bool,
+    retriable_4xx: bool,
+    codes: Vec<u16>,
+    grpc: Vec<&'static str>,
+}
+
+impl RetryOn {
+    fn parse(s: &str) -> Self {
+        let mut r = RetryOn {
+            any_5xx: false,
+            gateway: false,
+            reset: false,
+            connect: false,
+            retriable_4xx: false,
+            codes: vec![],
+            grpc: vec![],
+        };
+        for tok in s.split(',').map(str::trim) {
+            match tok {
+                "5xx" => r.any_5xx = true,
+                "gateway-error" => r.gateway = true,
+                "reset" => r.reset = true,
+                "connect-failure" | "refused-stream" => r.connect = true,
+                "retriable-4xx" => r.retriable_4xx = true,
+                // Istio sets 503 as the retriable status code.
+                "retriable-status-codes" => r.codes.push(503),
+                "cancelled" => r.grpc.push("1"),
+                "deadline-exceeded" => r.grpc.push("4"),
+                "resource-exhausted" => r.grpc.push("8"),
+                "internal" => r.grpc.push("13"),
+                "unavailable" => r.grpc.push("14"),
+                n => {
+                    if let Ok(code) = n.parse() {
+                        r.codes.push(code)
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    fn retries_response<B>(&self, resp: &Response<B>) -> bool {
+        let s = resp.status().as_u16();
+        (self.any_5xx && s >= 500)
+            || (self.gateway && matches!(s, 502..=504))
+            || (self.retriable_4xx && s == 409)
+            || self.codes.contains(&s)
+            || header_str(resp.headers(), "grpc-status").is_some_and(|g| self.grpc.contains(&g))
+    }
+
+    fn retries_error(&self, e: &SendError) -> bool {
+        match e {
+            SendError::Connect(..) => self.connect || self.any_5xx || self.gateway || self.reset,
+            SendError::Reset(_) | SendError::PerTryTimeout(_) => self.any_5xx || self.gateway || self.reset,
+        }
+    }
+}
+
+/// An injected abort: the HTTP status, or for gRPC a trailers-only answer with the status.
+fn abort(a: &Abort, grpc: bool) -> Response<Body> {
+    match (&a.grpc_status, a.http_status) {
+        (Some(code), _) if grpc || a.http_status.is_none() => {
+            let mut r = local(StatusCode::OK, "");
+            let num = grpc_code(code).to_string();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            if let Ok(v) = HeaderValue::from_str(&num) {
+                r.headers_mut().insert("grpc-status", v);
+            }
+            r.headers_mut().insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+            r
+        }
+        (_, Some(s)) => {
+            local(StatusCode::from_u16(s as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "fault filter abort")
+        }
+        _ => local(StatusCode::INTERNAL_SERVER_ERROR, "fault filter abort"),
+    }
+}
+
+/// gRPC status names (as Istio's `grpcStatus` takes them) to codes.
+fn grpc_code(name: &str) -> u32 {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    name.parse().unwrap_or_else(|_| NAMES.iter().position(|n| n.eq_ignore_ascii_case(name)).unwrap_or(2) as u32)
+}
+
+/// Requests whose framing is ambiguous are refused (request smuggling): both
+/// `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s.
+fn framing(h: &HeaderMap) -> Result<(), &'static str> {
+    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 1 {
+        return Err("duplicate Content-Length");
+    }
+    if lengths == 1 && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    Ok(())
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"] {
+        h.remove(n);
+    }
+}
+
+/// `set`, then `add`, then `remove`, as Envoy orders them.
+fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
+    let Some(ops) = ops else { return };
+    let pair = |k: &str, v: &str| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?));
+    for (k, v) in ops.set.iter().filter_map(|(k, v)| pair(k, v)) {
+        h.insert(k, v);
+    }
+    for (k, v) in ops.add.iter().filter_map(|(k, v)| pair(k, v)) {
+        h.append(k, v);
+    }
+    for k in &ops.remove {
+        h.remove(k.as_str());
+    }
+}
+
+/// Keeps the trace id of an incoming `traceparent` with the waypoint's own span id, or
+/// starts a trace; gives the request an `x-request-id` if it has none.
+fn propagate_trace(h: &mut HeaderMap) {
+    let span: String = (0..8).map(|_| format!("{:02x}", fastrand::u8(..))).collect();
+    let parent = header_str(h, "traceparent").and_then(|tp| {
+        let parts: Vec<&str> = tp.split('-').collect();
+        (parts.len() == 4 && parts[1].len() == 32).then(|| format!("{}-{}-{span}-{}", parts[0], parts[1], parts[3]))
+    });
+    let value = parent.unwrap_or_else(|| {
+        let trace: String = (0..16).map(|_| format!("{:02x}", fastrand::u8(..))).collect();
+        format!("00-{trace}-{span}-01")
+    });
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert("traceparent", v);
+    }
+    if !h.contains_key("x-request-id") {
+        let id = format!("{:032x}", fastrand::u128(..));
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            h.insert("x-request-id", v);
+        }
+    }
+}
+
+fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == Method::OPTIONS && req.headers().contains_key("access-control-request-method")
+}
+
+fn cors_headers(h: &mut HeaderMap, c: &routing::Cors, origin: &str, preflight: bool) {
+    let mut set = |k: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    set("access-control-allow-origin", origin.to_string());
+    if c.policy.allow_credentials == Some(true) {
+        set("access-control-allow-credentials", "true".into());
+    }
+    if !c.policy.expose_headers.is_empty() {
+        set("access-control-expose-headers", c.policy.expose_headers.join(","));
+    }
+    if preflight {
+        if !c.policy.allow_methods.is_empty() {
+            set("access-control-allow-methods", c.policy.allow_methods.join(","));
+        }
+        if !c.policy.allow_headers.is_empty() {
+            set("access-control-allow-headers", c.policy.allow_headers.join(","));
+        }
+        if let Some(age) = c.policy.max_age.as_deref().and_then(|a| routing::duration(a).ok()) {
+            set("access-control-max-age", age.as_secs().to_string());
+        }
+    }
+}
+
+fn hit(percent: f64) -> bool {
+    percent >= 100.0 || fastrand::f64() * 100.0 < percent
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    header_str(h, "content-type").is_some_and(|c| c.starts_with("application/grpc"))
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `:authority`, else `Host`, else the address the client dialled.
+fn authority_of<B>(req: &Request<B>, vip: SocketAddr) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| header_str(req.headers(), "host").map(str::to_string))
+        .unwrap_or_else(|| vip.to_string())
+}
+
+/// A response the waypoint makes itself.
+pub(super) fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let body: Bytes = body.into();
+    let mut r = Response::new(Full::new(body.clone()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if !body.is_empty() {
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    r
+}

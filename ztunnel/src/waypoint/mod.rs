@@ -1,0 +1,272 @@
+//! `ztunnel waypoint`: the L7 proxy of the ambient mesh. Node agents send traffic for a
+//! service that uses a waypoint (`istio.io/use-waypoint`) to it in HBONE, with the service
+//! VIP and port as the CONNECT authority. The waypoint terminates mTLS with its own
+//! identity, speaks HTTP/1.1 or HTTP/2 inside each tunnel, enforces L7 authorization,
+//! routes each request by the service's VirtualService and sends it to an endpoint in HBONE
+//! as its own identity; a tunnel to a port with only TCP routes is relayed by those.
+//!
+//! - [`routes`]: VirtualServices, DestinationRules and targeted AuthorizationPolicies read
+//!   from a YAML directory, each compiled or rejected on its own, last good kept;
+//! - [`authz`]: L7 AuthorizationPolicy;
+//! - `http`: the per-request path; `upstream`: endpoints, HBONE and HTTP client reuse;
+//! - [`telemetry`]: Istio's request metrics and access log.
+pub mod authz;
+mod framing;
+mod http;
+pub mod routes;
+mod tcp;
+pub mod telemetry;
+mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::hbone::{
+    serve_connection, CertManagerTls, ConnectRejection, ConnectRequest, ConnectionPool, H2Config, HboneStream,
+    PoolConfig, TcpDialer, TunnelHandler,
+};
+use crate::identity::{CertManager, CertManagerConfig, CertificateProvider, Identity};
+use crate::metrics::Metrics;
+use crate::state::{Service, StateStore};
+use routes::Routes;
+use telemetry::RequestMetrics;
+use upstream::Upstreams;
+
+pub use http::{MAX_BODY, MAX_HEADERS};
+
+/// How a waypoint runs.
+#[derive(Clone)]
+pub struct WaypointConfig {
+    /// Where HBONE is accepted (`0.0.0.0:15008` in the waypoint's pod).
+    pub listen: SocketAddr,
+    /// The waypoint's own identity (its service account).
+    pub identity: Identity,
+    /// The waypoint's Gateway, `(namespace, name)`: policies targeting it apply to all its traffic.
+    pub name: (String, String),
+    pub trust_domain: String,
+    /// Signs the waypoint's certificate.
+    pub ca: Arc<dyn CertificateProvider>,
+    /// Istio local-config YAML with the mesh's workloads and services (re-read on change).
+    pub local_config: PathBuf,
+    /// Directory of VirtualServices, DestinationRules and AuthorizationPolicies (re-read on change).
+    pub routes_dir: Option<PathBuf>,
+}
+
+/// What every tunnel of the waypoint shares.
+pub(crate) struct Shared {
+    state: Arc<StateStore>,
+    routes: Routes,
+    upstreams: Upstreams,
+    metrics: Arc<Metrics>,
+    requests: RequestMetrics,
+    name: (String, String),
+}
+
+/// A running waypoint; its tasks stop when it is dropped.
+pub struct Waypoint {
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    routes: Routes,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Why a waypoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("local config {0}: {1}")]
+    LocalConfig(PathBuf, String),
+    #[error("listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("certificate for {0}: {1}")]
+    Certificate(Identity, String),
+}
+
+impl Waypoint {
+    /// Loads the config, gets the waypoint's certificate and starts serving.
+    pub async fn start(cfg: WaypointConfig, metrics: Arc<Metrics>) -> Result<Waypoint, StartError> {
+        let state = Arc::new(StateStore::new(Default::default()));
+        let text = std::fs::read_to_string(&cfg.local_config)
+            .map_err(|e| StartError::LocalConfig(cfg.local_config.clone(), e.to_string()))?;
+        for e in state.apply_yaml(&text) {
+            if e.kind == "document" {
+                return Err(StartError::LocalConfig(cfg.local_config.clone(), e.reason));
+            }
+            metrics.config_rejected(e.kind);
+        }
+        let routes = Routes::default();
+        if let Some(dir) = &cfg.routes_dir {
+            routes.reload(dir, &metrics);
+        }
+        let certs = CertManager::new(cfg.ca.clone(), CertManagerConfig::default());
+        certs.fetch(&cfg.identity).await.map_err(|e| StartError::Certificate(cfg.identity.clone(), e.to_string()))?;
+        let pool = ConnectionPool::new(
+            PoolConfig::default(),
+            Arc::new(TcpDialer),
+            Arc::new(CertManagerTls { certs: certs.clone() }),
+        );
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            routes: routes.clone(),
+            upstreams: Upstreams::new(cfg.identity.clone(), cfg.trust_domain.clone(), pool),
+            requests: RequestMetrics::register(&metrics),
+            metrics: metrics.clone(),
+            name: cfg.name.clone(),
+        });
+        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
+        let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;
+        info!(%addr, identity = %cfg.identity, "waypoint listening");
+        let mut tasks = vec![tokio::spawn(accept(listener, shared, certs, cfg.identity.clone()))];
+        tasks.push(tokio::spawn(follow_local_config(cfg.local_config.clone(), state, metrics.clone())));
+        if let Some(dir) = cfg.routes_dir.clone() {
+            tasks.push(tokio::spawn(routes.clone().follow(dir, metrics.clone())));
+        }
+        Ok(Waypoint { addr, metrics, routes, tasks })
+    }
+
+    /// The HBONE listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The process metrics (request metrics included).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The L7 configuration in force (for status and tests).
+    pub fn routes(&self) -> Arc<routes::RouteTable> {
+        self.routes.table()
+    }
+
+    /// A handle on the L7 configuration that outlives borrows (for the admin dump).
+    pub fn routes_handle(&self) -> Routes {
+        self.routes.clone()
+    }
+}
+
+async fn follow_local_config(path: PathBuf, state: Arc<StateStore>, metrics: Arc<Metrics>) {
+    let mut last = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if now.is_some() && now != last {
+            last = now;
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    for e in state.apply_yaml(&text) {
+                        metrics.config_rejected(e.kind);
+                    }
+                }
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot read local config"),
+            }
+        }
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>, certs: CertManager, identity: Identity) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local_ip = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let (shared, certs, identity) = (shared.clone(), certs.clone(), identity.clone());
+        let peer = crate::proxy::canonical(peer);
+        let span = tracing::debug_span!("waypoint", %peer);
+        tokio::spawn(
+            async move {
+                let cert = match certs.fetch(&identity).await {
+                    Ok(c) => c,
+                    Err(e) => return warn!(error = %e, "no certificate"),
+                };
+                let cfg = match crate::tls::server_config(&cert, cert.roots()) {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => return warn!(error = %e, "cannot build TLS config"),
+                };
+                let handshake =
+                    tokio::time::timeout(H2Config::default().handshake_timeout, TlsAcceptor::from(cfg).accept(stream));
+                let tls = match handshake.await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        let reason = crate::tls::RejectReason::from_io(&e);
+                        shared.metrics.tls_handshake_failed(reason.as_str());
+                        return debug!(error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => return debug!("TLS handshake timed out"),
+                };
+                let handler = Arc::new(Handler { shared, peer, local_ip });
+                if let Err(e) = serve_connection(tls, handler, &H2Config::default()).await {
+                    debug!(error = %e, "HBONE connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Accepts tunnels to service VIPs and serves them.
+struct Handler {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    local_ip: IpAddr,
+}
+
+/// An accepted tunnel, HTTP or TCP.
+enum Accepted {
+    Http(Arc<http::Tunnel>),
+    Tcp(Arc<http::Tunnel>),
+}
+
+impl TunnelHandler for Handler {
+    type Accepted = Accepted;
+
+    async fn accept(&self, req: ConnectRequest) -> Result<Accepted, ConnectRejection> {
+        let vip = req.authority;
+        let service: Arc<Service> = self
+            .shared
+            .state
+            .snapshot()
+            .service_by_vip(vip.ip())
+            .ok_or_else(|| ConnectRejection::BadRequest(format!("{vip} is not a service address")))?;
+        let tcp = self
+            .shared
+            .routes
+            .table()
+            .router_for(&service.hostname)
+            .is_some_and(|r| !r.has_http() && r.tcp_targets(vip.port()).is_some());
+        let tunnel = Arc::new(http::Tunnel {
+            shared: self.shared.clone(),
+            peer: req.peer,
+            peer_addr: self.peer,
+            local_ip: self.local_ip,
+            service,
+            vip,
+        });
+        Ok(if tcp { Accepted::Tcp(tunnel) } else { Accepted::Http(tunnel) })
+    }
+
+    async fn serve(&self, accepted: Accepted, tunnel: HboneStream) {
+        match accepted {
+            Accepted::Http(t) => http::serve(t, tunnel).await,
+            Accepted::Tcp(t) => tcp::relay(t, tunnel).await,
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The waypoint's L7 configuration: VirtualServices, DestinationRules and targeted
+//! AuthorizationPolicies read from a directory of Kubernetes YAML, re-read on change.
+//!
+//! Each object is compiled or rejected on its own, with its name and reason (logged and
+//! counted). A rejected VirtualService or policy that had a valid earlier version keeps that
+//! version in force; a policy rejected with no earlier version makes its targets deny every
+//! request, so a typo in a policy never opens what it was meant to close.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_yaml_ng::Value;
+use tracing::{info, warn};
+
+use super::authz::{self, L7Policy, Target};
+use crate::controller::objects::AuthorizationPolicy;
+use crate::metrics::Metrics;
+use crate::routing::objects::{self, RoutingObjects};
+use crate::routing::{Invalid, Router};
+
+/// One consistent L7 configuration.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// `namespace/name` → compiled VirtualService.
+    pub routers: BTreeMap<String, Router>,
+    /// host → subset → labels, from DestinationRules.
+    pub subsets: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>,
+    /// `namespace/name` → compiled L7 policy.
+    pub policies: BTreeMap<String, L7Policy>,
+    /// Targets of policies rejected with no earlier valid version (they deny everything);
+    /// `None` in the list: a rejected policy whose targets could not be read (everything denies).
+    pub poisoned: Vec<Option<Target>>,
+    /// What was rejected in the last load, with reasons.
+    pub rejected: Vec<Invalid>,
+}
+
+impl RouteTable {
+    /// Compiles `docs`, keeping `previous` versions of objects that are now rejected.
+    pub fn load(docs: &[Value], previous: &RouteTable) -> RouteTable {
+        let RoutingObjects { mut routers, subsets, mut rejected } = objects::load(docs);
+        for bad in &rejected {
+            if let Some(old) = previous.routers.get(&bad.name) {
+                routers.insert(bad.name.clone(), old.clone());
+            }
+        }
+        let mut policies = BTreeMap::new();
+        let mut poisoned = Vec::new();
+        for d in docs.iter().filter(|d| d["kind"] == "AuthorizationPolicy") {
+            let ns = d["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+            let name = format!("{ns}/{}", d["metadata"]["name"].as_str().unwrap_or("?"));
+            let compiled = serde_yaml_ng::from_value::<AuthorizationPolicy>(d.clone())
+                .map_err(|e| format!("spec: {e}"))
+                .and_then(|ap| authz::compile(&ap, &ns));
+            match compiled {
+                Ok(Some(p)) => {
+                    policies.insert(name, p);
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    match previous.policies.get(&name) {
+                        Some(old) => {
+                            policies.insert(name.clone(), old.clone());
+                        }
+                        None => poisoned.extend(targets_of(d, &ns)),
+                    }
+                    rejected.push(Invalid { name, reason });
+                }
+            }
+        }
+        RouteTable { routers, subsets, policies, poisoned, rejected }
+    }
+
+    /// The VirtualService for a service hostname (the first by `namespace/name` when several claim it).
+    pub fn router_for(&self, hostname: &str) -> Option<&Router> {
+        self.routers.values().find(|r| r.serves(hostname))
+    }
+
+    /// The labels of `subset` of `host` (a short name or FQDN of the same service).
+    pub fn subset_labels(&self, host: &str, subset: &str) -> Option<&BTreeMap<String, String>> {
+        let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
+        self.subsets.iter().find(|(h, _)| short(h) == short(host)).and_then(|(_, s)| s.get(subset))
+    }
+
+    /// Whether a rejected policy makes requests to `service` (or through `waypoint`) deny.
+    pub fn poisoned_for(&self, service: (&str, &str), waypoint: (&str, &str)) -> bool {
+        self.poisoned.iter().any(|t| match t {
+            None => true,
+            Some(Target::Service { namespace, name }) => (namespace.as_str(), name.as_str()) == service,
+            Some(Target::Gateway { namespace, name }) => (namespace.as_str(), name.as_str()) == waypoint,
+        })
+    }
+}
+
+/// The targets a rejected policy names, as far as they can be read (`None`: unknown, so all).
+fn targets_of(d: &Value, ns: &str) -> Vec<Option<Target>> {
+    let spec = &d["spec"];
+    let refs: Vec<&Value> =
+        spec.get("targetRef").into_iter().chain(spec["targetRefs"].as_sequence().into_iter().flatten()).collect();
+    if refs.is_empty() {
+        // A selector policy is the node proxies' business; a document we could not read at
+        // all might have been a waypoint policy: deny.
+        return if spec.get("selector").is_some() { vec![] } else { vec![None] };
+    }
+    refs.into_iter()
+        .map(|r| {
+            let name = r["name"].as_str()?.to_string();
+            let namespace = r["namespace"].as_str().unwrap_or(ns).to_string();
+            match r["kind"].as_str()? {
+                "Service" => Some(Target::Service { namespace, name }),
+                "Gateway" => Some(Target::Gateway { namespace, name }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Every YAML document under `dir` (a file or a directory, `*.yaml`/`*.yml`, in path
+/// order), with the documents that could not be read as `file: reason`.
+pub fn read_documents(dir: &Path) -> (Vec<Value>, Vec<String>) {
+    let mut files = Vec::new();
+    if dir.is_file() {
+        files.push(dir.to_path_buf());
+    } else if let Ok(rd) = std::fs::read_dir(dir) {
+        files.extend(rd.flatten().map(|e| e.path()).filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        }));
+    }
+    files.sort();
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
+    for f in files {
+        let text = match std::fs::read_to_string(&f) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{}: {e}", f.display()));
+                continue;
+            }
+        };
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+            match <Value as serde::Deserialize>::deserialize(doc) {
+                Ok(Value::Null) => {}
+                Ok(v) => docs.push(v),
+                Err(e) => errors.push(format!("{} document {i}: {e}", f.display())),
+            }
+        }
+    }
+    (docs, errors)
+}
+
+/// The current table, replaced whole on each reload.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    current: Arc<RwLock<Arc<RouteTable>>>,
+}
+
+impl Routes {
+    /// The table in force.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.current.read().expect("routes lock").clone()
+    }
+
+    /// The config dump: what is in force and what was rejected, with reasons.
+    pub fn status_json(&self) -> serde_json::Value {
+        let t = self.table();
+        serde_json::json!({
+            "virtualServices": t.routers.keys().collect::<Vec<_>>(),
+            "destinationRuleHosts": t.subsets.keys().collect::<Vec<_>>(),
+            "authorizationPolicies": t.policies.keys().collect::<Vec<_>>(),
+            "rejected": t.rejected.iter().map(|r| serde_json::json!({"name": r.name, "reason": r.reason})).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Loads `dir` now (counting rejections in `metrics`).
+    pub fn reload(&self, dir: &Path, metrics: &Metrics) {
+        let (docs, errors) = read_documents(dir);
+        for e in &errors {
+            warn!(error = %e, "unreadable YAML document skipped");
+            metrics.config_rejected("document");
+        }
+        let table = RouteTable::load(&docs, &self.table());
+        for bad in &table.rejected {
+            warn!(object = %bad.name, reason = %bad.reason, "L7 object rejected; the previous version (if any) stays");
+            metrics.config_rejected("l7");
+        }
+        info!(virtual_services = table.routers.len(), policies = table.policies.len(), "L7 config applied");
+        *self.current.write().expect("routes lock") = Arc::new(table);
+    }
+
+    /// Re-reads `dir` whenever a file in it changes (polled).
+    pub async fn follow(self, dir: PathBuf, metrics: Arc<Metrics>) {
+        let mut last = stamp(&dir);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = stamp(&dir);
+            if now != last {
+                last = now;
+                self.reload(&dir, &metrics);
+            }
+        }
+    }
+}
+
+/// Names, sizes and modification times of the YAML files under `dir`.
+fn stamp(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(rd) => {
+            rd.flatten().filter_map(|e| e.metadata().ok().map(|m| (e.path(), m.len(), m.modified().ok()))).collect()
+        }
+        Err(_) => {
+            std::fs::metadata(dir).map(|m| vec![(dir.to_path_buf(), m.len(), m.modified().ok())]).unwrap_or_default()
+        }
+    };
+    out.sort();
+    out
+}

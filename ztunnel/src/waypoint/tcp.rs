@@ -1,0 +1,42 @@
+//! Raw TCP behind a waypoint: a tunnel to a port that the service's VirtualService routes
+//! with `tcp` rules only is relayed whole to one endpoint, chosen by the rule's weights.
+use std::sync::Arc;
+
+use tracing::{debug, info};
+
+use super::http::Tunnel;
+use super::upstream;
+use crate::hbone::{ConnectHeaders, HboneStream};
+
+/// Relays `tunnel` to the destination its TCP rule picks.
+pub(super) async fn relay(t: Arc<Tunnel>, mut tunnel: HboneStream) {
+    let table = t.shared.routes.table();
+    let Some(targets) = table.router_for(&t.service.hostname).and_then(|r| r.tcp_targets(t.vip.port())) else {
+        return debug!("no TCP route any more");
+    };
+    let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+    let mut at = fastrand::u64(..total.max(1));
+    let Some((dest, _)) = targets.iter().find(|(_, w)| {
+        let hit = at < u64::from(*w);
+        at = at.saturating_sub(u64::from(*w));
+        hit
+    }) else {
+        return;
+    };
+    let snap = t.shared.state.snapshot();
+    let Some(svc) = snap.service_by_host(&dest.host, &t.service.namespace) else {
+        return info!(host = %dest.host, "TCP route to an unknown service");
+    };
+    let subset = dest.subset.as_ref().and_then(|s| table.subset_labels(&dest.host, s));
+    let port = dest.port.as_ref().map(|p| p.number as u16).unwrap_or(t.vip.port());
+    let Some(ep) = upstream::pick(&snap, &svc, port, t.vip.ip(), subset) else {
+        return info!(host = %dest.host, "TCP route has no endpoint");
+    };
+    let headers = ConnectHeaders { forwarded_for: Some(t.peer_addr), ..Default::default() };
+    let mut up = match t.shared.upstreams.dial(&ep, t.local_ip, headers).await {
+        Ok(u) => u,
+        Err(e) => return info!(error = %e, "TCP route upstream failed"),
+    };
+    let result = crate::hbone::copy_bidirectional(&mut tunnel, &mut up).await;
+    debug!(upstream = %ep.addr, ?result, "TCP route finished");
+}

@@ -1,0 +1,133 @@
+//! Per-request telemetry of the waypoint, with Istio's names and labels so dashboards and
+//! Kiali read it unchanged: `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes` and `istio_response_bytes` (reporter `waypoint`), Envoy-style
+//! `response_flags` (`FI` injected abort, `DI` injected delay, `UT` timeout, `URX` retries
+//! exhausted, `UH` no endpoint, `UF` upstream connect failure), a retry counter, and one
+//! access-log line per request.
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use tracing::info;
+
+use crate::metrics::{ConnectionLabels, Metrics};
+
+/// `istio_requests_total` and friends: the connection label set plus the status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub common: ConnectionLabels,
+    /// HTTP status sent to the client.
+    pub response_code: String,
+    /// gRPC status, for gRPC requests (`-` otherwise).
+    pub grpc_response_status: String,
+}
+
+/// The service label of the retry counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub destination_service: String,
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+/// The waypoint's request metrics, registered on the process's [`Metrics`].
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    request_bytes: HistogramFamily,
+    response_bytes: HistogramFamily,
+    retries: Family<ServiceLabel, Counter>,
+}
+
+fn duration_buckets() -> Histogram {
+    // Istio's buckets for istio_request_duration_milliseconds.
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    ])
+}
+
+fn size_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 9))
+}
+
+impl RequestMetrics {
+    /// Creates the families and registers them on `metrics`.
+    pub fn register(metrics: &Metrics) -> Self {
+        let m = RequestMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_buckets),
+            request_bytes: Family::new_with_constructor(size_buckets),
+            response_bytes: Family::new_with_constructor(size_buckets),
+            retries: Family::default(),
+        };
+        metrics.register("istio_requests", "Total number of requests", m.requests.clone());
+        metrics.register("istio_request_duration_milliseconds", "Request duration", m.duration.clone());
+        metrics.register("istio_request_bytes", "Request sizes", m.request_bytes.clone());
+        metrics.register("istio_response_bytes", "Response sizes", m.response_bytes.clone());
+        metrics.register(
+            "ztunnel_waypoint_retries",
+            "Requests the waypoint sent again after a retriable failure",
+            m.retries.clone(),
+        );
+        m
+    }
+
+    /// Counts one retry toward `service`.
+    pub fn retried(&self, service: &str) {
+        self.retries.get_or_create(&ServiceLabel { destination_service: service.to_string() }).inc();
+    }
+
+    /// Records a finished request.
+    pub fn record(&self, labels: &RequestLabels, took: Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.get_or_create(labels).inc();
+        self.duration.get_or_create(labels).observe(took.as_secs_f64() * 1000.0);
+        self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
+        self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+    }
+}
+
+/// One request's access-log fields, Istio's default set.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AccessLog {
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub protocol: String,
+    pub response_code: u16,
+    pub response_flags: String,
+    pub upstream_host: String,
+    pub upstream_cluster: String,
+    pub route_name: String,
+    pub source_principal: String,
+    pub downstream_peer: String,
+    pub request_id: String,
+    pub traceparent: String,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration_ms: u64,
+}
+
+impl AccessLog {
+    /// Writes the line (target `access`), JSON when `LOG_FORMAT=json`.
+    pub fn emit(&self) {
+        if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+            if let Ok(line) = serde_json::to_string(self) {
+                info!(target: "access", "{line}");
+            }
+            return;
+        }
+        info!(target: "access",
+            "\"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\" {} {} route={} src={} peer={}",
+            self.method, self.path, self.protocol, self.response_code, self.response_flags,
+            self.bytes_received, self.bytes_sent, self.duration_ms, self.request_id, self.authority,
+            self.upstream_host, self.upstream_cluster, self.route_name, self.source_principal, self.downstream_peer);
+    }
+}
+
+/// Shared handle.
+pub type SharedMetrics = Arc<RequestMetrics>;

@@ -1,0 +1,202 @@
+//! The waypoint's way to endpoints: an endpoint is chosen among a service's workloads (a
+//! DestinationRule subset narrows them), reached in HBONE as the waypoint's own identity
+//! over the shared connection pool (plain TCP for workloads outside the mesh), and spoken to
+//! in the client's HTTP version. HTTP/1.1 connections are kept for reuse once their
+//! response is done; an HTTP/2 connection carries every request to its endpoint.
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use crate::hbone::{ConnectHeaders, ConnectionPool, PoolKey};
+use crate::identity::Identity;
+use crate::state::{Service, Snapshot, Workload, WorkloadProtocol};
+
+/// A chosen endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub service: Arc<Service>,
+    /// Endpoint IP and target port.
+    pub addr: SocketAddr,
+}
+
+/// Picks an endpoint of `service` on service port `port` whose labels include `subset`'s
+/// (round robin), in the family of `like`.
+pub fn pick(
+    snap: &Snapshot,
+    service: &Arc<Service>,
+    port: u16,
+    like: IpAddr,
+    subset: Option<&BTreeMap<String, String>>,
+) -> Option<Endpoint> {
+    let keep = |w: &Workload| {
+        subset.is_none_or(|want| {
+            let have = w.subset_labels();
+            want.iter().all(|(k, v)| have.get(k) == Some(v))
+        })
+    };
+    let (workload, addr) = snap.service_endpoint(service, like, port, keep)?;
+    Some(Endpoint { workload, service: service.clone(), addr })
+}
+
+/// Why a request could not be sent (all count as connect failures or resets for retries).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection to the endpoint could be made.
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, String),
+    /// The connection broke before a response.
+    #[error("upstream reset: {0}")]
+    Reset(#[from] hyper::Error),
+    /// No response within the route's per-try timeout.
+    #[error("no response within the per-try timeout of {0:?}")]
+    PerTryTimeout(std::time::Duration),
+}
+
+type IdleH1 = HashMap<SocketAddr, Vec<http1::SendRequest<Full<Bytes>>>>;
+
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// The waypoint's upstream side: its identity, the HBONE pool and the reusable HTTP clients.
+pub struct Upstreams {
+    pub identity: Identity,
+    pub trust_domain: String,
+    pub pool: ConnectionPool,
+    h1: Arc<Mutex<IdleH1>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Full<Bytes>>>>,
+}
+
+impl Upstreams {
+    /// Upstreams sending as `identity` over `pool`.
+    pub fn new(identity: Identity, trust_domain: String, pool: ConnectionPool) -> Self {
+        Upstreams { identity, trust_domain, pool, h1: Default::default(), h2: Default::default() }
+    }
+
+    /// Sends `req` (its URI in the form its version needs) to `ep`, from `local_ip`.
+    pub async fn send(
+        &self,
+        ep: &Endpoint,
+        req: Request<Full<Bytes>>,
+        h2: bool,
+        local_ip: IpAddr,
+        headers: ConnectHeaders,
+    ) -> Result<Response<Incoming>, SendError> {
+        if h2 {
+            let mut sender = match self.idle_h2(ep.addr) {
+                Some(s) => s,
+                None => {
+                    let io = self.dial(ep, local_ip, headers).await?;
+                    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                        .await
+                        .map_err(|e| SendError::Connect(ep.addr, e.to_string()))?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            debug!(error = %e, "upstream h2 connection ended");
+                        }
+                    });
+                    self.h2.lock().expect("h2 clients").insert(ep.addr, sender.clone());
+                    sender
+                }
+            };
+            return Ok(sender.send_request(req).await?);
+        }
+        let mut sender = match self.idle_h1(ep.addr) {
+            Some(s) => s,
+            None => {
+                let io = self.dial(ep, local_ip, headers).await?;
+                let (sender, conn) =
+                    http1::handshake(TokioIo::new(io)).await.map_err(|e| SendError::Connect(ep.addr, e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                    }
+                });
+                sender
+            }
+        };
+        let resp = sender.send_request(req).await?;
+        self.park_h1(ep.addr, sender);
+        Ok(resp)
+    }
+
+    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Full<Bytes>>> {
+        let mut idle = self.h1.lock().expect("h1 clients");
+        let list = idle.get_mut(&addr)?;
+        while let Some(s) = list.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn idle_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<Full<Bytes>>> {
+        let mut h2 = self.h2.lock().expect("h2 clients");
+        match h2.get(&addr) {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                h2.remove(&addr);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps an HTTP/1.1 connection for the next request once its response has been read.
+    fn park_h1(&self, addr: SocketAddr, mut sender: http1::SendRequest<Full<Bytes>>) {
+        let slot = self.h1.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = slot.lock().expect("h1 clients");
+                let list = idle.entry(addr).or_default();
+                if list.len() < MAX_IDLE_PER_ENDPOINT {
+                    list.push(sender);
+                }
+            }
+        });
+    }
+
+    pub(super) async fn dial(
+        &self,
+        ep: &Endpoint,
+        local_ip: IpAddr,
+        headers: ConnectHeaders,
+    ) -> Result<Box<dyn Io>, SendError> {
+        if ep.workload.protocol != WorkloadProtocol::Hbone {
+            let s = tokio::net::TcpStream::connect(ep.addr)
+                .await
+                .map_err(|e| SendError::Connect(ep.addr, e.to_string()))?;
+            let _ = s.set_nodelay(true);
+            return Ok(Box::new(s));
+        }
+        let w = &ep.workload;
+        let td = if w.trust_domain.is_empty() { &self.trust_domain } else { &w.trust_domain };
+        let dst_identity = Identity::new(td, &w.namespace, &w.service_account)
+            .map_err(|e| SendError::Connect(ep.addr, format!("endpoint identity: {e}")))?;
+        let dst_alt_identities =
+            ep.service.subject_alt_names.iter().filter_map(|san| san.parse::<Identity>().ok()).collect();
+        let key = PoolKey {
+            src_identity: self.identity.clone(),
+            dst_identity,
+            dst_alt_identities,
+            dst: SocketAddr::new(ep.addr.ip(), ztunnel_common::HBONE_PORT),
+            src_ip: local_ip,
+        };
+        let tunnel =
+            self.pool.connect(key, ep.addr, headers).await.map_err(|e| SendError::Connect(ep.addr, e.to_string()))?;
+        Ok(Box::new(tunnel))
+    }
+}
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
