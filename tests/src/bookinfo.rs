@@ -126,6 +126,12 @@ pub enum Role {
         /// What the body names (e.g. a version), so answers can be counted per backend.
         name: String,
     },
+    /// A gRPC server (HTTP/2 only): every unary call is answered with one message holding
+    /// `name`, and `grpc-status: 0` in the trailers (see [`crate::grpc_app`]).
+    Grpc {
+        /// What the answer message holds.
+        name: String,
+    },
 }
 
 /// One request as an app saw it.
@@ -261,6 +267,12 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 let _ = tcp_echo(stream, prefix, &shared).await;
                 return;
             }
+            if let Role::Grpc { name } = &shared.role {
+                let name = name.clone();
+                let record = shared.clone();
+                crate::grpc_app::serve_connection(stream, name, move |r| record.record(r)).await;
+                return;
+            }
             let svc = hyper::service::service_fn(|req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req).await) }
@@ -374,7 +386,9 @@ fn health(role: &Role) -> Response<Full<Bytes>> {
         Role::Details => reply(StatusCode::OK, "application/json", r#"{"status":"Details is healthy"}"#),
         Role::Reviews { .. } => reply(StatusCode::OK, "application/json", r#"{"status":"Reviews is healthy"}"#),
         Role::Ratings => reply(StatusCode::OK, "application/json", r#"{"status":"Ratings is healthy"}"#),
-        Role::TcpEcho { .. } | Role::Echo { .. } => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        Role::TcpEcho { .. } | Role::Echo { .. } | Role::Grpc { .. } => {
+            reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")
+        }
     }
 }
 
@@ -398,7 +412,7 @@ fn route(role: &Role, path: &str) -> Route {
         Role::Details => id_after(path, "/details/").map(Route::Details),
         Role::Reviews { .. } => id_after(path, "/reviews/").map(Route::Reviews),
         Role::Ratings => id_after(path, "/ratings/").map(Route::Ratings),
-        Role::TcpEcho { .. } | Role::Echo { .. } => None,
+        Role::TcpEcho { .. } | Role::Echo { .. } | Role::Grpc { .. } => None,
     };
     found.unwrap_or(Route::NotFound)
 }

@@ -22,6 +22,7 @@ pub mod bookinfo;
 pub mod cni;
 pub mod control_plane;
 pub mod foreign_lb;
+pub mod grpc_app;
 pub mod istio;
 pub mod loadgen;
 pub mod mesh;

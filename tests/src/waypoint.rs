@@ -42,8 +42,10 @@ impl WaypointProcess {
                 "--admin-addr",
                 "127.0.0.1:15000",
             ])
-            .env("RUST_LOG", std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::null());
+            .env("RUST_LOG", std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "warn".into()));
+        if std::env::var_os("WAYPOINT_LOG").is_none() {
+            cmd.stdout(Stdio::null());
+        }
         let child = pod.spawn(cmd).context("spawning ztunnel waypoint")?;
         let mut w = WaypointProcess { child, pod: pod.clone(), routes: routes.to_path_buf() };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -74,6 +76,20 @@ impl WaypointProcess {
     /// The sum of the samples of `name` whose labels include every `key="value"` of `labels`.
     pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         Ok(sum_samples(&self.metrics()?, name, labels))
+    }
+
+    /// Waits (up to 3 s) for the sum of `name`'s samples with `labels` to reach `expected`
+    /// (a request is counted when its response has been sent, which the client may see first)
+    /// and returns the last value read.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], expected: f64) -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let v = self.metric_sum(name, labels)?;
+            if v >= expected || Instant::now() > deadline {
+                return Ok(v);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Replaces the L7 objects file `file` in the routes directory and waits until the

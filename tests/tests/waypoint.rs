@@ -16,6 +16,10 @@ use ztunnel::redirect::Exclusions;
 
 const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const RATINGS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+const TCP_ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
+const GRPC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
+const TCP_PORT: u16 = 9000;
+const GRPC_PORT: u16 = 50051;
 const PORT: u16 = 9080;
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -32,6 +36,18 @@ spec:
     labels: {version: v2}
   - name: v3
     labels: {version: v3}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: tcp-echo
+spec:
+  host: tcp-echo
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
 ";
 
 /// The scenario: cluster, agents, waypoint and apps, all torn down on drop.
@@ -62,6 +78,9 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
     let r2 = c.add_pod(1, "reviews-v2").unwrap();
     let r3 = c.add_pod(1, "reviews-v3").unwrap();
     let ratings = c.add_pod(1, "ratings").unwrap();
+    let echo1 = c.add_pod(0, "tcp-echo-v1").unwrap();
+    let echo2 = c.add_pod(1, "tcp-echo-v2").unwrap();
+    let grpc = c.add_pod(1, "grpc").unwrap();
     let nodes = vec![
         MeshNode::start(&c, 0, Exclusions::default()).unwrap(),
         MeshNode::start(&c, 1, Exclusions::default()).unwrap(),
@@ -73,13 +92,27 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
         yaml += &app_workload(pod, "reviews", PORT, "reviews", v);
     }
     yaml += &app_workload(&ratings, "ratings", PORT, "ratings", "v1");
+    yaml += &app_workload(&echo1, "tcp-echo", TCP_PORT, "tcp-echo", "v1");
+    yaml += &app_workload(&echo2, "tcp-echo", TCP_PORT, "tcp-echo", "v2");
+    yaml += &app_workload(&grpc, "grpc", GRPC_PORT, "grpc", "v1");
     yaml += "services:\n";
     yaml += &service("reviews", REVIEWS_VIP, PORT, Some(&wp));
     yaml += &service("ratings", RATINGS_VIP, PORT, Some(&wp));
+    yaml += &service("tcp-echo", TCP_ECHO_VIP, TCP_PORT, Some(&wp));
+    yaml += &service("grpc", GRPC_VIP, GRPC_PORT, Some(&wp));
     write_mesh_config(&c, &yaml, &[&nodes[0], &nodes[1]]).unwrap();
     nodes[0].enroll_as(&client, "default", "client").unwrap();
-    for (pod, n) in [(&r1, 0), (&r2, 1), (&r3, 1), (&ratings, 1)] {
-        nodes[n].enroll_as(pod, "default", "reviews").unwrap();
+    // Each app pod's identity is its app's service account, as `app_workload` declares it.
+    for (pod, n, sa) in [
+        (&r1, 0, "reviews"),
+        (&r2, 1, "reviews"),
+        (&r3, 1, "reviews"),
+        (&ratings, 1, "ratings"),
+        (&echo1, 0, "tcp-echo"),
+        (&echo2, 1, "tcp-echo"),
+        (&grpc, 1, "grpc"),
+    ] {
+        nodes[n].enroll_as(pod, "default", sa).unwrap();
     }
     let mut apps = Vec::new();
     if !matches!(backends, Backends::DeadV1) {
@@ -93,6 +126,9 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
     }
     apps.push(App::start(&r3, PORT, Role::Echo { name: "reviews-v3".into() }).unwrap());
     apps.push(App::start(&ratings, PORT, Role::Ratings).unwrap());
+    apps.push(App::start(&echo1, TCP_PORT, Role::TcpEcho { prefix: "one".into() }).unwrap());
+    apps.push(App::start(&echo2, TCP_PORT, Role::TcpEcho { prefix: "two".into() }).unwrap());
+    apps.push(App::start(&grpc, GRPC_PORT, Role::Grpc { name: "grpc-v1".into() }).unwrap());
     let dir = PathBuf::from(RUN_DIR).join(format!("{}-routes", c.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
     write_atomically(&dir.join("subsets.yaml"), SUBSETS).unwrap();
@@ -170,7 +206,7 @@ fn injected_delay_holds_the_request_for_its_fixed_delay() {
     assert_eq!((status, body.trim()), (200, "reviews-v1"));
     assert!(took >= Duration::from_secs(1), "answered after {took:?}, before the 1 s delay");
     assert!(took < Duration::from_millis(1500), "answered after {took:?}");
-    assert_eq!(m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "DI")]).unwrap(), 1.0);
+    assert_eq!(m.waypoint.wait_metric("istio_requests_total", &[("response_flags", "DI")], 1.0).unwrap(), 1.0);
 }
 
 #[test]
@@ -186,7 +222,9 @@ fn injected_abort_answers_its_status_without_reaching_the_app() {
     let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
     assert_eq!((status, body.trim()), (200, "reviews-v1"));
     assert_eq!(
-        m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "FI"), ("response_code", "500")]).unwrap(),
+        m.waypoint
+            .wait_metric("istio_requests_total", &[("response_flags", "FI"), ("response_code", "500")], 1.0)
+            .unwrap(),
         1.0
     );
 }
@@ -208,7 +246,9 @@ fn route_timeout_fires_at_half_a_second_while_ratings_is_delayed() {
     // Margin: 250 ms over the 0.5 s for two HBONE hops and the client's own connect.
     assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(750), "timed out after {took:?}");
     assert_eq!(
-        m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "UT"), ("response_code", "504")]).unwrap(),
+        m.waypoint
+            .wait_metric("istio_requests_total", &[("response_flags", "UT"), ("response_code", "504")], 1.0)
+            .unwrap(),
         1.0
     );
 }
@@ -222,9 +262,14 @@ fn retries_of_a_dead_endpoint_are_counted_and_flagged_urx() {
     let (status, _, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
     assert_eq!(status, 503);
     let svc = "reviews.default.svc.cluster.local";
-    assert_eq!(m.waypoint.metric_sum("ztunnel_waypoint_retries_total", &[("destination_service", svc)]).unwrap(), 3.0);
     assert_eq!(
-        m.waypoint.metric_sum("istio_requests_total", &[("response_flags", "URX"), ("response_code", "503")]).unwrap(),
+        m.waypoint.wait_metric("ztunnel_waypoint_retries_total", &[("destination_service", svc)], 3.0).unwrap(),
+        3.0
+    );
+    assert_eq!(
+        m.waypoint
+            .wait_metric("istio_requests_total", &[("response_flags", "URX"), ("response_code", "503")], 1.0)
+            .unwrap(),
         1.0
     );
 }
@@ -356,4 +401,132 @@ fn oversized_headers_get_431_and_the_connection_closed() {
         b
     });
     bad_input_is_refused_and_other_tunnels_are_unaffected(big, "431");
+}
+
+#[test]
+fn tcp_routes_shift_80_20_within_five_sigma_over_500_connections() {
+    let routes = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata:\n  name: tcp-echo\nspec:\n  hosts: [tcp-echo]\n  tcp:\n  - match:\n    - port: 9000\n    route:\n    - destination: {host: tcp-echo, port: {number: 9000}, subset: v1}\n      weight: 80\n    - destination: {host: tcp-echo, port: {number: 9000}, subset: v2}\n      weight: 20\n";
+    let m = mesh(routes, Backends::Echo);
+    let dst = vip(TCP_ECHO_VIP, TCP_PORT);
+    let answers: Vec<String> = m.client.run(move || {
+        (0..500)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&dst, WAIT).unwrap();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                s.write_all(b"hello\n").unwrap();
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).unwrap();
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            })
+            .collect()
+    });
+    let two = answers.iter().filter(|a| a.as_str() == "two hello\n").count();
+    let one = answers.iter().filter(|a| a.as_str() == "one hello\n").count();
+    assert_eq!(one + two, 500, "every connection answered by tcp-echo: {:?}", &answers[..3]);
+    // Binomial(500, 0.2): mean 100, sigma 8.9; 5 sigma is ±45.
+    assert!((55..=145).contains(&two), "v2 took {two} of 500 (expected 100 ± 45)");
+}
+
+#[test]
+fn http2_clients_are_routed_like_http1_clients() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    for _ in 0..5 {
+        let (status, body) = mesh_tests::grpc_app::h2_get(&m.client, reviews(), "reviews:9080", "/reviews/0").unwrap();
+        assert_eq!((status, body.trim()), (200, "reviews-v1"));
+    }
+    assert_eq!(m.apps[0].received().len(), 5);
+}
+
+#[test]
+fn grpc_calls_cross_the_waypoint_with_their_trailers() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let reply =
+        mesh_tests::grpc_app::call(&m.client, vip(GRPC_VIP, GRPC_PORT), "grpc:50051", "/demo.Echo/Say", b"hi").unwrap();
+    assert_eq!(
+        (reply.http_status, reply.grpc_status.as_deref(), reply.message.as_slice()),
+        (200, Some("0"), &b"grpc-v1"[..])
+    );
+    let seen = m.apps[6].received();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/demo.Echo/Say");
+    assert_eq!(
+        m.waypoint
+            .wait_metric("istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "0")], 1.0)
+            .unwrap(),
+        1.0
+    );
+}
+
+#[test]
+fn grpc_abort_fault_answers_the_grpc_status() {
+    let routes = "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: grpc\nspec:\n  hosts: [grpc]\n  http:\n  - fault:\n      abort:\n        grpcStatus: UNAVAILABLE\n        percentage: {value: 100}\n    route:\n    - destination: {host: grpc}\n";
+    let m = mesh(routes, Backends::Echo);
+    let reply =
+        mesh_tests::grpc_app::call(&m.client, vip(GRPC_VIP, GRPC_PORT), "grpc:50051", "/demo.Echo/Say", b"hi").unwrap();
+    assert_eq!((reply.http_status, reply.grpc_status.as_deref()), (200, Some("14")));
+    assert!(m.apps[6].received().is_empty(), "the aborted call reached the server");
+}
+
+#[test]
+fn header_rules_and_trace_context_reach_the_app_and_the_client() {
+    let m = mesh(
+        &vs("  - headers:\n      request:\n        set: {x-routed: waypoint}\n        add: {x-added: one}\n        remove: [x-drop]\n      response:\n        set: {x-served-by: reviews}\n    route:\n    - destination: {host: reviews, subset: v1}\n"),
+        Backends::Echo,
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let (status, _, headers) = get(
+        &m.client,
+        reviews(),
+        "/reviews/0",
+        "reviews:9080",
+        &[("x-drop", "secret"), ("traceparent", &parent)],
+        WAIT,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(headers.iter().any(|(k, v)| k == "x-served-by" && v == "reviews"), "{headers:?}");
+    let seen = &m.apps[0].received()[0];
+    assert_eq!(seen.header("x-routed"), Some("waypoint"));
+    assert_eq!(seen.header("x-added"), Some("one"));
+    assert_eq!(seen.header("x-drop"), None);
+    let tp = seen.header("traceparent").expect("traceparent reached the app");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts[1], trace, "same trace");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "the waypoint added its own span id");
+}
+
+#[test]
+fn an_http2_protocol_violation_gets_goaway_and_other_tunnels_are_unaffected() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let good = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 1, WAIT).unwrap();
+    assert_eq!(version_counts(&good), [0, 1, 0, 0]);
+    // Preface, empty SETTINGS, then HEADERS on stream 2: clients must use odd stream ids.
+    let mut bad = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bad.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    bad.extend([0, 0, 3, 1, 5, 0, 0, 0, 2, 0x82, 0x84, 0x86]);
+    let answer = raw_bytes(&m.client, reviews(), bad);
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= answer.len() {
+        let len = u32::from_be_bytes([0, answer[at], answer[at + 1], answer[at + 2]]) as usize;
+        frames.push((answer[at + 3], answer[at + 9..(at + 9 + len).min(answer.len())].to_vec()));
+        at += 9 + len;
+    }
+    let goaway = frames.iter().find(|(t, _)| *t == 7).expect("a GOAWAY frame");
+    assert_eq!(&goaway.1[4..8], &[0, 0, 0, 1], "error code PROTOCOL_ERROR");
+    let after = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 3, WAIT).unwrap();
+    assert_eq!(version_counts(&after), [0, 3, 0, 0], "other tunnels still served");
+}
+
+/// Like [`raw`], with owned bytes and the answer as bytes.
+fn raw_bytes(pod: &Pod, dst: SocketAddr, bytes: Vec<u8>) -> Vec<u8> {
+    pod.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, WAIT).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    })
 }

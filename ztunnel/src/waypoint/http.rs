@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use tracing::debug;
 
 use super::authz::{self, RequestFacts};
-use super::telemetry::{AccessLog, RequestLabels};
+use super::telemetry::{AccessLog, Observed, Recorder, RequestLabels};
 use super::upstream::{self, Endpoint, SendError};
 use super::Shared;
 use crate::hbone::{ConnectHeaders, HboneStream};
@@ -82,7 +82,7 @@ impl Outcome {
 
 async fn handle(t: Arc<Tunnel>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let mut log = AccessLog {
+    let log = AccessLog {
         method: req.method().to_string(),
         path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         authority: authority_of(&req, t.vip),
@@ -95,12 +95,19 @@ async fn handle(t: Arc<Tunnel>, req: Request<Incoming>) -> Result<Response<Body>
     let grpc = is_grpc(req.headers());
     let mut out = Outcome::default();
     let resp = process(&t, req, &mut out).await;
-    finish(&t, &mut log, &out, &resp, grpc, started);
-    Ok(resp)
+    Ok(observe(&t, log, &out, resp, grpc, started))
 }
 
-/// Metrics and the access-log line of a finished request.
-fn finish(t: &Tunnel, log: &mut AccessLog, out: &Outcome, resp: &Response<Body>, grpc: bool, started: Instant) {
+/// Labels and access-log fields of a request whose response head is ready; the metrics and
+/// the log line are written when its body ends (for the bytes sent and gRPC trailers).
+fn observe(
+    t: &Tunnel,
+    mut log: AccessLog,
+    out: &Outcome,
+    resp: Response<Body>,
+    grpc: bool,
+    started: Instant,
+) -> Response<Body> {
     let snap = t.shared.state.snapshot();
     let src = snap.workload_by_ip(t.peer_addr.ip());
     let dst = out.upstream.as_ref().map(|e| e.workload.clone());
@@ -119,23 +126,19 @@ fn finish(t: &Tunnel, log: &mut AccessLog, out: &Outcome, resp: &Response<Body>,
     common.request_protocol = if grpc { "grpc" } else { "http" }.into();
     common.response_flags = flags.clone();
     common.connection_security_policy = "mutual_tls".into();
-    let response_bytes =
-        resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
     let labels = RequestLabels {
         common,
         response_code: resp.status().as_u16().to_string(),
         grpc_response_status: header_str(resp.headers(), "grpc-status").unwrap_or("-").to_string(),
     };
-    t.shared.requests.record(&labels, started.elapsed(), out.request_bytes, response_bytes);
     log.response_code = resp.status().as_u16();
     log.response_flags = flags;
     log.route_name = out.route.clone();
     log.upstream_host = out.upstream.as_ref().map(|e| e.addr.to_string()).unwrap_or_else(|| "-".into());
     log.upstream_cluster = out.upstream.as_ref().map(|e| e.service.hostname.clone()).unwrap_or_else(|| "-".into());
     log.bytes_received = out.request_bytes;
-    log.bytes_sent = response_bytes;
-    log.duration_ms = started.elapsed().as_millis() as u64;
-    log.emit();
+    let recorder = Recorder::new(t.shared.requests.clone(), labels, log, started, out.request_bytes);
+    resp.map(|body| Observed::new(body, recorder).boxed())
 }
 
 async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Response<Body> {
@@ -303,7 +306,8 @@ async fn forward(
         },
         None => None,
     };
-    let h2 = parts.version == Version::HTTP_2;
+    // Endpoints are spoken to in HTTP/1.1, gRPC in HTTP/2 (it needs trailers and streams).
+    let h2 = grpc;
     let send = Send { t, method: parts.method.clone(), path: target.path.clone(), headers, body, h2 };
     for (m, pct) in rule.map(|r| r.mirrors.as_slice()).unwrap_or_default() {
         if hit(*pct) {

@@ -4,8 +4,12 @@
 //! `response_flags` (`FI` injected abort, `DI` injected delay, `UT` timeout, `URX` retries
 //! exhausted, `UH` no endpoint, `UF` upstream connect failure), a retry counter, and one
 //! access-log line per request.
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -129,5 +133,94 @@ impl AccessLog {
     }
 }
 
-/// Shared handle.
-pub type SharedMetrics = Arc<RequestMetrics>;
+/// Writes one request's metrics and access-log line once, when its response ends (or is
+/// dropped unfinished: the client went away).
+pub struct Recorder {
+    metrics: RequestMetrics,
+    labels: RequestLabels,
+    log: AccessLog,
+    started: Instant,
+    request_bytes: u64,
+    response_bytes: u64,
+    done: bool,
+}
+
+impl Recorder {
+    /// A recorder for a request whose response head has these `labels`.
+    pub fn new(
+        metrics: RequestMetrics,
+        labels: RequestLabels,
+        log: AccessLog,
+        started: Instant,
+        request_bytes: u64,
+    ) -> Self {
+        Recorder { metrics, labels, log, started, request_bytes, response_bytes: 0, done: false }
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let took = self.started.elapsed();
+        self.metrics.record(&self.labels, took, self.request_bytes, self.response_bytes);
+        self.log.bytes_sent = self.response_bytes;
+        self.log.duration_ms = took.as_millis() as u64;
+        self.log.emit();
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts its bytes, reads `grpc-status` from its trailers and
+    /// records the request when it ends.
+    pub struct Observed<B> {
+        #[pin]
+        inner: B,
+        recorder: Recorder,
+    }
+}
+
+impl<B> Observed<B> {
+    /// Observes `inner` for `recorder`.
+    pub fn new(inner: B, recorder: Recorder) -> Self {
+        Observed { inner, recorder }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Observed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.recorder.response_bytes += d.len() as u64;
+                }
+                if let Some(status) =
+                    frame.trailers_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok())
+                {
+                    this.recorder.labels.grpc_response_status = status.to_string();
+                }
+            }
+            Poll::Ready(None) => this.recorder.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
