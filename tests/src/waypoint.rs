@@ -26,14 +26,20 @@ impl WaypointProcess {
     /// CA, reading the cluster's local config and the L7 objects in `routes`. Returns once
     /// it serves metrics.
     pub fn start(cluster: &Cluster, pod: &Pod, routes: &Path) -> Result<Self> {
+        let mut args: Vec<String> =
+            vec!["--local-config".into(), crate::mesh::mesh_config_path(cluster).display().to_string()];
+        args.extend(["--ca-state-dir".into(), crate::mesh::ca_dir(cluster).display().to_string()]);
+        Self::spawn(pod, routes, &args)
+    }
+
+    /// Starts `ztunnel waypoint` in `pod` with the L7 objects in `routes` and `args` saying
+    /// where its state and certificate come from; returns once it serves metrics.
+    pub fn spawn(pod: &Pod, routes: &Path, args: &[String]) -> Result<Self> {
         let mut cmd = Command::new(crate::agent_process::ztunnel_binary());
         cmd.args(["waypoint", "--listen", "[::]:15008", "--worker-threads", "2"])
-            .arg("--local-config")
-            .arg(crate::mesh::mesh_config_path(cluster))
             .arg("--routes-dir")
             .arg(routes)
-            .arg("--ca-state-dir")
-            .arg(crate::mesh::ca_dir(cluster))
+            .args(args)
             .args([
                 "--metrics-addr",
                 METRICS_ADDR,

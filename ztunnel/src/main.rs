@@ -53,8 +53,19 @@ struct WaypointArgs {
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
     /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
-    #[arg(long, env = "LOCAL_XDS_PATH")]
-    local_config: PathBuf,
+    #[arg(long, env = "LOCAL_XDS_PATH", required_unless_present = "xds_address", conflicts_with = "xds_address")]
+    local_config: Option<PathBuf>,
+    /// Control plane serving delta ADS (istiod or `ztunnel controller`): workloads and services come from it.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// PEM roots for the xDS server's certificate.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    xds_root_ca: Option<PathBuf>,
+    /// The node the waypoint runs on, sent to the control plane.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     /// Directory (or file) of VirtualServices, DestinationRules and AuthorizationPolicies; re-read on change.
     #[arg(long)]
     routes_dir: Option<PathBuf>,
@@ -73,6 +84,9 @@ struct WaypointArgs {
     /// File with the bearer token sent to the CA.
     #[arg(long, env = "AUTH_TOKEN")]
     auth_token: Option<PathBuf>,
+    /// Name expected in the control plane's certificate (default: the address's host).
+    #[arg(long, env = "ZTUNNEL_CONTROL_PLANE_SERVER_NAME")]
+    control_plane_server_name: Option<String>,
     /// Prometheus listener.
     #[arg(long, default_value = "[::]:15020")]
     metrics_addr: std::net::SocketAddr,
@@ -284,15 +298,27 @@ fn certificate_provider(
 }
 
 fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
-    use ztunnel::waypoint::{Waypoint, WaypointConfig};
-    let remote = match args.ca_address.clone() {
-        Some(address) => Some(ztunnel::grpc::ControlPlaneEndpoint {
+    use ztunnel::waypoint::{StateSource, Waypoint, WaypointConfig};
+    let endpoint = |address: String, root: &Option<PathBuf>| -> anyhow::Result<ztunnel::grpc::ControlPlaneEndpoint> {
+        Ok(ztunnel::grpc::ControlPlaneEndpoint {
             address,
-            root_pem: args.ca_root_ca.as_ref().map(std::fs::read).transpose().context("reading CA_ROOT_CA")?,
-            server_name: None,
+            root_pem: root
+                .as_ref()
+                .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?,
+            server_name: args.control_plane_server_name.clone(),
             token_path: args.auth_token.clone(),
+        })
+    };
+    let remote = args.ca_address.clone().map(|a| endpoint(a, &args.ca_root_ca)).transpose()?;
+    let state = match (&args.local_config, &args.xds_address) {
+        (Some(path), _) => StateSource::LocalConfig(path.clone()),
+        (None, Some(address)) => StateSource::Xds(ztunnel::xds::XdsConfig {
+            server: endpoint(address.clone(), &args.xds_root_ca)?,
+            node_name: ztunnel::grpc::node_name(&args.node_name),
+            cluster_id: args.cluster_id.clone(),
         }),
-        None => None,
+        (None, None) => anyhow::bail!("give --local-config or --xds-address"),
     };
     let ca = certificate_provider(&args.trust_domain, args.ca_dir.clone(), args.ca_state_dir.clone(), remote)?;
     let identity = ztunnel::identity::Identity::new(&args.trust_domain, &args.namespace, &args.service_account)
@@ -303,7 +329,7 @@ fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Res
         name: (args.namespace.clone(), args.gateway_name.clone()),
         trust_domain: args.trust_domain.clone(),
         ca,
-        local_config: args.local_config.clone(),
+        state,
         routes_dir: args.routes_dir.clone(),
     };
     let rt =

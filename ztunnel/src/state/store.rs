@@ -46,7 +46,8 @@ pub struct Upstream {
 impl Upstream {
     /// Whether to tunnel in HBONE (the destination is a mesh workload).
     pub fn is_hbone(&self) -> bool {
-        self.workload.as_ref().is_some_and(|w| w.protocol == WorkloadProtocol::Hbone)
+        // A waypoint always takes HBONE, whatever its own pod's enrollment.
+        self.hbone_dst.is_some() || self.workload.as_ref().is_some_and(|w| w.protocol == WorkloadProtocol::Hbone)
     }
 }
 

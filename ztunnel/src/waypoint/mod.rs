@@ -51,11 +51,23 @@ pub struct WaypointConfig {
     pub trust_domain: String,
     /// Signs the waypoint's certificate.
     pub ca: Arc<dyn CertificateProvider>,
-    /// Istio local-config YAML with the mesh's workloads and services (re-read on change).
-    pub local_config: PathBuf,
+    /// Where the mesh's workloads and services come from.
+    pub state: StateSource,
     /// Directory of VirtualServices, DestinationRules and AuthorizationPolicies (re-read on change).
     pub routes_dir: Option<PathBuf>,
 }
+
+/// Where a waypoint learns workloads and services, as a node agent does.
+#[derive(Clone)]
+pub enum StateSource {
+    /// Istio local-config YAML (re-read on change).
+    LocalConfig(PathBuf),
+    /// Delta ADS from a control plane (istiod or `ztunnel controller`).
+    Xds(crate::xds::XdsConfig),
+}
+
+/// How long a waypoint on xDS waits for its first state before it starts listening anyway.
+const FIRST_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What every tunnel of the waypoint shares.
 pub(crate) struct Shared {
@@ -98,13 +110,32 @@ impl Waypoint {
     /// Loads the config, gets the waypoint's certificate and starts serving.
     pub async fn start(cfg: WaypointConfig, metrics: Arc<Metrics>) -> Result<Waypoint, StartError> {
         let state = Arc::new(StateStore::new(Default::default()));
-        let text = std::fs::read_to_string(&cfg.local_config)
-            .map_err(|e| StartError::LocalConfig(cfg.local_config.clone(), e.to_string()))?;
-        for e in state.apply_yaml(&text) {
-            if e.kind == "document" {
-                return Err(StartError::LocalConfig(cfg.local_config.clone(), e.reason));
+        let mut tasks = Vec::new();
+        match &cfg.state {
+            StateSource::LocalConfig(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| StartError::LocalConfig(path.clone(), e.to_string()))?;
+                for e in state.apply_yaml(&text) {
+                    if e.kind == "document" {
+                        return Err(StartError::LocalConfig(path.clone(), e.reason));
+                    }
+                    metrics.config_rejected(e.kind);
+                }
+                tasks.push(tokio::spawn(follow_local_config(path.clone(), state.clone(), metrics.clone())));
             }
-            metrics.config_rejected(e.kind);
+            StateSource::Xds(xds) => {
+                let stats = Arc::new(crate::xds::XdsStats::default());
+                crate::xds::client::register_metrics(&metrics, stats.clone());
+                tasks.push(tokio::spawn(crate::xds::run(xds.clone(), state.clone(), stats.clone())));
+                let deadline = tokio::time::Instant::now() + FIRST_SYNC_WAIT;
+                while !stats.synced.load(std::sync::atomic::Ordering::Acquire) && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                if !stats.synced.load(std::sync::atomic::Ordering::Acquire) {
+                    warn!("no state from the control plane yet; serving what arrives");
+                }
+            }
         }
         let routes = Routes::default();
         if let Some(dir) = &cfg.routes_dir {
@@ -118,7 +149,7 @@ impl Waypoint {
             Arc::new(CertManagerTls { certs: certs.clone() }),
         );
         let shared = Arc::new(Shared {
-            state: state.clone(),
+            state,
             routes: routes.clone(),
             upstreams: Upstreams::new(cfg.identity.clone(), cfg.trust_domain.clone(), pool),
             requests: RequestMetrics::register(&metrics),
@@ -128,8 +159,7 @@ impl Waypoint {
         let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
         let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;
         info!(%addr, identity = %cfg.identity, "waypoint listening");
-        let mut tasks = vec![tokio::spawn(accept(listener, shared, certs, cfg.identity.clone()))];
-        tasks.push(tokio::spawn(follow_local_config(cfg.local_config.clone(), state, metrics.clone())));
+        tasks.push(tokio::spawn(accept(listener, shared, certs, cfg.identity.clone())));
         if let Some(dir) = cfg.routes_dir.clone() {
             tasks.push(tokio::spawn(routes.clone().follow(dir, metrics.clone())));
         }
