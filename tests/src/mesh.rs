@@ -433,3 +433,43 @@ pub fn sweep_pins() {
 
 /// Where test agents keep sockets, pod state, CA roots and local configs.
 pub const RUN_DIR: &str = "/run/ztunnel-test";
+
+/// One HBONE CONNECT from inside `from` (a pod or node namespace), authenticated as `src_identity` with a certificate
+/// of the cluster's own CA, to the HBONE server at `hbone_ip` (which must prove
+/// `dst_identity`) for `target`, with `forwarded` as the `forwarded` header: what a
+/// misbehaving or forging mesh member can send. `Err` carries the refusal.
+pub fn hbone_connect(
+    cluster: &Cluster,
+    from: &impl InNetns,
+    src_identity: &str,
+    dst_identity: &str,
+    hbone_ip: std::net::IpAddr,
+    target: std::net::SocketAddr,
+    forwarded: std::net::SocketAddr,
+) -> std::result::Result<(), String> {
+    use std::sync::Arc;
+    use ztunnel::hbone::{CertManagerTls, ConnectHeaders, ConnectionPool, PoolConfig, PoolKey, TcpDialer};
+    use ztunnel::identity::{CertManager, CertManagerConfig, Identity};
+    let mut cfg = CaConfig::new(TRUST_DOMAIN);
+    cfg.state_dir = Some(ca_dir(cluster));
+    let ca = Arc::new(InProcessCa::new(cfg).map_err(|e| e.to_string())?);
+    let src: Identity = src_identity.parse().map_err(|e| format!("{e}"))?;
+    let dst: Identity = dst_identity.parse().map_err(|e| format!("{e}"))?;
+    from.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let certs = CertManager::new(ca, CertManagerConfig::default());
+            let pool =
+                ConnectionPool::new(PoolConfig::default(), Arc::new(TcpDialer), Arc::new(CertManagerTls { certs }));
+            let key = PoolKey {
+                src_identity: src,
+                dst_identity: dst,
+                dst_alt_identities: vec![],
+                dst: std::net::SocketAddr::new(hbone_ip, 15008),
+                src_ip: forwarded.ip(),
+            };
+            let headers = ConnectHeaders { forwarded_for: Some(forwarded), ..Default::default() };
+            pool.connect(key, target, headers).await.map(|_| ()).map_err(|e| e.to_string())
+        })
+    })
+}

@@ -165,31 +165,8 @@ fn forged_connect(
     server: SocketAddr,
     forwarded_for: SocketAddr,
 ) -> Result<(), String> {
-    use std::sync::Arc;
-    use ztunnel::hbone::{CertManagerTls, ConnectHeaders, ConnectionPool, PoolConfig, PoolKey, TcpDialer};
-    use ztunnel::identity::{CaConfig, CertManager, CertManagerConfig, InProcessCa};
-    let mut cfg = CaConfig::new("cluster.local");
-    cfg.state_dir = Some(mesh_tests::mesh::ca_dir(c));
-    let ca = Arc::new(InProcessCa::new(cfg).unwrap());
-    let src: ztunnel::identity::Identity = identity.parse().unwrap();
-    let dst_id: ztunnel::identity::Identity = "spiffe://cluster.local/ns/default/sa/server".parse().unwrap();
-    from.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let certs = CertManager::new(ca, CertManagerConfig::default());
-            let pool =
-                ConnectionPool::new(PoolConfig::default(), Arc::new(TcpDialer), Arc::new(CertManagerTls { certs }));
-            let key = PoolKey {
-                src_identity: src,
-                dst_identity: dst_id,
-                dst_alt_identities: vec![],
-                dst: SocketAddr::new(server.ip(), 15008),
-                src_ip: forwarded_for.ip(),
-            };
-            let headers = ConnectHeaders { forwarded_for: Some(forwarded_for), ..Default::default() };
-            pool.connect(key, server, headers).await.map(|_| ()).map_err(|e| e.to_string())
-        })
-    })
+    let dst = "spiffe://cluster.local/ns/default/sa/server";
+    mesh_tests::mesh::hbone_connect(c, from, identity, dst, server.ip(), server, forwarded_for)
 }
 
 #[test]

@@ -18,6 +18,8 @@ const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const RATINGS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
 const TCP_ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 const GRPC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
+/// A service that does not use the waypoint.
+const DIRECT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 34);
 const TCP_PORT: u16 = 9000;
 const GRPC_PORT: u16 = 50051;
 const PORT: u16 = 9080;
@@ -55,8 +57,9 @@ struct Mesh {
     waypoint: WaypointProcess,
     apps: Vec<App>,
     client: Pod,
+    waypoint_pod: Pod,
     _nodes: Vec<MeshNode>,
-    _c: Cluster,
+    c: Cluster,
 }
 
 /// How the `reviews` pods answer.
@@ -100,6 +103,7 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
     yaml += &service("ratings", RATINGS_VIP, PORT, Some(&wp));
     yaml += &service("tcp-echo", TCP_ECHO_VIP, TCP_PORT, Some(&wp));
     yaml += &service("grpc", GRPC_VIP, GRPC_PORT, Some(&wp));
+    yaml += &service("direct", DIRECT_VIP, PORT, None);
     write_mesh_config(&c, &yaml, &[&nodes[0], &nodes[1]]).unwrap();
     nodes[0].enroll_as(&client, "default", "client").unwrap();
     // Each app pod's identity is its app's service account, as `app_workload` declares it.
@@ -134,7 +138,7 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
     write_atomically(&dir.join("subsets.yaml"), SUBSETS).unwrap();
     write_atomically(&dir.join("routes.yaml"), routes).unwrap();
     let waypoint = WaypointProcess::start(&c, &wp, &dir).expect("waypoint");
-    Mesh { waypoint, apps, client, _nodes: nodes, _c: c }
+    Mesh { waypoint, apps, client, waypoint_pod: wp, _nodes: nodes, c }
 }
 
 fn reviews() -> SocketAddr {
@@ -529,4 +533,94 @@ fn raw_bytes(pod: &Pod, dst: SocketAddr, bytes: Vec<u8>) -> Vec<u8> {
         let _ = s.read_to_end(&mut out);
         out
     })
+}
+
+fn policy(name: &str, service: &str, action: &str, rules: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\nspec:\n  targetRefs:\n  - kind: Service\n    group: \"\"\n    name: {service}\n  action: {action}\n  rules:\n{rules}"
+    )
+}
+
+#[test]
+fn tcp_routed_tunnels_are_held_to_the_policies_of_their_service() {
+    let routes = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: tcp-echo\nspec:\n  hosts: [tcp-echo]\n  tcp:\n  - route:\n    - destination: {{host: tcp-echo, subset: v1}}\n{}",
+        policy("only-admin", "tcp-echo", "ALLOW", "  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/admin\"]\n")
+    );
+    let m = mesh(&routes, Backends::Echo);
+    let dst = vip(TCP_ECHO_VIP, TCP_PORT);
+    let answer = m.client.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, WAIT).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = s.write_all(b"hello\n");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf
+    });
+    assert!(answer.is_empty(), "the client (not admin) got an echo: {:?}", String::from_utf8_lossy(&answer));
+    assert!(m.apps[4].received().is_empty() && m.apps[5].received().is_empty(), "tcp-echo was reached");
+}
+
+#[test]
+fn l7_policy_sees_the_normalized_path_the_app_would_read() {
+    let routes = format!(
+        "{}{}",
+        vs(ALL_V1),
+        policy("no-admin", "reviews", "DENY", "  - to:\n    - operation:\n        paths: [\"/admin*\"]\n")
+    );
+    let m = mesh(&routes, Backends::Echo);
+    for path in ["/admin", "/public/../admin", "/public/%2e%2e/admin", "/%61dmin", "//admin", "/./admin/x"] {
+        let (status, _, _) = get(&m.client, reviews(), path, "reviews:9080", &[], WAIT).unwrap();
+        assert_eq!(status, 403, "{path}");
+    }
+    for path in ["/public/%2fadmin", "/public/%5c..%5cadmin"] {
+        let (status, _, _) = get(&m.client, reviews(), path, "reviews:9080", &[], WAIT).unwrap();
+        assert_eq!(status, 400, "{path}");
+    }
+    let (status, body, _) = get(&m.client, reviews(), "/public/../reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!((status, body.trim()), (200, "reviews-v1"));
+    let seen = m.apps[0].received();
+    assert_eq!(
+        seen.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+        ["/reviews/0"],
+        "the app got the normalized path only"
+    );
+}
+
+#[test]
+fn connect_to_an_undeclared_port_or_a_service_without_this_waypoint_is_refused() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let wp = std::net::IpAddr::from(m.waypoint_pod.ip4());
+    let client = "spiffe://cluster.local/ns/default/sa/client";
+    let waypoint = "spiffe://cluster.local/ns/default/sa/waypoint";
+    let from = SocketAddr::new(m.client.ip4().into(), 40000);
+    // From node 0's own namespace: a pod's connections to 15008 would be captured.
+    let node = m.c.node(0);
+    let ok = mesh_tests::mesh::hbone_connect(&m.c, node, client, waypoint, wp, reviews(), from);
+    assert!(ok.is_ok(), "a declared port of a service using the waypoint: {ok:?}");
+    for target in [vip(REVIEWS_VIP, 8081), vip(DIRECT_VIP, PORT), SocketAddr::new(m.apps_pod_ip(), PORT)] {
+        let refused = mesh_tests::mesh::hbone_connect(&m.c, node, client, waypoint, wp, target, from);
+        assert!(refused.as_ref().is_err_and(|e| e.contains("400")), "{target}: {refused:?}");
+    }
+}
+
+#[test]
+fn the_app_learns_the_caller_from_the_waypoint_not_from_client_headers() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let forged = "By=spiffe://cluster.local/ns/default/sa/reviews;URI=spiffe://cluster.local/ns/default/sa/admin";
+    let (status, _, _) =
+        get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("x-forwarded-client-cert", forged)], WAIT).unwrap();
+    assert_eq!(status, 200);
+    let seen = &m.apps[0].received()[0];
+    assert_eq!(
+        seen.header("x-forwarded-client-cert"),
+        Some("By=spiffe://cluster.local/ns/default/sa/waypoint;URI=spiffe://cluster.local/ns/default/sa/client")
+    );
+}
+
+impl Mesh {
+    /// The reviews-v1 pod's address (a workload, not a service).
+    fn apps_pod_ip(&self) -> std::net::IpAddr {
+        self.c.pods().iter().find(|p| p.name() == "reviews-v1").map(|p| p.ip4().into()).expect("reviews-v1 pod")
+    }
 }

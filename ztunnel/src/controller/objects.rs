@@ -253,7 +253,7 @@ pub struct AuthorizationPolicy {
 
 /// `spec` of an AuthorizationPolicy.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// Absent: the whole namespace (or the mesh, in the root namespace).
     #[serde(default)]
@@ -275,7 +275,7 @@ pub struct AuthorizationPolicySpec {
 
 /// One rule: all of `from`, `to` and `when` must hold.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationRule {
     #[serde(default, deserialize_with = "null_default")]
     pub from: Vec<RuleFrom>,
@@ -287,6 +287,7 @@ pub struct AuthorizationRule {
 
 /// `from[]`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleFrom {
     #[serde(default)]
     pub source: Source,
@@ -294,7 +295,7 @@ pub struct RuleFrom {
 
 /// `from[].source`. The `request*` and `remoteIpBlocks` fields are HTTP-level (L7).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default, deserialize_with = "strings")]
     pub principals: Vec<String>,
@@ -324,6 +325,7 @@ pub struct Source {
 
 /// `to[]`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleTo {
     #[serde(default)]
     pub operation: Operation,
@@ -331,7 +333,7 @@ pub struct RuleTo {
 
 /// `to[].operation`. Only the ports are L4; hosts, methods and paths are HTTP-level.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default, deserialize_with = "strings")]
     pub hosts: Vec<String>,
@@ -353,7 +355,7 @@ pub struct Operation {
 
 /// `when[]`: `key` with `values` / `notValues`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     pub key: String,
     #[serde(default, deserialize_with = "strings")]

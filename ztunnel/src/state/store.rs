@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use super::config::{LocalConfig, Service, WaypointRef, Workload, WorkloadProtocol};
+use super::config::{LocalConfig, Service, Workload, WorkloadProtocol};
 use super::{parse_local_config, ConfigError};
 use crate::policy::{InvalidPolicy, Policies};
 
@@ -163,7 +163,7 @@ impl Snapshot {
             });
         };
         if let Some(wp) = &svc.waypoint {
-            let (waypoint, ip) = self.waypoint_endpoint(wp, dst.ip())?;
+            let (waypoint, ip) = self.waypoint_endpoint(svc, dst.ip())?;
             if from.is_none_or(|f| f.uid != waypoint.uid) {
                 return Some(Upstream {
                     workload: Some(waypoint),
@@ -220,32 +220,36 @@ impl Snapshot {
         self.vips.get(&ip).cloned()
     }
 
-    /// A waypoint pod for `wp`, and its address in `like`'s family: the workload at the
-    /// address, or an endpoint of the Service the address or hostname names.
-    fn waypoint_endpoint(&self, wp: &WaypointRef, like: IpAddr) -> Option<(Arc<Workload>, IpAddr)> {
-        let svc = match (&wp.address, &wp.hostname) {
+    /// Every workload that is `svc`'s waypoint (the pod at its address, or the endpoints of
+    /// the waypoint's Service); empty when it has none.
+    pub fn waypoint_of(&self, svc: &Service) -> Vec<Arc<Workload>> {
+        let Some(wp) = &svc.waypoint else { return vec![] };
+        let service = match (&wp.address, &wp.hostname) {
             (Some(ip), _) => match self.vips.get(ip) {
-                Some(svc) => svc.clone(),
-                None => {
-                    let w = self.workload_by_ip(*ip)?;
-                    let ip = pick_family(&w.workload_ips, like).unwrap_or(*ip);
-                    return Some((w, ip));
-                }
+                Some(s) => s.clone(),
+                None => return self.workload_by_ip(*ip).into_iter().collect(),
             },
             (None, Some(h)) => {
                 let (ns, host) = h.split_once('/').unwrap_or(("", h));
-                self.config
-                    .services
-                    .iter()
-                    .find(|s| s.hostname == host && (ns.is_empty() || s.namespace == ns))?
-                    .clone()
+                match self.config.services.iter().find(|s| s.hostname == host && (ns.is_empty() || s.namespace == ns)) {
+                    Some(s) => s.clone(),
+                    None => return vec![],
+                }
             }
-            (None, None) => return None,
+            (None, None) => return vec![],
         };
-        let key = svc.key();
-        let eps = self.endpoints.get(&key).filter(|e| !e.is_empty())?;
-        let i = self.rr.get(&key).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
-        let w = eps[i % eps.len()].clone();
+        self.endpoints.get(&service.key()).cloned().unwrap_or_default()
+    }
+
+    /// A waypoint pod of `svc` (round robin over [`Snapshot::waypoint_of`]) and its address
+    /// in `like`'s family.
+    fn waypoint_endpoint(&self, svc: &Service, like: IpAddr) -> Option<(Arc<Workload>, IpAddr)> {
+        let pods = self.waypoint_of(svc);
+        if pods.is_empty() {
+            return None;
+        }
+        let i = self.rr.get(&svc.key()).map(|c| c.fetch_add(1, Ordering::Relaxed)).unwrap_or(0);
+        let w = pods[i % pods.len()].clone();
         let ip = pick_family(&w.workload_ips, like)?;
         Some((w, ip))
     }

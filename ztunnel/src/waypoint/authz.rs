@@ -85,6 +85,19 @@ struct When {
 struct Values(Vec<String>);
 
 impl Values {
+    /// Istio allows `*` alone, or one `*` at the start or the end: anything else would
+    /// silently never match (and a DENY that never matches is an open door).
+    fn new(v: Vec<String>) -> Result<Self, String> {
+        for p in &v {
+            let stars = p.matches('*').count();
+            let ok = stars == 0 || p == "*" || (stars == 1 && (p.starts_with('*') || p.ends_with('*')));
+            if !ok {
+                return Err(format!("value {p:?}: `*` may only be a prefix, a suffix or the whole value"));
+            }
+        }
+        Ok(Values(v))
+    }
+
     fn any(&self, v: &str) -> bool {
         self.0.iter().any(|p| pattern_matches(p, v))
     }
@@ -125,6 +138,10 @@ pub struct RequestFacts<'a> {
     /// The service port the client addressed.
     pub port: u16,
     pub headers: &'a HeaderMap,
+    /// False for a raw TCP tunnel: HTTP fields (hosts, methods, paths, headers) are then
+    /// unknown, so an ALLOW rule that needs them does not match and a DENY rule is held to
+    /// its other fields (it matches more broadly), as Istio does for TCP.
+    pub http: bool,
 }
 
 /// Compiles one AuthorizationPolicy of `namespace`: `Ok(None)` when it has no `targetRef(s)`
@@ -153,7 +170,7 @@ pub fn compile(ap: &AuthorizationPolicy, namespace: &str) -> Result<Option<L7Pol
             rules
                 .iter()
                 .enumerate()
-                .map(|(i, r)| rule(r).map_err(|e| format!("rules[{i}]: {e}")))
+                .map(|(i, r)| rule(r, namespace).map_err(|e| format!("rules[{i}]: {e}")))
                 .collect::<Result<_, _>>()?,
         ),
     };
@@ -168,8 +185,8 @@ fn target(r: &serde_yaml_ng::Value, namespace: &str) -> Result<Target, String> {
         return Err("targetRef has no name".into());
     }
     let ns = match field("namespace") {
-        n if n.is_empty() => namespace.to_string(),
-        n => n,
+        n if n.is_empty() || n == namespace => namespace.to_string(),
+        n => return Err(format!("targetRef to namespace {n}: a policy may only target its own namespace")),
     };
     match (kind.as_str(), field("group").as_str()) {
         ("Service", "" | "core") => Ok(Target::Service { namespace: ns, name }),
@@ -178,7 +195,7 @@ fn target(r: &serde_yaml_ng::Value, namespace: &str) -> Result<Target, String> {
     }
 }
 
-fn rule(r: &AuthorizationRule) -> Result<Rule, String> {
+fn rule(r: &AuthorizationRule, namespace: &str) -> Result<Rule, String> {
     let from = r
         .from
         .iter()
@@ -193,31 +210,32 @@ fn rule(r: &AuthorizationRule) -> Result<Rule, String> {
             let mut principals = s.principals.clone();
             let mut not_principals = s.not_principals.clone();
             // serviceAccounts: `ns/sa` (or `sa` in the policy's namespace) as principals.
-            principals.extend(s.service_accounts.iter().map(|sa| sa_principal(sa)));
-            not_principals.extend(s.not_service_accounts.iter().map(|sa| sa_principal(sa)));
+            principals.extend(s.service_accounts.iter().map(|sa| sa_principal(sa, namespace)));
+            not_principals.extend(s.not_service_accounts.iter().map(|sa| sa_principal(sa, namespace)));
             Ok(Source {
-                principals: Values(principals),
-                not_principals: Values(not_principals),
-                namespaces: Values(s.namespaces.clone()),
-                not_namespaces: Values(s.not_namespaces.clone()),
+                principals: Values::new(principals)?,
+                not_principals: Values::new(not_principals)?,
+                namespaces: Values::new(s.namespaces.clone())?,
+                not_namespaces: Values::new(s.not_namespaces.clone())?,
                 ip_blocks: cidrs(&s.ip_blocks)?,
                 not_ip_blocks: cidrs(&s.not_ip_blocks)?,
             })
         })
         .collect::<Result<_, _>>()?;
+    let upper = |v: &[String]| v.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>();
     let to =
         r.to.iter()
             .map(|t| {
                 let o = &t.operation;
                 Ok(Operation {
-                    hosts: Values(o.hosts.clone()),
-                    not_hosts: Values(o.not_hosts.clone()),
+                    hosts: Values::new(o.hosts.clone())?,
+                    not_hosts: Values::new(o.not_hosts.clone())?,
                     ports: ports(&o.ports)?,
                     not_ports: ports(&o.not_ports)?,
-                    methods: Values(o.methods.clone()),
-                    not_methods: Values(o.not_methods.clone()),
-                    paths: Values(o.paths.clone()),
-                    not_paths: Values(o.not_paths.clone()),
+                    methods: Values::new(upper(&o.methods))?,
+                    not_methods: Values::new(upper(&o.not_methods))?,
+                    paths: Values::new(o.paths.clone())?,
+                    not_paths: Values::new(o.not_paths.clone())?,
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -225,8 +243,12 @@ fn rule(r: &AuthorizationRule) -> Result<Rule, String> {
     Ok(Rule { from, to, when })
 }
 
-fn sa_principal(sa: &str) -> String {
-    format!("*/ns/{}", sa.replacen('/', "/sa/", 1))
+/// `serviceAccounts` entries: `ns/sa`, or `sa` in the policy's own namespace.
+fn sa_principal(sa: &str, namespace: &str) -> String {
+    match sa.split_once('/') {
+        Some((ns, name)) => format!("*/ns/{ns}/sa/{name}"),
+        None => format!("*/ns/{namespace}/sa/{sa}"),
+    }
 }
 
 fn condition(c: &Condition) -> Result<When, String> {
@@ -244,7 +266,7 @@ fn condition(c: &Condition) -> Result<When, String> {
     if c.values.is_empty() && c.not_values.is_empty() {
         return Err(format!("when {}: needs values or notValues", c.key));
     }
-    Ok(When { key, values: Values(c.values.clone()), not_values: Values(c.not_values.clone()) })
+    Ok(When { key, values: Values::new(c.values.clone())?, not_values: Values::new(c.not_values.clone())? })
 }
 
 fn ports(v: &[String]) -> Result<Vec<u16>, String> {
@@ -265,15 +287,15 @@ impl L7Policy {
     }
 
     fn matches(&self, f: &RequestFacts<'_>) -> bool {
-        self.rules.as_ref().is_some_and(|rules| rules.iter().any(|r| r.matches(f)))
+        self.rules.as_ref().is_some_and(|rules| rules.iter().any(|r| r.matches(f, self.deny)))
     }
 }
 
 impl Rule {
-    fn matches(&self, f: &RequestFacts<'_>) -> bool {
+    fn matches(&self, f: &RequestFacts<'_>, deny: bool) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(f)))
-            && self.when.iter().all(|w| w.matches(f))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(f, deny)))
+            && self.when.iter().all(|w| w.matches(f, deny))
     }
 }
 
@@ -293,26 +315,55 @@ impl Source {
 }
 
 impl Operation {
-    fn matches(&self, f: &RequestFacts<'_>) -> bool {
+    fn matches(&self, f: &RequestFacts<'_>, deny: bool) -> bool {
+        let ports = (self.ports.is_empty() || self.ports.contains(&f.port)) && !self.not_ports.contains(&f.port);
+        let http_fields =
+            [&self.hosts, &self.not_hosts, &self.methods, &self.not_methods, &self.paths, &self.not_paths];
+        if !f.http {
+            return ports && (deny || http_fields.iter().all(|v| v.is_empty()));
+        }
         let any = |vs: &Values, v: &str| vs.any(v);
-        let host = f.host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(h, _)| h).unwrap_or(f.host);
-        both(&self.hosts, &self.not_hosts, Some(host), |vs, v| vs.any_ignoring_case(v))
-            && both(&self.methods, &self.not_methods, Some(f.method), any)
+        let method = f.method.to_ascii_uppercase();
+        both(&self.hosts, &self.not_hosts, Some(&host_name(f.host)), |vs, v| vs.any_ignoring_case(v))
+            && both(&self.methods, &self.not_methods, Some(&method), any)
             && both(&self.paths, &self.not_paths, Some(f.path), any)
-            && (self.ports.is_empty() || self.ports.contains(&f.port))
-            && !self.not_ports.contains(&f.port)
+            && ports
     }
 }
 
+/// The host of a `Host` / `:authority` value: no userinfo, no port, no trailing dot.
+fn host_name(authority: &str) -> String {
+    let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => h,
+        _ => host,
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
 impl When {
-    fn matches(&self, f: &RequestFacts<'_>) -> bool {
+    fn matches(&self, f: &RequestFacts<'_>, deny: bool) -> bool {
         let port = f.port.to_string();
-        let header: Option<String> = match &self.key {
-            WhenKey::Header(h) => f.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string),
-            _ => None,
-        };
         let value = match &self.key {
-            WhenKey::Header(_) => header.as_deref(),
+            WhenKey::Header(h) => {
+                if !f.http {
+                    return deny;
+                }
+                // Every value of the header, and all of them joined as one list: a second
+                // header line or a non-UTF-8 byte must not hide a value from a DENY.
+                let values: Vec<String> = f
+                    .headers
+                    .get_all(h.as_str())
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
+                if values.is_empty() {
+                    return self.values.is_empty() && !self.not_values.is_empty();
+                }
+                let joined = values.join(",");
+                let hit = |vs: &Values| values.iter().chain([&joined]).any(|v| vs.any(v));
+                return (self.values.is_empty() || hit(&self.values)) && !hit(&self.not_values);
+            }
             WhenKey::SourcePrincipal => f.principal,
             WhenKey::SourceNamespace => f.namespace,
             WhenKey::DestinationPort => Some(port.as_str()),
@@ -330,8 +381,8 @@ impl When {
 
 /// Decides one request against the policies bound to `service` or the waypoint:
 /// `Err(reason)` denies. `poisoned` says a policy bound there could not be read.
-pub fn evaluate(
-    policies: &[L7Policy],
+pub fn evaluate<'a>(
+    policies: impl Iterator<Item = &'a L7Policy>,
     poisoned: bool,
     service: (&str, &str),
     waypoint: (&str, &str),
@@ -340,7 +391,7 @@ pub fn evaluate(
     if poisoned {
         return Err("a policy bound here was rejected; denying everything until it is fixed".into());
     }
-    let bound: Vec<&L7Policy> = policies.iter().filter(|p| p.applies_to(service, waypoint)).collect();
+    let bound: Vec<&L7Policy> = policies.filter(|p| p.applies_to(service, waypoint)).collect();
     if let Some(p) = bound.iter().find(|p| p.deny && p.matches(f)) {
         return Err(format!("denied by {}", p.name));
     }

@@ -8,9 +8,10 @@
 //! [`FramingGuard`] follows the byte stream: it holds each request head back until it is
 //! complete, checks it, and skips the body by its framing (length or chunks) to find the
 //! next head. A bad head is replaced by a request line the server rejects with 400 (and
-//! closes); the rest of that connection is never read. HTTP/2 (its preface) and anything
-//! the guard cannot follow (an upgrade, a head larger than the server accepts) are passed
-//! through unchecked: the server applies its own limits and protocol rules there.
+//! closes); the rest of that connection is never read. Upgrades are not performed (the
+//! `Upgrade` header is hop-by-hop and dropped, CONNECT is refused), so framing goes on
+//! after them. HTTP/2 (its preface) and what the guard cannot follow (a head larger than
+//! the server accepts, a bad chunk size) pass unchecked: the server refuses those itself.
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -50,12 +51,22 @@ pub struct FramingGuard<IO> {
     ready: Vec<u8>,
     ready_at: usize,
     max_head: usize,
+    /// How much of `pending` the head search has covered.
+    scanned: usize,
 }
 
 impl<IO> FramingGuard<IO> {
     /// Guards `inner`; heads longer than `max_head` are left to the server to refuse.
     pub fn new(inner: IO, max_head: usize) -> Self {
-        FramingGuard { inner, state: State::Head, pending: Vec::new(), ready: Vec::new(), ready_at: 0, max_head }
+        FramingGuard {
+            inner,
+            state: State::Head,
+            pending: Vec::new(),
+            ready: Vec::new(),
+            ready_at: 0,
+            max_head,
+            scanned: 0,
+        }
     }
 
     /// Moves what can be decided in `pending` to `ready`.
@@ -79,13 +90,18 @@ impl<IO> FramingGuard<IO> {
                         self.state = State::Passthrough;
                         continue;
                     }
-                    let Some(end) = find(&self.pending, b"\r\n\r\n").map(|i| i + 4) else {
+                    // Resume where the last search stopped (a slow sender must not make each
+                    // byte rescan the whole head).
+                    let from = self.scanned.saturating_sub(2);
+                    let Some(end) = head_end(&self.pending[from..]).map(|e| e + from) else {
+                        self.scanned = self.pending.len();
                         if self.pending.len() > self.max_head {
                             self.state = State::Passthrough;
                             continue;
                         }
                         return;
                     };
+                    self.scanned = 0;
                     let head: Vec<u8> = self.pending.drain(..end).collect();
                     match check_head(&head) {
                         Ok(next) => {
@@ -158,6 +174,21 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// The end of a request head: the first empty line, ended by CRLF or a bare LF (which
+/// HTTP parsers also accept, so the guard must see such a head as one too).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(nl) = buf[i..].iter().position(|b| *b == b'\n') {
+        let next = i + nl + 1;
+        match buf.get(next..) {
+            Some([b'\n', ..]) => return Some(next + 1),
+            Some([b'\r', b'\n', ..]) => return Some(next + 2),
+            _ => i = next,
+        }
+    }
+    None
+}
+
 /// The state after a well-framed head, or `Err` for an ambiguous one. A head that does not
 /// parse is passed on for the server to refuse.
 fn check_head(head: &[u8]) -> Result<State, ()> {
@@ -173,10 +204,6 @@ fn check_head(head: &[u8]) -> Result<State, ()> {
         req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding")).map(|h| h.value).collect();
     if lengths.len() > 1 || (!lengths.is_empty() && !te.is_empty()) {
         return Err(());
-    }
-    let upgrade = req.method == Some("CONNECT") || req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("upgrade"));
-    if upgrade {
-        return Ok(State::Passthrough);
     }
     if !te.is_empty() {
         let chunked =
@@ -294,6 +321,19 @@ mod tests {
         let body = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
         let input = [format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), body].concat();
         assert_eq!(through(&input).await, input);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_does_not_switch_the_guard_off() {
+        let input = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let out = through(input).await;
+        assert!(out.ends_with(POISON), "{}", String::from_utf8_lossy(&out));
+    }
+
+    #[tokio::test]
+    async fn a_bare_lf_head_is_checked_too() {
+        let out = through(b"POST / HTTP/1.1\nContent-Length: 1\nContent-Length: 1\n\nx").await;
+        assert_eq!(out, POISON);
     }
 
     #[tokio::test]

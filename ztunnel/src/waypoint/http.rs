@@ -30,7 +30,13 @@ use crate::routing::{self, CompiledRoute, Decision, Retries, DEFAULT_RETRY_ON};
 use crate::state::Service;
 
 /// Largest request body the waypoint buffers (for retries and mirrors); larger gets 413.
-pub const MAX_BODY: usize = 16 * 1024 * 1024;
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// How long a client has to send its request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Mirror copies in flight at once; more are skipped.
+pub const MAX_MIRRORS: usize = 64;
+/// How long a mirror copy may take.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list): larger is refused.
 pub const MAX_HEADERS: usize = 16 * 1024;
 
@@ -129,7 +135,7 @@ fn observe(
     let labels = RequestLabels {
         common,
         response_code: resp.status().as_u16().to_string(),
-        grpc_response_status: header_str(resp.headers(), "grpc-status").unwrap_or("-").to_string(),
+        grpc_response_status: super::telemetry::grpc_status_label(header_str(resp.headers(), "grpc-status")),
     };
     log.response_code = resp.status().as_u16();
     log.response_flags = flags;
@@ -147,8 +153,19 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
         r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
+    if req.method() == Method::CONNECT {
+        let mut r = local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied by the waypoint");
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
     let authority = authority_of(&req, t.vip);
-    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    let raw = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    // One normalized path for policy, routing and the upstream alike.
+    let path = match super::path::normalize(&raw) {
+        Ok(p) => p,
+        Err(bad) => return local(StatusCode::BAD_REQUEST, bad.0),
+    };
+    let path_only = path.split_once('?').map(|(p, _)| p).unwrap_or(&path).to_string();
     let rreq = routing::Request {
         method: req.method().to_string(),
         scheme: req.uri().scheme_str().unwrap_or("http").to_string(),
@@ -168,21 +185,21 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
         namespace: Some(t.peer.namespace()),
         source_ip: t.peer_addr.ip(),
         method: req.method().as_str(),
-        path: req.uri().path(),
+        path: &path_only,
         host: &authority,
         port: t.vip.port(),
         headers: req.headers(),
+        http: true,
     };
     let service = (t.service.namespace.as_str(), t.service.name.as_str());
     let waypoint = (t.shared.name.0.as_str(), t.shared.name.1.as_str());
     let poisoned = table.poisoned_for(service, waypoint);
-    let policies: Vec<_> = table.policies.values().cloned().collect();
-    if let Err(reason) = authz::evaluate(&policies, poisoned, service, waypoint, &facts) {
+    if let Err(reason) = authz::evaluate(table.policies.values(), poisoned, service, waypoint, &facts) {
         debug!(%reason, "request denied by L7 policy");
         t.shared.metrics.policy_denied("waypoint");
         return local(StatusCode::FORBIDDEN, "RBAC: access denied");
     }
-    let router = table.router_for(&t.service.hostname);
+    let router = table.router_for(&t.service);
     let decision = router.and_then(|r| r.decide(&rreq, fastrand::u32(..)));
     let rule = match &decision {
         Some(Decision::Forward { rule, .. } | Decision::Redirect { rule, .. } | Decision::Respond { rule, .. }) => {
@@ -270,7 +287,11 @@ async fn forward(
         }
     }
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
+    let collected = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(c) => c,
+        Err(_) => return local(StatusCode::REQUEST_TIMEOUT, "request body not received in time"),
+    };
+    let body = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             return match e.downcast::<http_body_util::LengthLimitError>() {
@@ -285,6 +306,11 @@ async fn forward(
     out.request_bytes = body.len() as u64;
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
+    // The app learns the caller from the waypoint, never from what the caller wrote.
+    headers.remove("x-forwarded-client-cert");
+    if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", t.shared.upstreams.identity, t.peer)) {
+        headers.insert("x-forwarded-client-cert", v);
+    }
     for ops in [rule.and_then(|r| r.headers.as_ref()), target.headers.as_deref()].into_iter().flatten() {
         apply(&mut headers, ops.request.as_ref());
     }
@@ -461,14 +487,23 @@ fn mirror(
         _ => format!("{authority}-shadow"),
     };
     let Some(req) = send.request(&shadow) else { return };
+    // Copies are bounded: past MAX_MIRRORS in flight they are skipped, and each gets
+    // MIRROR_TIMEOUT, so a slow mirror target cannot pile up bodies in the waypoint.
+    let Ok(permit) = t.shared.mirrors.clone().try_acquire_owned() else {
+        return debug!(host = %m.host, "mirror skipped: too many in flight");
+    };
     let (shared, h2, local_ip, headers) = (t.shared.clone(), send.h2, t.local_ip, send.connect_headers());
     tokio::spawn(async move {
-        match shared.upstreams.send(&ep, req, h2, local_ip, headers).await {
-            Ok(resp) => {
-                let _ = resp.into_body().collect().await;
+        let copy = async {
+            match shared.upstreams.send(&ep, req, h2, local_ip, headers).await {
+                Ok(resp) => {
+                    let _ = resp.into_body().collect().await;
+                }
+                Err(e) => debug!(error = %e, "mirror failed"),
             }
-            Err(e) => debug!(error = %e, "mirror failed"),
-        }
+        };
+        let _ = tokio::time::timeout(MIRROR_TIMEOUT, copy).await;
+        drop(permit);
     });
 }
 

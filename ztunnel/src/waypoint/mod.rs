@@ -13,9 +13,12 @@
 pub mod authz;
 mod framing;
 mod http;
+mod path;
 pub mod routes;
 mod tcp;
 pub mod telemetry;
+#[cfg(test)]
+mod tests;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -77,6 +80,8 @@ pub(crate) struct Shared {
     metrics: Arc<Metrics>,
     requests: RequestMetrics,
     name: (String, String),
+    /// Bounds the mirror copies in flight.
+    mirrors: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running waypoint; its tasks stop when it is dropped.
@@ -155,6 +160,7 @@ impl Waypoint {
             requests: RequestMetrics::register(&metrics),
             metrics: metrics.clone(),
             name: cfg.name.clone(),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(http::MAX_MIRRORS)),
         });
         let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
         let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;
@@ -217,7 +223,9 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, certs: CertManager, 
             }
         };
         let _ = stream.set_nodelay(true);
-        let local_ip = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        // A dual-stack listener reports IPv4 peers as mapped IPv6: canonical, they match workload IPs.
+        let local_ip =
+            stream.local_addr().map(|a| crate::proxy::canonical(a).ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let (shared, certs, identity) = (shared.clone(), certs.clone(), identity.clone());
         let peer = crate::proxy::canonical(peer);
         let span = tracing::debug_span!("waypoint", %peer);
@@ -270,18 +278,47 @@ impl TunnelHandler for Handler {
 
     async fn accept(&self, req: ConnectRequest) -> Result<Accepted, ConnectRejection> {
         let vip = req.authority;
-        let service: Arc<Service> = self
-            .shared
-            .state
-            .snapshot()
+        let snap = self.shared.state.snapshot();
+        let service: Arc<Service> = snap
             .service_by_vip(vip.ip())
             .ok_or_else(|| ConnectRejection::BadRequest(format!("{vip} is not a service address")))?;
-        let tcp = self
-            .shared
-            .routes
-            .table()
-            .router_for(&service.hostname)
-            .is_some_and(|r| !r.has_http() && r.tcp_targets(vip.port()).is_some());
+        // Only a port the service declares, of a service that uses this waypoint: the
+        // waypoint must not become a way to reach anything its identity may reach.
+        if !service.ports.contains_key(&vip.port()) {
+            return Err(ConnectRejection::BadRequest(format!(
+                "{vip}: port {} is not a port of {}",
+                vip.port(),
+                service.hostname
+            )));
+        }
+        if !snap.waypoint_of(&service).iter().any(|w| w.workload_ips.contains(&self.local_ip)) {
+            return Err(ConnectRejection::BadRequest(format!("{} does not use this waypoint", service.hostname)));
+        }
+        let table = self.shared.routes.table();
+        let tcp = table.router_for(&service).is_some_and(|r| !r.has_http() && r.tcp_targets(vip.port()).is_some());
+        if tcp {
+            // Raw TCP: the policies' L4 parts decide once, for the whole connection.
+            let principal = req.peer.to_string();
+            let headers = ::http::HeaderMap::new();
+            let facts = authz::RequestFacts {
+                principal: Some(principal.strip_prefix("spiffe://").unwrap_or(&principal)),
+                namespace: Some(req.peer.namespace()),
+                source_ip: self.peer.ip(),
+                method: "",
+                path: "",
+                host: "",
+                port: vip.port(),
+                headers: &headers,
+                http: false,
+            };
+            let svc = (service.namespace.as_str(), service.name.as_str());
+            let wp = (self.shared.name.0.as_str(), self.shared.name.1.as_str());
+            let poisoned = table.poisoned_for(svc, wp);
+            if let Err(reason) = authz::evaluate(table.policies.values(), poisoned, svc, wp, &facts) {
+                self.shared.metrics.policy_denied("waypoint");
+                return Err(ConnectRejection::Denied(reason));
+            }
+        }
         let tunnel = Arc::new(http::Tunnel {
             shared: self.shared.clone(),
             peer: req.peer,

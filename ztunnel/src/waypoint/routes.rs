@@ -71,9 +71,12 @@ impl RouteTable {
         RouteTable { routers, subsets, policies, poisoned, rejected }
     }
 
-    /// The VirtualService for a service hostname (the first by `namespace/name` when several claim it).
-    pub fn router_for(&self, hostname: &str) -> Option<&Router> {
-        self.routers.values().find(|r| r.serves(hostname))
+    /// The VirtualService for a service: the first (by name) in the service's own namespace
+    /// whose hosts name it. VirtualServices of other namespaces are not used, so one
+    /// namespace cannot route (or mirror) another's traffic.
+    pub fn router_for(&self, service: &crate::state::Service) -> Option<&Router> {
+        let prefix = format!("{}/", service.namespace);
+        self.routers.iter().find(|(name, r)| name.starts_with(&prefix) && r.serves(&service.hostname)).map(|(_, r)| r)
     }
 
     /// The labels of `subset` of `host` (a short name or FQDN of the same service).
@@ -118,17 +121,20 @@ fn targets_of(d: &Value, ns: &str) -> Vec<Option<Target>> {
 /// Every YAML document under `dir` (a file or a directory, `*.yaml`/`*.yml`, in path
 /// order), with the documents that could not be read as `file: reason`.
 pub fn read_documents(dir: &Path) -> (Vec<Value>, Vec<String>) {
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
     let mut files = Vec::new();
     if dir.is_file() {
         files.push(dir.to_path_buf());
-    } else if let Ok(rd) = std::fs::read_dir(dir) {
-        files.extend(rd.flatten().map(|e| e.path()).filter(|p| {
-            p.extension().is_some_and(|x| x == "yaml" || x == "yml")
-                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        }));
+    } else {
+        match std::fs::read_dir(dir) {
+            Ok(rd) => files.extend(rd.flatten().map(|e| e.path()).filter(|p| {
+                p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                    && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })),
+            Err(e) => errors.push(format!("{}: {e}", dir.display())),
+        }
     }
     files.sort();
-    let (mut docs, mut errors) = (Vec::new(), Vec::new());
     for f in files {
         let text = match std::fs::read_to_string(&f) {
             Ok(t) => t,
@@ -141,7 +147,12 @@ pub fn read_documents(dir: &Path) -> (Vec<Value>, Vec<String>) {
             match <Value as serde::Deserialize>::deserialize(doc) {
                 Ok(Value::Null) => {}
                 Ok(v) => docs.push(v),
-                Err(e) => errors.push(format!("{} document {i}: {e}", f.display())),
+                Err(e) => {
+                    // The document iterator does not recover from a syntax error (it would
+                    // yield the same error forever): the rest of the file is unread.
+                    errors.push(format!("{} document {i}: {e}", f.display()));
+                    break;
+                }
             }
         }
     }
@@ -152,6 +163,8 @@ pub fn read_documents(dir: &Path) -> (Vec<Value>, Vec<String>) {
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
     current: Arc<RwLock<Arc<RouteTable>>>,
+    /// Whether one read has applied (until then, an unreadable config denies everything).
+    loaded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Routes {
@@ -175,9 +188,20 @@ impl Routes {
     pub fn reload(&self, dir: &Path, metrics: &Metrics) {
         let (docs, errors) = read_documents(dir);
         for e in &errors {
-            warn!(error = %e, "unreadable YAML document skipped");
+            warn!(error = %e, "unreadable YAML");
             metrics.config_rejected("document");
         }
+        if !errors.is_empty() {
+            // A document that cannot be read may have been a policy: nothing of this read is
+            // applied. Before any good read, that means denying everything.
+            let mut current = self.current.write().expect("routes lock");
+            if !self.loaded.load(std::sync::atomic::Ordering::Acquire) {
+                *current = Arc::new(RouteTable { poisoned: vec![None], ..Default::default() });
+            }
+            warn!("L7 config not applied: the previous one stays in force");
+            return;
+        }
+        self.loaded.store(true, std::sync::atomic::Ordering::Release);
         let table = RouteTable::load(&docs, &self.table());
         for bad in &table.rejected {
             warn!(object = %bad.name, reason = %bad.reason, "L7 object rejected; the previous version (if any) stays");

@@ -11,7 +11,7 @@ use crate::hbone::{ConnectHeaders, HboneStream};
 /// Relays `tunnel` to the destination its TCP rule picks.
 pub(super) async fn relay(t: Arc<Tunnel>, mut tunnel: HboneStream) {
     let table = t.shared.routes.table();
-    let Some(targets) = table.router_for(&t.service.hostname).and_then(|r| r.tcp_targets(t.vip.port())) else {
+    let Some(targets) = table.router_for(&t.service).and_then(|r| r.tcp_targets(t.vip.port())) else {
         return debug!("no TCP route any more");
     };
     let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();

@@ -125,11 +125,22 @@ impl AccessLog {
             }
             return;
         }
+        // Client-chosen fields are printed escaped ({:?}), so they cannot forge other fields.
         info!(target: "access",
-            "\"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\" {} {} route={} src={} peer={}",
+            "[{:?} {:?} {}] {} {} {} {} {} {:?} {:?} {} {} route={} src={} peer={}",
             self.method, self.path, self.protocol, self.response_code, self.response_flags,
             self.bytes_received, self.bytes_sent, self.duration_ms, self.request_id, self.authority,
             self.upstream_host, self.upstream_cluster, self.route_name, self.source_principal, self.downstream_peer);
+    }
+}
+
+/// The `grpc_response_status` label: a status code 0–16, `other` for anything else an
+/// upstream sends (label values must not be chosen by an upstream), `-` when absent.
+pub fn grpc_status_label(v: Option<&str>) -> String {
+    match v {
+        None => "-".into(),
+        Some(s) if s.parse::<u8>().is_ok_and(|c| c <= 16) => s.to_string(),
+        Some(_) => "other".into(),
     }
 }
 
