@@ -31,5 +31,6 @@ pub mod loadgen;
 pub mod mesh;
 pub mod side_by_side;
 pub mod waypoint;
+pub mod waypoint_bench;
 pub mod wire;
 pub mod xds_scale;

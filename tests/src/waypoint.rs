@@ -69,6 +69,11 @@ impl WaypointProcess {
         }
     }
 
+    /// The process id (for CPU and memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The waypoint's Prometheus exposition.
     pub fn metrics(&self) -> Result<String> {
         let (status, body, _) =

@@ -61,6 +61,9 @@ fn main() -> Result<()> {
     if o.only.iter().any(|x| x == "xds-scale") {
         return mesh_tests::xds_scale::run(&binary).map(drop);
     }
+    if o.only.iter().any(|x| x == "waypoint") {
+        return mesh_tests::waypoint_bench::run(&binary, o.rounds, o.secs);
+    }
     if o.only.iter().any(|x| x == "side-by-side") {
         return mesh_tests::side_by_side::run(&binary, o.rounds, o.secs, o.perf);
     }

@@ -284,3 +284,41 @@ fn every_bookinfo_networking_sample_loads() {
     }
     assert!(files >= 10 && loaded >= 10, "only {loaded} VirtualServices in {files} files of {}", dir.display());
 }
+
+#[test]
+fn header_changes_and_cors_ride_with_the_decision() {
+    let r = router(
+        r#"
+hosts: [reviews]
+http:
+- headers:
+    request: {set: {x-a: "1"}, add: {x-b: "2"}, remove: [x-c]}
+    response: {set: {x-d: "3"}}
+  corsPolicy:
+    allowOrigins: [{exact: "https://a.example"}, {regex: "https://.*\\.b\\.example"}]
+    allowMethods: [GET]
+    maxAge: 24h
+  route:
+  - destination: {host: reviews, subset: v1}
+    headers: {request: {set: {x-dest: v1}}}
+"#,
+    );
+    match r.decide(&req("GET", "/", &[]), 0) {
+        Some(Decision::Forward { headers: Some(h), .. }) => {
+            assert_eq!(h.request.unwrap().set.get("x-dest").map(String::as_str), Some("v1"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let rule = r.rule(0).unwrap();
+    assert_eq!(rule.headers.as_ref().unwrap().response.as_ref().unwrap().set["x-d"], "3");
+    let cors = rule.cors.as_ref().unwrap();
+    assert!(cors.allows_origin("https://a.example"));
+    assert!(cors.allows_origin("https://x.b.example"));
+    assert!(!cors.allows_origin("https://a.example.evil"), "exact is exact, regex is whole-string");
+    assert!(invalid(
+        "http:\n- headers: {request: {set: {\"bad name\": x}}}\n  route: [{destination: {host: reviews}}]\n"
+    )
+    .contains("header name"));
+    assert!(invalid("http:\n- corsPolicy: {maxAge: soon}\n  route: [{destination: {host: reviews}}]\n")
+        .contains("duration"));
+}

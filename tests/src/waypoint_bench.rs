@@ -1,0 +1,147 @@
+//! `cargo xtask bench --only waypoint`: the waypoint hop measured beside direct HBONE and
+//! no mesh, in the same run, alternating rounds. HTTP/1.1 keep-alive with 1 KiB bodies
+//! over 16 connections, at 1000 requests/s (latency, and the waypoint's CPU at that rate)
+//! and as fast as possible (max rate, and CPU per 1000 requests). Node agents and the
+//! waypoint are separate release processes, so their CPU and memory are read alone.
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::agent_process::{cluster_args, AgentProcess};
+use crate::benchkit::{median, process_usage, start_server, PORT};
+use crate::loadgen::EchoServer;
+use crate::loadgen::{blocking, LoadSpec, Protocol};
+use crate::mesh::workload_yaml;
+use crate::waypoint::{service, WaypointProcess};
+use crate::{Cluster, InNetns, Pod};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+
+/// One round of one scenario.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct WaypointSample {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_qps: f64,
+    /// Waypoint CPU cores used at 1000 requests/s.
+    pub waypoint_cores_at_1000: f64,
+    /// Waypoint CPU seconds per 1000 requests at max rate.
+    pub waypoint_cpu_s_per_1k: f64,
+}
+
+fn http(dst: SocketAddr, qps: Option<f64>, secs: f64) -> LoadSpec {
+    let mut spec = LoadSpec::new(dst, Duration::from_secs_f64(secs));
+    spec.protocol = Protocol::Http;
+    spec.qps = qps;
+    spec
+}
+
+fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>) -> Result<WaypointSample> {
+    let cpu = || waypoint.map(|pid| process_usage(pid).map(|u| u.cpu_seconds).unwrap_or(0.0)).unwrap_or(0.0);
+    let spec = http(dst, Some(1000.0), secs);
+    let c0 = cpu();
+    let lat = client.run(move || blocking::run_load(&spec)).context("latency at 1000 qps")?;
+    let c1 = cpu();
+    let spec = http(dst, None, secs);
+    let max = client.run(move || blocking::run_load(&spec)).context("max rate")?;
+    let c2 = cpu();
+    anyhow::ensure!(lat.errors() == 0 && max.errors() == 0, "{dst}: errors in the HTTP runs");
+    let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
+    let reqs = max.duration_histogram.count as f64;
+    Ok(WaypointSample {
+        p50_ms: ms(50.0),
+        p99_ms: ms(99.0),
+        max_qps: max.actual_qps,
+        waypoint_cores_at_1000: (c1 - c0) / secs * 1000.0 / lat.actual_qps.max(1.0),
+        waypoint_cpu_s_per_1k: if reqs > 0.0 { (c2 - c1) / reqs * 1000.0 } else { 0.0 },
+    })
+}
+
+/// Runs the comparison and prints (and writes `target/bench/waypoint.json`).
+pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
+    let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
+    let plain_c = c.add_pod(0, "plainc")?;
+    let plain_s = c.add_pod(1, "plains")?;
+    let client = c.add_pod(0, "client")?;
+    let server = c.add_pod(1, "server")?;
+    let wp = c.add_pod(0, "waypoint")?;
+    let svc = format!("  services:\n    default/web.default.svc.cluster.local:\n      {PORT}: {PORT}\n");
+    let yaml = format!(
+        "workloads:\n{}{}{}services:\n{}",
+        workload_yaml(&client, "default", "client", ""),
+        workload_yaml(&server, "default", "server", &svc),
+        crate::waypoint::waypoint_workload(&wp),
+        service("web", VIP, PORT, Some(&wp)),
+    );
+    let extra = cluster_args(&c, Some(&yaml), &[])?;
+    let a0 = AgentProcess::start(binary, &c, 0, &extra)?;
+    let a1 = AgentProcess::start(binary, &c, 1, &extra)?;
+    a0.enroll(&client)?;
+    a1.enroll(&server)?;
+    let _servers: Vec<EchoServer> = [&plain_s, &server].iter().map(|p| start_server(p)).collect::<Result<_>>()?;
+    let routes = PathBuf::from(crate::mesh::RUN_DIR).join(format!("{}-routes", c.prefix()));
+    std::fs::create_dir_all(&routes)?;
+    std::fs::write(
+        routes.join("web.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n",
+    )?;
+    let waypoint = WaypointProcess::start(&c, &wp, &routes)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_rss = process_usage(waypoint.pid())?.rss_bytes as f64 / 1e6;
+
+    let scenarios: [(&str, &Pod, SocketAddr, Option<u32>); 3] = [
+        ("no-mesh", &plain_c, SocketAddr::new(plain_s.ip4().into(), PORT), None),
+        ("hbone", &client, SocketAddr::new(server.ip4().into(), PORT), None),
+        ("waypoint", &client, SocketAddr::from((VIP, PORT)), Some(waypoint.pid())),
+    ];
+    let mut samples: BTreeMap<&str, Vec<WaypointSample>> = BTreeMap::new();
+    for round in 0..rounds {
+        for (name, from, dst, pid) in &scenarios {
+            let s = measure(from, *dst, secs, *pid).with_context(|| format!("{name} round {round}"))?;
+            eprintln!("round {round} {name:<9} {s:?}");
+            samples.entry(name).or_default().push(s);
+        }
+    }
+    let loaded_rss = process_usage(waypoint.pid())?.rss_bytes as f64 / 1e6;
+    let med = |n: &str, f: fn(&WaypointSample) -> f64| median(samples[n].iter().map(f).collect());
+    println!(
+        "\n{:<38} {:>10} {:>10} {:>10}",
+        "HTTP/1.1 keep-alive, 1 KiB, c16 (median)", "no-mesh", "hbone", "waypoint"
+    );
+    type Row = (&'static str, fn(&WaypointSample) -> f64);
+    let rows: [Row; 3] =
+        [("p50 ms at 1000 qps", |s| s.p50_ms), ("p99 ms at 1000 qps", |s| s.p99_ms), ("max req/s", |s| s.max_qps)];
+    let mut report = serde_json::Map::new();
+    for (label, f) in rows {
+        let v: Vec<f64> = ["no-mesh", "hbone", "waypoint"].iter().map(|n| med(n, f)).collect();
+        println!("{label:<38} {:>10.3} {:>10.3} {:>10.3}", v[0], v[1], v[2]);
+        report.insert(label.into(), serde_json::json!({"no-mesh": v[0], "hbone": v[1], "waypoint": v[2]}));
+    }
+    let added_p99 = med("waypoint", |s| s.p99_ms) - med("hbone", |s| s.p99_ms);
+    let cores = med("waypoint", |s| s.waypoint_cores_at_1000);
+    let per_1k = med("waypoint", |s| s.waypoint_cpu_s_per_1k);
+    println!("p99 added by the waypoint hop          {added_p99:.3} ms (target < 1 ms)");
+    println!("waypoint CPU at 1000 req/s             {cores:.3} cores (target < 0.1; Envoy about 0.25)");
+    println!("waypoint CPU per 1000 req at max rate  {per_1k:.3} core-seconds");
+    println!(
+        "waypoint RSS                           {idle_rss:.1} MB idle, {loaded_rss:.1} MB after load (target < 30)"
+    );
+    report.insert("added_p99_ms".into(), added_p99.into());
+    report.insert("waypoint_cores_at_1000_rps".into(), cores.into());
+    report.insert("waypoint_cpu_s_per_1k_max_rate".into(), per_1k.into());
+    report.insert("waypoint_rss_mb_idle".into(), idle_rss.into());
+    report.insert("waypoint_rss_mb_loaded".into(), loaded_rss.into());
+    report.insert("rounds".into(), serde_json::to_value(&samples)?);
+    let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("waypoint.json"), serde_json::to_vec_pretty(&report)?)?;
+    println!("\nfull results: {}", out.join("waypoint.json").display());
+    drop(waypoint);
+    a0.stop_and_uninstall()?;
+    a1.stop_and_uninstall()?;
+    let _ = std::fs::remove_dir_all(routes);
+    Ok(())
+}
