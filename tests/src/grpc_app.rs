@@ -70,50 +70,53 @@ pub struct GrpcReply {
     pub message: Vec<u8>,
 }
 
+/// An HTTP/2 (prior knowledge) connection to `addr`, made on the calling runtime.
+async fn h2_connect(addr: SocketAddr) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.context("connect")?;
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Runs `work` on a runtime inside `pod`, with a 10 s limit.
+fn in_pod<T: Send + 'static, F>(pod: &Pod, work: impl FnOnce() -> F + Send + 'static) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    pod.run_async(
+        move || async move { tokio::time::timeout(Duration::from_secs(10), work()).await.context("timed out")? },
+    )
+}
+
 /// One unary call from inside `pod` to `addr` over HTTP/2 (prior knowledge).
 pub fn call(pod: &Pod, addr: SocketAddr, authority: &str, path: &str, message: &[u8]) -> Result<GrpcReply> {
-    let (authority, path, message) = (authority.to_string(), path.to_string(), message.to_vec());
-    pod.run_async(move || async move {
-        let work = async {
-            let stream = tokio::net::TcpStream::connect(addr).await.context("connect")?;
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            let req = Request::post(format!("http://{authority}{path}"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(Full::new(frame(&message)))?;
-            let resp = sender.send_request(req).await?;
-            let http_status = resp.status().as_u16();
-            let header_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-            let collected = resp.into_body().collect().await?;
-            let trailer_status = collected
-                .trailers()
-                .and_then(|t| t.get("grpc-status"))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let data = collected.to_bytes();
-            let message = if data.len() >= 5 { data[5..].to_vec() } else { Vec::new() };
-            Ok::<_, anyhow::Error>(GrpcReply { http_status, grpc_status: trailer_status.or(header_status), message })
-        };
-        tokio::time::timeout(Duration::from_secs(10), work).await.context("gRPC call timed out")?
+    let (uri, message) = (format!("http://{authority}{path}"), message.to_vec());
+    in_pod(pod, move || async move {
+        let mut sender = h2_connect(addr).await?;
+        let req = Request::post(uri)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(frame(&message)))?;
+        let resp = sender.send_request(req).await?;
+        let http_status = resp.status().as_u16();
+        let header_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let collected = resp.into_body().collect().await?;
+        let trailer_status =
+            collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let data = collected.to_bytes();
+        let message = if data.len() >= 5 { data[5..].to_vec() } else { Vec::new() };
+        Ok(GrpcReply { http_status, grpc_status: trailer_status.or(header_status), message })
     })
 }
 
 /// One HTTP/2 (prior knowledge) GET from inside `pod`: status and body.
 pub fn h2_get(pod: &Pod, addr: SocketAddr, authority: &str, path: &str) -> Result<(u16, String)> {
     let uri = format!("http://{authority}{path}");
-    pod.run_async(move || async move {
-        let work = async {
-            let stream = tokio::net::TcpStream::connect(addr).await.context("connect")?;
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            let resp = sender.send_request(Request::get(uri).body(http_body_util::Empty::<Bytes>::new())?).await?;
-            let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await?.to_bytes();
-            Ok::<_, anyhow::Error>((status, String::from_utf8_lossy(&body).into_owned()))
-        };
-        tokio::time::timeout(Duration::from_secs(10), work).await.context("HTTP/2 request timed out")?
+    in_pod(pod, move || async move {
+        let mut sender = h2_connect(addr).await?;
+        let resp = sender.send_request(Request::get(uri).body(Full::new(Bytes::new()))?).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     })
 }

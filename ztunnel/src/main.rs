@@ -36,6 +36,31 @@ enum Cmd {
     Waypoint(WaypointArgs),
 }
 
+/// Where certificates come from, and how the control plane is reached (node and waypoint).
+#[derive(clap::Args)]
+struct CaArgs {
+    /// Istio plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Where a generated mesh root is kept so restarts keep trust (and processes sharing
+    /// it trust each other).
+    #[arg(long, default_value = "/var/run/ztunnel/ca")]
+    ca_state_dir: PathBuf,
+    /// CA serving `IstioCertificateService` (istiod or `ztunnel controller`); without it the
+    /// in-process CA signs.
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// PEM roots for the CA server's certificate.
+    #[arg(long, env = "CA_ROOT_CA")]
+    ca_root_ca: Option<PathBuf>,
+    /// File with the bearer token sent to the xDS server and the CA.
+    #[arg(long, env = "AUTH_TOKEN")]
+    auth_token: Option<PathBuf>,
+    /// Name expected in the control plane's certificate (default: the address's host).
+    #[arg(long, env = "ZTUNNEL_CONTROL_PLANE_SERVER_NAME")]
+    control_plane_server_name: Option<String>,
+}
+
 #[derive(Parser)]
 struct WaypointArgs {
     /// HBONE listener.
@@ -69,24 +94,8 @@ struct WaypointArgs {
     /// Directory (or file) of VirtualServices, DestinationRules and AuthorizationPolicies; re-read on change.
     #[arg(long)]
     routes_dir: Option<PathBuf>,
-    /// Istio plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
-    #[arg(long)]
-    ca_dir: Option<PathBuf>,
-    /// Where a generated mesh root is kept (shared with the node agents when they sign in-process).
-    #[arg(long, default_value = "/var/run/ztunnel/ca")]
-    ca_state_dir: PathBuf,
-    /// CA serving `IstioCertificateService`; without it the in-process CA signs.
-    #[arg(long, env = "CA_ADDRESS")]
-    ca_address: Option<String>,
-    /// PEM roots for the CA server's certificate.
-    #[arg(long, env = "CA_ROOT_CA")]
-    ca_root_ca: Option<PathBuf>,
-    /// File with the bearer token sent to the CA.
-    #[arg(long, env = "AUTH_TOKEN")]
-    auth_token: Option<PathBuf>,
-    /// Name expected in the control plane's certificate (default: the address's host).
-    #[arg(long, env = "ZTUNNEL_CONTROL_PLANE_SERVER_NAME")]
-    control_plane_server_name: Option<String>,
+    #[command(flatten)]
+    ca: CaArgs,
     /// Prometheus listener.
     #[arg(long, default_value = "[::]:15020")]
     metrics_addr: std::net::SocketAddr,
@@ -168,12 +177,8 @@ struct NodeArgs {
     /// SPIFFE trust domain.
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    /// Istio plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
-    #[arg(long)]
-    ca_dir: Option<PathBuf>,
-    /// Where a generated mesh root is kept so restarts keep trust.
-    #[arg(long, default_value = "/var/run/ztunnel/ca")]
-    ca_state_dir: PathBuf,
+    #[command(flatten)]
+    ca: CaArgs,
     /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
     #[arg(long, env = "LOCAL_XDS_PATH")]
     local_config: Option<PathBuf>,
@@ -184,19 +189,6 @@ struct NodeArgs {
     /// PEM roots for the xDS server's certificate.
     #[arg(long, env = "XDS_ROOT_CA")]
     xds_root_ca: Option<PathBuf>,
-    /// CA serving `IstioCertificateService` (istiod or `ztunnel controller`); without it the
-    /// in-process CA signs.
-    #[arg(long, env = "CA_ADDRESS")]
-    ca_address: Option<String>,
-    /// PEM roots for the CA server's certificate.
-    #[arg(long, env = "CA_ROOT_CA")]
-    ca_root_ca: Option<PathBuf>,
-    /// File with the bearer token sent to the xDS server and the CA.
-    #[arg(long, env = "AUTH_TOKEN")]
-    auth_token: Option<PathBuf>,
-    /// Name expected in the control plane's certificate (default: the address's host).
-    #[arg(long, env = "ZTUNNEL_CONTROL_PLANE_SERVER_NAME")]
-    control_plane_server_name: Option<String>,
     /// This node's name, sent to the control plane.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node_name: String,
@@ -306,11 +298,11 @@ fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Res
                 .as_ref()
                 .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
                 .transpose()?,
-            server_name: args.control_plane_server_name.clone(),
-            token_path: args.auth_token.clone(),
+            server_name: args.ca.control_plane_server_name.clone(),
+            token_path: args.ca.auth_token.clone(),
         })
     };
-    let remote = args.ca_address.clone().map(|a| endpoint(a, &args.ca_root_ca)).transpose()?;
+    let remote = args.ca.ca_address.clone().map(|a| endpoint(a, &args.ca.ca_root_ca)).transpose()?;
     let state = match (&args.local_config, &args.xds_address) {
         (Some(path), _) => StateSource::LocalConfig(path.clone()),
         (None, Some(address)) => StateSource::Xds(ztunnel::xds::XdsConfig {
@@ -320,7 +312,7 @@ fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Res
         }),
         (None, None) => anyhow::bail!("give --local-config or --xds-address"),
     };
-    let ca = certificate_provider(&args.trust_domain, args.ca_dir.clone(), args.ca_state_dir.clone(), remote)?;
+    let ca = certificate_provider(&args.trust_domain, args.ca.ca_dir.clone(), args.ca.ca_state_dir.clone(), remote)?;
     let identity = ztunnel::identity::Identity::new(&args.trust_domain, &args.namespace, &args.service_account)
         .context("waypoint identity")?;
     let cfg = WaypointConfig {
@@ -475,8 +467,8 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
     let endpoint = |address: String, root_pem: Option<Vec<u8>>| ztunnel::grpc::ControlPlaneEndpoint {
         address,
         root_pem,
-        server_name: args.control_plane_server_name.clone(),
-        token_path: args.auth_token.clone(),
+        server_name: args.ca.control_plane_server_name.clone(),
+        token_path: args.ca.auth_token.clone(),
     };
     let node_name = ztunnel::grpc::node_name(&args.node_name);
     let xds = match args.xds_address.clone() {
@@ -487,11 +479,11 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         }),
         None => None,
     };
-    let remote = match args.ca_address.clone() {
-        Some(address) => Some(endpoint(address, read(&args.ca_root_ca)?)),
+    let remote = match args.ca.ca_address.clone() {
+        Some(address) => Some(endpoint(address, read(&args.ca.ca_root_ca)?)),
         None => None,
     };
-    let ca = certificate_provider(&args.trust_domain, args.ca_dir.clone(), args.ca_state_dir.clone(), remote)?;
+    let ca = certificate_provider(&args.trust_domain, args.ca.ca_dir.clone(), args.ca.ca_state_dir.clone(), remote)?;
     let cfg = NodeConfig {
         enrollment_socket: args.enrollment_socket,
         zds_connect: args.inpod_uds,
