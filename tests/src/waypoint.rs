@@ -36,7 +36,8 @@ impl WaypointProcess {
     /// where its state and certificate come from; returns once it serves metrics.
     pub fn spawn(pod: &Pod, routes: &Path, args: &[String]) -> Result<Self> {
         let mut cmd = Command::new(crate::agent_process::ztunnel_binary());
-        cmd.args(["waypoint", "--listen", "[::]:15008", "--worker-threads", "2"])
+        let workers = std::env::var("WAYPOINT_WORKER_THREADS").unwrap_or_else(|_| "2".into());
+        cmd.args(["waypoint", "--listen", "[::]:15008", "--worker-threads", &workers])
             .arg("--routes-dir")
             .arg(routes)
             .args(args)

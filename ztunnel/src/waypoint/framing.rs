@@ -22,6 +22,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// server answers 400 and closes.
 const POISON: &[u8] = b"INVALID-FRAMING\r\n\r\n";
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// How much one read asks for.
+const READ_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug)]
 enum State {
@@ -236,8 +238,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
             if matches!(this.state, State::Rejected) {
                 return Poll::Ready(Ok(()));
             }
-            let mut tmp = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut tmp);
+            // Read straight into `pending`'s spare capacity (no zeroed scratch buffer per read).
+            this.pending.reserve(READ_CHUNK);
+            let spare = this.pending.spare_capacity_mut();
+            let mut rb = ReadBuf::uninit(&mut spare[..READ_CHUNK]);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                     // EOF: whatever was held back goes to the server as it is.
@@ -247,7 +251,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     }
                 }
                 Poll::Ready(Ok(())) => {
-                    this.pending.extend_from_slice(rb.filled());
+                    let n = rb.filled().len();
+                    // SAFETY: the first `n` bytes of the spare capacity were initialized by the read.
+                    unsafe { this.pending.set_len(this.pending.len() + n) };
                     this.process();
                 }
                 other => return other,

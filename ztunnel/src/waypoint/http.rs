@@ -661,13 +661,13 @@ fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
 /// Keeps the trace id of an incoming `traceparent` with the waypoint's own span id, or
 /// starts a trace; gives the request an `x-request-id` if it has none.
 fn propagate_trace(h: &mut HeaderMap) {
-    let span: String = (0..8).map(|_| format!("{:02x}", fastrand::u8(..))).collect();
+    let span = format!("{:016x}", fastrand::u64(1..));
     let parent = header_str(h, "traceparent").and_then(|tp| {
         let parts: Vec<&str> = tp.split('-').collect();
         (parts.len() == 4 && parts[1].len() == 32).then(|| format!("{}-{}-{span}-{}", parts[0], parts[1], parts[3]))
     });
     let value = parent.unwrap_or_else(|| {
-        let trace: String = (0..16).map(|_| format!("{:02x}", fastrand::u8(..))).collect();
+        let trace = format!("{:032x}", fastrand::u128(1..));
         format!("00-{trace}-{span}-01")
     });
     if let Ok(v) = HeaderValue::from_str(&value) {
