@@ -230,9 +230,25 @@ impl IstioZtunnel {
         local_config: &str,
         dir_name: &str,
     ) -> Result<Self> {
+        Self::start_shared_with(binary, node, cgroup, zds, local_config, dir_name, &[])
+    }
+
+    /// [`IstioZtunnel::start_shared_in`] with more environment (which wins over the
+    /// defaults), e.g. `CA_ADDRESS`, `CA_ROOT_CA` and `AUTH_TOKEN` with `FAKE_CA=false` to
+    /// get its certificates from a real CA.
+    pub fn start_shared_with(
+        binary: &Path,
+        node: &Node,
+        cgroup: Option<&Path>,
+        zds: &Path,
+        local_config: &str,
+        dir_name: &str,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let dir = TempDir::new(dir_name)?;
         let mut cmd = base_command(binary, &dir, local_config)?;
         cmd.env("PROXY_MODE", "shared").env("INPOD_UDS", zds).env("PACKET_MARK", PACKET_MARK.to_string());
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         let child =
             crate::netns::spawn_in_netns_cmd(node.netns_file(), cgroup, cmd).context("spawning Istio's ztunnel")?;
         let mut z = Self { child, netns: node.netns_file().try_clone()?, dir };

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use mesh_tests::apps::{request, PeerServer};
 use mesh_tests::cni::{CniNode, PluginRun};
 use mesh_tests::control_plane::{namespace_yaml, ControlPlane};
+use mesh_tests::forward::PortForward;
 use mesh_tests::istio::{
     install_istio_cni_rules, listening_ports, local_config, peer_or_skip, write_fake_ca_plugin_dir, IstioZtunnel,
     TempDir,
@@ -51,13 +52,28 @@ struct Shared {
     /// Istio's ztunnel binary and local config, to start it again.
     binary: PathBuf,
     config: String,
+    _forward: Option<PortForward>,
     cluster: Cluster,
     _ca: TempDir,
+}
+
+/// Where both sides get their certificates.
+#[derive(Clone, Copy, PartialEq)]
+enum Ca {
+    /// Istio's public `FAKE_CA` root: Istio's ztunnel signs itself, ours from plug-in files.
+    Fake,
+    /// Our controller's CA for both: Istio's ztunnel over `CA_ADDRESS` (CSR, node token),
+    /// our agent over xDS and the same CA.
+    Controller,
 }
 
 /// Builds both nodes with every app listening and nothing on node 1 enrolled yet; `None`
 /// (after one printed line) when Istio's ztunnel is not available.
 fn shared() -> Option<Shared> {
+    shared_with(Ca::Fake)
+}
+
+fn shared_with(ca_mode: Ca) -> Option<Shared> {
     let binary = peer_or_skip()?;
     sweep_pins();
     let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
@@ -66,18 +82,51 @@ fn shared() -> Option<Shared> {
     let config = local_config(&[&ours, &a, &b]);
     let ca = TempDir::new(&format!("{}-istio-fake-ca", c.prefix())).unwrap();
     write_fake_ca_plugin_dir(ca.path()).unwrap();
-    let agent = MeshNode::start_with_plugin_ca(&c, 0, ca.path()).unwrap();
-    write_mesh_config(&c, &config, &[&agent]).unwrap();
-    agent.enroll_as(&ours, "default", ours.name()).unwrap();
-
     let cp = ControlPlane::start_ambient(&c, &[(&a, 1), (&b, 1), (&ours, 0)]);
+    let mut env: Vec<(&str, String)> = vec![];
+    let mut forward = None;
+    let agent = match ca_mode {
+        Ca::Fake => {
+            let agent = MeshNode::start_with_plugin_ca(&c, 0, ca.path()).unwrap();
+            write_mesh_config(&c, &config, &[&agent]).unwrap();
+            agent
+        }
+        Ca::Controller => {
+            // Istio's ztunnel reaches the controller on the node's loopback, as a pod reaches
+            // istiod through its Service.
+            let fwd = PortForward::start(c.node(1), "127.0.0.1:15012".parse().unwrap(), cp.access.address).unwrap();
+            forward = Some(fwd);
+            let root = ca.path().join("controller-root.pem");
+            std::fs::write(&root, &cp.access.root_pem).unwrap();
+            env.push(("FAKE_CA", "false".into()));
+            env.push(("CA_ADDRESS", "https://127.0.0.1:15012".into()));
+            env.push(("CA_ROOT_CA", root.display().to_string()));
+            env.push(("AUTH_TOKEN", cp.access.tokens_dir.join(c.node(1).name()).display().to_string()));
+            MeshNode::start_with_control_plane(&c, 0, &cp.access).unwrap()
+        }
+    };
+    agent.enroll_as(&ours, "default", ours.name()).unwrap();
     let cni = CniNode::start(&c, 1, &cp.access).expect("ztunnel cni on node 1");
     let istio_dir = format!("{}-istio-shared", c.prefix());
-    let istio = IstioZtunnel::start_shared(&binary, c.node(1), cni.zds_socket(), &config, &istio_dir)
+    let istio = IstioZtunnel::start_shared_with(&binary, c.node(1), None, cni.zds_socket(), &config, &istio_dir, &env)
         .expect("Istio's ztunnel in shared mode, connected to our CNI");
     cni.wait(WAIT, |s| s.synced && s.agents == 1).expect("our CNI synced with Istio's ztunnel connected");
     let apps = [&ours, &a, &b].iter().map(|p| PeerServer::start(p, APP_PORT).unwrap()).collect();
-    Some(Shared { istio, _apps: apps, cni, agent, cp, ours, a, b, binary, config, cluster: c, _ca: ca })
+    Some(Shared {
+        istio,
+        _apps: apps,
+        cni,
+        agent,
+        cp,
+        ours,
+        a,
+        b,
+        binary,
+        config,
+        cluster: c,
+        _ca: ca,
+        _forward: forward,
+    })
 }
 
 impl Shared {
@@ -320,4 +369,22 @@ fn after_our_cni_restarts_its_snapshot_makes_istios_shared_ztunnel_release_a_pod
     // Our handle on b's netns outlives its name: its listeners must be closed.
     assert!(within(WAIT, || open_inpod_ports(&gone).is_empty()), "b's listeners still open");
     assert_eq!(open_inpod_ports(&s.a), inpod_ports(), "a kept its listeners");
+}
+
+#[test]
+fn istios_ztunnel_and_ours_trust_each_other_with_certificates_from_our_controllers_ca() {
+    let Some(s) = shared_with(Ca::Controller) else { return };
+    s.enroll(&s.a);
+    // a (Istio's ztunnel, certificate by CSR to our controller) -> ours (our agent, same CA).
+    assert_istio_pod_reaches_ours(&s, &s.a, false);
+    // And back: our pod -> a, Istio's ztunnel presenting the controller-signed certificate.
+    let dst = app(&s.a, false);
+    let mut events = s.agent.events();
+    assert_eq!(request(&s.ours, dst, "hello-a").expect("our pod reaches a").got, "hello-a");
+    let out = wait_record(&mut events, WAIT, |r: &ConnectionRecord| r.direction == Direction::Outbound && r.dst == dst)
+        .expect("our outbound record");
+    assert_eq!((out.protocol, out.error.as_deref()), ("HBONE", None), "{out:?}");
+    assert_eq!(out.dst_identity.as_deref(), Some(id("a").as_str()));
+    let issued = s.cp.controller().ca().issued_total();
+    assert!(issued >= 2, "the controller signed both sides' certificates (issued {issued})");
 }
