@@ -234,7 +234,7 @@ impl IstioZtunnel {
     }
 
     /// [`IstioZtunnel::start_shared_in`] with more environment (which wins over the
-    /// defaults), e.g. `CA_ADDRESS`, `CA_ROOT_CA` and `AUTH_TOKEN` with `FAKE_CA=false` to
+    /// defaults; an empty value removes one), e.g. `CA_ADDRESS`, `CA_ROOT_CA` and `AUTH_TOKEN` with `FAKE_CA=false` to
     /// get its certificates from a real CA.
     pub fn start_shared_with(
         binary: &Path,
@@ -248,7 +248,14 @@ impl IstioZtunnel {
         let dir = TempDir::new(dir_name)?;
         let mut cmd = base_command(binary, &dir, local_config)?;
         cmd.env("PROXY_MODE", "shared").env("INPOD_UDS", zds).env("PACKET_MARK", PACKET_MARK.to_string());
-        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        for (k, v) in env {
+            // An empty value removes the default (e.g. LOCAL_XDS_PATH, to run on xDS alone).
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
         let child =
             crate::netns::spawn_in_netns_cmd(node.netns_file(), cgroup, cmd).context("spawning Istio's ztunnel")?;
         let mut z = Self { child, netns: node.netns_file().try_clone()?, dir };

@@ -65,6 +65,9 @@ enum Ca {
     /// Our controller's CA for both: Istio's ztunnel over `CA_ADDRESS` (CSR, node token),
     /// our agent over xDS and the same CA.
     Controller,
+    /// As `Controller`, and Istio's ztunnel takes its workloads and policies from our
+    /// controller's delta ADS (`XDS_ADDRESS`) instead of a local config.
+    ControllerXds,
 }
 
 /// Builds both nodes with every app listening and nothing on node 1 enrolled yet; `None`
@@ -91,7 +94,7 @@ fn shared_with(ca_mode: Ca) -> Option<Shared> {
             write_mesh_config(&c, &config, &[&agent]).unwrap();
             agent
         }
-        Ca::Controller => {
+        Ca::Controller | Ca::ControllerXds => {
             // Istio's ztunnel reaches the controller on the node's loopback, as a pod reaches
             // istiod through its Service.
             let fwd = PortForward::start(c.node(1), "127.0.0.1:15012".parse().unwrap(), cp.access.address).unwrap();
@@ -102,6 +105,13 @@ fn shared_with(ca_mode: Ca) -> Option<Shared> {
             env.push(("CA_ADDRESS", "https://127.0.0.1:15012".into()));
             env.push(("CA_ROOT_CA", root.display().to_string()));
             env.push(("AUTH_TOKEN", cp.access.tokens_dir.join(c.node(1).name()).display().to_string()));
+            if ca_mode == Ca::ControllerXds {
+                env.push(("XDS_ADDRESS", "https://127.0.0.1:15012".into()));
+                env.push(("XDS_ROOT_CA", root.display().to_string()));
+                env.push(("LOCAL_XDS_PATH", String::new()));
+                env.push(("NODE_NAME", c.node(1).name().to_string()));
+                env.push(("RUST_LOG", std::env::var("ISTIO_LOG").unwrap_or_else(|_| "info".into())));
+            }
             MeshNode::start_with_control_plane(&c, 0, &cp.access).unwrap()
         }
     };
@@ -387,4 +397,14 @@ fn istios_ztunnel_and_ours_trust_each_other_with_certificates_from_our_controlle
     assert_eq!(out.dst_identity.as_deref(), Some(id("a").as_str()));
     let issued = s.cp.controller().ca().issued_total();
     assert!(issued >= 2, "the controller signed both sides' certificates (issued {issued})");
+}
+
+#[test]
+fn istios_ztunnel_runs_on_our_controllers_xds_and_ca() {
+    let Some(s) = shared_with(Ca::ControllerXds) else { return };
+    s.enroll(&s.a);
+    assert_istio_pod_reaches_ours(&s, &s.a, false);
+    let dump = s.istio.config_dump().expect("Istio's admin /config_dump");
+    let ours = dump["workloads"].as_array().into_iter().flatten().any(|w| w["name"] == "ours");
+    assert!(ours, "Istio's ztunnel learned our pod's workload from our controller: {}", dump["workloads"]);
 }
