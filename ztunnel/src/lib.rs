@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod cni;
 pub mod controller;
+pub mod ctl;
 pub mod enrollment;
 pub mod grpc;
 pub mod hbone;

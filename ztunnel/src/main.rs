@@ -34,6 +34,42 @@ enum Cmd {
     /// The L7 proxy: takes HBONE for services that use it (`istio.io/use-waypoint`) and
     /// routes each HTTP request by their VirtualServices.
     Waypoint(WaypointArgs),
+    /// The operator's view of a running node agent (like `istioctl ztunnel-config`).
+    Ctl(CtlArgs),
+}
+
+#[derive(Parser)]
+struct CtlArgs {
+    /// The agent's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: std::net::SocketAddr,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: ztunnel::ctl::Output,
+    #[command(subcommand)]
+    what: CtlWhat,
+}
+
+#[derive(Subcommand)]
+enum CtlWhat {
+    /// Workloads the agent knows.
+    Workloads,
+    /// Services, their VIPs, ports and waypoint.
+    Services,
+    /// Authorization policies in force, and rejected ones.
+    Policies,
+    /// Certificates per identity (state, serial, expiry).
+    Certificates,
+    /// Pods enrolled on this node.
+    Pods,
+    /// The outbound HBONE connection pool.
+    Pool,
+    /// eBPF program counters.
+    Ebpf,
+    /// The xDS client's state.
+    Xds,
+    /// Shows the agent's log filter, or sets it (e.g. `debug`, `info,ztunnel::proxy=debug`).
+    LogLevel { level: Option<String> },
 }
 
 /// Where certificates come from, and how the control plane is reached (node and waypoint).
@@ -258,6 +294,7 @@ fn main() -> anyhow::Result<()> {
     // The plugin's stdout carries its result only: no logging set up for it.
     let log = match &cli.cmd {
         Cmd::Cni(args) if args.is_plugin() => None,
+        Cmd::Ctl(_) => None,
         _ => Some(init_logging()),
     };
     match cli.cmd {
@@ -265,7 +302,29 @@ fn main() -> anyhow::Result<()> {
         Cmd::Controller(args) => run_controller(args),
         Cmd::Cni(args) => ztunnel::cni::cli::run(args),
         Cmd::Waypoint(args) => run_waypoint(args, log),
+        Cmd::Ctl(args) => run_ctl(args),
     }
+}
+
+fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
+    use ztunnel::ctl::{self, Resource};
+    let resource = match args.what {
+        CtlWhat::LogLevel { level } => {
+            print!("{}", ctl::log_level(args.admin, level.as_deref())?);
+            return Ok(());
+        }
+        CtlWhat::Workloads => Resource::Workloads,
+        CtlWhat::Services => Resource::Services,
+        CtlWhat::Policies => Resource::Policies,
+        CtlWhat::Certificates => Resource::Certificates,
+        CtlWhat::Pods => Resource::Pods,
+        CtlWhat::Pool => Resource::Pool,
+        CtlWhat::Ebpf => Resource::Ebpf,
+        CtlWhat::Xds => Resource::Xds,
+    };
+    let dump = ctl::fetch_dump(args.admin)?;
+    print!("{}", ctl::render(&ctl::select(&dump, resource), resource, args.output)?);
+    Ok(())
 }
 
 /// Where certificates come from: `CA_ADDRESS` when set, else the in-process CA (plug-in

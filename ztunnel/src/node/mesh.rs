@@ -162,6 +162,9 @@ fn config_dump(s: &Shared) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        // What `ztunnel ctl` checks before reading the rest (bump on layout changes).
+        "dumpVersion": crate::ctl::DUMP_VERSION,
+        "version": env!("CARGO_PKG_VERSION"),
         "trustDomain": s.mesh.trust_domain,
         "enrolledPods": pods,
         "workloads": snap.config.workloads,
