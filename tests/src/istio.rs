@@ -217,24 +217,12 @@ impl IstioZtunnel {
     /// is ready, which Istio's ztunnel only is once the CNI side's first snapshot
     /// (`SnapshotSent`) arrived: whatever serves `zds` must be running and synced.
     pub fn start_shared(binary: &Path, node: &Node, zds: &Path, local_config: &str, dir_name: &str) -> Result<Self> {
-        Self::start_shared_in(binary, node, None, zds, local_config, dir_name)
+        Self::start_shared_with(binary, node, None, zds, local_config, dir_name, &[])
     }
 
     /// [`IstioZtunnel::start_shared`], with the process in the cgroup `cgroup` (e.g. one our
-    /// eBPF capture knows as the proxy's).
-    pub fn start_shared_in(
-        binary: &Path,
-        node: &Node,
-        cgroup: Option<&Path>,
-        zds: &Path,
-        local_config: &str,
-        dir_name: &str,
-    ) -> Result<Self> {
-        Self::start_shared_with(binary, node, cgroup, zds, local_config, dir_name, &[])
-    }
-
-    /// [`IstioZtunnel::start_shared_in`] with more environment (which wins over the
-    /// defaults; an empty value removes one), e.g. `CA_ADDRESS`, `CA_ROOT_CA` and `AUTH_TOKEN` with `FAKE_CA=false` to
+    /// eBPF capture knows as the proxy's) when given, and more environment (which wins over
+    /// the defaults; an empty value removes one), e.g. `CA_ADDRESS`, `CA_ROOT_CA` and `AUTH_TOKEN` with `FAKE_CA=false` to
     /// get its certificates from a real CA.
     pub fn start_shared_with(
         binary: &Path,

@@ -99,13 +99,14 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
     let config = local_config(&istio_pods);
     let istio: Vec<IstioZtunnel> = (0..2)
         .map(|n| {
-            IstioZtunnel::start_shared_in(
+            IstioZtunnel::start_shared_with(
                 &istio_binary,
                 c.node(n),
                 Some(&cgroups[n]),
                 cnis[n].zds_socket(),
                 &config,
                 &format!("{}-sbs-istio{n}", c.prefix()),
+                &[],
             )
         })
         .collect::<Result<_>>()?;

@@ -66,13 +66,14 @@ fn setup() -> Option<Setup> {
     let proxy_cgroup: PathBuf = c.cgroup_path().join("istio-ztunnel");
     create_cgroup(&proxy_cgroup).unwrap();
     let cni = CniNode::start_with_capture(&c, 1, &cp.access, &proxy_cgroup).expect("ztunnel cni --ebpf-capture");
-    let istio = IstioZtunnel::start_shared_in(
+    let istio = IstioZtunnel::start_shared_with(
         &binary,
         c.node(1),
         Some(&proxy_cgroup),
         cni.zds_socket(),
         &config,
         &format!("{}-istio-ebpf", c.prefix()),
+        &[],
     )
     .expect("Istio's ztunnel in shared mode, in the proxy cgroup");
     cni.wait(WAIT, |s| s.synced && s.agents == 1).expect("our CNI synced with Istio's ztunnel connected");

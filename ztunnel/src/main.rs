@@ -52,24 +52,31 @@ struct CtlArgs {
 
 #[derive(Subcommand)]
 enum CtlWhat {
-    /// Workloads the agent knows.
-    Workloads,
-    /// Services, their VIPs, ports and waypoint.
-    Services,
-    /// Authorization policies in force, and rejected ones.
-    Policies,
-    /// Certificates per identity (state, serial, expiry).
-    Certificates,
-    /// Pods enrolled on this node.
-    Pods,
-    /// The outbound HBONE connection pool.
-    Pool,
-    /// eBPF program counters.
-    Ebpf,
-    /// The xDS client's state.
-    Xds,
+    #[command(flatten)]
+    Show(ztunnel::ctl::Resource),
     /// Shows the agent's log filter, or sets it (e.g. `debug`, `info,ztunnel::proxy=debug`).
     LogLevel { level: Option<String> },
+}
+
+/// Where workloads, services and policies come from (node and waypoint).
+#[derive(clap::Args)]
+struct StateArgs {
+    /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    local_config: Option<PathBuf>,
+    /// Control plane serving delta ADS (istiod or `ztunnel controller`), e.g.
+    /// `https://istiod.istio-system.svc:15012`; the state then comes from it.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// PEM roots for the xDS server's certificate.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    xds_root_ca: Option<PathBuf>,
+    /// This node's name, sent to the control plane.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// Cluster id, sent to the control plane.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
 }
 
 /// Where certificates come from, and how the control plane is reached (node and waypoint).
@@ -113,20 +120,8 @@ struct WaypointArgs {
     gateway_name: String,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
-    #[arg(long, env = "LOCAL_XDS_PATH", required_unless_present = "xds_address", conflicts_with = "xds_address")]
-    local_config: Option<PathBuf>,
-    /// Control plane serving delta ADS (istiod or `ztunnel controller`): workloads and services come from it.
-    #[arg(long, env = "XDS_ADDRESS")]
-    xds_address: Option<String>,
-    /// PEM roots for the xDS server's certificate.
-    #[arg(long, env = "XDS_ROOT_CA")]
-    xds_root_ca: Option<PathBuf>,
-    /// The node the waypoint runs on, sent to the control plane.
-    #[arg(long, env = "NODE_NAME", default_value = "")]
-    node_name: String,
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    cluster_id: String,
+    #[command(flatten)]
+    state: StateArgs,
     /// Directory (or file) of VirtualServices, DestinationRules and AuthorizationPolicies; re-read on change.
     #[arg(long)]
     routes_dir: Option<PathBuf>,
@@ -215,22 +210,8 @@ struct NodeArgs {
     trust_domain: String,
     #[command(flatten)]
     ca: CaArgs,
-    /// Istio local-config YAML ({workloads, services, policies}); re-read on change.
-    #[arg(long, env = "LOCAL_XDS_PATH")]
-    local_config: Option<PathBuf>,
-    /// Control plane serving delta ADS (istiod or `ztunnel controller`), e.g.
-    /// `https://istiod.istio-system.svc:15012`; the state then comes from it.
-    #[arg(long, env = "XDS_ADDRESS")]
-    xds_address: Option<String>,
-    /// PEM roots for the xDS server's certificate.
-    #[arg(long, env = "XDS_ROOT_CA")]
-    xds_root_ca: Option<PathBuf>,
-    /// This node's name, sent to the control plane.
-    #[arg(long, env = "NODE_NAME", default_value = "")]
-    node_name: String,
-    /// Cluster id, sent to the control plane.
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    cluster_id: String,
+    #[command(flatten)]
+    state: StateArgs,
     /// Apps see clients' own addresses (a transparent dial and per-pod reply routing); off,
     /// they see 127.0.0.6 (IPv4) or the pod's own address (IPv6).
     #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = true, action = clap::ArgAction::Set)]
@@ -307,20 +288,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
-    use ztunnel::ctl::{self, Resource};
+    use ztunnel::ctl;
     let resource = match args.what {
         CtlWhat::LogLevel { level } => {
             print!("{}", ctl::log_level(args.admin, level.as_deref())?);
             return Ok(());
         }
-        CtlWhat::Workloads => Resource::Workloads,
-        CtlWhat::Services => Resource::Services,
-        CtlWhat::Policies => Resource::Policies,
-        CtlWhat::Certificates => Resource::Certificates,
-        CtlWhat::Pods => Resource::Pods,
-        CtlWhat::Pool => Resource::Pool,
-        CtlWhat::Ebpf => Resource::Ebpf,
-        CtlWhat::Xds => Resource::Xds,
+        CtlWhat::Show(r) => r,
     };
     let dump = ctl::fetch_dump(args.admin)?;
     print!("{}", ctl::render(&ctl::select(&dump, resource), resource, args.output)?);
@@ -362,12 +336,12 @@ fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Res
         })
     };
     let remote = args.ca.ca_address.clone().map(|a| endpoint(a, &args.ca.ca_root_ca)).transpose()?;
-    let state = match (&args.local_config, &args.xds_address) {
+    let state = match (&args.state.local_config, &args.state.xds_address) {
         (Some(path), _) => StateSource::LocalConfig(path.clone()),
         (None, Some(address)) => StateSource::Xds(ztunnel::xds::XdsConfig {
-            server: endpoint(address.clone(), &args.xds_root_ca)?,
-            node_name: ztunnel::grpc::node_name(&args.node_name),
-            cluster_id: args.cluster_id.clone(),
+            server: endpoint(address.clone(), &args.state.xds_root_ca)?,
+            node_name: ztunnel::grpc::node_name(&args.state.node_name),
+            cluster_id: args.state.cluster_id.clone(),
         }),
         (None, None) => anyhow::bail!("give --local-config or --xds-address"),
     };
@@ -529,12 +503,12 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         server_name: args.ca.control_plane_server_name.clone(),
         token_path: args.ca.auth_token.clone(),
     };
-    let node_name = ztunnel::grpc::node_name(&args.node_name);
-    let xds = match args.xds_address.clone() {
+    let node_name = ztunnel::grpc::node_name(&args.state.node_name);
+    let xds = match args.state.xds_address.clone() {
         Some(address) => Some(ztunnel::xds::XdsConfig {
-            server: endpoint(address, read(&args.xds_root_ca)?),
+            server: endpoint(address, read(&args.state.xds_root_ca)?),
             node_name,
-            cluster_id: args.cluster_id.clone(),
+            cluster_id: args.state.cluster_id.clone(),
         }),
         None => None,
     };
@@ -549,7 +523,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         state_dir: args.state_dir,
         trust_domain: args.trust_domain,
         ca,
-        local_config: args.local_config,
+        local_config: args.state.local_config,
         xds,
         log_control: log,
         keep_source: args.enable_orig_src,

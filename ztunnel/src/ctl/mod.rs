@@ -14,8 +14,8 @@ use serde_json::Value;
 /// The `/config_dump` layout this binary reads (the agent writes it as `dumpVersion`).
 pub const DUMP_VERSION: u64 = 1;
 
-/// What to show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What to show (each is a `ztunnel ctl` subcommand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
 pub enum Resource {
     /// Workloads the agent knows (from local config or xDS).
     Workloads,
