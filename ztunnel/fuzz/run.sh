@@ -17,7 +17,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 
 seconds="${FUZZ_SECONDS:-20}"
-read -r -a targets <<<"${FUZZ_TARGETS:-zds_request local_config hbone_headers certificate policy xds_resource}"
+read -r -a targets <<<"${FUZZ_TARGETS:-zds_request local_config hbone_headers certificate policy xds_resource l7_config}"
 toolchain="${FUZZ_TOOLCHAIN:-nightly}"
 # Reproduce a crash with the same flags (`cargo fuzz run --debug-assertions <target> <file>`).
 flags=(--debug-assertions)

@@ -9,7 +9,8 @@
 //!   error (parse of a serialization is the identity);
 //! - `StateStore::apply_yaml` reports the same errors and holds the same config;
 //! - resolving a workload's own IP finds a workload that owns that IP, resolving a VIP finds a
-//!   service with that VIP and an endpoint of it, with the documented target port.
+//!   service with that VIP and an endpoint of it, with the documented target port, or, for a
+//!   service with a waypoint, that waypoint (and nothing when the waypoint cannot be found).
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
@@ -96,8 +97,20 @@ fn check_store(text: &str, cfg: &LocalConfig, expected_errors: &[ConfigError]) {
                 continue;
             }
             match up {
+                // Through a waypoint: the CONNECT keeps the VIP, the tunnel goes to a waypoint pod.
+                Some(up) if up.hbone_dst.is_some() => {
+                    let svc = up.service.as_ref().expect("a VIP resolves to its service");
+                    assert!(svc.waypoint.is_some(), "a waypoint route for {svc:?}, which has none");
+                    assert_eq!(up.addr, dst, "the waypoint gets the VIP and port the client dialled");
+                    let wp = up.workload.as_ref().expect("a waypoint route names the waypoint's workload");
+                    assert!(
+                        wp.workload_ips.contains(&up.hbone_dst.unwrap().ip()),
+                        "HBONE to an address not the waypoint's"
+                    );
+                }
                 Some(up) => {
                     let svc = up.service.as_ref().expect("a VIP resolves to its service");
+                    assert!(svc.waypoint.is_none(), "{svc:?} has a waypoint but was resolved past it");
                     assert!(svc.vip_addrs().unwrap().contains(&ip), "service {svc:?} does not have VIP {ip}");
                     let ep = up.workload.as_ref().expect("a VIP resolves to an endpoint");
                     let key = svc.key();
@@ -111,7 +124,7 @@ fn check_store(text: &str, cfg: &LocalConfig, expected_errors: &[ConfigError]) {
                 }
                 None => assert!(
                     cfg.services.iter().any(|s| s.vip_addrs().unwrap().contains(&ip)
-                        && !cfg.workloads.iter().any(|w| w.services.contains_key(&s.key()))),
+                        && (s.waypoint.is_some() || !cfg.workloads.iter().any(|w| w.services.contains_key(&s.key())))),
                     "VIP {ip} has endpoints but did not resolve"
                 ),
             }

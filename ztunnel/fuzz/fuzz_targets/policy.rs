@@ -449,6 +449,7 @@ fn workload(u: &mut Unstructured, policies: &[Authorization]) -> arbitrary::Resu
         cluster_id: String::new(),
         workload_name: String::new(),
         workload_type: String::new(),
+        labels: Default::default(),
     })
 }
 
