@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ztunnel::routing::{Decision, Request};
+use ztunnel::routing::Request;
 use ztunnel::waypoint::routes::RouteTable;
 
 fuzz_target!(|data: &[u8]| {
@@ -39,12 +39,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for router in first.routers.values() {
         for roll in [0u32, 1, 49, 50, u32::MAX] {
-            let rule = match router.decide(&req, roll) {
-                Some(
-                    Decision::Forward { rule, .. } | Decision::Redirect { rule, .. } | Decision::Respond { rule, .. },
-                ) => rule,
-                None => continue,
-            };
+            let Some(rule) = router.decide(&req, roll).map(|d| d.rule()) else { continue };
             assert!(router.rule(rule).is_some(), "decision names rule {rule}, which does not exist");
         }
         let _ = router.tcp_targets(9000);

@@ -3,10 +3,8 @@
 //! and the admin server with its config dump and scrape-time metrics.
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::broadcast;
 
@@ -79,46 +77,6 @@ pub(super) fn mesh_context(
         events,
         limits: cfg.limits,
         draining,
-    }
-}
-
-/// Loads the local config once, at start: a file that is missing, unreadable or not YAML
-/// at all stops the agent with the reason (serving pods with no policies would fail open).
-/// Bad entries inside a valid document are rejected by name, as on every later change.
-pub(super) fn load_local_config(path: &Path, mesh: &MeshContext) -> Result<std::time::SystemTime, String> {
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| e.to_string())?;
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let errors = mesh.state.apply_yaml(&text);
-    for e in &errors {
-        mesh.metrics.config_rejected(e.kind);
-    }
-    if let Some(doc) = errors.iter().find(|e| e.kind == "document") {
-        return Err(doc.reason.clone());
-    }
-    tracing::info!(path = %path.display(), "local config loaded");
-    Ok(modified)
-}
-
-/// Applies the local config whenever the file changes (after the load at start); bad
-/// entries are rejected by name (logged, counted) and the rest applies; an unreadable
-/// file keeps the last state.
-pub(super) async fn watch_local_config(path: PathBuf, mesh: MeshContext, loaded: std::time::SystemTime) {
-    let mut last = Some(loaded);
-    loop {
-        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        if modified.is_some() && modified != last {
-            last = modified;
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    for e in mesh.state.apply_yaml(&text) {
-                        mesh.metrics.config_rejected(e.kind);
-                    }
-                    tracing::info!(path = %path.display(), "local config applied");
-                }
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read local config"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -120,7 +120,7 @@ impl Node {
         // before it installs anything, and no pod is ever served with an empty policy set.
         let loaded = match &cfg.local_config {
             Some(path) => Some(
-                mesh::load_local_config(path, &mesh)
+                crate::state::load_local_config(path, &mesh.state, |e| mesh.metrics.config_rejected(e.kind))
                     .map_err(|reason| NodeError::LocalConfig { path: path.clone(), reason })?,
             ),
             None => None,
@@ -173,7 +173,14 @@ impl Node {
             }
         };
         if let (Some(path), Some(loaded)) = (cfg.local_config.clone(), loaded) {
-            tasks.push(tokio::spawn(mesh::watch_local_config(path, shared.mesh.clone(), loaded)));
+            let metrics = shared.mesh.metrics.clone();
+            let on_rejected = move |e: &crate::state::ConfigError| metrics.config_rejected(e.kind);
+            tasks.push(tokio::spawn(crate::state::follow_local_config(
+                path,
+                shared.mesh.state.clone(),
+                loaded,
+                on_rejected,
+            )));
         }
         let admin = match cfg.admin.clone() {
             Some(a) => {

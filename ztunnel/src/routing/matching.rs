@@ -118,6 +118,15 @@ pub enum Decision {
     Respond { rule: usize, status: u16, body: String },
 }
 
+impl Decision {
+    /// The index of the rule that decided.
+    pub fn rule(&self) -> usize {
+        match self {
+            Decision::Forward { rule, .. } | Decision::Redirect { rule, .. } | Decision::Respond { rule, .. } => *rule,
+        }
+    }
+}
+
 impl Router {
     /// The first rule whose match blocks (any of them) match `req`, with the block.
     pub fn find(&self, req: &Request) -> Option<(usize, &CompiledRoute, Option<usize>)> {

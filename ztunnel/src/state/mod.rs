@@ -5,7 +5,9 @@
 //! rejected by name (a bad policy also fails closed for the workloads it could select), and
 //! a document that is not YAML at all leaves the last snapshot in force.
 mod config;
+mod file;
 mod store;
 
 pub use config::{parse_local_config, ConfigError, LocalConfig, Service, WaypointRef, Workload, WorkloadProtocol};
+pub use file::{follow_local_config, load_local_config};
 pub use store::{PodMatch, Scope, Snapshot, StateStore, Upstream};

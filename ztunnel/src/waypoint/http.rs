@@ -201,18 +201,14 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
     }
     let router = table.router_for(&t.service);
     let decision = router.and_then(|r| r.decide(&rreq, fastrand::u32(..)));
-    let rule = match &decision {
-        Some(Decision::Forward { rule, .. } | Decision::Redirect { rule, .. } | Decision::Respond { rule, .. }) => {
-            router.and_then(|r| r.rule(*rule))
+    let rule = match (router, &decision) {
+        (Some(r), Some(d)) => {
+            let rule = r.rule(d.rule());
+            out.route = rule.and_then(|c| c.name.clone()).unwrap_or_else(|| format!("{}[{}]", r.name, d.rule()));
+            rule
         }
-        None => None,
+        _ => None,
     };
-    if let (Some(r), Some(i)) = (router, &decision) {
-        let idx = match i {
-            Decision::Forward { rule, .. } | Decision::Redirect { rule, .. } | Decision::Respond { rule, .. } => *rule,
-        };
-        out.route = rule.and_then(|c| c.name.clone()).unwrap_or_else(|| format!("{}[{idx}]", r.name));
-    }
     let origin = header_str(req.headers(), "origin").map(str::to_string);
     let cors = rule.and_then(|r| r.cors.as_ref()).filter(|c| origin.as_deref().is_some_and(|o| c.allows_origin(o)));
     if let (Some(c), true) = (cors, is_preflight(&req)) {

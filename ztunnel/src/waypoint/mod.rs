@@ -118,15 +118,16 @@ impl Waypoint {
         let mut tasks = Vec::new();
         match &cfg.state {
             StateSource::LocalConfig(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| StartError::LocalConfig(path.clone(), e.to_string()))?;
-                for e in state.apply_yaml(&text) {
-                    if e.kind == "document" {
-                        return Err(StartError::LocalConfig(path.clone(), e.reason));
-                    }
-                    metrics.config_rejected(e.kind);
-                }
-                tasks.push(tokio::spawn(follow_local_config(path.clone(), state.clone(), metrics.clone())));
+                let loaded = crate::state::load_local_config(path, &state, |e| metrics.config_rejected(e.kind))
+                    .map_err(|reason| StartError::LocalConfig(path.clone(), reason))?;
+                let m = metrics.clone();
+                let on_rejected = move |e: &crate::state::ConfigError| m.config_rejected(e.kind);
+                tasks.push(tokio::spawn(crate::state::follow_local_config(
+                    path.clone(),
+                    state.clone(),
+                    loaded,
+                    on_rejected,
+                )));
             }
             StateSource::Xds(xds) => {
                 let stats = Arc::new(crate::xds::XdsStats::default());
@@ -190,25 +191,6 @@ impl Waypoint {
     /// A handle on the L7 configuration that outlives borrows (for the admin dump).
     pub fn routes_handle(&self) -> Routes {
         self.routes.clone()
-    }
-}
-
-async fn follow_local_config(path: PathBuf, state: Arc<StateStore>, metrics: Arc<Metrics>) {
-    let mut last = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-    loop {
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        if now.is_some() && now != last {
-            last = now;
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    for e in state.apply_yaml(&text) {
-                        metrics.config_rejected(e.kind);
-                    }
-                }
-                Err(e) => warn!(path = %path.display(), error = %e, "cannot read local config"),
-            }
-        }
     }
 }
 
