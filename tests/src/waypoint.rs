@@ -26,9 +26,15 @@ impl WaypointProcess {
     /// CA, reading the cluster's local config and the L7 objects in `routes`. Returns once
     /// it serves metrics.
     pub fn start(cluster: &Cluster, pod: &Pod, routes: &Path) -> Result<Self> {
+        Self::start_with(cluster, pod, routes, &[])
+    }
+
+    /// [`Self::start`] with more command-line arguments (e.g. where traces go).
+    pub fn start_with(cluster: &Cluster, pod: &Pod, routes: &Path, extra: &[String]) -> Result<Self> {
         let mut args: Vec<String> =
             vec!["--local-config".into(), crate::mesh::mesh_config_path(cluster).display().to_string()];
         args.extend(["--ca-state-dir".into(), crate::mesh::ca_dir(cluster).display().to_string()]);
+        args.extend(extra.iter().cloned());
         Self::spawn(pod, routes, &args)
     }
 
@@ -49,9 +55,11 @@ impl WaypointProcess {
                 "--admin-addr",
                 "127.0.0.1:15000",
             ])
-            .env("RUST_LOG", std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "warn".into()));
+            .env("RUST_LOG", std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "warn,access=info".into()));
         if std::env::var_os("WAYPOINT_LOG").is_none() {
-            cmd.stdout(Stdio::null());
+            // Access-log lines go to a file the test can read (see [`Self::log`]).
+            let file = std::fs::File::create(Self::log_path(routes)).context("waypoint log file")?;
+            cmd.stdout(Stdio::from(file));
         }
         let child = pod.spawn(cmd).context("spawning ztunnel waypoint")?;
         let mut w = WaypointProcess { child, pod: pod.clone(), routes: routes.to_path_buf() };
@@ -68,6 +76,16 @@ impl WaypointProcess {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn log_path(routes: &Path) -> PathBuf {
+        routes.with_extension("stdout")
+    }
+
+    /// What the waypoint wrote to stdout so far (its access-log lines); empty when
+    /// `WAYPOINT_LOG` sends it to the test's own output instead.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(Self::log_path(&self.routes)).unwrap_or_default()
     }
 
     /// The process id (for CPU and memory readings).
@@ -118,6 +136,7 @@ impl Drop for WaypointProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(Self::log_path(&self.routes));
     }
 }
 

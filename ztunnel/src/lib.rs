@@ -18,6 +18,7 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod routing;
+pub mod spans;
 pub mod state;
 pub mod task;
 pub mod tls;

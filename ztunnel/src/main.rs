@@ -79,6 +79,33 @@ struct StateArgs {
     cluster_id: String,
 }
 
+/// Where spans go (waypoint, and the node agent's opt-in connection spans).
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// OTLP/HTTP (protobuf) traces endpoint, e.g. `http://jaeger-collector:4318/v1/traces`;
+    /// unset: no spans are exported (`traceparent` is still carried on).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Percent of new traces recorded (a request with a sampled `traceparent` is always
+    /// recorded, an unsampled one never), as Istio's mesh `tracing.sampling` (default 1).
+    #[arg(long, env = "TRACE_SAMPLING", default_value_t = 1.0)]
+    trace_sampling: f64,
+    /// How long finished spans are batched before they are posted, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    trace_export_delay_ms: u64,
+}
+
+impl TraceArgs {
+    fn config(&self, service_name: String) -> Option<ztunnel::spans::TraceConfig> {
+        self.otlp_endpoint.as_ref().map(|endpoint| ztunnel::spans::TraceConfig {
+            endpoint: endpoint.clone(),
+            service_name,
+            sampling: self.trace_sampling / 100.0,
+            export_delay: std::time::Duration::from_millis(self.trace_export_delay_ms),
+        })
+    }
+}
+
 /// Where certificates come from, and how the control plane is reached (node and waypoint).
 #[derive(clap::Args)]
 struct CaArgs {
@@ -127,6 +154,13 @@ struct WaypointArgs {
     routes_dir: Option<PathBuf>,
     #[command(flatten)]
     ca: CaArgs,
+    /// Access-log line format with Envoy's command operators (`%REQ(USER-AGENT)%`,
+    /// `%RESPONSE_CODE%`, ...); Istio's default format when unset. Lines are logged at info
+    /// under the `access` target; `LOG_FORMAT=json` writes Istio's JSON keys instead.
+    #[arg(long, env = "ACCESS_LOG_FORMAT")]
+    access_log_format: Option<String>,
+    #[command(flatten)]
+    trace: TraceArgs,
     /// Prometheus listener.
     #[arg(long, default_value = "[::]:15020")]
     metrics_addr: std::net::SocketAddr,
@@ -291,7 +325,7 @@ fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
     use ztunnel::ctl;
     let resource = match args.what {
         CtlWhat::LogLevel { level } => {
-            print!("{}", ctl::log_level(args.admin, level.as_deref())?);
+            print!("{}", ctl::render_log_level(&ctl::log_level(args.admin, level.as_deref())?, args.output)?);
             return Ok(());
         }
         CtlWhat::Show(r) => r,
@@ -356,6 +390,10 @@ fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Res
         ca,
         state,
         routes_dir: args.routes_dir.clone(),
+        // Istio names a waypoint's spans' service `<gateway>.<namespace>`.
+        tracing: args.trace.config(format!("{}.{}", args.gateway_name, args.namespace)),
+        access_log_format: args.access_log_format.clone(),
+        access_log_json: std::env::var("LOG_FORMAT").as_deref() == Ok("json"),
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;

@@ -126,6 +126,12 @@ pub fn start_with_logging(
             (Role::Readiness, TcpListener::from_std(readiness)?),
         ]
     };
+    let flag = ready.clone();
+    metrics.add_gauge_collector(
+        "ztunnel_ready",
+        "1 when /healthz/ready answers 200 (the process has its configuration), else 0",
+        Box::new(move || vec![(vec![], flag.load(Ordering::Acquire) as u64)]),
+    );
     let shared = Arc::new(Shared { metrics, dump, ready, on_quit, log });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let thread = std::thread::Builder::new().name("ztunnel-admin".into()).spawn(move || {

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 /// The `/config_dump` layout this binary reads (the agent writes it as `dumpVersion`).
-pub const DUMP_VERSION: u64 = 1;
+/// Version 2 added `connections`, `connectionsOverflow`, `ebpfLinks` and the certificates'
+/// `chain`: a version 1 agent would show none, which must not pass for "there are none".
+pub const DUMP_VERSION: u64 = 2;
 
 /// What to show (each is a `ztunnel ctl` subcommand).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
@@ -23,16 +25,18 @@ pub enum Resource {
     Services,
     /// Authorization policies in force, and the rejected ones.
     Policies,
-    /// Certificates per identity: state, serial, expiry.
+    /// Certificates per identity: state, serial, validity, trust chain.
     Certificates,
     /// Pods enrolled on this node.
     Pods,
     /// The outbound HBONE connection pool.
     Pool,
-    /// eBPF program counters (captured / bypassed / errors).
+    /// eBPF state: program counters (captured / bypassed / errors), attached links, enrolled pods.
     Ebpf,
     /// The xDS client's state.
     Xds,
+    /// Proxied connections open now (inbound and outbound).
+    Connections,
 }
 
 /// Output format.
@@ -103,8 +107,15 @@ pub fn select(dump: &Value, r: Resource) -> Value {
         Resource::Certificates => "certificates",
         Resource::Pods => "enrolledPods",
         Resource::Pool => "hbonePool",
-        Resource::Ebpf => "ebpfCounters",
+        Resource::Ebpf => {
+            return serde_json::json!({
+                "counters": dump["ebpfCounters"], "links": dump["ebpfLinks"], "enrolledPods": dump["enrolledPods"],
+            })
+        }
         Resource::Xds => "xds",
+        Resource::Connections => {
+            return serde_json::json!({"connections": dump["connections"], "overflow": dump["connectionsOverflow"]})
+        }
     };
     dump.get(key).cloned().unwrap_or(Value::Null)
 }
@@ -117,6 +128,24 @@ pub fn render(value: &Value, r: Resource, out: Output) -> Result<String, CtlErro
         }
         Output::Yaml => serde_yaml_ng::to_string(value).map_err(|e| CtlError::Format(e.to_string())),
         Output::Table => Ok(table::render(value, r)),
+    }
+}
+
+/// Renders the agent's `/logging` answer (see [`log_level`]) in `out`: the text as the agent
+/// wrote it, or `{"level": ..., "note": ...}` (the note being whatever the agent added
+/// after the filter, e.g. that it only records the level) for scripts.
+pub fn render_log_level(answer: &str, out: Output) -> Result<String, CtlError> {
+    let mut lines = answer.lines();
+    let level = lines.next().unwrap_or("").trim();
+    let note = lines.map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    let mut v = serde_json::json!({ "level": level });
+    if !note.is_empty() {
+        v["note"] = Value::String(note);
+    }
+    match out {
+        Output::Table => Ok(answer.to_string()),
+        Output::Json => serde_json::to_string_pretty(&v).map(|s| s + "\n").map_err(|e| CtlError::Format(e.to_string())),
+        Output::Yaml => serde_yaml_ng::to_string(&v).map_err(|e| CtlError::Format(e.to_string())),
     }
 }
 

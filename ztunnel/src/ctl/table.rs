@@ -1,5 +1,6 @@
 //! Tables for `ztunnel ctl`: one row per item with the columns an operator reads first (the
-//! JSON / YAML output has everything). Missing fields print as `-`.
+//! JSON / YAML output has everything). Missing fields print as `-`; times print relative to
+//! now (`in 23h59m`, `5m ago`).
 use serde_json::Value;
 
 use super::Resource;
@@ -58,6 +59,59 @@ fn until(v: &Value) -> String {
     format!("in {}h{:02}m", s / 3600, (s % 3600) / 60)
 }
 
+/// Seconds since the epoch as "5m ago" (or "in 5m" for a time still ahead).
+fn since(v: &Value) -> String {
+    let Some(at) = v.as_u64() else { return "-".into() };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    if at > now {
+        return format!("in {}", duration(at - now));
+    }
+    format!("{} ago", duration(now - at))
+}
+
+/// A duration in seconds, in its two largest units: `42s`, `3m05s`, `2h07m`, `3d04h`.
+fn duration(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// Who issued a certificate, up to its root: the subjects of its chain after the leaf,
+/// joined with ` > `, the trust anchor marked `(root)`. A chain that ends without a root
+/// of the bundle ends with its last issuer marked `(not in the trust bundle)`.
+fn issuers(chain: &Value) -> String {
+    let Some(certs) = chain.as_array().filter(|c| !c.is_empty()) else { return "-".into() };
+    let name = |c: &Value| match c["subject"].as_str() {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => format!("serial {}", cell(&c["serial"])),
+    };
+    let mut parts: Vec<String> = certs[1..]
+        .iter()
+        .map(|c| if c["root"] == Value::Bool(true) { format!("{} (root)", name(c)) } else { name(c) })
+        .collect();
+    let last = &certs[certs.len() - 1];
+    if last["root"] != Value::Bool(true) {
+        parts.push(format!("{} (not in the trust bundle)", cell(&last["issuer"])));
+    }
+    parts.join(" > ")
+}
+
+/// A field that holds a duration in milliseconds, as [`duration`].
+fn age(v: &Value) -> String {
+    v.as_u64().map(|ms| duration(ms / 1000)).unwrap_or_else(|| "-".into())
+}
+
+/// The identity of one side of a connection, or its workload when it proved none (plain TCP).
+fn party(identity: &'static str, workload: &'static str) -> impl Fn(&Value) -> String {
+    move |c: &Value| match &c[identity] {
+        Value::String(s) if !s.is_empty() => s.clone(),
+        _ => cell(&c[workload]),
+    }
+}
+
 /// The table for `r`.
 pub fn render(v: &Value, r: Resource) -> String {
     match r {
@@ -108,14 +162,16 @@ pub fn render(v: &Value, r: Resource) -> String {
             out
         }
         Resource::Certificates => columns(
-            &["IDENTITY", "STATE", "SERIAL", "EXPIRES", "FAILURES", "LAST ERROR"],
+            &["IDENTITY", "STATE", "SERIAL", "VALID SINCE", "EXPIRES", "ISSUED BY", "FAILURES", "LAST ERROR"],
             rows(
                 v,
                 &[
                     &field("identity"),
                     &field("state"),
                     &field("serial"),
+                    &|c: &Value| since(&c["not_before_unix"]),
                     &|c: &Value| until(&c["not_after_unix"]),
+                    &|c: &Value| issuers(&c["chain"]),
                     &field("failures"),
                     &field("last_error"),
                 ],
@@ -126,14 +182,52 @@ pub fn render(v: &Value, r: Resource) -> String {
             rows(v, &[&field("namespace"), &field("name"), &field("uid"), &field("ips"), &field("serviceAccount")]),
         ),
         Resource::Ebpf => {
-            let programs = v.as_object().map(|o| o.iter().collect::<Vec<_>>()).unwrap_or_default();
-            columns(
+            let programs = v["counters"].as_object().map(|o| o.iter().collect::<Vec<_>>()).unwrap_or_default();
+            let mut out = columns(
                 &["PROGRAM", "CAPTURED", "BYPASSED", "ERRORS"],
                 programs
                     .into_iter()
                     .map(|(k, c)| vec![k.clone(), cell(&c["captured"]), cell(&c["bypassed"]), cell(&c["errors"])])
                     .collect(),
-            )
+            );
+            out += "\nLINKS:\n";
+            out += &columns(
+                &["PROGRAM", "HOOK", "ATTACH POINT", "LINK ID", "PROGRAM ID"],
+                rows(
+                    &v["links"],
+                    &[&field("program"), &field("hook"), &field("attachPoint"), &field("linkId"), &field("programId")],
+                ),
+            );
+            out += "\nENROLLED PODS:\n";
+            out += &columns(
+                &["NAMESPACE", "NAME", "UID", "NETNS COOKIE"],
+                rows(&v["enrolledPods"], &[&field("namespace"), &field("name"), &field("uid"), &field("netnsCookie")]),
+            );
+            out
+        }
+        Resource::Connections => {
+            let mut out = columns(
+                &["DIRECTION", "SOURCE", "DESTINATION", "SRC IDENTITY", "DST IDENTITY", "PROTOCOL", "AGE"],
+                rows(
+                    &v["connections"],
+                    &[
+                        &field("direction"),
+                        &field("src"),
+                        &field("dst"),
+                        &party("srcIdentity", "srcWorkload"),
+                        &party("dstIdentity", "dstWorkload"),
+                        &field("protocol"),
+                        &|c: &Value| age(&c["ageMs"]),
+                    ],
+                ),
+            );
+            if let Some(n) = v["overflow"]["open"].as_u64().filter(|n| *n > 0) {
+                out += &format!(
+                    "\n{n} more open connections are not listed (the agent lists at most {})\n",
+                    cell(&v["overflow"]["capacity"])
+                );
+            }
+            out
         }
         Resource::Pool | Resource::Xds => {
             let pairs =

@@ -194,6 +194,70 @@ impl WorkloadCertificate {
     pub fn chain_pem(&self) -> String {
         x509::certs_to_pem(&self.chain)
     }
+
+    /// The chain as an operator reads it (`ztunnel ctl certificates`): each presented
+    /// certificate, leaf first, then the root of the bundle that issued the last one (the
+    /// anchor peers verify against), unless the chain already ends in a self-signed root.
+    /// Without a matching root the list ends at the last presented certificate, which is how
+    /// a chain no peer will accept shows. Parsed on each call: meant for the admin thread.
+    pub fn trust_chain(&self) -> Vec<ChainCert> {
+        let mut out: Vec<ChainCert> =
+            self.chain.iter().filter_map(|der| x509::parse_cert(der).ok()).map(ChainCert::from_info).collect();
+        let Some(last) = out.last() else { return out };
+        if last.subject == last.issuer && last.is_ca {
+            if let Some(l) = out.last_mut() {
+                l.root = true;
+            }
+            return out;
+        }
+        let issuer = last.issuer.clone();
+        let root = self
+            .roots
+            .roots()
+            .iter()
+            .filter_map(|der| x509::parse_cert(der).ok())
+            .find(|r| r.subject == issuer && r.is_ca)
+            .map(ChainCert::from_info);
+        if let Some(mut root) = root {
+            root.root = true;
+            out.push(root);
+        }
+        out
+    }
+}
+
+/// One certificate of a workload certificate's trust chain, as `/config_dump` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChainCert {
+    /// Subject DN (empty for the usual SPIFFE leaf).
+    pub subject: String,
+    /// Issuer DN.
+    pub issuer: String,
+    /// Serial number as lowercase hex.
+    pub serial: String,
+    /// Start of validity, seconds since the epoch.
+    pub not_before_unix: Option<u64>,
+    /// End of validity, seconds since the epoch.
+    pub not_after_unix: Option<u64>,
+    /// Whether it may issue certificates.
+    pub is_ca: bool,
+    /// Whether it is the trust anchor (a root of the bundle, or a self-signed end of the chain).
+    pub root: bool,
+}
+
+impl ChainCert {
+    fn from_info(info: x509::CertInfo) -> Self {
+        let unix = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+        ChainCert {
+            subject: info.subject,
+            issuer: info.issuer,
+            serial: info.serial,
+            not_before_unix: unix(info.not_before),
+            not_after_unix: unix(info.not_after),
+            is_ca: info.is_ca,
+            root: false,
+        }
+    }
 }
 
 impl Clone for WorkloadCertificate {
@@ -220,5 +284,74 @@ impl fmt::Debug for WorkloadCertificate {
             .field("chain_len", &self.chain.len())
             .field("roots", &self.roots)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+
+    use super::*;
+
+    fn ca_params(cn: &str) -> CertificateParams {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        p
+    }
+
+    /// A leaf issued by an intermediate of `root_cn`; the chain presented is leaf and
+    /// intermediate, the bundle holds `bundle_cn`'s root.
+    fn issued_through_intermediate(root_cn: &str, bundle_cn: &str) -> WorkloadCertificate {
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params(root_cn);
+        let root_issuer = Issuer::new(root_params, root_key);
+        let int_key = KeyPair::generate().unwrap();
+        let int_params = ca_params("mesh intermediate");
+        let int = int_params.clone().signed_by(&int_key, &root_issuer).unwrap();
+        let int_issuer = Issuer::new(int_params, int_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf_params = CertificateParams::default();
+        leaf_params.distinguished_name = rcgen::DistinguishedName::new();
+        leaf_params.subject_alt_names =
+            vec![SanType::URI("spiffe://cluster.local/ns/default/sa/web".try_into().unwrap())];
+        let leaf = leaf_params.signed_by(&leaf_key, &int_issuer).unwrap();
+        let bundle_key = KeyPair::generate().unwrap();
+        let bundle_root = ca_params(bundle_cn).self_signed(&bundle_key).unwrap();
+        let key = PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        let chain = vec![leaf.der().clone(), int.der().clone()];
+        WorkloadCertificate::new(chain, key, TrustBundle::new([bundle_root.der().clone()])).unwrap()
+    }
+
+    #[test]
+    fn the_trust_chain_ends_with_the_bundle_root_that_issued_the_last_presented_certificate() {
+        let cert = issued_through_intermediate("mesh root", "mesh root");
+        let chain = cert.trust_chain();
+        let subjects: Vec<&str> = chain.iter().map(|c| c.subject.as_str()).collect();
+        assert_eq!(subjects, ["", "CN=mesh intermediate", "CN=mesh root"]);
+        assert_eq!(chain.iter().map(|c| c.root).collect::<Vec<_>>(), [false, false, true]);
+        assert_eq!(chain[0].serial, cert.serial());
+        assert_eq!(chain[1].issuer, "CN=mesh root");
+    }
+
+    #[test]
+    fn a_chain_no_bundle_root_issued_ends_without_a_root() {
+        let cert = issued_through_intermediate("mesh root", "another root");
+        let chain = cert.trust_chain();
+        assert_eq!(chain.len(), 2);
+        assert!(chain.iter().all(|c| !c.root));
+        assert_eq!(chain[1].issuer, "CN=mesh root");
+    }
+
+    #[test]
+    fn a_chain_ending_in_a_self_signed_root_marks_that_root() {
+        let ca = super::super::InProcessCa::new(super::super::CaConfig::new("cluster.local")).unwrap();
+        let cert = ca.issue(&Identity::new("cluster.local", "default", "web").unwrap()).unwrap();
+        let chain = cert.trust_chain();
+        assert_eq!(chain.len(), 2, "leaf and root, the root not repeated from the bundle");
+        assert!(chain[1].root && chain[1].is_ca && !chain[0].root);
+        assert_eq!(chain[1].subject, "O=cluster.local");
+        assert_eq!(chain[0].issuer, chain[1].subject);
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::certificate::WorkloadCertificate;
+use super::certificate::{ChainCert, WorkloadCertificate};
 use super::provider::{CertificateProvider, ProviderError};
 use super::spiffe::Identity;
 
@@ -57,7 +57,7 @@ pub enum CertState {
     Failed,
 }
 
-/// One row of [`CertManager::snapshot`], for a future /config_dump.
+/// One row of [`CertManager::snapshot`], for /config_dump (`ztunnel ctl certificates`).
 #[derive(Debug, Clone, Serialize)]
 pub struct CertSnapshot {
     /// The identity.
@@ -66,8 +66,13 @@ pub struct CertSnapshot {
     pub state: CertState,
     /// Serial of the served certificate.
     pub serial: Option<String>,
+    /// Start of the served certificate's validity, seconds since the epoch.
+    pub not_before_unix: Option<u64>,
     /// Expiry of the served certificate, seconds since the epoch.
     pub not_after_unix: Option<u64>,
+    /// The served certificate's chain up to its root (see
+    /// [`WorkloadCertificate::trust_chain`]); empty while there is none.
+    pub chain: Vec<ChainCert>,
     /// When the next renewal attempt is due, seconds since the epoch.
     pub next_attempt_unix: Option<u64>,
     /// Consecutive failed attempts.
@@ -176,26 +181,53 @@ impl CertManager {
         }
     }
 
+    /// Exposes `ztunnel_certificate_expiration_timestamp_seconds{identity}` (read at scrape
+    /// time), which the chart's alert on certificates about to expire watches.
+    pub fn register_expiry_metric(&self, metrics: &crate::metrics::Metrics) {
+        let certs = self.clone();
+        metrics.add_gauge_collector(
+            "ztunnel_certificate_expiration_timestamp_seconds",
+            "When the workload certificate of each identity expires, in unix seconds",
+            Box::new(move || {
+                certs
+                    .snapshot()
+                    .into_iter()
+                    .filter_map(|c| Some((vec![("identity".to_string(), c.identity.to_string())], c.not_after_unix?)))
+                    .collect()
+            }),
+        );
+    }
+
     /// The state of every managed identity, sorted by identity.
     pub fn snapshot(&self) -> Vec<CertSnapshot> {
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok();
-        let mut rows: Vec<CertSnapshot> = lock(&self.inner.entries)
+        // The rows are read under the lock; the chains are parsed after it is released, so
+        // a config dump never holds up a connection waiting for its certificate.
+        let mut rows: Vec<(CertSnapshot, Option<Arc<WorkloadCertificate>>)> = lock(&self.inner.entries)
             .iter()
             .map(|(id, entry)| {
                 let slot = entry.tx.borrow();
-                CertSnapshot {
+                let row = CertSnapshot {
                     identity: id.clone(),
                     state: slot.state,
                     serial: slot.cert.as_ref().map(|c| c.serial().to_string()),
+                    not_before_unix: slot.cert.as_ref().and_then(|c| unix(c.not_before())),
                     not_after_unix: slot.cert.as_ref().and_then(|c| unix(c.not_after())),
+                    chain: vec![],
                     next_attempt_unix: slot.next_attempt.and_then(unix),
                     failures: slot.failures,
                     last_error: slot.last_error.as_ref().map(|e| e.to_string()),
-                }
+                };
+                (row, slot.cert.clone())
             })
             .collect();
-        rows.sort_by(|a, b| a.identity.cmp(&b.identity));
-        rows
+        rows.sort_by(|a, b| a.0.identity.cmp(&b.0.identity));
+        rows.into_iter()
+            .map(|(mut row, cert)| {
+                row.chain = cert.map(|c| c.trust_chain()).unwrap_or_default();
+                row
+            })
+            .collect()
     }
 
     fn subscribe(&self, id: &Identity) -> watch::Receiver<Slot> {

@@ -15,7 +15,7 @@ pub mod x509;
 
 pub use ca::{files as ca_files, CaConfig, CaError, CaSource, InProcessCa, DEFAULT_LEAF_TTL, DEFAULT_ROOT_TTL};
 pub use caclient::RemoteCa;
-pub use certificate::{TrustBundle, WorkloadCertError, WorkloadCertificate};
+pub use certificate::{ChainCert, TrustBundle, WorkloadCertError, WorkloadCertificate};
 pub use manager::{CertError, CertManager, CertManagerConfig, CertSnapshot, CertState};
 pub use provider::{CertificateProvider, FetchFuture, ProviderError};
 pub use spiffe::{Identity, IdentityError};

@@ -1,5 +1,5 @@
-//! Reading the few X.509 facts the mesh needs (SPIFFE URI SANs, validity, serial) and PEM
-//! encoding, kept in one place so TLS verification and certificate caching agree on them.
+//! Reading the few X.509 facts the mesh needs (SPIFFE URI SANs, validity, serial, subject
+//! and issuer) and PEM encoding, kept in one place so TLS verification and certificate caching agree on them.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +43,11 @@ pub struct CertInfo {
     pub serial: String,
     /// Whether basicConstraints says CA.
     pub is_ca: bool,
+    /// The subject DN as text (RFC 4514 style, e.g. `O=cluster.local`; empty for the usual
+    /// SPIFFE leaf), to show a chain to an operator.
+    pub subject: String,
+    /// The issuer DN as text, to find which root anchors a chain.
+    pub issuer: String,
 }
 
 fn unix(secs: i64) -> SystemTime {
@@ -77,6 +82,8 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertParseError> {
         not_after: unix(cert.validity().not_after.timestamp()),
         serial,
         is_ca,
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
     })
 }
 

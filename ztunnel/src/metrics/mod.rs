@@ -18,7 +18,11 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+
+mod process;
 
 /// The HTTP `Content-Type` matching [`Metrics::encode`]'s output, so scrapers pick the right
 /// parser.
@@ -170,9 +174,11 @@ pub type CollectFn = Box<dyn Fn() -> Vec<(Vec<(String, String)>, u64)> + Send + 
 
 /// A counter family whose series are produced by a closure on every scrape.
 struct FnCollector {
-    /// Family name without the `_total` suffix (the encoder appends it to samples).
+    /// Family name without the `_total` suffix (the encoder appends it to counter samples).
     name: String,
     help: String,
+    /// A gauge family (exact name) rather than a counter (`_total`).
+    gauge: bool,
     f: CollectFn,
 }
 
@@ -185,16 +191,26 @@ impl fmt::Debug for FnCollector {
 impl Collector for FnCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let series = (self.f)();
-        let mut family =
-            encoder.encode_descriptor(&self.name, &self.help, None, prometheus_client::metrics::MetricType::Counter)?;
+        let kind = if self.gauge { MetricType::Gauge } else { MetricType::Counter };
+        let mut family = encoder.encode_descriptor(&self.name, &self.help, None, kind)?;
+        let gauge = self.gauge;
         for (labels, value) in series {
             if labels.is_empty() {
                 // Unlabelled series: `name_total 4`, not `name_total{} 4`.
-                family.encode_counter::<NoLabelSet, u64, u64>(&value, None)?;
+                if gauge {
+                    family.encode_gauge(&(value as i64))?;
+                } else {
+                    family.encode_counter::<NoLabelSet, u64, u64>(&value, None)?;
+                }
                 continue;
             }
             let labels: Vec<(String, String)> = labels.into_iter().map(|(k, v)| (sanitize_name(&k), v)).collect();
-            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            let series = family.encode_family(&labels)?;
+            if gauge {
+                ConstGauge::new(value as i64).encode(series)?;
+            } else {
+                ConstCounter::new(value).encode(series)?;
+            }
         }
         Ok(())
     }
@@ -278,6 +294,7 @@ impl Metrics {
         let mut registry = Registry::default();
         // prometheus-client appends `_total` to counter samples, so the names are registered
         // without it; the exposition shows the exact Istio names.
+        registry.register_collector(Box::new(process::ProcessCollector));
         let connections_opened = Family::default();
         registry.register(
             "istio_tcp_connections_opened",
@@ -442,11 +459,21 @@ impl Metrics {
     /// `add_collector`. Each label set it returns should be unique.
     pub fn add_collector(&self, name: &str, help: &str, f: CollectFn) {
         let name = sanitize_name(name.strip_suffix("_total").unwrap_or(name));
+        self.add_fn(name, help, false, f);
+    }
+
+    /// Like [`Self::add_collector`], for values that go up and down or are points in time
+    /// (readiness, certificate expiry): the family is a gauge, named exactly `name`.
+    pub fn add_gauge_collector(&self, name: &str, help: &str, f: CollectFn) {
+        self.add_fn(sanitize_name(name), help, true, f);
+    }
+
+    fn add_fn(&self, name: String, help: &str, gauge: bool, f: CollectFn) {
         let mut help = help.trim().replace('\\', "\\\\").replace('\n', " ");
         if !help.ends_with('.') {
             help.push('.'); // as prometheus-client does for registered metrics
         }
-        self.registry().register_collector(Box::new(FnCollector { name, help, f }));
+        self.registry().register_collector(Box::new(FnCollector { name, help, gauge, f }));
     }
 
     /// Registers a metric family of another component (the waypoint's request metrics) so

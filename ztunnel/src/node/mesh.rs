@@ -75,6 +75,7 @@ pub(super) fn mesh_context(
         pool,
         metrics,
         events,
+        connections: Default::default(),
         limits: cfg.limits,
         draining,
     }
@@ -132,6 +133,9 @@ fn config_dump(s: &Shared) -> serde_json::Value {
         "certificates": s.mesh.certs.snapshot(),
         "hbonePool": s.mesh.pool.stats(),
         "ebpfCounters": s.capture.counters().ok(),
+        "ebpfLinks": s.capture.links(),
+        "connections": s.mesh.connections.snapshot(),
+        "connectionsOverflow": s.mesh.connections.overflow(),
         "configRejected": s.mesh.state.rejected_total(),
         "xds": s.xds.as_ref().map(|x| x.summary()),
     })
@@ -160,6 +164,7 @@ fn register_collectors(shared: &Arc<Shared>) {
     if let Some(xds) = shared.xds.clone() {
         crate::xds::client::register_metrics(&shared.mesh.metrics, xds);
     }
+    shared.mesh.certs.register_expiry_metric(&shared.mesh.metrics);
     let pool = shared.mesh.pool.clone();
     shared.mesh.metrics.add_collector(
         "ztunnel_hbone_pool_connections_opened",

@@ -3,8 +3,9 @@
 //! passed through as TCP), `inbound` (15008: HBONE terminated for the pod) and
 //! `inbound_passthrough` (15006: plaintext arriving for the pod). Shared pieces:
 //! `socket` (sockets inside the pod netns), `authz` (policy checks that keep watching),
-//! `relay` (byte copy + access log + metrics).
+//! `relay` (byte copy + access log + metrics), `connections` (the open ones, for the dump).
 pub mod authz;
+pub mod connections;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod keep_source;
@@ -135,6 +136,8 @@ pub struct MeshContext {
     pub pool: ConnectionPool,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub events: broadcast::Sender<ConnectionRecord>,
+    /// The node's open proxied connections (listed in `/config_dump`).
+    pub connections: connections::LiveConnections,
     /// Per-pod resource limits.
     pub limits: limit::Limits,
     /// Turns true when this agent hands its pods to a successor: HBONE connections then

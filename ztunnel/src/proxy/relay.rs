@@ -1,11 +1,13 @@
 //! Copying a proxied connection's bytes and reporting it once, the same way for every
-//! direction: access-log line, Istio TCP metrics, and a record for subscribers.
+//! direction: access-log line, Istio TCP metrics, a record for subscribers, and the
+//! connection's entry among the node's open ones while it lasts (`connections`).
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
+use super::connections::LiveGuard;
 use super::ProxyContext;
 use crate::metrics::{ConnectionCounters, ConnectionLabels, Reporter};
 
@@ -203,20 +205,22 @@ fn log_record(rec: &ConnectionRecord) {
 
 /// A stream that reports its connection when dropped, counting bytes as they pass: used
 /// where the copy loop belongs to someone else (the HBONE server splices tunnels itself).
+/// Every relayed connection of every direction goes through one, so it is also where the
+/// connection is listed among the node's open connections (`connections`), until dropped.
 pub struct Metered<S> {
     inner: S,
     report: Option<(ProxyContext, ConnectionRecord, ConnectionCounters, Instant)>,
-    /// Bytes written into `inner` (from the client).
-    to_upstream: u64,
-    /// Bytes read from `inner` (towards the client).
-    from_upstream: u64,
+    /// The connection's entry among the open ones, which also counts its bytes: to the
+    /// upstream (written into `inner`, from the client) and from it (read from `inner`).
+    live: LiveGuard,
 }
 
 impl<S> Metered<S> {
-    /// Starts metering: counts the connection as opened now.
+    /// Starts metering: counts the connection as opened now and lists it as open.
     pub fn new(inner: S, ctx: &ProxyContext, rec: ConnectionRecord, labels: ConnectionLabels) -> Self {
         let counters = ctx.mesh.metrics.open_connection(&labels);
-        Self { inner, report: Some((ctx.clone(), rec, counters, Instant::now())), to_upstream: 0, from_upstream: 0 }
+        let live = ctx.mesh.connections.open(&rec, &labels);
+        Self { inner, report: Some((ctx.clone(), rec, counters, Instant::now())), live }
     }
 
     /// Records why the connection ended badly, for its report.
@@ -229,9 +233,10 @@ impl<S> Metered<S> {
 
 impl<S> Drop for Metered<S> {
     fn drop(&mut self) {
+        // `live` is dropped after this, removing the connection from the open ones.
         if let Some((ctx, mut rec, counters, start)) = self.report.take() {
-            rec.bytes_sent = self.to_upstream;
-            rec.bytes_received = self.from_upstream;
+            rec.bytes_sent = self.live.sent();
+            rec.bytes_received = self.live.received();
             rec.duration_ms = start.elapsed().as_millis() as u64;
             counters.close(rec.bytes_received, rec.bytes_sent);
             finish(&ctx, rec);
@@ -247,7 +252,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.from_upstream += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.live.add_received(n);
+        }
         r
     }
 }
@@ -260,7 +268,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &r {
-            self.to_upstream += *n as u64;
+            if *n > 0 {
+                self.live.add_sent(*n as u64);
+            }
         }
         r
     }

@@ -43,8 +43,17 @@ const MAP_NAMES: [&str; 12] = [
     "PROXY_DIALS",
 ];
 
-/// Pin names of the links at the cgroup (one per program attached there).
-const CGROUP_LINKS: [&str; 5] = ["connect4", "connect6", "sockops", "getsockopt", "adopt"];
+/// The links at the cgroup (one per program attached there): pin name, the program it
+/// runs, and its hook (the last two for `/config_dump`).
+const CGROUP_LINKS: [(&str, &str, &str); 5] = [
+    ("connect4", "capture_connect4", "cgroup/connect4"),
+    ("connect6", "capture_connect6", "cgroup/connect6"),
+    ("sockops", "record_origdst", "sock_ops"),
+    ("getsockopt", "answer_original_dst", "cgroup/getsockopt"),
+    ("adopt", "adopt_inbound_listener", "sock_ops"),
+];
+/// The program each pod's `sk_lookup` link runs.
+const POD_LINK_PROGRAM: &str = "steer_inbound";
 
 /// The per-pod constant of `steer_inbound` (see the kernel program).
 const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
@@ -62,6 +71,52 @@ pub enum CaptureError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("invalid pod uid {0:?}: only [A-Za-z0-9_-] allowed (bpffs pin names)")]
     BadUid(String),
+}
+
+/// One pinned link of the capture programs, for `/config_dump` (`ztunnel ctl ebpf`): what
+/// runs where, and the kernel's ids for it (to match `bpftool link` output).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkReport {
+    /// The program the link runs (its name in the eBPF object).
+    pub program: &'static str,
+    /// The hook it runs on (`cgroup/connect4`, `sock_ops`, `sk_lookup`, ...).
+    pub hook: &'static str,
+    /// Where it is attached: the cgroup directory, or the pod whose netns it serves.
+    pub attach_point: String,
+    /// The pod (uid) of a per-pod link.
+    pub pod: Option<String>,
+    /// The pin on bpffs.
+    pub pin: PathBuf,
+    /// The kernel's link id; `None` when the pin exists but the kernel did not describe it.
+    pub link_id: Option<u32>,
+    /// The kernel's id of the attached program.
+    pub program_id: Option<u32>,
+}
+
+impl LinkReport {
+    /// The link pinned at `pin`, or `None` when there is no such pin.
+    fn read(
+        pin: &Path,
+        program: &'static str,
+        hook: &'static str,
+        attach_point: String,
+        pod: Option<String>,
+    ) -> Option<Self> {
+        if !pin.exists() {
+            return None;
+        }
+        let info = aya::programs::links::PinnedLink::from_pin(pin).ok().and_then(|l| FdLink::from(l).info().ok());
+        Some(LinkReport {
+            program,
+            hook,
+            attach_point,
+            pod,
+            pin: pin.to_path_buf(),
+            link_id: info.as_ref().map(|i| i.id()),
+            program_id: info.as_ref().map(|i| i.program_id()),
+        })
+    }
 }
 
 /// Where and how to install capture.
@@ -254,8 +309,8 @@ impl Capture {
         // A copy of the object whose sk_lookup program knows this netns's cookie; its maps
         // are the pinned ones. Only the pinned link outlives this function.
         let mut pod_ebpf = load_object(&self.cfg.pin_dir, self.cfg.max_pods, cookie)?;
-        let p: &mut SkLookup = program(&mut pod_ebpf, "steer_inbound")?;
-        p.load().map_err(prog_err("steer_inbound"))?;
+        let p: &mut SkLookup = program(&mut pod_ebpf, POD_LINK_PROGRAM)?;
+        p.load().map_err(prog_err(POD_LINK_PROGRAM))?;
         let id = p.attach(netns.fd()).map_err(prog_err("sk_lookup"))?;
         let link: FdLink = p.take_link(id).map_err(prog_err("sk_lookup"))?.into();
         replace_pinned(link, &dir.join("sk_lookup"))
@@ -293,6 +348,29 @@ impl Capture {
     /// Kernel ids of the links this instance has pinned (cgroup links and pod links).
     pub fn link_ids(&self) -> Vec<u32> {
         pinned_link_ids(&self.cfg.pin_dir)
+    }
+
+    /// The links this instance has pinned, with what each runs and where: the cgroup links
+    /// first, then one `sk_lookup` link per enrolled pod (sorted by pod uid).
+    pub fn links(&self) -> Vec<LinkReport> {
+        let cgroup = self.cfg.cgroup.display().to_string();
+        let mut out: Vec<LinkReport> = CGROUP_LINKS
+            .iter()
+            .filter_map(|(pin, program, hook)| {
+                LinkReport::read(&self.cfg.pin_dir.join("links").join(pin), program, hook, cgroup.clone(), None)
+            })
+            .collect();
+        let mut pods: Vec<(String, PathBuf)> = std::fs::read_dir(self.cfg.pin_dir.join("pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path().join("sk_lookup")))
+            .collect();
+        pods.sort();
+        out.extend(pods.into_iter().filter_map(|(uid, pin)| {
+            LinkReport::read(&pin, POD_LINK_PROGRAM, "sk_lookup", format!("netns of pod {uid}"), Some(uid))
+        }));
+        out
     }
 
     /// Removes every link, map entry and pin this instance (or its predecessors) created.
@@ -444,7 +522,7 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
 /// Kernel ids of the links pinned under `pin_dir` (cgroup links and pod links), also
 /// readable when no agent runs (e.g. after a crash).
 pub fn pinned_link_ids(pin_dir: &Path) -> Vec<u32> {
-    let mut paths: Vec<PathBuf> = CGROUP_LINKS.iter().map(|n| pin_dir.join("links").join(n)).collect();
+    let mut paths: Vec<PathBuf> = CGROUP_LINKS.iter().map(|(n, ..)| pin_dir.join("links").join(n)).collect();
     for entry in std::fs::read_dir(pin_dir.join("pods")).into_iter().flatten().flatten() {
         paths.push(entry.path().join("sk_lookup"));
     }
@@ -465,7 +543,7 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<(), CaptureError> {
         let _ = sys::detach_pinned(&pending_path(&entry.path().join("sk_lookup")));
         let _ = std::fs::remove_dir(entry.path());
     }
-    for n in CGROUP_LINKS {
+    for (n, ..) in CGROUP_LINKS {
         let link = pin_dir.join("links").join(n);
         sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
         let _ = sys::detach_pinned(&pending_path(&link));

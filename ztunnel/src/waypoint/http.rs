@@ -16,10 +16,13 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use tracing::debug;
 
+use super::access_log::Record;
 use super::authz::{self, RequestFacts};
-use super::telemetry::{AccessLog, Observed, Recorder, RequestLabels};
+use super::telemetry::{Observed, Recorder, RequestLabels};
 use super::upstream::{self, Endpoint, SendError};
 use super::Shared;
 use crate::hbone::{ConnectHeaders, HboneStream};
@@ -27,6 +30,7 @@ use crate::identity::Identity;
 use crate::metrics::Reporter;
 use crate::routing::spec::{Abort, Destination, HeaderOperations, Headers};
 use crate::routing::{self, CompiledRoute, Decision, Retries, DEFAULT_RETRY_ON};
+use crate::spans::Span;
 use crate::state::Service;
 
 /// Largest request body the waypoint buffers (for retries and mirrors); larger gets 413.
@@ -86,33 +90,50 @@ impl Outcome {
     }
 }
 
-async fn handle(t: Arc<Tunnel>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(t: Arc<Tunnel>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let log = AccessLog {
+    // The server span of this hop; from here on the request's `traceparent` names it, so the
+    // upstream (and mirrors) are its children.
+    let authority = authority_of(&req, t.vip);
+    let name = format!("{authority}{}", req.uri().path());
+    let attrs = vec![
+        KeyValue::new("http.request.method", req.method().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("server.address", authority.clone()),
+        KeyValue::new("istio.source_principal", t.peer.to_string()),
+        KeyValue::new("istio.canonical_service", t.service.name.clone()),
+        KeyValue::new("istio.namespace", t.service.namespace.clone()),
+    ];
+    let span = t.shared.tracer.start(&name, SpanKind::Server, req.headers_mut(), attrs);
+    let log = Record {
+        start: Some(std::time::SystemTime::now()),
         method: req.method().to_string(),
         path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-        authority: authority_of(&req, t.vip),
+        authority,
         protocol: format!("{:?}", req.version()),
         source_principal: t.peer.to_string(),
-        downstream_peer: t.peer_addr.to_string(),
-        request_id: header_str(req.headers(), "x-request-id").unwrap_or_default().to_string(),
+        downstream_remote: t.peer_addr.to_string(),
+        downstream_local: t.vip.to_string(),
+        request_headers: t.shared.access_log.capture_request(req.headers()),
+        traceparent: span.traceparent(),
         ..Default::default()
     };
     let grpc = is_grpc(req.headers());
     let mut out = Outcome::default();
     let resp = process(&t, req, &mut out).await;
-    Ok(observe(&t, log, &out, resp, grpc, started))
+    Ok(observe(&t, log, &out, resp, grpc, started, span))
 }
 
 /// Labels and access-log fields of a request whose response head is ready; the metrics and
 /// the log line are written when its body ends (for the bytes sent and gRPC trailers).
 fn observe(
     t: &Tunnel,
-    mut log: AccessLog,
+    mut log: Record,
     out: &Outcome,
     resp: Response<Body>,
     grpc: bool,
     started: Instant,
+    span: Span,
 ) -> Response<Body> {
     let snap = t.shared.state.snapshot();
     let src = snap.workload_by_ip(t.peer_addr.ip());
@@ -143,7 +164,10 @@ fn observe(
     log.upstream_host = out.upstream.as_ref().map(|e| e.addr.to_string()).unwrap_or_else(|| "-".into());
     log.upstream_cluster = out.upstream.as_ref().map(|e| e.service.hostname.clone()).unwrap_or_else(|| "-".into());
     log.bytes_received = out.request_bytes;
-    let recorder = Recorder::new(t.shared.requests.clone(), labels, log, started, out.request_bytes);
+    log.response_code_details = code_details(&resp, out).to_string();
+    log.response_headers = t.shared.access_log.capture_response(resp.headers());
+    let logger = t.shared.access_log.clone();
+    let recorder = Recorder::new(t.shared.requests.clone(), labels, (log, logger), started, out.request_bytes, span);
     resp.map(|body| Observed::new(body, recorder).boxed())
 }
 
@@ -310,7 +334,7 @@ async fn forward(
     for ops in [rule.and_then(|r| r.headers.as_ref()), target.headers.as_deref()].into_iter().flatten() {
         apply(&mut headers, ops.request.as_ref());
     }
-    propagate_trace(&mut headers);
+    request_id(&mut headers);
     let snap = t.shared.state.snapshot();
     let host = &target.destination.host;
     let Some(svc) = snap.service_by_host(host, target.namespace) else {
@@ -654,21 +678,9 @@ fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
     }
 }
 
-/// Keeps the trace id of an incoming `traceparent` with the waypoint's own span id, or
-/// starts a trace; gives the request an `x-request-id` if it has none.
-fn propagate_trace(h: &mut HeaderMap) {
-    let span = format!("{:016x}", fastrand::u64(1..));
-    let parent = header_str(h, "traceparent").and_then(|tp| {
-        let parts: Vec<&str> = tp.split('-').collect();
-        (parts.len() == 4 && parts[1].len() == 32).then(|| format!("{}-{}-{span}-{}", parts[0], parts[1], parts[3]))
-    });
-    let value = parent.unwrap_or_else(|| {
-        let trace = format!("{:032x}", fastrand::u128(1..));
-        format!("00-{trace}-{span}-01")
-    });
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert("traceparent", v);
-    }
+/// Gives the request an `x-request-id` if it has none (the `traceparent` is already this
+/// hop's span, set when the request came in).
+fn request_id(h: &mut HeaderMap) {
     if !h.contains_key("x-request-id") {
         let id = format!("{:032x}", fastrand::u128(..));
         if let Ok(v) = HeaderValue::from_str(&id) {
@@ -729,10 +741,34 @@ fn authority_of<B>(req: &Request<B>, vip: SocketAddr) -> String {
 }
 
 /// A response the waypoint makes itself.
+/// Marks a response the waypoint made itself (not the upstream's).
+#[derive(Clone, Copy)]
+struct LocalReply;
+
+/// Envoy's `%RESPONSE_CODE_DETAILS%` for `resp`: `via_upstream`, or why the waypoint answered.
+fn code_details(resp: &Response<Body>, out: &Outcome) -> &'static str {
+    if resp.extensions().get::<LocalReply>().is_none() {
+        return "via_upstream";
+    }
+    let flagged = |f| out.flags.contains(&f);
+    match resp.status().as_u16() {
+        _ if flagged("FI") => "fault_filter_abort",
+        _ if flagged("UT") => "upstream_response_timeout",
+        _ if flagged("UH") => "no_healthy_upstream",
+        _ if flagged("UF") || flagged("URX") => "upstream_reset_before_response_started",
+        _ if flagged("NR") => "route_not_found",
+        403 => "rbac_access_denied_matched_policy",
+        301..=308 | 200 => "direct_response",
+        400 | 405 | 408 | 413 => "request_rejected",
+        _ => "local_reply",
+    }
+}
+
 pub(super) fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let body: Bytes = body.into();
     let mut r = Response::new(Full::new(body.clone()).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
+    r.extensions_mut().insert(LocalReply);
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     if !body.is_empty() {
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

@@ -9,7 +9,8 @@
 //!   from a YAML directory, each compiled or rejected on its own, last good kept;
 //! - [`authz`]: L7 AuthorizationPolicy;
 //! - `http`: the per-request path; `upstream`: endpoints, HBONE and HTTP client reuse;
-//! - [`telemetry`]: Istio's request metrics and access log.
+//! - [`telemetry`]: Istio's request metrics; [`access_log`]: the per-request line.
+pub mod access_log;
 pub mod authz;
 mod framing;
 mod http;
@@ -58,6 +59,13 @@ pub struct WaypointConfig {
     pub state: StateSource,
     /// Directory of VirtualServices, DestinationRules and AuthorizationPolicies (re-read on change).
     pub routes_dir: Option<PathBuf>,
+    /// Where request spans are exported (OTLP/HTTP); `None`: not exported, `traceparent` still
+    /// carried on with the waypoint's span id.
+    pub tracing: Option<crate::spans::TraceConfig>,
+    /// Access-log line format (Envoy command operators); `None`: Istio's default.
+    pub access_log_format: Option<String>,
+    /// Access-log lines as JSON with Istio's default keys (`LOG_FORMAT=json`).
+    pub access_log_json: bool,
 }
 
 /// Where a waypoint learns workloads and services, as a node agent does.
@@ -82,6 +90,10 @@ pub(crate) struct Shared {
     name: (String, String),
     /// Bounds the mirror copies in flight.
     mirrors: Arc<tokio::sync::Semaphore>,
+    /// A server span per request.
+    tracer: crate::spans::Tracer,
+    /// One line per request.
+    access_log: Arc<access_log::AccessLogger>,
 }
 
 /// A running waypoint; its tasks stop when it is dropped.
@@ -109,6 +121,10 @@ pub enum StartError {
     Listen(SocketAddr, std::io::Error),
     #[error("certificate for {0}: {1}")]
     Certificate(Identity, String),
+    #[error("access log: {0}")]
+    AccessLog(#[from] access_log::FormatError),
+    #[error("tracing: {0}")]
+    Tracing(#[from] crate::spans::TraceError),
 }
 
 impl Waypoint {
@@ -147,7 +163,14 @@ impl Waypoint {
         if let Some(dir) = &cfg.routes_dir {
             routes.reload(dir, &metrics);
         }
+        let access_log =
+            Arc::new(access_log::AccessLogger::new(cfg.access_log_format.as_deref(), cfg.access_log_json)?);
+        let tracer = match &cfg.tracing {
+            Some(t) => crate::spans::Tracer::otlp(t)?,
+            None => crate::spans::Tracer::disabled(),
+        };
         let certs = CertManager::new(cfg.ca.clone(), CertManagerConfig::default());
+        certs.register_expiry_metric(&metrics);
         certs.fetch(&cfg.identity).await.map_err(|e| StartError::Certificate(cfg.identity.clone(), e.to_string()))?;
         let pool = ConnectionPool::new(
             PoolConfig::default(),
@@ -162,6 +185,8 @@ impl Waypoint {
             metrics: metrics.clone(),
             name: cfg.name.clone(),
             mirrors: Arc::new(tokio::sync::Semaphore::new(http::MAX_MIRRORS)),
+            tracer,
+            access_log,
         });
         let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
         let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;

@@ -10,14 +10,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use opentelemetry::KeyValue;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
-use tracing::info;
+use std::sync::Arc;
 
+use super::access_log::{AccessLogger, Record};
 use crate::metrics::{ConnectionLabels, Metrics};
+use crate::spans::Span;
 
 /// `istio_requests_total` and friends: the connection label set plus the status code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,45 +98,6 @@ impl RequestMetrics {
     }
 }
 
-/// One request's access-log fields, Istio's default set.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct AccessLog {
-    pub method: String,
-    pub path: String,
-    pub authority: String,
-    pub protocol: String,
-    pub response_code: u16,
-    pub response_flags: String,
-    pub upstream_host: String,
-    pub upstream_cluster: String,
-    pub route_name: String,
-    pub source_principal: String,
-    pub downstream_peer: String,
-    pub request_id: String,
-    pub traceparent: String,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    pub duration_ms: u64,
-}
-
-impl AccessLog {
-    /// Writes the line (target `access`), JSON when `LOG_FORMAT=json`.
-    pub fn emit(&self) {
-        if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-            if let Ok(line) = serde_json::to_string(self) {
-                info!(target: "access", "{line}");
-            }
-            return;
-        }
-        // Client-chosen fields are printed escaped ({:?}), so they cannot forge other fields.
-        info!(target: "access",
-            "[{:?} {:?} {}] {} {} {} {} {} {:?} {:?} {} {} route={} src={} peer={}",
-            self.method, self.path, self.protocol, self.response_code, self.response_flags,
-            self.bytes_received, self.bytes_sent, self.duration_ms, self.request_id, self.authority,
-            self.upstream_host, self.upstream_cluster, self.route_name, self.source_principal, self.downstream_peer);
-    }
-}
-
 /// The `grpc_response_status` label: a status code 0–16, `other` for anything else an
 /// upstream sends (label values must not be chosen by an upstream), `-` when absent.
 pub fn grpc_status_label(v: Option<&str>) -> String {
@@ -149,11 +113,14 @@ pub fn grpc_status_label(v: Option<&str>) -> String {
 pub struct Recorder {
     metrics: RequestMetrics,
     labels: RequestLabels,
-    log: AccessLog,
+    log: Record,
+    logger: Arc<AccessLogger>,
     started: Instant,
     request_bytes: u64,
     response_bytes: u64,
     done: bool,
+    /// The request's server span, ended with the response.
+    span: Option<Span>,
 }
 
 impl Recorder {
@@ -161,11 +128,22 @@ impl Recorder {
     pub fn new(
         metrics: RequestMetrics,
         labels: RequestLabels,
-        log: AccessLog,
+        (log, logger): (Record, Arc<AccessLogger>),
         started: Instant,
         request_bytes: u64,
+        span: Span,
     ) -> Self {
-        Recorder { metrics, labels, log, started, request_bytes, response_bytes: 0, done: false }
+        Recorder {
+            metrics,
+            labels,
+            log,
+            logger,
+            started,
+            request_bytes,
+            response_bytes: 0,
+            done: false,
+            span: Some(span),
+        }
     }
 
     fn finish(&mut self) {
@@ -176,7 +154,19 @@ impl Recorder {
         self.metrics.record(&self.labels, took, self.request_bytes, self.response_bytes);
         self.log.bytes_sent = self.response_bytes;
         self.log.duration_ms = took.as_millis() as u64;
-        self.log.emit();
+        self.logger.emit(&self.log);
+        if let Some(span) = self.span.take() {
+            let code = self.log.response_code;
+            let attrs = vec![
+                KeyValue::new("http.response.status_code", code as i64),
+                KeyValue::new("istio.response_flags", self.log.response_flags.clone()),
+                KeyValue::new("upstream.address", self.log.upstream_host.clone()),
+                KeyValue::new("upstream.cluster", self.log.upstream_cluster.clone()),
+                KeyValue::new("http.request.body.size", self.request_bytes as i64),
+                KeyValue::new("http.response.body.size", self.response_bytes as i64),
+            ];
+            span.finish(attrs, (code >= 500).then(|| format!("HTTP {code}")));
+        }
     }
 }
 
