@@ -29,6 +29,7 @@ pub mod grpc_app;
 pub mod istio;
 pub mod loadgen;
 pub mod mesh;
+pub mod observability;
 pub mod otlp;
 pub mod side_by_side;
 pub mod waypoint;

@@ -97,6 +97,8 @@ struct Sources<'a> {
     plugin_ca: Option<PathBuf>,
     /// Apps see clients' own addresses.
     keep_source: bool,
+    /// A span per connection, exported here.
+    connection_spans: Option<ztunnel::spans::TraceConfig>,
 }
 
 /// bpffs mount point used for all pins.
@@ -176,6 +178,20 @@ impl MeshNode {
         Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
     }
 
+    /// Like [`MeshNode::start`], with a span per proxied connection exported over OTLP/HTTP to
+    /// `endpoint` (every new trace sampled).
+    pub fn start_with_connection_spans(cluster: &Cluster, node: usize, endpoint: &str) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        let spans = ztunnel::spans::TraceConfig {
+            endpoint: endpoint.into(),
+            service_name: "ztunnel".into(),
+            sampling: 1.0,
+            export_delay: std::time::Duration::from_millis(100),
+        };
+        let sources = Sources { connection_spans: Some(spans), ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
+    }
+
     /// Starts an agent in Istio's direction of enrollment: it serves no socket and connects
     /// to the ZDS socket at `zds` (retrying until something serves it). Its state comes from
     /// `cp` when given, else from the cluster's local config.
@@ -246,6 +262,7 @@ impl MeshNode {
             }),
             log_control: None,
             keep_source: sources.keep_source,
+            connection_spans: sources.connection_spans,
             limits,
             handoff_socket: Some(run_dir.join("handoff.sock")),
             admin: Some(AdminConfig {

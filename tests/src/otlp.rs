@@ -102,7 +102,19 @@ impl OtlpReceiver {
                 Ok(l)
             })
             .context("binding the OTLP receiver")?;
-        let addr = SocketAddr::new(pod.ip4().into(), port);
+        Self::serve(listener, SocketAddr::new(pod.ip4().into(), port))
+    }
+
+    /// Listens on a free loopback port of the test's own netns, where in-process node agents
+    /// (like a DaemonSet's agent in the host netns) export from.
+    pub fn start_local() -> Result<Self> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding the OTLP receiver")?;
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?;
+        Self::serve(l, addr)
+    }
+
+    fn serve(listener: std::net::TcpListener, addr: SocketAddr) -> Result<Self> {
         let spans = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = oneshot::channel::<()>();
         let kept = spans.clone();

@@ -250,6 +250,9 @@ fn default_render_holds_the_node_and_controller_objects() {
         [
             "ClusterRole",
             "ClusterRoleBinding",
+            // The controller's config dir, the Prometheus config + rules, the dashboards.
+            "ConfigMap",
+            "ConfigMap",
             "ConfigMap",
             "DaemonSet",
             "Deployment",
@@ -478,7 +481,10 @@ fn controller_deployment_serves_15012_behind_its_service() {
     let config_dir = flag_value(&args, "--config-dir").expect("--config-dir");
     let (mount, volume) = mount_of(spec, c, config_dir);
     assert_eq!(mount["mountPath"].as_str(), Some(config_dir));
-    let configmap = one_of_kind(docs, "ConfigMap");
+    let configmap = of_kind(docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"].as_str() == Some("ztunnel-controller-config"))
+        .expect("ConfigMap ztunnel-controller-config");
     assert_eq!(volume["configMap"]["name"], configmap["metadata"]["name"]);
     // The CA: the whole plug-in Secret, here only.
     let ca_dir = flag_value(&args, "--ca-dir").expect("--ca-dir");
@@ -562,7 +568,8 @@ fn controller_rbac_only_reads_what_it_watches() {
 #[test]
 fn istiod_values_render_no_controller_and_point_both_agents_at_istiod() {
     let docs = istiod_render();
-    assert_eq!(kinds(docs), ["DaemonSet", "ServiceAccount"], "no controller, no RBAC");
+    // The two ConfigMaps are the Prometheus config + rules and the Grafana dashboards.
+    assert_eq!(kinds(docs), ["ConfigMap", "ConfigMap", "DaemonSet", "ServiceAccount"], "no controller, no RBAC");
     let spec = pod_spec(one_of_kind(docs, "DaemonSet"));
     for c in [node_agent(docs), cni_agent(docs)] {
         let name = c["name"].as_str().unwrap();

@@ -287,6 +287,13 @@ struct NodeArgs {
     /// Remove every program, link, pin and state this agent created, then exit.
     #[arg(long)]
     uninstall: bool,
+    #[command(flatten)]
+    trace: TraceArgs,
+    /// A span per proxied connection (outbound client, inbound server, parented on the
+    /// CONNECT's `traceparent`), exported to --otlp-endpoint. Off by default: a connection
+    /// span per connection is costly and L4 spans are rarely wanted.
+    #[arg(long, env = "TRACE_CONNECTIONS", requires = "otlp_endpoint")]
+    trace_connections: bool,
 }
 
 fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
@@ -565,6 +572,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         xds,
         log_control: log,
         keep_source: args.enable_orig_src,
+        connection_spans: if args.trace_connections { args.trace.config("ztunnel".into()) } else { None },
         handoff_socket: Some(args.handoff_socket),
         limits: ztunnel::proxy::limit::Limits {
             connections_per_pod_listener: args.max_connections_per_pod,

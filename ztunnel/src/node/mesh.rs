@@ -52,6 +52,7 @@ pub(super) fn mesh_context(
     metrics: Arc<crate::metrics::Metrics>,
     events: broadcast::Sender<ConnectionRecord>,
     draining: tokio::sync::watch::Receiver<bool>,
+    tracer: crate::spans::Tracer,
 ) -> MeshContext {
     let certs = CertManager::new(cfg.ca.clone(), CertManagerConfig::default());
     let dialer = move |key: PoolKey| {
@@ -76,6 +77,7 @@ pub(super) fn mesh_context(
         metrics,
         events,
         connections: Default::default(),
+        tracer,
         limits: cfg.limits,
         draining,
     }

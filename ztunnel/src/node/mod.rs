@@ -61,11 +61,16 @@ pub struct NodeConfig {
     /// Apps see clients' own addresses (Istio's `ENABLE_ORIG_SRC`); off, they see the
     /// proxy's (127.0.0.6 on IPv4, the pod's own address on IPv6).
     pub keep_source: bool,
+    /// A span per proxied connection, exported over OTLP (`None`: no connection spans; the
+    /// HBONE CONNECT still carries a fresh, unsampled `traceparent`).
+    pub connection_spans: Option<crate::spans::TraceConfig>,
 }
 
 /// Why the node agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("tracing: {0}")]
+    Tracing(#[from] crate::spans::TraceError),
     #[error("installing capture: {0}")]
     Capture(#[from] CaptureError),
     #[error("{what} {path}: {source}")]
@@ -115,7 +120,11 @@ impl Node {
         let registry = PodRegistry::default();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let (drain, draining) = tokio::sync::watch::channel(false);
-        let mesh = mesh::mesh_context(&cfg, registry.clone(), metrics, events, draining);
+        let tracer = match &cfg.connection_spans {
+            Some(t) => crate::spans::Tracer::otlp(t)?,
+            None => crate::spans::Tracer::disabled(),
+        };
+        let mesh = mesh::mesh_context(&cfg, registry.clone(), metrics, events, draining, tracer);
         // Config before capture and pods: a missing or unreadable file stops the agent
         // before it installs anything, and no pod is ever served with an empty policy set.
         let loaded = match &cfg.local_config {

@@ -10,7 +10,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument};
 
 use super::authz::{check, watch, Guarded};
-use super::relay::{destination_labels, finish, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY};
+use super::relay::{
+    connection_span, destination_labels, finish, ConnectionRecord, Direction, Metered, FLAG_CONNECT, FLAG_DENY,
+};
 use super::{accept_loop, canonical, ProxyContext};
 use crate::hbone::{serve_connection_until, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
 use crate::policy::{ConnectionFacts, Decision};
@@ -114,6 +116,7 @@ impl ConnectHandler for Inbound {
             }
         };
         let guard = watch(ctx, facts, "inbound");
-        Ok(Metered::new(Guarded { inner: upstream, watch: guard }, ctx, rec, l))
+        let span = connection_span(ctx, &rec, req.traceparent.as_deref());
+        Ok(Metered::new(Guarded { inner: upstream, watch: guard }, ctx, rec, l).with_span(span))
     }
 }

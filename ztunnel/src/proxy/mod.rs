@@ -138,6 +138,8 @@ pub struct MeshContext {
     pub events: broadcast::Sender<ConnectionRecord>,
     /// The node's open proxied connections (listed in `/config_dump`).
     pub connections: connections::LiveConnections,
+    /// Connection spans (disabled unless the agent was asked for them).
+    pub tracer: crate::spans::Tracer,
     /// Per-pod resource limits.
     pub limits: limit::Limits,
     /// Turns true when this agent hands its pods to a successor: HBONE connections then

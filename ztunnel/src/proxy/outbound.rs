@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 use ztunnel_common::HBONE_PORT;
 
-use super::relay::{labels, refuse, splice, ConnectionRecord, Direction, Metered, FLAG_CONNECT};
+use super::relay::{connection_span, labels, refuse, splice, ConnectionRecord, Direction, Metered, FLAG_CONNECT};
 use super::{accept_loop, socket, ProxyContext};
 use crate::hbone::{ConnectHeaders, DialError, HboneError, HboneStream, PoolKey};
 use crate::identity::Identity;
@@ -137,16 +137,17 @@ async fn hbone(
         dst: up.hbone_dst.unwrap_or(SocketAddr::new(up.addr.ip(), HBONE_PORT)),
         src_ip,
     };
+    let span = connection_span(ctx, &rec, None);
     let headers = ConnectHeaders {
         forwarded_for: Some(SocketAddr::new(src_ip, rec.src.port())),
         forwarded_host: up.service.as_ref().map(|s| s.hostname.clone()),
         baggage: Some(baggage(src_w)),
-        traceparent: Some(traceparent()),
+        traceparent: Some(span.as_ref().map(|s| s.traceparent()).unwrap_or_else(traceparent)),
         extra: Default::default(),
     };
     let l = labels(Reporter::Source, &rec, Some(src_w), Some(w), up.service.as_deref());
     match ctx.mesh.pool.connect(key, up.addr, headers).await {
-        Ok(tunnel) => Some((client, Metered::new(tunnel, ctx, rec, l))),
+        Ok(tunnel) => Some((client, Metered::new(tunnel, ctx, rec, l).with_span(span))),
         Err(e) => {
             ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
             if let HboneError::Dial(d) = &e {

@@ -213,14 +213,49 @@ pub struct Metered<S> {
     /// The connection's entry among the open ones, which also counts its bytes: to the
     /// upstream (written into `inner`, from the client) and from it (read from `inner`).
     live: LiveGuard,
+    /// The connection's span, ended with it (only when connection spans are on).
+    span: Option<crate::spans::Span>,
+}
+
+/// A span for a connection of `rec`'s direction, child of `parent` (a `traceparent`) when
+/// given, else the root of a new trace; `None` when the agent emits no connection spans.
+pub fn connection_span(ctx: &ProxyContext, rec: &ConnectionRecord, parent: Option<&str>) -> Option<crate::spans::Span> {
+    use opentelemetry::trace::SpanKind;
+    use opentelemetry::KeyValue;
+    if !ctx.mesh.tracer.enabled() {
+        return None;
+    }
+    let mut h = http::HeaderMap::new();
+    if let Some(v) = parent.and_then(|p| http::HeaderValue::from_str(p).ok()) {
+        h.insert("traceparent", v);
+    }
+    let (name, kind) = match rec.direction {
+        Direction::Outbound => ("outbound", SpanKind::Client),
+        _ => ("inbound", SpanKind::Server),
+    };
+    let attrs = vec![
+        KeyValue::new("network.protocol.name", rec.protocol),
+        KeyValue::new("source.address", rec.src.to_string()),
+        KeyValue::new("destination.address", rec.dst.to_string()),
+        KeyValue::new("istio.source_principal", rec.src_identity.clone().unwrap_or_default()),
+        KeyValue::new("istio.destination_principal", rec.dst_identity.clone().unwrap_or_default()),
+        KeyValue::new("k8s.pod.uid", rec.pod.clone()),
+    ];
+    Some(ctx.mesh.tracer.start(&format!("{name} {}", rec.dst), kind, &mut h, attrs))
 }
 
 impl<S> Metered<S> {
+    /// Ends `span` with the connection.
+    pub fn with_span(mut self, span: Option<crate::spans::Span>) -> Self {
+        self.span = span;
+        self
+    }
+
     /// Starts metering: counts the connection as opened now and lists it as open.
     pub fn new(inner: S, ctx: &ProxyContext, rec: ConnectionRecord, labels: ConnectionLabels) -> Self {
         let counters = ctx.mesh.metrics.open_connection(&labels);
         let live = ctx.mesh.connections.open(&rec, &labels);
-        Self { inner, report: Some((ctx.clone(), rec, counters, Instant::now())), live }
+        Self { inner, report: Some((ctx.clone(), rec, counters, Instant::now())), live, span: None }
     }
 
     /// Records why the connection ended badly, for its report.
@@ -239,6 +274,14 @@ impl<S> Drop for Metered<S> {
             rec.bytes_received = self.live.received();
             rec.duration_ms = start.elapsed().as_millis() as u64;
             counters.close(rec.bytes_received, rec.bytes_sent);
+            if let Some(span) = self.span.take() {
+                use opentelemetry::KeyValue;
+                let attrs = vec![
+                    KeyValue::new("istio.bytes_sent", rec.bytes_sent as i64),
+                    KeyValue::new("istio.bytes_received", rec.bytes_received as i64),
+                ];
+                span.finish(attrs, rec.error.clone());
+            }
             finish(&ctx, rec);
         }
     }
