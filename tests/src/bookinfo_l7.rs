@@ -142,6 +142,40 @@ impl BookinfoL7 {
         ))
     }
 
+    /// A real Prometheus in the waypoint's pod scraping both node agents (job `ztunnel`,
+    /// `app="ztunnel"`, as the chart's scrape config labels them) and the waypoint (job
+    /// `kubernetes-pods`), with the chart's recording and alerting rules loaded.
+    pub fn prometheus(&self, dir: &Path) -> Result<crate::prometheus::Prometheus> {
+        use crate::prometheus::{Prometheus, Target};
+        let mut targets = Vec::new();
+        for (i, a) in self.mesh.agents.iter().enumerate() {
+            let admin = a.agent().admin().context("node agent without an admin server")?;
+            targets.push(Target {
+                job: "ztunnel".into(),
+                addr: admin.metrics_addr,
+                labels: vec![
+                    ("app".into(), "ztunnel".into()),
+                    ("namespace".into(), "istio-system".into()),
+                    ("pod".into(), format!("ztunnel-{}", crate::ambient::NODES[i])),
+                    ("node".into(), crate::ambient::NODES[i].into()),
+                ],
+                in_pod: false,
+            });
+        }
+        targets.push(Target {
+            job: "kubernetes-pods".into(),
+            addr: crate::waypoint::METRICS_ADDR.parse()?,
+            labels: vec![
+                ("app".into(), "waypoint".into()),
+                ("namespace".into(), "bookinfo".into()),
+                ("pod".into(), "waypoint".into()),
+            ],
+            in_pod: true,
+        });
+        let rules = crate::observability::chart_file("prometheus/rules.yaml");
+        Prometheus::start(self.mesh.pod("waypoint")?, dir, &targets, Some(&rules))
+    }
+
     /// The stand-in app of pod `name`.
     pub fn app(&self, name: &str) -> Result<&App> {
         self.apps.iter().find(|(n, _)| n == name).map(|(_, a)| a).with_context(|| format!("no app {name}"))

@@ -31,6 +31,7 @@ pub mod loadgen;
 pub mod mesh;
 pub mod observability;
 pub mod otlp;
+pub mod prometheus;
 pub mod side_by_side;
 pub mod waypoint;
 pub mod waypoint_bench;

@@ -141,8 +141,9 @@ pub fn workload_labels(
 }
 
 /// The label values one side of a connection contributes, `"unknown"` where empty: the
-/// canonical service is the canonical name or else the workload name, and Istio reports
-/// the canonical revision as the version too.
+/// workload is the owning workload's name (a Deployment's, as Istio's `source_workload`),
+/// else the pod's; the canonical service is the canonical name or else the workload name,
+/// and Istio reports the canonical revision as the version too.
 struct SideLabels {
     workload: String,
     namespace: String,
@@ -154,9 +155,10 @@ struct SideLabels {
 impl SideLabels {
     fn of(w: &crate::state::Workload) -> Self {
         let or_unknown = |s: &str| if s.is_empty() { "unknown".to_string() } else { s.to_string() };
-        let canonical = if w.canonical_name.is_empty() { &w.name } else { &w.canonical_name };
+        let workload = if w.workload_name.is_empty() { &w.name } else { &w.workload_name };
+        let canonical = if w.canonical_name.is_empty() { workload } else { &w.canonical_name };
         SideLabels {
-            workload: or_unknown(&w.name),
+            workload: or_unknown(workload),
             namespace: or_unknown(&w.namespace),
             canonical: or_unknown(canonical),
             revision: or_unknown(&w.canonical_revision),
