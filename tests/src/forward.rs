@@ -48,6 +48,35 @@ impl PortForward {
     }
 }
 
+impl PortForward {
+    /// The other way: listens on `listen` in the caller's namespace and forwards each
+    /// connection to `target` dialled inside `ns` (e.g. a pod's Prometheus to the host).
+    pub fn out_of<N: InNetns + Clone + Send + 'static>(ns: &N, listen: SocketAddr, target: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = ns.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((outside, _)) => {
+                        let ns = ns.clone();
+                        std::thread::spawn(move || {
+                            let inside = ns.run(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)));
+                            if let Ok(inside) = inside {
+                                splice(outside, inside);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(PortForward { stop, thread: Some(thread) })
+    }
+}
+
 /// Copies both ways on two threads until both directions end.
 fn splice(a: TcpStream, b: TcpStream) {
     let _ = a.set_nonblocking(false);

@@ -55,7 +55,13 @@ enum Cmd {
     /// Install/check everything the build and the tests need (idempotent).
     Setup,
     /// Set up, then run the end-to-end demo (needs root).
-    Demo,
+    Demo {
+        /// Also run a real Prometheus (Debian's) scraping the L7 part's agents and waypoint
+        /// with the chart's rules, print a few PromQL results, and keep it open on
+        /// 127.0.0.1:9090 until Enter is pressed.
+        #[arg(long)]
+        observe: bool,
+    },
     /// Set up, then run every test in the workspace (needs root).
     Test,
     /// Set up, then run the memory-per-connection and soak scenarios (needs root); extra
@@ -77,7 +83,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Setup => setup().map(|()| 0),
-        Cmd::Demo => require_root("demo").and_then(|()| setup()).and_then(|()| release_bench("demo", &[])),
+        Cmd::Demo { observe } => {
+            let args = if observe { vec!["--observe".to_string()] } else { vec![] };
+            require_root("demo").and_then(|()| setup()).and_then(|()| release_bench("demo", &args))
+        }
         Cmd::Test => require_root("test")
             .and_then(|()| setup())
             .and_then(|()| cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"])),

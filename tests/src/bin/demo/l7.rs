@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use mesh_tests::bookinfo::{reviews_unavailable, RATINGS_UNAVAILABLE};
 use mesh_tests::bookinfo_l7::{count, BookinfoL7};
+use mesh_tests::forward::PortForward;
 
 const N: usize = 100;
 
@@ -14,10 +15,39 @@ fn show(label: &str, n: [usize; 4]) {
     println!("  {label:<34} v1 {:>3}  v2 {:>3}  v3 {:>3}  unavailable {:>3}", n[1], n[2], n[3], n[0]);
 }
 
-/// Runs every task; fails when one does not show what Istio's task shows.
-pub fn run(work: &Path) -> Result<()> {
+/// What `--observe` prints at the end: (what it shows, PromQL).
+const OBSERVE: &[(&str, &str)] = &[
+    (
+        "waypoint requests per service and code, last 5 min",
+        r#"sum by (destination_service_name, response_code) (increase(istio_requests_total{reporter="waypoint"}[5m]))"#,
+    ),
+    (
+        "requests with response flags (faults, timeouts)",
+        r#"sum by (destination_service_name, response_flags) (increase(istio_requests_total{reporter="waypoint",response_flags!="-"}[5m]))"#,
+    ),
+    (
+        "p99 request duration through the waypoint (ms)",
+        r#"histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket{reporter="waypoint"}[5m])))"#,
+    ),
+    ("TCP bytes sent, per reporter", "sum by (reporter) (istio_tcp_sent_bytes_total)"),
+    ("node agents ready", r#"ztunnel_ready{job="ztunnel"}"#),
+    ("hours until the first workload certificate expires", "min(ztunnel:certificate_expiry:seconds) / 3600"),
+    ("alerts firing", "count(ALERTS{alertstate=\"firing\"}) or vector(0)"),
+];
+
+/// Runs every task; fails when one does not show what Istio's task shows. With `observe`,
+/// a real Prometheus scrapes the agents and the waypoint throughout and is queried at the end.
+pub fn run(work: &Path, observe: bool) -> Result<()> {
     println!("\n== L7: Bookinfo traffic management through the waypoint (deploy/demo-l7) ==");
     let b = BookinfoL7::start(work)?;
+    let prometheus = if observe {
+        let p = b.prometheus(&work.join("prometheus"))?;
+        let ui = PortForward::out_of(b.mesh.pod("waypoint")?, "127.0.0.1:9090".parse()?, "127.0.0.1:9090".parse()?)?;
+        println!("prometheus: scraping both node agents and the waypoint every second, the chart's rules loaded");
+        Some((p, ui))
+    } else {
+        None
+    };
     println!(
         "namespace bookinfo uses waypoint `waypoint` ({}): state over xDS, certificate from the controller",
         b.mesh.pod("waypoint")?.ip4()
@@ -79,5 +109,37 @@ pub fn run(work: &Path) -> Result<()> {
 
     let total = b.waypoint.metric_sum("istio_requests_total", &[("reporter", "waypoint")])?;
     println!("waypoint: istio_requests_total{{reporter=\"waypoint\"}} = {total}");
+    if let Some((p, _ui)) = &prometheus {
+        show_observations(p)?;
+    }
+    Ok(())
+}
+
+fn show_observations(p: &mesh_tests::prometheus::Prometheus) -> Result<()> {
+    // Two more scrapes, so the last task's traffic is in.
+    std::thread::sleep(Duration::from_secs(2));
+    println!("\n== Prometheus (PromQL against the live agents and waypoint) ==");
+    for (what, q) in OBSERVE {
+        println!("  {what}:\n    {q}");
+        let rows = p.query(q)?;
+        if rows.is_empty() {
+            println!("      (no data)");
+        }
+        for r in rows {
+            let labels = r["metric"]
+                .as_object()
+                .map(|m| {
+                    m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(" ")
+                })
+                .unwrap_or_default();
+            let v: f64 = r["value"][1].as_str().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+            println!("      {v:>10.2}  {labels}");
+        }
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        println!("\nPrometheus UI: http://127.0.0.1:9090 (the mesh stays up); press Enter to tear down");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
     Ok(())
 }

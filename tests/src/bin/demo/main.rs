@@ -51,12 +51,13 @@ fn main() -> Result<()> {
     sweep_leftovers();
     sweep_pins();
     let work = PathBuf::from(mesh_tests::mesh::RUN_DIR).join(format!("demo-{}", std::process::id()));
-    let result = run(&work);
+    let observe = std::env::args().any(|a| a == "--observe");
+    let result = run(&work, observe);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn run(work: &Path) -> Result<()> {
+fn run(work: &Path, observe: bool) -> Result<()> {
     let yaml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo");
     let mesh = Ambient::start(&yaml, &work.join("l4"), |_| false)?;
     let (controller, model, pods, agents, cnis) =
@@ -150,7 +151,7 @@ fn run(work: &Path) -> Result<()> {
     println!("\nL4 part OK: controller -> xDS + CA -> eBPF capture -> HBONE -> policy -> app");
     drop(_apps);
     drop(mesh);
-    l7::run(&work.join("l7"))?;
+    l7::run(&work.join("l7"), observe)?;
     println!("\ndemo OK; cleaning up");
     Ok(())
 }
