@@ -41,9 +41,27 @@ impl WaypointProcess {
     /// Starts `ztunnel waypoint` in `pod` with the L7 objects in `routes` and `args` saying
     /// where its state and certificate come from; returns once it serves metrics.
     pub fn spawn(pod: &Pod, routes: &Path, args: &[String]) -> Result<Self> {
+        let mut all = vec!["--listen".to_string(), "[::]:15008".to_string()];
+        all.extend(args.iter().cloned());
+        Self::spawn_as("waypoint", pod, routes, &all)
+    }
+
+    /// Starts `ztunnel gateway` (the ingress gateway, default labels) in `pod` with the
+    /// cluster's local config and CA, the L7 objects in `routes` and `extra` arguments;
+    /// returns once it serves metrics.
+    pub fn start_gateway(cluster: &Cluster, pod: &Pod, routes: &Path, extra: &[String]) -> Result<Self> {
+        let mut args: Vec<String> =
+            vec!["--local-config".into(), crate::mesh::mesh_config_path(cluster).display().to_string()];
+        args.extend(["--ca-state-dir".into(), crate::mesh::ca_dir(cluster).display().to_string()]);
+        args.extend(extra.iter().cloned());
+        Self::spawn_as("gateway", pod, routes, &args)
+    }
+
+    /// Starts `ztunnel <role>` (`waypoint` or `gateway`) in `pod`.
+    fn spawn_as(role: &str, pod: &Pod, routes: &Path, args: &[String]) -> Result<Self> {
         let mut cmd = Command::new(crate::agent_process::ztunnel_binary());
         let workers = std::env::var("WAYPOINT_WORKER_THREADS").unwrap_or_else(|_| "2".into());
-        cmd.args(["waypoint", "--listen", "[::]:15008", "--worker-threads", &workers])
+        cmd.args([role, "--worker-threads", &workers])
             .arg("--routes-dir")
             .arg(routes)
             .args(args)
@@ -61,7 +79,7 @@ impl WaypointProcess {
             let file = std::fs::File::create(Self::log_path(routes)).context("waypoint log file")?;
             cmd.stdout(Stdio::from(file));
         }
-        let child = pod.spawn(cmd).context("spawning ztunnel waypoint")?;
+        let child = pod.spawn(cmd).with_context(|| format!("spawning ztunnel {role}"))?;
         let mut w = WaypointProcess { child, pod: pod.clone(), routes: routes.to_path_buf() };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -69,10 +87,10 @@ impl WaypointProcess {
                 return Ok(w);
             }
             if let Some(status) = w.child.try_wait()? {
-                bail!("ztunnel waypoint exited: {status}");
+                bail!("ztunnel {role} exited: {status}");
             }
             if Instant::now() > deadline {
-                bail!("ztunnel waypoint did not come up");
+                bail!("ztunnel {role} did not come up");
             }
             std::thread::sleep(Duration::from_millis(100));
         }

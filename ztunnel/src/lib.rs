@@ -7,6 +7,7 @@ pub mod cni;
 pub mod controller;
 pub mod ctl;
 pub mod enrollment;
+pub mod gateway;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

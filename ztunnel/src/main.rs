@@ -34,6 +34,9 @@ enum Cmd {
     /// The L7 proxy: takes HBONE for services that use it (`istio.io/use-waypoint`) and
     /// routes each HTTP request by their VirtualServices.
     Waypoint(WaypointArgs),
+    /// The ingress gateway: serves the Istio Gateways its labels select (HTTP, HTTPS,
+    /// TLS passthrough) and routes into the mesh by the VirtualServices bound to them.
+    Gateway(GatewayArgs),
     /// The operator's view of a running node agent (like `istioctl ztunnel-config`).
     Ctl(CtlArgs),
 }
@@ -136,20 +139,48 @@ struct WaypointArgs {
     /// HBONE listener.
     #[arg(long, default_value = "[::]:15008")]
     listen: std::net::SocketAddr,
-    /// The waypoint's namespace (its identity's and its Gateway's).
+    #[command(flatten)]
+    l7: L7Args,
+}
+
+#[derive(Parser)]
+struct GatewayArgs {
+    /// This gateway's labels (`key=value`, repeatable): it implements the Istio Gateways whose
+    /// selector they match (Istio's ingress gateway carries `istio=ingressgateway`).
+    #[arg(long = "label", value_parser = parse_label, default_value = "istio=ingressgateway")]
+    labels: Vec<(String, String)>,
+    /// Address the Gateway servers' ports are bound on.
+    #[arg(long, default_value = "::")]
+    bind: std::net::IpAddr,
+    #[command(flatten)]
+    l7: L7Args,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+/// What the waypoint and the ingress gateway both take: identity, state, L7 objects,
+/// certificates, telemetry and the operator ports.
+#[derive(clap::Args)]
+struct L7Args {
+    /// The proxy's namespace (its identity's and its Gateway's).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     namespace: String,
-    /// The waypoint's service account (its identity).
-    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
-    service_account: String,
-    /// The waypoint's Gateway name (policies with a targetRef to it apply to all its traffic).
-    #[arg(long, env = "GATEWAY_NAME", default_value = "waypoint")]
-    gateway_name: String,
+    /// The proxy's service account (its identity); `waypoint` or `istio-ingressgateway`
+    /// when unset.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// The proxy's Gateway (deployment) name, for policies with a targetRef to it and its
+    /// telemetry; `waypoint` or `istio-ingressgateway` when unset.
+    #[arg(long, env = "GATEWAY_NAME")]
+    gateway_name: Option<String>,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
     #[command(flatten)]
     state: StateArgs,
-    /// Directory (or file) of VirtualServices, DestinationRules and AuthorizationPolicies; re-read on change.
+    /// Directory (or file) of VirtualServices, DestinationRules, AuthorizationPolicies,
+    /// Gateways and TLS Secrets; re-read on change.
     #[arg(long)]
     routes_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -324,6 +355,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Controller(args) => run_controller(args),
         Cmd::Cni(args) => ztunnel::cni::cli::run(args),
         Cmd::Waypoint(args) => run_waypoint(args, log),
+        Cmd::Gateway(args) => run_gateway(args, log),
         Cmd::Ctl(args) => run_ctl(args),
     }
 }
@@ -363,8 +395,14 @@ fn certificate_provider(
     })
 }
 
-fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
-    use ztunnel::waypoint::{StateSource, Waypoint, WaypointConfig};
+/// The L7 proxy configuration both `waypoint` and `gateway` build from their flags;
+/// `role` names the default service account and Gateway (`waypoint`, `istio-ingressgateway`).
+fn l7_config(
+    args: &L7Args,
+    listen: std::net::SocketAddr,
+    role: &str,
+) -> anyhow::Result<ztunnel::waypoint::WaypointConfig> {
+    use ztunnel::waypoint::{StateSource, WaypointConfig};
     let endpoint = |address: String, root: &Option<PathBuf>| -> anyhow::Result<ztunnel::grpc::ControlPlaneEndpoint> {
         Ok(ztunnel::grpc::ControlPlaneEndpoint {
             address,
@@ -387,43 +425,73 @@ fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Res
         (None, None) => anyhow::bail!("give --local-config or --xds-address"),
     };
     let ca = certificate_provider(&args.trust_domain, args.ca.ca_dir.clone(), args.ca.ca_state_dir.clone(), remote)?;
-    let identity = ztunnel::identity::Identity::new(&args.trust_domain, &args.namespace, &args.service_account)
-        .context("waypoint identity")?;
-    let cfg = WaypointConfig {
-        listen: args.listen,
+    let service_account = args.service_account.as_deref().unwrap_or(role);
+    let gateway_name = args.gateway_name.clone().unwrap_or_else(|| role.to_string());
+    let identity = ztunnel::identity::Identity::new(&args.trust_domain, &args.namespace, service_account)
+        .with_context(|| format!("{role} identity"))?;
+    Ok(WaypointConfig {
+        listen,
         identity,
-        name: (args.namespace.clone(), args.gateway_name.clone()),
+        name: (args.namespace.clone(), gateway_name.clone()),
         trust_domain: args.trust_domain.clone(),
         ca,
         state,
         routes_dir: args.routes_dir.clone(),
-        // Istio names a waypoint's spans' service `<gateway>.<namespace>`.
-        tracing: args.trace.config(format!("{}.{}", args.gateway_name, args.namespace)),
+        // Istio names a gateway's spans' service `<gateway>.<namespace>`.
+        tracing: args.trace.config(format!("{gateway_name}.{}", args.namespace)),
         access_log_format: args.access_log_format.clone(),
         access_log_json: std::env::var("LOG_FORMAT").as_deref() == Ok("json"),
-    };
+    })
+}
+
+/// Runs `start` on a data-path runtime with the admin, metrics and readiness endpoints on
+/// their own thread, until Ctrl-C. `start` returns what to keep alive, a dump and a banner.
+fn run_l7<T, F, Fut>(args: &L7Args, log: Option<Arc<LogControl>>, start: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<ztunnel::metrics::Metrics>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(T, ztunnel::admin::DumpFn, String)>>,
+{
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
+    let admin_cfg =
+        AdminConfig { admin_addr: args.admin_addr, metrics_addr: args.metrics_addr, readiness_addr: args.readiness_addr };
     rt.block_on(async move {
         let metrics = Arc::new(ztunnel::metrics::Metrics::new());
-        let waypoint = Waypoint::start(cfg, metrics.clone()).await.context("starting the waypoint")?;
+        let (_running, dump, banner) = start(metrics.clone()).await?;
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let routes = waypoint.routes_handle();
-        let dump = Arc::new(move || routes.status_json());
-        let admin_cfg = AdminConfig {
-            admin_addr: args.admin_addr,
-            metrics_addr: args.metrics_addr,
-            readiness_addr: args.readiness_addr,
-        };
         let quit = Arc::new(|| std::process::exit(0));
         let _admin = match log {
             Some(log) => ztunnel::admin::start_with_logging(admin_cfg, metrics, dump, ready, quit, log),
             None => ztunnel::admin::start(admin_cfg, metrics, dump, ready, quit),
         }
         .context("starting the admin server")?;
-        println!("waypoint listening on {}", waypoint.addr());
+        println!("{banner}");
         tokio::signal::ctrl_c().await?;
         Ok(())
+    })
+}
+
+fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
+    let cfg = l7_config(&args.l7, args.listen, "waypoint")?;
+    run_l7(&args.l7, log, |metrics| async move {
+        let waypoint = ztunnel::waypoint::Waypoint::start(cfg, metrics).await.context("starting the waypoint")?;
+        let routes = waypoint.routes_handle();
+        let dump: ztunnel::admin::DumpFn = Arc::new(move || routes.status_json());
+        let banner = format!("waypoint listening on {}", waypoint.addr());
+        Ok((waypoint, dump, banner))
+    })
+}
+
+fn run_gateway(args: GatewayArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
+    let proxy = l7_config(&args.l7, std::net::SocketAddr::new(args.bind, 0), "istio-ingressgateway")?;
+    let cfg = ztunnel::gateway::GatewayConfig { proxy, labels: args.labels.into_iter().collect(), bind: args.bind };
+    run_l7(&args.l7, log, |metrics| async move {
+        let gateway = ztunnel::gateway::IngressGateway::start(cfg, metrics).await.context("starting the gateway")?;
+        let routes = gateway.routes_handle();
+        let dump: ztunnel::admin::DumpFn = Arc::new(move || routes.status_json());
+        let ports: Vec<String> = gateway.listening().iter().map(|(_, a)| a.to_string()).collect();
+        let banner = format!("gateway listening on {}", if ports.is_empty() { "no port yet".into() } else { ports.join(", ") });
+        Ok((gateway, dump, banner))
     })
 }
 

@@ -74,9 +74,16 @@ pub const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,c
 pub struct Router {
     pub name: String,
     pub hosts: Vec<String>,
+    /// The Gateways it is bound to (`ns/name` or a name in its own namespace; `mesh` or none:
+    /// the mesh, i.e. waypoints).
+    pub gateways: Vec<String>,
     pub(super) http: Vec<CompiledRoute>,
     pub(super) tcp: Vec<TcpRule>,
+    pub(super) tls: Vec<TlsRule>,
 }
+
+/// A TLS passthrough rule: SNI names, ports (`None`: all) and weighted destinations.
+pub(super) type TlsRule = (Vec<String>, Option<Vec<u16>>, Vec<(Destination, u32)>);
 
 /// A TCP rule: the ports it matches (`None`: all) and its weighted destinations.
 pub(super) type TcpRule = (Option<Vec<u16>>, Vec<(Destination, u32)>);
@@ -116,7 +123,22 @@ pub fn compile(
         };
         tcp.push((ports, dests));
     }
-    Ok(Router { name: name.to_string(), hosts: vs.hosts.clone(), http, tcp })
+    let mut tls = Vec::new();
+    for (i, r) in vs.tls.iter().enumerate() {
+        let dests: Vec<(Destination, u32)> = weights(&r.route, subsets)
+            .map_err(|e| bad(format!("tls[{i}]: {e}")))?
+            .into_iter()
+            .map(|(d, w, _)| (d, w))
+            .collect();
+        if r.matches.is_empty() || r.matches.iter().any(|m| m.sni_hosts.is_empty()) {
+            return Err(bad(format!("tls[{i}]: every match needs sniHosts")));
+        }
+        for m in &r.matches {
+            let ports = m.port.map(port).transpose().map_err(|e| bad(format!("tls[{i}]: {e}")))?.map(|p| vec![p]);
+            tls.push((m.sni_hosts.clone(), ports, dests.clone()));
+        }
+    }
+    Ok(Router { name: name.to_string(), hosts: vs.hosts.clone(), gateways: vs.gateways.clone(), http, tcp, tls })
 }
 
 fn compile_http(r: &HttpRoute, subsets: &BTreeMap<String, BTreeSet<String>>) -> Result<CompiledRoute, String> {

@@ -194,6 +194,37 @@ impl Router {
 }
 
 impl Router {
+    /// The destinations of the first TLS rule matching `sni` on `port`.
+    pub fn tls_targets(&self, port: u16, sni: &str) -> Option<&[WeightedTarget]> {
+        self.tls
+            .iter()
+            .find(|(hosts, ports, _)| {
+                ports.as_ref().is_none_or(|ps| ps.contains(&port)) && hosts.iter().any(|h| host_matches(h, sni))
+            })
+            .map(|(_, _, d)| d.as_slice())
+    }
+
+    /// Whether it applies inside the mesh (waypoints): no `gateways`, or `mesh` among them.
+    pub fn for_mesh(&self) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == "mesh")
+    }
+
+    /// Whether it is bound to Gateway `namespace/name` (`gateways: [name]` names one in the
+    /// VirtualService's own namespace).
+    pub fn bound_to(&self, namespace: &str, name: &str) -> bool {
+        let own_ns = self.name.split_once('/').map(|(ns, _)| ns).unwrap_or("default");
+        self.gateways.iter().any(|g| match g.split_once('/') {
+            Some((ns, n)) => ns == namespace && n == name,
+            None => own_ns == namespace && g == name,
+        })
+    }
+
+    /// Whether an ingress request for `host` (no port) is for it: `*`, an exact name, or
+    /// `*.suffix`, case-insensitively.
+    pub fn serves_external(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| host_matches(h, host))
+    }
+
     /// The rule a decision names.
     pub fn rule(&self, i: usize) -> Option<&CompiledRoute> {
         self.http.get(i)
@@ -250,4 +281,14 @@ fn rewrite_path(r: &CompiledRoute, req: &Request, matched_prefix: Option<&str>) 
         }
         (None, _) => req.path.clone(),
     }
+}
+
+/// `pattern` (`*`, `*.example.com` or a name) against `host`, case-insensitively.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let (p, h) = (pattern.to_ascii_lowercase(), host.to_ascii_lowercase());
+    let h = h.strip_suffix('.').unwrap_or(&h);
+    if p == "*" || p == h {
+        return true;
+    }
+    p.strip_prefix('*').is_some_and(|suffix| suffix.starts_with('.') && h.ends_with(suffix) && h.len() > suffix.len())
 }

@@ -9,6 +9,7 @@
 //! - [`Router`]: a request in, a [`Decision`] out. The first matching rule wins; conditions
 //!   AND within a match block and OR across blocks; a rule without match catches all.
 mod compile;
+pub mod ingress;
 mod matching;
 pub mod objects;
 pub mod spec;

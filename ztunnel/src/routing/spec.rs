@@ -17,6 +17,9 @@ pub struct VirtualService {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
+    /// TLS routed by SNI without terminating it (an ingress Gateway's `PASSTHROUGH` servers).
+    #[serde(default)]
+    pub tls: Vec<TlsRoute>,
 }
 
 /// One HTTP rule.
@@ -239,4 +242,25 @@ pub struct TcpMatch {
     pub port: Option<u32>,
     #[serde(default)]
     pub source_labels: BTreeMap<String, String>,
+}
+
+/// A rule for TLS passed through by SNI.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRoute {
+    #[serde(rename = "match", default)]
+    pub matches: Vec<TlsMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+/// A TLS match block: SNI names (exact or `*.suffix`) and an optional port.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsMatch {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
 }

@@ -25,7 +25,7 @@ use super::authz::{self, RequestFacts};
 use super::telemetry::{Observed, Recorder, RequestLabels};
 use super::upstream::{self, Endpoint, SendError};
 use super::Shared;
-use crate::hbone::{ConnectHeaders, HboneStream};
+use crate::hbone::ConnectHeaders;
 use crate::identity::Identity;
 use crate::metrics::Reporter;
 use crate::routing::spec::{Abort, Destination, HeaderOperations, Headers};
@@ -47,20 +47,71 @@ pub const MAX_HEADERS: usize = 16 * 1024;
 /// The body of a response to the client.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// One accepted tunnel: who sent it and which service it is for.
-pub(super) struct Tunnel {
+/// One accepted connection: who sent it and what it is for.
+pub(crate) struct Tunnel {
     pub shared: Arc<Shared>,
-    pub peer: Identity,
+    pub front: Front,
     /// The TCP peer (the client pod's address; never the `forwarded` header).
     pub peer_addr: SocketAddr,
     pub local_ip: IpAddr,
-    pub service: Arc<Service>,
-    /// The service VIP and port the client dialled (the CONNECT authority).
+    /// What the client dialled: the service VIP and port (the CONNECT authority) for the
+    /// mesh, the listener's address for an ingress.
     pub vip: SocketAddr,
 }
 
-/// Serves HTTP/1.1 or HTTP/2 (detected from the first bytes) on a tunnel until it ends.
-pub(super) async fn serve(t: Arc<Tunnel>, tunnel: HboneStream) {
+/// Which side of the mesh a connection came from, which decides policy and route lookup.
+pub(crate) enum Front {
+    /// An HBONE tunnel from a mesh workload to a service this waypoint serves.
+    Mesh { peer: Identity, service: Arc<Service> },
+    /// A client outside the mesh at an ingress listener: routes are the VirtualServices
+    /// bound to one of these Gateways (`(namespace, name)`), chosen by host.
+    Ingress { gateways: Arc<Vec<(String, String)>> },
+}
+
+impl Tunnel {
+    fn peer(&self) -> Option<&Identity> {
+        match &self.front {
+            Front::Mesh { peer, .. } => Some(peer),
+            Front::Ingress { .. } => None,
+        }
+    }
+
+    fn service(&self) -> Option<&Arc<Service>> {
+        match &self.front {
+            Front::Mesh { service, .. } => Some(service),
+            Front::Ingress { .. } => None,
+        }
+    }
+
+    /// The namespace short host names resolve in when no VirtualService says otherwise.
+    pub(super) fn home_namespace(&self) -> &str {
+        match &self.front {
+            Front::Mesh { service, .. } => &service.namespace,
+            Front::Ingress { .. } => &self.shared.name.0,
+        }
+    }
+
+    /// The service port a destination without one means: the port the client dialled in the
+    /// mesh; at an ingress, the service's only port (else the listener's port).
+    pub(super) fn default_port(&self, svc: &Service) -> u16 {
+        match (&self.front, svc.ports.len()) {
+            (Front::Ingress { .. }, 1) => svc.ports.keys().next().copied().unwrap_or(self.vip.port()),
+            _ => self.vip.port(),
+        }
+    }
+
+    /// The caller's identity for logs and `x-forwarded-client-cert` (`-` outside the mesh).
+    fn peer_text(&self) -> String {
+        self.peer().map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (detected from the first bytes) on a tunnel (or an ingress
+/// connection) until it ends.
+pub(crate) async fn serve<S>(t: Arc<Tunnel>, tunnel: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::marker::Send + 'static,
+{
     let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     builder.http1().max_buf_size(MAX_HEADERS).timer(hyper_util::rt::TokioTimer::new());
     builder.http2().max_header_list_size(MAX_HEADERS as u32).timer(hyper_util::rt::TokioTimer::new());
@@ -100,9 +151,8 @@ async fn handle(t: Arc<Tunnel>, mut req: Request<Incoming>) -> Result<Response<B
         KeyValue::new("http.request.method", req.method().to_string()),
         KeyValue::new("url.path", req.uri().path().to_string()),
         KeyValue::new("server.address", authority.clone()),
-        KeyValue::new("istio.source_principal", t.peer.to_string()),
-        KeyValue::new("istio.canonical_service", t.service.name.clone()),
-        KeyValue::new("istio.namespace", t.service.namespace.clone()),
+        KeyValue::new("istio.source_principal", t.peer_text()),
+        KeyValue::new("istio.namespace", t.home_namespace().to_string()),
     ];
     let span = t.shared.tracer.start(&name, SpanKind::Server, req.headers_mut(), attrs);
     let log = Record {
@@ -111,7 +161,7 @@ async fn handle(t: Arc<Tunnel>, mut req: Request<Incoming>) -> Result<Response<B
         path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         authority,
         protocol: format!("{:?}", req.version()),
-        source_principal: t.peer.to_string(),
+        source_principal: t.peer_text(),
         downstream_remote: t.peer_addr.to_string(),
         downstream_local: t.vip.to_string(),
         request_headers: t.shared.access_log.capture_request(req.headers()),
@@ -136,16 +186,27 @@ fn observe(
     span: Span,
 ) -> Response<Body> {
     let snap = t.shared.state.snapshot();
-    let src = snap.workload_by_ip(t.peer_addr.ip());
     let dst = out.upstream.as_ref().map(|e| e.workload.clone());
     let flags = if out.flags.is_empty() { "-".to_string() } else { out.flags.join(",") };
-    let mut common = crate::proxy::relay::workload_labels(
-        Reporter::Waypoint,
-        src.as_deref(),
-        dst.as_deref(),
-        Some(out.upstream.as_ref().map(|e| &*e.service).unwrap_or(&t.service)),
-    );
-    common.source_principal = t.peer.to_string();
+    let service = out.upstream.as_ref().map(|e| &*e.service).or(t.service().map(|s| &**s));
+    let mut common = match &t.front {
+        Front::Mesh { peer, .. } => {
+            let src = snap.workload_by_ip(t.peer_addr.ip());
+            let mut l = crate::proxy::relay::workload_labels(Reporter::Waypoint, src.as_deref(), dst.as_deref(), service);
+            l.source_principal = peer.to_string();
+            l
+        }
+        // An ingress gateway reports as the source of the request, as Istio's does: the
+        // client outside the mesh is not a workload.
+        Front::Ingress { .. } => {
+            let mut l = crate::proxy::relay::workload_labels(Reporter::Source, None, dst.as_deref(), service);
+            l.source_workload = t.shared.name.1.clone();
+            l.source_workload_namespace = t.shared.name.0.clone();
+            l.source_canonical_service = t.shared.name.1.clone();
+            l.source_principal = t.shared.upstreams.identity.to_string();
+            l
+        }
+    };
     if let Some(w) = &dst {
         common.destination_principal =
             format!("spiffe://{}/ns/{}/sa/{}", t.shared.upstreams.trust_domain, w.namespace, w.service_account);
@@ -203,27 +264,43 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
         port: t.vip.port(),
     };
     let table = t.shared.routes.table();
-    let principal = t.peer.to_string();
-    let facts = RequestFacts {
-        principal: Some(principal.strip_prefix("spiffe://").unwrap_or(&principal)),
-        namespace: Some(t.peer.namespace()),
-        source_ip: t.peer_addr.ip(),
-        method: req.method().as_str(),
-        path: &path_only,
-        host: &authority,
-        port: t.vip.port(),
-        headers: req.headers(),
-        http: true,
+    let router = match &t.front {
+        Front::Mesh { peer, service } => {
+            let principal = peer.to_string();
+            let facts = RequestFacts {
+                principal: Some(principal.strip_prefix("spiffe://").unwrap_or(&principal)),
+                namespace: Some(peer.namespace()),
+                source_ip: t.peer_addr.ip(),
+                method: req.method().as_str(),
+                path: &path_only,
+                host: &authority,
+                port: t.vip.port(),
+                headers: req.headers(),
+                http: true,
+            };
+            let svc = (service.namespace.as_str(), service.name.as_str());
+            let waypoint = (t.shared.name.0.as_str(), t.shared.name.1.as_str());
+            let poisoned = table.poisoned_for(svc, waypoint);
+            if let Err(reason) = authz::evaluate(table.policies.values(), poisoned, svc, waypoint, &facts) {
+                debug!(%reason, "request denied by L7 policy");
+                t.shared.metrics.policy_denied("waypoint");
+                return local(StatusCode::FORBIDDEN, "RBAC: access denied");
+            }
+            table.router_for(service)
+        }
+        // Outside the mesh, only what a Gateway's VirtualServices route exists: an unknown
+        // host is 404, as at Istio's ingress gateway.
+        Front::Ingress { gateways } => {
+            let host = authority.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(&*authority, |(h, _)| h);
+            match table.router_for_gateway(gateways, host.trim_start_matches('[').trim_end_matches(']')) {
+                Some(r) => Some(r),
+                None => {
+                    out.flag("NR");
+                    return local(StatusCode::NOT_FOUND, "no route for this host");
+                }
+            }
+        }
     };
-    let service = (t.service.namespace.as_str(), t.service.name.as_str());
-    let waypoint = (t.shared.name.0.as_str(), t.shared.name.1.as_str());
-    let poisoned = table.poisoned_for(service, waypoint);
-    if let Err(reason) = authz::evaluate(table.policies.values(), poisoned, service, waypoint, &facts) {
-        debug!(%reason, "request denied by L7 policy");
-        t.shared.metrics.policy_denied("waypoint");
-        return local(StatusCode::FORBIDDEN, "RBAC: access denied");
-    }
-    let router = table.router_for(&t.service);
     let decision = router.and_then(|r| r.decide(&rreq, fastrand::u32(..)));
     let rule = match (router, &decision) {
         (Some(r), Some(d)) => {
@@ -253,16 +330,23 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
             local(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
         }
         Some(Decision::Forward { destination, path, authority, headers, .. }) => {
-            let ns = vs_namespace.as_deref().unwrap_or(&t.service.namespace);
+            let ns = vs_namespace.as_deref().unwrap_or(t.home_namespace());
             let target = Target { destination, path, authority, headers, namespace: ns };
             forward(t, req, out, rule, target, &table).await
         }
-        None => {
-            let destination = Destination { host: t.service.hostname.clone(), subset: None, port: None };
-            let ns = t.service.namespace.clone();
-            let target = Target { destination, path, authority, headers: None, namespace: &ns };
-            forward(t, req, out, None, target, &table).await
-        }
+        None => match t.service() {
+            // No rule matched (or no VirtualService): the service the client addressed.
+            Some(service) => {
+                let destination = Destination { host: service.hostname.clone(), subset: None, port: None };
+                let ns = service.namespace.clone();
+                let target = Target { destination, path, authority, headers: None, namespace: &ns };
+                forward(t, req, out, None, target, &table).await
+            }
+            None => {
+                out.flag("NR");
+                local(StatusCode::NOT_FOUND, "no route matched")
+            }
+        },
     };
     if let (Some(c), Some(o)) = (cors, origin.as_deref()) {
         cors_headers(resp.headers_mut(), c, o, false);
@@ -328,8 +412,10 @@ async fn forward(
     strip_hop_by_hop(&mut headers);
     // The app learns the caller from the waypoint, never from what the caller wrote.
     headers.remove("x-forwarded-client-cert");
-    if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", t.shared.upstreams.identity, t.peer)) {
-        headers.insert("x-forwarded-client-cert", v);
+    if let Some(peer) = t.peer() {
+        if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={peer}", t.shared.upstreams.identity)) {
+            headers.insert("x-forwarded-client-cert", v);
+        }
     }
     for ops in [rule.and_then(|r| r.headers.as_ref()), target.headers.as_deref()].into_iter().flatten() {
         apply(&mut headers, ops.request.as_ref());
@@ -341,7 +427,7 @@ async fn forward(
         out.flag("NR");
         return local(StatusCode::SERVICE_UNAVAILABLE, format!("no service {host}"));
     };
-    let port = target.destination.port.as_ref().map(|p| p.number as u16).unwrap_or(t.vip.port());
+    let port = target.destination.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
     let subset = match &target.destination.subset {
         Some(s) => match table.subset_labels(host, s) {
             Some(l) => Some(l.clone()),
@@ -498,7 +584,7 @@ fn mirror(
         return debug!(host = %m.host, "mirror target unknown");
     };
     let subset = m.subset.as_ref().and_then(|s| table.subset_labels(&m.host, s));
-    let port = m.port.as_ref().map(|p| p.number as u16).unwrap_or(t.vip.port());
+    let port = m.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
     let Some(ep) = upstream::pick(snap, &svc, port, t.vip.ip(), subset) else {
         return debug!(host = %m.host, "mirror target has no endpoint");
     };

@@ -13,10 +13,10 @@
 pub mod access_log;
 pub mod authz;
 mod framing;
-mod http;
+pub(crate) mod http;
 mod path;
 pub mod routes;
-mod tcp;
+pub(crate) mod tcp;
 pub mod telemetry;
 #[cfg(test)]
 mod tests;
@@ -80,20 +80,20 @@ pub enum StateSource {
 /// How long a waypoint on xDS waits for its first state before it starts listening anyway.
 const FIRST_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What every tunnel of the waypoint shares.
+/// What every connection of an L7 proxy shares.
 pub(crate) struct Shared {
-    state: Arc<StateStore>,
-    routes: Routes,
-    upstreams: Upstreams,
-    metrics: Arc<Metrics>,
-    requests: RequestMetrics,
-    name: (String, String),
+    pub(crate) state: Arc<StateStore>,
+    pub(crate) routes: Routes,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) requests: RequestMetrics,
+    pub(crate) name: (String, String),
     /// Bounds the mirror copies in flight.
-    mirrors: Arc<tokio::sync::Semaphore>,
+    pub(crate) mirrors: Arc<tokio::sync::Semaphore>,
     /// A server span per request.
-    tracer: crate::spans::Tracer,
+    pub(crate) tracer: crate::spans::Tracer,
     /// One line per request.
-    access_log: Arc<access_log::AccessLogger>,
+    pub(crate) access_log: Arc<access_log::AccessLogger>,
 }
 
 /// A running waypoint; its tasks stop when it is dropped.
@@ -127,9 +127,31 @@ pub enum StartError {
     Tracing(#[from] crate::spans::TraceError),
 }
 
+/// What a running L7 proxy (waypoint or ingress gateway) is built from: its shared request
+/// context, its certificates, its L7 configuration and the tasks that keep them current.
+pub(crate) struct Core {
+    pub shared: Arc<Shared>,
+    pub certs: CertManager,
+    pub routes: Routes,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
 impl Waypoint {
     /// Loads the config, gets the waypoint's certificate and starts serving.
     pub async fn start(cfg: WaypointConfig, metrics: Arc<Metrics>) -> Result<Waypoint, StartError> {
+        let Core { shared, certs, routes, mut tasks } = Core::start(&cfg, metrics.clone()).await?;
+        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
+        let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;
+        info!(%addr, identity = %cfg.identity, "waypoint listening");
+        tasks.push(tokio::spawn(accept(listener, shared, certs, cfg.identity.clone())));
+        Ok(Waypoint { addr, metrics, routes, tasks })
+    }
+}
+
+impl Core {
+    /// State (local config or xDS), L7 objects, access log, tracer, certificate and HBONE
+    /// pool for an L7 proxy described by `cfg` (its `listen` is not used here).
+    pub(crate) async fn start(cfg: &WaypointConfig, metrics: Arc<Metrics>) -> Result<Core, StartError> {
         let state = Arc::new(StateStore::new(Default::default()));
         let mut tasks = Vec::new();
         match &cfg.state {
@@ -188,16 +210,14 @@ impl Waypoint {
             tracer,
             access_log,
         });
-        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
-        let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;
-        info!(%addr, identity = %cfg.identity, "waypoint listening");
-        tasks.push(tokio::spawn(accept(listener, shared, certs, cfg.identity.clone())));
         if let Some(dir) = cfg.routes_dir.clone() {
             tasks.push(tokio::spawn(routes.clone().follow(dir, metrics.clone())));
         }
-        Ok(Waypoint { addr, metrics, routes, tasks })
+        Ok(Core { shared, certs, routes, tasks })
     }
+}
 
+impl Waypoint {
     /// The HBONE listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -328,10 +348,9 @@ impl TunnelHandler for Handler {
         }
         let tunnel = Arc::new(http::Tunnel {
             shared: self.shared.clone(),
-            peer: req.peer,
+            front: http::Front::Mesh { peer: req.peer, service },
             peer_addr: self.peer,
             local_ip: self.local_ip,
-            service,
             vip,
         });
         Ok(if tcp { Accepted::Tcp(tunnel) } else { Accepted::Http(tunnel) })

@@ -33,12 +33,14 @@ pub struct RouteTable {
     pub poisoned: Vec<Option<Target>>,
     /// What was rejected in the last load, with reasons.
     pub rejected: Vec<Invalid>,
+    /// Istio Gateways and TLS Secrets, for an ingress gateway.
+    pub ingress: crate::routing::ingress::IngressObjects,
 }
 
 impl RouteTable {
     /// Compiles `docs`, keeping `previous` versions of objects that are now rejected.
     pub fn load(docs: &[Value], previous: &RouteTable) -> RouteTable {
-        let RoutingObjects { mut routers, subsets, mut rejected } = objects::load(docs);
+        let RoutingObjects { mut routers, subsets, mut rejected, .. } = objects::load(docs);
         for bad in &rejected {
             if let Some(old) = previous.routers.get(&bad.name) {
                 routers.insert(bad.name.clone(), old.clone());
@@ -68,7 +70,17 @@ impl RouteTable {
                 }
             }
         }
-        RouteTable { routers, subsets, policies, poisoned, rejected }
+        let mut ingress = crate::routing::ingress::load(docs);
+        for bad in &ingress.rejected {
+            if let Some(old) = previous.ingress.gateways.get(&bad.name) {
+                ingress.gateways.insert(bad.name.clone(), old.clone());
+            }
+            if let Some(old) = previous.ingress.secrets.get(&bad.name) {
+                ingress.secrets.insert(bad.name.clone(), old.clone());
+            }
+        }
+        rejected.extend(ingress.rejected.iter().cloned());
+        RouteTable { routers, subsets, policies, poisoned, rejected, ingress }
     }
 
     /// The VirtualService for a service: the first (by name) in the service's own namespace
@@ -76,7 +88,18 @@ impl RouteTable {
     /// namespace cannot route (or mirror) another's traffic.
     pub fn router_for(&self, service: &crate::state::Service) -> Option<&Router> {
         let prefix = format!("{}/", service.namespace);
-        self.routers.iter().find(|(name, r)| name.starts_with(&prefix) && r.serves(&service.hostname)).map(|(_, r)| r)
+        self.routers
+            .iter()
+            .find(|(name, r)| name.starts_with(&prefix) && r.for_mesh() && r.serves(&service.hostname))
+            .map(|(_, r)| r)
+    }
+
+    /// The VirtualService bound to one of `gateways` (`(namespace, name)`) whose hosts match
+    /// the ingress request's `host` (no port), in name order.
+    pub fn router_for_gateway(&self, gateways: &[(String, String)], host: &str) -> Option<&Router> {
+        self.routers
+            .values()
+            .find(|r| gateways.iter().any(|(ns, n)| r.bound_to(ns, n)) && r.serves_external(host))
     }
 
     /// The labels of `subset` of `host` (a short name or FQDN of the same service).

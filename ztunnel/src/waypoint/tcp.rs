@@ -1,19 +1,33 @@
-//! Raw TCP behind a waypoint: a tunnel to a port that the service's VirtualService routes
-//! with `tcp` rules only is relayed whole to one endpoint, chosen by the rule's weights.
+//! Raw TCP through the L7 proxy: a waypoint tunnel to a port that the service's
+//! VirtualService routes with `tcp` rules only, or an ingress connection passed through by
+//! SNI (`tls` rules), is relayed whole to one endpoint chosen by the rule's weights.
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
-use super::http::Tunnel;
+use super::http::{Front, Tunnel};
 use super::upstream;
-use crate::hbone::{ConnectHeaders, HboneStream};
+use crate::hbone::ConnectHeaders;
+use crate::routing::WeightedTarget;
 
-/// Relays `tunnel` to the destination its TCP rule picks.
-pub(super) async fn relay(t: Arc<Tunnel>, mut tunnel: HboneStream) {
+/// Relays a mesh tunnel to the destination its service's TCP rule picks.
+pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(t: Arc<Tunnel>, stream: S) {
     let table = t.shared.routes.table();
-    let Some(targets) = table.router_for(&t.service).and_then(|r| r.tcp_targets(t.vip.port())) else {
+    let Front::Mesh { service, .. } = &t.front else { return };
+    let Some(targets) = table.router_for(service).and_then(|r| r.tcp_targets(t.vip.port())) else {
         return debug!("no TCP route any more");
     };
+    relay_to(&t, targets, &table, stream).await
+}
+
+/// Relays `stream` to one of `targets`, picked by weight.
+pub(crate) async fn relay_to<S: AsyncRead + AsyncWrite + Unpin>(
+    t: &Tunnel,
+    targets: &[WeightedTarget],
+    table: &super::routes::RouteTable,
+    mut stream: S,
+) {
     let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
     let mut at = fastrand::u64(..total.max(1));
     let Some((dest, _)) = targets.iter().find(|(_, w)| {
@@ -24,11 +38,11 @@ pub(super) async fn relay(t: Arc<Tunnel>, mut tunnel: HboneStream) {
         return;
     };
     let snap = t.shared.state.snapshot();
-    let Some(svc) = snap.service_by_host(&dest.host, &t.service.namespace) else {
+    let Some(svc) = snap.service_by_host(&dest.host, t.home_namespace()) else {
         return info!(host = %dest.host, "TCP route to an unknown service");
     };
     let subset = dest.subset.as_ref().and_then(|s| table.subset_labels(&dest.host, s));
-    let port = dest.port.as_ref().map(|p| p.number as u16).unwrap_or(t.vip.port());
+    let port = dest.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
     let Some(ep) = upstream::pick(&snap, &svc, port, t.vip.ip(), subset) else {
         return info!(host = %dest.host, "TCP route has no endpoint");
     };
@@ -37,6 +51,6 @@ pub(super) async fn relay(t: Arc<Tunnel>, mut tunnel: HboneStream) {
         Ok(u) => u,
         Err(e) => return info!(error = %e, "TCP route upstream failed"),
     };
-    let result = crate::hbone::copy_bidirectional(&mut tunnel, &mut up).await;
+    let result = crate::hbone::copy_bidirectional(&mut stream, &mut up).await;
     debug!(upstream = %ep.addr, ?result, "TCP route finished");
 }
