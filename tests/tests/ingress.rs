@@ -39,6 +39,11 @@ impl Drop for Edge {
 }
 
 fn edge(routes: &[(&str, String)]) -> Edge {
+    edge_with(routes, |_| vec![])
+}
+
+/// [`edge`], with more gateway arguments, chosen once the gateway's pod exists.
+fn edge_with(routes: &[(&str, String)], gateway_args: impl FnOnce(&Pod) -> Vec<String>) -> Edge {
     sweep_pins();
     let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
     let outside = c.add_pod(0, "outside").unwrap();
@@ -64,7 +69,7 @@ fn edge(routes: &[(&str, String)]) -> Edge {
     for (file, text) in routes {
         write_atomically(&dir.join(file), text).unwrap();
     }
-    let gateway = WaypointProcess::start_gateway(&c, &gw, &dir, &[]).expect("ztunnel gateway");
+    let gateway = WaypointProcess::start_gateway(&c, &gw, &dir, &gateway_args(&gw)).expect("ztunnel gateway");
     Edge { gateway, _apps: apps, outside, gateway_pod: gw, secure, dir, _nodes: nodes, _c: c }
 }
 
@@ -289,4 +294,34 @@ fn istios_bookinfo_gateway_sample_works_unchanged() {
     wait_listening(&e, 8080);
     let (status, body, _) = get(&e.outside, at(&e, 8080), "/productpage", "", &[], WAIT).unwrap();
     assert_eq!((status, body.trim()), (200, "productpage"));
+}
+
+#[test]
+fn the_gateway_exports_a_span_per_request_parented_on_the_callers_traceparent() {
+    let receiver = std::cell::RefCell::new(None);
+    let e = edge_with(&[ours()], |gw| {
+        let r = mesh_tests::otlp::OtlpReceiver::start(gw, 4318).expect("OTLP receiver");
+        let args = vec![
+            "--otlp-endpoint".into(),
+            r.endpoint(),
+            "--trace-sampling".into(),
+            "100".into(),
+            "--trace-export-delay-ms".into(),
+            "100".into(),
+        ];
+        *receiver.borrow_mut() = Some(r);
+        args
+    });
+    let receiver = receiver.into_inner().unwrap();
+    wait_listening(&e, 8080);
+    let parent = "00-8bf92f3577b34da6a3ce929d0e0e4736-40f067aa0ba902b7-01";
+    let (status, _, _) =
+        get(&e.outside, at(&e, 8080), "/productpage", "bookinfo.example.com", &[("traceparent", parent)], WAIT)
+            .unwrap();
+    assert_eq!(status, 200);
+    let span = receiver.wait_for("from the gateway", |s| s.trace_id.starts_with("8bf9"), WAIT).unwrap();
+    assert_eq!(span.parent_span_id, "40f067aa0ba902b7");
+    assert_eq!(span.service, "istio-ingressgateway.default");
+    let seen = e._apps[0].received()[0].header("traceparent").unwrap().to_string();
+    assert!(seen.contains(&span.span_id), "productpage's parent is the gateway's span: {seen}");
 }
