@@ -68,6 +68,8 @@ pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
     let client = c.add_pod(0, "client")?;
     let server = c.add_pod(1, "server")?;
     let wp = c.add_pod(0, "waypoint")?;
+    let gw = c.add_pod(0, "ingress")?;
+    let big = c.add_pod(0, "wp-big")?;
     let svc = format!("  services:\n    default/web.default.svc.cluster.local:\n      {PORT}: {PORT}\n");
     let yaml = format!(
         "workloads:\n{}{}{}services:\n{}",
@@ -89,13 +91,24 @@ pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n",
     )?;
     let waypoint = WaypointProcess::start(&c, &wp, &routes)?;
-    std::thread::sleep(Duration::from_millis(300));
+    // The ingress gateway in front of the same service: a Gateway on 8080 for every host.
+    let ingress_routes = PathBuf::from(crate::mesh::RUN_DIR).join(format!("{}-ingress", c.prefix()));
+    std::fs::create_dir_all(&ingress_routes)?;
+    std::fs::write(
+        ingress_routes.join("gateway.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: web}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 8080, name: http, protocol: HTTP}\n    hosts: ['*']\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web-ingress}\nspec:\n  hosts: ['*']\n  gateways: [web]\n  http:\n  - route:\n    - destination: {host: web}\n",
+    )?;
+    let gateway = WaypointProcess::start_gateway(&c, &gw, &ingress_routes, &[])?;
+    std::thread::sleep(Duration::from_millis(500));
     let idle_rss = process_usage(waypoint.pid())?.rss_bytes as f64 / 1e6;
+    let (scale_rss, small_rss) = memory_at_scale(&c, &big, 1000)?;
 
-    let scenarios: [(&str, &Pod, SocketAddr, Option<u32>); 3] = [
+    let scenarios: [(&str, &Pod, SocketAddr, Option<u32>); 4] = [
         ("no-mesh", &plain_c, SocketAddr::new(plain_s.ip4().into(), PORT), None),
         ("hbone", &client, SocketAddr::new(server.ip4().into(), PORT), None),
         ("waypoint", &client, SocketAddr::from((VIP, PORT)), Some(waypoint.pid())),
+        // From outside the mesh (a pod nobody enrolled) through the ingress gateway.
+        ("ingress", &plain_c, SocketAddr::new(gw.ip4().into(), 8080), Some(gateway.pid())),
     ];
     let mut samples: BTreeMap<&str, Vec<WaypointSample>> = BTreeMap::new();
     for round in 0..rounds {
@@ -108,17 +121,20 @@ pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
     let loaded_rss = process_usage(waypoint.pid())?.rss_bytes as f64 / 1e6;
     let med = |n: &str, f: fn(&WaypointSample) -> f64| median(samples[n].iter().map(f).collect());
     println!(
-        "\n{:<38} {:>10} {:>10} {:>10}",
-        "HTTP/1.1 keep-alive, 1 KiB, c16 (median)", "no-mesh", "hbone", "waypoint"
+        "\n{:<38} {:>10} {:>10} {:>10} {:>10}",
+        "HTTP/1.1 keep-alive, 1 KiB, c16 (median)", "no-mesh", "hbone", "waypoint", "ingress"
     );
     type Row = (&'static str, fn(&WaypointSample) -> f64);
     let rows: [Row; 3] =
         [("p50 ms at 1000 qps", |s| s.p50_ms), ("p99 ms at 1000 qps", |s| s.p99_ms), ("max req/s", |s| s.max_qps)];
     let mut report = serde_json::Map::new();
     for (label, f) in rows {
-        let v: Vec<f64> = ["no-mesh", "hbone", "waypoint"].iter().map(|n| med(n, f)).collect();
-        println!("{label:<38} {:>10.3} {:>10.3} {:>10.3}", v[0], v[1], v[2]);
-        report.insert(label.into(), serde_json::json!({"no-mesh": v[0], "hbone": v[1], "waypoint": v[2]}));
+        let v: Vec<f64> = ["no-mesh", "hbone", "waypoint", "ingress"].iter().map(|n| med(n, f)).collect();
+        println!("{label:<38} {:>10.3} {:>10.3} {:>10.3} {:>10.3}", v[0], v[1], v[2], v[3]);
+        report.insert(
+            label.into(),
+            serde_json::json!({"no-mesh": v[0], "hbone": v[1], "waypoint": v[2], "ingress": v[3]}),
+        );
     }
     let added_p99 = med("waypoint", |s| s.p99_ms) - med("hbone", |s| s.p99_ms);
     let cores = med("waypoint", |s| s.waypoint_cores_at_1000);
@@ -129,7 +145,13 @@ pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
     println!(
         "waypoint RSS                           {idle_rss:.1} MB idle, {loaded_rss:.1} MB after load (target < 30)"
     );
+    println!(
+        "waypoint RSS, 1000 routes + 1000 endpoints {scale_rss:.1} MB (same binary with 1 route + 1 endpoint: {small_rss:.1} MB)"
+    );
     report.insert("added_p99_ms".into(), added_p99.into());
+    report.insert("waypoint_rss_mb_1000_routes_1000_endpoints".into(), scale_rss.into());
+    report.insert("waypoint_rss_mb_1_route_1_endpoint".into(), small_rss.into());
+    report.insert("ingress_cpu_s_per_1k_max_rate".into(), med("ingress", |s| s.waypoint_cpu_s_per_1k).into());
     report.insert("waypoint_cores_at_1000_rps".into(), cores.into());
     report.insert("waypoint_cpu_s_per_1k_max_rate".into(), per_1k.into());
     report.insert("waypoint_rss_mb_idle".into(), idle_rss.into());
@@ -140,8 +162,50 @@ pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
     std::fs::write(out.join("waypoint.json"), serde_json::to_vec_pretty(&report)?)?;
     println!("\nfull results: {}", out.join("waypoint.json").display());
     drop(waypoint);
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(ingress_routes);
     a0.stop_and_uninstall()?;
     a1.stop_and_uninstall()?;
     let _ = std::fs::remove_dir_all(routes);
     Ok(())
+}
+
+/// RSS of a waypoint holding `n` VirtualServices (each a header match and a route) for `n`
+/// services with one endpoint each, after it loaded them, and of the same process with one
+/// of each: (MB at scale, MB small). Its own local config, not the cluster's.
+fn memory_at_scale(c: &Cluster, pod: &Pod, n: usize) -> Result<(f64, f64)> {
+    let mut out = Vec::new();
+    for count in [n, 1] {
+        let dir = PathBuf::from(crate::mesh::RUN_DIR).join(format!("{}-scale-{count}", c.prefix()));
+        let routes = dir.join("routes");
+        std::fs::create_dir_all(&routes)?;
+        let (mut workloads, mut services, mut vs) = (String::new(), String::new(), String::new());
+        for i in 0..count {
+            let (a, b) = (i / 250, i % 250 + 1);
+            workloads += &format!(
+                "- uid: scale-{i}\n  name: app-{i}\n  namespace: default\n  serviceAccount: app-{i}\n  workloadIps: [\"10.200.{a}.{b}\"]\n  protocol: HBONE\n  services:\n    default/svc-{i}.default.svc.cluster.local:\n      8080: 8080\n"
+            );
+            services += &format!(
+                "- name: svc-{i}\n  namespace: default\n  hostname: svc-{i}.default.svc.cluster.local\n  vips: [\"10.100.{a}.{b}\"]\n  ports:\n    8080: 8080\n"
+            );
+            vs += &format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: svc-{i}}}\nspec:\n  hosts: [svc-{i}]\n  http:\n  - match:\n    - headers:\n        end-user: {{exact: user-{i}}}\n    route:\n    - destination: {{host: svc-{i}}}\n  - route:\n    - destination: {{host: svc-{i}}}\n"
+            );
+        }
+        let config = dir.join("mesh.yaml");
+        std::fs::write(&config, format!("workloads:\n{workloads}services:\n{services}"))?;
+        std::fs::write(routes.join("routes.yaml"), vs)?;
+        let args = vec![
+            "--local-config".to_string(),
+            config.display().to_string(),
+            "--ca-state-dir".into(),
+            crate::mesh::ca_dir(c).display().to_string(),
+        ];
+        let wp = WaypointProcess::spawn(pod, &routes, &args)?;
+        std::thread::sleep(Duration::from_millis(1500));
+        out.push(process_usage(wp.pid())?.rss_bytes as f64 / 1e6);
+        drop(wp);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok((out[0], out[1]))
 }
