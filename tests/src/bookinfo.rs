@@ -126,6 +126,13 @@ pub enum Role {
         /// What the body names (e.g. a version), so answers can be counted per backend.
         name: String,
     },
+    /// Answers every HTTP request `status` with body "<name>\n" after `delay`: a failing or
+    /// slow backend for outlier-detection and circuit-breaking tests.
+    Answer {
+        name: String,
+        status: u16,
+        delay: Duration,
+    },
     /// A gRPC server (HTTP/2 only): every unary call is answered with one message holding
     /// `name`, and `grpc-status: 0` in the trailers (see [`crate::grpc_app`]).
     Grpc {
@@ -340,6 +347,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     if let Role::Echo { name } = &shared.role {
         return reply(StatusCode::OK, "text/plain", format!("{name}\n"));
     }
+    if let Role::Answer { name, status, delay } = &shared.role {
+        tokio::time::sleep(*delay).await;
+        let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return reply(code, "text/plain", format!("{name}\n"));
+    }
     let path = parts.uri.path();
     let route = route(&shared.role, path);
     if route != Route::NotFound && parts.method != Method::GET {
@@ -386,7 +398,7 @@ fn health(role: &Role) -> Response<Full<Bytes>> {
         Role::Details => reply(StatusCode::OK, "application/json", r#"{"status":"Details is healthy"}"#),
         Role::Reviews { .. } => reply(StatusCode::OK, "application/json", r#"{"status":"Reviews is healthy"}"#),
         Role::Ratings => reply(StatusCode::OK, "application/json", r#"{"status":"Ratings is healthy"}"#),
-        Role::TcpEcho { .. } | Role::Echo { .. } | Role::Grpc { .. } => {
+        Role::TcpEcho { .. } | Role::Echo { .. } | Role::Answer { .. } | Role::Grpc { .. } => {
             reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")
         }
     }
@@ -412,7 +424,7 @@ fn route(role: &Role, path: &str) -> Route {
         Role::Details => id_after(path, "/details/").map(Route::Details),
         Role::Reviews { .. } => id_after(path, "/reviews/").map(Route::Reviews),
         Role::Ratings => id_after(path, "/ratings/").map(Route::Ratings),
-        Role::TcpEcho { .. } | Role::Echo { .. } | Role::Grpc { .. } => None,
+        Role::TcpEcho { .. } | Role::Echo { .. } | Role::Answer { .. } | Role::Grpc { .. } => None,
     };
     found.unwrap_or(Route::NotFound)
 }

@@ -71,6 +71,8 @@ enum Backends {
     ReviewsCallingRatings,
     /// v1 is a pod with nothing listening (every connection to it fails).
     DeadV1,
+    /// v1, v2 and v3 play these roles.
+    Roles([Role; 3]),
 }
 
 fn mesh(routes: &str, backends: Backends) -> Mesh {
@@ -125,16 +127,30 @@ fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) 
         nodes[n].enroll_as(pod, "default", sa).unwrap();
     }
     let mut apps = Vec::new();
-    if !matches!(backends, Backends::DeadV1) {
-        apps.push(App::start(&r1, PORT, Role::Echo { name: "reviews-v1".into() }).unwrap());
-    }
+    let backends = match backends {
+        Backends::Roles([a, b, c]) => {
+            for (pod, role) in [(&r1, a), (&r2, b), (&r3, c)] {
+                apps.push(App::start(pod, PORT, role).unwrap());
+            }
+            Backends::Roles([Role::Ratings, Role::Ratings, Role::Ratings])
+        }
+        other => {
+            if !matches!(other, Backends::DeadV1) {
+                apps.push(App::start(&r1, PORT, Role::Echo { name: "reviews-v1".into() }).unwrap());
+            }
+            other
+        }
+    };
     match backends {
+        Backends::Roles(_) => {}
         Backends::ReviewsCallingRatings => {
             apps.push(App::start(&r2, PORT, Role::Reviews { version: 2, ratings: vip(RATINGS_VIP, PORT) }).unwrap())
         }
         _ => apps.push(App::start(&r2, PORT, Role::Echo { name: "reviews-v2".into() }).unwrap()),
     }
-    apps.push(App::start(&r3, PORT, Role::Echo { name: "reviews-v3".into() }).unwrap());
+    if !matches!(backends, Backends::Roles(_)) {
+        apps.push(App::start(&r3, PORT, Role::Echo { name: "reviews-v3".into() }).unwrap());
+    }
     apps.push(App::start(&ratings, PORT, Role::Ratings).unwrap());
     apps.push(App::start(&echo1, TCP_PORT, Role::TcpEcho { prefix: "one".into() }).unwrap());
     apps.push(App::start(&echo2, TCP_PORT, Role::TcpEcho { prefix: "two".into() }).unwrap());
@@ -772,4 +788,150 @@ impl Mesh {
     fn apps_pod_ip(&self) -> std::net::IpAddr {
         self.c.pods().iter().find(|p| p.name() == "reviews-v1").map(|p| p.ip4().into()).expect("reviews-v1 pod")
     }
+}
+
+fn answer(name: &str, status: u16, delay_ms: u64) -> Role {
+    Role::Answer { name: name.into(), status, delay: Duration::from_millis(delay_ms) }
+}
+
+/// `n` requests to reviews from the client, `concurrency` at a time: their statuses.
+fn concurrent(m: &Mesh, n: usize, concurrency: usize) -> Vec<u16> {
+    let per = n / concurrency;
+    let handles: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let client = m.client.clone();
+            std::thread::spawn(move || {
+                (0..per)
+                    .map(|_| get(&client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).map(|r| r.0).unwrap_or(0))
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+}
+
+const BREAKER: &str = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-breaker}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+";
+
+#[test]
+fn circuit_breaker_answers_503_uo_over_its_limits_and_recovers_when_load_drops() {
+    // One slow endpoint (100 ms), one connection and one pending request allowed: of 5
+    // concurrent callers, some must overflow.
+    let routes = format!("{}{BREAKER}", vs(ALL_V1));
+    let m = mesh(
+        &routes,
+        Backends::Roles([answer("reviews-v1", 200, 100), answer("reviews-v2", 200, 0), answer("reviews-v3", 200, 0)]),
+    );
+    let mut table = Vec::new();
+    for concurrency in [1, 2, 5, 10] {
+        let statuses = concurrent(&m, concurrency * 6, concurrency);
+        let overflowed = statuses.iter().filter(|s| **s == 503).count();
+        assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+        table.push((concurrency, statuses.len(), overflowed));
+    }
+    eprintln!("circuit breaking (maxConnections 1, http1MaxPendingRequests 1, 100 ms upstream):");
+    for (c, n, o) in &table {
+        eprintln!(
+            "  concurrency {c:>2}: {n:>3} requests, {o:>3} answered 503 UO ({:.0}%)",
+            100.0 * *o as f64 / *n as f64
+        );
+    }
+    assert_eq!(table[0].2, 0, "one caller at a time never overflows: {table:?}");
+    assert!(table[3].2 > 0, "ten concurrent callers overflow: {table:?}");
+    let uo = m
+        .waypoint
+        .wait_metric(
+            "istio_requests_total",
+            &[("response_flags", "UO"), ("response_code", "503")],
+            table.iter().map(|t| t.2 as f64).sum(),
+        )
+        .unwrap();
+    assert!(uo >= 1.0);
+    // Load gone: every request passes again.
+    let after = concurrent(&m, 5, 1);
+    assert!(after.iter().all(|s| *s == 200), "{after:?}");
+}
+
+const OUTLIERS: &str = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-outliers}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3s
+      maxEjectionPercent: 100
+";
+
+const ALL_REVIEWS: &str = "  - route:\n    - destination: {host: reviews}\n";
+
+#[test]
+fn an_endpoint_answering_5xx_is_ejected_then_returns_after_its_ejection_time() {
+    let routes = format!("{}{OUTLIERS}", vs(ALL_REVIEWS));
+    let m = mesh(
+        &routes,
+        Backends::Roles([answer("reviews-v1", 200, 0), answer("reviews-v2", 500, 0), answer("reviews-v3", 200, 0)]),
+    );
+    // Round robin reaches v2 within three requests; its 500 ejects it.
+    let first = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 3, WAIT).unwrap();
+    assert_eq!(first.iter().filter(|(s, _)| *s == 500).count(), 1, "{first:?}");
+    let during = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 30, WAIT).unwrap();
+    assert!(during.iter().all(|(s, _)| *s == 200), "the ejected endpoint got traffic: {during:?}");
+    assert_eq!(m.apps[1].received().len(), 1, "v2 was sent nothing while ejected");
+    std::thread::sleep(Duration::from_millis(3200));
+    let after = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 6, WAIT).unwrap();
+    assert!(after.iter().any(|(s, _)| *s == 500), "v2 is back after its ejection time: {after:?}");
+}
+
+#[test]
+fn max_ejection_percent_keeps_a_failing_endpoint_in_rotation() {
+    // Two of three endpoints fail, but at most 34% may be ejected: only one of them is.
+    let routes =
+        format!("{}{}", vs(ALL_REVIEWS), OUTLIERS.replace("maxEjectionPercent: 100", "maxEjectionPercent: 34"));
+    let m = mesh(
+        &routes,
+        Backends::Roles([answer("reviews-v1", 200, 0), answer("reviews-v2", 500, 0), answer("reviews-v3", 500, 0)]),
+    );
+    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 30, WAIT).unwrap();
+    let failed = answers.iter().filter(|(s, _)| *s == 500).count();
+    assert!(failed >= 5, "a failing endpoint stays in rotation: {failed} of 30 failed");
+    let (v2, v3) = (m.apps[1].received().len(), m.apps[2].received().len());
+    assert!(v2.min(v3) <= 1 && v2.max(v3) >= 5, "one ejected, one kept: v2 got {v2}, v3 got {v3}");
+}
+
+#[test]
+fn consistent_hash_by_header_keeps_each_user_on_one_endpoint() {
+    let dr = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-hash}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: end-user}
+";
+    let m = mesh(&format!("{}{dr}", vs(ALL_REVIEWS)), Backends::Echo);
+    let mut spread = std::collections::BTreeSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let answers =
+            get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", user)], 10, WAIT).unwrap();
+        let versions: std::collections::BTreeSet<String> = answers.iter().map(|(_, b)| b.trim().to_string()).collect();
+        assert_eq!(versions.len(), 1, "{user} moved between endpoints: {versions:?}");
+        spread.extend(versions);
+    }
+    assert!(spread.len() >= 2, "six users all hashed to one endpoint: {spread:?}");
 }

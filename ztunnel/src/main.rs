@@ -546,6 +546,9 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             println!("{e}");
             errors += e.outcome.is_error() as usize;
         }
+        for c in model.route_conditions() {
+            println!("{c}");
+        }
         println!(
             "{} workloads, {} services, {} policies; {errors} objects rejected",
             model.workloads.len(),

@@ -23,6 +23,7 @@
 pub mod ads;
 pub mod authz;
 pub mod ca;
+pub mod gateway_routes;
 pub mod grpc;
 #[cfg(feature = "kube")]
 pub mod kube;
@@ -40,6 +41,7 @@ pub mod waypoint;
 use std::io;
 use std::path::Path;
 
+pub use gateway_routes::RouteConditions;
 pub use model::{Model, Options};
 pub use runtime::{Controller, ControllerConfig, ControllerError, Source};
 pub use source::fingerprint;

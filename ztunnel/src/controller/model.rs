@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use crate::policy::Authorization;
 
 use super::authz::{self, Converted, PeerAuthn};
+use super::gateway_routes::{self, RouteConditions, Verdict};
 use super::objects::{Object, ObjectMeta, ObjectRef, RawObject, StringMap};
 use super::pods::{self, PodInfo};
 use super::services::{load_balancing, service, ServiceBuild};
@@ -200,6 +201,8 @@ pub struct Model {
     pub waypoint_policies: BTreeMap<String, super::objects::AuthorizationPolicy>,
     /// Declared service accounts, as `<namespace>/<name>`.
     pub service_accounts: BTreeSet<String>,
+    /// Gateway API route conditions (`Accepted`, `ResolvedRefs`) per route and parentRef.
+    pub route_conditions: Vec<RouteConditions>,
     status: Vec<StatusEntry>,
 }
 
@@ -231,6 +234,11 @@ impl Model {
     /// Every object and document read, in file order, with what happened to it.
     pub fn status(&self) -> &[StatusEntry] {
         &self.status
+    }
+
+    /// The conditions of every Gateway API route per parentRef, in file order.
+    pub fn route_conditions(&self) -> &[RouteConditions] {
+        &self.route_conditions
     }
 
     /// The rejected objects and documents.
@@ -312,12 +320,30 @@ impl Builder<'_> {
         }
         let pods = self.pods();
         let services = self.services(&mut model, &pods);
+        self.route_conditions(&mut model, loaded);
         self.workloads(&mut model, &pods, &services);
         self.authorizations(&mut model);
         for i in self.indices("ServiceEntry") {
             self.rec.warn(i, "ServiceEntry is read but not yet translated into xDS");
         }
         model
+    }
+
+    /// Attaches the Gateway API routes to the model's Services and Gateways: their conditions,
+    /// and a warning (or, for a route refused whole, an error) on their status lines.
+    fn route_conditions(&mut self, model: &mut Model, loaded: &[super::source::Loaded]) {
+        let rec = &*self.rec;
+        let ev = gateway_routes::evaluate(loaded, |i| rec.ok(i), &model.services, &self.options.domain_suffix);
+        for (i, verdict) in ev.verdicts {
+            match verdict {
+                Verdict::Warn(m) => self.rec.warn(i, m),
+                Verdict::Reject(m) => {
+                    self.rec.reject(i, m);
+                    model.routing.retain(|r| r.origin != loaded[i].origin);
+                }
+            }
+        }
+        model.route_conditions = ev.conditions;
     }
 
     /// Written pods and the pods Deployments stand for.

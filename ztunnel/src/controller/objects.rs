@@ -470,7 +470,7 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     ServiceEntry(ServiceEntry),
-    /// VirtualService, DestinationRule, Gateway (both APIs), HTTPRoute.
+    /// VirtualService, DestinationRule, Gateway (both APIs), HTTPRoute, GRPCRoute, TCPRoute, ReferenceGrant.
     Raw(RawObject),
 }
 
@@ -559,7 +559,7 @@ fn group_accepted(kind: &str, group: &str) -> bool {
         "AuthorizationPolicy" | "PeerAuthentication" => group == "security.istio.io",
         "ServiceEntry" | "VirtualService" | "DestinationRule" => group == "networking.istio.io",
         "Gateway" => group == "networking.istio.io" || group == "gateway.networking.k8s.io",
-        "HTTPRoute" => group == "gateway.networking.k8s.io",
+        "HTTPRoute" | "GRPCRoute" | "TCPRoute" | "ReferenceGrant" => group == "gateway.networking.k8s.io",
         _ => false,
     }
 }

@@ -183,6 +183,12 @@ impl Controller {
         self.model.read().unwrap_or_else(|e| e.into_inner()).status().to_vec()
     }
 
+    /// The Gateway API route conditions per route and parentRef in the current model (what
+    /// `ztunnel controller --check` lists after the objects).
+    pub fn route_conditions(&self) -> Vec<super::RouteConditions> {
+        self.model.read().unwrap_or_else(|e| e.into_inner()).route_conditions().to_vec()
+    }
+
     /// The current model.
     pub fn model(&self) -> Arc<Model> {
         self.model.read().unwrap_or_else(|e| e.into_inner()).clone()

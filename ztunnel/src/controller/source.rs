@@ -210,6 +210,9 @@ fn is_known_kind(kind: &str) -> bool {
             | "DestinationRule"
             | "Gateway"
             | "HTTPRoute"
+            | "GRPCRoute"
+            | "TCPRoute"
+            | "ReferenceGrant"
     )
 }
 

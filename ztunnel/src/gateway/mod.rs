@@ -6,6 +6,11 @@
 //! its own identity. The per-request path (routing, faults, retries, mirrors, telemetry,
 //! traces) is the waypoint's, entered with [`Front::Ingress`]; only the edge differs:
 //! there is no mesh peer, so no mesh policy, and a host no VirtualService names is 404.
+//!
+//! It also serves the Kubernetes `Gateway` resources of class `istio` in the routes
+//! directory ([`k8s`]): their listeners add ports, and the Gateway API routes attached to a
+//! listener decide its requests.
+pub mod k8s;
 mod sni;
 mod tls;
 
@@ -104,8 +109,9 @@ struct Edge {
 /// others. A port that cannot be bound is logged and tried again on the next round.
 async fn reconcile(edge: &Arc<Edge>, listeners: &Mutex<BTreeMap<u16, Listening>>, bind: IpAddr) {
     let table = edge.shared.routes.table();
-    let wanted: BTreeSet<u16> =
+    let mut wanted: BTreeSet<u16> =
         table.ingress.selected(&edge.labels).flat_map(|g| g.servers.iter().map(|s| s.port)).collect();
+    wanted.extend(k8s::ports(&table));
     let current: BTreeSet<u16> = listeners.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
     for port in current.difference(&wanted) {
         if let Some(l) = listeners.lock().unwrap_or_else(|e| e.into_inner()).remove(port) {
@@ -125,6 +131,24 @@ async fn reconcile(edge: &Arc<Edge>, listeners: &Mutex<BTreeMap<u16, Listening>>
             Err(e) => warn!(%addr, error = %e, "cannot listen for a Gateway server; retrying"),
         }
     }
+}
+
+/// The request context of an ingress connection: the Istio Gateways and the Kubernetes
+/// Gateways whose routes apply to it.
+fn tunnel(
+    edge: &Edge,
+    peer: SocketAddr,
+    local: SocketAddr,
+    gateways: Vec<(String, String)>,
+    gateway_api: Vec<(String, String)>,
+) -> Arc<Tunnel> {
+    Arc::new(Tunnel {
+        shared: edge.shared.clone(),
+        front: Front::Ingress { gateways: Arc::new(gateways), gateway_api: Arc::new(gateway_api) },
+        peer_addr: crate::proxy::canonical(peer),
+        local_ip: local.ip(),
+        vip: local,
+    })
 }
 
 async fn accept(edge: Arc<Edge>, port: u16, listener: TcpListener) {
@@ -157,26 +181,27 @@ async fn connection(edge: Arc<Edge>, port: u16, stream: TcpStream, peer: SocketA
         Ok(a) => crate::proxy::canonical(a),
         Err(_) => return,
     };
-    let tunnel = |gateways: Vec<(String, String)>| {
-        Arc::new(Tunnel {
-            shared: edge.shared.clone(),
-            front: Front::Ingress { gateways: Arc::new(gateways) },
-            peer_addr: crate::proxy::canonical(peer),
-            local_ip: local.ip(),
-            vip: local,
-        })
+    let listeners = k8s::on_port(&table, port);
+    if servers.is_empty() {
+        return k8s::connection(edge, port, stream, peer, local, listeners).await;
+    }
+    // A port shared with Kubernetes Gateway listeners: their plain-HTTP routes apply to
+    // plain HTTP after the Istio Gateways' VirtualServices; TLS belongs to the Istio servers.
+    let gateway_api = k8s::http_gateways(&listeners);
+    let front = |gateways: Vec<(String, String)>, plain_http: bool| {
+        tunnel(&edge, peer, local, gateways, if plain_http { gateway_api.clone() } else { vec![] })
     };
     let names = |gs: &[&crate::routing::ingress::IngressGateway]| {
         gs.iter().map(|g| (g.namespace.clone(), g.name.clone())).collect::<Vec<_>>()
     };
     let plain: Vec<_> = servers.iter().filter(|(_, s)| s.tls.is_none()).map(|(g, _)| *g).collect();
     if servers.iter().all(|(_, s)| s.tls.is_none()) {
-        return crate::waypoint::http::serve(tunnel(names(&plain)), stream).await;
+        return crate::waypoint::http::serve(front(names(&plain), true), stream).await;
     }
     let sni = match peek_client_hello(&stream, HELLO_TIMEOUT).await {
         Ok(Hello::Tls(sni)) => sni,
         Ok(Hello::NotTls) if !plain.is_empty() => {
-            return crate::waypoint::http::serve(tunnel(names(&plain)), stream).await;
+            return crate::waypoint::http::serve(front(names(&plain), true), stream).await;
         }
         Ok(Hello::NotTls) => return debug!("not TLS on a TLS port"),
         Err(e) => return debug!(error = %e, "no ClientHello"),
@@ -200,7 +225,7 @@ async fn connection(edge: Arc<Edge>, port: u16, stream: TcpStream, peer: SocketA
             let Some(targets) = found else {
                 return debug!(sni = host, "no tls route for this SNI");
             };
-            let t = tunnel(vec![(g.namespace.clone(), g.name.clone())]);
+            let t = front(vec![(g.namespace.clone(), g.name.clone())], false);
             crate::waypoint::tcp::relay_to(&t, &targets, &table, stream).await
         }
         Some(TlsMode::Simple(cred)) => {
@@ -221,7 +246,7 @@ async fn connection(edge: Arc<Edge>, port: u16, stream: TcpStream, peer: SocketA
                 .filter(|(_, s)| matches!(s.tls, Some(TlsMode::Simple(_))) && s.serves(host))
                 .map(|(g, _)| *g)
                 .collect();
-            crate::waypoint::http::serve(tunnel(names(&gws)), tls).await
+            crate::waypoint::http::serve(front(names(&gws), false), tls).await
         }
         None => {}
     }

@@ -9,12 +9,14 @@
 //! - [`Router`]: a request in, a [`Decision`] out. The first matching rule wins; conditions
 //!   AND within a match block and OR across blocks; a rule without match catches all.
 mod compile;
+pub mod gateway_api;
 pub mod ingress;
 mod matching;
 pub mod objects;
 pub mod spec;
 #[cfg(test)]
 mod tests;
+pub mod traffic_policy;
 
 pub use compile::{compile, duration, CompiledRoute, Cors, Invalid, Retries, Router, DEFAULT_RETRY_ON};
 pub use matching::{Decision, Request, WeightedTarget};

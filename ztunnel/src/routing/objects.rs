@@ -2,11 +2,13 @@
 //! `networking.istio.io` v1, v1beta1 or v1alpha3 (one shape). Each object is compiled or
 //! rejected on its own, with its name and reason, so one bad object costs only itself.
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::compile::{compile, Invalid, Router};
 use super::spec::VirtualService;
+use super::traffic_policy::{self, DrPolicy, TrafficPolicy};
 
 /// The API versions whose VirtualService and DestinationRule shape we read.
 pub const API_VERSIONS: [&str; 3] =
@@ -16,6 +18,9 @@ pub const API_VERSIONS: [&str; 3] =
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct DestinationRule {
     pub host: String,
+    /// Load balancing, connection pool, outlier detection and TLS for the host.
+    #[serde(rename = "trafficPolicy")]
+    pub traffic_policy: Option<TrafficPolicy>,
     #[serde(default)]
     pub subsets: Vec<Subset>,
 }
@@ -26,6 +31,9 @@ pub struct Subset {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Overrides the DestinationRule's policy for this subset (see [`traffic_policy`]).
+    #[serde(rename = "trafficPolicy")]
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 /// What a set of YAML documents holds for routing.
@@ -35,6 +43,9 @@ pub struct RoutingObjects {
     pub routers: BTreeMap<String, Router>,
     /// host → subset name → labels.
     pub subsets: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>,
+    /// host → validated traffic policies of its DestinationRules (hosts without any are absent:
+    /// `traffic_policy::EffectivePolicy::default()` applies); `traffic_policy::effective` resolves one.
+    pub policies: BTreeMap<String, Arc<DrPolicy>>,
     /// Objects rejected, each with its name and reason.
     pub rejected: Vec<Invalid>,
 }
@@ -53,6 +64,15 @@ pub fn load(docs: &[serde_yaml_ng::Value]) -> RoutingObjects {
                 if let Some(dup) = dr.subsets.iter().find(|s| !seen.insert(s.name.as_str())) {
                     out.rejected.push(Invalid { name, reason: format!("subset {} is defined twice", dup.name) });
                     continue;
+                }
+                let policies: Vec<_> =
+                    dr.subsets.iter().map(|s| (s.name.as_str(), s.traffic_policy.as_ref())).collect();
+                match DrPolicy::compile(dr.traffic_policy.as_ref(), &policies) {
+                    Ok(p) => traffic_policy::insert(&mut out.policies, &dr.host, p),
+                    Err(e) => {
+                        out.rejected.push(Invalid { name, reason: e.to_string() });
+                        continue;
+                    }
                 }
                 let entry = out.subsets.entry(dr.host.clone()).or_default();
                 for s in dr.subsets {

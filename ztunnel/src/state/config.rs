@@ -83,6 +83,14 @@ impl Workload {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect()
     }
+
+    /// Region, zone and subzone from the topology labels Kubernetes and Istio set
+    /// (`topology.kubernetes.io/region`, `.../zone`, `topology.istio.io/subzone`); empty
+    /// when unknown. Locality-aware load balancing prefers endpoints near the caller.
+    pub fn locality(&self) -> (&str, &str, &str) {
+        let get = |k: &str| self.labels.get(k).map(String::as_str).unwrap_or("");
+        (get("topology.kubernetes.io/region"), get("topology.kubernetes.io/zone"), get("topology.istio.io/subzone"))
+    }
 }
 
 fn default_sa() -> String {

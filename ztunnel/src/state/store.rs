@@ -177,6 +177,31 @@ impl Snapshot {
         Some(Upstream { workload: Some(ep), service: Some(svc.clone()), addr, hbone_dst: None })
     }
 
+    /// Every endpoint of `svc` that `keep` accepts, with its address for `port` (the service
+    /// port mapped to the endpoint's target port) in `like`'s family, in a stable order: what
+    /// a load balancer chooses among.
+    pub fn service_endpoints(
+        &self,
+        svc: &Service,
+        like: IpAddr,
+        port: u16,
+        keep: impl Fn(&Workload) -> bool,
+    ) -> Vec<(Arc<Workload>, SocketAddr)> {
+        let key = svc.key();
+        let Some(eps) = self.endpoints.get(&key) else { return vec![] };
+        eps.iter()
+            .filter(|w| keep(w))
+            .filter_map(|ep| {
+                let target = match svc.ports.get(&port) {
+                    Some(0) | None => ep.services.get(&key).and_then(|m| m.get(&port)).copied().unwrap_or(port),
+                    Some(t) => *t,
+                };
+                let ip = pick_family(&ep.workload_ips, like)?;
+                Some((ep.clone(), SocketAddr::new(ip, target)))
+            })
+            .collect()
+    }
+
     /// One endpoint of `svc` that `keep` accepts (round robin), with its address for
     /// `port` (the service port mapped to the endpoint's target port), in `like`'s family.
     pub fn service_endpoint(

@@ -31,6 +31,9 @@ use crate::metrics::Reporter;
 use crate::routing::spec::{Abort, Destination, HeaderOperations, Headers};
 use crate::routing::{self, CompiledRoute, Decision, Retries, DEFAULT_RETRY_ON};
 use crate::spans::Span;
+use super::lb::RequestView;
+use super::outlier::Outcome as OutlierOutcome;
+use super::traffic::Cluster;
 use crate::state::Service;
 
 /// Largest request body the waypoint buffers (for retries and mirrors); larger gets 413.
@@ -64,8 +67,10 @@ pub(crate) enum Front {
     /// An HBONE tunnel from a mesh workload to a service this waypoint serves.
     Mesh { peer: Identity, service: Arc<Service> },
     /// A client outside the mesh at an ingress listener: routes are the VirtualServices
-    /// bound to one of these Gateways (`(namespace, name)`), chosen by host.
-    Ingress { gateways: Arc<Vec<(String, String)>> },
+    /// bound to one of the Istio `gateways` (`(namespace, name)`), chosen by host, else the
+    /// routes of the listener (by port and host) of one of the Kubernetes Gateways
+    /// `gateway_api` (class `istio`) that took the connection.
+    Ingress { gateways: Arc<Vec<(String, String)>>, gateway_api: Arc<Vec<(String, String)>> },
 }
 
 impl Tunnel {
@@ -264,7 +269,7 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
         port: t.vip.port(),
     };
     let table = t.shared.routes.table();
-    let router = match &t.front {
+    let route = match &t.front {
         Front::Mesh { peer, service } => {
             let principal = peer.to_string();
             let facts = RequestFacts {
@@ -286,13 +291,16 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
                 t.shared.metrics.policy_denied("waypoint");
                 return local(StatusCode::FORBIDDEN, "RBAC: access denied");
             }
-            table.router_for(service)
+            // Gateway API routes attached to the service (or the waypoint's Gateway) before
+            // its VirtualService (see `gateway_routes`).
+            table.mesh_route(service, t.vip.port(), Some(peer.namespace()), waypoint)
         }
-        // Outside the mesh, only what a Gateway's VirtualServices route exists: an unknown
-        // host is 404, as at Istio's ingress gateway.
-        Front::Ingress { gateways } => {
+        // Outside the mesh, only what a Gateway's routes route exists: an unknown host is
+        // 404, as at Istio's ingress gateway.
+        Front::Ingress { gateways, gateway_api } => {
             let host = authority.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(&*authority, |(h, _)| h);
-            match table.router_for_gateway(gateways, host.trim_start_matches('[').trim_end_matches(']')) {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            match table.ingress_route(gateways, gateway_api, t.vip.port(), host) {
                 Some(r) => Some(r),
                 None => {
                     out.flag("NR");
@@ -301,12 +309,16 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
             }
         }
     };
-    let decision = router.and_then(|r| r.decide(&rreq, fastrand::u32(..)));
-    let rule = match (router, &decision) {
+    let router = route.map(|r| r.router());
+    let decision = route.and_then(|r| r.decide(&rreq, fastrand::u32(..)));
+    let rule = match (route, &decision) {
         (Some(r), Some(d)) => {
-            let rule = r.rule(d.rule());
-            out.route = rule.and_then(|c| c.name.clone()).unwrap_or_else(|| format!("{}[{}]", r.name, d.rule()));
-            rule
+            if d.rule() == routing::gateway_api::NO_MATCH {
+                // A Gateway API parent answers 404 itself when no rule matches.
+                out.flag("NR");
+            }
+            out.route = r.route_name(d.rule());
+            r.router().rule(d.rule())
         }
         _ => None,
     };
@@ -451,7 +463,19 @@ async fn forward(
         per_try_timeout: None,
         retry_on: DEFAULT_RETRY_ON.into(),
     });
-    let attempts = send.attempts(&snap, &svc, port, subset.as_ref(), &target.authority, &retries, out);
+    let subset_name = target.destination.subset.as_deref();
+    let policy = table.traffic_policy(host, subset_name, port);
+    let me = snap.workload_by_ip(t.local_ip);
+    let cluster = t.shared.traffic.cluster(
+        &snap,
+        &svc,
+        port,
+        t.vip.ip(),
+        subset_name.zip(subset.as_ref()),
+        &policy,
+        me.as_deref(),
+    );
+    let attempts = send.attempts(&cluster, &target.authority, &retries, out);
     let mut resp = match rule.and_then(|r| r.timeout) {
         Some(limit) => match tokio::time::timeout(limit, attempts).await {
             Ok(r) => r,
@@ -504,30 +528,34 @@ impl Send<'_> {
         }
     }
 
-    /// Sends with the retry policy: each attempt picks an endpoint; a retriable failure or
-    /// status is tried again (after a short, growing back-off) until attempts run out.
-    #[allow(clippy::too_many_arguments)]
-    async fn attempts(
-        &self,
-        snap: &crate::state::Snapshot,
-        svc: &Arc<Service>,
-        port: u16,
-        subset: Option<&std::collections::BTreeMap<String, String>>,
-        authority: &str,
-        retries: &Retries,
-        out: &mut Outcome,
-    ) -> Response<Body> {
+    /// Sends with the retry policy: each attempt picks an endpoint of `cluster` (by its load
+    /// balancer, among the endpoints outlier detection has not ejected) under its
+    /// connection-pool limits; a retriable failure or status is tried again (after a short,
+    /// growing back-off, while the retry budget allows) until attempts run out.
+    async fn attempts(&self, cluster: &Cluster, authority: &str, retries: &Retries, out: &mut Outcome) -> Response<Body> {
         let policy = RetryOn::parse(&retries.retry_on);
         let tries = 1 + retries.attempts;
+        let svc = &cluster_service(cluster);
+        let (_request, _connection) = match cluster.admit().await {
+            Ok(p) => p,
+            Err(overflow) => {
+                debug!(%overflow, service = %svc, "circuit breaker");
+                out.flag("UO");
+                return local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow");
+            }
+        };
+        let mut _retry = None;
         for attempt in 0..tries {
             if attempt > 0 {
-                self.t.shared.requests.retried(&svc.hostname);
+                self.t.shared.requests.retried(svc);
                 tokio::time::sleep(Duration::from_millis(25 * (1 << attempt.min(4)) as u64)).await;
             }
-            let Some(ep) = upstream::pick(snap, svc, port, self.t.vip.ip(), subset) else {
+            let view = RequestView { headers: &self.headers, path: &self.path, source: self.t.peer_addr, target: None };
+            let Some(chosen) = cluster.pick(&view) else {
                 out.flag("UH");
                 return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
+            let ep = chosen.endpoint.clone();
             out.upstream = Some(ep.clone());
             let Some(req) = self.request(authority) else {
                 return local(StatusCode::BAD_REQUEST, "request cannot be forwarded");
@@ -537,17 +565,37 @@ impl Send<'_> {
                 Some(d) => tokio::time::timeout(d, sent).await.unwrap_or(Err(SendError::PerTryTimeout(d))),
                 None => sent.await,
             };
-            let last = attempt + 1 == tries;
-            match result {
-                Ok(resp) if policy.retries_response(&resp) => {
-                    if last {
-                        if attempt > 0 {
-                            out.flag("URX");
-                        }
-                        return resp.map(|b| b.boxed());
-                    }
+            cluster.record(
+                ep.addr,
+                match &result {
+                    Ok(r) => OutlierOutcome::Response(r.status().as_u16()),
+                    Err(SendError::Connect(..)) => OutlierOutcome::ConnectFailure,
+                    Err(SendError::PerTryTimeout(_)) => OutlierOutcome::Timeout,
+                    Err(SendError::Reset(_)) => OutlierOutcome::Reset,
+                },
+            );
+            // A retry needs room in the cluster's retry budget (`maxRetries`); without it the
+            // answer so far stands.
+            let mut last = attempt + 1 == tries;
+            if !last {
+                match cluster.breaker.retry() {
+                    Ok(p) => _retry = Some(p),
+                    Err(_) => last = true,
                 }
-                Ok(resp) => return resp.map(|b| b.boxed()),
+            }
+            let cookie = chosen.set_cookie.clone();
+            match result {
+                Ok(resp) if policy.retries_response(&resp) && !last => {}
+                Ok(resp) => {
+                    if attempt > 0 && policy.retries_response(&resp) {
+                        out.flag("URX");
+                    }
+                    let mut resp = resp.map(|b| b.boxed());
+                    if let Some(v) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                    return resp;
+                }
                 Err(e) => {
                     debug!(error = %e, attempt, upstream = %ep.addr, "upstream attempt failed");
                     if last || !policy.retries_error(&e) {
@@ -568,6 +616,10 @@ impl Send<'_> {
         }
         unreachable!("the last attempt always returns")
     }
+}
+
+fn cluster_service(c: &Cluster) -> String {
+    c.service.hostname.clone()
 }
 
 /// A fire-and-forget copy to a mirror target, with `-shadow` appended to the host.

@@ -7,13 +7,20 @@
 //!
 //! - [`routes`]: VirtualServices, DestinationRules and targeted AuthorizationPolicies read
 //!   from a YAML directory, each compiled or rejected on its own, last good kept;
+//! - [`gateway_routes`]: Gateway API routes (HTTPRoute, GRPCRoute, TCPRoute attached to a
+//!   Service or to the waypoint's Gateway), which take precedence over VirtualServices;
 //! - [`authz`]: L7 AuthorizationPolicy;
 //! - `http`: the per-request path; `upstream`: endpoints, HBONE and HTTP client reuse;
 //! - [`telemetry`]: Istio's request metrics; [`access_log`]: the per-request line.
 pub mod access_log;
 pub mod authz;
+pub mod circuit;
+mod traffic;
 mod framing;
+pub mod gateway_routes;
 pub(crate) mod http;
+pub mod lb;
+pub mod outlier;
 mod path;
 pub mod routes;
 pub(crate) mod tcp;
@@ -94,6 +101,8 @@ pub(crate) struct Shared {
     pub(crate) tracer: crate::spans::Tracer,
     /// One line per request.
     pub(crate) access_log: Arc<access_log::AccessLogger>,
+    /// Load balancers, outlier state and connection-pool limits per destination cluster.
+    pub(crate) traffic: traffic::Traffic,
 }
 
 /// A running waypoint; its tasks stop when it is dropped.
@@ -182,9 +191,13 @@ impl Core {
             }
         }
         let routes = Routes::default();
+        // Gateway API routes attach to the mesh's Services: known before the first read, and
+        // followed (xDS may deliver them later).
+        routes.use_services(gateway_routes::mesh_services(&state.snapshot()));
         if let Some(dir) = &cfg.routes_dir {
             routes.reload(dir, &metrics);
         }
+        tasks.push(tokio::spawn(routes.clone().follow_services(state.clone())));
         let access_log =
             Arc::new(access_log::AccessLogger::new(cfg.access_log_format.as_deref(), cfg.access_log_json)?);
         let tracer = match &cfg.tracing {
@@ -209,6 +222,7 @@ impl Core {
             mirrors: Arc::new(tokio::sync::Semaphore::new(http::MAX_MIRRORS)),
             tracer,
             access_log,
+            traffic: Default::default(),
         });
         if let Some(dir) = cfg.routes_dir.clone() {
             tasks.push(tokio::spawn(routes.clone().follow(dir, metrics.clone())));
@@ -322,7 +336,10 @@ impl TunnelHandler for Handler {
             return Err(ConnectRejection::BadRequest(format!("{} does not use this waypoint", service.hostname)));
         }
         let table = self.shared.routes.table();
-        let tcp = table.router_for(&service).is_some_and(|r| !r.has_http() && r.tcp_targets(vip.port()).is_some());
+        let waypoint = (self.shared.name.0.as_str(), self.shared.name.1.as_str());
+        let tcp = table
+            .mesh_route(&service, vip.port(), Some(req.peer.namespace()), waypoint)
+            .is_some_and(|r| r.is_tcp(vip.port()));
         if tcp {
             // Raw TCP: the policies' L4 parts decide once, for the whole connection.
             let principal = req.peer.to_string();

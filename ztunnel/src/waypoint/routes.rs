@@ -1,5 +1,7 @@
 //! The waypoint's L7 configuration: VirtualServices, DestinationRules and targeted
-//! AuthorizationPolicies read from a directory of Kubernetes YAML, re-read on change.
+//! AuthorizationPolicies read from a directory of Kubernetes YAML, re-read on change, and
+//! the Gateway API routes there ([`super::gateway_routes`]), resolved again when the mesh's
+//! Services change.
 //!
 //! Each object is compiled or rejected on its own, with its name and reason (logged and
 //! counted). A rejected VirtualService or policy that had a valid earlier version keeps that
@@ -14,6 +16,7 @@ use serde_yaml_ng::Value;
 use tracing::{info, warn};
 
 use super::authz::{self, L7Policy, Target};
+use super::gateway_routes::{GatewayApi, MeshServices};
 use crate::controller::objects::AuthorizationPolicy;
 use crate::metrics::Metrics;
 use crate::routing::objects::{self, RoutingObjects};
@@ -35,12 +38,24 @@ pub struct RouteTable {
     pub rejected: Vec<Invalid>,
     /// Istio Gateways and TLS Secrets, for an ingress gateway.
     pub ingress: crate::routing::ingress::IngressObjects,
+    /// host → DestinationRule traffic policies (load balancing, connection pool, outliers).
+    pub traffic_policies: BTreeMap<String, Arc<crate::routing::traffic_policy::DrPolicy>>,
+    /// Gateway API routes (HTTPRoute, GRPCRoute, TCPRoute) with the Gateways and
+    /// ReferenceGrants they depend on, resolved against the mesh's Services.
+    pub gateway_api: GatewayApi,
 }
 
 impl RouteTable {
-    /// Compiles `docs`, keeping `previous` versions of objects that are now rejected.
+    /// Compiles `docs`, keeping `previous` versions of objects that are now rejected; Gateway
+    /// API routes are resolved against the Services `previous` was (and those in `docs`).
     pub fn load(docs: &[Value], previous: &RouteTable) -> RouteTable {
-        let RoutingObjects { mut routers, subsets, mut rejected, .. } = objects::load(docs);
+        Self::load_with_services(docs, previous, previous.gateway_api.services.clone())
+    }
+
+    /// [`Self::load`], with Gateway API routes resolved against the state store's `services`
+    /// (routes attach to them and name them as backends).
+    pub fn load_with_services(docs: &[Value], previous: &RouteTable, services: Arc<MeshServices>) -> RouteTable {
+        let RoutingObjects { mut routers, subsets, mut rejected, policies: traffic_policies } = objects::load(docs);
         for bad in &rejected {
             if let Some(old) = previous.routers.get(&bad.name) {
                 routers.insert(bad.name.clone(), old.clone());
@@ -80,7 +95,9 @@ impl RouteTable {
             }
         }
         rejected.extend(ingress.rejected.iter().cloned());
-        RouteTable { routers, subsets, policies, poisoned, rejected, ingress }
+        let (gateway_api, refused) = super::gateway_routes::load(docs, &previous.gateway_api, services);
+        rejected.extend(refused);
+        RouteTable { routers, subsets, policies, poisoned, rejected, ingress, traffic_policies, gateway_api }
     }
 
     /// The VirtualService for a service: the first (by name) in the service's own namespace
@@ -100,6 +117,22 @@ impl RouteTable {
         self.routers
             .values()
             .find(|r| gateways.iter().any(|(ns, n)| r.bound_to(ns, n)) && r.serves_external(host))
+    }
+
+    /// The traffic policy for requests to `subset` of `host` on `port`, by Istio's override
+    /// rules; the defaults when no DestinationRule covers the host.
+    pub fn traffic_policy(
+        &self,
+        host: &str,
+        subset: Option<&str>,
+        port: u16,
+    ) -> crate::routing::traffic_policy::EffectivePolicy {
+        let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
+        self.traffic_policies
+            .iter()
+            .find(|(h, _)| short(h) == short(host))
+            .map(|(_, p)| p.effective(subset, port))
+            .unwrap_or_default()
     }
 
     /// The labels of `subset` of `host` (a short name or FQDN of the same service).
@@ -188,6 +221,16 @@ pub struct Routes {
     current: Arc<RwLock<Arc<RouteTable>>>,
     /// Whether one read has applied (until then, an unreadable config denies everything).
     loaded: Arc<std::sync::atomic::AtomicBool>,
+    /// What the table is built from; held while a table is built, so a directory read and a
+    /// change of the mesh's Services never race.
+    inputs: Arc<std::sync::Mutex<Inputs>>,
+}
+
+/// The last documents applied and the state store's Services.
+#[derive(Debug, Default)]
+struct Inputs {
+    docs: Option<Arc<Vec<Value>>>,
+    services: Arc<MeshServices>,
 }
 
 impl Routes {
@@ -203,6 +246,7 @@ impl Routes {
             "virtualServices": t.routers.keys().collect::<Vec<_>>(),
             "destinationRuleHosts": t.subsets.keys().collect::<Vec<_>>(),
             "authorizationPolicies": t.policies.keys().collect::<Vec<_>>(),
+            "gatewayApi": t.gateway_api.status_json(),
             "rejected": t.rejected.iter().map(|r| serde_json::json!({"name": r.name, "reason": r.reason})).collect::<Vec<_>>(),
         })
     }
@@ -225,13 +269,47 @@ impl Routes {
             return;
         }
         self.loaded.store(true, std::sync::atomic::Ordering::Release);
-        let table = RouteTable::load(&docs, &self.table());
+        let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        let docs = Arc::new(docs);
+        inputs.docs = Some(docs.clone());
+        let table = RouteTable::load_with_services(&docs, &self.table(), inputs.services.clone());
         for bad in &table.rejected {
             warn!(object = %bad.name, reason = %bad.reason, "L7 object rejected; the previous version (if any) stays");
             metrics.config_rejected("l7");
         }
-        info!(virtual_services = table.routers.len(), policies = table.policies.len(), "L7 config applied");
+        info!(
+            virtual_services = table.routers.len(),
+            policies = table.policies.len(),
+            gateway_api_parents = table.gateway_api.routes.parents.len(),
+            "L7 config applied"
+        );
         *self.current.write().expect("routes lock") = Arc::new(table);
+    }
+
+    /// Resolves Gateway API routes against `services` (the state store's) from now on; when
+    /// they differ from the last ones, the last documents are compiled again (their
+    /// rejections were logged and counted when they were read).
+    pub fn use_services(&self, services: MeshServices) {
+        let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        if *inputs.services == services {
+            return;
+        }
+        inputs.services = Arc::new(services);
+        let Some(docs) = inputs.docs.clone() else { return };
+        let table = RouteTable::load_with_services(&docs, &self.table(), inputs.services.clone());
+        info!(services = inputs.services.len(), "mesh Services changed: Gateway API routes resolved again");
+        *self.current.write().expect("routes lock") = Arc::new(table);
+    }
+
+    /// Follows the Services of `state` (local config or xDS) for [`Self::use_services`].
+    pub async fn follow_services(self, state: Arc<crate::state::StateStore>) {
+        let mut changed = state.subscribe();
+        loop {
+            self.use_services(super::gateway_routes::mesh_services(&state.snapshot()));
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Re-reads `dir` whenever a file in it changes (polled).

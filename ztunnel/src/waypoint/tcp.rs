@@ -1,6 +1,7 @@
 //! Raw TCP through the L7 proxy: a waypoint tunnel to a port that the service's
-//! VirtualService routes with `tcp` rules only, or an ingress connection passed through by
-//! SNI (`tls` rules), is relayed whole to one endpoint chosen by the rule's weights.
+//! VirtualService routes with `tcp` rules only (or that a TCPRoute attached to the service
+//! routes), or an ingress connection passed through by SNI (`tls` rules) or taken by a
+//! Gateway's TCP listener, is relayed whole to one endpoint chosen by the rule's weights.
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -11,11 +12,14 @@ use super::upstream;
 use crate::hbone::ConnectHeaders;
 use crate::routing::WeightedTarget;
 
-/// Relays a mesh tunnel to the destination its service's TCP rule picks.
+/// Relays a mesh tunnel to the destination its service's TCP rule picks (a TCPRoute
+/// attached to the service before a VirtualService's `tcp` rule).
 pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(t: Arc<Tunnel>, stream: S) {
     let table = t.shared.routes.table();
-    let Front::Mesh { service, .. } = &t.front else { return };
-    let Some(targets) = table.router_for(service).and_then(|r| r.tcp_targets(t.vip.port())) else {
+    let Front::Mesh { service, peer } = &t.front else { return };
+    let waypoint = (t.shared.name.0.as_str(), t.shared.name.1.as_str());
+    let route = table.mesh_route(service, t.vip.port(), Some(peer.namespace()), waypoint);
+    let Some(targets) = route.and_then(|r| r.tcp_targets(t.vip.port())) else {
         return debug!("no TCP route any more");
     };
     relay_to(&t, targets, &table, stream).await

@@ -3,6 +3,7 @@
 mod authz;
 mod kube;
 mod model;
+mod routes;
 mod source;
 mod translate;
 

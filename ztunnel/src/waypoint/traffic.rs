@@ -1,0 +1,151 @@
+//! A DestinationRule's traffic policy applied to live requests: per cluster (service,
+//! subset, port) the waypoint keeps a load balancer, the endpoints' outlier state and the
+//! connection-pool limits, and hands the request path one [`Cluster`] per request, which
+//! picks an endpoint among the healthy ones and records how each attempt went. The
+//! algorithms themselves are pure ([`super::lb`], [`super::outlier`], [`super::circuit`]);
+//! this module is where they meet the state store and the clock.
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::circuit::{Breaker, Overflow, Permit};
+use super::lb::{Balancers, Caller, ClusterKey, LbEndpoint, Locality, Pick, RequestView};
+use super::outlier::{Outcome, Outliers};
+use super::upstream::Endpoint;
+use crate::routing::traffic_policy::{EffectivePolicy, PoolLimits};
+use crate::state::{Service, Snapshot, Workload};
+
+/// How long a request waits (as a pending request) for a connection under
+/// `tcp.maxConnections` before it is refused with `UO`.
+const PENDING_WAIT: Duration = Duration::from_secs(10);
+
+/// The per-cluster state of one proxy.
+#[derive(Default)]
+pub(crate) struct Traffic {
+    balancers: Balancers,
+    outliers: Mutex<HashMap<ClusterKey, Arc<Outliers>>>,
+    breakers: Mutex<HashMap<ClusterKey, (PoolLimits, Arc<Breaker>)>>,
+}
+
+/// One request's view of its destination cluster.
+pub(crate) struct Cluster {
+    pub service: Arc<Service>,
+    endpoints: Vec<(Arc<Workload>, SocketAddr)>,
+    balancer: Arc<super::lb::Balancer>,
+    outliers: Arc<Outliers>,
+    pub breaker: Arc<Breaker>,
+}
+
+/// The endpoint an attempt goes to, and what holds its place while it runs.
+pub(crate) struct Chosen {
+    pub endpoint: Endpoint,
+    /// A `Set-Cookie` for the response (a generated consistent-hash cookie).
+    pub set_cookie: Option<String>,
+    _in_flight: super::lb::InFlight,
+}
+
+fn locality(w: &Workload) -> Locality {
+    let (region, zone, subzone) = w.locality();
+    Locality::new(region, zone, subzone)
+}
+
+impl Traffic {
+    /// The cluster of `svc`'s endpoints on `port` (those carrying `subset_labels`), under
+    /// `policy`, in `like`'s address family.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cluster(
+        &self,
+        snap: &Snapshot,
+        svc: &Arc<Service>,
+        port: u16,
+        like: IpAddr,
+        subset: Option<(&str, &BTreeMap<String, String>)>,
+        policy: &EffectivePolicy,
+        me: Option<&Workload>,
+    ) -> Cluster {
+        let keep = |w: &Workload| {
+            subset.is_none_or(|(_, want)| {
+                let have = w.subset_labels();
+                want.iter().all(|(k, v)| have.get(k) == Some(v))
+            })
+        };
+        let endpoints = snap.service_endpoints(svc, like, port, keep);
+        let key = ClusterKey { service: svc.hostname.clone(), subset: subset.map(|(n, _)| n.to_string()), port };
+        let lb: Vec<LbEndpoint> = endpoints
+            .iter()
+            .map(|(w, a)| {
+                let mut e = LbEndpoint::new(*a, locality(w));
+                e.labels = w.subset_labels();
+                e
+            })
+            .collect();
+        let caller = Caller {
+            locality: me.map(locality).unwrap_or_default(),
+            labels: me.map(|w| w.subset_labels()).unwrap_or_default(),
+        };
+        let balancer = self.balancers.get(&key, policy, &lb, &caller);
+        let outliers = {
+            let mut map = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+            let o = map.entry(key.clone()).or_insert_with(|| Arc::new(Outliers::new(policy.outlier.clone()))).clone();
+            o.set_policy(policy.outlier.clone());
+            o
+        };
+        let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
+        outliers.sync(&addrs);
+        let breaker = {
+            let mut map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&key) {
+                Some((limits, b)) if *limits == policy.connection_pool => b.clone(),
+                _ => {
+                    let b = Breaker::new(&policy.connection_pool);
+                    map.insert(key, (policy.connection_pool.clone(), b.clone()));
+                    b
+                }
+            }
+        };
+        Cluster { service: svc.clone(), endpoints, balancer, outliers, breaker }
+    }
+}
+
+impl Cluster {
+    /// An endpoint for this attempt among those not ejected; `None`: no healthy endpoint.
+    pub(crate) fn pick(&self, view: &RequestView<'_>) -> Option<Chosen> {
+        let addrs: Vec<SocketAddr> = self.endpoints.iter().map(|(_, a)| *a).collect();
+        let usable = self.outliers.usable(&addrs, Instant::now());
+        let mut rng = fastrand::Rng::new();
+        let Pick { index, addr, set_cookie, in_flight } = self.balancer.pick(view, &usable, &mut rng)?;
+        let (workload, _) = self.endpoints.get(index)?;
+        Some(Chosen {
+            endpoint: Endpoint { workload: workload.clone(), service: self.service.clone(), addr },
+            set_cookie,
+            _in_flight: in_flight,
+        })
+    }
+
+    /// Records how an attempt to `addr` ended, for outlier detection.
+    pub(crate) fn record(&self, addr: SocketAddr, outcome: Outcome) {
+        if let Some(e) = self.outliers.record(addr, outcome, Instant::now()) {
+            tracing::info!(endpoint = %addr, ejection = ?e, service = %self.service.hostname, "outlier detection");
+        }
+    }
+
+    /// A place for one more request under the connection-pool limits: a connection, or a
+    /// pending request that waits for one. `Err`: overflow (answer 503 `UO`).
+    pub(crate) async fn admit(&self) -> Result<(Permit, Permit), Overflow> {
+        let request = self.breaker.request()?;
+        if let Ok(conn) = self.breaker.connection() {
+            return Ok((request, conn));
+        }
+        let _pending = self.breaker.pending()?;
+        let deadline = tokio::time::Instant::now() + PENDING_WAIT;
+        loop {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            match self.breaker.connection() {
+                Ok(conn) => return Ok((request, conn)),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => {}
+            }
+        }
+    }
+}
