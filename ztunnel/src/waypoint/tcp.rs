@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use super::http::{Front, Tunnel};
-use super::upstream;
+use super::lb::RequestView;
 use crate::hbone::ConnectHeaders;
 use crate::routing::WeightedTarget;
 
@@ -45,15 +45,32 @@ pub(crate) async fn relay_to<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(svc) = snap.service_by_host(&dest.host, t.home_namespace()) else {
         return info!(host = %dest.host, "TCP route to an unknown service");
     };
-    let subset = dest.subset.as_ref().and_then(|s| table.subset_labels(&dest.host, s));
+    let subset_name = dest.subset.as_deref();
+    let subset = subset_name.and_then(|s| table.subset_labels(&dest.host, s));
     let port = dest.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
-    let Some(ep) = upstream::pick(&snap, &svc, port, t.vip.ip(), subset) else {
+    // The DestinationRule's policy holds for TCP too: its load balancer, outlier state and
+    // `tcp.maxConnections` (over it, the connection is closed, as Envoy does).
+    let policy = table.traffic_policy(&dest.host, subset_name, port);
+    let me = snap.workload_by_ip(t.local_ip);
+    let cluster =
+        t.shared.traffic.cluster(&snap, &svc, port, t.vip.ip(), subset_name.zip(subset), &policy, me.as_deref());
+    let _connection = match cluster.breaker.connection() {
+        Ok(p) => p,
+        Err(overflow) => return info!(host = %dest.host, %overflow, "TCP route over its connection limit"),
+    };
+    let headers_seen = http::HeaderMap::new();
+    let view = RequestView { headers: &headers_seen, path: "", source: t.peer_addr, target: None };
+    let Some(chosen) = cluster.pick(&view) else {
         return info!(host = %dest.host, "TCP route has no endpoint");
     };
+    let ep = chosen.endpoint.clone();
     let headers = ConnectHeaders { forwarded_for: Some(t.peer_addr), ..Default::default() };
     let mut up = match t.shared.upstreams.dial(&ep, t.local_ip, headers).await {
         Ok(u) => u,
-        Err(e) => return info!(error = %e, "TCP route upstream failed"),
+        Err(e) => {
+            cluster.record(ep.addr, super::outlier::Outcome::ConnectFailure);
+            return info!(error = %e, "TCP route upstream failed");
+        }
     };
     let result = crate::hbone::copy_bidirectional(&mut stream, &mut up).await;
     debug!(upstream = %ep.addr, ?result, "TCP route finished");
