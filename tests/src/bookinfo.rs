@@ -128,11 +128,7 @@ pub enum Role {
     },
     /// Answers every HTTP request `status` with body "<name>\n" after `delay`: a failing or
     /// slow backend for outlier-detection and circuit-breaking tests.
-    Answer {
-        name: String,
-        status: u16,
-        delay: Duration,
-    },
+    Answer { name: String, status: u16, delay: Duration },
     /// A gRPC server (HTTP/2 only): every unary call is answered with one message holding
     /// `name`, and `grpc-status: 0` in the trailers (see [`crate::grpc_app`]).
     Grpc {

@@ -148,6 +148,13 @@ impl OtlpReceiver {
         format!("http://{}/v1/traces", self.addr)
     }
 
+    /// The flags that make a waypoint or gateway export every request's span here, quickly.
+    pub fn proxy_args(&self) -> Vec<String> {
+        ["--otlp-endpoint", &self.endpoint(), "--trace-sampling", "100", "--trace-export-delay-ms", "100"]
+            .map(String::from)
+            .to_vec()
+    }
+
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.spans.lock().unwrap().clone()

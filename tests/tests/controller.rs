@@ -197,3 +197,29 @@ fn a_pod_the_control_plane_does_not_describe_gets_no_traffic_until_it_does() {
     write(&m.cp.dir, "pods.yaml", &pods);
     within(WAIT, || request(&m.client, dst, "x").is_ok()).expect("described pod reachable");
 }
+
+#[test]
+fn check_lists_a_route_to_a_missing_backend_as_resolved_refs_false_backend_not_found() {
+    let dir = std::env::temp_dir().join(format!("controller-check-routes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write(
+        &dir,
+        "routes.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-nowhere, namespace: default}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 9080}]\n  rules:\n  - backendRefs: [{name: nope, port: 9080}]\n",
+    );
+    let out = std::process::Command::new(mesh_tests::agent_process::ztunnel_binary())
+        .args(["controller", "--check", "--config-dir"])
+        .arg(dir.join("config"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "a route with an unresolved backend is a warning, not a rejection:\n{text}");
+    assert!(
+        text.lines().any(|l| l.ends_with(
+            "HTTPRoute default/to-nowhere: parent Service default/reviews:9080: Accepted=True (Accepted), \
+             ResolvedRefs=False (BackendNotFound: backendRef default/nope: Service not found)"
+        )),
+        "{text}"
+    );
+}

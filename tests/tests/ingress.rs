@@ -301,14 +301,7 @@ fn the_gateway_exports_a_span_per_request_parented_on_the_callers_traceparent() 
     let receiver = std::cell::RefCell::new(None);
     let e = edge_with(&[ours()], |gw| {
         let r = mesh_tests::otlp::OtlpReceiver::start(gw, 4318).expect("OTLP receiver");
-        let args = vec![
-            "--otlp-endpoint".into(),
-            r.endpoint(),
-            "--trace-sampling".into(),
-            "100".into(),
-            "--trace-export-delay-ms".into(),
-            "100".into(),
-        ];
+        let args = r.proxy_args();
         *receiver.borrow_mut() = Some(r);
         args
     });
@@ -324,4 +317,90 @@ fn the_gateway_exports_a_span_per_request_parented_on_the_callers_traceparent() 
     assert_eq!(span.service, "istio-ingressgateway.default");
     let seen = e._apps[0].received()[0].header("traceparent").unwrap().to_string();
     assert!(seen.contains(&span.span_id), "productpage's parent is the gateway's span: {seen}");
+}
+
+/// A Kubernetes Gateway of Istio's ingress class with one listener, and an HTTPRoute on it
+/// sending `/productpage` to productpage.
+fn kubernetes_gateway(listener: &str) -> (&'static str, String) {
+    let yaml = format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: bookinfo-k8s}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {listener}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: bookinfo}}
+spec:
+  parentRefs: [{{name: bookinfo-k8s}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /productpage}}}}]
+    backendRefs: [{{name: productpage, port: 9080}}]
+"
+    );
+    ("k8s-gateway.yaml", yaml)
+}
+
+const HTTP_LISTENER: &str = "{name: http, port: 8081, protocol: HTTP, hostname: bookinfo.example.com}";
+
+#[test]
+fn an_httproute_on_a_kubernetes_gateway_listener_reaches_productpage_from_outside() {
+    let e = edge(&[kubernetes_gateway(HTTP_LISTENER)]);
+    wait_listening(&e, 8081);
+    let (status, body, _) = get(&e.outside, at(&e, 8081), "/productpage", "bookinfo.example.com", &[], WAIT).unwrap();
+    assert_eq!((status, body.trim()), (200, "productpage"));
+    let seen = &e._apps[0].received()[0];
+    assert_eq!((seen.path.as_str(), seen.header("host")), ("/productpage", Some("bookinfo.example.com")));
+    let m = e.gateway.wait_metric(
+        "istio_requests_total",
+        &[("reporter", "source"), ("destination_service_name", "productpage"), ("response_code", "200")],
+        1.0,
+    );
+    assert!(m.is_ok(), "{m:?}");
+}
+
+#[test]
+fn a_host_the_kubernetes_gateway_listener_does_not_accept_gets_404() {
+    let e = edge(&[kubernetes_gateway(HTTP_LISTENER)]);
+    wait_listening(&e, 8081);
+    let (status, _, _) = get(&e.outside, at(&e, 8081), "/productpage", "other.example.com", &[], WAIT).unwrap();
+    assert_eq!(status, 404);
+    let (status, _, _) = get(&e.outside, at(&e, 8081), "/admin", "bookinfo.example.com", &[], WAIT).unwrap();
+    assert_eq!(status, 404, "a path no rule matches");
+    assert!(e._apps[0].received().is_empty(), "nothing reached productpage");
+}
+
+#[test]
+fn istio_and_kubernetes_gateways_are_served_side_by_side() {
+    let e = edge(&[ours(), kubernetes_gateway(HTTP_LISTENER)]);
+    wait_listening(&e, 8080);
+    wait_listening(&e, 8081);
+    for port in [8080, 8081] {
+        let (status, body, _) =
+            get(&e.outside, at(&e, port), "/productpage", "bookinfo.example.com", &[], WAIT).unwrap();
+        assert_eq!((status, body.trim()), (200, "productpage"), "port {port}");
+    }
+}
+
+#[test]
+fn an_https_kubernetes_gateway_listener_terminates_with_its_certificate_ref() {
+    let (ca, cert, key) = certificate("bookinfo.example.com");
+    let (file, mut yaml) = kubernetes_gateway(
+        "{name: https, port: 8444, protocol: HTTPS, hostname: bookinfo.example.com, tls: {mode: Terminate, certificateRefs: [{kind: Secret, name: bookinfo-cert}]}}",
+    );
+    yaml += &format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: bookinfo-cert}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
+        b64(&cert),
+        b64(&key)
+    );
+    let e = edge(&[(file, yaml)]);
+    let ca_file = e.dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    wait_listening(&e, 8444);
+    let (ok, body, err) = curl(&e, "bookinfo.example.com", 8444, &ca_file, "/productpage");
+    assert!(ok, "curl failed: {err}");
+    assert_eq!(body.trim(), "productpage");
 }

@@ -21,6 +21,15 @@ const TCP_ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 const GRPC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
 /// A service that does not use the waypoint.
 const DIRECT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 34);
+/// One Service per version (`reviews-v1`..`reviews-v3`, `tcp-echo-v1`, `tcp-echo-v2`): the
+/// Gateway API has no subsets, so its routes split between such Services, as Istio's docs do.
+const VERSION_VIPS: [(&str, Ipv4Addr); 5] = [
+    ("reviews-v1", Ipv4Addr::new(10, 96, 0, 35)),
+    ("reviews-v2", Ipv4Addr::new(10, 96, 0, 36)),
+    ("reviews-v3", Ipv4Addr::new(10, 96, 0, 37)),
+    ("tcp-echo-v1", Ipv4Addr::new(10, 96, 0, 38)),
+    ("tcp-echo-v2", Ipv4Addr::new(10, 96, 0, 39)),
+];
 const TCP_PORT: u16 = 9000;
 const GRPC_PORT: u16 = 50051;
 const PORT: u16 = 9080;
@@ -100,11 +109,11 @@ fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) 
     yaml += &mesh_tests::mesh::workload_yaml(&client, "default", "client", "");
     yaml += &waypoint_workload(&wp);
     for (pod, v) in [(&r1, "v1"), (&r2, "v2"), (&r3, "v3")] {
-        yaml += &app_workload(pod, "reviews", PORT, "reviews", v);
+        yaml += &versioned_workload(pod, "reviews", PORT, v);
     }
     yaml += &app_workload(&ratings, "ratings", PORT, "ratings", "v1");
-    yaml += &app_workload(&echo1, "tcp-echo", TCP_PORT, "tcp-echo", "v1");
-    yaml += &app_workload(&echo2, "tcp-echo", TCP_PORT, "tcp-echo", "v2");
+    yaml += &versioned_workload(&echo1, "tcp-echo", TCP_PORT, "v1");
+    yaml += &versioned_workload(&echo2, "tcp-echo", TCP_PORT, "v2");
     yaml += &app_workload(&grpc, "grpc", GRPC_PORT, "grpc", "v1");
     yaml += "services:\n";
     yaml += &service("reviews", REVIEWS_VIP, PORT, Some(&wp));
@@ -112,6 +121,9 @@ fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) 
     yaml += &service("tcp-echo", TCP_ECHO_VIP, TCP_PORT, Some(&wp));
     yaml += &service("grpc", GRPC_VIP, GRPC_PORT, Some(&wp));
     yaml += &service("direct", DIRECT_VIP, PORT, None);
+    for (name, ip) in VERSION_VIPS {
+        yaml += &service(name, ip, if name.starts_with("tcp-echo") { TCP_PORT } else { PORT }, None);
+    }
     write_mesh_config(&c, &yaml, &[&nodes[0], &nodes[1]]).unwrap();
     nodes[0].enroll_as(&client, "default", "client").unwrap();
     // Each app pod's identity is its app's service account, as `app_workload` declares it.
@@ -165,6 +177,19 @@ fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) 
 
 fn reviews() -> SocketAddr {
     vip(REVIEWS_VIP, PORT)
+}
+
+/// An app pod's workload entry in its app's Service and in its version's own Service
+/// (`reviews-v1`), with the `app`/`version` labels DestinationRule subsets select.
+fn versioned_workload(pod: &Pod, app: &str, port: u16, version: &str) -> String {
+    mesh_tests::mesh::workload_yaml(
+        pod,
+        "default",
+        app,
+        &format!(
+            "  services:\n    default/{app}.default.svc.cluster.local:\n      {port}: {port}\n    default/{app}-{version}.default.svc.cluster.local:\n      {port}: {port}\n  canonicalName: {app}\n  canonicalRevision: {version}\n  labels:\n    app: {app}\n    version: {version}\n"
+        ),
+    )
 }
 
 fn vs(http: &str) -> String {
@@ -529,14 +554,7 @@ fn three_hop_trace_client_waypoint_server_arrives_at_the_otlp_receiver_with_its_
     let receiver = std::cell::RefCell::new(None);
     let m = mesh_with(&vs(ALL_V1), Backends::Echo, |wp| {
         let r = OtlpReceiver::start(wp, 4318).expect("OTLP receiver");
-        let args = vec![
-            "--otlp-endpoint".into(),
-            r.endpoint(),
-            "--trace-sampling".into(),
-            "100".into(),
-            "--trace-export-delay-ms".into(),
-            "100".into(),
-        ];
+        let args = r.proxy_args();
         *receiver.borrow_mut() = Some(r);
         args
     });
@@ -567,14 +585,7 @@ fn unsampled_requests_export_no_spans_but_still_carry_a_new_parent() {
     let receiver = std::cell::RefCell::new(None);
     let m = mesh_with(&vs(ALL_V1), Backends::Echo, |wp| {
         let r = OtlpReceiver::start(wp, 4318).expect("OTLP receiver");
-        let args = vec![
-            "--otlp-endpoint".into(),
-            r.endpoint(),
-            "--trace-sampling".into(),
-            "100".into(),
-            "--trace-export-delay-ms".into(),
-            "100".into(),
-        ];
+        let args = r.proxy_args();
         *receiver.borrow_mut() = Some(r);
         args
     });
@@ -934,4 +945,102 @@ spec:
         spread.extend(versions);
     }
     assert!(spread.len() >= 2, "six users all hashed to one endpoint: {spread:?}");
+}
+
+/// An HTTPRoute (Gateway API, GAMMA) attached to the `reviews` Service's port with `rules`.
+fn httproute(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: reviews\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: reviews, port: {PORT}}}\n  rules:\n{rules}"
+    )
+}
+
+#[test]
+fn httproute_on_the_reviews_service_splits_by_weight_within_five_sigma_over_1000_requests() {
+    let m = mesh(
+        &httproute("  - backendRefs:\n    - {name: reviews-v1, port: 9080, weight: 75}\n    - {name: reviews-v3, port: 9080, weight: 25}\n"),
+        Backends::Echo,
+    );
+    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 1000, WAIT).unwrap();
+    let n = version_counts(&answers);
+    // Binomial(1000, 0.25): mean 250, sigma 13.7; 5 sigma is ±69.
+    assert_eq!(n[0] + n[2], 0, "only v1 and v3 take traffic: {n:?}");
+    assert!((181..=319).contains(&n[3]), "v3 got {} of 1000 (expected 250 ± 69)", n[3]);
+    assert_eq!(n[1] + n[3], 1000);
+}
+
+#[test]
+fn httproute_header_match_sends_jason_to_v2_and_everyone_else_to_v1() {
+    let m = mesh(
+        &httproute("  - matches:\n    - headers: [{name: end-user, value: jason}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - backendRefs: [{name: reviews-v1, port: 9080}]\n"),
+        Backends::Echo,
+    );
+    let jason =
+        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jason")], 100, WAIT).unwrap();
+    assert_eq!(version_counts(&jason), [0, 0, 100, 0]);
+    let other =
+        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jasonx")], 100, WAIT).unwrap();
+    assert_eq!(version_counts(&other), [0, 100, 0, 0], "Exact means exact: jasonx is not jason");
+}
+
+#[test]
+fn httproute_request_header_modifier_and_url_rewrite_reach_the_app_changed() {
+    let m = mesh(
+        &httproute("  - matches: [{path: {type: PathPrefix, value: /reviews}}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        set: [{name: x-routed, value: gamma}]\n        add: [{name: x-added, value: one}]\n        remove: [x-drop]\n    - type: URLRewrite\n      urlRewrite:\n        hostname: reviews.internal\n        path: {type: ReplacePrefixMatch, replacePrefixMatch: /api/reviews}\n    backendRefs: [{name: reviews-v1, port: 9080}]\n"),
+        Backends::Echo,
+    );
+    let (status, body, _) =
+        get(&m.client, reviews(), "/reviews/7?x=1", "reviews:9080", &[("x-drop", "secret")], WAIT).unwrap();
+    assert_eq!((status, body.trim()), (200, "reviews-v1"));
+    let seen = &m.apps[0].received()[0];
+    assert_eq!(seen.path, "/api/reviews/7?x=1", "the matched prefix replaced, the rest and the query kept");
+    assert_eq!(seen.host, "reviews.internal");
+    assert_eq!(seen.header("x-routed"), Some("gamma"));
+    assert_eq!(seen.header("x-added"), Some("one"));
+    assert_eq!(seen.header("x-drop"), None);
+}
+
+#[test]
+fn httproute_takes_precedence_over_a_virtual_service_for_the_same_service() {
+    let routes = format!("{}---\n{}", vs(ALL_V1), httproute("  - backendRefs: [{name: reviews-v3, port: 9080}]\n"));
+    let m = mesh(&routes, Backends::Echo);
+    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 20, WAIT).unwrap();
+    assert_eq!(version_counts(&answers), [0, 0, 0, 20], "the HTTPRoute decides, not the VirtualService");
+}
+
+#[test]
+fn httproute_with_no_matching_rule_is_404_route_not_found() {
+    let m = mesh(
+        &httproute("  - matches: [{path: {type: Exact, value: /reviews/0}}]\n    backendRefs: [{name: reviews-v1, port: 9080}]\n"),
+        Backends::Echo,
+    );
+    let (status, _, _) = get(&m.client, reviews(), "/other", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!(status, 404);
+    assert!(m.apps.iter().all(|a| a.received().is_empty()), "no app was reached");
+    assert_eq!(
+        m.waypoint
+            .wait_metric("istio_requests_total", &[("response_flags", "NR"), ("response_code", "404")], 1.0)
+            .unwrap(),
+        1.0
+    );
+}
+
+#[test]
+fn tcproute_on_tcp_echo_relays_the_tunnel_to_its_backend_service() {
+    let routes = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata:\n  name: tcp-echo\nspec:\n  parentRefs:\n  - {group: \"\", kind: Service, name: tcp-echo, port: 9000}\n  rules:\n  - backendRefs: [{name: tcp-echo-v2, port: 9000}]\n";
+    let m = mesh(routes, Backends::Echo);
+    let dst = vip(TCP_ECHO_VIP, TCP_PORT);
+    for _ in 0..5 {
+        let answer = m.client.run(move || {
+            use std::io::BufRead;
+            let mut s = TcpStream::connect_timeout(&dst, WAIT).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.write_all(b"hello\n").unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line).unwrap();
+            line
+        });
+        assert_eq!(answer, "two hello\n", "tcp-echo v2 answers");
+    }
+    assert!(m.apps[4].received().is_empty(), "tcp-echo v1 was reached");
+    assert_eq!(m.apps[5].received().len(), 5);
 }

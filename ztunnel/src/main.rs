@@ -453,8 +453,11 @@ where
 {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
-    let admin_cfg =
-        AdminConfig { admin_addr: args.admin_addr, metrics_addr: args.metrics_addr, readiness_addr: args.readiness_addr };
+    let admin_cfg = AdminConfig {
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+    };
     rt.block_on(async move {
         let metrics = Arc::new(ztunnel::metrics::Metrics::new());
         let (_running, dump, banner) = start(metrics.clone()).await?;
@@ -490,7 +493,8 @@ fn run_gateway(args: GatewayArgs, log: Option<Arc<LogControl>>) -> anyhow::Resul
         let routes = gateway.routes_handle();
         let dump: ztunnel::admin::DumpFn = Arc::new(move || routes.status_json());
         let ports: Vec<String> = gateway.listening().iter().map(|(_, a)| a.to_string()).collect();
-        let banner = format!("gateway listening on {}", if ports.is_empty() { "no port yet".into() } else { ports.join(", ") });
+        let banner =
+            format!("gateway listening on {}", if ports.is_empty() { "no port yet".into() } else { ports.join(", ") });
         Ok((gateway, dump, banner))
     })
 }

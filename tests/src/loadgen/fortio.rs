@@ -2,7 +2,7 @@
 //! and of a real fortio are read, compared and charted by the same code (DESIGN §10).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -188,27 +188,9 @@ fn buckets(sorted: &[u64]) -> Vec<Bucket> {
     out
 }
 
-/// RFC 3339 UTC timestamp (`2024-05-01T12:34:56.789Z`) without a date crate.
+/// RFC 3339 UTC timestamp (`2024-05-01T12:34:56.789Z`), as the waypoint's access log writes it.
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let (days, rem) = ((d.as_secs() / 86_400) as i64, d.as_secs() % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    ztunnel::waypoint::access_log::rfc3339_millis(t)
 }
 
 /// Go duration string for whole or fractional seconds (`"10s"`, `"500ms"`).

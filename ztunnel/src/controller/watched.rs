@@ -64,7 +64,10 @@ pub const WATCHED_KINDS: &[WatchedKind] = &[
     WatchedKind::new("networking.istio.io", "Gateway", "gateways", false),
     WatchedKind::new("gateway.networking.k8s.io", "Gateway", "gateways", false),
     WatchedKind::new("gateway.networking.k8s.io", "GRPCRoute", "grpcroutes", false),
-    WatchedKind { version: "v1alpha2", ..WatchedKind::new("gateway.networking.k8s.io", "TCPRoute", "tcproutes", false) },
+    WatchedKind {
+        version: "v1alpha2",
+        ..WatchedKind::new("gateway.networking.k8s.io", "TCPRoute", "tcproutes", false)
+    },
     WatchedKind {
         version: "v1beta1",
         ..WatchedKind::new("gateway.networking.k8s.io", "ReferenceGrant", "referencegrants", false)

@@ -9,7 +9,7 @@
 //! Served: `HTTP`; `HTTPS` with TLS terminated (`mode: Terminate`, the default) by the first
 //! `certificateRefs` entry, a `kubernetes.io/tls` Secret of the Gateway's namespace (another
 //! namespace's when a ReferenceGrant allows it); `TCP` with a TCPRoute. `TLS` listeners
-//! (which carry TLSRoutes) take no connection: TLSRoute is not implemented.
+//! carry TLSRoutes, which are not implemented: their ports are not opened.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -68,14 +68,15 @@ pub enum ListenerError {
     Mode(String, String),
 }
 
-/// The listeners of the Gateways of class [`INGRESS_CLASS`] with a protocol served here.
+/// The listeners of the Gateways of class [`INGRESS_CLASS`] with a protocol served here
+/// (`HTTP`, `HTTPS`, `TCP`).
 pub(super) fn listeners(table: &RouteTable) -> Vec<GatewayListener> {
     let mut out = vec![];
     for ((ns, name), g) in &table.gateway_api.cluster.gateways {
         if g.class != INGRESS_CLASS {
             continue;
         }
-        for l in g.listeners.iter().filter(|l| matches!(l.protocol.as_str(), "HTTP" | "HTTPS" | "TLS" | "TCP")) {
+        for l in g.listeners.iter().filter(|l| matches!(l.protocol.as_str(), "HTTP" | "HTTPS" | "TCP")) {
             let gl = GatewayListener { namespace: ns.clone(), gateway: name.clone(), listener: l.clone() };
             if gl.port().is_some() {
                 out.push(gl);
@@ -144,8 +145,7 @@ pub(super) async fn connection(
         return crate::waypoint::tcp::relay_to(&t, &targets, &table, stream).await;
     }
     let plain = http_gateways(&ls);
-    let secure: Vec<&GatewayListener> =
-        ls.iter().filter(|l| matches!(l.listener.protocol.as_str(), "HTTPS" | "TLS")).collect();
+    let secure: Vec<&GatewayListener> = ls.iter().filter(|l| l.listener.protocol == "HTTPS").collect();
     if secure.is_empty() {
         return crate::waypoint::http::serve(make(plain), stream).await;
     }
@@ -159,9 +159,6 @@ pub(super) async fn connection(
         return debug!(sni, "no Gateway listener for this SNI");
     };
     let l = chosen.1;
-    if l.listener.protocol == "TLS" {
-        return debug!(sni, "TLS listeners carry TLSRoutes, which are not served");
-    }
     let config = match credential(&table, l)
         .map_err(|e| e.to_string())
         .and_then(|cred| edge.tls.server_config(&cred, &table.ingress.secrets).map_err(|e| e.to_string()))

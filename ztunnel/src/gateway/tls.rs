@@ -25,10 +25,13 @@ pub enum CertError {
     Rustls(String, rustls::Error),
 }
 
+/// A built config with the PEM (certificate, then key) it was built from.
+type Built = (Vec<u8>, Arc<ServerConfig>);
+
 /// Built configs by credential, with the PEM they were built from.
 #[derive(Default)]
 pub struct Certificates {
-    built: Mutex<HashMap<Credential, (Vec<u8>, Arc<ServerConfig>)>>,
+    built: Mutex<HashMap<Credential, Built>>,
 }
 
 impl Certificates {

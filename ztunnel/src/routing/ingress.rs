@@ -185,7 +185,11 @@ fn gateway(d: &serde_yaml_ng::Value, ns: &str, name: &str) -> Result<IngressGate
         .servers
         .iter()
         .enumerate()
-        .map(|(i, s)| server(s, ns).map_err(|e| format!("servers[{i}]{}: {e}", s.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default())))
+        .map(|(i, s)| {
+            server(s, ns).map_err(|e| {
+                format!("servers[{i}]{}: {e}", s.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default())
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(IngressGateway { namespace: ns.into(), name: name.into(), selector: spec.selector, servers })
 }
@@ -281,7 +285,16 @@ spec:
         let o = load(&docs(BOOKINFO));
         assert!(o.rejected.is_empty(), "{:?}", o.rejected);
         let g = &o.gateways["default/bookinfo-gateway"];
-        assert_eq!(g.servers, vec![Server { port: 8080, protocol: Protocol::Http, hosts: vec!["*".into()], tls: None, https_redirect: false }]);
+        assert_eq!(
+            g.servers,
+            vec![Server {
+                port: 8080,
+                protocol: Protocol::Http,
+                hosts: vec!["*".into()],
+                tls: None,
+                https_redirect: false
+            }]
+        );
         let labels = BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]);
         assert_eq!(o.selected(&labels).count(), 1);
         assert_eq!(o.selected(&BTreeMap::new()).count(), 0);
@@ -319,7 +332,10 @@ data:
         for (spec, reason) in [
             ("- port: {number: 0, protocol: HTTP}\n    hosts: ['*']", "out of range"),
             ("- port: {number: 443, protocol: HTTPS}\n    hosts: ['*']", "needs tls"),
-            ("- port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: MUTUAL, credentialName: x}", "not supported"),
+            (
+                "- port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: MUTUAL, credentialName: x}",
+                "not supported",
+            ),
             ("- port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: SIMPLE}", "credentialName"),
             ("- port: {number: 80, protocol: MONGO}\n    hosts: ['*']", "not served"),
             ("- port: {number: 80, protocol: HTTP}\n    hosts: []", "hosts is empty"),
@@ -334,7 +350,8 @@ data:
 
     #[test]
     fn a_tls_secret_without_its_key_is_rejected() {
-        let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: Y2VydA==\n";
+        let yaml =
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: Y2VydA==\n";
         let o = load(&docs(yaml));
         assert!(o.rejected[0].reason.contains("tls.key"), "{:?}", o.rejected);
     }

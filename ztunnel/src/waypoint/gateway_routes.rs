@@ -92,7 +92,7 @@ pub fn load(docs: &[Value], previous: &GatewayApi, services: Arc<MeshServices>) 
             rejected.push(Invalid { name, reason: format!("{kind} is not supported") });
             continue;
         }
-        if !core && !(gateway_api && KINDS.contains(&kind)) {
+        if !(core || gateway_api && KINDS.contains(&kind)) {
             continue;
         }
         let key = (kind.to_string(), object_name(d));

@@ -22,7 +22,10 @@ use tracing::debug;
 
 use super::access_log::Record;
 use super::authz::{self, RequestFacts};
+use super::lb::RequestView;
+use super::outlier::Outcome as OutlierOutcome;
 use super::telemetry::{Observed, Recorder, RequestLabels};
+use super::traffic::Cluster;
 use super::upstream::{self, Endpoint, SendError};
 use super::Shared;
 use crate::hbone::ConnectHeaders;
@@ -31,9 +34,6 @@ use crate::metrics::Reporter;
 use crate::routing::spec::{Abort, Destination, HeaderOperations, Headers};
 use crate::routing::{self, CompiledRoute, Decision, Retries, DEFAULT_RETRY_ON};
 use crate::spans::Span;
-use super::lb::RequestView;
-use super::outlier::Outcome as OutlierOutcome;
-use super::traffic::Cluster;
 use crate::state::Service;
 
 /// Largest request body the waypoint buffers (for retries and mirrors); larger gets 413.
@@ -197,7 +197,8 @@ fn observe(
     let mut common = match &t.front {
         Front::Mesh { peer, .. } => {
             let src = snap.workload_by_ip(t.peer_addr.ip());
-            let mut l = crate::proxy::relay::workload_labels(Reporter::Waypoint, src.as_deref(), dst.as_deref(), service);
+            let mut l =
+                crate::proxy::relay::workload_labels(Reporter::Waypoint, src.as_deref(), dst.as_deref(), service);
             l.source_principal = peer.to_string();
             l
         }
@@ -298,7 +299,8 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
         // Outside the mesh, only what a Gateway's routes route exists: an unknown host is
         // 404, as at Istio's ingress gateway.
         Front::Ingress { gateways, gateway_api } => {
-            let host = authority.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(&*authority, |(h, _)| h);
+            let host =
+                authority.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(&*authority, |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
             match table.ingress_route(gateways, gateway_api, t.vip.port(), host) {
                 Some(r) => Some(r),
@@ -532,7 +534,13 @@ impl Send<'_> {
     /// balancer, among the endpoints outlier detection has not ejected) under its
     /// connection-pool limits; a retriable failure or status is tried again (after a short,
     /// growing back-off, while the retry budget allows) until attempts run out.
-    async fn attempts(&self, cluster: &Cluster, authority: &str, retries: &Retries, out: &mut Outcome) -> Response<Body> {
+    async fn attempts(
+        &self,
+        cluster: &Cluster,
+        authority: &str,
+        retries: &Retries,
+        out: &mut Outcome,
+    ) -> Response<Body> {
         let policy = RetryOn::parse(&retries.retry_on);
         let tries = 1 + retries.attempts;
         let svc = &cluster_service(cluster);
@@ -541,7 +549,10 @@ impl Send<'_> {
             Err(overflow) => {
                 debug!(%overflow, service = %svc, "circuit breaker");
                 out.flag("UO");
-                return local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow");
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                );
             }
         };
         let mut _retry = None;

@@ -15,7 +15,6 @@
 pub mod access_log;
 pub mod authz;
 pub mod circuit;
-mod traffic;
 mod framing;
 pub mod gateway_routes;
 pub(crate) mod http;
@@ -27,6 +26,7 @@ pub(crate) mod tcp;
 pub mod telemetry;
 #[cfg(test)]
 mod tests;
+mod traffic;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};

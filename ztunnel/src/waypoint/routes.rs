@@ -114,9 +114,7 @@ impl RouteTable {
     /// The VirtualService bound to one of `gateways` (`(namespace, name)`) whose hosts match
     /// the ingress request's `host` (no port), in name order.
     pub fn router_for_gateway(&self, gateways: &[(String, String)], host: &str) -> Option<&Router> {
-        self.routers
-            .values()
-            .find(|r| gateways.iter().any(|(ns, n)| r.bound_to(ns, n)) && r.serves_external(host))
+        self.routers.values().find(|r| gateways.iter().any(|(ns, n)| r.bound_to(ns, n)) && r.serves_external(host))
     }
 
     /// The traffic policy for requests to `subset` of `host` on `port`, by Istio's override
