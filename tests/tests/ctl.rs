@@ -344,3 +344,48 @@ fn an_agent_that_is_not_running_is_a_clear_error() {
     assert!(!ok, "exit code 0 with no agent: {out}");
     assert!(err.contains("cannot reach the agent's admin endpoint"), "{err}");
 }
+
+/// A free loopback port (bound, then released for the process under test).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn ctl_reads_what_the_controller_serves() {
+    let dir = std::env::temp_dir().join(format!("ctl-controller-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut controller = Command::new(ztunnel_binary())
+        .args(["controller", "--listen", "127.0.0.1:0", "--admin-addr", &admin])
+        .args(["--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0", "--config-dir"])
+        .arg(&demo)
+        .arg("--ca-state-dir")
+        .arg(dir.join("ca"))
+        .arg("--tokens-dir")
+        .arg(dir.join("tokens"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = (false, String::new(), String::new());
+    while std::time::Instant::now() < deadline {
+        last = ctl(&admin, &["-o", "json", "workloads"]);
+        if last.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (_, services, _) = ctl(&admin, &["services"]);
+    let (_, policies, _) = ctl(&admin, &["-o", "json", "policies"]);
+    let _ = controller.kill();
+    let _ = controller.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(last.0, "ctl against the controller: {}", last.2);
+    let workloads: serde_json::Value = serde_json::from_str(&last.1).unwrap();
+    let names: Vec<&str> = workloads.as_array().unwrap().iter().filter_map(|w| w["namespace"].as_str()).collect();
+    assert!(names.contains(&"bookinfo"), "the demo's workloads: {workloads}");
+    assert!(services.contains("reviews.bookinfo.svc.cluster.local"), "{services}");
+    let policies: serde_json::Value = serde_json::from_str(&policies).unwrap();
+    assert!(!policies["policies"].as_array().unwrap().is_empty(), "{policies}");
+}

@@ -238,6 +238,15 @@ struct ControllerArgs {
     /// object was rejected).
     #[arg(long)]
     check: bool,
+    /// Admin listener (`/config_dump` for `ztunnel ctl`, `/logging`): localhost only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
+    /// Prometheus listener.
+    #[arg(long, default_value = "[::]:15014")]
+    metrics_addr: std::net::SocketAddr,
+    /// Readiness listener.
+    #[arg(long, default_value = "[::]:15021")]
+    readiness_addr: std::net::SocketAddr,
 }
 
 #[derive(Parser)]
@@ -580,9 +589,25 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         if let Some(path) = &args.root_cert_out {
             std::fs::write(path, controller.root_pem()).with_context(|| format!("writing {}", path.display()))?;
         }
+        let controller = Arc::new(controller);
+        let weak = Arc::downgrade(&controller);
+        let dump: ztunnel::admin::DumpFn =
+            Arc::new(move || weak.upgrade().map(|c| c.config_dump()).unwrap_or(serde_json::Value::Null));
+        let admin_cfg = AdminConfig {
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+        };
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let quit = Arc::new(|| std::process::exit(0));
+        let metrics = Arc::new(ztunnel::metrics::Metrics::new());
+        let _admin =
+            ztunnel::admin::start(admin_cfg, metrics, dump, ready, quit).context("starting the admin server")?;
         println!("controller listening on {}", controller.addr());
         tokio::signal::ctrl_c().await?;
-        controller.stop().await;
+        if let Ok(controller) = Arc::try_unwrap(controller) {
+            controller.stop().await;
+        }
         Ok(())
     })
 }

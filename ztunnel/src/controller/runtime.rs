@@ -189,6 +189,13 @@ impl Controller {
         self.model.read().unwrap_or_else(|e| e.into_inner()).route_conditions().to_vec()
     }
 
+    /// `/config_dump` for `ztunnel ctl`: what the controller serves, as agents will read it.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let model = self.model();
+        let conditions = model.route_conditions().iter().map(|c| c.to_string()).collect();
+        super::dump::config_dump(&model, conditions)
+    }
+
     /// The current model.
     pub fn model(&self) -> Arc<Model> {
         self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
