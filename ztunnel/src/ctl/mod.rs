@@ -74,7 +74,9 @@ fn request(addr: SocketAddr, method: &str, path: &str) -> Result<String, CtlErro
     let unreachable = |source| CtlError::Unreachable { addr, source };
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(unreachable)?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(unreachable)?;
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").map_err(unreachable)?;
+    // One write: the request arrives whole.
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    s.write_all(head.as_bytes()).map_err(unreachable)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(unreachable)?;
     let text = String::from_utf8_lossy(&raw);

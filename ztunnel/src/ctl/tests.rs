@@ -12,8 +12,16 @@ fn canned(answer: String) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         if let Ok((mut s, _)) = l.accept() {
+            // The whole request first: answering and closing with unread bytes would reset
+            // the connection under the client's read.
+            let mut seen = Vec::new();
             let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = s.write_all(answer.as_bytes());
         }
     });
