@@ -214,19 +214,33 @@ fn version_counts(answers: &[(u16, String)]) -> [usize; 4] {
     n
 }
 
+/// 1000 requests split 75/25 between v1 and v3, within 5 sigma. Binomial(1000, 0.25): mean
+/// 250, sigma 13.7; the bound is ±69, so a correct split fails it about once in 1.7 million runs.
+fn assert_75_25_split_of_v1_and_v3(m: &Mesh) {
+    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 1000, WAIT).unwrap();
+    let n = version_counts(&answers);
+    assert_eq!(n[0] + n[2], 0, "only v1 and v3 take traffic: {n:?}");
+    assert!((181..=319).contains(&n[3]), "v3 got {} of 1000 (expected 250 ± 69)", n[3]);
+    assert_eq!(n[1] + n[3], 1000);
+}
+
+/// `end-user: jason` lands on v2 every time, and `jasonx` on v1 (exact means exact).
+fn assert_jason_on_v2_and_jasonx_on_v1(m: &Mesh) {
+    let jason =
+        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jason")], 100, WAIT).unwrap();
+    assert_eq!(version_counts(&jason), [0, 0, 100, 0]);
+    let other =
+        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jasonx")], 100, WAIT).unwrap();
+    assert_eq!(version_counts(&other), [0, 100, 0, 0], "exact means exact: jasonx is not jason");
+}
+
 #[test]
 fn weighted_split_lands_within_five_sigma_over_1000_requests() {
     let m = mesh(
         &vs("  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 75\n    - destination: {host: reviews, subset: v3}\n      weight: 25\n"),
         Backends::Echo,
     );
-    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 1000, WAIT).unwrap();
-    let n = version_counts(&answers);
-    // Binomial(1000, 0.25): mean 250, sigma 13.7; the bound is 5 sigma (±69), so a correct
-    // split fails it about once in 1.7 million runs.
-    assert_eq!(n[0] + n[2], 0, "only v1 and v3 take traffic: {n:?}");
-    assert!((181..=319).contains(&n[3]), "v3 got {} of 1000 (expected 250 ± 69)", n[3]);
-    assert_eq!(n[1] + n[3], 1000);
+    assert_75_25_split_of_v1_and_v3(&m);
 }
 
 #[test]
@@ -235,12 +249,7 @@ fn header_match_sends_jason_to_v2_and_everyone_else_to_v1() {
         &vs("  - match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n"),
         Backends::Echo,
     );
-    let jason =
-        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jason")], 100, WAIT).unwrap();
-    assert_eq!(version_counts(&jason), [0, 0, 100, 0]);
-    let other =
-        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jasonx")], 100, WAIT).unwrap();
-    assert_eq!(version_counts(&other), [0, 100, 0, 0], "exact means exact: jasonx is not jason");
+    assert_jason_on_v2_and_jasonx_on_v1(&m);
     let nobody = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 100, WAIT).unwrap();
     assert_eq!(version_counts(&nobody), [0, 100, 0, 0]);
 }
@@ -960,12 +969,7 @@ fn httproute_on_the_reviews_service_splits_by_weight_within_five_sigma_over_1000
         &httproute("  - backendRefs:\n    - {name: reviews-v1, port: 9080, weight: 75}\n    - {name: reviews-v3, port: 9080, weight: 25}\n"),
         Backends::Echo,
     );
-    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 1000, WAIT).unwrap();
-    let n = version_counts(&answers);
-    // Binomial(1000, 0.25): mean 250, sigma 13.7; 5 sigma is ±69.
-    assert_eq!(n[0] + n[2], 0, "only v1 and v3 take traffic: {n:?}");
-    assert!((181..=319).contains(&n[3]), "v3 got {} of 1000 (expected 250 ± 69)", n[3]);
-    assert_eq!(n[1] + n[3], 1000);
+    assert_75_25_split_of_v1_and_v3(&m);
 }
 
 #[test]
@@ -974,12 +978,7 @@ fn httproute_header_match_sends_jason_to_v2_and_everyone_else_to_v1() {
         &httproute("  - matches:\n    - headers: [{name: end-user, value: jason}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - backendRefs: [{name: reviews-v1, port: 9080}]\n"),
         Backends::Echo,
     );
-    let jason =
-        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jason")], 100, WAIT).unwrap();
-    assert_eq!(version_counts(&jason), [0, 0, 100, 0]);
-    let other =
-        get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("end-user", "jasonx")], 100, WAIT).unwrap();
-    assert_eq!(version_counts(&other), [0, 100, 0, 0], "Exact means exact: jasonx is not jason");
+    assert_jason_on_v2_and_jasonx_on_v1(&m);
 }
 
 #[test]
