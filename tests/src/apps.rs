@@ -1,6 +1,6 @@
 //! Tiny in-process apps that run inside pods: a server that tells the client which peer
 //! address it saw (so a test can tell proxied from direct), and a matching client.
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -130,4 +130,41 @@ pub fn connect_bound(src: Option<std::net::IpAddr>, dst: SocketAddr) -> std::io:
     use std::os::fd::AsRawFd;
     connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))?;
     Ok(TcpStream::from(fd))
+}
+
+/// An open echo connection from inside a pod: proves bytes flow, then can be watched for a
+/// policy change cutting it.
+pub struct OpenEcho(pub TcpStream);
+
+impl OpenEcho {
+    /// Connects from `pod` to an echo server at `dst` and checks one round trip.
+    pub fn new(pod: &Pod, dst: SocketAddr) -> std::io::Result<OpenEcho> {
+        let wait = std::time::Duration::from_secs(5);
+        let s = pod.run(move || TcpStream::connect_timeout(&dst, wait))?;
+        s.set_read_timeout(Some(wait))?;
+        let mut o = OpenEcho(s);
+        o.0.write_all(b"E")?;
+        o.ping()?;
+        Ok(o)
+    }
+
+    /// One echoed round trip.
+    pub fn ping(&mut self) -> std::io::Result<()> {
+        self.0.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        self.0.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"ping");
+        Ok(())
+    }
+
+    /// True when the connection ends (EOF or reset) within the read timeout.
+    pub fn is_cut(&mut self) -> bool {
+        let _ = self.0.write_all(b"ping");
+        let mut buf = [0u8; 4];
+        match self.0.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => self.is_cut(),
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    }
 }

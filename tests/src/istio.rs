@@ -407,7 +407,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 /// Sum of the samples of `family` whose labels include every `key="value"` in `labels`.
 pub fn metric_sum(text: &str, family: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
-        .filter(|l| l.strip_prefix(family).is_some_and(|rest| rest.starts_with('{')))
+        .filter(|l| l.strip_prefix(family).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
         .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .map(|v| v as u64)

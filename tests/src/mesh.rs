@@ -99,6 +99,15 @@ struct Sources<'a> {
     keep_source: bool,
     /// A span per connection, exported here.
     connection_spans: Option<ztunnel::spans::TraceConfig>,
+    /// Force the same-node fast path off (else [`same_node_fast_path`] decides).
+    no_fast_path: bool,
+}
+
+/// Whether test agents send connections between their own pods through the in-process
+/// fast path: yes unless `ZTUNNEL_SAME_NODE_FAST_PATH=false` (the `ztunnel node` flag's own
+/// variable, which agent processes read too), so CI runs the same tests both ways.
+pub fn same_node_fast_path() -> bool {
+    !matches!(std::env::var("ZTUNNEL_SAME_NODE_FAST_PATH").as_deref(), Ok("false" | "0" | "off"))
 }
 
 /// bpffs mount point used for all pins.
@@ -175,6 +184,14 @@ impl MeshNode {
     pub fn start_keeping_source(cluster: &Cluster, node: usize) -> Result<Self> {
         let limits = ztunnel::proxy::limit::Limits::default();
         let sources = Sources { keep_source: true, ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
+    }
+
+    /// Like [`MeshNode::start`], with connections between this agent's own pods always
+    /// taking HBONE (the same-node fast path off).
+    pub fn start_without_fast_path(cluster: &Cluster, node: usize) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        let sources = Sources { no_fast_path: true, ..Default::default() };
         Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
     }
 
@@ -263,6 +280,7 @@ impl MeshNode {
             log_control: None,
             keep_source: sources.keep_source,
             connection_spans: sources.connection_spans,
+            same_node_fast_path: same_node_fast_path() && !sources.no_fast_path,
             limits,
             handoff_socket: Some(run_dir.join("handoff.sock")),
             admin: Some(AdminConfig {

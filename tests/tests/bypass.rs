@@ -87,11 +87,27 @@ fn plaintext_to_the_inbound_proxy_port_is_refused_without_a_loop() {
 
 #[test]
 fn hbone_connect_to_a_proxy_port_is_refused_with_400() {
+    proxy_port_target_is_refused(false, "400");
+}
+
+#[test]
+fn same_node_connect_to_a_proxy_port_is_refused() {
+    proxy_port_target_is_refused(true, "proxy port");
+}
+
+/// A pod on the same node aims at the server pod's proxy ports, over HBONE or the
+/// same-node fast path (`fast`): the destination side refuses each, and the source's record
+/// says why (`outbound_error`).
+fn proxy_port_target_is_refused(fast: bool, outbound_error: &str) {
     sweep_pins();
     let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
     let client = c.add_pod(0, "client").unwrap();
     let server = c.add_pod(0, "server").unwrap();
-    let node = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let node = if fast {
+        MeshNode::start(&c, 0, Exclusions::default()).unwrap()
+    } else {
+        MeshNode::start_without_fast_path(&c, 0).unwrap()
+    };
     let yaml = format!(
         "workloads:\n{}{}",
         workload_yaml(&client, "default", "client", ""),
@@ -109,7 +125,7 @@ fn hbone_connect_to_a_proxy_port_is_refused_with_400() {
             .unwrap_or_else(|| panic!("no inbound record for {dst}"));
         assert!(inb.error.as_deref().unwrap_or("").contains("proxy port"), "{inb:?}");
         let out = wait_record(&mut ev, WAIT, |r| r.direction == Direction::Outbound && r.dst == dst).expect("outbound");
-        assert!(out.error.as_deref().unwrap_or("").contains("400"), "{out:?}");
+        assert!(out.error.as_deref().unwrap_or("").contains(outbound_error), "{out:?}");
     }
 }
 

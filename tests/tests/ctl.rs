@@ -33,11 +33,21 @@ fn id(sa: &str) -> String {
 /// A one-node mesh from local config: `shop` (behind the `shop` service) and `client`, both
 /// enrolled; the `only-me` policy lets only `client`'s identity into the namespace.
 fn agent() -> Ctl {
+    agent_with(true)
+}
+
+/// [`agent`], with the same-node fast path as `fast` says (off: `client` reaches `shop`
+/// through the HBONE pool, as across nodes).
+fn agent_with(fast: bool) -> Ctl {
     sweep_pins();
     let mut c = Cluster::new(1).expect("mini-cluster (needs root)");
     let pod = c.add_pod(0, "shop").unwrap();
     let client = c.add_pod(0, "client").unwrap();
-    let node = MeshNode::start(&c, 0, Exclusions::default()).unwrap();
+    let node = if fast {
+        MeshNode::start(&c, 0, Exclusions::default()).unwrap()
+    } else {
+        MeshNode::start_without_fast_path(&c, 0).unwrap()
+    };
     let yaml = format!(
         "workloads:\n{}{}services:\n- name: shop\n  namespace: default\n  hostname: shop.default.svc.cluster.local\n  vips: [\"10.96.9.9\"]\n  ports:\n    80: 8080\npolicies:\n- name: only-me\n  namespace: default\n  action: Allow\n  rules:\n  - clauses:\n    - matches:\n      - principals: [\"cluster.local/ns/default/sa/client\"]\n",
         workload_yaml(&pod, "default", "shop", ""),
@@ -257,7 +267,7 @@ fn json_output_of_pods() {
 
 #[test]
 fn json_output_of_pool() {
-    let a = agent();
+    let a = agent_with(false);
     let (_server, _conn) = open_connection(&a);
     let v = json(&a.admin, &["pool"]);
     assert!(v["connections_opened"].as_u64().is_some_and(|n| n >= 1), "{v}");

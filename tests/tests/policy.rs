@@ -1,9 +1,9 @@
 //! L4 authorization end to end: ALLOW permits, DENY wins, plaintext is held to the same
 //! policies, and a policy change cuts connections that are already open.
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
+use mesh_tests::apps::OpenEcho as Open;
 use mesh_tests::loadgen::EchoServer;
 use mesh_tests::mesh::{sweep_pins, wait_record, workload_yaml, write_mesh_config, MeshNode};
 use mesh_tests::{Cluster, InNetns, Pod};
@@ -18,39 +18,6 @@ fn allow(name: &str, principal: &str) -> String {
 
 fn deny(name: &str, principal: &str) -> String {
     allow(name, principal).replace("Allow", "Deny")
-}
-
-/// An open echo connection from inside `pod`: proves bytes flow, then can be watched.
-struct Open(TcpStream);
-
-impl Open {
-    fn new(pod: &Pod, dst: SocketAddr) -> std::io::Result<Open> {
-        let s = pod.run(move || TcpStream::connect_timeout(&dst, WAIT))?;
-        s.set_read_timeout(Some(WAIT))?;
-        let mut o = Open(s);
-        o.0.write_all(b"E")?;
-        o.ping()?;
-        Ok(o)
-    }
-
-    fn ping(&mut self) -> std::io::Result<()> {
-        self.0.write_all(b"ping")?;
-        let mut buf = [0u8; 4];
-        self.0.read_exact(&mut buf)?;
-        assert_eq!(&buf, b"ping");
-        Ok(())
-    }
-
-    /// True when the connection ends (EOF or reset) within the timeout.
-    fn is_cut(&mut self) -> bool {
-        let _ = self.0.write_all(b"ping");
-        let mut buf = [0u8; 4];
-        match self.0.read(&mut buf) {
-            Ok(0) => true,
-            Ok(_) => self.is_cut(),
-            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-        }
-    }
 }
 
 #[test]

@@ -290,6 +290,11 @@ struct NodeArgs {
     /// they see 127.0.0.6 (IPv4) or the pod's own address (IPv6).
     #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = true, action = clap::ArgAction::Set)]
     enable_orig_src: bool,
+    /// Connections between two pods of this agent go from the outbound side to the
+    /// destination's inbound side inside the process (same policy, metrics and logs as
+    /// HBONE; no TLS, no extra TCP legs). `false` sends them through HBONE.
+    #[arg(long, env = "ZTUNNEL_SAME_NODE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    same_node_fast_path: bool,
     /// Report this kernel feature as missing (see `ztunnel::redirect::FEATURES`): shows how
     /// the agent refuses a kernel below its floor.
     #[arg(long, hide = true)]
@@ -672,6 +677,7 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
         xds,
         log_control: log,
         keep_source: args.enable_orig_src,
+        same_node_fast_path: args.same_node_fast_path,
         connection_spans: if args.trace_connections { args.trace.config("ztunnel".into()) } else { None },
         handoff_socket: Some(args.handoff_socket),
         limits: ztunnel::proxy::limit::Limits {

@@ -273,6 +273,7 @@ pub struct Metrics {
     original_destination_missing: Counter,
     connections_limited: Family<ListenerLabel, Counter>,
     source_not_kept: Counter,
+    same_node_connections: Counter,
 }
 
 impl Default for Metrics {
@@ -361,6 +362,12 @@ impl Metrics {
             "Connections to an app dialled from the proxy's own address because the kernel refused the client's (transparent bind or reply routing)",
             source_not_kept.clone(),
         );
+        let same_node_connections = Counter::default();
+        registry.register(
+            "ztunnel_same_node_connections",
+            "Connections between two pods of this agent carried inside the process (the same-node fast path) instead of HBONE",
+            same_node_connections.clone(),
+        );
         let connections_limited = Family::default();
         registry.register(
             "ztunnel_connections_limited",
@@ -369,6 +376,7 @@ impl Metrics {
         );
         Metrics {
             source_not_kept,
+            same_node_connections,
             connections_limited,
             original_destination_missing,
             registry: Mutex::new(registry),
@@ -402,6 +410,11 @@ impl Metrics {
     /// Counts an outbound connection closed for lack of an original destination.
     pub fn original_destination_missing(&self) {
         self.original_destination_missing.inc();
+    }
+
+    /// Counts a connection carried by the same-node fast path.
+    pub fn same_node_connection(&self) {
+        self.same_node_connections.inc();
     }
 
     /// Counts a connection reset at a pod listener's cap (`ztunnel_connections_limited_total`).

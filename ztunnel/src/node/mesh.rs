@@ -1,10 +1,8 @@
-//! Node-wide pieces shared by every pod's proxy: the registry of pods by IP (so the HBONE
-//! pool can dial from the right pod netns), the mesh context, the local-config watcher,
-//! and the admin server with its config dump and scrape-time metrics.
-use std::collections::HashMap;
-use std::net::IpAddr;
+//! Node-wide pieces shared by every pod's proxy: the mesh context (whose pool dials from
+//! the right pod netns through the registry of local pods), and the admin server with its
+//! config dump and scrape-time metrics.
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
@@ -12,49 +10,21 @@ use super::{NodeConfig, Shared};
 use crate::admin::{AdminConfig, AdminServer};
 use crate::hbone::{CertManagerTls, ConnectionPool, PoolConfig, PoolKey};
 use crate::identity::{CertManager, CertManagerConfig};
-use crate::proxy::{socket, ConnectionRecord, MeshContext, PodContext};
+use crate::proxy::{socket, ConnectionRecord, LocalPods, MeshContext};
 use crate::state::StateStore;
-
-/// Enrolled pods by IP: who owns a source address.
-#[derive(Clone, Default)]
-pub struct PodRegistry {
-    by_ip: Arc<Mutex<HashMap<IpAddr, Arc<PodContext>>>>,
-}
-
-impl PodRegistry {
-    /// Registers a pod under all its IPs.
-    pub fn insert(&self, pod: &Arc<PodContext>) {
-        let mut m = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-        for ip in &pod.ips {
-            m.insert(*ip, pod.clone());
-        }
-    }
-
-    /// Forgets a pod's IPs.
-    pub fn remove(&self, ips: &[IpAddr]) {
-        let mut m = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-        for ip in ips {
-            m.remove(ip);
-        }
-    }
-
-    /// The pod owning `ip`.
-    pub fn get(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
-        self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).cloned()
-    }
-}
 
 /// Builds the shared mesh context. HBONE connections are dialled from inside the source
 /// pod's netns (in-pod mode), found through the registry by the pool key's source IP.
 pub(super) fn mesh_context(
     cfg: &NodeConfig,
-    registry: PodRegistry,
+    registry: LocalPods,
     metrics: Arc<crate::metrics::Metrics>,
     events: broadcast::Sender<ConnectionRecord>,
     draining: tokio::sync::watch::Receiver<bool>,
     tracer: crate::spans::Tracer,
 ) -> MeshContext {
     let certs = CertManager::new(cfg.ca.clone(), CertManagerConfig::default());
+    let local_pods = registry.clone();
     let dialer = move |key: PoolKey| {
         let registry = registry.clone();
         async move {
@@ -80,6 +50,8 @@ pub(super) fn mesh_context(
         tracer,
         limits: cfg.limits,
         draining,
+        local_pods,
+        same_node_fast_path: cfg.same_node_fast_path,
     }
 }
 

@@ -23,7 +23,6 @@ use crate::proxy::{ConnectionRecord, MeshContext};
 use crate::redirect::{Capture, CaptureConfig, CaptureError};
 use crate::state::StateStore;
 
-pub use mesh::PodRegistry;
 pub use pod::PodProxy;
 
 /// Everything the node agent needs, passed down from the CLI or a test.
@@ -64,6 +63,9 @@ pub struct NodeConfig {
     /// A span per proxied connection, exported over OTLP (`None`: no connection spans; the
     /// HBONE CONNECT still carries a fresh, unsampled `traceparent`).
     pub connection_spans: Option<crate::spans::TraceConfig>,
+    /// Connections between two pods of this agent skip TLS and the extra TCP legs (see
+    /// `proxy::same_node`); off, they take HBONE like any other.
+    pub same_node_fast_path: bool,
 }
 
 /// Why the node agent could not start.
@@ -89,7 +91,7 @@ pub(crate) struct Shared {
     /// Uids re-sent since start (for stale detection at SnapshotSent).
     pub seen: Mutex<std::collections::HashSet<String>>,
     pub mesh: MeshContext,
-    pub registry: PodRegistry,
+    pub registry: crate::proxy::LocalPods,
     /// Tells HBONE connections to finish (GOAWAY) once the pods are handed over.
     pub drain: tokio::sync::watch::Sender<bool>,
     pub retirement: handoff::Retirement,
@@ -117,7 +119,7 @@ impl Node {
             source,
         })?;
         let (events, _) = broadcast::channel(4096);
-        let registry = PodRegistry::default();
+        let registry = crate::proxy::LocalPods::default();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let (drain, draining) = tokio::sync::watch::channel(false);
         let tracer = match &cfg.connection_spans {

@@ -15,6 +15,7 @@ use super::relay::{
 };
 use super::{accept_loop, canonical, ProxyContext};
 use crate::hbone::{serve_connection_until, ConnectHandler, ConnectRejection, ConnectRequest, H2Config};
+use crate::identity::Identity;
 use crate::policy::{ConnectionFacts, Decision};
 use crate::tls::RejectReason;
 
@@ -82,41 +83,52 @@ impl ConnectHandler for Inbound {
     type Upstream = Metered<Guarded<TcpStream>>;
 
     async fn connect(&self, req: ConnectRequest) -> Result<Self::Upstream, ConnectRejection> {
-        let ctx = &self.ctx;
-        let dst = req.authority;
         // The TCP peer, never the client-supplied `forwarded` header: policy on source IPs
         // must not be spoofable by whoever holds a mesh certificate.
-        let src = self.peer;
-        let mut rec = ConnectionRecord::new(ctx, Direction::Inbound, src, dst);
-        rec.protocol = "HBONE";
-        rec.src_identity = Some(req.peer.to_string());
-        rec.dst_identity = ctx.pod.identity(&ctx.mesh.trust_domain).map(|i| i.to_string());
-        let refuse = |mut rec: ConnectionRecord, r: ConnectRejection| {
-            rec.error = Some(r.to_string());
-            finish(ctx, rec);
-            Err(r)
-        };
-        if !ctx.pod.ips.contains(&dst.ip()) {
-            return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is not an address of this pod")));
-        }
-        if super::is_proxy_port(dst.port()) {
-            return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is a proxy port")));
-        }
-        let l = destination_labels(ctx, &rec, src.ip());
-        let facts = ConnectionFacts { source_identity: Some(req.peer.clone()), source_ip: src.ip(), destination: dst };
-        if let Decision::Deny(reason) = check(ctx, &facts, "inbound") {
-            ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);
-            return refuse(rec, ConnectRejection::Denied(reason));
-        }
-        let upstream = match super::keep_source::dial_app(ctx, dst, src.ip()).await {
-            Ok(u) => u,
-            Err(e) => {
-                ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
-                return refuse(rec, ConnectRejection::UpstreamFailed(format!("{dst}: {e}")));
-            }
-        };
-        let guard = watch(ctx, facts, "inbound");
-        let span = connection_span(ctx, &rec, req.traceparent.as_deref());
-        Ok(Metered::new(Guarded { inner: upstream, watch: guard }, ctx, rec, l).with_span(span))
+        admit(&self.ctx, self.peer, &req.peer, req.authority, req.traceparent.as_deref()).await
     }
+}
+
+/// Admits one tunnelled connection to this pod from `src`, proven to be `peer`: the target
+/// must be an address of this pod and not a proxy port, policy must allow it, and the app
+/// is dialled (see `keep_source`). The HBONE server and the same-node fast path both come
+/// through here, so neither can skip a check the other makes.
+pub async fn admit(
+    ctx: &ProxyContext,
+    src: SocketAddr,
+    peer: &Identity,
+    dst: SocketAddr,
+    traceparent: Option<&str>,
+) -> Result<Metered<Guarded<TcpStream>>, ConnectRejection> {
+    let mut rec = ConnectionRecord::new(ctx, Direction::Inbound, src, dst);
+    rec.protocol = "HBONE";
+    rec.src_identity = Some(peer.to_string());
+    rec.dst_identity = ctx.pod.identity(&ctx.mesh.trust_domain).map(|i| i.to_string());
+    let refuse = |mut rec: ConnectionRecord, r: ConnectRejection| {
+        rec.error = Some(r.to_string());
+        finish(ctx, rec);
+        Err(r)
+    };
+    if !ctx.pod.ips.contains(&dst.ip()) {
+        return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is not an address of this pod")));
+    }
+    if super::is_proxy_port(dst.port()) {
+        return refuse(rec, ConnectRejection::BadRequest(format!("{dst} is a proxy port")));
+    }
+    let l = destination_labels(ctx, &rec, src.ip());
+    let facts = ConnectionFacts { source_identity: Some(peer.clone()), source_ip: src.ip(), destination: dst };
+    if let Decision::Deny(reason) = check(ctx, &facts, "inbound") {
+        ctx.mesh.metrics.connection_failed(&l, FLAG_DENY);
+        return refuse(rec, ConnectRejection::Denied(reason));
+    }
+    let upstream = match super::keep_source::dial_app(ctx, dst, src.ip()).await {
+        Ok(u) => u,
+        Err(e) => {
+            ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
+            return refuse(rec, ConnectRejection::UpstreamFailed(format!("{dst}: {e}")));
+        }
+    };
+    let guard = watch(ctx, facts, "inbound");
+    let span = connection_span(ctx, &rec, traceparent);
+    Ok(Metered::new(Guarded { inner: upstream, watch: guard }, ctx, rec, l).with_span(span))
 }

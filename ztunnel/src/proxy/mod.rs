@@ -10,8 +10,10 @@ pub mod inbound;
 pub mod inbound_passthrough;
 pub mod keep_source;
 pub mod limit;
+pub mod local_pods;
 pub mod outbound;
 pub mod relay;
+pub mod same_node;
 pub mod socket;
 
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +29,7 @@ use crate::identity::{CertManager, Identity};
 use crate::netns::InpodNetns;
 use crate::state::{Snapshot, StateStore, Workload, WorkloadProtocol};
 
+pub use local_pods::LocalPods;
 pub use relay::{ConnectionRecord, Direction};
 
 /// The pod a proxy instance serves, passed down by the node agent.
@@ -145,6 +148,11 @@ pub struct MeshContext {
     /// Turns true when this agent hands its pods to a successor: HBONE connections then
     /// finish their streams and close (GOAWAY), so peers reconnect to the successor.
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// The pods this agent serves, by IP (HBONE sources, same-node destinations).
+    pub local_pods: LocalPods,
+    /// Whether a connection between two of [`Self::local_pods`] takes the in-process
+    /// path instead of HBONE.
+    pub same_node_fast_path: bool,
 }
 
 /// One pod's listeners' context.

@@ -8,8 +8,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{warn, Instrument};
 use ztunnel_common::HBONE_PORT;
 
+use super::authz::Guarded;
 use super::relay::{connection_span, labels, refuse, splice, ConnectionRecord, Direction, Metered, FLAG_CONNECT};
-use super::{accept_loop, socket, ProxyContext};
+use super::{accept_loop, same_node, socket, ProxyContext};
 use crate::hbone::{ConnectHeaders, DialError, HboneError, HboneStream, PoolKey};
 use crate::identity::Identity;
 use crate::metrics::Reporter;
@@ -50,6 +51,9 @@ pub async fn serve(ctx: ProxyContext, listener: TcpListener, orig: OrigDstTable)
 enum Connected {
     Tcp(Metered<TcpStream>),
     Hbone(Metered<HboneStream>),
+    /// Same-node fast path: the destination side's own metered app connection (boxed: it
+    /// carries both sides' records, and this enum lives only until the copy starts).
+    Local(Box<Metered<Metered<Guarded<TcpStream>>>>),
 }
 
 async fn handle(ctx: &ProxyContext, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
@@ -61,6 +65,7 @@ async fn handle(ctx: &ProxyContext, client: TcpStream, peer: SocketAddr, dst: So
     match upstream {
         Connected::Tcp(up) => splice(client, up).await,
         Connected::Hbone(up) => splice(client, up).await,
+        Connected::Local(up) => splice(client, *up).await,
     }
 }
 
@@ -94,7 +99,7 @@ async fn connect(
         return None;
     };
     if up.is_hbone() {
-        return hbone(ctx, client, rec, &up, &src_w).await.map(|(c, u)| (c, Connected::Hbone(u)));
+        return hbone(ctx, client, rec, &up, &src_w).await;
     }
     let l = labels(Reporter::Source, &rec, Some(&src_w), up.workload.as_deref(), up.service.as_deref());
     match socket::dial(&ctx.pod.netns, up.addr, None).await {
@@ -113,7 +118,7 @@ async fn hbone(
     mut rec: ConnectionRecord,
     up: &Upstream,
     src_w: &Workload,
-) -> Option<(TcpStream, Metered<HboneStream>)> {
+) -> Option<(TcpStream, Connected)> {
     let w = up.workload.as_ref().expect("hbone upstream has a workload");
     let td = if w.trust_domain.is_empty() { &ctx.mesh.trust_domain } else { &w.trust_domain };
     let (Some(src_id), Ok(dst_id), Some(src_ip)) = (
@@ -146,8 +151,19 @@ async fn hbone(
         extra: Default::default(),
     };
     let l = labels(Reporter::Source, &rec, Some(src_w), Some(w), up.service.as_deref());
+    if let Some(dst_pod) = same_node::local_destination(ctx, &key) {
+        let parent = headers.traceparent.as_deref();
+        return match same_node::connect(ctx, dst_pod, &key, rec.src.port(), up.addr, parent).await {
+            Ok(app) => Some((client, Connected::Local(Box::new(Metered::new(app, ctx, rec, l).with_span(span))))),
+            Err(e) => {
+                ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
+                refuse(ctx, rec, client, format!("same-node to {}: {e}", up.addr));
+                None
+            }
+        };
+    }
     match ctx.mesh.pool.connect(key, up.addr, headers).await {
-        Ok(tunnel) => Some((client, Metered::new(tunnel, ctx, rec, l).with_span(span))),
+        Ok(tunnel) => Some((client, Connected::Hbone(Metered::new(tunnel, ctx, rec, l).with_span(span)))),
         Err(e) => {
             ctx.mesh.metrics.connection_failed(&l, FLAG_CONNECT);
             if let HboneError::Dial(d) = &e {
