@@ -65,6 +65,8 @@ impl CniNode {
                 },
                 max_pods: ztunnel::redirect::DEFAULT_MAX_PODS,
                 for_foreign_proxy: true,
+                sockmap_shortcut: crate::mesh::sockmap_shortcut(),
+                shortcut_max_sockets: ztunnel::redirect::DEFAULT_SHORTCUT_MAX_SOCKETS,
             },
             proxy_cgroups: vec![proxy_cgroup.to_path_buf()],
         };

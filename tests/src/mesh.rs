@@ -99,8 +99,28 @@ struct Sources<'a> {
     keep_source: bool,
     /// A span per connection, exported here.
     connection_spans: Option<ztunnel::spans::TraceConfig>,
-    /// Force the same-node fast path off (else [`same_node_fast_path`] decides).
-    no_fast_path: bool,
+    /// Force the same-node fast path on or off (else [`same_node_fast_path`] decides).
+    fast_path: Option<bool>,
+    /// Force the sockmap shortcut on, tracking at most this many sockets (else
+    /// [`sockmap_shortcut`] decides, at the default size).
+    shortcut_max_sockets: Option<u32>,
+}
+
+/// Whether test agents (and the test CNI's capture) splice the in-pod loopback legs with
+/// the sockmap shortcut: when `ZTUNNEL_SOCKMAP_SHORTCUT=true` (the flag's own variable,
+/// which agent processes read too), so CI runs the capture, HBONE, policy and interop tests
+/// in both modes.
+pub fn sockmap_shortcut() -> bool {
+    matches!(std::env::var("ZTUNNEL_SOCKMAP_SHORTCUT").as_deref(), Ok("true" | "1" | "on"))
+}
+
+/// How many links the sockmap shortcut adds to an agent's (its sock_ops and sk_msg links).
+pub fn shortcut_links() -> usize {
+    if sockmap_shortcut() {
+        2
+    } else {
+        0
+    }
 }
 
 /// Whether test agents send connections between their own pods through the in-process
@@ -191,7 +211,22 @@ impl MeshNode {
     /// taking HBONE (the same-node fast path off).
     pub fn start_without_fast_path(cluster: &Cluster, node: usize) -> Result<Self> {
         let limits = ztunnel::proxy::limit::Limits::default();
-        let sources = Sources { no_fast_path: true, ..Default::default() };
+        let sources = Sources { fast_path: Some(false), ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
+    }
+
+    /// Like [`MeshNode::start`], with the same-node fast path on whatever the environment says.
+    pub fn start_with_fast_path(cluster: &Cluster, node: usize) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        let sources = Sources { fast_path: Some(true), ..Default::default() };
+        Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
+    }
+
+    /// Like [`MeshNode::start`], with the sockmap shortcut on whatever the environment says,
+    /// its maps sized for `max_sockets` sockets.
+    pub fn start_with_shortcut(cluster: &Cluster, node: usize, max_sockets: u32) -> Result<Self> {
+        let limits = ztunnel::proxy::limit::Limits::default();
+        let sources = Sources { shortcut_max_sockets: Some(max_sockets), ..Default::default() };
         Self::start_full_with(cluster, node, Exclusions::default(), TRUST_DOMAIN, limits, 0, sources)
     }
 
@@ -280,7 +315,7 @@ impl MeshNode {
             log_control: None,
             keep_source: sources.keep_source,
             connection_spans: sources.connection_spans,
-            same_node_fast_path: same_node_fast_path() && !sources.no_fast_path,
+            same_node_fast_path: sources.fast_path.unwrap_or_else(same_node_fast_path),
             limits,
             handoff_socket: Some(run_dir.join("handoff.sock")),
             admin: Some(AdminConfig {
@@ -294,6 +329,10 @@ impl MeshNode {
                 exclusions,
                 max_pods,
                 for_foreign_proxy: false,
+                sockmap_shortcut: sockmap_shortcut() || sources.shortcut_max_sockets.is_some(),
+                shortcut_max_sockets: sources
+                    .shortcut_max_sockets
+                    .unwrap_or(ztunnel::redirect::DEFAULT_SHORTCUT_MAX_SOCKETS),
             },
         };
         // The agent refuses to start without its config file: begin with an empty mesh.

@@ -92,6 +92,8 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
         exclusions: Default::default(),
         max_pods: 64,
         for_foreign_proxy: true,
+        sockmap_shortcut: false,
+        shortcut_max_sockets: ztunnel::redirect::DEFAULT_SHORTCUT_MAX_SOCKETS,
     })?;
     for cg in &cgroups {
         capture.add_proxy_cgroup(cg)?;

@@ -104,7 +104,7 @@ fn proxy_port_target_is_refused(fast: bool, outbound_error: &str) {
     let client = c.add_pod(0, "client").unwrap();
     let server = c.add_pod(0, "server").unwrap();
     let node = if fast {
-        MeshNode::start(&c, 0, Exclusions::default()).unwrap()
+        MeshNode::start_with_fast_path(&c, 0).unwrap()
     } else {
         MeshNode::start_without_fast_path(&c, 0).unwrap()
     };

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use mesh_tests::apps::{request, request_here, PeerServer};
-use mesh_tests::mesh::{kernel_link_ids, sweep_pins, wait_record, MeshNode};
+use mesh_tests::mesh::{kernel_link_ids, shortcut_links, sweep_pins, wait_record, MeshNode};
 use mesh_tests::{Cluster, InNetns};
 use ztunnel::proxy::Direction;
 use ztunnel::redirect::Exclusions;
@@ -130,7 +130,8 @@ fn restart_keeps_capture_without_duplicates_and_uninstall_removes_everything() {
     request(&client, dst, "before").unwrap();
 
     let old_links = n0.link_ids();
-    assert_eq!(old_links.len(), 4, "3 cgroup links + 1 pod link: {old_links:?}");
+    let shortcut = shortcut_links();
+    assert_eq!(old_links.len(), 4 + shortcut, "3 cgroup links + 1 pod link (+ the shortcut's): {old_links:?}");
 
     n0.restart().unwrap();
     // The CNI re-sends the pods it knows, then says the snapshot is complete.
@@ -142,9 +143,10 @@ fn restart_keeps_capture_without_duplicates_and_uninstall_removes_everything() {
     assert!(wait_record(&mut ev0, WAIT, |r| r.dst == dst).is_some(), "captured after restart");
 
     let new_links = n0.link_ids();
-    assert_eq!(new_links.len(), 4, "no duplicate links: {new_links:?}");
+    assert_eq!(new_links.len(), 4 + shortcut, "no duplicate links: {new_links:?}");
     let live = kernel_link_ids();
-    for id in &old_links {
+    // (The shortcut's sk_msg link is kept and given the new program in place.)
+    for id in old_links.iter().filter(|id| !new_links.contains(id)) {
         assert!(!live.contains(id), "link {id} of the previous agent still attached");
     }
     for id in &new_links {
@@ -156,7 +158,7 @@ fn restart_keeps_capture_without_duplicates_and_uninstall_removes_everything() {
     n0.remove(&client).unwrap();
     assert!(!pin_dir.join("pods").join(client.uid()).exists());
     let after_del = n0.link_ids();
-    assert_eq!(after_del.len(), 3);
+    assert_eq!(after_del.len(), 3 + shortcut);
     let live = kernel_link_ids();
     for id in new_links.iter().filter(|id| !after_del.contains(id)) {
         assert!(!live.contains(id), "pod link {id} still attached after Del");
@@ -171,7 +173,7 @@ fn restart_keeps_capture_without_duplicates_and_uninstall_removes_everything() {
         .filter(|l| after_del.contains(&l.id()))
         .map(|l| l.program_id())
         .collect();
-    assert_eq!(prog_ids.len(), 3);
+    assert_eq!(prog_ids.len(), 3 + shortcut);
     n0.uninstall().unwrap();
     let live = kernel_link_ids();
     for id in &after_del {

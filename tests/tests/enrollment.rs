@@ -62,7 +62,12 @@ fn bad_enrollment_requests_are_refused_with_reasons_and_the_agent_keeps_serving(
     let r = request(&a, dst, "still-serving").unwrap();
     assert_eq!(r.got, "still-serving");
     assert!(wait_record(&mut ev, Duration::from_secs(5), |r| r.dst == dst).is_some());
-    assert_eq!(node.link_ids().len(), 5, "3 cgroup links + 2 pods, nothing from the failed Adds");
+    let expected = 5 + mesh_tests::mesh::shortcut_links();
+    assert_eq!(
+        node.link_ids().len(),
+        expected,
+        "3 cgroup links + 2 pods (+ the shortcut's), nothing from the failed Adds"
+    );
     let m = node.agent().metrics().encode();
     assert!(m.contains("ztunnel_enrollment_rejected_total 5"), "five bad requests counted:\n{m}");
 }

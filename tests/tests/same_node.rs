@@ -13,7 +13,6 @@ use mesh_tests::mesh::{sweep_pins, wait_record, workload_yaml, write_mesh_config
 use mesh_tests::wire::sniff;
 use mesh_tests::{Cluster, InNetns, Pod};
 use ztunnel::proxy::Direction;
-use ztunnel::redirect::Exclusions;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -37,7 +36,7 @@ impl OneNode {
         let client = c.add_pod(0, "client").unwrap();
         let server = c.add_pod(0, "server").unwrap();
         let n0 = if fast {
-            MeshNode::start(&c, 0, Exclusions::default()).unwrap()
+            MeshNode::start_with_fast_path(&c, 0).unwrap()
         } else {
             MeshNode::start_without_fast_path(&c, 0).unwrap()
         };
@@ -68,7 +67,6 @@ fn deny_from(principal: &str) -> String {
 #[test]
 fn same_node_traffic_skips_tls_and_keeps_identities() {
     let m = OneNode::new(true);
-    assert!(mesh_tests::mesh::same_node_fast_path(), "this test needs the fast path on (ZTUNNEL_SAME_NODE_FAST_PATH)");
     let _app = PeerServer::start(&m.server, 8080).unwrap();
     let dst = SocketAddr::new(m.server.ip4().into(), 8080);
     let mut ev = m.n0.events();

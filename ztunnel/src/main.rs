@@ -295,6 +295,14 @@ struct NodeArgs {
     /// HBONE; no TLS, no extra TCP legs). `false` sends them through HBONE.
     #[arg(long, env = "ZTUNNEL_SAME_NODE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
     same_node_fast_path: bool,
+    /// Splice the in-pod loopback legs (app to proxy, proxy to app) with a SOCKHASH and an
+    /// sk_msg program, past the loopback TCP stack. Opt-in; switch it off at run time with
+    /// `POST /shortcut?enabled=false` on the admin port.
+    #[arg(long, env = "ZTUNNEL_SOCKMAP_SHORTCUT", default_value_t = false, action = clap::ArgAction::Set)]
+    sockmap_shortcut: bool,
+    /// Sockets the shortcut tracks at once (two per leg); beyond it they take the normal path.
+    #[arg(long, env = "ZTUNNEL_SOCKMAP_MAX_SOCKETS", default_value_t = ztunnel::redirect::DEFAULT_SHORTCUT_MAX_SOCKETS)]
+    sockmap_max_sockets: u32,
     /// Report this kernel feature as missing (see `ztunnel::redirect::FEATURES`): shows how
     /// the agent refuses a kernel below its floor.
     #[arg(long, hide = true)]
@@ -694,6 +702,8 @@ fn run_node(args: NodeArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> 
             cgroup,
             max_pods: args.max_pods,
             for_foreign_proxy: false,
+            sockmap_shortcut: args.sockmap_shortcut,
+            shortcut_max_sockets: args.sockmap_max_sockets,
             exclusions: Exclusions {
                 outbound_ports: args.exclude_outbound_ports,
                 inbound_ports: args.exclude_inbound_ports,

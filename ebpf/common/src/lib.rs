@@ -119,6 +119,71 @@ pub const fn counter_index(p: Program, o: Outcome) -> u32 {
     (p as u32) * 3 + (o as u32)
 }
 
+/// One socket of a connection inside a pod's netns, as that socket sees it. The sockmap
+/// shortcut pairs a socket with the one whose key is this one reversed (local and remote
+/// swapped), so both ends of a loopback leg find each other without a lookup table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShortcutKey {
+    pub netns_cookie: u64,
+    /// Local address, IPv6 or v4-mapped.
+    pub local: [u8; 16],
+    /// Remote address, IPv6 or v4-mapped.
+    pub remote: [u8; 16],
+    /// Ports in host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: [u8; 4],
+}
+
+impl ShortcutKey {
+    /// The key the other end of this connection is stored under.
+    pub const fn peer(&self) -> ShortcutKey {
+        ShortcutKey {
+            netns_cookie: self.netns_cookie,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: [0; 4],
+        }
+    }
+}
+
+/// `SHORTCUT_STATE` value: the socket is paired and its sends may be redirected.
+pub const SHORTCUT_READY: u32 = 1;
+/// `SHORTCUT_STATE` value: the socket has sent through the TCP stack once (peer not ready,
+/// switch off, failed redirect); it keeps doing so, so its bytes can never overtake each
+/// other on two paths.
+pub const SHORTCUT_PLAIN: u32 = 2;
+
+/// What the sockmap shortcut did, counted per CPU in `SHORTCUT_EVENTS`. Every reason to
+/// leave a socket on the normal path has its own slot.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShortcutEvent {
+    /// A socket of a proxy leg was put into the shortcut map.
+    Paired = 0,
+    /// A socket could not be tracked (a map was full); it stays on the normal path.
+    MapFull = 1,
+    /// A send found no paired peer (it was not tracked, or not yet): normal path from then on.
+    PeerNotReady = 2,
+    /// A send while the kill switch was off: normal path from then on.
+    SwitchedOff = 3,
+    /// A send moved straight to the peer socket.
+    Redirected = 4,
+    /// The kernel refused the redirect (peer closing): normal path from then on.
+    RedirectFailed = 5,
+    /// A send on a socket in the map whose state is gone (forgotten by a restart, or a
+    /// socket past its close): normal path.
+    Untracked = 6,
+    /// A tracked socket reached `TCP_CLOSE` and its state was removed.
+    Closed = 7,
+}
+
+/// Number of slots in `SHORTCUT_EVENTS`.
+pub const SHORTCUT_EVENT_SLOTS: u32 = 8;
+
 /// Converts an IPv4 address (network order octets) into the mapped 16-byte form.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
@@ -133,4 +198,5 @@ mod user {
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::DialKey {}
+    unsafe impl aya::Pod for super::ShortcutKey {}
 }

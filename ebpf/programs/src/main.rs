@@ -7,10 +7,14 @@
 //!   (netns cookie, client address, client port), which the proxy can compute from `accept()`.
 //! * `sklookup` (per pod netns): incoming TCP for the pod's IP lands on the pod's 15006
 //!   listener without rewriting addresses.
+//! * `shortcut` (opt-in): `sock_ops` pairs the two sockets of each in-pod proxy leg in a
+//!   SOCKHASH and `sk_msg` moves each send straight to the peer's receive queue.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod shortcut;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -15,8 +15,8 @@ use ztunnel_common::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK,
 };
 
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+pub(crate) const AF_INET: u32 = 2;
+pub(crate) const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const SOL_SOCKET: i32 = 1;
@@ -25,7 +25,7 @@ const SOL_IPV6: i32 = 41;
 /// `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) share the number.
 const SO_ORIGINAL_DST: i32 = 80;
 const SO_MARK: i32 = 36;
-const SK_PASS: u32 = 1;
+pub(crate) const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
 /// cgroup sock_addr verdicts: 1 lets the connect proceed, 0 fails it with EPERM.
 const CONNECT_ALLOW: i32 = 1;
@@ -40,7 +40,7 @@ static POD_NETNS_COOKIE: u64 = 0;
 
 /// Enrolled pod network namespaces, keyed by netns cookie.
 #[map(name = "ENROLLED")]
-static ENROLLED: HashMap<u64, PodEntry> = HashMap::with_max_entries(4096, 0);
+pub(crate) static ENROLLED: HashMap<u64, PodEntry> = HashMap::with_max_entries(4096, 0);
 
 /// Original destination by socket cookie, written by connect4/6, consumed by sock_ops.
 #[map(name = "ORIG_BY_COOKIE")]
@@ -80,7 +80,7 @@ static PROBE_SOURCES: HashMap<IpKey, u8> = HashMap::with_max_entries(64, 0);
 /// (source kept): `steer_inbound` lets them reach the app instead of steering them back to
 /// the proxy. Written by the proxy just before its connect, removed right after.
 #[map(name = "PROXY_DIALS")]
-static PROXY_DIALS: LruHashMap<DialKey, u8> = LruHashMap::with_max_entries(65536, 0);
+pub(crate) static PROXY_DIALS: LruHashMap<DialKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
 /// The in-pod 15006 listener of each enrolled pod, keyed by the pod's netns cookie.
 #[map(name = "INBOUND_LISTENERS")]
@@ -104,7 +104,7 @@ fn port_excluded(map: &HashMap<PortKey, u8>, port: u16) -> bool {
 }
 
 #[inline(always)]
-fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+pub(crate) fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -121,7 +121,7 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
 /// `::1`, or exactly `::ffff:127.x.y.z` (IPv4 loopback in the mapped form). Anything else,
 /// e.g. `2001:db8::ffff:7f00:1`, is not loopback however its low bytes look.
 #[inline(always)]
-fn is_loopback(addr: &[u8; 16]) -> bool {
+pub(crate) fn is_loopback(addr: &[u8; 16]) -> bool {
     let v6_loop = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
     let v4_loop = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
     v6_loop || v4_loop

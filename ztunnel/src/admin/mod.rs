@@ -58,12 +58,14 @@ impl Default for AdminConfig {
 
 /// Produces the `/config_dump` document on demand (called on the admin thread).
 pub type DumpFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Backs `/shortcut`: `None` reads the sockmap shortcut's state, `Some(on)` flips its kill
+/// switch; either way the state after, as JSON, or why it could not be changed.
+pub type SwitchFn = Arc<dyn Fn(Option<bool>) -> Result<serde_json::Value, String> + Send + Sync>;
 /// Called by `POST /quitquitquit`; it should only signal shutdown (not block, and not drop the
 /// [`AdminServer`] synchronously), since it runs on the admin thread.
 pub type QuitFn = Arc<dyn Fn() + Send + Sync>;
 
 /// The running operator endpoints; dropping it stops the admin thread and waits for it.
-#[derive(Debug)]
 pub struct AdminServer {
     /// The bound admin address (useful when configured with port 0).
     pub admin_addr: SocketAddr,
@@ -73,6 +75,25 @@ pub struct AdminServer {
     pub readiness_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
+    shortcut: Arc<std::sync::OnceLock<SwitchFn>>,
+}
+
+impl std::fmt::Debug for AdminServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminServer")
+            .field("admin_addr", &self.admin_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("readiness_addr", &self.readiness_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminServer {
+    /// Serves `GET /shortcut` and `POST /shortcut?enabled=true|false` with `switch` (only a
+    /// node agent has a sockmap shortcut; elsewhere the path is not found). Set once.
+    pub fn serve_shortcut_switch(&self, switch: SwitchFn) {
+        let _ = self.shortcut.set(switch);
+    }
 }
 
 impl Drop for AdminServer {
@@ -132,7 +153,8 @@ pub fn start_with_logging(
         "1 when /healthz/ready answers 200 (the process has its configuration), else 0",
         Box::new(move || vec![(vec![], flag.load(Ordering::Acquire) as u64)]),
     );
-    let shared = Arc::new(Shared { metrics, dump, ready, on_quit, log });
+    let shortcut = Arc::new(std::sync::OnceLock::new());
+    let shared = Arc::new(Shared { metrics, dump, ready, on_quit, log, shortcut: shortcut.clone() });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let thread = std::thread::Builder::new().name("ztunnel-admin".into()).spawn(move || {
         rt.block_on(async move {
@@ -145,7 +167,7 @@ pub fn start_with_logging(
         // Dropping the runtime here cancels any connection still open.
     })?;
     tracing::info!(%admin_addr, %metrics_addr, %readiness_addr, "admin endpoints listening");
-    Ok(AdminServer { admin_addr, metrics_addr, readiness_addr, shutdown, thread: Some(thread) })
+    Ok(AdminServer { admin_addr, metrics_addr, readiness_addr, shutdown, thread: Some(thread), shortcut })
 }
 
 /// Binds a non-blocking listener; `[::]` falls back to `0.0.0.0` on hosts without IPv6.
@@ -174,6 +196,7 @@ struct Shared {
     ready: Arc<AtomicBool>,
     on_quit: QuitFn,
     log: Arc<LogControl>,
+    shortcut: Arc<std::sync::OnceLock<SwitchFn>>,
 }
 
 async fn serve(role: Role, listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -253,6 +276,22 @@ async fn handle(role: Role, s: &Shared, req: Request<Incoming>) -> Response<Full
                 }
                 Err(LogLevelError::Apply(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e + "\n"),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        (Role::Admin, "/shortcut") if s.shortcut.get().is_some() && (m == Method::GET || m == Method::POST) => {
+            let switch = s.shortcut.get().expect("checked");
+            let wanted = if m == Method::POST {
+                match query_param(parts.uri.query().unwrap_or(""), "enabled").as_deref() {
+                    Some("true") => Some(true),
+                    Some("false") => Some(false),
+                    _ => return text(StatusCode::BAD_REQUEST, "want ?enabled=true or ?enabled=false\n"),
+                }
+            } else {
+                None
+            };
+            match switch(wanted) {
+                Ok(v) => reply(StatusCode::OK, "application/json", v.to_string() + "\n"),
+                Err(e) => text(StatusCode::CONFLICT, e + "\n"),
             }
         }
         (Role::Admin, "/quitquitquit") if m == Method::POST => {

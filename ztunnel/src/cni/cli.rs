@@ -66,6 +66,10 @@ pub struct CniArgs {
     /// of istio-cni's iptables rules).
     #[arg(long, requires = "proxy_cgroup")]
     pub ebpf_capture: bool,
+    /// With `--ebpf-capture`: splice the in-pod loopback legs with the sockmap shortcut
+    /// (any proxy's, since it pairs sockets by address), as `ztunnel node --sockmap-shortcut`.
+    #[arg(long, env = "ZTUNNEL_SOCKMAP_SHORTCUT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sockmap_shortcut: bool,
     /// cgroup v2 directory of the node agent's processes (repeatable): their marked
     /// connects are not captured and their in-pod 15006 listeners receive inbound traffic.
     #[arg(long = "proxy-cgroup")]
@@ -145,6 +149,8 @@ impl CniArgs {
                 },
                 max_pods: crate::redirect::DEFAULT_MAX_PODS,
                 for_foreign_proxy: true,
+                sockmap_shortcut: self.sockmap_shortcut,
+                shortcut_max_sockets: crate::redirect::DEFAULT_SHORTCUT_MAX_SOCKETS,
             },
             proxy_cgroups: self.proxy_cgroup.clone(),
         }))

@@ -72,10 +72,21 @@ pub(super) fn start_admin(
         tracing::info!("/quitquitquit: exiting");
         std::process::exit(0);
     });
-    match log {
+    let server = match log {
         Some(log) => crate::admin::start_with_logging(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit, log),
         None => crate::admin::start(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit),
-    }
+    }?;
+    let weak = Arc::downgrade(shared);
+    server.serve_shortcut_switch(Arc::new(move |wanted| {
+        let s = weak.upgrade().ok_or("the agent is stopping")?;
+        if let Some(on) = wanted {
+            s.capture.set_shortcut(on).map_err(|e| e.to_string())?;
+            tracing::info!(enabled = on, "sockmap shortcut switched");
+        }
+        let report = s.capture.shortcut().map_err(|e| e.to_string())?;
+        serde_json::to_value(report).map_err(|e| e.to_string())
+    }));
+    Ok(server)
 }
 
 fn config_dump(s: &Shared) -> serde_json::Value {
@@ -108,6 +119,7 @@ fn config_dump(s: &Shared) -> serde_json::Value {
         "hbonePool": s.mesh.pool.stats(),
         "ebpfCounters": s.capture.counters().ok(),
         "ebpfLinks": s.capture.links(),
+        "sockmapShortcut": s.capture.shortcut().ok(),
         "connections": s.mesh.connections.snapshot(),
         "connectionsOverflow": s.mesh.connections.overflow(),
         "configRejected": s.mesh.state.rejected_total(),
@@ -133,6 +145,18 @@ fn register_collectors(shared: &Arc<Shared>) {
                 }
             }
             out
+        }),
+    );
+    let weak = Arc::downgrade(shared);
+    shared.mesh.metrics.add_collector(
+        "ztunnel_sockmap_shortcut_events",
+        "What the sockmap shortcut did: sockets paired, sends redirected, and each reason a socket stayed on the normal path",
+        Box::new(move || {
+            let Some(r) = weak.upgrade().and_then(|s| s.capture.shortcut().ok()) else { return vec![] };
+            if !r.installed {
+                return vec![];
+            }
+            r.events().into_iter().map(|(event, v)| (vec![("event".to_string(), event.to_string())], v)).collect()
         }),
     );
     if let Some(xds) = shared.xds.clone() {

@@ -8,6 +8,7 @@
 mod cgroup;
 mod maps;
 mod probe;
+mod shortcut;
 mod sys;
 
 use std::net::IpAddr;
@@ -24,11 +25,16 @@ use ztunnel_common::{IpKey, PodEntry};
 pub use cgroup::{bpffs_mounted, cgroup2_root};
 pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts, ProxyDials};
 pub use probe::{check_kernel, Feature, KernelTooOld, MissingFeature, FEATURES, FOREIGN_PROXY_FEATURES, KERNEL_FLOOR};
+pub use shortcut::ShortcutReport;
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
-const MAP_NAMES: [&str; 12] = [
+const MAP_NAMES: [&str; 16] = [
+    "SHORTCUT",
+    "SHORTCUT_STATE",
+    "SHORTCUT_SWITCH",
+    "SHORTCUT_EVENTS",
     "FAULTS",
     "PROXY_CGROUPS",
     "ENROLLED",
@@ -45,13 +51,16 @@ const MAP_NAMES: [&str; 12] = [
 
 /// The links at the cgroup (one per program attached there): pin name, the program it
 /// runs, and its hook (the last two for `/config_dump`).
-const CGROUP_LINKS: [(&str, &str, &str); 5] = [
+const CGROUP_LINKS: [(&str, &str, &str); 6] = [
     ("connect4", "capture_connect4", "cgroup/connect4"),
     ("connect6", "capture_connect6", "cgroup/connect6"),
     ("sockops", "record_origdst", "sock_ops"),
     ("getsockopt", "answer_original_dst", "cgroup/getsockopt"),
     ("adopt", "adopt_inbound_listener", "sock_ops"),
+    (shortcut::PAIR_LINK, "shortcut_pair", "sock_ops"),
 ];
+/// The sk_msg link of the sockmap shortcut, attached to its map rather than the cgroup.
+const MSG_LINK: (&str, &str, &str) = (shortcut::MSG_LINK, "shortcut_redirect", "sk_msg");
 /// The program each pod's `sk_lookup` link runs.
 const POD_LINK_PROGRAM: &str = "steer_inbound";
 
@@ -71,6 +80,8 @@ pub enum CaptureError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("invalid pod uid {0:?}: only [A-Za-z0-9_-] allowed (bpffs pin names)")]
     BadUid(String),
+    #[error("the sockmap shortcut is not installed (start the agent with --sockmap-shortcut)")]
+    ShortcutNotInstalled,
 }
 
 /// One pinned link of the capture programs, for `/config_dump` (`ztunnel ctl ebpf`): what
@@ -135,7 +146,16 @@ pub struct CaptureConfig {
     /// `getsockopt(SO_ORIGINAL_DST)` and adopt its in-pod 15006 listeners. Off for our own
     /// agent, which needs neither (and a getsockopt program costs every getsockopt call).
     pub for_foreign_proxy: bool,
+    /// Attach the sockmap shortcut for the in-pod loopback legs (see `shortcut`); off, any
+    /// shortcut links an earlier agent left are detached.
+    pub sockmap_shortcut: bool,
+    /// Sockets the shortcut can track at once (both ends of each leg count), fixed when its
+    /// maps are first created. Beyond it a socket stays on the normal path, counted.
+    pub shortcut_max_sockets: u32,
 }
+
+/// Default for [`CaptureConfig::shortcut_max_sockets`].
+pub const DEFAULT_SHORTCUT_MAX_SOCKETS: u32 = 65536;
 
 /// Default for [`CaptureConfig::max_pods`].
 pub const DEFAULT_MAX_PODS: u32 = 4096;
@@ -189,7 +209,7 @@ impl Capture {
             let p = cfg.pin_dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err("creating pin dir", &p))?;
         }
-        let mut ebpf = load_object(&cfg.pin_dir, cfg.max_pods, 0)?;
+        let mut ebpf = load_object(&cfg, 0)?;
 
         let cgroup = std::fs::File::open(&cfg.cgroup).map_err(io_err("opening cgroup", &cfg.cgroup))?;
         let links = cfg.pin_dir.join("links");
@@ -214,6 +234,11 @@ impl Capture {
         if cfg.for_foreign_proxy {
             plain(&mut ebpf, "answer_original_dst", ATTACH_GETSOCKOPT, "getsockopt")?;
             plain(&mut ebpf, "adopt_inbound_listener", ATTACH_SOCK_OPS, "adopt")?;
+        }
+        if cfg.sockmap_shortcut {
+            shortcut::install(&mut ebpf, cgroup.as_fd(), &links)?;
+        } else {
+            shortcut::remove(&mut ebpf, &links)?;
         }
         maps::write_exclusions(&mut ebpf, &cfg.exclusions)?;
         // This process is the proxy, unless capture serves another one (then it is the CNI,
@@ -308,7 +333,7 @@ impl Capture {
         }
         // A copy of the object whose sk_lookup program knows this netns's cookie; its maps
         // are the pinned ones. Only the pinned link outlives this function.
-        let mut pod_ebpf = load_object(&self.cfg.pin_dir, self.cfg.max_pods, cookie)?;
+        let mut pod_ebpf = load_object(&self.cfg, cookie)?;
         let p: &mut SkLookup = program(&mut pod_ebpf, POD_LINK_PROGRAM)?;
         p.load().map_err(prog_err(POD_LINK_PROGRAM))?;
         let id = p.attach(netns.fd()).map_err(prog_err("sk_lookup"))?;
@@ -339,6 +364,23 @@ impl Capture {
         faults.set(0, u32::from(on), 0).map_err(map_err("FAULTS"))
     }
 
+    /// The sockmap shortcut's kill switch (see [`CaptureConfig::sockmap_shortcut`]): takes
+    /// effect on the next send of every connection, without a restart. Refused when the
+    /// shortcut is not installed (switching it on would do nothing).
+    pub fn set_shortcut(&self, on: bool) -> Result<(), CaptureError> {
+        if !self.cfg.sockmap_shortcut {
+            return Err(CaptureError::ShortcutNotInstalled);
+        }
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        shortcut::set_switch(&mut ebpf, on)
+    }
+
+    /// The sockmap shortcut's switch, counters and tracked sockets.
+    pub fn shortcut(&self) -> Result<ShortcutReport, CaptureError> {
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        shortcut::report(&ebpf, self.cfg.sockmap_shortcut)
+    }
+
     /// Per-program counters summed over CPUs.
     pub fn counters(&self) -> Result<CounterSnapshot, CaptureError> {
         let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
@@ -360,6 +402,9 @@ impl Capture {
                 LinkReport::read(&self.cfg.pin_dir.join("links").join(pin), program, hook, cgroup.clone(), None)
             })
             .collect();
+        let (pin, program, hook) = MSG_LINK;
+        let on_map = "map SHORTCUT".to_string();
+        out.extend(LinkReport::read(&self.cfg.pin_dir.join("links").join(pin), program, hook, on_map, None));
         let mut pods: Vec<(String, PathBuf)> = std::fs::read_dir(self.cfg.pin_dir.join("pods"))
             .into_iter()
             .flatten()
@@ -386,9 +431,10 @@ impl Capture {
     }
 }
 
-/// Loads the embedded object against the maps pinned under `pin_dir` (created on first
-/// use), with `steer_inbound`'s netns cookie set to `pod_netns_cookie`.
-fn load_object(pin_dir: &Path, max_pods: u32, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
+/// Loads the embedded object against the maps pinned under `cfg.pin_dir` (created on first
+/// use, sized from `cfg`), with `steer_inbound`'s netns cookie set to `pod_netns_cookie`.
+fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
+    let (pin_dir, max_pods) = (&cfg.pin_dir, cfg.max_pods);
     let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pin_dir.join("maps").join(n))).collect();
     let mut loader = aya::EbpfLoader::new();
     // Drops the kernel BTF that `new` parsed before the object is loaded.
@@ -398,6 +444,9 @@ fn load_object(pin_dir: &Path, max_pods: u32, pod_netns_cookie: u64) -> Result<E
     loader.override_global(POD_NETNS_COOKIE, &pod_netns_cookie, true);
     for per_pod in ["ENROLLED", "INBOUND_LISTENERS"] {
         loader.map_max_entries(per_pod, max_pods.max(1));
+    }
+    for per_socket in ["SHORTCUT", "SHORTCUT_STATE"] {
+        loader.map_max_entries(per_socket, cfg.shortcut_max_sockets.max(1));
     }
     // The programs need no CO-RE relocations; without this aya keeps the parsed kernel BTF.
     loader.btf(None);
@@ -522,7 +571,8 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
 /// Kernel ids of the links pinned under `pin_dir` (cgroup links and pod links), also
 /// readable when no agent runs (e.g. after a crash).
 pub fn pinned_link_ids(pin_dir: &Path) -> Vec<u32> {
-    let mut paths: Vec<PathBuf> = CGROUP_LINKS.iter().map(|(n, ..)| pin_dir.join("links").join(n)).collect();
+    let mut paths: Vec<PathBuf> =
+        CGROUP_LINKS.iter().chain([&MSG_LINK]).map(|(n, ..)| pin_dir.join("links").join(n)).collect();
     for entry in std::fs::read_dir(pin_dir.join("pods")).into_iter().flatten().flatten() {
         paths.push(entry.path().join("sk_lookup"));
     }
@@ -543,7 +593,7 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<(), CaptureError> {
         let _ = sys::detach_pinned(&pending_path(&entry.path().join("sk_lookup")));
         let _ = std::fs::remove_dir(entry.path());
     }
-    for (n, ..) in CGROUP_LINKS {
+    for (n, ..) in CGROUP_LINKS.iter().chain([&MSG_LINK]) {
         let link = pin_dir.join("links").join(n);
         sys::detach_pinned(&link).map_err(io_err("detaching", &link))?;
         let _ = sys::detach_pinned(&pending_path(&link));

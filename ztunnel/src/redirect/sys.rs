@@ -1,7 +1,7 @@
 //! The raw bpf(2) commands aya 0.14 does not expose: open a pin and detach a link
 //! explicitly (a forked child can hold copies of a link fd, so dropping our copy does not
 //! guarantee the program is gone), and create a cgroup link with ordering flags (aya's
-//! attach takes only the override/multi mode) and pin it.
+//! attach takes only the override/multi mode) and pin it, and swap a pinned link's program.
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -12,6 +12,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// Attach flag (6.15 for prog attach; for links with the cgroup multi-program API, 2025): runs before
 /// the non-preorder programs of its own cgroup and of every cgroup below.
@@ -40,6 +41,15 @@ struct ObjAttr {
     file_flags: u32,
     path_fd: i32,
     _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
 }
 
 #[repr(C)]
@@ -88,6 +98,15 @@ pub fn obj_pin(fd: &impl AsRawFd, path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Swaps the program of the link pinned at `path` for `prog` in one step (no moment with
+/// no program attached).
+pub fn link_update_pinned(path: &Path, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let link = obj_get(path)?;
+    let mut attr =
+        LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, ..Default::default() };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 /// Detaches a link now, whoever else holds an fd to it.

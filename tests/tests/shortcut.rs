@@ -1,0 +1,342 @@
+//! The sockmap shortcut on a live kernel: both in-pod legs (app to the proxy's 15001, the
+//! proxy to the app) are paired and carry bytes past the loopback TCP stack, intact at every
+//! size from 1 byte to 16 MiB with half-close and reset passed on; many connections at
+//! once; the kill switch flipped under load completes every connection; a full map falls
+//! back without dropping; and no entry outlives its socket.
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mesh_tests::mesh::{sweep_pins, workload_yaml, write_mesh_config, MeshNode};
+use mesh_tests::{Cluster, InNetns, Pod};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+const ECHO_PORT: u16 = 9000;
+
+/// Two nodes, `client` on node 0 and `server` (running an echo server) on node 1, both
+/// agents with the shortcut on.
+struct Mesh {
+    _c: Cluster,
+    n0: MeshNode,
+    n1: MeshNode,
+    client: Pod,
+    server: Pod,
+}
+
+fn mesh(max_sockets: u32) -> Mesh {
+    sweep_pins();
+    let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    let n0 = MeshNode::start_with_shortcut(&c, 0, max_sockets).unwrap();
+    let n1 = MeshNode::start_with_shortcut(&c, 1, max_sockets).unwrap();
+    let yaml = format!(
+        "workloads:\n{}{}",
+        workload_yaml(&client, "default", "client", ""),
+        workload_yaml(&server, "default", "server", "")
+    );
+    write_mesh_config(&c, &yaml, &[&n0, &n1]).unwrap();
+    n0.enroll(&client).unwrap();
+    n1.enroll(&server).unwrap();
+    let listener = server.run(|| TcpListener::bind(("::", ECHO_PORT))).unwrap();
+    thread::spawn(move || echo(listener));
+    Mesh { _c: c, n0, n1, client, server }
+}
+
+/// Echoes every connection until its client half-closes, then half-closes back. Like an
+/// event-loop server, it reads and writes non-blocking and waits in poll(2); a plain
+/// read/write loop, since `std::io::copy` between sockets uses splice(2). (Both matter on a
+/// shortcut socket: see "Sockmap shortcut" in docs/decisions.md.)
+fn echo(listener: TcpListener) {
+    for conn in listener.incoming().flatten() {
+        thread::spawn(move || {
+            conn.set_nonblocking(true).unwrap();
+            let mut s = conn;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match read_polled(&mut s, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if write_all_polled(&mut s, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+/// Waits (up to `WAIT`) until `s` is readable or writable, as `events` asks.
+fn wait_for(s: &TcpStream, events: i16) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events, revents: 0 };
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut p, 1, WAIT.as_millis() as i32) } {
+        0 => Err(std::io::ErrorKind::TimedOut.into()),
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+/// One read on a non-blocking socket, waiting in poll(2) while there is nothing to read.
+fn read_polled(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(s, libc::POLLIN)?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
+/// Writes all of `data` to a non-blocking socket, waiting in poll(2) while it is full.
+fn write_all_polled(s: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match s.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(s, libc::POLLOUT)?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Mesh {
+    fn dst(&self) -> SocketAddr {
+        SocketAddr::new(self.server.ip4().into(), ECHO_PORT)
+    }
+
+    /// A non-blocking connection from `client` to the echo server.
+    fn connect(&self) -> TcpStream {
+        let dst = self.dst();
+        let s = self.client.run(move || TcpStream::connect_timeout(&dst, WAIT)).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s
+    }
+
+    /// `GET /shortcut` (or `POST` with `enabled`) on node `n`'s admin port.
+    fn shortcut(&self, n: usize, enabled: Option<bool>) -> Value {
+        let node = if n == 0 { &self.n0 } else { &self.n1 };
+        let admin = node.agent().admin().expect("admin").admin_addr;
+        let (method, path) = match enabled {
+            Some(on) => ("POST", format!("/shortcut?enabled={on}")),
+            None => ("GET", "/shortcut".to_string()),
+        };
+        let mut s = TcpStream::connect_timeout(&admin, WAIT).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{out}");
+        serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    fn count(&self, n: usize, what: &str) -> u64 {
+        self.shortcut(n, None)[what].as_u64().unwrap_or_else(|| panic!("no {what}"))
+    }
+
+    /// Waits until neither agent tracks a socket (every closed socket left the maps).
+    fn wait_untracked(&self) {
+        let deadline = Instant::now() + WAIT;
+        while self.count(0, "trackedSockets") + self.count(1, "trackedSockets") > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "entries outlived their sockets: {} / {}",
+                self.shortcut(0, None),
+                self.shortcut(1, None)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` in one thread (then half-closes) while reading the echo to EOF in this one.
+fn round_trip(s: TcpStream, data: Vec<u8>) -> Vec<u8> {
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        for chunk in data.chunks(61 * 1024 + 17) {
+            write_all_polled(&mut w, chunk).unwrap();
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    let mut r = s;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match read_polled(&mut r, &mut buf).unwrap() {
+            0 => break,
+            n => back.extend_from_slice(&buf[..n]),
+        }
+    }
+    writer.join().unwrap();
+    back
+}
+
+#[test]
+fn shortcut_pairs_both_legs_on_both_nodes_and_redirects() {
+    let m = mesh(1024);
+    let back = round_trip(m.connect(), b"hello through the shortcut".to_vec());
+    assert_eq!(back, b"hello through the shortcut");
+    for n in [0, 1] {
+        let r = m.shortcut(n, None);
+        assert_eq!((r["installed"].as_bool(), r["enabled"].as_bool()), (Some(true), Some(true)), "{r}");
+        // Node 0: the app and the proxy's 15001 socket; node 1: the proxy's dial and the app.
+        assert!(r["paired"].as_u64().unwrap() >= 2, "node {n}: {r}");
+        assert!(r["redirected"].as_u64().unwrap() >= 1, "node {n}: {r}");
+    }
+    let metrics = m.n0.agent().metrics().encode();
+    let redirected = metrics
+        .lines()
+        .find(|l| l.starts_with("ztunnel_sockmap_shortcut_events_total{event=\"redirected\"}"))
+        .unwrap_or_else(|| panic!("no redirected series:\n{metrics}"));
+    assert!(!redirected.ends_with(" 0"), "{redirected}");
+    m.wait_untracked();
+}
+
+#[test]
+fn payloads_from_1_byte_to_16_mib_cross_the_shortcut_intact_with_half_close() {
+    let m = mesh(1024);
+    let before = m.count(0, "redirected") + m.count(1, "redirected");
+    for (i, len) in [1usize, 2, 1000, 16 * 1024, 65536 + 7, 1024 * 1024 + 3, 16 * 1024 * 1024].into_iter().enumerate() {
+        let data = payload(len, i as u64 + 1);
+        let back = round_trip(m.connect(), data.clone());
+        assert_eq!(back.len(), len, "{len}-byte payload came back as {} bytes", back.len());
+        assert!(back == data, "{len}-byte payload came back corrupted");
+    }
+    let after = m.count(0, "redirected") + m.count(1, "redirected");
+    assert!(after - before >= 14, "sends did not take the shortcut: {before} -> {after}");
+    let r0 = m.shortcut(0, None);
+    assert_eq!(r0["redirectFailed"].as_u64(), Some(0), "{r0}");
+    m.wait_untracked();
+}
+
+#[test]
+fn sixty_four_concurrent_connections_arrive_checksummed() {
+    let m = mesh(1024);
+    let conns: Vec<TcpStream> = (0..64).map(|_| m.connect()).collect();
+    let workers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            thread::spawn(move || {
+                let data = payload(200 * 1024 + i, 1000 + i as u64);
+                let back = round_trip(s, data.clone());
+                back == data
+            })
+        })
+        .collect();
+    let ok = workers.into_iter().map(|w| w.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!(ok, 64, "some connections came back wrong");
+    assert!(m.count(0, "paired") >= 128, "{}", m.shortcut(0, None));
+    m.wait_untracked();
+}
+
+#[test]
+fn a_reset_from_the_app_reaches_the_client_across_the_shortcut() {
+    let m = mesh(1024);
+    // An app that reads one line and resets (SO_LINGER 0) instead of answering.
+    let listener = m.server.run(|| TcpListener::bind(("::", 9001))).unwrap();
+    thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut b = [0u8; 8];
+            let _ = s.read(&mut b);
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: setsockopt on a socket we own, with a correctly sized value.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                let len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    len,
+                );
+            }
+        }
+    });
+    let dst = SocketAddr::new(m.server.ip4().into(), 9001);
+    let mut s = m.client.run(move || TcpStream::connect_timeout(&dst, WAIT)).unwrap();
+    s.set_nonblocking(true).unwrap();
+    write_all_polled(&mut s, b"bye\n").unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let ended = match read_polled(&mut s, &mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::TimedOut,
+    };
+    assert!(ended && started.elapsed() < WAIT, "the client's connection outlived the app's reset");
+    drop(s);
+    m.wait_untracked();
+}
+
+#[test]
+fn the_kill_switch_under_load_completes_every_connection() {
+    let m = mesh(1024);
+    // 16 connections, each streaming 8 MiB in pieces while the switch flips off mid-way.
+    let workers: Vec<_> = (0..16)
+        .map(|i| {
+            let s = m.connect();
+            thread::spawn(move || {
+                let data = payload(8 * 1024 * 1024, 77 + i);
+                round_trip(s, data.clone()) == data
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(150));
+    for n in [0, 1] {
+        let r = m.shortcut(n, Some(false));
+        assert_eq!(r["enabled"].as_bool(), Some(false), "{r}");
+    }
+    let ok = workers.into_iter().map(|w| w.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!(ok, 16, "connections in flight when the switch flipped did not complete intact");
+    let switched = m.count(0, "switchedOff") + m.count(1, "switchedOff");
+    assert!(switched > 0, "no send saw the switch off: {} {}", m.shortcut(0, None), m.shortcut(1, None));
+    // Off: new connections are not paired, and still work.
+    let paired = m.count(0, "paired");
+    assert_eq!(round_trip(m.connect(), b"after".to_vec()), b"after");
+    assert_eq!(m.count(0, "paired"), paired, "a socket was paired with the switch off");
+    // On again: new connections are paired again, without a restart.
+    m.shortcut(0, Some(true));
+    assert_eq!(round_trip(m.connect(), b"again".to_vec()), b"again");
+    assert!(m.count(0, "paired") > paired, "{}", m.shortcut(0, None));
+    m.wait_untracked();
+}
+
+#[test]
+fn a_full_map_falls_back_to_tcp_without_dropping() {
+    // Room for one leg's two sockets: the rest of 8 concurrent connections cannot be tracked.
+    let m = mesh(2);
+    let conns: Vec<TcpStream> = (0..8).map(|_| m.connect()).collect();
+    let workers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            thread::spawn(move || round_trip(s, payload(300 * 1024, i as u64 + 5)) == payload(300 * 1024, i as u64 + 5))
+        })
+        .collect();
+    let ok = workers.into_iter().map(|w| w.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!(ok, 8, "a connection was lost when the shortcut's map was full");
+    let full = m.count(0, "mapFull") + m.count(1, "mapFull");
+    assert!(full > 0, "the map never filled: {} {}", m.shortcut(0, None), m.shortcut(1, None));
+    m.wait_untracked();
+}

@@ -1,0 +1,164 @@
+//! Installing and switching the sockmap shortcut (`shortcut_pair` + `shortcut_redirect`,
+//! see the kernel programs): opt-in, with a kill switch in a map that takes effect on the
+//! next send of every connection, and counters for each reason a socket stays on the
+//! normal path.
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::Ebpf;
+use ztunnel_common::{ShortcutEvent, ShortcutKey};
+
+use super::{attach_cgroup, map_err, prog_err, replace_pinned_with, sys, CaptureError, APPENDED, ATTACH_SOCK_OPS};
+
+/// Pin of the sock_ops link that pairs sockets (under `links/`).
+pub(super) const PAIR_LINK: &str = "shortcut";
+/// Pin of the sk_msg link on the `SHORTCUT` map (under `links/`).
+pub(super) const MSG_LINK: &str = "shortcut_msg";
+/// `BPF_SK_MSG_VERDICT` in `enum bpf_attach_type`.
+const ATTACH_SK_MSG_VERDICT: u32 = 7;
+
+/// Attaches both programs (replacing pinned links of an earlier agent) and turns the
+/// switch on.
+pub(super) fn install(ebpf: &mut Ebpf, cgroup: std::os::fd::BorrowedFd<'_>, links: &Path) -> Result<(), CaptureError> {
+    attach_cgroup(ebpf, "shortcut_pair", ATTACH_SOCK_OPS, cgroup, &links.join(PAIR_LINK), &APPENDED)?;
+    let name = "shortcut_redirect";
+    let prog: &mut aya::programs::SkMsg = super::program(ebpf, name)?;
+    prog.load().map_err(prog_err(name))?;
+    let prog_fd = program_fd(ebpf, name)?;
+    let pin = links.join(MSG_LINK);
+    let io = |what: &'static str| {
+        let path = pin.clone();
+        move |source| CaptureError::Io { what, path, source }
+    };
+    if pin.exists() {
+        // An earlier agent's link: the map allows one sk_msg program, so swap ours in.
+        sys::link_update_pinned(&pin, prog_fd.as_fd()).map_err(io("updating the sk_msg link"))?;
+    } else {
+        // No program was attached, so sockets still tracked may have sent through TCP
+        // unmarked; forget them all (they stay on the normal path) before attaching.
+        clear_state(ebpf)?;
+        let prog_fd = program_fd(ebpf, name)?;
+        let map_fd = shortcut_map_fd(ebpf)?;
+        let link = sys::link_create(prog_fd.as_fd(), map_fd.as_fd(), ATTACH_SK_MSG_VERDICT, 0)
+            .map_err(io("attaching sk_msg to"))?;
+        replace_pinned_with(&pin, |fresh| sys::obj_pin(&link, fresh))?;
+    }
+    set_switch(ebpf, true)
+}
+
+/// A duplicate of the loaded sk_msg program's fd.
+fn program_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, CaptureError> {
+    let Some(aya::programs::Program::SkMsg(p)) = ebpf.program(name) else {
+        return Err(prog_err(name)(aya::programs::ProgramError::UnexpectedProgramType));
+    };
+    let fd = p.fd().map_err(prog_err(name))?;
+    fd.as_fd().try_clone_to_owned().map_err(|e| {
+        prog_err(name)(aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }))
+    })
+}
+
+/// A duplicate of the `SHORTCUT` map's fd.
+fn shortcut_map_fd(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, CaptureError> {
+    let Some(aya::maps::Map::SockHash(m)) = ebpf.map("SHORTCUT") else {
+        return Err(map_err("SHORTCUT")(aya::maps::MapError::InvalidName { name: "SHORTCUT".into() }));
+    };
+    m.fd().as_fd().try_clone_to_owned().map_err(|e| {
+        map_err("SHORTCUT")(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }))
+    })
+}
+
+/// Forgets every tracked socket: each then stays on the normal path until it closes.
+fn clear_state(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let mut state: HashMap<&mut MapData, ShortcutKey, u32> =
+        HashMap::try_from(ebpf.map_mut("SHORTCUT_STATE").expect("map")).map_err(map_err("SHORTCUT_STATE"))?;
+    let keys: Vec<ShortcutKey> = state.keys().flatten().collect();
+    for k in keys {
+        let _ = state.remove(&k);
+    }
+    Ok(())
+}
+
+/// Detaches the shortcut's links if an earlier agent left them (the shortcut is off for
+/// this one) and turns the switch off, so sockets still in the map send through TCP.
+pub(super) fn remove(ebpf: &mut Ebpf, links: &Path) -> Result<(), CaptureError> {
+    set_switch(ebpf, false)?;
+    for pin in [PAIR_LINK, MSG_LINK] {
+        let p = links.join(pin);
+        sys::detach_pinned(&p).map_err(|source| CaptureError::Io { what: "detaching", path: p.clone(), source })?;
+    }
+    clear_state(ebpf)
+}
+
+/// The kill switch: `false` sends every following send of every connection through TCP
+/// (each socket then stays there) and pairs no new sockets; `true` pairs new ones again.
+pub(super) fn set_switch(ebpf: &mut Ebpf, on: bool) -> Result<(), CaptureError> {
+    let mut switch: Array<&mut MapData, u32> =
+        Array::try_from(ebpf.map_mut("SHORTCUT_SWITCH").expect("map")).map_err(map_err("SHORTCUT_SWITCH"))?;
+    switch.set(0, u32::from(on), 0).map_err(map_err("SHORTCUT_SWITCH"))
+}
+
+/// What the shortcut did, summed over CPUs, and how many sockets it tracks now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShortcutReport {
+    /// Whether the shortcut's programs are attached.
+    pub installed: bool,
+    /// The kill switch (true: redirecting).
+    pub enabled: bool,
+    /// Sockets in the map now (both ends of each leg).
+    pub tracked_sockets: u64,
+    pub paired: u64,
+    pub redirected: u64,
+    /// Sockets or sends left on the normal path, by reason.
+    pub map_full: u64,
+    pub peer_not_ready: u64,
+    pub switched_off: u64,
+    pub redirect_failed: u64,
+    /// Sends on sockets whose state was forgotten (normal path).
+    pub untracked: u64,
+    /// Tracked sockets that closed and left the maps.
+    pub closed: u64,
+}
+
+impl ShortcutReport {
+    /// Each counter with the `event` label the metrics give it.
+    pub fn events(&self) -> [(&'static str, u64); 8] {
+        [
+            ("paired", self.paired),
+            ("redirected", self.redirected),
+            ("map_full", self.map_full),
+            ("peer_not_ready", self.peer_not_ready),
+            ("switched_off", self.switched_off),
+            ("redirect_failed", self.redirect_failed),
+            ("untracked", self.untracked),
+            ("closed", self.closed),
+        ]
+    }
+}
+
+/// Reads the switch, the counters and the number of tracked sockets.
+pub(super) fn report(ebpf: &Ebpf, installed: bool) -> Result<ShortcutReport, CaptureError> {
+    let switch: Array<&MapData, u32> =
+        Array::try_from(ebpf.map("SHORTCUT_SWITCH").expect("map")).map_err(map_err("SHORTCUT_SWITCH"))?;
+    let events: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map("SHORTCUT_EVENTS").expect("map")).map_err(map_err("SHORTCUT_EVENTS"))?;
+    let get = |e: ShortcutEvent| -> Result<u64, CaptureError> {
+        Ok(events.get(&(e as u32), 0).map_err(map_err("SHORTCUT_EVENTS"))?.iter().sum())
+    };
+    let state: HashMap<&MapData, ShortcutKey, u32> =
+        HashMap::try_from(ebpf.map("SHORTCUT_STATE").expect("map")).map_err(map_err("SHORTCUT_STATE"))?;
+    Ok(ShortcutReport {
+        installed,
+        enabled: switch.get(&0, 0).map_err(map_err("SHORTCUT_SWITCH"))? == 1,
+        tracked_sockets: state.keys().flatten().count() as u64,
+        paired: get(ShortcutEvent::Paired)?,
+        redirected: get(ShortcutEvent::Redirected)?,
+        map_full: get(ShortcutEvent::MapFull)?,
+        peer_not_ready: get(ShortcutEvent::PeerNotReady)?,
+        switched_off: get(ShortcutEvent::SwitchedOff)?,
+        redirect_failed: get(ShortcutEvent::RedirectFailed)?,
+        untracked: get(ShortcutEvent::Untracked)?,
+        closed: get(ShortcutEvent::Closed)?,
+    })
+}
