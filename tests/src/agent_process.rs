@@ -15,6 +15,12 @@ pub struct AgentProcess {
     args: Vec<String>,
     binary: PathBuf,
     socket: PathBuf,
+    admin: std::net::SocketAddr,
+}
+
+/// A loopback port free right now (for a listener a child process opens next).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// CPU seconds (user + system) and resident memory of a process.
@@ -31,8 +37,6 @@ pub fn cluster_args(cluster: &Cluster, workloads_yaml: Option<&str>, more: &[&st
     let mut args: Vec<String> = vec![
         "--ca-state-dir".into(),
         crate::mesh::ca_dir(cluster).display().to_string(),
-        "--admin-addr".into(),
-        "127.0.0.1:0".into(),
         "--metrics-addr".into(),
         "127.0.0.1:0".into(),
         "--readiness-addr".into(),
@@ -51,7 +55,18 @@ pub fn cluster_args(cluster: &Cluster, workloads_yaml: Option<&str>, more: &[&st
 impl AgentProcess {
     /// Starts `binary node` for `cluster.node(node)`, with extra CLI args.
     pub fn start(binary: &Path, cluster: &Cluster, node: usize, extra: &[String]) -> Result<Self> {
-        Self::spawn(binary, cluster, node, extra, None)
+        Self::spawn(binary, cluster, node, extra, None, None)
+    }
+
+    /// Like [`AgentProcess::start`], with the agent's log (stdout) written to `log`.
+    pub fn start_logging_to(
+        binary: &Path,
+        cluster: &Cluster,
+        node: usize,
+        extra: &[String],
+        log: &Path,
+    ) -> Result<Self> {
+        Self::spawn(binary, cluster, node, extra, None, Some(log))
     }
 
     /// Starts `binary node --inpod-uds <zds>`: the agent connects to that ZDS socket (Istio's
@@ -63,10 +78,17 @@ impl AgentProcess {
         zds: &Path,
         extra: &[String],
     ) -> Result<Self> {
-        Self::spawn(binary, cluster, node, extra, Some(zds))
+        Self::spawn(binary, cluster, node, extra, Some(zds), None)
     }
 
-    fn spawn(binary: &Path, cluster: &Cluster, node: usize, extra: &[String], zds: Option<&Path>) -> Result<Self> {
+    fn spawn(
+        binary: &Path,
+        cluster: &Cluster,
+        node: usize,
+        extra: &[String],
+        zds: Option<&Path>,
+        log: Option<&Path>,
+    ) -> Result<Self> {
         crate::mesh::ensure_bpffs()?;
         let n = cluster.node(node);
         let name = format!("{}-node{node}", cluster.prefix());
@@ -90,14 +112,19 @@ impl AgentProcess {
         if let Some(zds) = zds {
             args.extend(["--inpod-uds".to_string(), zds.display().to_string()]);
         }
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        args.extend(["--admin-addr".to_string(), admin.to_string()]);
         args.extend(extra.iter().cloned());
         let child = Command::new(binary)
             .args(&args)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).context("agent log file")?),
+                None => Stdio::null(),
+            })
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let mut me = Self { child, args, binary: binary.to_path_buf(), socket };
+        let mut me = Self { child, args, binary: binary.to_path_buf(), socket, admin };
         if zds.is_some() {
             return Ok(me);
         }
@@ -132,6 +159,26 @@ impl AgentProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends `method path` to the agent's admin port; the status code and body.
+    pub fn admin(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    }
+
+    /// Flips the sockmap shortcut's kill switch (`POST /shortcut`); fails unless the agent
+    /// runs with the shortcut installed.
+    pub fn set_shortcut(&self, enabled: bool) -> Result<()> {
+        let (status, body) = self.admin("POST", &format!("/shortcut?enabled={enabled}"))?;
+        anyhow::ensure!(status == 200, "POST /shortcut: {status} {body}");
+        Ok(())
     }
 
     /// The agent's process id.

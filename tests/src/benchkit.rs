@@ -21,7 +21,11 @@ pub struct Sample {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_qps: f64,
+    /// Max keep-alive rate over 64 connections.
+    pub max_qps_c64: f64,
     pub conns_per_sec: f64,
+    /// HTTP requests each on its own connection (`Connection: close`), 8 at a time.
+    pub churn_per_sec: f64,
     /// Proxy CPU seconds per 1000 requests during the max-rate run (mesh only).
     pub cpu_s_per_1k: f64,
     /// Proxy CPU seconds per GB during the throughput run (mesh only).
@@ -29,8 +33,9 @@ pub struct Sample {
 }
 
 /// Measures `client` → `dst` for `secs` per measurement: one-stream throughput, latency at
-/// 1000 qps over 16 connections with 1 KiB payloads, max keep-alive rate over 16
-/// connections, new connections per second over 8; `cpu` reads the CPU seconds used so far
+/// 1000 qps over 16 connections with 1 KiB payloads, max keep-alive rate over 16 and over 64
+/// connections, new connections per second over 8, and HTTP connection churn (a connection
+/// per request, `Connection: close`) over 8; `cpu` reads the CPU seconds used so far
 /// by the proxies that carry this traffic (none for the baseline).
 pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -> f64>) -> Result<Sample> {
     let d = Duration::from_secs_f64(secs);
@@ -43,6 +48,10 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
     let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
     let cpu_after = now();
     let conns = client.run(move || blocking::connection_rate(dst, d, 8)).context("connection rate")?;
+    let c64 = client.run(move || blocking::max_rate(dst, 64, d)).context("max rate c64")?;
+    let churn = client
+        .run(move || blocking::connection_rate_with(dst, d, 8, crate::loadgen::Protocol::Http))
+        .context("connection churn")?;
     let reqs = max.duration_histogram.count as f64;
     let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
     Ok(Sample {
@@ -51,7 +60,9 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
         p90_ms: ms(90.0),
         p99_ms: ms(99.0),
         max_qps: max.actual_qps,
+        max_qps_c64: c64.actual_qps,
         conns_per_sec: conns,
+        churn_per_sec: churn,
         cpu_s_per_1k: if cpu.is_none() || reqs == 0.0 { 0.0 } else { (cpu_after - cpu_before) / reqs * 1000.0 },
         cpu_s_per_gb: if cpu.is_none() { 0.0 } else { tput_cpu / (tput * secs / 1e9) },
     })

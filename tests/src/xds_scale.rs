@@ -58,9 +58,7 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+use crate::agent_process::free_port;
 
 /// GET `path` from `addr`; the body.
 fn http_get(addr: SocketAddr, path: &str) -> Result<String> {

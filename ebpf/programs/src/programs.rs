@@ -10,6 +10,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
+use aya_log_ebpf::{debug, error};
 use ztunnel_common::{
     counter_index, v4_mapped, DialKey, IpKey, OrigDst, Outcome, PodEntry, PortKey, Program, TupleKey, COUNTER_SLOTS,
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK,
@@ -85,6 +86,18 @@ pub(crate) static PROXY_DIALS: LruHashMap<DialKey, u8> = LruHashMap::with_max_en
 /// The in-pod 15006 listener of each enrolled pod, keyed by the pod's netns cookie.
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<u64> = SockHash::with_max_entries(8192, 0);
+
+/// Slot 0: 1 while the programs log their decisions through aya-log (`AYA_LOGS`), switched
+/// at run time from the admin `/logging` endpoint (`ztunnel::ebpf=debug`); 0 by default, so
+/// a quiet kernel pays one array read per decision.
+#[map(name = "DIAG")]
+static DIAG: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(1, 0);
+
+/// Whether kernel-side diagnostics are switched on.
+#[inline(always)]
+pub(crate) fn diag() -> bool {
+    DIAG.get(0).is_some_and(|v| *v != 0)
+}
 
 /// Per-program outcome counters; see `ztunnel_common::counter_index`.
 #[map(name = "COUNTERS")]
@@ -182,7 +195,13 @@ pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = outbound_decision(&ctx, Program::Connect4, mark, addr, port) {
         // Fail closed: a capture we cannot record must not go out unproxied.
         if !remember(&ctx, Program::Connect4, &orig) {
+            if diag() {
+                error!(&ctx, "connect4 to {:i}:{} refused: original destination not recorded", u32::from_be(ip), port);
+            }
             return CONNECT_REFUSE;
+        }
+        if diag() {
+            debug!(&ctx, "connect4 to {:i}:{} captured to 127.0.0.1:15001", u32::from_be(ip), port);
         }
         unsafe {
             (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -216,7 +235,13 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
     if let Some(orig) = outbound_decision(&ctx, Program::Connect6, mark, addr, port) {
         if !remember(&ctx, Program::Connect6, &orig) {
+            if diag() {
+                error!(&ctx, "connect6 to [{:i}]:{} refused: original destination not recorded", addr, port);
+            }
             return CONNECT_REFUSE;
+        }
+        if diag() {
+            debug!(&ctx, "connect6 to [{:i}]:{} captured to 15001", addr, port);
         }
         let lo: [u8; 16] =
             if mapped { v4_mapped([127, 0, 0, 1]) } else { [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] };
@@ -437,11 +462,17 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, cookie, 0) {
         Ok(()) => {
             count(Program::SkLookup, Outcome::Captured);
+            if diag() {
+                debug!(&ctx, "inbound port {} from [{:i}] steered to the proxy's 15006", lport, remote);
+            }
             SK_PASS
         }
         Err(_) => {
             // Enrolled but no listener (proxy down): fail closed, the client gets a reset.
             count(Program::SkLookup, Outcome::Error);
+            if diag() {
+                error!(&ctx, "inbound port {} from [{:i}] dropped: the pod's proxy listener is gone", lport, remote);
+            }
             SK_DROP
         }
     }

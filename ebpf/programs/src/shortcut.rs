@@ -26,7 +26,7 @@ use ztunnel_common::{
     v4_mapped, DialKey, ShortcutEvent, ShortcutKey, OUTBOUND_PORT, SHORTCUT_EVENT_SLOTS, SHORTCUT_PLAIN, SHORTCUT_READY,
 };
 
-use crate::programs::{is_loopback, words_to_bytes, AF_INET, AF_INET6, ENROLLED, PROXY_DIALS, SK_PASS};
+use crate::programs::{diag, is_loopback, words_to_bytes, AF_INET, AF_INET6, ENROLLED, PROXY_DIALS, SK_PASS};
 
 /// The sockets of the proxy legs, each under its own view of the connection.
 #[map(name = "SHORTCUT")]
@@ -171,9 +171,18 @@ pub fn shortcut_pair(ctx: SockOpsContext) -> u32 {
 
 /// Marks the sending socket `own` as sending through TCP from now on and lets this send go.
 #[inline(always)]
-fn stay_plain(own: &ShortcutKey, why: ShortcutEvent) -> u32 {
+fn stay_plain(ctx: &SkMsgContext, own: &ShortcutKey, why: ShortcutEvent) -> u32 {
     let _ = SHORTCUT_STATE.insert(own, &SHORTCUT_PLAIN, BPF_EXIST as u64);
     event(why);
+    if diag() {
+        aya_log_ebpf::debug!(
+            ctx,
+            "shortcut: port {} -> {} stays on TCP (reason {})",
+            own.local_port,
+            own.remote_port,
+            why as u32
+        );
+    }
     SK_PASS
 }
 
@@ -210,15 +219,15 @@ pub fn shortcut_redirect(ctx: SkMsgContext) -> u32 {
         }
     }
     if !switched_on() {
-        return stay_plain(&own, ShortcutEvent::SwitchedOff);
+        return stay_plain(&ctx, &own, ShortcutEvent::SwitchedOff);
     }
     let mut peer = own.peer();
     if unsafe { SHORTCUT_STATE.get(&peer) }.is_none() {
-        return stay_plain(&own, ShortcutEvent::PeerNotReady);
+        return stay_plain(&ctx, &own, ShortcutEvent::PeerNotReady);
     }
     if SHORTCUT.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) as u32 != SK_PASS {
         // Not redirected (the peer left the map): this send takes TCP instead of being lost.
-        return stay_plain(&own, ShortcutEvent::RedirectFailed);
+        return stay_plain(&ctx, &own, ShortcutEvent::RedirectFailed);
     }
     event(ShortcutEvent::Redirected);
     SK_PASS

@@ -4,8 +4,12 @@
 //! Scenarios (pod -> pod): `no-mesh` (pods not enrolled: the physical limit, cross-node),
 //! `captured-tcp` (both pods enrolled but not mesh workloads: eBPF capture -> in-pod proxy
 //! -> plain TCP -> in-pod proxy -> app), `hbone` (mesh workloads: capture -> outbound ->
-//! HBONE mTLS -> inbound -> app, cross-node) and `hbone-same-node`. Node agents run as
-//! separate release `ztunnel node` processes so their CPU and memory are measured alone.
+//! HBONE mTLS -> inbound -> app, cross-node), `hbone+sockmap` (the same with the sockmap
+//! shortcut switched on for the in-pod legs), and on one node: `no-mesh-same-node`,
+//! `same-node` (the in-process fast path), `same-node+sockmap` and `same-node-hbone` (an
+//! agent with the fast path off, on a third node). Node agents run as separate release
+//! `ztunnel node` processes so their CPU and memory are measured alone; the shortcut is
+//! installed on nodes 0 and 1 and switched per scenario through the admin endpoint.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,23 +72,28 @@ fn main() -> Result<()> {
         return mesh_tests::side_by_side::run(&binary, o.rounds, o.secs, o.perf);
     }
 
-    let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
+    let mut c = Cluster::new(3).context("mini-cluster (needs root)")?;
     let plain_c = c.add_pod(0, "plainc")?;
     let plain_s = c.add_pod(1, "plains")?;
+    let plain_local = c.add_pod(0, "plainl")?;
+    let tls_c = c.add_pod(2, "tlsc")?;
+    let tls_local = c.add_pod(2, "tlsl")?;
     let tcp_c = c.add_pod(0, "tcpc")?;
     let tcp_s = c.add_pod(1, "tcps")?;
     let mesh_c = c.add_pod(0, "meshc")?;
     let mesh_s = c.add_pod(1, "meshs")?;
     let mesh_local = c.add_pod(0, "meshl")?;
+    let mesh_pods = [&mesh_c, &mesh_s, &mesh_local, &tls_c, &tls_local];
     let yaml = format!(
-        "workloads:\n{}{}{}",
-        workload_yaml(&mesh_c, "default", mesh_c.name(), ""),
-        workload_yaml(&mesh_s, "default", mesh_s.name(), ""),
-        workload_yaml(&mesh_local, "default", mesh_local.name(), ""),
+        "workloads:\n{}",
+        mesh_pods.iter().map(|p| workload_yaml(p, "default", p.name(), "")).collect::<String>()
     );
     let extra = cluster_args(&c, Some(&yaml), &[])?;
-    let a0 = AgentProcess::start(&binary, &c, 0, &extra)?;
-    let a1 = AgentProcess::start(&binary, &c, 1, &extra)?;
+    let with = |more: &[&str]| extra.iter().cloned().chain(more.iter().map(|s| s.to_string())).collect::<Vec<_>>();
+    let shortcut = with(&["--sockmap-shortcut", "true"]);
+    let a0 = AgentProcess::start(&binary, &c, 0, &shortcut)?;
+    let a1 = AgentProcess::start(&binary, &c, 1, &shortcut)?;
+    let a2 = AgentProcess::start(&binary, &c, 2, &with(&["--same-node-fast-path", "false"]))?;
     std::thread::sleep(Duration::from_millis(500));
     let idle: Vec<Usage> = vec![a0.usage()?, a1.usage()?];
     for p in [&tcp_c, &mesh_c, &mesh_local] {
@@ -93,20 +102,35 @@ fn main() -> Result<()> {
     for p in [&tcp_s, &mesh_s] {
         a1.enroll(p)?;
     }
-    let _servers: Vec<EchoServer> =
-        [&plain_s, &tcp_s, &mesh_s, &mesh_local].iter().map(|p| start_server(p)).collect::<Result<_>>()?;
+    for p in [&tls_c, &tls_local] {
+        a2.enroll(p)?;
+    }
+    let _servers: Vec<EchoServer> = [&plain_s, &plain_local, &tcp_s, &mesh_s, &mesh_local, &tls_local]
+        .iter()
+        .map(|p| start_server(p))
+        .collect::<Result<_>>()?;
 
-    let scenarios: Vec<(&str, &Pod, SocketAddr, Vec<&AgentProcess>)> = vec![
-        ("no-mesh", &plain_c, SocketAddr::new(plain_s.ip4().into(), PORT), vec![]),
-        ("captured-tcp", &tcp_c, SocketAddr::new(tcp_s.ip4().into(), PORT), vec![&a0, &a1]),
-        ("hbone", &mesh_c, SocketAddr::new(mesh_s.ip4().into(), PORT), vec![&a0, &a1]),
-        ("hbone-same-node", &mesh_c, SocketAddr::new(mesh_local.ip4().into(), PORT), vec![&a0]),
+    let at = |p: &Pod| SocketAddr::new(p.ip4().into(), PORT);
+    // Name, client, server, the agents carrying it, the sockmap shortcut on for it.
+    type Scenario<'a> = (&'a str, &'a Pod, SocketAddr, Vec<&'a AgentProcess>, bool);
+    let scenarios: Vec<Scenario> = vec![
+        ("no-mesh", &plain_c, at(&plain_s), vec![], false),
+        ("captured-tcp", &tcp_c, at(&tcp_s), vec![&a0, &a1], false),
+        ("hbone", &mesh_c, at(&mesh_s), vec![&a0, &a1], false),
+        ("hbone+sockmap", &mesh_c, at(&mesh_s), vec![&a0, &a1], true),
+        ("no-mesh-same-node", &plain_c, at(&plain_local), vec![], false),
+        ("same-node", &mesh_c, at(&mesh_local), vec![&a0], false),
+        ("same-node+sockmap", &mesh_c, at(&mesh_local), vec![&a0], true),
+        ("same-node-hbone", &tls_c, at(&tls_local), vec![&a2], false),
     ];
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     for round in 0..o.rounds {
-        for (name, client, dst, agents) in &scenarios {
-            if *name != "no-mesh" && !o.only.is_empty() && !o.only.iter().any(|x| x == name) {
+        for (name, client, dst, agents, sockmap) in &scenarios {
+            if !name.starts_with("no-mesh") && !o.only.is_empty() && !o.only.iter().any(|x| x == name) {
                 continue;
+            }
+            for a in [&a0, &a1] {
+                a.set_shortcut(*sockmap)?;
             }
             let cpu = || -> f64 { agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum() };
             let cpu: Option<&dyn Fn() -> f64> = if agents.is_empty() { None } else { Some(&cpu) };
@@ -116,16 +140,22 @@ fn main() -> Result<()> {
         }
     }
     let loaded: Vec<Usage> = vec![a0.usage()?, a1.usage()?];
+    for a in [&a0, &a1] {
+        let (_, report) = a.admin("GET", "/shortcut")?;
+        eprintln!("sockmap shortcut: {}", report.trim());
+    }
 
     let med = |name: &str, f: fn(&Sample) -> f64| median(samples[name].iter().map(f).collect());
     type Metric = (&'static str, fn(&Sample) -> f64, bool);
-    let metrics: [Metric; 6] = [
+    let metrics: [Metric; 8] = [
         ("throughput Mbit/s (1 stream)", |s| s.throughput_mbps, true),
         ("p50 ms (c16, 1000 qps, 1 KiB)", |s| s.p50_ms, false),
         ("p90 ms", |s| s.p90_ms, false),
         ("p99 ms", |s| s.p99_ms, false),
         ("max keep-alive req/s (c16)", |s| s.max_qps, true),
+        ("max keep-alive req/s (c64)", |s| s.max_qps_c64, true),
         ("new connections/s (c8)", |s| s.conns_per_sec, true),
+        ("HTTP churn req/s (close, c8)", |s| s.churn_per_sec, true),
     ];
     let names: Vec<&str> = scenarios.iter().map(|s| s.0).filter(|n| samples.contains_key(n)).collect();
     print!("\n{:<30} {:>11}", "metric (median; ratio to no-mesh)", "no-mesh");
@@ -161,6 +191,25 @@ fn main() -> Result<()> {
         println!();
         report.insert(label.into(), row.into());
     }
+    // Same-node scenarios against the same-node baseline (the table's ratios are to the
+    // cross-node one).
+    if samples.contains_key("no-mesh-same-node") {
+        for n in ["same-node", "same-node+sockmap", "same-node-hbone"] {
+            if !samples.contains_key(n) {
+                continue;
+            }
+            let (tp, p50, qps) = (
+                med(n, |s| s.throughput_mbps) / med("no-mesh-same-node", |s| s.throughput_mbps),
+                med(n, |s| s.p50_ms) / med("no-mesh-same-node", |s| s.p50_ms),
+                med(n, |s| s.max_qps) / med("no-mesh-same-node", |s| s.max_qps),
+            );
+            println!("{n:<30} vs no-mesh-same-node: throughput {tp:.3}x, p50 {p50:.3}x, max req/s {qps:.3}x");
+            report.insert(
+                format!("{n} vs no-mesh-same-node"),
+                serde_json::json!({"throughput": tp, "p50": p50, "max_qps": qps}),
+            );
+        }
+    }
     let rss = |u: &[Usage]| u.iter().map(|x| x.rss_bytes as f64 / 1e6).fold(0.0, f64::max);
     println!("{:<30} {:>11} {:>24.1}", "agent RSS MB idle (max of 2)", "-", rss(&idle));
     println!("{:<30} {:>11} {:>24.1}", "agent RSS MB after load", "-", rss(&loaded));
@@ -174,6 +223,7 @@ fn main() -> Result<()> {
     println!("\nfull results: {}", out.join("capture.json").display());
     a0.stop_and_uninstall()?;
     a1.stop_and_uninstall()?;
+    a2.stop_and_uninstall()?;
     let _ = std::fs::remove_file(mesh_config_path(&c));
     let _ = std::fs::remove_dir_all(ca_dir(&c));
     Ok(())

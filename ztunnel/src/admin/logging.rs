@@ -22,6 +22,7 @@ pub enum LogLevelError {
 }
 
 type ApplyFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+type WatchFn = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Holds the current log directive and, optionally, a hook that applies a new one to the live
 /// tracing subscriber; shared by the admin thread so operators can raise verbosity without a
@@ -29,6 +30,8 @@ type ApplyFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 pub struct LogControl {
     current: Mutex<String>,
     apply: Option<ApplyFn>,
+    /// Told every directive that was applied (e.g. to switch the kernel programs' logging).
+    watchers: Mutex<Vec<WatchFn>>,
 }
 
 impl std::fmt::Debug for LogControl {
@@ -41,13 +44,13 @@ impl LogControl {
     /// A control that only records the requested level (nothing is reloaded); used when the
     /// process installed no reloadable filter, so `/logging` still answers consistently.
     pub fn record_only(initial: impl Into<String>) -> Self {
-        LogControl { current: Mutex::new(initial.into()), apply: None }
+        LogControl { current: Mutex::new(initial.into()), apply: None, watchers: Mutex::default() }
     }
 
     /// A control that calls `apply` with each validated, normalised directive string
     /// (e.g. `"info,ztunnel::proxy=debug"`), for subscribers other than an `EnvFilter`.
     pub fn new(initial: impl Into<String>, apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> Self {
-        LogControl { current: Mutex::new(initial.into()), apply: Some(Box::new(apply)) }
+        LogControl { current: Mutex::new(initial.into()), apply: Some(Box::new(apply)), watchers: Mutex::default() }
     }
 
     /// A control that swaps the `EnvFilter` behind a `tracing_subscriber::reload` layer, the
@@ -77,7 +80,41 @@ impl LogControl {
             apply(&normalized).map_err(LogLevelError::Apply)?;
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = normalized.clone();
+        for w in self.watchers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            w(&normalized);
+        }
         Ok(normalized)
+    }
+
+    /// Calls `watch` with the directive now in force and with each one applied later.
+    pub fn on_change(&self, watch: impl Fn(&str) + Send + Sync + 'static) {
+        watch(&self.current());
+        self.watchers.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(watch));
+    }
+}
+
+/// Whether the directive list `spec` (as [`LogControl::current`] gives it) lets events of
+/// `target` at `level` through: the directive with the longest target that is `target` or
+/// a `::` parent of it decides, else the bare level, else `info` (EnvFilter's rules, for
+/// the plain directives `/logging` accepts).
+pub fn directive_enables(spec: &str, target: &str, level: &str) -> bool {
+    let rank = |l: &str| LEVELS.iter().position(|x| x.eq_ignore_ascii_case(l));
+    let mut best: Option<(usize, &str)> = None;
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (t, l) = match d.split_once('=') {
+            Some((t, l)) => (t, l),
+            None if rank(d).is_some() => ("", d),
+            None => continue,
+        };
+        let covers = t.is_empty() || target == t || target.strip_prefix(t).is_some_and(|rest| rest.starts_with("::"));
+        if covers && best.is_none_or(|(len, _)| t.len() >= len) {
+            best = Some((t.len(), l));
+        }
+    }
+    let allowed = best.map(|(_, l)| l).unwrap_or("info");
+    match (rank(allowed), rank(level)) {
+        (Some(a), Some(l)) => l <= a && l > 0,
+        _ => false,
     }
 }
 
@@ -133,6 +170,29 @@ mod tests {
         assert!(matches!(normalize("info,x=loud"), Err(LogLevelError::Invalid(_))));
         assert!(matches!(normalize("ztunnel::debug"), Err(LogLevelError::Invalid(_))));
         assert!(matches!(normalize("a b=debug"), Err(LogLevelError::Invalid(_))));
+    }
+
+    #[test]
+    fn enables_picks_the_most_specific_directive() {
+        assert!(!directive_enables("info", "ztunnel::ebpf", "debug"));
+        assert!(directive_enables("debug", "ztunnel::ebpf", "debug"));
+        assert!(directive_enables("info,ztunnel::ebpf=debug", "ztunnel::ebpf", "debug"));
+        assert!(directive_enables("warn,ztunnel=trace", "ztunnel::ebpf", "debug"));
+        assert!(!directive_enables("debug,ztunnel::ebpf=info", "ztunnel::ebpf", "debug"));
+        assert!(!directive_enables("ztunnel::ebpfx=debug", "ztunnel::ebpf", "debug"), "a name prefix is not a parent");
+        assert!(!directive_enables("off", "ztunnel::ebpf", "error"));
+        assert!(directive_enables("", "ztunnel::ebpf", "info"), "EnvFilter's default");
+    }
+
+    #[test]
+    fn watchers_see_the_current_and_each_new_directive() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let ctl = LogControl::record_only("info");
+        let s = seen.clone();
+        ctl.on_change(move |d| s.lock().unwrap().push(d.to_string()));
+        ctl.set("info,ztunnel::ebpf=debug").unwrap();
+        assert!(ctl.set("loud").is_err());
+        assert_eq!(*seen.lock().unwrap(), vec!["info".to_string(), "info,ztunnel::ebpf=debug".to_string()]);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 mod logging;
 
-pub use logging::{LogControl, LogLevelError};
+pub use logging::{directive_enables, LogControl, LogLevelError};
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};

@@ -72,10 +72,23 @@ pub(super) fn start_admin(
         tracing::info!("/quitquitquit: exiting");
         std::process::exit(0);
     });
-    let server = match log {
-        Some(log) => crate::admin::start_with_logging(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit, log),
-        None => crate::admin::start(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit),
-    }?;
+    // A record-only control when the process installed no reloadable filter, so the kernel
+    // programs' logging can still be switched from `/logging`.
+    let log = log.unwrap_or_else(|| {
+        let initial = tracing::level_filters::LevelFilter::current().to_string().to_ascii_lowercase();
+        Arc::new(crate::admin::LogControl::record_only(initial))
+    });
+    let weak = Arc::downgrade(shared);
+    log.on_change(move |directives| {
+        let on = crate::admin::directive_enables(directives, crate::redirect::KERNEL_LOG_TARGET, "debug");
+        if let Some(s) = weak.upgrade() {
+            match s.capture.set_kernel_logging(on) {
+                Ok(()) => tracing::info!(enabled = on, "kernel-side capture logging switched"),
+                Err(e) => tracing::warn!(error = %e, "switching kernel-side capture logging failed"),
+            }
+        }
+    });
+    let server = crate::admin::start_with_logging(cfg, shared.mesh.metrics.clone(), dump, ready, on_quit, log)?;
     let weak = Arc::downgrade(shared);
     server.serve_shortcut_switch(Arc::new(move |wanted| {
         let s = weak.upgrade().ok_or("the agent is stopping")?;

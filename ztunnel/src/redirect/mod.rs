@@ -6,6 +6,7 @@
 //! A restarted agent loads fresh programs against the pinned maps, attaches them, then
 //! detaches the previous links, so the kernel never holds two copies of ours.
 mod cgroup;
+mod diag;
 mod maps;
 mod probe;
 mod shortcut;
@@ -23,6 +24,7 @@ use aya::Ebpf;
 use ztunnel_common::{IpKey, PodEntry};
 
 pub use cgroup::{bpffs_mounted, cgroup2_root};
+pub use diag::TARGET as KERNEL_LOG_TARGET;
 pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts, ProxyDials};
 pub use probe::{check_kernel, Feature, KernelTooOld, MissingFeature, FEATURES, FOREIGN_PROXY_FEATURES, KERNEL_FLOOR};
 pub use shortcut::ShortcutReport;
@@ -30,7 +32,9 @@ pub use shortcut::ShortcutReport;
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
-const MAP_NAMES: [&str; 16] = [
+const MAP_NAMES: [&str; 18] = [
+    "AYA_LOGS",
+    "DIAG",
     "SHORTCUT",
     "SHORTCUT_STATE",
     "SHORTCUT_SWITCH",
@@ -167,6 +171,8 @@ pub struct Capture {
     ebpf: Mutex<Ebpf>,
     orig: OrigDstTable,
     dials: ProxyDials,
+    /// Drains the programs' log records into `tracing` (see `diag`).
+    _kernel_log: diag::KernelLogReader,
 }
 
 /// Where capture's connect programs run among other programs on the connect hooks, e.g. a
@@ -254,7 +260,10 @@ impl Capture {
         let dials = ProxyDials::new(
             aya::maps::MapData::from_pin(cfg.pin_dir.join("maps/PROXY_DIALS")).map_err(map_err("PROXY_DIALS"))?,
         )?;
-        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials })
+        // Quiet until an operator asks (`/logging` with `ztunnel::ebpf=debug`).
+        diag::set(&mut ebpf, false)?;
+        let kernel_log = diag::start_reader(&mut ebpf)?;
+        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials, _kernel_log: kernel_log })
     }
 
     /// Where the inbound proxy registers its dials to apps from clients' addresses.
@@ -362,6 +371,13 @@ impl Capture {
         let mut faults: aya::maps::Array<&mut MapData, u32> =
             aya::maps::Array::try_from(ebpf.map_mut("FAULTS").expect("map")).map_err(map_err("FAULTS"))?;
         faults.set(0, u32::from(on), 0).map_err(map_err("FAULTS"))
+    }
+
+    /// Switches the kernel programs' decision logging (aya-log, `tracing` target
+    /// `ztunnel::ebpf`) on or off, for every pod at once.
+    pub fn set_kernel_logging(&self, on: bool) -> Result<(), CaptureError> {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        diag::set(&mut ebpf, on)
     }
 
     /// The sockmap shortcut's kill switch (see [`CaptureConfig::sockmap_shortcut`]): takes
