@@ -124,10 +124,11 @@ pub fn shortcut_links() -> usize {
 }
 
 /// Whether test agents send connections between their own pods through the in-process
-/// fast path: yes unless `ZTUNNEL_SAME_NODE_FAST_PATH=false` (the `ztunnel node` flag's own
-/// variable, which agent processes read too), so CI runs the same tests both ways.
+/// fast path: only with `ZTUNNEL_SAME_NODE_FAST_PATH=true` (the `ztunnel node` flag's own
+/// variable, which agent processes read too; off by default like the flag), so CI runs the
+/// same tests both ways.
 pub fn same_node_fast_path() -> bool {
-    !matches!(std::env::var("ZTUNNEL_SAME_NODE_FAST_PATH").as_deref(), Ok("false" | "0" | "off"))
+    matches!(std::env::var("ZTUNNEL_SAME_NODE_FAST_PATH").as_deref(), Ok("true" | "1" | "on"))
 }
 
 /// bpffs mount point used for all pins.

@@ -70,7 +70,8 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
         workload_yaml(&ours.remote, "default", ours.remote.name(), ""),
         workload_yaml(&ours.local, "default", ours.local.name(), ""),
     );
-    let extra = cluster_args(&c, Some(&yaml), &[])?;
+    // Our agents with the same-node fast path on (off by default; see docs/decisions.md).
+    let extra = cluster_args(&c, Some(&yaml), &["--same-node-fast-path", "true"])?;
     let a0 = AgentProcess::start(ours_binary, &c, 0, &extra)?;
     let a1 = AgentProcess::start(ours_binary, &c, 1, &extra)?;
 

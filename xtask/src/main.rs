@@ -324,8 +324,8 @@ fn cargo_bin() -> String {
 /// `ztunnel node` flag does), its value, the suites, and tests left out in that mode.
 type ModeRun = (&'static str, &'static str, &'static [&'static str], &'static [&'static str]);
 
-/// The two non-default modes each must behave the same in: the sockmap shortcut on (off by
-/// default), and the same-node fast path off (on by default).
+/// The two non-default modes each must behave the same in: the sockmap shortcut on and the
+/// same-node fast path on (both off by default).
 const MODE_RUNS: [ModeRun; 2] = [
     (
         "ZTUNNEL_SOCKMAP_SHORTCUT",
@@ -336,7 +336,7 @@ const MODE_RUNS: [ModeRun; 2] = [
         // reason the shortcut is opt-in; docs/decisions.md, "Sockmap shortcut").
         &["bulk_data_and_half_close_cross_intact_both_ways"],
     ),
-    ("ZTUNNEL_SAME_NODE_FAST_PATH", "false", &["hbone", "policy", "bypass", "source_address", "restart"], &[]),
+    ("ZTUNNEL_SAME_NODE_FAST_PATH", "true", &["hbone", "policy", "bypass", "source_address", "restart"], &[]),
 ];
 
 /// The whole workspace's tests, then the data-path suites in each other mode; the first

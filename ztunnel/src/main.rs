@@ -291,9 +291,10 @@ struct NodeArgs {
     #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = true, action = clap::ArgAction::Set)]
     enable_orig_src: bool,
     /// Connections between two pods of this agent go from the outbound side to the
-    /// destination's inbound side inside the process (same policy, metrics and logs as
-    /// HBONE; no TLS, no extra TCP legs). `false` sends them through HBONE.
-    #[arg(long, env = "ZTUNNEL_SAME_NODE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    /// destination's inbound side inside the process (same mesh policy, metrics and logs as
+    /// HBONE; no TLS, no extra TCP legs). Off by default: no packet then passes between the
+    /// two pods, so the CNI's Kubernetes NetworkPolicy is not applied to that connection.
+    #[arg(long, env = "ZTUNNEL_SAME_NODE_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     same_node_fast_path: bool,
     /// Splice the in-pod loopback legs (app to proxy, proxy to app) with a SOCKHASH and an
     /// sk_msg program, past the loopback TCP stack. Opt-in; switch it off at run time with

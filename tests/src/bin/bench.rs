@@ -90,7 +90,7 @@ fn main() -> Result<()> {
     );
     let extra = cluster_args(&c, Some(&yaml), &[])?;
     let with = |more: &[&str]| extra.iter().cloned().chain(more.iter().map(|s| s.to_string())).collect::<Vec<_>>();
-    let shortcut = with(&["--sockmap-shortcut", "true"]);
+    let shortcut = with(&["--sockmap-shortcut", "true", "--same-node-fast-path", "true"]);
     let a0 = AgentProcess::start(&binary, &c, 0, &shortcut)?;
     let a1 = AgentProcess::start(&binary, &c, 1, &shortcut)?;
     let a2 = AgentProcess::start(&binary, &c, 2, &with(&["--same-node-fast-path", "false"]))?;
