@@ -165,11 +165,10 @@ fn register_collectors(shared: &Arc<Shared>) {
         "ztunnel_sockmap_shortcut_events",
         "What the sockmap shortcut did: sockets paired, sends redirected, and each reason a socket stayed on the normal path",
         Box::new(move || {
-            let Some(r) = weak.upgrade().and_then(|s| s.capture.shortcut().ok()) else { return vec![] };
-            if !r.installed {
+            let Some(e) = weak.upgrade().and_then(|s| s.capture.shortcut_events().ok().flatten()) else {
                 return vec![];
-            }
-            r.events().into_iter().map(|(event, v)| (vec![("event".to_string(), event.to_string())], v)).collect()
+            };
+            e.labelled().into_iter().map(|(event, v)| (vec![("event".to_string(), event.to_string())], v)).collect()
         }),
     );
     if let Some(xds) = shared.xds.clone() {

@@ -27,7 +27,7 @@ pub use cgroup::{bpffs_mounted, cgroup2_root};
 pub use diag::TARGET as KERNEL_LOG_TARGET;
 pub use maps::{CounterSnapshot, Exclusions, OrigDstTable, OutcomeCounts, ProxyDials};
 pub use probe::{check_kernel, Feature, KernelTooOld, MissingFeature, FEATURES, FOREIGN_PROXY_FEATURES, KERNEL_FLOOR};
-pub use shortcut::ShortcutReport;
+pub use shortcut::{ShortcutEvents, ShortcutReport};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
@@ -395,6 +395,16 @@ impl Capture {
     pub fn shortcut(&self) -> Result<ShortcutReport, CaptureError> {
         let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
         shortcut::report(&ebpf, self.cfg.sockmap_shortcut)
+    }
+
+    /// The sockmap shortcut's counters alone (cheap, for metrics); `None` when it is not
+    /// installed.
+    pub fn shortcut_events(&self) -> Result<Option<ShortcutEvents>, CaptureError> {
+        if !self.cfg.sockmap_shortcut {
+            return Ok(None);
+        }
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        shortcut::events(&ebpf).map(Some)
     }
 
     /// Per-program counters summed over CPUs.

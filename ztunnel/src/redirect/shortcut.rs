@@ -98,16 +98,10 @@ pub(super) fn set_switch(ebpf: &mut Ebpf, on: bool) -> Result<(), CaptureError> 
     switch.set(0, u32::from(on), 0).map_err(map_err("SHORTCUT_SWITCH"))
 }
 
-/// What the shortcut did, summed over CPUs, and how many sockets it tracks now.
+/// What the shortcut did, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ShortcutReport {
-    /// Whether the shortcut's programs are attached.
-    pub installed: bool,
-    /// The kill switch (true: redirecting).
-    pub enabled: bool,
-    /// Sockets in the map now (both ends of each leg).
-    pub tracked_sockets: u64,
+pub struct ShortcutEvents {
     pub paired: u64,
     pub redirected: u64,
     /// Sockets or sends left on the normal path, by reason.
@@ -121,9 +115,9 @@ pub struct ShortcutReport {
     pub closed: u64,
 }
 
-impl ShortcutReport {
+impl ShortcutEvents {
     /// Each counter with the `event` label the metrics give it.
-    pub fn events(&self) -> [(&'static str, u64); 8] {
+    pub fn labelled(&self) -> [(&'static str, u64); 8] {
         [
             ("paired", self.paired),
             ("redirected", self.redirected),
@@ -137,21 +131,29 @@ impl ShortcutReport {
     }
 }
 
-/// Reads the switch, the counters and the number of tracked sockets.
-pub(super) fn report(ebpf: &Ebpf, installed: bool) -> Result<ShortcutReport, CaptureError> {
-    let switch: Array<&MapData, u32> =
-        Array::try_from(ebpf.map("SHORTCUT_SWITCH").expect("map")).map_err(map_err("SHORTCUT_SWITCH"))?;
+/// The shortcut's switch, counters and how many sockets it tracks now (`/shortcut`,
+/// `/config_dump`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShortcutReport {
+    /// Whether the shortcut's programs are attached.
+    pub installed: bool,
+    /// The kill switch (true: redirecting).
+    pub enabled: bool,
+    /// Sockets in the map now (both ends of each leg).
+    pub tracked_sockets: u64,
+    #[serde(flatten)]
+    pub events: ShortcutEvents,
+}
+
+/// Reads the per-CPU counters (cheap: one lookup per event, for scrape-time metrics).
+pub(super) fn events(ebpf: &Ebpf) -> Result<ShortcutEvents, CaptureError> {
     let events: PerCpuArray<&MapData, u64> =
         PerCpuArray::try_from(ebpf.map("SHORTCUT_EVENTS").expect("map")).map_err(map_err("SHORTCUT_EVENTS"))?;
     let get = |e: ShortcutEvent| -> Result<u64, CaptureError> {
         Ok(events.get(&(e as u32), 0).map_err(map_err("SHORTCUT_EVENTS"))?.iter().sum())
     };
-    let state: HashMap<&MapData, ShortcutKey, u32> =
-        HashMap::try_from(ebpf.map("SHORTCUT_STATE").expect("map")).map_err(map_err("SHORTCUT_STATE"))?;
-    Ok(ShortcutReport {
-        installed,
-        enabled: switch.get(&0, 0).map_err(map_err("SHORTCUT_SWITCH"))? == 1,
-        tracked_sockets: state.keys().flatten().count() as u64,
+    Ok(ShortcutEvents {
         paired: get(ShortcutEvent::Paired)?,
         redirected: get(ShortcutEvent::Redirected)?,
         map_full: get(ShortcutEvent::MapFull)?,
@@ -160,5 +162,20 @@ pub(super) fn report(ebpf: &Ebpf, installed: bool) -> Result<ShortcutReport, Cap
         redirect_failed: get(ShortcutEvent::RedirectFailed)?,
         untracked: get(ShortcutEvent::Untracked)?,
         closed: get(ShortcutEvent::Closed)?,
+    })
+}
+
+/// Reads the switch and the counters, and counts the tracked sockets (a walk over the state
+/// map: for the operator's endpoints, not for every scrape).
+pub(super) fn report(ebpf: &Ebpf, installed: bool) -> Result<ShortcutReport, CaptureError> {
+    let switch: Array<&MapData, u32> =
+        Array::try_from(ebpf.map("SHORTCUT_SWITCH").expect("map")).map_err(map_err("SHORTCUT_SWITCH"))?;
+    let state: HashMap<&MapData, ShortcutKey, u32> =
+        HashMap::try_from(ebpf.map("SHORTCUT_STATE").expect("map")).map_err(map_err("SHORTCUT_STATE"))?;
+    Ok(ShortcutReport {
+        installed,
+        enabled: switch.get(&0, 0).map_err(map_err("SHORTCUT_SWITCH"))? == 1,
+        tracked_sockets: state.keys().flatten().count() as u64,
+        events: events(ebpf)?,
     })
 }
