@@ -196,3 +196,60 @@ pub fn svg_document(width: f64, height: f64, body: &str) -> String {
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
+
+/// Profiles `pids` with `perf record -g` for the 4 s that `load` runs (it should drive
+/// traffic for about that long and describe what it did), and prints (and keeps in
+/// `out/perf-<row>.txt`) where their CPU went: by object (kernel, binary, libc) and the top
+/// symbols.
+pub fn profile(row: &str, pids: &[u32], out: &std::path::Path, load: impl FnOnce() -> Result<String>) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let data = out.join(format!("perf-{row}.data"));
+    let pid_list = pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let mut rec = std::process::Command::new("perf")
+        .args(["record", "-q", "-g", "-F", "499", "-p", &pid_list, "-o"])
+        .arg(&data)
+        .args(["--", "sleep", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running perf (is it installed?)")?;
+    let load = load();
+    rec.wait()?;
+    let load = load?;
+    let report = |sort: &str| -> Result<String> {
+        let o = std::process::Command::new("perf")
+            .args([
+                "report",
+                "-q",
+                "--stdio",
+                "--no-children",
+                "--percent-limit",
+                "1.5",
+                "--sort",
+                sort,
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&data)
+            .output()?;
+        if o.stdout.iter().all(u8::is_ascii_whitespace) {
+            anyhow::bail!("perf report printed nothing for {row}: {}", String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    let text = format!(
+        "{row}: proxies {pid_list}, {load}\n-- by object --\n{}\n-- top symbols --\n{}\n",
+        report("dso")?,
+        report("dso,sym")?
+    );
+    println!("\n{text}");
+    std::fs::write(out.join(format!("perf-{row}.txt")), &text)?;
+    let _ = std::fs::remove_file(&data);
+    Ok(())
+}

@@ -191,57 +191,12 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
     Ok(())
 }
 
-/// Profiles `pids` with `perf record -g` while `client` drives `dst` at max rate for 4 s,
-/// and prints (and keeps in `out/perf-<row>.txt`) where their CPU went: by object (kernel,
-/// binary, libc) and the top symbols.
+/// Profiles `pids` while `client` drives `dst` at max rate over 16 connections for 4 s.
 fn profile(row: &str, client: &Pod, dst: SocketAddr, pids: &[u32], out: &Path) -> Result<()> {
-    let data = out.join(format!("perf-{row}.data"));
-    let pid_list = pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
-    let mut rec = std::process::Command::new("perf")
-        .args(["record", "-q", "-g", "-F", "499", "-p", &pid_list, "-o"])
-        .arg(&data)
-        .args(["--", "sleep", "4"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("running perf (is it installed?)")?;
-    let load = client.run(move || crate::loadgen::blocking::max_rate(dst, 16, Duration::from_secs(4)));
-    rec.wait()?;
-    let load = load.context("max rate under perf")?;
-    let report = |sort: &str| -> Result<String> {
-        let o = std::process::Command::new("perf")
-            .args([
-                "report",
-                "-q",
-                "--stdio",
-                "--no-children",
-                "--percent-limit",
-                "1.5",
-                "--sort",
-                sort,
-                "-g",
-                "none",
-                "-i",
-            ])
-            .arg(&data)
-            .output()?;
-        Ok(String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .take(15)
-            .collect::<Vec<_>>()
-            .join("\n"))
-    };
-    let text = format!(
-        "{row}: proxies {pid_list}, max rate {:.0} req/s\n-- by object --\n{}\n-- top symbols --\n{}\n",
-        load.actual_qps,
-        report("dso")?,
-        report("dso,sym")?
-    );
-    println!("\n{text}");
-    std::fs::write(out.join(format!("perf-{row}.txt")), &text)?;
-    let _ = std::fs::remove_file(&data);
-    Ok(())
+    crate::benchkit::profile(row, pids, out, || {
+        let load = client.run(move || crate::loadgen::blocking::max_rate(dst, 16, Duration::from_secs(4)));
+        Ok(format!("max rate {:.0} req/s", load.context("max rate under perf")?.actual_qps))
+    })
 }
 
 /// Fails the bench when a row's traffic did not take the path it is named for: Istio's

@@ -60,8 +60,9 @@ fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>) -> R
     })
 }
 
-/// Runs the comparison and prints (and writes `target/bench/waypoint.json`).
-pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
+/// Runs the comparison and prints (and writes `target/bench/waypoint.json`); with `perf`,
+/// then profiles the waypoint at 1000 requests/s and at max rate.
+pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let mut c = Cluster::new(2).context("mini-cluster (needs root)")?;
     let plain_c = c.add_pod(0, "plainc")?;
     let plain_s = c.add_pod(1, "plains")?;
@@ -159,6 +160,16 @@ pub fn run(binary: &Path, rounds: usize, secs: f64) -> Result<()> {
     report.insert("rounds".into(), serde_json::to_value(&samples)?);
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
     std::fs::create_dir_all(&out)?;
+    if perf {
+        let vip = SocketAddr::from((VIP, PORT));
+        for (row, qps) in [("waypoint-1000rps", Some(1000.0)), ("waypoint-max-rate", None)] {
+            crate::benchkit::profile(row, &[waypoint.pid()], &out, || {
+                let spec = http(vip, qps, 4.0);
+                let r = client.run(move || blocking::run_load(&spec)).context("load under perf")?;
+                Ok(format!("{:.0} req/s over 16 connections", r.actual_qps))
+            })?;
+        }
+    }
     std::fs::write(out.join("waypoint.json"), serde_json::to_vec_pretty(&report)?)?;
     println!("\nfull results: {}", out.join("waypoint.json").display());
     drop(waypoint);

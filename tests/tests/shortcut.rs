@@ -340,3 +340,36 @@ fn a_full_map_falls_back_to_tcp_without_dropping() {
     assert!(full > 0, "the map never filled: {} {}", m.shortcut(0, None), m.shortcut(1, None));
     m.wait_untracked();
 }
+
+/// An app's own loopback traffic (to a local cache or a helper process in the pod) is not a
+/// proxy leg: the shortcut must not pair it, or any app could fill the socket map and push
+/// the mesh's own legs off the shortcut. Holds for IPv4 and IPv6 loopback.
+#[test]
+fn the_apps_own_loopback_connections_are_not_paired() {
+    let m = mesh(1024);
+    let before = m.count(0, "paired");
+    for host in ["127.0.0.1", "::1"] {
+        let open = m
+            .client
+            .run(move || -> std::io::Result<(TcpStream, TcpStream)> {
+                let l = TcpListener::bind((host, 0))?;
+                let c = TcpStream::connect_timeout(&l.local_addr()?, WAIT)?;
+                let (s, _) = l.accept()?;
+                Ok((c, s))
+            })
+            .unwrap_or_else(|e| panic!("loopback pair on {host}: {e}"));
+        let (mut c, mut s) = open;
+        c.write_all(b"local").unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"local");
+        // Both ends are open now: a paired one would be in the map.
+        let r = m.shortcut(0, None);
+        assert_eq!(r["trackedSockets"].as_u64(), Some(0), "{host}: the app's own connection is tracked: {r}");
+    }
+    assert_eq!(m.count(0, "paired"), before, "an app's loopback connection was paired: {}", m.shortcut(0, None));
+    // The mesh's own legs are still paired.
+    assert_eq!(round_trip(m.connect(), b"mesh".to_vec()), b"mesh");
+    assert!(m.count(0, "paired") > before, "{}", m.shortcut(0, None));
+    m.wait_untracked();
+}

@@ -40,7 +40,10 @@ fi
 
 echo "fuzz: building ${targets[*]}"
 build_start=$SECONDS
-cargo "+$toolchain" fuzz build "${flags[@]}"
+if ! cargo "+$toolchain" fuzz build "${flags[@]}"; then
+    echo "fuzz: the build failed (not a crash found by fuzzing); disk left: $(df -h . | awk 'NR==2 {print $4}')"
+    exit 2
+fi
 echo "fuzz: build took $((SECONDS - build_start)) s"
 
 triple="$(rustc "+$toolchain" -vV | sed -n 's/^host: //p')"

@@ -101,7 +101,9 @@ fn proxy_leg(k: &ShortcutKey, active: bool) -> bool {
         return true;
     }
     // Inbound: the proxy dials the app from 127.0.0.6, or (IPv6) from the pod's own address.
-    if *near == INBOUND_SOURCE || near == far {
+    // Never loopback to itself: that is the app's own local traffic (a sidecar process, a
+    // local cache), which is not the mesh's and must not fill the socket map.
+    if *near == INBOUND_SOURCE || (near == far && !is_loopback(near)) {
         return true;
     }
     // Inbound keeping the client's address: registered by the proxy around its connect.

@@ -17,17 +17,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mesh_tests::agent_process::{cluster_args, AgentProcess, Usage};
-use mesh_tests::benchkit::{measure, median, start_server, Sample, PORT};
+use mesh_tests::benchkit::{measure, median, profile, start_server, Sample, PORT};
+use mesh_tests::loadgen::blocking;
 use mesh_tests::loadgen::EchoServer;
 use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
-use mesh_tests::{sweep_leftovers, Cluster, Pod};
+use mesh_tests::{sweep_leftovers, Cluster, InNetns, Pod};
 
 struct Opts {
     rounds: usize,
     secs: f64,
     /// Scenarios to run besides the baseline (all when empty).
     only: Vec<String>,
-    /// Profile the proxies with `perf` (side-by-side only).
+    /// Profile with `perf`: side-by-side profiles a max-rate run per row; the main bench
+    /// profiles each selected mesh scenario's agents during a single bulk stream and during a
+    /// max-rate run; the waypoint bench profiles the waypoint at 1000 req/s and at max rate.
     perf: bool,
 }
 
@@ -66,7 +69,7 @@ fn main() -> Result<()> {
         return mesh_tests::xds_scale::run(&binary).map(drop);
     }
     if o.only.iter().any(|x| x == "waypoint") {
-        return mesh_tests::waypoint_bench::run(&binary, o.rounds, o.secs);
+        return mesh_tests::waypoint_bench::run(&binary, o.rounds, o.secs, o.perf);
     }
     if o.only.iter().any(|x| x == "side-by-side") {
         return mesh_tests::side_by_side::run(&binary, o.rounds, o.secs, o.perf);
@@ -140,6 +143,28 @@ fn main() -> Result<()> {
         }
     }
     let loaded: Vec<Usage> = vec![a0.usage()?, a1.usage()?];
+    let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    if o.perf {
+        for (name, client, dst, agents, sockmap) in &scenarios {
+            if agents.is_empty() || !samples.contains_key(name) {
+                continue;
+            }
+            for a in [&a0, &a1] {
+                a.set_shortcut(*sockmap)?;
+            }
+            let pids: Vec<u32> = agents.iter().map(|a| a.pid()).collect();
+            let dst = *dst;
+            let four = Duration::from_secs(4);
+            profile(&format!("{name}-bulk"), &pids, &out, || {
+                let bps = client.run(move || blocking::throughput(dst, four)).context("throughput under perf")?;
+                Ok(format!("one bulk stream {:.0} Mbit/s", bps * 8.0 / 1e6))
+            })?;
+            profile(&format!("{name}-rate"), &pids, &out, || {
+                let r = client.run(move || blocking::max_rate(dst, 16, four)).context("max rate under perf")?;
+                Ok(format!("max rate {:.0} req/s over 16 connections", r.actual_qps))
+            })?;
+        }
+    }
     for a in [&a0, &a1] {
         let (_, report) = a.admin("GET", "/shortcut")?;
         eprintln!("sockmap shortcut: {}", report.trim());
@@ -217,7 +242,6 @@ fn main() -> Result<()> {
     report.insert("rss_mb_loaded".into(), rss(&loaded).into());
     report.insert("rounds".into(), serde_json::to_value(&samples)?);
 
-    let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("capture.json"), serde_json::to_vec_pretty(&report)?)?;
     println!("\nfull results: {}", out.join("capture.json").display());

@@ -1,11 +1,14 @@
 //! Bidirectional copy between a tunnel and a socket with correct half-close: EOF on one side
-//! shuts down writing on the other while the opposite direction keeps flowing.
+//! shuts down writing on the other while the opposite direction keeps flowing. Data moves as
+//! owned `Bytes` chunks, so an HBONE tunnel's received DATA frames go to the socket and a
+//! socket's reads go into DATA frames without another copy (see [`CopyIo`]).
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Buffer size of a direction once data flows; small so busy small connections cost little.
@@ -24,15 +27,76 @@ pub struct CopyStats {
     pub b_to_a: u64,
 }
 
+/// A byte stream as the copy loop sees it. A stream that already holds its data as owned
+/// `Bytes` (an HBONE tunnel: h2 hands out received DATA frames and sends `Bytes` as frames)
+/// overrides the chunk methods, so the loop passes those buffers on instead of copying them
+/// through one of its own; plain sockets keep the defaults (read into the loop's buffer,
+/// write from a slice). Wrappers (metering, policy guards) forward both.
+pub trait CopyIo: AsyncRead + AsyncWrite + Unpin {
+    /// Whether [`CopyIo::poll_read_chunk`] hands out the stream's own buffers.
+    fn reads_chunks(&self) -> bool {
+        false
+    }
+
+    /// The next received chunk, empty at EOF. Called only when `reads_chunks` is true.
+    fn poll_read_chunk(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        Poll::Ready(Err(io::Error::other("this stream does not hand out chunks")))
+    }
+
+    /// Writes a prefix of `chunk` and returns its length; the default copies it through
+    /// `poll_write`, a tunnel sends a slice of the same buffer.
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &Bytes) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write(cx, chunk)
+    }
+}
+
+impl CopyIo for tokio::net::TcpStream {}
+impl CopyIo for tokio::io::DuplexStream {}
+
+/// Any byte stream, copied the plain way (for callers whose stream types are generic).
+pub struct Plain<T>(pub T);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Plain<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Plain<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> CopyIo for Plain<T> {}
+
 /// One direction of the copy. An idle direction holds no heap buffer: it waits for data
 /// with a small stack buffer and allocates only when bytes arrive, then gives the buffer
 /// back when its reader goes quiet again (unless it has grown for bulk traffic). So an idle
 /// proxied connection costs a few hundred bytes instead of two copy buffers.
 struct Direction {
-    /// Bytes read and not yet fully written are `buf[pos..]`; capacity 0 when idle.
-    buf: Vec<u8>,
-    pos: usize,
-    /// Capacity to allocate next; doubles whenever a read fills the buffer.
+    /// Where a plain reader's bytes land; a chunk is split off it for each write. Capacity 0
+    /// when idle.
+    buf: BytesMut,
+    /// The chunk being written (its unwritten rest).
+    out: Bytes,
+    /// Capacity to read into next; doubles whenever a read fills it.
     size: usize,
     read_done: bool,
     need_flush: bool,
@@ -43,8 +107,8 @@ struct Direction {
 impl Direction {
     fn new() -> Self {
         Direction {
-            buf: Vec::new(),
-            pos: 0,
+            buf: BytesMut::new(),
+            out: Bytes::new(),
             size: INITIAL_BUF,
             read_done: false,
             need_flush: false,
@@ -53,29 +117,35 @@ impl Direction {
         }
     }
 
-    /// Reads into the buffer (or, with none, into a stack probe first). `Ready(Ok(()))` once
-    /// bytes or EOF arrived.
-    fn poll_fill<R: AsyncRead + ?Sized>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-    ) -> Poll<io::Result<()>> {
-        self.pos = 0;
-        self.buf.clear();
+    /// Fills `out` with the reader's next chunk, or marks EOF. `Ready(Ok(()))` once bytes or
+    /// EOF arrived.
+    fn poll_fill<R: CopyIo + ?Sized>(&mut self, cx: &mut Context<'_>, reader: &mut R) -> Poll<io::Result<()>> {
+        if reader.reads_chunks() {
+            let chunk = ready!(reader.poll_read_chunk(cx))?;
+            self.read_done = chunk.is_empty();
+            self.out = chunk;
+            return Poll::Ready(Ok(()));
+        }
         if self.buf.capacity() == 0 {
             let mut probe = [0u8; PROBE];
             let mut rb = ReadBuf::new(&mut probe);
-            ready!(reader.as_mut().poll_read(cx, &mut rb))?;
+            ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb))?;
             if rb.filled().is_empty() {
                 self.read_done = true;
             } else {
-                self.buf.reserve_exact(self.size);
+                self.buf.reserve(self.size);
                 self.buf.extend_from_slice(rb.filled());
+                self.out = self.buf.split().freeze();
             }
             return Poll::Ready(Ok(()));
         }
-        let mut rb = ReadBuf::uninit(self.buf.spare_capacity_mut());
-        match reader.as_mut().poll_read(cx, &mut rb) {
+        // Reclaims the whole allocation when the last chunk has been dropped (a socket
+        // writer), or starts a new one while a tunnel still holds it.
+        self.buf.reserve(self.size);
+        let spare = self.buf.spare_capacity_mut();
+        let room = spare.len();
+        let mut rb = ReadBuf::uninit(spare);
+        match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
                 if n == 0 {
@@ -83,55 +153,49 @@ impl Direction {
                 } else {
                     // SAFETY: ReadBuf guarantees its first `n` bytes were initialised by the read.
                     unsafe { self.buf.set_len(n) };
+                    self.out = self.buf.split().freeze();
+                    if n == room && self.size < MAX_BUF {
+                        self.size = (self.size * 2).min(MAX_BUF);
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 if self.size <= INITIAL_BUF {
-                    self.buf = Vec::new();
+                    self.buf = BytesMut::new();
                 }
                 Poll::Pending
             }
         }
     }
 
-    fn poll_copy<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-        mut writer: Pin<&mut W>,
-    ) -> Poll<io::Result<u64>>
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: CopyIo + ?Sized,
+        W: CopyIo + ?Sized,
     {
         loop {
             // Nothing more to read now: push out what was written so far.
-            if self.pos == self.buf.len() && !self.read_done && self.poll_fill(cx, reader.as_mut())?.is_pending() {
+            if self.out.is_empty() && !self.read_done && self.poll_fill(cx, reader)?.is_pending() {
                 if self.need_flush {
-                    ready!(writer.as_mut().poll_flush(cx))?;
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                     self.need_flush = false;
                 }
                 return Poll::Pending;
             }
-            while self.pos < self.buf.len() {
-                let n = ready!(writer.as_mut().poll_write(cx, &self.buf[self.pos..]))?;
+            while !self.out.is_empty() {
+                let n = ready!(writer.poll_write_chunk(cx, &self.out))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.pos += n;
+                self.out.advance(n);
                 self.total += n as u64;
                 self.need_flush = true;
             }
-            if !self.read_done && self.buf.len() == self.buf.capacity() && self.size < MAX_BUF {
-                self.size = (self.size * 2).min(MAX_BUF);
-                self.buf = Vec::with_capacity(self.size);
-                self.pos = 0;
-            }
             if self.read_done {
                 // EOF: forward it as a write shutdown (which also flushes).
-                ready!(writer.as_mut().poll_shutdown(cx))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 return Poll::Ready(Ok(self.total));
             }
         }
@@ -139,23 +203,24 @@ impl Direction {
 }
 
 /// Copies `a`→`b` and `b`→`a` until both directions reach EOF, shutting down each writer when
-/// its reader ends; returns the bytes moved each way. The first I/O error ends both.
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<CopyStats>
+/// its reader ends; returns the bytes moved each way. The first I/O error ends both. Chunks
+/// pass between [`CopyIo`] streams without copies where either side supports it.
+pub async fn copy_chunks<A, B>(a: &mut A, b: &mut B) -> io::Result<CopyStats>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: CopyIo + ?Sized,
+    B: CopyIo + ?Sized,
 {
     let mut ab = Direction::new();
     let mut ba = Direction::new();
     poll_fn(|cx| {
         if !ab.done {
-            if let Poll::Ready(r) = ab.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
+            if let Poll::Ready(r) = ab.poll_copy(cx, a, b) {
                 r?;
                 ab.done = true;
             }
         }
         if !ba.done {
-            if let Poll::Ready(r) = ba.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a)) {
+            if let Poll::Ready(r) = ba.poll_copy(cx, b, a) {
                 r?;
                 ba.done = true;
             }
@@ -167,6 +232,15 @@ where
         }
     })
     .await
+}
+
+/// [`copy_chunks`] for any two byte streams, copied the plain way.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<CopyStats>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    copy_chunks(&mut Plain(a), &mut Plain(b)).await
 }
 
 #[cfg(test)]

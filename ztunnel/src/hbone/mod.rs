@@ -16,7 +16,7 @@ pub use client::{
     build_request, CertManagerTls, ClientTlsProvider, ConnectHeaders, DialError, DialFuture, Dialer, HboneError,
     PoolKey, TcpDialer, TlsConfigFuture,
 };
-pub use copy::{copy_bidirectional, CopyStats};
+pub use copy::{copy_bidirectional, copy_chunks, CopyIo, CopyStats, Plain};
 pub use pool::{ConnectionPool, PoolConfig, PoolStats};
 pub use server::{
     parse_forwarded_for, parse_request, serve_connection, serve_connection_until, ConnectHandler, ConnectRejection,

@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, debug_span, info, Instrument};
 
-use super::copy::{copy_bidirectional, CopyStats};
+use super::copy::{copy_chunks, CopyStats, Plain};
 use super::stream::HboneStream;
 use super::{keepalive, H2Config, KeepaliveError};
 use crate::identity::Identity;
@@ -148,7 +148,7 @@ impl<H: ConnectHandler> TunnelHandler for H {
 
     async fn serve(&self, a: Self::Accepted, mut tunnel: HboneStream) {
         let Spliced { authority, peer, started, mut upstream } = a;
-        let result = copy_bidirectional(&mut tunnel, &mut upstream).await;
+        let result = copy_chunks(&mut tunnel, &mut Plain(&mut upstream)).await;
         debug!(%authority, ?result, "tunnel finished");
         self.stream_ended(StreamSummary { authority, peer, result, duration: started.elapsed() });
     }

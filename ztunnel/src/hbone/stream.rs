@@ -10,6 +10,8 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::copy::CopyIo;
+
 /// Largest chunk handed to h2 per write; matches the max frame size so one write is one frame.
 const MAX_WRITE: usize = 1 << 20;
 
@@ -69,44 +71,50 @@ pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
-impl AsyncRead for HboneStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+impl HboneStream {
+    /// The next received DATA frame (empty at EOF), returning its flow-control credit at once:
+    /// at most one frame is held here.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(std::mem::take(&mut self.pending)));
+        }
         loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(out.remaining());
-                out.put_slice(&self.pending.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
+            return match ready!(self.recv.poll_data(cx)) {
+                None => Poll::Ready(Ok(Bytes::new())),
+                // An empty frame is not EOF: wait for the next one.
+                Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
-                    // At most one frame is buffered here, so credit can be returned at once.
                     let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.pending = data;
+                    Poll::Ready(Ok(data))
                 }
                 // The peer ended the stream with a graceful reset after its data: EOF.
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-            }
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(Ok(Bytes::new())),
+                Some(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
+            };
         }
     }
-}
 
-impl AsyncWrite for HboneStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    /// Sends a prefix of `data` as DATA once the peer's window allows, built by `frame` from
+    /// the length allowed (a slice of a chunk, or a copy of a borrowed buffer).
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        frame: impl FnOnce(usize) -> Bytes,
+    ) -> Poll<io::Result<usize>> {
         if self.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        if buf.is_empty() {
+        if len == 0 {
             return Poll::Ready(Ok(0));
         }
-        let want = buf.len().min(MAX_WRITE);
+        let want = len.min(MAX_WRITE);
         self.send.reserve_capacity(want);
         loop {
             let available = self.send.capacity();
             if available > 0 {
                 let n = available.min(want);
-                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
+                self.send.send_data(frame(n), false).map_err(h2_to_io)?;
                 return Poll::Ready(Ok(n));
             }
             match ready!(self.send.poll_capacity(cx)) {
@@ -121,6 +129,38 @@ impl AsyncWrite for HboneStream {
                 }
             }
         }
+    }
+}
+
+/// The copy loop takes received frames as they are and sends its chunks as frames, so the
+/// tunnel adds no copy of its own between the socket and TLS.
+impl CopyIo for HboneStream {
+    fn reads_chunks(&self) -> bool {
+        true
+    }
+
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        self.poll_frame(cx)
+    }
+
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &Bytes) -> Poll<io::Result<usize>> {
+        self.poll_send(cx, chunk.len(), |n| chunk.slice(..n))
+    }
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut data = ready!(self.poll_frame(cx))?;
+        let n = data.len().min(out.remaining());
+        out.put_slice(&data.split_to(n));
+        self.pending = data;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_send(cx, buf.len(), |n| Bytes::copy_from_slice(&buf[..n]))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::AbortHandle;
 use tracing::warn;
 
 use super::ProxyContext;
+use crate::hbone::CopyIo;
 use crate::policy::{evaluate, ConnectionFacts, Decision};
 
 /// Why connections are refused before the control plane's first state arrived.
@@ -112,12 +114,17 @@ fn revoked_error() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection no longer allowed by policy")
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+impl<S> Guarded<S> {
+    /// Runs one read or write on the inner stream unless the connection was revoked.
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(&mut S, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
         if self.watch.revocation.revoked.load(Ordering::Acquire) {
             return Poll::Ready(Err(revoked_error()));
         }
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+        match op(&mut self.inner, cx) {
             // Only a task about to wait needs waking on revocation: register then, so the
             // busy path costs one atomic load.
             Poll::Pending if self.watch.revocation.poll_revoked(cx) => Poll::Ready(Err(revoked_error())),
@@ -126,15 +133,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     }
 }
 
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.guard(cx, |s, cx| Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+/// Revocation ends chunked copies as it ends reads and writes.
+impl<S: CopyIo> CopyIo for Guarded<S> {
+    fn reads_chunks(&self) -> bool {
+        self.inner.reads_chunks()
+    }
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Bytes>> {
+        self.guard(cx, |s, cx| s.poll_read_chunk(cx))
+    }
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &Bytes) -> Poll<std::io::Result<usize>> {
+        self.guard(cx, |s, cx| s.poll_write_chunk(cx, chunk))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        if self.watch.revocation.revoked.load(Ordering::Acquire) {
-            return Poll::Ready(Err(revoked_error()));
-        }
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Pending if self.watch.revocation.poll_revoked(cx) => Poll::Ready(Err(revoked_error())),
-            r => r,
-        }
+        self.guard(cx, |s, cx| Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)

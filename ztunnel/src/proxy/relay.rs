@@ -4,11 +4,13 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::connections::LiveGuard;
 use super::ProxyContext;
+use crate::hbone::CopyIo;
 use crate::metrics::{ConnectionCounters, ConnectionLabels, Reporter};
 
 /// Which listener a connection came through.
@@ -63,10 +65,10 @@ impl ConnectionRecord {
 /// future, so an idle connection's task holds only this copy's state.
 pub async fn splice<C, U>(mut client: C, mut upstream: Metered<U>)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: CopyIo,
+    U: CopyIo,
 {
-    if let Err(e) = crate::hbone::copy_bidirectional(&mut client, &mut upstream).await {
+    if let Err(e) = crate::hbone::copy_chunks(&mut client, &mut upstream).await {
         upstream.fail(format!("copy: {e}"));
     }
 }
@@ -300,6 +302,35 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.live.add_received(n);
+        }
+        r
+    }
+}
+
+/// Counts chunks as `poll_read`/`poll_write` count bytes.
+impl<S: CopyIo> CopyIo for Metered<S> {
+    fn reads_chunks(&self) -> bool {
+        self.inner.reads_chunks()
+    }
+    fn poll_read_chunk(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<Bytes>> {
+        let r = self.inner.poll_read_chunk(cx);
+        if let std::task::Poll::Ready(Ok(chunk)) = &r {
+            if !chunk.is_empty() {
+                self.live.add_received(chunk.len() as u64);
+            }
+        }
+        r
+    }
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        chunk: &Bytes,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = self.inner.poll_write_chunk(cx, chunk);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.live.add_sent(*n as u64);
+            }
         }
         r
     }
