@@ -250,6 +250,9 @@ pub fn profile(row: &str, pids: &[u32], out: &std::path::Path, load: impl FnOnce
     );
     println!("\n{text}");
     std::fs::write(out.join(format!("perf-{row}.txt")), &text)?;
-    let _ = std::fs::remove_file(&data);
+    // BENCH_KEEP_PERF=1 keeps the recording for `perf report -i` by hand.
+    if std::env::var_os("BENCH_KEEP_PERF").is_none() {
+        let _ = std::fs::remove_file(&data);
+    }
     Ok(())
 }
