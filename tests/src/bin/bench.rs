@@ -164,7 +164,8 @@ fn main() -> Result<()> {
                 Ok(format!("max rate {:.0} req/s over 16 connections", r.actual_qps))
             })?;
             profile(&format!("{name}-conns"), &pids, &out, || {
-                let r = client.run(move || blocking::connection_rate(dst, four, 8)).context("connections under perf")?;
+                let r =
+                    client.run(move || blocking::connection_rate(dst, four, 8)).context("connections under perf")?;
                 Ok(format!("{r:.0} new connections/s over 8 at a time"))
             })?;
         }
