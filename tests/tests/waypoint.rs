@@ -90,6 +90,23 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
 
 /// [`mesh`], with more waypoint arguments, chosen once the waypoint's pod exists.
 fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) -> Vec<String>) -> Mesh {
+    build_mesh(routes, backends, waypoint_args, false)
+}
+
+/// [`mesh`] with localities: each node is its own zone of `region-a` (`zone-0`, `zone-1`), and
+/// the waypoint and reviews-v1 share node 0's.
+fn mesh_in_zones(routes: &str, backends: Backends) -> Mesh {
+    build_mesh(routes, backends, |_| vec![], true)
+}
+
+fn build_mesh(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) -> Vec<String>, zoned: bool) -> Mesh {
+    let zone = |node: usize| {
+        if zoned {
+            format!("  locality: {{region: region-a, zone: zone-{node}}}\n")
+        } else {
+            String::new()
+        }
+    };
     sweep_pins();
     let mut c = Cluster::new(2).expect("mini-cluster (needs root)");
     let client = c.add_pod(0, "client").unwrap();
@@ -108,8 +125,10 @@ fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) 
     let mut yaml = String::from("workloads:\n");
     yaml += &mesh_tests::mesh::workload_yaml(&client, "default", "client", "");
     yaml += &waypoint_workload(&wp);
-    for (pod, v) in [(&r1, "v1"), (&r2, "v2"), (&r3, "v3")] {
+    yaml += &zone(0);
+    for (pod, v, node) in [(&r1, "v1", 0), (&r2, "v2", 1), (&r3, "v3", 1)] {
         yaml += &versioned_workload(pod, "reviews", PORT, v);
+        yaml += &zone(node);
     }
     yaml += &app_workload(&ratings, "ratings", PORT, "ratings", "v1");
     yaml += &versioned_workload(&echo1, "tcp-echo", TCP_PORT, "v1");
@@ -930,6 +949,52 @@ fn max_ejection_percent_keeps_a_failing_endpoint_in_rotation() {
     assert!(failed >= 5, "a failing endpoint stays in rotation: {failed} of 30 failed");
     let (v2, v3) = (m.apps[1].received().len(), m.apps[2].received().len());
     assert!(v2.min(v3) <= 1 && v2.max(v3) >= 5, "one ejected, one kept: v2 got {v2}, v3 got {v3}");
+}
+
+/// Locality-aware balancing, on as Istio turns it on: `localityLbSetting` enabled plus outlier detection.
+const LOCALITY: &str = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-locality}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting: {enabled: true}
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3s
+      maxEjectionPercent: 100
+";
+
+#[test]
+fn healthy_local_endpoints_take_all_traffic_from_the_waypoints_zone() {
+    let m = mesh_in_zones(&format!("{}{LOCALITY}", vs(ALL_REVIEWS)), Backends::Echo);
+    let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 30, WAIT).unwrap();
+    assert_eq!(version_counts(&answers), [0, 30, 0, 0], "v1 shares the waypoint's zone; v2 and v3 are in zone-1");
+}
+
+#[test]
+fn locality_failover_moves_traffic_to_the_next_zone_when_the_local_endpoint_is_ejected() {
+    let m = mesh_in_zones(
+        &format!("{}{LOCALITY}", vs(ALL_REVIEWS)),
+        Backends::Roles([answer("reviews-v1", 500, 0), answer("reviews-v2", 200, 0), answer("reviews-v3", 200, 0)]),
+    );
+    // The local endpoint takes the first request; its 500 ejects it.
+    let first = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!((first.0, first.1.trim()), (500, "reviews-v1"), "the first request stays in the waypoint's zone");
+    let during = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 30, WAIT).unwrap();
+    assert!(during.iter().all(|(s, _)| *s == 200), "traffic failed over to zone-1: {during:?}");
+    let (v2, v3) = (m.apps[1].received().len(), m.apps[2].received().len());
+    assert_eq!(v2 + v3, 30, "zone-1 took every request while v1 was ejected");
+    assert!(v2 >= 5 && v3 >= 5, "both zone-1 endpoints share the load: v2 {v2}, v3 {v3}");
+    assert_eq!(m.apps[0].received().len(), 1, "the ejected local endpoint got nothing more");
+    // Its ejection over, the local endpoint is preferred again.
+    std::thread::sleep(Duration::from_millis(3200));
+    let back = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!((back.0, back.1.trim()), (500, "reviews-v1"), "traffic returns to the local zone");
 }
 
 #[test]

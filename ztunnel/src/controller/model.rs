@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::policy::Authorization;
+use crate::state::Locality;
 
 use super::authz::{self, Converted, PeerAuthn};
 use super::gateway_routes::{self, RouteConditions, Verdict};
@@ -113,6 +114,8 @@ pub struct Workload {
     pub host_network: bool,
     /// The pod's labels (not sent; kept for selectors and debugging).
     pub labels: StringMap,
+    /// Region, zone and subzone, for locality-aware load balancing ([`pod_locality`]).
+    pub locality: Locality,
 }
 
 /// Which IP families a service uses.
@@ -270,7 +273,8 @@ impl Model {
             }
         }
         let objs: Vec<&Object> = objects.iter().map(|l| &l.object).collect();
-        let mut b = Builder { options, objs: &objs, rec: &mut rec, namespaces: BTreeMap::new() };
+        let mut b =
+            Builder { options, objs: &objs, rec: &mut rec, namespaces: BTreeMap::new(), nodes: BTreeMap::new() };
         let mut model = b.build(&objects);
         let mut status = skipped;
         status.extend(rec.entries);
@@ -287,6 +291,8 @@ struct Builder<'a> {
     rec: &'a mut Recorder,
     /// Namespace metadata by name (implicit namespaces have none).
     namespaces: BTreeMap<String, (usize, ObjectMeta)>,
+    /// Node labels by node name, for the locality of the pods on each node.
+    nodes: BTreeMap<String, StringMap>,
 }
 
 impl Builder<'_> {
@@ -304,6 +310,10 @@ impl Builder<'_> {
         for i in self.indices("Namespace") {
             let m = self.objs[i].metadata();
             self.namespaces.insert(m.name.clone(), (i, m.clone()));
+        }
+        for i in self.indices("Node") {
+            let m = self.objs[i].metadata();
+            self.nodes.insert(m.name.clone(), m.labels.clone());
         }
         for i in self.indices("ServiceAccount") {
             model.service_accounts.insert(format!("{}/{}", self.objs[i].namespace(), self.objs[i].metadata().name));
@@ -567,6 +577,7 @@ impl Builder<'_> {
                 cluster_id: o.cluster_id.clone(),
                 host_network: pod.spec.host_network,
                 labels: pod.labels.clone(),
+                locality: pod_locality(&pod.labels, pod.spec.node_name.as_ref().and_then(|n| self.nodes.get(n))),
             };
             for ip in &pod.ips {
                 addresses.insert(*ip, uid.clone());
@@ -630,6 +641,23 @@ impl Builder<'_> {
             keys.extend(authz::workload_peer_authn_keys(&applicable, &root));
             w.authorization_policies = keys;
         }
+    }
+}
+
+/// A pod's locality as istiod finds it: the pod's `istio-locality` label (`region.zone.subzone`), else its
+/// node's topology labels (the deprecated `failure-domain.beta.kubernetes.io/*` ones too).
+pub fn pod_locality(pod_labels: &StringMap, node_labels: Option<&StringMap>) -> Locality {
+    if let Some(l) = pod_labels.get("istio-locality").filter(|l| !l.is_empty()) {
+        let mut parts = l.splitn(3, '.').map(str::to_string);
+        let mut next = || parts.next().unwrap_or_default();
+        return Locality { region: next(), zone: next(), subzone: next() };
+    }
+    let Some(labels) = node_labels else { return Locality::default() };
+    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned().unwrap_or_default();
+    Locality {
+        region: first(&["topology.kubernetes.io/region", "failure-domain.beta.kubernetes.io/region"]),
+        zone: first(&["topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone"]),
+        subzone: first(&["topology.istio.io/subzone"]),
     }
 }
 

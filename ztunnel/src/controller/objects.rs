@@ -63,6 +63,13 @@ pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
+/// `kind: Node`: only its topology labels are read, for the locality of the pods on it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Node {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+}
+
 /// `kind: Pod`: one workload once it has an IP.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct Pod {
@@ -463,6 +470,7 @@ pub struct RawObject {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Namespace(Namespace),
+    Node(Node),
     Pod(Pod),
     Service(Service),
     ServiceAccount(ServiceAccount),
@@ -479,6 +487,7 @@ impl Object {
     pub fn kind(&self) -> &str {
         match self {
             Object::Namespace(_) => "Namespace",
+            Object::Node(_) => "Node",
             Object::Pod(_) => "Pod",
             Object::Service(_) => "Service",
             Object::ServiceAccount(_) => "ServiceAccount",
@@ -494,6 +503,7 @@ impl Object {
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Object::Namespace(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::ServiceAccount(o) => &o.metadata,
@@ -505,10 +515,10 @@ impl Object {
         }
     }
 
-    /// The namespace the object lives in (`default` when unset); empty for a Namespace, which has none.
+    /// The namespace the object lives in (`default` when unset); empty for the cluster-scoped Namespace and Node.
     pub fn namespace(&self) -> &str {
         match self {
-            Object::Namespace(_) => "",
+            Object::Namespace(_) | Object::Node(_) => "",
             o => o.metadata().namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
         }
     }
@@ -554,7 +564,7 @@ pub enum ParseError {
 /// Which `apiVersion` groups each kind may come from, so a same-named kind of another API is not misread.
 fn group_accepted(kind: &str, group: &str) -> bool {
     match kind {
-        "Namespace" | "Pod" | "Service" | "ServiceAccount" => group.is_empty(),
+        "Namespace" | "Node" | "Pod" | "Service" | "ServiceAccount" => group.is_empty(),
         "Deployment" => group == "apps",
         "AuthorizationPolicy" | "PeerAuthentication" => group == "security.istio.io",
         "ServiceEntry" | "VirtualService" | "DestinationRule" => group == "networking.istio.io",
@@ -585,6 +595,7 @@ pub fn parse_object(v: Value) -> Result<Object, ParseError> {
     let typed = |e: serde_yaml_ng::Error| ParseError::Invalid(e.to_string());
     let object = match kind.as_str() {
         "Namespace" => Object::Namespace(serde_yaml_ng::from_value(v).map_err(typed)?),
+        "Node" => Object::Node(serde_yaml_ng::from_value(v).map_err(typed)?),
         "Pod" => Object::Pod(serde_yaml_ng::from_value(v).map_err(typed)?),
         "Service" => Object::Service(serde_yaml_ng::from_value(v).map_err(typed)?),
         "ServiceAccount" => Object::ServiceAccount(serde_yaml_ng::from_value(v).map_err(typed)?),

@@ -114,6 +114,11 @@ pub fn workload(w: &Workload) -> xwl::Workload {
         authorization_policies: w.authorization_policies.clone(),
         status: if w.healthy { xwl::WorkloadStatus::Healthy } else { xwl::WorkloadStatus::Unhealthy } as i32,
         cluster_id: w.cluster_id.clone(),
+        locality: (w.locality != Default::default()).then(|| xwl::Locality {
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+            subzone: w.locality.subzone.clone(),
+        }),
         network_mode: if w.host_network { xwl::NetworkMode::HostNetwork } else { xwl::NetworkMode::Standard } as i32,
         ..Default::default()
     }

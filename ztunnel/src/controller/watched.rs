@@ -52,6 +52,7 @@ impl WatchedKind {
 /// Every kind the YAML directory source reads, at the API version the live source watches it.
 pub const WATCHED_KINDS: &[WatchedKind] = &[
     WatchedKind { namespaced: false, ..WatchedKind::new("", "Namespace", "namespaces", true) },
+    WatchedKind { namespaced: false, ..WatchedKind::new("", "Node", "nodes", true) },
     WatchedKind::new("", "Pod", "pods", true),
     WatchedKind::new("", "Service", "services", true),
     WatchedKind::new("", "ServiceAccount", "serviceaccounts", true),

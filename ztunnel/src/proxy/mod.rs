@@ -126,6 +126,7 @@ impl PodContext {
             workload_name: String::new(),
             workload_type: String::new(),
             labels: Default::default(),
+            locality: Default::default(),
         })
     }
 }

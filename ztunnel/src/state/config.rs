@@ -59,6 +59,22 @@ pub struct Workload {
     /// carries none: from xDS they are `app`/`version` from the canonical name and revision).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Where the workload runs (Istio's `locality`): locality-aware load balancing prefers
+    /// endpoints near the caller. Empty parts fall back to the topology labels.
+    #[serde(default)]
+    pub locality: Locality,
+}
+
+/// Region, zone and subzone of a workload, as Istio's workload resource carries them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
 }
 
 impl Workload {
@@ -84,12 +100,23 @@ impl Workload {
             .collect()
     }
 
-    /// Region, zone and subzone from the topology labels Kubernetes and Istio set
-    /// (`topology.kubernetes.io/region`, `.../zone`, `topology.istio.io/subzone`); empty
-    /// when unknown. Locality-aware load balancing prefers endpoints near the caller.
-    pub fn locality(&self) -> (&str, &str, &str) {
-        let get = |k: &str| self.labels.get(k).map(String::as_str).unwrap_or("");
-        (get("topology.kubernetes.io/region"), get("topology.kubernetes.io/zone"), get("topology.istio.io/subzone"))
+    /// Region, zone and subzone: the workload's `locality`, each empty part taken from the
+    /// topology labels Kubernetes and Istio set (`topology.kubernetes.io/region`, `.../zone`,
+    /// `topology.istio.io/subzone`); empty when unknown.
+    pub fn locality<'a>(&'a self) -> (&'a str, &'a str, &'a str) {
+        let part = |own: &'a str, label: &str| -> &'a str {
+            if own.is_empty() {
+                self.labels.get(label).map(String::as_str).unwrap_or("")
+            } else {
+                own
+            }
+        };
+        let l = &self.locality;
+        (
+            part(&l.region, "topology.kubernetes.io/region"),
+            part(&l.zone, "topology.kubernetes.io/zone"),
+            part(&l.subzone, "topology.istio.io/subzone"),
+        )
     }
 }
 

@@ -8,6 +8,8 @@ mod config;
 mod file;
 mod store;
 
-pub use config::{parse_local_config, ConfigError, LocalConfig, Service, WaypointRef, Workload, WorkloadProtocol};
+pub use config::{
+    parse_local_config, ConfigError, LocalConfig, Locality, Service, WaypointRef, Workload, WorkloadProtocol,
+};
 pub use file::{follow_local_config, load_local_config};
 pub use store::{PodMatch, Scope, Snapshot, StateStore, Upstream};

@@ -429,6 +429,14 @@ mod tests {
     }
 
     #[test]
+    fn local_config_locality_wins_over_topology_labels_part_by_part() {
+        let yaml = "workloads:\n- uid: a\n  name: a\n  namespace: ns\n  workloadIps: [10.0.0.1]\n  locality: {region: eu, zone: eu-1a}\n  labels: {topology.kubernetes.io/region: us, topology.istio.io/subzone: rack7}\n";
+        let (config, errors) = super::super::parse_local_config(yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.workloads[0].locality(), ("eu", "eu-1a", "rack7"));
+    }
+
+    #[test]
     fn a_pod_is_not_given_a_workload_entry_of_the_same_name() {
         let entry = workload("c1/networking.istio.io/WorkloadEntry/shop/web", "node-a");
         let snap = snapshot("node-a", vec![entry]);

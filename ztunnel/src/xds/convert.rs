@@ -9,7 +9,7 @@ use ztunnel_proto::security as pb_sec;
 use ztunnel_proto::workload as pb;
 
 use crate::policy::{Authorization, Cidr, Match, PolicyAction, PolicyScope, Rule, ServiceAccountMatch, StringMatch};
-use crate::state::{Service, WaypointRef, Workload, WorkloadProtocol};
+use crate::state::{Locality, Service, WaypointRef, Workload, WorkloadProtocol};
 
 /// One `Address` resource: a workload or a service.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +93,10 @@ fn workload(w: pb::Workload) -> Result<Workload, String> {
         workload_name: w.workload_name,
         workload_type: workload_type(w.workload_type).into(),
         labels: Default::default(),
+        locality: w
+            .locality
+            .map(|l| Locality { region: l.region, zone: l.zone, subzone: l.subzone })
+            .unwrap_or_default(),
     })
 }
 

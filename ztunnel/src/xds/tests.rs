@@ -92,6 +92,18 @@ fn workload_converts_with_its_addresses_services_and_kind() {
 }
 
 #[test]
+fn workload_locality_converts_and_waypoint_balancing_reads_it() {
+    let mut w = pb_workload("uid-1", [10, 10, 1, 5]);
+    w.locality = Some(pb::Locality { region: "eu".into(), zone: "eu-1a".into(), subzone: String::new() });
+    let AddressResource::Workload(w) = address(&wrap(w)).unwrap() else { panic!("not a workload") };
+    assert_eq!(w.locality(), ("eu", "eu-1a", ""));
+    let AddressResource::Workload(none) = address(&wrap(pb_workload("uid-2", [10, 10, 1, 6]))).unwrap() else {
+        panic!("not a workload")
+    };
+    assert_eq!(none.locality(), ("", "", ""));
+}
+
+#[test]
 fn service_converts_with_network_qualified_vips_and_ports() {
     let s = pb::Service {
         name: "reviews".into(),

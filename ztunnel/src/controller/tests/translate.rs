@@ -145,3 +145,41 @@ fn packed_addresses_do_not_depend_on_map_order() {
     let decoded = xwl::Address::decode(first.value.as_slice()).unwrap();
     assert_eq!(decoded, translate(&m).addresses[uid], "decodes to the same message");
 }
+
+fn xds_workload(m: &Model, name: &str) -> xwl::Workload {
+    let w = workload(m, "ns", name);
+    let any = &translate(m).address_anys()[&w.uid];
+    let Some(xwl::address::Type::Workload(w)) = xwl::Address::decode(any.value.as_slice()).unwrap().r#type else {
+        panic!("not a workload")
+    };
+    w
+}
+
+#[test]
+fn pod_locality_comes_from_its_nodes_topology_labels_or_its_istio_locality_label() {
+    let node = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels:\n    \
+                topology.kubernetes.io/region: eu-west\n    topology.kubernetes.io/zone: eu-west-1b\n    \
+                topology.istio.io/subzone: rack3\n";
+    let m = build(&format!(
+        "{node}{}{}",
+        pod("ns", "on-node", "10.0.0.1", &[]),
+        pod("ns", "labelled", "10.0.0.2", &[("istio-locality", "us-east.us-east-1a")])
+    ));
+    assert_no_errors(&m);
+    let on_node = xds_workload(&m, "on-node").locality.expect("locality from node-a");
+    assert_eq!(
+        (on_node.region.as_str(), on_node.zone.as_str(), on_node.subzone.as_str()),
+        ("eu-west", "eu-west-1b", "rack3")
+    );
+    let labelled = xds_workload(&m, "labelled").locality.expect("locality from the label");
+    assert_eq!(
+        (labelled.region.as_str(), labelled.zone.as_str(), labelled.subzone.as_str()),
+        ("us-east", "us-east-1a", "")
+    );
+}
+
+#[test]
+fn a_pod_on_an_unknown_node_has_no_locality() {
+    let m = build(&pod("ns", "nowhere", "10.0.0.1", &[]));
+    assert_eq!(xds_workload(&m, "nowhere").locality, None);
+}
