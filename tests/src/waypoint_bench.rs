@@ -19,6 +19,9 @@ use crate::waypoint::{service, WaypointProcess};
 use crate::{Cluster, InNetns, Pod};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+/// The same server again as `httpbin`, under Istio's circuit-breaking task's DestinationRule.
+const BREAKER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+const BREAKER: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: httpbin}\nspec:\n  host: httpbin\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n";
 
 /// One round of one scenario.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -71,13 +74,16 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let wp = c.add_pod(0, "waypoint")?;
     let gw = c.add_pod(0, "ingress")?;
     let big = c.add_pod(0, "wp-big")?;
-    let svc = format!("  services:\n    default/web.default.svc.cluster.local:\n      {PORT}: {PORT}\n");
+    let svc = format!(
+        "  services:\n    default/web.default.svc.cluster.local:\n      {PORT}: {PORT}\n    default/httpbin.default.svc.cluster.local:\n      {PORT}: {PORT}\n"
+    );
     let yaml = format!(
-        "workloads:\n{}{}{}services:\n{}",
+        "workloads:\n{}{}{}services:\n{}{}",
         workload_yaml(&client, "default", "client", ""),
         workload_yaml(&server, "default", "server", &svc),
         crate::waypoint::waypoint_workload(&wp),
         service("web", VIP, PORT, Some(&wp)),
+        service("httpbin", BREAKER_VIP, PORT, Some(&wp)),
     );
     let extra = cluster_args(&c, Some(&yaml), &[])?;
     let a0 = AgentProcess::start(binary, &c, 0, &extra)?;
@@ -91,6 +97,7 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
         routes.join("web.yaml"),
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n",
     )?;
+    std::fs::write(routes.join("httpbin.yaml"), BREAKER)?;
     let waypoint = WaypointProcess::start(&c, &wp, &routes)?;
     // The ingress gateway in front of the same service: a Gateway on 8080 for every host.
     let ingress_routes = PathBuf::from(crate::mesh::RUN_DIR).join(format!("{}-ingress", c.prefix()));
@@ -120,6 +127,7 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
         }
     }
     let loaded_rss = process_usage(waypoint.pid())?.rss_bytes as f64 / 1e6;
+    let breaking = circuit_breaking(&client, secs)?;
     let med = |n: &str, f: fn(&WaypointSample) -> f64| median(samples[n].iter().map(f).collect());
     println!(
         "\n{:<38} {:>10} {:>10} {:>10} {:>10}",
@@ -157,6 +165,26 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     report.insert("waypoint_cpu_s_per_1k_max_rate".into(), per_1k.into());
     report.insert("waypoint_rss_mb_idle".into(), idle_rss.into());
     report.insert("waypoint_rss_mb_loaded".into(), loaded_rss.into());
+    println!(
+        "\ncircuit breaking, Istio's task (maxConnections 1, http1MaxPendingRequests 1, maxRequestsPerConnection 1):"
+    );
+    for (c, r) in &breaking {
+        let total: u64 = r.ret_codes.values().sum();
+        let codes: Vec<String> = r
+            .ret_codes
+            .iter()
+            .map(|(code, n)| format!("Code {code} : {n} ({:.1} %)", 100.0 * *n as f64 / total.max(1) as f64))
+            .collect();
+        println!("  -c {c}: {total:>6} requests   {}", codes.join("   "));
+    }
+    report.insert(
+        "circuit_breaking".into(),
+        breaking
+            .iter()
+            .map(|(c, r)| Ok((format!("c{c}"), serde_json::to_value(&r.ret_codes)?)))
+            .collect::<Result<serde_json::Map<_, _>>>()?
+            .into(),
+    );
     report.insert("rounds".into(), serde_json::to_value(&samples)?);
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
     std::fs::create_dir_all(&out)?;
@@ -179,6 +207,21 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     a1.stop_and_uninstall()?;
     let _ = std::fs::remove_dir_all(routes);
     Ok(())
+}
+
+/// Istio's circuit-breaking task: the load generator at `-c 2`, then `-c 3`, as fast as it
+/// can, through the waypoint to `httpbin` under [`BREAKER`]: each run's result codes.
+fn circuit_breaking(client: &Pod, secs: f64) -> Result<Vec<(usize, crate::loadgen::FortioResult)>> {
+    [2, 3]
+        .into_iter()
+        .map(|c| {
+            let mut spec = http(SocketAddr::from((BREAKER_VIP, PORT)), None, secs);
+            spec.connections = c;
+            let r =
+                client.run(move || blocking::run_load(&spec)).with_context(|| format!("circuit breaking -c {c}"))?;
+            Ok((c, r))
+        })
+        .collect()
 }
 
 /// RSS of a waypoint holding `n` VirtualServices (each a header match and a route) for `n`
