@@ -81,6 +81,11 @@ impl ResourceSnapshot {
         self.types.entry(resource.type_url.clone()).or_default().insert(name.into(), VersionedResource::new(resource));
     }
 
+    /// Adds or replaces resource `name` already versioned (taken over from an earlier snapshot).
+    pub fn insert_versioned(&mut self, name: impl Into<String>, resource: VersionedResource) {
+        self.types.entry(resource.resource.type_url.clone()).or_default().insert(name.into(), resource);
+    }
+
     /// Removes resource `name` of `type_url`, returning whether it existed.
     pub fn remove(&mut self, type_url: &str, name: &str) -> bool {
         self.types.get_mut(type_url).is_some_and(|named| named.remove(name).is_some())

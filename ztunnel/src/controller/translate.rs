@@ -31,11 +31,7 @@ impl Resources {
     /// Every address resource packed as `Any` (type URL [`ztunnel_proto::ADDRESS_TYPE_URL`]), with a byte encoding
     /// that depends only on the content (see the module docs).
     pub fn address_anys(&self) -> BTreeMap<String, prost_types::Any> {
-        let any = |a: &xwl::Address| prost_types::Any {
-            type_url: ztunnel_proto::ADDRESS_TYPE_URL.to_string(),
-            value: encode_address(a),
-        };
-        self.addresses.iter().map(|(k, v)| (k.clone(), any(v))).collect()
+        self.addresses.iter().map(|(k, v)| (k.clone(), address_any(v))).collect()
     }
 
     /// Every authorization resource packed as `Any` (type URL [`ztunnel_proto::AUTHORIZATION_TYPE_URL`]).
@@ -70,6 +66,20 @@ pub fn encode_address(a: &xwl::Address) -> Vec<u8> {
     prost::encoding::encode_varint(inner.len() as u64, &mut out);
     out.extend_from_slice(&inner);
     out
+}
+
+/// One workload as a packed address resource.
+pub fn workload_any(w: &Workload) -> prost_types::Any {
+    address_any(&xwl::Address { r#type: Some(xwl::address::Type::Workload(workload(w))) })
+}
+
+/// One service as a packed address resource.
+pub fn service_any(s: &Service, network: &str) -> prost_types::Any {
+    address_any(&xwl::Address { r#type: Some(xwl::address::Type::Service(service(s, network))) })
+}
+
+fn address_any(a: &xwl::Address) -> prost_types::Any {
+    prost_types::Any { type_url: ztunnel_proto::ADDRESS_TYPE_URL.to_string(), value: encode_address(a) }
 }
 
 /// Translates the whole model.

@@ -183,3 +183,46 @@ fn a_pod_on_an_unknown_node_has_no_locality() {
     let m = build(&pod("ns", "nowhere", "10.0.0.1", &[]));
     assert_eq!(xds_workload(&m, "nowhere").locality, None);
 }
+
+/// Name → version of every resource of `type_url`.
+fn versions(s: &crate::controller::ads::ResourceSnapshot, type_url: &str) -> Vec<(String, String)> {
+    s.resources(type_url).map(|r| r.iter().map(|(n, v)| (n.clone(), v.version.clone())).collect()).unwrap_or_default()
+}
+
+#[test]
+fn a_snapshot_built_on_the_previous_one_equals_a_full_translation() {
+    use crate::controller::runtime::snapshot;
+    let before = demo();
+    let mut files = vec![];
+    for e in std::fs::read_dir(demo_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            files.push((p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read_to_string(&p).unwrap()));
+        }
+    }
+    // The edit: a DENY policy, and a new Service selecting the productpage pods.
+    files.push((
+        "edit.yaml".into(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-x, namespace: bookinfo}\n\
+         spec:\n  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [x]}\n---\napiVersion: v1\nkind: Service\n\
+         metadata: {name: extra, namespace: bookinfo}\nspec:\n  clusterIP: 10.96.9.9\n  selector: {app: productpage}\n  \
+         ports:\n  - port: 81\n    targetPort: 9080\n"
+            .into(),
+    ));
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+    let after = build_files(&refs);
+    assert_no_errors(&after);
+    let first = snapshot(&before, None, 1);
+    let incremental = snapshot(&after, Some((&before, &first)), 2);
+    let full = snapshot(&after, None, 2);
+    for t in [ztunnel_proto::ADDRESS_TYPE_URL, ztunnel_proto::AUTHORIZATION_TYPE_URL] {
+        assert_eq!(versions(&incremental, t), versions(&full, t), "{t}");
+        assert_ne!(versions(&first, t), versions(&full, t), "the edit changed {t} resources");
+    }
+    let productpage = after.workloads.values().find(|w| w.workload_name == "productpage-v1").unwrap();
+    assert_ne!(
+        first.get(ztunnel_proto::ADDRESS_TYPE_URL, &productpage.uid).unwrap().version,
+        incremental.get(ztunnel_proto::ADDRESS_TYPE_URL, &productpage.uid).unwrap().version,
+        "a workload the new Service selects is translated again"
+    );
+}
