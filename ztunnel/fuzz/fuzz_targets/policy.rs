@@ -450,6 +450,7 @@ fn workload(u: &mut Unstructured, policies: &[Authorization]) -> arbitrary::Resu
         workload_name: String::new(),
         workload_type: String::new(),
         labels: Default::default(),
+        locality: Default::default(),
     })
 }
 
