@@ -533,6 +533,7 @@ fn controller_rbac_only_reads_what_it_watches() {
     }
     let expected: BTreeSet<(String, String)> = [
         ("", "namespaces"),
+        ("", "nodes"),
         ("", "pods"),
         ("", "services"),
         ("", "serviceaccounts"),
