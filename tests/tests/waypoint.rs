@@ -951,27 +951,14 @@ fn max_ejection_percent_keeps_a_failing_endpoint_in_rotation() {
     assert!(v2.min(v3) <= 1 && v2.max(v3) >= 5, "one ejected, one kept: v2 got {v2}, v3 got {v3}");
 }
 
-/// Locality-aware balancing, on as Istio turns it on: `localityLbSetting` enabled plus outlier detection.
-const LOCALITY: &str = "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews-locality}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer:
-      simple: ROUND_ROBIN
-      localityLbSetting: {enabled: true}
-    outlierDetection:
-      consecutive5xxErrors: 1
-      interval: 1s
-      baseEjectionTime: 3s
-      maxEjectionPercent: 100
-";
+/// Locality-aware balancing, on as Istio turns it on: [`OUTLIERS`] plus `localityLbSetting`.
+fn locality_rule() -> String {
+    OUTLIERS.replace("{simple: ROUND_ROBIN}", "{simple: ROUND_ROBIN, localityLbSetting: {enabled: true}}")
+}
 
 #[test]
 fn healthy_local_endpoints_take_all_traffic_from_the_waypoints_zone() {
-    let m = mesh_in_zones(&format!("{}{LOCALITY}", vs(ALL_REVIEWS)), Backends::Echo);
+    let m = mesh_in_zones(&format!("{}{}", vs(ALL_REVIEWS), locality_rule()), Backends::Echo);
     let answers = get_many(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], 30, WAIT).unwrap();
     assert_eq!(version_counts(&answers), [0, 30, 0, 0], "v1 shares the waypoint's zone; v2 and v3 are in zone-1");
 }
@@ -979,7 +966,7 @@ fn healthy_local_endpoints_take_all_traffic_from_the_waypoints_zone() {
 #[test]
 fn locality_failover_moves_traffic_to_the_next_zone_when_the_local_endpoint_is_ejected() {
     let m = mesh_in_zones(
-        &format!("{}{LOCALITY}", vs(ALL_REVIEWS)),
+        &format!("{}{}", vs(ALL_REVIEWS), locality_rule()),
         Backends::Roles([answer("reviews-v1", 500, 0), answer("reviews-v2", 200, 0), answer("reviews-v3", 200, 0)]),
     );
     // The local endpoint takes the first request; its 500 ejects it.
