@@ -68,7 +68,8 @@ pub fn encode_address(a: &xwl::Address) -> Vec<u8> {
     out
 }
 
-/// One workload as a packed address resource.
+/// One workload as a packed address resource. Like [`service_any`], it must depend on its
+/// arguments only: the publisher reuses the previous resource of an unchanged model entry.
 pub fn workload_any(w: &Workload) -> prost_types::Any {
     address_any(&xwl::Address { r#type: Some(xwl::address::Type::Workload(workload(w))) })
 }
