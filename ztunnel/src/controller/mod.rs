@@ -23,6 +23,7 @@
 pub mod ads;
 pub mod authz;
 pub mod ca;
+pub mod dir_events;
 pub mod dump;
 pub mod gateway_routes;
 pub mod grpc;

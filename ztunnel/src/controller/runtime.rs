@@ -18,6 +18,7 @@ use ztunnel_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
 use super::ads::{AdsServer, ResourceSnapshot, VersionedResource};
 use super::ca::{CaServer, NodeAuthorizer};
+use super::dir_events::DirEvents;
 use super::grpc::{serve, Authenticator, ServerTlsMaterial, CONTROLLER_DNS_NAME};
 use super::source::Snapshot;
 use super::{translate, Model, Options, StatusEntry};
@@ -26,8 +27,8 @@ use crate::identity::{Identity, InProcessCa};
 /// Where the controller reads Kubernetes objects from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// Directory (or file) of Kubernetes YAML, re-read when it changes (checked every
-    /// [`ControllerConfig::poll_interval`]).
+    /// Directory (or file) of Kubernetes YAML, re-read when it changes (checked on each
+    /// inotify event and every [`ControllerConfig::poll_interval`]).
     Directory(PathBuf),
     /// A live API server, found as `kubectl` finds it (in-cluster service account, else
     /// `KUBECONFIG` / `~/.kube/config`), listed and watched (see [`super::kube`]). Start waits
@@ -68,9 +69,10 @@ pub enum ControllerError {
 
 /// A started source: what it will deliver after the initial load.
 enum Updates {
-    /// The directory, the reader that already holds its parsed files, and the fingerprint
-    /// taken before that first read (so an edit made during it is still seen as a change).
-    Directory(PathBuf, super::source::CachedReader, u64),
+    /// The directory, the reader that already holds its parsed files, the fingerprint taken
+    /// before that first read (so an edit made during it is still seen as a change), and the
+    /// inotify watches set up before both (none: polling only).
+    Directory(PathBuf, super::source::CachedReader, u64, Option<DirEvents>),
     #[cfg(feature = "kube")]
     Kubernetes(super::kube::KubeWatch),
 }
@@ -98,10 +100,16 @@ impl Controller {
         };
         let (model, updates) = match &cfg.source {
             Source::Directory(dir) => {
+                let events = DirEvents::new(dir)
+                    .inspect_err(|e| warn!(dir = %dir.display(), error = %e, "no inotify; polling only"))
+                    .ok();
                 let fingerprint = super::fingerprint(dir);
                 let mut reader = super::source::CachedReader::default();
                 let objects = reader.read_dir(dir).map_err(io(dir))?;
-                (Model::build(objects, cfg.options.clone()), Updates::Directory(dir.clone(), reader, fingerprint))
+                (
+                    Model::build(objects, cfg.options.clone()),
+                    Updates::Directory(dir.clone(), reader, fingerprint, events),
+                )
             }
             #[cfg(feature = "kube")]
             Source::Kubernetes => {
@@ -158,8 +166,8 @@ impl Controller {
             version: 1,
         };
         let watcher = match updates {
-            Updates::Directory(dir, reader, fingerprint) => {
-                tokio::spawn(watch_dir(dir, reader, fingerprint, cfg.poll_interval, publisher))
+            Updates::Directory(dir, reader, fingerprint, events) => {
+                tokio::spawn(watch_dir(dir, reader, fingerprint, events, cfg.poll_interval, publisher))
             }
             #[cfg(feature = "kube")]
             Updates::Kubernetes(watch) => tokio::spawn(watch_kube(watch, publisher)),
@@ -374,16 +382,26 @@ impl Publisher {
 }
 
 /// Re-reads the directory whenever its fingerprint changes (from `last`, taken before the
-/// read at start that filled `reader`) and publishes the new resources.
+/// read at start that filled `reader`) and publishes the new resources. Looks on every
+/// inotify wake-up (`events`, watching since before that read) and every `poll_interval`
+/// (the fallback).
 async fn watch_dir(
     dir: PathBuf,
     mut reader: super::source::CachedReader,
     mut last: u64,
+    mut events: Option<DirEvents>,
     poll_interval: Duration,
     mut publisher: Publisher,
 ) {
     loop {
-        tokio::time::sleep(poll_interval).await;
+        let woken = tokio::select! {
+            _ = tokio::time::sleep(poll_interval) => false,
+            _ = async { events.as_mut().expect("checked").changed().await }, if events.is_some() => true,
+        };
+        if let (true, Some(ev)) = (woken, &events) {
+            // A new subdirectory wakes us before it holds any file: watch it now.
+            let _ = ev.rewatch(&dir);
+        }
         let fp = super::fingerprint(&dir);
         if fp == last {
             continue;

@@ -264,11 +264,22 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 
 /// The YAML files under `dir` (or `dir` itself if it is a file), sorted by path.
 fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    walk(dir).map(|(_, files)| files)
+}
+
+/// The directories [`read_dir`] descends into (`dir` and its subdirectories), or `dir` itself
+/// if it is a file: what a change watcher must watch to see every file it reads.
+pub fn watched_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    walk(dir).map(|(dirs, files)| if dirs.is_empty() { files } else { dirs })
+}
+
+/// The directories walked and the YAML files found under `dir`, both sorted by path.
+fn walk(dir: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let meta = std::fs::metadata(dir)?;
     if meta.is_file() {
-        return Ok(vec![dir.to_path_buf()]);
+        return Ok((Vec::new(), vec![dir.to_path_buf()]));
     }
-    let mut files = Vec::new();
+    let (mut dirs, mut files) = (Vec::new(), Vec::new());
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
         let entries = match std::fs::read_dir(&d) {
@@ -276,6 +287,7 @@ fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
             Err(e) if d == dir => return Err(e),
             Err(_) => continue, // a subdirectory that vanished or is unreadable: its files are simply absent
         };
+        dirs.push(d);
         for entry in entries.flatten() {
             let name = entry.file_name();
             if name.to_string_lossy().starts_with('.') {
@@ -289,8 +301,9 @@ fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
             }
         }
     }
+    dirs.sort();
     files.sort();
-    Ok(files)
+    Ok((dirs, files))
 }
 
 fn is_yaml(p: &Path) -> bool {

@@ -1,6 +1,7 @@
 //! Tests of the translation core on YAML fixtures: one behaviour per test. Helpers here build a model from inline
 //! YAML and ask the data plane's own policy engine what a translated policy decides.
 mod authz;
+mod dir_watch;
 mod kube;
 mod model;
 mod routes;
