@@ -56,7 +56,9 @@ impl VersionedResource {
 #[derive(Debug, Clone, Default)]
 pub struct ResourceSnapshot {
     version: u64,
-    types: BTreeMap<String, BTreeMap<String, VersionedResource>>,
+    /// Shared, so a snapshot built on the previous one takes over each unchanged resource by
+    /// pointer rather than copying its bytes.
+    types: BTreeMap<String, BTreeMap<String, Arc<VersionedResource>>>,
 }
 
 impl ResourceSnapshot {
@@ -70,7 +72,7 @@ impl ResourceSnapshot {
         let types = types
             .into_iter()
             .map(|(type_url, named)| {
-                (type_url, named.into_iter().map(|(n, r)| (n, VersionedResource::new(r))).collect())
+                (type_url, named.into_iter().map(|(n, r)| (n, Arc::new(VersionedResource::new(r)))).collect())
             })
             .collect();
         ResourceSnapshot { version, types }
@@ -78,12 +80,16 @@ impl ResourceSnapshot {
 
     /// Adds or replaces resource `name` under its own `type_url`.
     pub fn insert(&mut self, name: impl Into<String>, resource: Any) {
-        self.types.entry(resource.type_url.clone()).or_default().insert(name.into(), VersionedResource::new(resource));
+        self.insert_versioned(name, Arc::new(VersionedResource::new(resource)));
     }
 
     /// Adds or replaces resource `name` already versioned (taken over from an earlier snapshot).
-    pub fn insert_versioned(&mut self, name: impl Into<String>, resource: VersionedResource) {
-        self.types.entry(resource.resource.type_url.clone()).or_default().insert(name.into(), resource);
+    pub fn insert_versioned(&mut self, name: impl Into<String>, resource: Arc<VersionedResource>) {
+        let type_url = &resource.resource.type_url;
+        if !self.types.contains_key(type_url) {
+            self.types.insert(type_url.clone(), BTreeMap::new());
+        }
+        self.types.get_mut(type_url).expect("inserted above").insert(name.into(), resource);
     }
 
     /// Removes resource `name` of `type_url`, returning whether it existed.
@@ -102,12 +108,12 @@ impl ResourceSnapshot {
     }
 
     /// One resource, if present.
-    pub fn get(&self, type_url: &str, name: &str) -> Option<&VersionedResource> {
+    pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<VersionedResource>> {
         self.types.get(type_url)?.get(name)
     }
 
     /// All resources of one type, by name.
-    pub fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, VersionedResource>> {
+    pub fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<VersionedResource>>> {
         self.types.get(type_url)
     }
 }
@@ -299,7 +305,7 @@ impl TypeState {
     /// "no such resource", which is what ends an on-demand lookup in Istio's ztunnel.
     fn delta(
         &mut self,
-        current: Option<&BTreeMap<String, VersionedResource>>,
+        current: Option<&BTreeMap<String, Arc<VersionedResource>>>,
         fresh: &BTreeSet<String>,
     ) -> (Vec<Resource>, Vec<String>) {
         let empty = BTreeMap::new();

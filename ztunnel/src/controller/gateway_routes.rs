@@ -81,7 +81,7 @@ fn document(o: &RawObject, namespace: &str) -> Value {
 /// model's `services` (keyed `namespace/hostname`) and the Gateways, in a cluster whose
 /// Service hostnames end in `domain`.
 pub(super) fn evaluate(
-    loaded: &[Loaded],
+    loaded: &[std::sync::Arc<Loaded>],
     ok: impl Fn(usize) -> bool,
     services: &BTreeMap<String, Service>,
     domain: &str,

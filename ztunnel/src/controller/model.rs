@@ -263,13 +263,15 @@ impl Model {
                 .collect(),
         };
         // The first definition of an object wins; later ones are reported.
-        let mut seen: BTreeMap<ObjectRef, usize> = BTreeMap::new();
+        let mut seen: std::collections::HashMap<(&str, &str, &str), usize> =
+            std::collections::HashMap::with_capacity(objects.len());
         for (i, l) in objects.iter().enumerate() {
-            let r = ObjectRef::of(&l.object);
-            if let Some(&first) = seen.get(&r) {
-                rec.reject(i, format!("duplicate: already defined at {}", objects[first].origin));
-            } else {
-                seen.insert(r, i);
+            let o = &l.object;
+            match seen.entry((o.kind(), o.namespace(), o.metadata().name.as_str())) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    rec.reject(i, format!("duplicate: already defined at {}", objects[*first.get()].origin))
+                }
+                std::collections::hash_map::Entry::Vacant(v) => drop(v.insert(i)),
             }
         }
         let objs: Vec<&Object> = objects.iter().map(|l| &l.object).collect();
@@ -304,7 +306,7 @@ impl Builder<'_> {
         self.namespaces.get(ns).map(|(_, m)| m.labels.clone()).unwrap_or_default()
     }
 
-    fn build(&mut self, loaded: &[super::source::Loaded]) -> Model {
+    fn build(&mut self, loaded: &[std::sync::Arc<super::source::Loaded>]) -> Model {
         let o = self.options.clone();
         let mut model = Model { options: o.clone(), ..Model::default() };
         for i in self.indices("Namespace") {
@@ -341,7 +343,7 @@ impl Builder<'_> {
 
     /// Attaches the Gateway API routes to the model's Services and Gateways: their conditions,
     /// and a warning (or, for a route refused whole, an error) on their status lines.
-    fn route_conditions(&mut self, model: &mut Model, loaded: &[super::source::Loaded]) {
+    fn route_conditions(&mut self, model: &mut Model, loaded: &[std::sync::Arc<super::source::Loaded>]) {
         let rec = &*self.rec;
         let ev = gateway_routes::evaluate(loaded, |i| rec.ok(i), &model.services, &self.options.domain_suffix);
         for (i, verdict) in ev.verdicts {

@@ -250,7 +250,7 @@ pub(super) fn snapshot(model: &Model, prev: Option<(&Model, &ResourceSnapshot)>,
     let prev = prev.filter(|(m, _)| m.options == model.options);
     let network = &model.options.network;
     let mut snap = ResourceSnapshot::new(version);
-    let reuse = |type_url: &str, name: &str, same: bool| -> Option<VersionedResource> {
+    let reuse = |type_url: &str, name: &str, same: bool| -> Option<Arc<VersionedResource>> {
         prev.filter(|_| same).and_then(|(_, s)| s.get(type_url, name)).cloned()
     };
     for (uid, w) in &model.workloads {
@@ -301,7 +301,9 @@ fn report(model: &Model, before: &[StatusEntry]) {
 /// Makes sure every node the model schedules pods on has a token file, and loads all of
 /// them (token → node).
 fn refresh_tokens(dir: &Path, model: &Model, tokens: &Tokens) {
-    for node in model.workloads.values().map(|w| w.node.as_str()).filter(|n| !n.is_empty()) {
+    let nodes: std::collections::BTreeSet<&str> =
+        model.workloads.values().map(|w| w.node.as_str()).filter(|n| !n.is_empty()).collect();
+    for node in nodes {
         let path = dir.join(node);
         if node.contains('/') || node.starts_with('.') || path.exists() {
             continue;

@@ -16,6 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_yaml_ng::Value;
 
@@ -30,9 +31,11 @@ pub struct Loaded {
 }
 
 /// Everything read from a directory: the objects in file order, and the documents that were skipped.
+/// Objects are shared, so handing a cached file's objects to another model build copies pointers,
+/// not 10,000 pods (that copy was 6% of a reload at scale).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    pub objects: Vec<Loaded>,
+    pub objects: Vec<Arc<Loaded>>,
     /// Unreadable files and documents, malformed objects, kinds the controller does not read.
     pub skipped: Vec<StatusEntry>,
 }
@@ -180,7 +183,7 @@ pub fn parse_json_object(origin: Origin, value: serde_json::Value) -> Snapshot {
 fn add_object(snapshot: &mut Snapshot, origin: Origin, value: Value) {
     let object = reference(&value);
     match parse_object(value) {
-        Ok(object) => snapshot.objects.push(Loaded { origin, object }),
+        Ok(object) => snapshot.objects.push(Arc::new(Loaded { origin, object })),
         Err(ParseError::Unsupported { kind, api_version }) => {
             let reason = if api_group(&api_version).is_empty() || !is_known_kind(&kind) {
                 format!("kind {kind} ({api_version}) is not read by the controller")
