@@ -205,7 +205,7 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
     );
     println!(
         "  file edit -> applied at the agent: median {:.0} ms, max {:.0} ms over {} edits (target < 100 ms; \
-         includes the controller's 50 ms directory poll)",
+         the controller sees the file through inotify)",
         edits[edits.len() / 2],
         edits[edits.len() - 1],
         edits.len()
