@@ -369,20 +369,39 @@ fn workspace() -> PathBuf {
 /// Runs cargo from the workspace root and returns its exit code.
 fn cargo(args: &[&str]) -> Result<i32> {
     println!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(cargo_bin()).args(args).current_dir(workspace()).status().context("running cargo")?;
+    let status = without_run_env(Command::new(cargo_bin()).args(args).current_dir(workspace()))
+        .status()
+        .context("running cargo")?;
     Ok(status.code().unwrap_or(1))
 }
 
 /// Runs cargo like [`cargo`], with `var=value` in its environment.
 fn cargo_env(args: &[&str], var: &str, value: &str) -> Result<i32> {
     println!("xtask: {var}={value} cargo {}", args.join(" "));
-    let status = Command::new(cargo_bin())
+    let status = without_run_env(&mut Command::new(cargo_bin()))
         .args(args)
         .env(var, value)
         .current_dir(workspace())
         .status()
         .context("running cargo")?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// Drops the variables `cargo run` gave this process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...)
+/// from a cargo it starts. Build scripts (ring's, through cc) watch some of them, so a cargo
+/// started from here and one started from a test (which drops them too, see
+/// `mesh_tests::agent_process`) would otherwise rebuild ring and everything above it in turn.
+fn without_run_env(cmd: &mut Command) -> &mut Command {
+    for (var, _) in std::env::vars_os() {
+        let name = var.to_string_lossy();
+        let given_by_cargo_run =
+            ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_BIN_", "CARGO_CRATE_NAME"].iter().any(|p| name.starts_with(p))
+                || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "CARGO_RUSTC_CURRENT_DIR"].contains(&&*name);
+        if given_by_cargo_run {
+            cmd.env_remove(&var);
+        }
+    }
+    cmd
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

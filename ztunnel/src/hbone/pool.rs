@@ -222,8 +222,12 @@ impl ConnectionPool {
         let mut send = conn.send.clone().ready().await.map_err(|e| (e.into(), true))?;
         let (response, stream) = send.send_request(request, false).map_err(|e| (e.into(), true))?;
         let response = response.await.map_err(|e| {
-            let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
-            (HboneError::Stream(e), refused)
+            // Not processed by the server: refused outright, or above the last stream id of its
+            // GOAWAY (a draining peer, e.g. an agent handing over to its successor; RFC 9113
+            // §6.8 says such streams may be retried). No byte of the client's went through:
+            // they are sent only after the 200.
+            let unprocessed = e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote());
+            (HboneError::Stream(e), unprocessed)
         })?;
         match response.status() {
             StatusCode::OK => {}
