@@ -110,7 +110,8 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
             .arg(work.join("tokens"))
             .arg("--root-cert-out")
             .arg(&root)
-            .env("RUST_LOG", "info")
+            // The ADS server's per-push lines time each edit's push (see `stages`).
+            .env("RUST_LOG", "info,ztunnel::controller::ads=debug")
             .env("NO_COLOR", "1")
             .stdout(std::fs::File::create(work.join("controller.log"))?)
             .spawn()
@@ -151,7 +152,8 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
     }
     let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse()?;
     let t0 = Instant::now();
-    let agent = AgentProcess::start(binary, &c, 0, &extra)?;
+    let agent_log = work.join("agent.log");
+    let agent = AgentProcess::start_logging_to(binary, &c, 0, &extra, &agent_log)?;
     let empty_rss = rss_kb(agent.pid());
     let deadline = Instant::now() + Duration::from_secs(60);
     while messages(metrics) < 2 {
@@ -163,12 +165,16 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
     let sync = t0.elapsed();
     std::thread::sleep(Duration::from_secs(6)); // past a heap-trim period
     let synced_rss = rss_kb(agent.pid());
+    // Each applied response logged with its time, for the breakdown of an edit's path.
+    agent.admin("POST", "/logging?level=warn%2Cztunnel%3A%3Axds%3A%3Aclient%3Ddebug")?;
 
     // One change: a new service file; time until the agent applied a new response.
     let mut edits = Vec::new();
+    let mut written = Vec::new();
     for i in 0..5 {
         let before = messages(metrics);
         let t = Instant::now();
+        written.push(seconds_of_day(std::time::SystemTime::now()));
         let yaml = format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: extra{i}\n  namespace: scale\nspec:\n  clusterIP: 10.97.0.{}\n  selector:\n    svc: s{i}\n  ports:\n  - port: 81\n",
             i + 1
@@ -184,6 +190,7 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
         edits.push(t.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_millis(500));
     }
+    let stages = stages(&written, &work.join("controller.log"), &agent_log);
     edits.sort_by(|a, b| a.total_cmp(b));
     // The controller's own account of its last reload (read, model, total).
     let log = std::fs::read_to_string(work.join("controller.log")).unwrap_or_default();
@@ -211,6 +218,19 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
         edits.len()
     );
     println!("  controller's last reload: {}", reload.split_once("version=").map(|(_, r)| r).unwrap_or(&reload));
+    let median = |k: usize| {
+        let mut v: Vec<f64> = stages.iter().map(|s| s[k]).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    println!(
+        "  where an edit's time goes (median ms from the write, from the logs): model built and published {:.0}, \
+         pushed to the agent {:.0}, applied by the agent {:.0} (of which applying {:.1})",
+        median(0),
+        median(1),
+        median(2),
+        median(3)
+    );
     drop(agent);
     drop(controller);
     let _ = std::fs::remove_dir_all(&work);
@@ -219,5 +239,57 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
         "controller_start_s": controller_up.as_secs_f64(), "full_sync_s": sync.as_secs_f64(),
         "agent_rss_kb_empty": empty_rss, "agent_rss_kb_synced": synced_rss,
         "controller_rss_kb": controller_rss_serving, "edit_to_applied_ms": edits,
+        "edit_stages_ms": stages,
     }))
+}
+
+/// `text` without terminal colour codes (the agent's log is written as if to a terminal).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('\u{1b}') {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].find('m').map_or("", |j| &rest[i + j + 1..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Seconds since midnight UTC: what the logs' timestamps can be compared with.
+fn seconds_of_day(t: std::time::SystemTime) -> f64 {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (since.as_secs() % 86_400) as f64 + f64::from(since.subsec_micros()) / 1e6
+}
+
+/// A log line's timestamp (`2026-01-01T10:50:24.551658Z ...`) as seconds since midnight.
+fn log_time(line: &str) -> Option<f64> {
+    let time = line.split_once('T')?.1.split_once('Z')?.0;
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// For each edit written at `written[i]`: milliseconds until the controller published the new model, until it
+/// pushed it to the agent, and until the agent applied it (the first such log line after the write), and the
+/// agent's own time applying it.
+fn stages(written: &[f64], controller_log: &Path, agent_log: &Path) -> Vec<[f64; 4]> {
+    let read = |p: &Path, needle: &str| -> Vec<f64> {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        text.lines().filter(|l| l.contains(needle)).filter_map(log_time).collect()
+    };
+    let published = read(controller_log, "config changed");
+    let pushed = read(controller_log, "push ");
+    let agent_text = strip_ansi(&std::fs::read_to_string(agent_log).unwrap_or_default());
+    let applied: Vec<(f64, f64)> = agent_text
+        .lines()
+        .filter(|l| l.contains("xDS applied"))
+        .filter_map(|l| {
+            let us = l.split("apply_us=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<f64>().ok()?;
+            Some((log_time(l)?, us / 1000.0))
+        })
+        .collect();
+    let after = |times: &[f64], t: f64| times.iter().find(|x| **x >= t).map_or(f64::NAN, |x| (x - t) * 1000.0);
+    let times: Vec<f64> = applied.iter().map(|a| a.0).collect();
+    let own = |t: f64| applied.iter().find(|a| a.0 >= t).map_or(f64::NAN, |a| a.1);
+    written.iter().map(|w| [after(&published, *w), after(&pushed, *w), after(&times, *w), own(*w)]).collect()
 }

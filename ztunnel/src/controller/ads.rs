@@ -92,6 +92,15 @@ impl ResourceSnapshot {
         self.types.get_mut(type_url).expect("inserted above").insert(name.into(), resource);
     }
 
+    /// Sets every resource of `type_url` at once (nothing when `resources` is empty, as if none was inserted).
+    pub fn set_type(&mut self, type_url: &str, resources: BTreeMap<String, Arc<VersionedResource>>) {
+        if resources.is_empty() {
+            self.types.remove(type_url);
+        } else {
+            self.types.insert(type_url.to_string(), resources);
+        }
+    }
+
     /// Removes resource `name` of `type_url`, returning whether it existed.
     pub fn remove(&mut self, type_url: &str, name: &str) -> bool {
         self.types.get_mut(type_url).is_some_and(|named| named.remove(name).is_some())

@@ -10,6 +10,7 @@
 //! sends them.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::policy::Authorization;
 use crate::state::Locality;
@@ -18,8 +19,10 @@ use super::authz::{self, Converted, PeerAuthn};
 use super::gateway_routes::{self, RouteConditions, Verdict};
 use super::objects::{Object, ObjectMeta, ObjectRef, RawObject, StringMap};
 use super::pods::{self, PodInfo};
+use super::reuse::{self, Built, Context, Inputs, Reuse};
+use super::selectors::{selects, PolicyIndex, SelectorIndex};
 use super::services::{load_balancing, service, ServiceBuild};
-use super::source::Snapshot;
+use super::source::{Loaded, Snapshot};
 use super::status::{Origin, Outcome, StatusEntry};
 use super::waypoint::{self, Waypoint, WaypointAddress, Waypoints, GATEWAY_NAME_LABEL};
 
@@ -190,8 +193,8 @@ pub struct RoutingObject {
 #[derive(Debug, Clone, Default)]
 pub struct Model {
     pub options: Options,
-    /// Workloads by uid.
-    pub workloads: BTreeMap<String, Workload>,
+    /// Workloads by uid (shared with the next build, which takes over those whose inputs did not change).
+    pub workloads: BTreeMap<String, Arc<Workload>>,
     /// Services by `<namespace>/<hostname>`.
     pub services: BTreeMap<String, Service>,
     /// L4 policies by `<namespace>/<name>`.
@@ -207,6 +210,8 @@ pub struct Model {
     /// Gateway API route conditions (`Accepted`, `ResolvedRefs`) per route and parentRef.
     pub route_conditions: Vec<RouteConditions>,
     status: Vec<StatusEntry>,
+    /// What the next build may take over.
+    reuse: Reuse,
 }
 
 /// Per-object status while building; a rejected object is not used further.
@@ -251,6 +256,12 @@ impl Model {
 
     /// Builds the model from what was read.
     pub fn build(snapshot: Snapshot, options: Options) -> Model {
+        Self::build_after(snapshot, options, None)
+    }
+
+    /// Builds the model from what was read, taking over from `prev` every pod and workload whose inputs are the
+    /// same objects (the result equals [`Model::build`]'s).
+    pub fn build_after(snapshot: Snapshot, options: Options, prev: Option<&Model>) -> Model {
         let Snapshot { objects, skipped } = snapshot;
         let mut rec = Recorder {
             entries: objects
@@ -275,9 +286,23 @@ impl Model {
             }
         }
         let objs: Vec<&Object> = objects.iter().map(|l| &l.object).collect();
-        let mut b =
-            Builder { options, objs: &objs, rec: &mut rec, namespaces: BTreeMap::new(), nodes: BTreeMap::new() };
-        let mut model = b.build(&objects);
+        let context = Context::of(&options, &objects);
+        let mut b = Builder {
+            options,
+            objs: &objs,
+            loaded: &objects,
+            rec: &mut rec,
+            namespaces: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            by_kind: std::collections::HashMap::new(),
+            prev: prev.map(|m| &m.reuse).filter(|r| r.applies_to(&context)),
+            next: Reuse::new(context, objects.len()),
+        };
+        for (i, o) in objs.iter().enumerate() {
+            b.by_kind.entry(o.kind()).or_default().push(i);
+        }
+        let mut model = b.build();
+        model.reuse = b.next;
         let mut status = skipped;
         status.extend(rec.entries);
         status.sort_by(|a, b| a.origin.cmp(&b.origin));
@@ -290,23 +315,42 @@ impl Model {
 struct Builder<'a> {
     options: Options,
     objs: &'a [&'a Object],
+    /// The same objects, shared: what reuse is keyed by.
+    loaded: &'a [Arc<Loaded>],
     rec: &'a mut Recorder,
     /// Namespace metadata by name (implicit namespaces have none).
     namespaces: BTreeMap<String, (usize, ObjectMeta)>,
     /// Node labels by node name, for the locality of the pods on each node.
     nodes: BTreeMap<String, StringMap>,
+    /// Object indices by kind, in order.
+    by_kind: std::collections::HashMap<&'a str, Vec<usize>>,
+    /// The previous build's results, when built in the same context.
+    prev: Option<&'a Reuse>,
+    /// This build's results, for the next.
+    next: Reuse,
+}
+
+/// A pod, with the object it came from.
+struct PodAt {
+    /// Index of its object (the Pod, or the Deployment that stands for it).
+    source: usize,
+    /// Its place among the pods of that object.
+    nth: usize,
+    info: Arc<PodInfo>,
 }
 
 impl Builder<'_> {
     fn indices(&self, kind: &str) -> Vec<usize> {
-        (0..self.objs.len()).filter(|&i| self.objs[i].kind() == kind && self.rec.ok(i)).collect()
+        let all = self.by_kind.get(kind).map(Vec::as_slice).unwrap_or_default();
+        all.iter().copied().filter(|&i| self.rec.ok(i)).collect()
     }
 
     fn ns_labels(&self, ns: &str) -> StringMap {
         self.namespaces.get(ns).map(|(_, m)| m.labels.clone()).unwrap_or_default()
     }
 
-    fn build(&mut self, loaded: &[std::sync::Arc<super::source::Loaded>]) -> Model {
+    fn build(&mut self) -> Model {
+        let loaded = self.loaded;
         let o = self.options.clone();
         let mut model = Model { options: o.clone(), ..Model::default() };
         for i in self.indices("Namespace") {
@@ -333,8 +377,8 @@ impl Builder<'_> {
         let pods = self.pods();
         let services = self.services(&mut model, &pods);
         self.route_conditions(&mut model, loaded);
-        self.workloads(&mut model, &pods, &services);
-        self.authorizations(&mut model);
+        let policies = self.authorizations(&mut model);
+        self.workloads(&mut model, &pods, &services, &policies);
         for i in self.indices("ServiceEntry") {
             self.rec.warn(i, "ServiceEntry is read but not yet translated into xDS");
         }
@@ -343,7 +387,7 @@ impl Builder<'_> {
 
     /// Attaches the Gateway API routes to the model's Services and Gateways: their conditions,
     /// and a warning (or, for a route refused whole, an error) on their status lines.
-    fn route_conditions(&mut self, model: &mut Model, loaded: &[std::sync::Arc<super::source::Loaded>]) {
+    fn route_conditions(&mut self, model: &mut Model, loaded: &[Arc<Loaded>]) {
         let rec = &*self.rec;
         let ev = gateway_routes::evaluate(loaded, |i| rec.ok(i), &model.services, &self.options.domain_suffix);
         for (i, verdict) in ev.verdicts {
@@ -358,8 +402,8 @@ impl Builder<'_> {
         model.route_conditions = ev.conditions;
     }
 
-    /// Written pods and the pods Deployments stand for.
-    fn pods(&mut self) -> Vec<PodInfo> {
+    /// Written pods (each parsed once while its object stays the same) and the pods Deployments stand for.
+    fn pods(&mut self) -> Vec<PodAt> {
         let deployments: Vec<(&str, &super::objects::Deployment)> = self
             .indices("Deployment")
             .into_iter()
@@ -371,14 +415,20 @@ impl Builder<'_> {
         let mut out = Vec::new();
         for i in self.indices("Pod") {
             let Object::Pod(p) = self.objs[i] else { continue };
-            match pods::from_pod(p, self.objs[i].namespace(), i, &deployments) {
-                Ok(info) => out.push(info),
+            let object = &self.loaded[i];
+            let parsed = match self.prev.and_then(|r| r.pod(object)) {
+                Some(known) => known,
+                None => pods::from_pod(p, self.objs[i].namespace(), &deployments).map(Arc::new),
+            };
+            self.next.remember_pod(object, parsed.clone());
+            match parsed {
+                Ok(info) => out.push(PodAt { source: i, nth: 0, info }),
                 Err(e) => self.rec.reject(i, e),
             }
         }
         for i in self.indices("Deployment") {
             let Object::Deployment(d) = self.objs[i] else { continue };
-            match pods::from_deployment(d, self.objs[i].namespace(), i) {
+            match pods::from_deployment(d, self.objs[i].namespace()) {
                 Ok(generated) if generated.is_empty() && d.spec.replicas != Some(0) => {
                     self.rec.warn(
                         i,
@@ -388,14 +438,18 @@ impl Builder<'_> {
                         ),
                     );
                 }
-                Ok(generated) => out.extend(generated),
+                Ok(generated) => out.extend(generated.into_iter().enumerate().map(|(nth, p)| PodAt {
+                    source: i,
+                    nth,
+                    info: Arc::new(p),
+                })),
                 Err(e) => self.rec.reject(i, e),
             }
         }
         out
     }
 
-    fn services(&mut self, model: &mut Model, pods: &[PodInfo]) -> Vec<ServiceBuild> {
+    fn services(&mut self, model: &mut Model, pods: &[PodAt]) -> Vec<ServiceBuild> {
         let o = self.options.clone();
         // Names used as waypoints, so a Service can stand in for a waypoint Gateway.
         let mut referenced = BTreeSet::new();
@@ -424,7 +478,7 @@ impl Builder<'_> {
         for i in self.indices("Service") {
             let Object::Service(svc) = self.objs[i] else { continue };
             let ns = self.objs[i].namespace().to_string();
-            let mut build = match service(svc, &ns, &o) {
+            let mut build = match service(svc, &ns, &o, i) {
                 Ok(b) => b,
                 Err(e) => {
                     self.rec.reject(i, e);
@@ -464,13 +518,14 @@ impl Builder<'_> {
         for b in &out {
             for (p, name) in b.service.ports.iter().zip(&b.named_targets) {
                 let Some(name) = name else { continue };
-                let selected =
-                    pods.iter().filter(|pod| pod.namespace == b.service.namespace && selects(&b.selector, &pod.labels));
+                let selected = pods
+                    .iter()
+                    .map(|p| &p.info)
+                    .filter(|pod| pod.namespace == b.service.namespace && selects(&b.selector, &pod.labels));
                 let mut selected = selected.peekable();
                 if selected.peek().is_some() && selected.all(|pod| pods::named_port(&pod.spec, name).is_none()) {
-                    let i = self.service_index(&b.service);
                     self.rec.warn(
-                        i,
+                        b.source,
                         format!("port {}: no selected pod has a container port named {name:?}", p.service_port),
                     );
                 }
@@ -482,113 +537,153 @@ impl Builder<'_> {
         out
     }
 
-    fn service_index(&self, s: &Service) -> usize {
-        (0..self.objs.len())
-            .find(|&i| {
-                self.objs[i].kind() == "Service"
-                    && self.objs[i].namespace() == s.namespace
-                    && self.objs[i].metadata().name == s.name
-            })
-            .expect("service came from an object")
-    }
-
-    fn workloads(&mut self, model: &mut Model, pods: &[PodInfo], services: &[ServiceBuild]) {
-        let o = self.options.clone();
+    /// One workload per pod with an IP; each pod whose inputs are the same objects as in the previous build takes
+    /// over that build's workload (see [`super::reuse`]).
+    fn workloads(&mut self, model: &mut Model, pods: &[PodAt], services: &[ServiceBuild], policies: &PolicyIndex) {
+        self.next.set_waypoints(model.waypoints.clone());
+        let prev = self.prev.filter(|r| r.same_waypoints(&model.waypoints));
         let waypoints = Waypoints { by_key: model.waypoints.clone() };
-        let mut addresses: BTreeMap<IpAddr, String> = BTreeMap::new();
+        // Each address → the pod that has it.
+        let mut addresses: std::collections::HashMap<IpAddr, &PodInfo> = std::collections::HashMap::new();
         let mut namespace_warned = BTreeSet::new();
         let index = SelectorIndex::new(services);
-        // Services that are waypoints: their selected pods are waypoint instances.
-        let waypoint_services: Vec<&ServiceBuild> = services
-            .iter()
-            .filter(|s| waypoints.by_key.contains_key(&format!("{}/{}", s.service.namespace, s.service.name)))
-            .collect();
-        for pod in pods {
+        let uid = |pod: &PodInfo| format!("{}//Pod/{}/{}", self.options.cluster_id, pod.namespace, pod.name);
+        for at in pods {
+            let pod = &*at.info;
             if pod.ips.is_empty() || pod.terminal {
                 continue;
             }
-            let uid = format!("{}//Pod/{}/{}", o.cluster_id, pod.namespace, pod.name);
-            if let Some((ip, other)) = pod.ips.iter().find_map(|ip| addresses.get(ip).map(|u| (ip, u))) {
-                let msg = format!("pod {}: address {ip} is already used by {other}", pod.name);
+            if let Some((ip, other)) = pod.ips.iter().find_map(|ip| addresses.get(ip).map(|o| (ip, o))) {
+                let msg = format!("pod {}: address {ip} is already used by {}", pod.name, uid(other));
                 if pod.generated {
-                    self.rec.warn(pod.source, msg)
+                    self.rec.warn(at.source, msg)
                 } else {
-                    self.rec.reject(pod.source, msg)
+                    self.rec.reject(at.source, msg)
                 }
                 continue;
             }
-            let ns_labels = self.ns_labels(&pod.namespace);
-            let service_account =
-                pod.spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
-            if service_account != "default"
-                && !model.service_accounts.contains(&format!("{}/{service_account}", pod.namespace))
-            {
-                self.rec
-                    .warn(pod.source, format!("service account {}/{service_account} is not defined", pod.namespace));
-            }
-            let is_instance = pod
-                .labels
-                .get(GATEWAY_NAME_LABEL)
-                .is_some_and(|g| waypoints.by_key.contains_key(&format!("{}/{g}", pod.namespace)))
-                || waypoint_services
-                    .iter()
-                    .any(|s| s.service.namespace == pod.namespace && selects(&s.selector, &pod.labels));
-            let waypoint = match waypoints.for_workload(&pod.labels, &pod.namespace, &ns_labels, is_instance) {
-                Ok(w) => w.map(|w| w.address.clone()),
-                Err(e) => {
-                    self.rec.warn(pod.source, format!("pod {}: {e}", pod.name));
-                    None
+            let selecting = index.selecting(&pod.namespace, &pod.labels);
+            let selecting_objects: Vec<usize> = selecting.iter().map(|s| s.source).collect();
+            let key = (reuse::address(&self.loaded[at.source]), at.nth);
+            let keys = policies.keys_for(&pod.namespace, &pod.labels);
+            let known = prev.and_then(|r| r.workload(key, &self.loaded[at.source], &selecting_objects, self.loaded));
+            let built = match known {
+                Some(known) => known.with_policies(keys),
+                None => {
+                    let (workload, warnings) = self.workload(model, pod, uid(pod), &selecting, &waypoints, keys);
+                    let inputs = Inputs {
+                        source: self.loaded[at.source].clone(),
+                        services: selecting_objects.iter().map(|&i| self.loaded[i].clone()).collect(),
+                    };
+                    Arc::new(Built { inputs, workload: Arc::new(workload), warnings })
                 }
             };
-            if let (Some((ni, _)), Some(waypoint::UseWaypoint::Named { namespace, name })) =
-                (self.namespaces.get(&pod.namespace), waypoint::use_waypoint(&ns_labels, &pod.namespace))
-            {
-                if !waypoints.by_key.contains_key(&format!("{namespace}/{name}")) && namespace_warned.insert(*ni) {
-                    self.rec.warn(
-                        *ni,
-                        format!("waypoint {namespace}/{name} not found (no istio-waypoint Gateway or Service)"),
-                    );
+            for w in &built.warnings {
+                match w {
+                    reuse::Warning::Pod(msg) => self.rec.warn(at.source, msg.clone()),
+                    reuse::Warning::Namespace(msg) => {
+                        if let Some((ni, _)) = self.namespaces.get(&pod.namespace) {
+                            if namespace_warned.insert(*ni) {
+                                self.rec.warn(*ni, msg.clone());
+                            }
+                        }
+                    }
                 }
             }
-            let mut joined = BTreeMap::new();
-            for s in index.selecting(&pod.namespace, &pod.labels) {
-                let ports = s.service.ports.iter().zip(&s.named_targets).filter_map(|(p, named)| match named {
-                    None => Some(*p),
-                    Some(name) => pods::named_port(&pod.spec, name).map(|t| PortMapping { target_port: t, ..*p }),
-                });
-                joined.insert(s.service.key(), ports.collect());
-            }
-            let (canonical_name, canonical_revision) = canonical(&pod.labels, &pod.workload_name);
-            let workload = Workload {
-                uid: uid.clone(),
-                name: pod.name.clone(),
-                namespace: pod.namespace.clone(),
-                addresses: pod.ips.clone(),
-                network: o.network.clone(),
-                tunnel_protocol: if captured(pod, &ns_labels) { TunnelProtocol::Hbone } else { TunnelProtocol::None },
-                trust_domain: if o.trust_domain == "cluster.local" { String::new() } else { o.trust_domain.clone() },
-                service_account,
-                waypoint,
-                node: pod.spec.node_name.clone().unwrap_or_default(),
-                canonical_name,
-                canonical_revision,
-                workload_name: pod.workload_name.clone(),
-                services: joined,
-                authorization_policies: Vec::new(),
-                healthy: pod.ready,
-                cluster_id: o.cluster_id.clone(),
-                host_network: pod.spec.host_network,
-                labels: pod.labels.clone(),
-                locality: pod_locality(&pod.labels, pod.spec.node_name.as_ref().and_then(|n| self.nodes.get(n))),
-            };
             for ip in &pod.ips {
-                addresses.insert(*ip, uid.clone());
+                addresses.insert(*ip, pod);
             }
-            model.workloads.insert(uid, workload);
+            model.workloads.insert(built.workload.uid.clone(), built.workload.clone());
+            self.next.remember_workload(key, built);
         }
     }
 
-    fn authorizations(&mut self, model: &mut Model) {
+    /// Builds the workload of `pod`, selected by `selecting`, listing the policies `keys`; with the warnings to
+    /// record (a pure function of its inputs, so that it can be reused).
+    fn workload(
+        &self,
+        model: &Model,
+        pod: &PodInfo,
+        uid: String,
+        selecting: &[&ServiceBuild],
+        waypoints: &Waypoints,
+        keys: Vec<String>,
+    ) -> (Workload, Vec<reuse::Warning>) {
+        let o = &self.options;
+        let mut warnings = Vec::new();
+        let ns_labels = self.ns_labels(&pod.namespace);
+        let service_account =
+            pod.spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
+        if service_account != "default"
+            && !model.service_accounts.contains(&format!("{}/{service_account}", pod.namespace))
+        {
+            warnings.push(reuse::Warning::Pod(format!(
+                "service account {}/{service_account} is not defined",
+                pod.namespace
+            )));
+        }
+        // A pod is a waypoint instance when it carries a waypoint Gateway's name, or a Service that is a waypoint
+        // selects it.
+        let is_instance = pod
+            .labels
+            .get(GATEWAY_NAME_LABEL)
+            .is_some_and(|g| waypoints.by_key.contains_key(&format!("{}/{g}", pod.namespace)))
+            || selecting
+                .iter()
+                .any(|s| waypoints.by_key.contains_key(&format!("{}/{}", s.service.namespace, s.service.name)));
+        let waypoint = match waypoints.for_workload(&pod.labels, &pod.namespace, &ns_labels, is_instance) {
+            Ok(w) => w.map(|w| w.address.clone()),
+            Err(e) => {
+                warnings.push(reuse::Warning::Pod(format!("pod {}: {e}", pod.name)));
+                None
+            }
+        };
+        if let Some(waypoint::UseWaypoint::Named { namespace, name }) =
+            waypoint::use_waypoint(&ns_labels, &pod.namespace)
+        {
+            if !waypoints.by_key.contains_key(&format!("{namespace}/{name}")) {
+                warnings.push(reuse::Warning::Namespace(format!(
+                    "waypoint {namespace}/{name} not found (no istio-waypoint Gateway or Service)"
+                )));
+            }
+        }
+        let mut joined = BTreeMap::new();
+        for s in selecting {
+            let ports = s.service.ports.iter().zip(&s.named_targets).filter_map(|(p, named)| match named {
+                None => Some(*p),
+                Some(name) => pods::named_port(&pod.spec, name).map(|t| PortMapping { target_port: t, ..*p }),
+            });
+            joined.insert(s.service.key(), ports.collect());
+        }
+        let (canonical_name, canonical_revision) = canonical(&pod.labels, &pod.workload_name);
+        let workload = Workload {
+            uid,
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            addresses: pod.ips.clone(),
+            network: o.network.clone(),
+            tunnel_protocol: if captured(pod, &ns_labels) { TunnelProtocol::Hbone } else { TunnelProtocol::None },
+            trust_domain: if o.trust_domain == "cluster.local" { String::new() } else { o.trust_domain.clone() },
+            service_account,
+            waypoint,
+            node: pod.spec.node_name.clone().unwrap_or_default(),
+            canonical_name,
+            canonical_revision,
+            workload_name: pod.workload_name.clone(),
+            services: joined,
+            authorization_policies: keys,
+            healthy: pod.ready,
+            cluster_id: o.cluster_id.clone(),
+            host_network: pod.spec.host_network,
+            labels: pod.labels.clone(),
+            locality: pod_locality(&pod.labels, pod.spec.node_name.as_ref().and_then(|n| self.nodes.get(n))),
+        };
+        (workload, warnings)
+    }
+
+    /// Converts the AuthorizationPolicies and PeerAuthentications into the model's policies; returns what
+    /// decides which of them each workload lists.
+    fn authorizations(&mut self, model: &mut Model) -> PolicyIndex {
         let root = self.options.root_namespace.clone();
         let mut selectors: Vec<(String, String, StringMap)> = Vec::new(); // (key, namespace, selector)
         for i in self.indices("AuthorizationPolicy") {
@@ -628,21 +723,7 @@ impl Builder<'_> {
                 model.authorizations.insert(p.key(), p);
             }
         }
-        let converted_pa = |key: &str| key.contains(&format!("/{}", authz::CONVERTED_PEER_AUTHENTICATION_PREFIX));
-        for w in model.workloads.values_mut() {
-            let mut keys: Vec<String> = selectors
-                .iter()
-                .filter(|(key, ns, sel)| {
-                    !converted_pa(key) && (*ns == root || *ns == w.namespace) && selects_all(sel, &w.labels)
-                })
-                .map(|(key, _, _)| key.clone())
-                .collect();
-            keys.sort();
-            let applicable: Vec<&PeerAuthn> =
-                peer_authns.iter().filter(|p| p.applies_to(&w.namespace, &w.labels, &root)).collect();
-            keys.extend(authz::workload_peer_authn_keys(&applicable, &root));
-            w.authorization_policies = keys;
-        }
+        PolicyIndex { selectors, peer_authns, root_namespace: root }
     }
 }
 
@@ -686,49 +767,6 @@ fn captured(pod: &PodInfo, ns_labels: &StringMap) -> bool {
     }
     pod.annotations.get(REDIRECTION_ANNOTATION).map(String::as_str) == Some("enabled")
         || ns_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("ambient")
-}
-
-/// Services by namespace and by the first label pair of their selector, so each pod is
-/// checked only against the services that could select it: with 10,000 pods and 2,000
-/// services, matching every pair took 2.6 s of a 2.7 s reload.
-struct SelectorIndex<'a> {
-    by_pair: std::collections::HashMap<(&'a str, &'a str, &'a str), Vec<&'a ServiceBuild>>,
-}
-
-impl<'a> SelectorIndex<'a> {
-    fn new(services: &'a [ServiceBuild]) -> Self {
-        let mut by_pair: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
-        for s in services {
-            // An empty selector selects nothing: such a service is not indexed.
-            if let Some((k, v)) = s.selector.iter().next() {
-                by_pair.entry((s.service.namespace.as_str(), k.as_str(), v.as_str())).or_default().push(s);
-            }
-        }
-        SelectorIndex { by_pair }
-    }
-
-    /// The services of `namespace` whose selector matches `labels`, in the services' order.
-    fn selecting(&self, namespace: &str, labels: &'a StringMap) -> Vec<&'a ServiceBuild> {
-        let mut out: Vec<&ServiceBuild> = labels
-            .iter()
-            .filter_map(|(k, v)| self.by_pair.get(&(namespace, k.as_str(), v.as_str())))
-            .flatten()
-            .copied()
-            .filter(|s| selects(&s.selector, labels))
-            .collect();
-        out.sort_by_key(|s| *s as *const ServiceBuild);
-        out
-    }
-}
-
-/// A Service selector: empty selects nothing (its endpoints are managed by hand).
-fn selects(selector: &StringMap, labels: &StringMap) -> bool {
-    !selector.is_empty() && selects_all(selector, labels)
-}
-
-/// A policy selector: every label must match (empty selects every workload).
-fn selects_all(selector: &StringMap, labels: &StringMap) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 fn parse_bool(v: &str) -> bool {

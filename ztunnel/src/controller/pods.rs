@@ -26,8 +26,6 @@ const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
 /// A pod, written or generated, with what the model needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodInfo {
-    /// Index of the object it came from (the Pod, or the Deployment that generated it).
-    pub source: usize,
     /// Generated from a Deployment.
     pub generated: bool,
     pub name: String,
@@ -44,12 +42,7 @@ pub struct PodInfo {
 }
 
 /// Reads a written Pod; `Err` is why it is rejected.
-pub fn from_pod(
-    pod: &Pod,
-    namespace: &str,
-    source: usize,
-    deployments: &[(&str, &Deployment)],
-) -> Result<PodInfo, String> {
+pub fn from_pod(pod: &Pod, namespace: &str, deployments: &[(&str, &Deployment)]) -> Result<PodInfo, String> {
     let mut ips: Vec<IpAddr> = Vec::new();
     let listed: Vec<&str> = if pod.status.pod_ips.is_empty() {
         pod.status.pod_ip.iter().map(String::as_str).filter(|s| !s.is_empty()).collect()
@@ -66,7 +59,6 @@ pub fn from_pod(
     let phase = pod.status.phase.as_deref();
     let ready = pod.status.conditions.iter().find(|c| c.kind == "Ready").is_none_or(|c| c.status == "True");
     Ok(PodInfo {
-        source,
         generated: false,
         name: meta.name.clone(),
         namespace: namespace.to_string(),
@@ -108,7 +100,7 @@ fn workload_name(pod: &Pod, namespace: &str, deployments: &[(&str, &Deployment)]
 }
 
 /// The pods a Deployment stands for; empty when it gives no IPs. `Err` is why the Deployment is rejected.
-pub fn from_deployment(d: &Deployment, namespace: &str, source: usize) -> Result<Vec<PodInfo>, String> {
+pub fn from_deployment(d: &Deployment, namespace: &str) -> Result<Vec<PodInfo>, String> {
     let replicas = d.spec.replicas.unwrap_or(1) as usize;
     let template = &d.spec.template;
     if let Some(sel) = &d.spec.selector {
@@ -152,7 +144,6 @@ pub fn from_deployment(d: &Deployment, namespace: &str, source: usize) -> Result
         }
         let suffix = encode(fnv1a(format!("{namespace}/{}/{i}", d.metadata.name).as_bytes()), 5);
         pods.push(PodInfo {
-            source,
             generated: true,
             name: format!("{}-{hash}-{suffix}", d.metadata.name),
             namespace: namespace.to_string(),

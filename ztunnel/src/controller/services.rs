@@ -13,14 +13,16 @@ const TRAFFIC_DISTRIBUTION_ANNOTATION: &str = "networking.istio.io/traffic-distr
 
 /// A service being built, with what joining workloads needs.
 pub(super) struct ServiceBuild {
+    /// Index of the Service object in the build's snapshot: workloads remember which objects selected them.
+    pub source: usize,
     pub service: Service,
     pub selector: StringMap,
     /// Per port: the target port name, when it is named.
     pub named_targets: Vec<Option<String>>,
 }
 
-/// Reads a Service's own fields (no waypoint or load balancing yet).
-pub(super) fn service(svc: &objects::Service, ns: &str, o: &Options) -> Result<ServiceBuild, String> {
+/// Reads a Service's own fields (no waypoint or load balancing yet); `source` is its object's index.
+pub(super) fn service(svc: &objects::Service, ns: &str, o: &Options, source: usize) -> Result<ServiceBuild, String> {
     let spec = &svc.spec;
     match spec.kind.as_deref() {
         None | Some("ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") => {}
@@ -78,7 +80,7 @@ pub(super) fn service(svc: &objects::Service, ns: &str, o: &Options) -> Result<S
         ip_families,
         load_balancing: None,
     };
-    Ok(ServiceBuild { service, selector: spec.selector.clone(), named_targets })
+    Ok(ServiceBuild { source, service, selector: spec.selector.clone(), named_targets })
 }
 
 /// Istio's `constructService` load-balancing rules.

@@ -59,7 +59,17 @@ impl Snapshot {
 
     /// Builds the indexes for a validated config, for the node and mode in `scope`.
     pub fn scoped(config: LocalConfig, scope: Scope) -> Self {
-        let mut s = Snapshot { scope, ..Snapshot::default() };
+        let (w, n) = (config.workloads.len(), config.services.len());
+        let mut s = Snapshot {
+            scope,
+            by_ip: HashMap::with_capacity(w),
+            by_uid: HashMap::with_capacity(w),
+            by_name: HashMap::with_capacity(w),
+            vips: HashMap::with_capacity(n),
+            endpoints: HashMap::with_capacity(n),
+            rr: HashMap::with_capacity(n),
+            ..Snapshot::default()
+        };
         for w in &config.workloads {
             let w = w.clone();
             for ip in &w.workload_ips {
@@ -374,11 +384,13 @@ impl StateStore {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the state; subscribers are told (e.g. to re-check open connections).
-    pub fn replace(&self, config: LocalConfig) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(Snapshot::scoped(config, self.scope.clone()));
+    /// Replaces the state; subscribers are told (e.g. to re-check open connections). Returns the replaced
+    /// snapshot, so that a caller on a latency-sensitive path can free it later.
+    pub fn replace(&self, config: LocalConfig) -> Arc<Snapshot> {
+        let next = Arc::new(Snapshot::scoped(config, self.scope.clone()));
+        let old = std::mem::replace(&mut *self.current.write().unwrap_or_else(|e| e.into_inner()), next);
         self.version.send_modify(|v| *v += 1);
+        old
     }
 
     /// Applies a local-config document: good entries replace the state, bad ones are

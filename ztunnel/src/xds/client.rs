@@ -70,6 +70,7 @@ pub(crate) struct Resources {
 impl Resources {
     pub(crate) fn config(&self) -> LocalConfig {
         let mut c = LocalConfig::default();
+        c.workloads.reserve(self.addresses.len());
         for (_, a) in self.addresses.values() {
             match a {
                 AddressResource::Workload(w) => c.workloads.push(w.clone()),
@@ -205,15 +206,19 @@ async fn stream(
             continue;
         };
         *backoff = Duration::from_millis(100);
+        let applying = std::time::Instant::now();
         let errors = resources.apply(idx, &resp);
-        store.replace(resources.config());
+        let decoded_us = applying.elapsed().as_micros() as u64;
+        // Freed after the ACK is out: dropping 12,000 indexed entries is not part of applying a change.
+        let replaced = store.replace(resources.config());
+        let apply_us = applying.elapsed().as_micros() as u64;
         stats.messages[idx].fetch_add(1, Ordering::Relaxed);
         seen[idx] = true;
         if seen.iter().all(|s| *s) {
             stats.synced.store(true, Ordering::Release);
             store.mark_synced();
         }
-        debug!(type_url = %resp.type_url, added = resp.resources.len(), removed = resp.removed_resources.len(), "xDS applied");
+        debug!(type_url = %resp.type_url, added = resp.resources.len(), removed = resp.removed_resources.len(), decoded_us, apply_us, "xDS applied");
         let reply = if errors.is_empty() {
             DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
@@ -227,7 +232,9 @@ async fn stream(
             warn!(type_url = %resp.type_url, %message, "xDS NACK; the previous versions stay in force");
             nack(&resp, message)
         };
-        if tx.send(reply).await.is_err() {
+        let sent = tx.send(reply).await;
+        drop(replaced);
+        if sent.is_err() {
             break;
         }
     }

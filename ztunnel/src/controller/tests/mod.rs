@@ -4,6 +4,7 @@ mod authz;
 mod dir_watch;
 mod kube;
 mod model;
+mod reuse;
 mod routes;
 mod source;
 mod translate;
