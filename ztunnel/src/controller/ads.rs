@@ -305,6 +305,10 @@ struct TypeState {
     known: HashMap<String, String>,
     /// Nonce of the latest response, to tell current ACK/NACKs from stale ones.
     last_nonce: Option<String>,
+    /// The snapshot the last wildcard delta brought the client to, while `known` is exactly its resources of
+    /// this type: the next delta is then a walk over what changed between two snapshots (a few entries after an
+    /// edit) instead of over everything the client holds (12,000 at scale). Cleared by any subscription change.
+    in_sync_with: Option<Arc<ResourceSnapshot>>,
 }
 
 impl TypeState {
@@ -314,11 +318,81 @@ impl TypeState {
     /// "no such resource", which is what ends an on-demand lookup in Istio's ztunnel.
     fn delta(
         &mut self,
-        current: Option<&BTreeMap<String, Arc<VersionedResource>>>,
+        type_url: &str,
+        snapshot: &Arc<ResourceSnapshot>,
         fresh: &BTreeSet<String>,
     ) -> (Vec<Resource>, Vec<String>) {
         let empty = BTreeMap::new();
-        let current = current.unwrap_or(&empty);
+        let current = snapshot.resources(type_url).unwrap_or(&empty);
+        let before = self.in_sync_with.take().filter(|_| self.wildcard && fresh.is_empty());
+        let out = match before {
+            Some(before) => self.changes(before.resources(type_url).unwrap_or(&empty), current),
+            None => self.full_delta(current, fresh),
+        };
+        if self.wildcard {
+            self.in_sync_with = Some(snapshot.clone());
+        }
+        out
+    }
+
+    /// The delta from the client's `known`, which equals `before`, to `current`: both maps are walked side by
+    /// side and resources shared by pointer are skipped unread.
+    fn changes(
+        &mut self,
+        before: &BTreeMap<String, Arc<VersionedResource>>,
+        current: &BTreeMap<String, Arc<VersionedResource>>,
+    ) -> (Vec<Resource>, Vec<String>) {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        let (mut resources, mut removed) = (Vec::new(), Vec::new());
+        let (mut old, mut new) = (before.iter().peekable(), current.iter().peekable());
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Less,
+                (None, Some(_)) => Greater,
+                (Some((a, _)), Some((b, _))) => a.cmp(b),
+            };
+            match order {
+                Less => {
+                    let (name, _) = old.next().expect("peeked");
+                    if self.known.remove(name).is_some() {
+                        removed.push(name.clone());
+                    }
+                }
+                Greater => {
+                    let (name, vr) = new.next().expect("peeked");
+                    self.offer(name, vr, false, &mut resources);
+                }
+                Equal => {
+                    let ((_, was), (name, vr)) = (old.next().expect("peeked"), new.next().expect("peeked"));
+                    if !Arc::ptr_eq(was, vr) {
+                        self.offer(name, vr, false, &mut resources);
+                    }
+                }
+            }
+        }
+        (resources, removed)
+    }
+
+    /// Adds `vr` to `resources` when the client does not hold that version (or `always`), and records it held.
+    fn offer(&mut self, name: &str, vr: &VersionedResource, always: bool, resources: &mut Vec<Resource>) {
+        if always || self.known.get(name) != Some(&vr.version) {
+            self.known.insert(name.to_string(), vr.version.clone());
+            resources.push(Resource {
+                name: name.to_string(),
+                version: vr.version.clone(),
+                resource: Some(vr.resource.clone()),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// The delta from whatever `known` holds to `current`, answering the names in `fresh` in any case.
+    fn full_delta(
+        &mut self,
+        current: &BTreeMap<String, Arc<VersionedResource>>,
+        fresh: &BTreeSet<String>,
+    ) -> (Vec<Resource>, Vec<String>) {
         let mut removed = Vec::new();
         self.known.retain(|name, _| {
             let keep = current.contains_key(name);
@@ -328,21 +402,16 @@ impl TypeState {
             keep
         });
         let mut resources = Vec::new();
-        let mut offer = |name: &String, vr: &VersionedResource| {
-            if fresh.contains(name) || self.known.get(name) != Some(&vr.version) {
-                self.known.insert(name.clone(), vr.version.clone());
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: vr.version.clone(),
-                    resource: Some(vr.resource.clone()),
-                    ..Default::default()
-                });
-            }
-        };
         if self.wildcard {
-            current.iter().for_each(|(name, vr)| offer(name, vr));
+            for (name, vr) in current {
+                self.offer(name, vr, fresh.contains(name), &mut resources);
+            }
         } else {
-            self.names.iter().filter_map(|n| current.get_key_value(n)).for_each(|(name, vr)| offer(name, vr));
+            let named: Vec<(&String, &Arc<VersionedResource>)> =
+                self.names.iter().filter_map(|n| current.get_key_value(n.as_str())).collect();
+            for (name, vr) in named {
+                self.offer(name, vr, fresh.contains(name), &mut resources);
+            }
         }
         for name in fresh {
             if !current.contains_key(name) && !removed.contains(name) {
@@ -407,7 +476,7 @@ impl AdsStream {
 
     /// Applies one request: ACK/NACK bookkeeping, then subscription changes (answered at once).
     /// Returns false when the client is gone.
-    async fn handle_request(&mut self, req: DeltaDiscoveryRequest, snapshot: &ResourceSnapshot) -> bool {
+    async fn handle_request(&mut self, req: DeltaDiscoveryRequest, snapshot: &Arc<ResourceSnapshot>) -> bool {
         if let Some(node) = req.node.as_ref().filter(|n| self.types.is_empty() && !n.id.is_empty()) {
             self.span.record("client", node.id.as_str());
         }
@@ -450,6 +519,9 @@ impl AdsStream {
         }
         let subscription_change =
             !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        if first || subscription_change {
+            state.in_sync_with = None;
+        }
         if first {
             debug!(
                 type_url,
@@ -462,7 +534,7 @@ impl AdsStream {
         if !first && !subscription_change {
             return true; // a plain ACK/NACK
         }
-        let (resources, removed) = state.delta(snapshot.resources(&type_url), &fresh);
+        let (resources, removed) = state.delta(&type_url, snapshot, &fresh);
         // The first request of a type is always answered, even with nothing: Istio's ztunnel
         // becomes ready only after one response per type.
         if resources.is_empty() && removed.is_empty() && !first {
@@ -494,10 +566,10 @@ impl AdsStream {
     }
 
     /// Pushes every subscribed type's delta after a snapshot change.
-    async fn push_all(&mut self, snapshot: &ResourceSnapshot) -> bool {
+    async fn push_all(&mut self, snapshot: &Arc<ResourceSnapshot>) -> bool {
         let mut pending = Vec::new();
         for (type_url, state) in &mut self.types {
-            let (resources, removed) = state.delta(snapshot.resources(type_url), &BTreeSet::new());
+            let (resources, removed) = state.delta(type_url, snapshot, &BTreeSet::new());
             if !resources.is_empty() || !removed.is_empty() {
                 pending.push((type_url.clone(), resources, removed));
             }

@@ -321,3 +321,38 @@ fn resource_version_depends_only_on_content() {
     assert_eq!(a1.version, a2.version);
     assert_ne!(a1.version, a3.version);
 }
+
+/// A resource table in which `taken` are `from`'s own (shared) entries and `fresh` are new.
+fn successor(from: &ResourceSnapshot, taken: &[&str], fresh: &[(&str, [u8; 4])]) -> Arc<ResourceSnapshot> {
+    let mut s = ResourceSnapshot::new(from.version() + 1);
+    for name in taken {
+        s.insert_versioned(*name, from.get(ADDRESS_TYPE_URL, name).expect("present").clone());
+    }
+    for (name, ip) in fresh {
+        s.insert(*name, workload(name, *ip));
+    }
+    Arc::new(s)
+}
+
+#[test]
+fn a_delta_walked_between_snapshots_equals_the_delta_from_what_the_client_holds() {
+    let first =
+        successor(&ResourceSnapshot::new(0), &[], &[("a", [10, 0, 0, 1]), ("b", [10, 0, 0, 2]), ("c", [10, 0, 0, 3])]);
+    // "b" rebuilt with the same bytes (not the same Arc), "c" changed, "d" new, "a" removed, "e" taken over.
+    let mut second =
+        (*successor(&first, &[], &[("b", [10, 0, 0, 2]), ("c", [10, 0, 0, 9]), ("d", [10, 0, 0, 4])])).clone();
+    second.insert_versioned("e", first.get(ADDRESS_TYPE_URL, "b").unwrap().clone());
+    let second = Arc::new(second);
+    let mut walked = TypeState { wildcard: true, ..Default::default() };
+    assert_eq!(walked.delta(ADDRESS_TYPE_URL, &first, &BTreeSet::new()).0.len(), 3);
+    let mut full = TypeState { wildcard: true, known: walked.known.clone(), ..Default::default() };
+    assert!(walked.in_sync_with.is_some(), "the next delta walks the two snapshots");
+    let (w_res, w_removed) = walked.delta(ADDRESS_TYPE_URL, &second, &BTreeSet::new());
+    let (f_res, f_removed) = full.delta(ADDRESS_TYPE_URL, &second, &BTreeSet::new());
+    let names = |r: &[Resource]| r.iter().map(|r| (r.name.clone(), r.version.clone())).collect::<Vec<_>>();
+    assert_eq!(names(&w_res), names(&f_res));
+    assert_eq!(w_removed, f_removed);
+    assert_eq!(w_removed, ["a"]);
+    assert_eq!(names(&w_res).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["c", "d", "e"]);
+    assert_eq!(walked.known, full.known);
+}

@@ -1,5 +1,7 @@
 //! Indexed, atomically replaced snapshots of the mesh state.
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -15,7 +17,7 @@ use crate::policy::{InvalidPolicy, Policies};
 pub struct Snapshot {
     pub config: LocalConfig,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
-    by_uid: HashMap<String, Arc<Workload>>,
+    by_uid: HashSet<ByUid>,
     /// `(namespace, name)` → Pod workloads of that name: enrollment names pods by their
     /// Kubernetes uid, while istiod names workloads `cluster//Pod/namespace/name`. Only Pod
     /// workloads are indexed (a WorkloadEntry or ServiceEntry workload of the same name must
@@ -28,6 +30,31 @@ pub struct Snapshot {
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
     rr: HashMap<String, AtomicUsize>,
 }
+
+/// A workload indexed by its uid without a copy of the uid: rebuilding the index for 10,000 workloads
+/// allocated one string each.
+#[derive(Debug)]
+struct ByUid(Arc<Workload>);
+
+impl Borrow<str> for ByUid {
+    fn borrow(&self) -> &str {
+        &self.0.uid
+    }
+}
+
+impl Hash for ByUid {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.uid.as_str().hash(state)
+    }
+}
+
+impl PartialEq for ByUid {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.uid == other.0.uid
+    }
+}
+
+impl Eq for ByUid {}
 
 /// Where an outbound connection really goes.
 #[derive(Debug, Clone)]
@@ -63,7 +90,7 @@ impl Snapshot {
         let mut s = Snapshot {
             scope,
             by_ip: HashMap::with_capacity(w),
-            by_uid: HashMap::with_capacity(w),
+            by_uid: HashSet::with_capacity(w),
             by_name: HashMap::with_capacity(w),
             vips: HashMap::with_capacity(n),
             endpoints: HashMap::with_capacity(n),
@@ -75,12 +102,15 @@ impl Snapshot {
             for ip in &w.workload_ips {
                 s.by_ip.insert(*ip, w.clone());
             }
-            s.by_uid.insert(w.uid.clone(), w.clone());
+            s.by_uid.replace(ByUid(w.clone())); // the last of a repeated uid wins, as in a map
             if is_pod_uid(&w) {
                 s.by_name.entry((w.namespace.clone(), w.name.clone())).or_default().push(w.clone());
             }
             for key in w.services.keys() {
-                s.endpoints.entry(key.clone()).or_default().push(w.clone());
+                match s.endpoints.get_mut(key) {
+                    Some(members) => members.push(w.clone()),
+                    None => drop(s.endpoints.insert(key.clone(), vec![w.clone()])),
+                }
             }
         }
         for svc in &config.services {
@@ -101,7 +131,7 @@ impl Snapshot {
 
     /// The workload with a uid.
     pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
-        self.by_uid.get(uid).cloned()
+        self.by_uid.get(uid).map(|w| w.0.clone())
     }
 
     /// The Pod workload named `name` in `namespace` that runs on this node (when the node
