@@ -168,28 +168,44 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
     // Each applied response logged with its time, for the breakdown of an edit's path.
     agent.admin("POST", "/logging?level=warn%2Cztunnel%3A%3Axds%3A%3Aclient%3Ddebug")?;
 
-    // One change: a new service file; time until the agent applied a new response.
-    let mut edits = Vec::new();
+    // One change at a time, each timed from the write until the agent applied the responses it causes: a new
+    // service (one Address response), then a new DENY policy selecting five pods (its Authorization response and
+    // the Address response re-listing those pods' policies).
     let mut written = Vec::new();
-    for i in 0..5 {
+    let mut timed_edit = |file: String, yaml: String, responses: u64| -> Result<f64> {
         let before = messages(metrics);
         let t = Instant::now();
         written.push(seconds_of_day(std::time::SystemTime::now()));
+        std::fs::write(config.join(&file), yaml)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while messages(metrics) < before + responses {
+            if Instant::now() > deadline {
+                bail!("edit {file} not applied in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(ms)
+    };
+    let mut edits = Vec::new();
+    for i in 0..5 {
         let yaml = format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: extra{i}\n  namespace: scale\nspec:\n  clusterIP: 10.97.0.{}\n  selector:\n    svc: s{i}\n  ports:\n  - port: 81\n",
             i + 1
         );
-        std::fs::write(config.join(format!("extra{i}.yaml")), yaml)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while messages(metrics) == before {
-            if Instant::now() > deadline {
-                bail!("edit {i} not applied in 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        edits.push(t.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(500));
+        edits.push(timed_edit(format!("extra{i}.yaml"), yaml, 1)?);
     }
+    let mut denies = Vec::new();
+    for i in 0..5 {
+        let yaml = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny{i}\n  namespace: scale\nspec:\n  selector:\n    matchLabels:\n      svc: s{}\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"8080\"]\n",
+            100 + i
+        );
+        denies.push(timed_edit(format!("deny{i}.yaml"), yaml, 2)?);
+    }
+    written.truncate(edits.len());
+    denies.sort_by(|a, b| a.total_cmp(b));
     let stages = stages(&written, &work.join("controller.log"), &agent_log);
     edits.sort_by(|a, b| a.total_cmp(b));
     // The controller's own account of its last reload (read, model, total).
@@ -217,6 +233,11 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
         edits[edits.len() - 1],
         edits.len()
     );
+    println!(
+        "  new DENY policy -> applied at the agent (policy and the 5 workloads listing it): median {:.0} ms, max {:.0} ms",
+        denies[denies.len() / 2],
+        denies[denies.len() - 1]
+    );
     println!("  controller's last reload: {}", reload.split_once("version=").map(|(_, r)| r).unwrap_or(&reload));
     let median = |k: usize| {
         let mut v: Vec<f64> = stages.iter().map(|s| s[k]).collect();
@@ -238,7 +259,7 @@ pub fn run(binary: &Path) -> Result<serde_json::Value> {
         "workloads": WORKLOADS, "services": SERVICES,
         "controller_start_s": controller_up.as_secs_f64(), "full_sync_s": sync.as_secs_f64(),
         "agent_rss_kb_empty": empty_rss, "agent_rss_kb_synced": synced_rss,
-        "controller_rss_kb": controller_rss_serving, "edit_to_applied_ms": edits,
+        "controller_rss_kb": controller_rss_serving, "edit_to_applied_ms": edits, "deny_to_applied_ms": denies,
         "edit_stages_ms": stages,
     }))
 }

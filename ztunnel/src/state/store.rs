@@ -23,7 +23,7 @@ pub struct Snapshot {
     /// workloads are indexed (a WorkloadEntry or ServiceEntry workload of the same name must
     /// not lend a pod its policies), and all of them, so a name in two clusters is seen as
     /// ambiguous instead of last-one-wins.
-    by_name: HashMap<(String, String), Vec<Arc<Workload>>>,
+    by_name: HashMap<String, HashMap<ByName, Vec<Arc<Workload>>>>,
     /// Where pods' own workloads must come from (see [`Scope`]).
     scope: Scope,
     vips: HashMap<IpAddr, Arc<Service>>,
@@ -31,30 +31,65 @@ pub struct Snapshot {
     rr: HashMap<String, AtomicUsize>,
 }
 
-/// A workload indexed by its uid without a copy of the uid: rebuilding the index for 10,000 workloads
-/// allocated one string each.
-#[derive(Debug)]
-struct ByUid(Arc<Workload>);
+/// A workload in an index keyed by one of its string fields, without a copy of that field: rebuilding the
+/// indexes for 10,000 workloads allocated one string per workload and key.
+struct Keyed<F: KeyField>(Arc<Workload>, std::marker::PhantomData<F>);
 
-impl Borrow<str> for ByUid {
+/// Which field a [`Keyed`] index uses.
+trait KeyField {
+    fn of(w: &Workload) -> &str;
+}
+
+/// By uid.
+struct Uid;
+impl KeyField for Uid {
+    fn of(w: &Workload) -> &str {
+        &w.uid
+    }
+}
+
+/// By name (in a per-namespace index).
+struct Name;
+impl KeyField for Name {
+    fn of(w: &Workload) -> &str {
+        &w.name
+    }
+}
+
+type ByUid = Keyed<Uid>;
+type ByName = Keyed<Name>;
+
+impl<F: KeyField> Keyed<F> {
+    fn new(w: &Arc<Workload>) -> Self {
+        Keyed(w.clone(), std::marker::PhantomData)
+    }
+}
+
+impl<F: KeyField> std::fmt::Debug for Keyed<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(F::of(&self.0))
+    }
+}
+
+impl<F: KeyField> Borrow<str> for Keyed<F> {
     fn borrow(&self) -> &str {
-        &self.0.uid
+        F::of(&self.0)
     }
 }
 
-impl Hash for ByUid {
+impl<F: KeyField> Hash for Keyed<F> {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.uid.as_str().hash(state)
+        F::of(&self.0).hash(state)
     }
 }
 
-impl PartialEq for ByUid {
+impl<F: KeyField> PartialEq for Keyed<F> {
     fn eq(&self, other: &Self) -> bool {
-        self.0.uid == other.0.uid
+        F::of(&self.0) == F::of(&other.0)
     }
 }
 
-impl Eq for ByUid {}
+impl<F: KeyField> Eq for Keyed<F> {}
 
 /// Where an outbound connection really goes.
 #[derive(Debug, Clone)]
@@ -91,7 +126,7 @@ impl Snapshot {
             scope,
             by_ip: HashMap::with_capacity(w),
             by_uid: HashSet::with_capacity(w),
-            by_name: HashMap::with_capacity(w),
+            by_name: HashMap::new(),
             vips: HashMap::with_capacity(n),
             endpoints: HashMap::with_capacity(n),
             rr: HashMap::with_capacity(n),
@@ -102,9 +137,13 @@ impl Snapshot {
             for ip in &w.workload_ips {
                 s.by_ip.insert(*ip, w.clone());
             }
-            s.by_uid.replace(ByUid(w.clone())); // the last of a repeated uid wins, as in a map
+            s.by_uid.replace(ByUid::new(&w)); // the last of a repeated uid wins, as in a map
             if is_pod_uid(&w) {
-                s.by_name.entry((w.namespace.clone(), w.name.clone())).or_default().push(w.clone());
+                let names = match s.by_name.get_mut(&w.namespace) {
+                    Some(names) => names,
+                    None => s.by_name.entry(w.namespace.clone()).or_default(),
+                };
+                names.entry(ByName::new(&w)).or_default().push(w.clone());
             }
             for key in w.services.keys() {
                 match s.endpoints.get_mut(key) {
@@ -152,7 +191,7 @@ impl Snapshot {
     /// the node is known, a workload must name it to be here (one naming no node could be
     /// anywhere, so it is neither here nor elsewhere).
     pub fn find_pod(&self, namespace: &str, name: &str) -> PodMatch {
-        let Some(candidates) = self.by_name.get(&(namespace.to_string(), name.to_string())) else {
+        let Some(candidates) = self.by_name.get(namespace).and_then(|names| names.get(name)) else {
             return PodMatch::Unknown;
         };
         let node = self.scope.node.as_str();
