@@ -5,7 +5,7 @@
 //! objects alike), and the entries hold those objects, so an address can never be taken by a different object
 //! while an entry refers to it. What every workload reads besides its own pod (namespaces, nodes, service
 //! accounts, deployments, the options, the waypoints) is one context: any change there and nothing is reused.
-//! A build with reuse must equal a build from scratch; `tests/reuse.rs` checks that edit by edit.
+//! A build with reuse must equal a build from scratch; `controller/tests/reuse.rs` checks that edit by edit.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -64,6 +64,9 @@ impl Built {
 /// Deployment stands for several).
 pub(super) type PodKey = (usize, usize);
 
+/// A Pod object read: what the model needs of it, or why it is rejected.
+pub(super) type Parsed = Result<Arc<PodInfo>, String>;
+
 /// The inputs every workload shares.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Context {
@@ -92,7 +95,7 @@ pub(super) struct Reuse {
     context: Context,
     waypoints: BTreeMap<String, Waypoint>,
     /// Parsed pods by their object's address (the entry holds the object).
-    pods: HashMap<usize, (Arc<Loaded>, Result<Arc<PodInfo>, String>)>,
+    pods: HashMap<usize, (Arc<Loaded>, Parsed)>,
     /// Workloads by the pod they were built for.
     workloads: HashMap<PodKey, Arc<Built>>,
 }
@@ -116,12 +119,12 @@ impl Reuse {
     }
 
     /// The parsed form of `pod`, when it was parsed before.
-    pub(super) fn pod(&self, pod: &Arc<Loaded>) -> Option<Result<Arc<PodInfo>, String>> {
+    pub(super) fn pod(&self, pod: &Arc<Loaded>) -> Option<Parsed> {
         let (object, info) = self.pods.get(&address(pod))?;
         Arc::ptr_eq(object, pod).then(|| info.clone())
     }
 
-    pub(super) fn remember_pod(&mut self, pod: &Arc<Loaded>, info: Result<Arc<PodInfo>, String>) {
+    pub(super) fn remember_pod(&mut self, pod: &Arc<Loaded>, info: Parsed) {
         self.pods.insert(address(pod), (pod.clone(), info));
     }
 
