@@ -407,8 +407,12 @@ impl MeshNode {
     /// Stops the agent as a crash would (capture stays pinned, pod listeners close).
     pub fn stop_agent(&mut self) {
         drop(self.agent.take());
-        // Let the old runtime's aborted tasks close their sockets.
-        std::thread::sleep(Duration::from_millis(50));
+        // Aborted tasks are dropped, and their sockets closed, by the runtime's workers: wait until none is left
+        // (a fixed 50 ms was too short on a loaded CI machine, and the pods' listener ports were still taken).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.rt.metrics().num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Starts a new agent on the same pins, state and config after [`MeshNode::stop_agent`].

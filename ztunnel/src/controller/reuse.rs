@@ -4,7 +4,8 @@
 //! from is the very same object as before (`Arc::ptr_eq`: the source caches unchanged objects, files and API
 //! objects alike), and the entries hold those objects, so an address can never be taken by a different object
 //! while an entry refers to it. What every workload reads besides its own pod (namespaces, nodes, service
-//! accounts, deployments, the options, the waypoints) is one context: any change there and nothing is reused.
+//! accounts, deployments, the options, the waypoints) is one context, compared by value: any change there and
+//! nothing is reused.
 //! A build with reuse must equal a build from scratch; `controller/tests/reuse.rs` checks that edit by edit.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -84,8 +85,13 @@ impl Context {
         Context { options: Some(options.clone()), objects }
     }
 
+    /// Compared by value (the same object first): an API server re-sends a Deployment or Node on every status
+    /// update, and none of the fields read here change with status.
     fn same(&self, other: &Context) -> bool {
-        self.options.is_some() && self.options == other.options && same_objects(&self.objects, &other.objects)
+        self.options.is_some()
+            && self.options == other.options
+            && self.objects.len() == other.objects.len()
+            && self.objects.iter().zip(&other.objects).all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
     }
 }
 
@@ -158,8 +164,4 @@ impl Reuse {
 /// The address `Arc` gives an object: what entries are keyed by.
 pub(super) fn address(l: &Arc<Loaded>) -> usize {
     Arc::as_ptr(l) as usize
-}
-
-fn same_objects(a: &[Arc<Loaded>], b: &[Arc<Loaded>]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }

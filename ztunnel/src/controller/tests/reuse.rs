@@ -236,3 +236,15 @@ fn nothing_is_taken_over_when_the_options_change() {
     assert_eq!(next.workloads, Model::build(files.snapshot(), options).workloads);
     assert!(next.workloads.keys().all(|uid| uid.starts_with("Other//")));
 }
+
+#[test]
+fn a_context_object_sent_again_unchanged_keeps_the_workloads() {
+    // An API server re-sends a Namespace (or a Deployment, a Node) on updates to fields the model does not read.
+    let mut files = base();
+    let first = Model::build(files.snapshot(), Options::default());
+    files
+        .set("namespaces.yaml", namespace("app", &[("istio.io/dataplane-mode", "ambient")]) + &namespace("other", &[]));
+    let next = build_both(&files, &first, "namespaces re-read unchanged");
+    let web = format!("{UID}web-1");
+    assert!(Arc::ptr_eq(&next.workloads[&web], &first.workloads[&web]), "taken over");
+}
