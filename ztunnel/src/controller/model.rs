@@ -566,15 +566,13 @@ impl Builder<'_> {
             let selecting_objects: Vec<usize> = selecting.iter().map(|s| s.source).collect();
             let key = (reuse::address(&self.loaded[at.source]), at.nth);
             let keys = policies.keys_for(&pod.namespace, &pod.labels);
-            let known = prev.and_then(|r| r.workload(key, &self.loaded[at.source], &selecting_objects, self.loaded));
+            let source = &self.loaded[at.source];
+            let known = prev.and_then(|r| r.workload(key, source, &selecting_objects, self.loaded));
             let built = match known {
                 Some(known) => known.with_policies(keys),
                 None => {
                     let (workload, warnings) = self.workload(model, pod, uid(pod), &selecting, &waypoints, keys);
-                    let inputs = Inputs {
-                        source: self.loaded[at.source].clone(),
-                        services: selecting_objects.iter().map(|&i| self.loaded[i].clone()).collect(),
-                    };
+                    let inputs = Inputs::new(source, &selecting_objects, self.loaded);
                     Arc::new(Built { inputs, workload: Arc::new(workload), warnings })
                 }
             };

@@ -34,6 +34,11 @@ pub(super) struct Inputs {
 }
 
 impl Inputs {
+    /// `source` and the services `selecting` it (their objects' indices in `loaded`).
+    pub(super) fn new(source: &Arc<Loaded>, selecting: &[usize], loaded: &[Arc<Loaded>]) -> Self {
+        Inputs { source: source.clone(), services: selecting.iter().map(|&i| loaded[i].clone()).collect() }
+    }
+
     /// Whether these are `source` and the services `selecting` it (their objects' indices in `loaded`).
     fn are(&self, source: &Arc<Loaded>, selecting: &[usize], loaded: &[Arc<Loaded>]) -> bool {
         Arc::ptr_eq(&self.source, source)

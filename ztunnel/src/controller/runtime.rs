@@ -253,13 +253,12 @@ pub(super) fn snapshot(model: &Model, prev: Option<(&Model, &ResourceSnapshot)>,
     let previous = |type_url: &str| prev.and_then(|(_, s)| s.resources(type_url));
     let mut snap = ResourceSnapshot::new(version);
     let mut addresses = Vec::with_capacity(model.workloads.len() + model.services.len());
-    // A workload the model took over from the previous build is the same `Arc`.
-    let same_workload = |a: &Arc<crate::controller::model::Workload>, b: &Arc<_>| Arc::ptr_eq(a, b) || a == b;
+    // A workload the model took over from the previous build is the same `Arc`, which `==` on `Arc<Workload>`
+    // (`Workload: Eq`) sees without comparing fields.
     carry_over(
         &model.workloads,
         prev.map(|(m, _)| &m.workloads),
         previous(ADDRESS_TYPE_URL),
-        same_workload,
         |w| translate::workload_any(w),
         &mut addresses,
     );
@@ -267,7 +266,6 @@ pub(super) fn snapshot(model: &Model, prev: Option<(&Model, &ResourceSnapshot)>,
         &model.services,
         prev.map(|(m, _)| &m.services),
         previous(ADDRESS_TYPE_URL),
-        |a, b| a == b,
         |s| translate::service_any(s, network),
         &mut addresses,
     );
@@ -277,7 +275,6 @@ pub(super) fn snapshot(model: &Model, prev: Option<(&Model, &ResourceSnapshot)>,
         &model.authorizations,
         prev.map(|(m, _)| &m.authorizations),
         previous(AUTHORIZATION_TYPE_URL),
-        |a, b| a == b,
         |a| translate::to_any(AUTHORIZATION_TYPE_URL, &translate::authorization(a)),
         &mut policies,
     );
@@ -287,11 +284,10 @@ pub(super) fn snapshot(model: &Model, prev: Option<(&Model, &ResourceSnapshot)>,
 
 /// Appends the resource of each of `items` to `out`: the one in `prev_resources` when the item equals its
 /// namesake in `prev_items`, else `translate`d anew. All three maps are read in name order, in one pass.
-fn carry_over<T>(
+fn carry_over<T: PartialEq>(
     items: &BTreeMap<String, T>,
     prev_items: Option<&BTreeMap<String, T>>,
     prev_resources: Option<&BTreeMap<String, Arc<VersionedResource>>>,
-    same: impl Fn(&T, &T) -> bool,
     translate: impl Fn(&T) -> prost_types::Any,
     out: &mut Vec<(String, Arc<VersionedResource>)>,
 ) {
@@ -300,7 +296,7 @@ fn carry_over<T>(
     for (name, item) in items {
         let kept = before
             .to(name)
-            .filter(|b| same(item, b))
+            .filter(|b| item == *b)
             .and_then(|_| resources.to(name))
             .cloned()
             .unwrap_or_else(|| Arc::new(VersionedResource::new(translate(item))));
@@ -432,9 +428,11 @@ impl Publisher {
         // The model first: a node may ask for a new workload's certificate as soon as it sees it. Freeing the old
         // model and snapshot (tens of thousands of strings) waits until the push is out: it took 20 ms of the
         // edit's path at 10,000 workloads.
+        // (`prev_model` and `prev_snap` are the same `Arc`s as the ones replaced here.)
+        drop((prev_model, prev_snap));
         let old = std::mem::replace(&mut *self.model.write().unwrap_or_else(|e| e.into_inner()), Arc::new(next));
         let old_snap = self.tx.send_replace(Arc::new(snap));
-        let retired = (prev_model, old, prev_snap, old_snap);
+        let retired = (old, old_snap);
         tokio::spawn(async move {
             tokio::time::sleep(RETIRE_AFTER).await;
             let _ = tokio::task::spawn_blocking(move || drop(retired)).await;
