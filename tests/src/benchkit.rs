@@ -205,17 +205,44 @@ pub fn profile(row: &str, pids: &[u32], out: &std::path::Path, load: impl FnOnce
     std::fs::create_dir_all(out)?;
     let data = out.join(format!("perf-{row}.data"));
     let pid_list = pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    // BENCH_PERF_CALL_GRAPH=dwarf: whole stacks from binaries built without frame pointers.
+    let call_graph = std::env::var("BENCH_PERF_CALL_GRAPH").unwrap_or_else(|_| "fp".into());
     let mut rec = std::process::Command::new("perf")
-        .args(["record", "-q", "-g", "-F", "499", "-p", &pid_list, "-o"])
+        .args(["record", "-q", "--call-graph", &call_graph, "-F", "499", "-p", &pid_list])
+        // BENCH_PERF_RECORD: record this event instead of CPU time, e.g. `probe_libc:malloc`
+        // (after `perf probe -x <libc> malloc`) to see who allocates.
+        .args(std::env::var("BENCH_PERF_RECORD").map(|e| vec!["-e".to_string(), e]).unwrap_or_default())
+        .arg("-o")
         .arg(&data)
         .args(["--", "sleep", "4"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .context("running perf (is it installed?)")?;
+    // Counted beside the samples: system calls and context switches say how many wake-ups
+    // and socket operations the load cost, which a sampled profile only shows as time.
+    // BENCH_PERF_EVENTS: other events to count, e.g. single system calls' tracepoints.
+    let events = std::env::var("BENCH_PERF_EVENTS")
+        .unwrap_or_else(|_| "raw_syscalls:sys_enter,context-switches,cpu-migrations,task-clock".into());
+    let stat = std::process::Command::new("perf")
+        .args(["stat", "-x", ",", "-e", &events, "-p"])
+        .arg(&pid_list)
+        .args(["--", "sleep", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running perf stat")?;
     let load = load();
     rec.wait()?;
+    let counts = stat.wait_with_output()?;
     let load = load?;
+    let counts: Vec<String> = String::from_utf8_lossy(&counts.stderr)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f.len() > 2 && !f[0].is_empty()).then(|| format!("{} {}", f[2], f[0]))
+        })
+        .collect();
     let report = |sort: &str| -> Result<String> {
         let o = std::process::Command::new("perf")
             .args([
@@ -244,7 +271,8 @@ pub fn profile(row: &str, pids: &[u32], out: &std::path::Path, load: impl FnOnce
             .join("\n"))
     };
     let text = format!(
-        "{row}: proxies {pid_list}, {load}\n-- by object --\n{}\n-- top symbols --\n{}\n",
+        "{row}: proxies {pid_list}, {load}\n-- counted over 4 s --\n{}\n-- by object --\n{}\n-- top symbols --\n{}\n",
+        counts.join("\n"),
         report("dso")?,
         report("dso,sym")?
     );

@@ -1095,3 +1095,43 @@ fn tcproute_on_tcp_echo_relays_the_tunnel_to_its_backend_service() {
     assert!(m.apps[4].received().is_empty(), "tcp-echo v1 was reached");
     assert_eq!(m.apps[5].received().len(), 5);
 }
+
+/// Listening TCP sockets on `port` in the network namespace of process `pid`.
+fn listeners_on(pid: u32, port: u16) -> usize {
+    ["tcp", "tcp6"]
+        .iter()
+        .map(|f| {
+            let table = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap();
+            table
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+                    cols.len() > 3 && cols[1].ends_with(&format!(":{port:04X}")) && cols[3] == "0A"
+                })
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn each_serving_thread_has_its_own_listener_and_the_waypoint_serves_through_them() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let pid = m.waypoint.pid();
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    let workers = std::env::var("WAYPOINT_WORKER_THREADS").ok().and_then(|w| w.parse().ok()).unwrap_or(2usize);
+    for i in 0..workers {
+        assert!(threads.contains(&format!("waypoint-{i}")), "no serving thread waypoint-{i} in {threads:?}");
+    }
+    assert_eq!(listeners_on(pid, 15008), workers, "one SO_REUSEPORT listener per serving thread");
+    for _ in 0..20 {
+        let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("reviews-v1"), "{body}");
+    }
+}

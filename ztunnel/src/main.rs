@@ -464,18 +464,24 @@ fn l7_config(
         tracing: args.trace.config(format!("{gateway_name}.{}", args.namespace)),
         access_log_format: args.access_log_format.clone(),
         access_log_json: std::env::var("LOG_FORMAT").as_deref() == Ok("json"),
+        workers: 0,
     })
 }
 
 /// Runs `start` on a data-path runtime with the admin, metrics and readiness endpoints on
 /// their own thread, until Ctrl-C. `start` returns what to keep alive, a dump and a banner.
-fn run_l7<T, F, Fut>(args: &L7Args, log: Option<Arc<LogControl>>, start: F) -> anyhow::Result<()>
+/// `own_threads`: the proxy serves on threads of its own, so this runtime only keeps its
+/// state and configuration current, on one thread.
+fn run_l7<T, F, Fut>(args: &L7Args, log: Option<Arc<LogControl>>, own_threads: bool, start: F) -> anyhow::Result<()>
 where
     F: FnOnce(Arc<ztunnel::metrics::Metrics>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(T, ztunnel::admin::DumpFn, String)>>,
 {
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?;
+    let rt = if own_threads {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads.max(1)).enable_all().build()?
+    };
     let admin_cfg = AdminConfig {
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
@@ -498,8 +504,9 @@ where
 }
 
 fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
-    let cfg = l7_config(&args.l7, args.listen, "waypoint")?;
-    run_l7(&args.l7, log, |metrics| async move {
+    let mut cfg = l7_config(&args.l7, args.listen, "waypoint")?;
+    cfg.workers = args.l7.worker_threads.max(1);
+    run_l7(&args.l7, log, true, |metrics| async move {
         let waypoint = ztunnel::waypoint::Waypoint::start(cfg, metrics).await.context("starting the waypoint")?;
         let routes = waypoint.routes_handle();
         let dump: ztunnel::admin::DumpFn = Arc::new(move || routes.status_json());
@@ -511,7 +518,7 @@ fn run_waypoint(args: WaypointArgs, log: Option<Arc<LogControl>>) -> anyhow::Res
 fn run_gateway(args: GatewayArgs, log: Option<Arc<LogControl>>) -> anyhow::Result<()> {
     let proxy = l7_config(&args.l7, std::net::SocketAddr::new(args.bind, 0), "istio-ingressgateway")?;
     let cfg = ztunnel::gateway::GatewayConfig { proxy, labels: args.labels.into_iter().collect(), bind: args.bind };
-    run_l7(&args.l7, log, |metrics| async move {
+    run_l7(&args.l7, log, false, |metrics| async move {
         let gateway = ztunnel::gateway::IngressGateway::start(cfg, metrics).await.context("starting the gateway")?;
         let routes = gateway.routes_handle();
         let dump: ztunnel::admin::DumpFn = Arc::new(move || routes.status_json());

@@ -28,6 +28,7 @@ pub mod telemetry;
 mod tests;
 mod traffic;
 mod upstream;
+mod workers;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -73,6 +74,10 @@ pub struct WaypointConfig {
     pub access_log_format: Option<String>,
     /// Access-log lines as JSON with Istio's default keys (`LOG_FORMAT=json`).
     pub access_log_json: bool,
+    /// Serving threads, each with its own single-threaded runtime, listener (`SO_REUSEPORT`)
+    /// and upstream connections, so a request runs start to end on one thread (Envoy's
+    /// worker model); 0: serve on the caller's runtime. See docs/decisions.md.
+    pub workers: usize,
 }
 
 /// Where a waypoint learns workloads and services, as a node agent does.
@@ -101,8 +106,33 @@ pub(crate) struct Shared {
     pub(crate) tracer: crate::spans::Tracer,
     /// One line per request.
     pub(crate) access_log: Arc<access_log::AccessLogger>,
-    /// Load balancers, outlier state and connection-pool limits per destination cluster.
-    pub(crate) traffic: traffic::Traffic,
+    /// Load balancers, outlier state and connection-pool limits per destination cluster
+    /// (one for all serving threads: limits hold per proxy).
+    pub(crate) traffic: Arc<traffic::Traffic>,
+}
+
+impl Shared {
+    /// The same proxy for another serving thread: everything shared but the upstream
+    /// connections, which belong to the runtime that drives them.
+    pub(crate) fn with_pool(&self, pool: ConnectionPool) -> Shared {
+        Shared {
+            state: self.state.clone(),
+            routes: self.routes.clone(),
+            upstreams: Upstreams::new(self.upstreams.identity.clone(), self.upstreams.trust_domain.clone(), pool),
+            metrics: self.metrics.clone(),
+            requests: self.requests.clone(),
+            name: self.name.clone(),
+            mirrors: self.mirrors.clone(),
+            tracer: self.tracer.clone(),
+            access_log: self.access_log.clone(),
+            traffic: self.traffic.clone(),
+        }
+    }
+}
+
+/// The upstream HBONE pool of one runtime, presenting the proxy's certificate.
+pub(crate) fn upstream_pool(certs: &CertManager) -> ConnectionPool {
+    ConnectionPool::new(PoolConfig::default(), Arc::new(TcpDialer), Arc::new(CertManagerTls { certs: certs.clone() }))
 }
 
 /// A running waypoint; its tasks stop when it is dropped.
@@ -111,6 +141,8 @@ pub struct Waypoint {
     metrics: Arc<Metrics>,
     routes: Routes,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Serving threads (none when serving on the caller's runtime); stopped when dropped.
+    _workers: Vec<workers::Worker>,
 }
 
 impl Drop for Waypoint {
@@ -149,11 +181,18 @@ impl Waypoint {
     /// Loads the config, gets the waypoint's certificate and starts serving.
     pub async fn start(cfg: WaypointConfig, metrics: Arc<Metrics>) -> Result<Waypoint, StartError> {
         let Core { shared, certs, routes, mut tasks } = Core::start(&cfg, metrics.clone()).await?;
+        if cfg.workers > 0 {
+            let (addr, workers) = workers::start(cfg.workers, cfg.listen, &shared, &certs, &cfg.identity)
+                .await
+                .map_err(|e| StartError::Listen(cfg.listen, e))?;
+            info!(%addr, identity = %cfg.identity, threads = cfg.workers, "waypoint listening");
+            return Ok(Waypoint { addr, metrics, routes, tasks, _workers: workers });
+        }
         let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
         let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;
         info!(%addr, identity = %cfg.identity, "waypoint listening");
         tasks.push(tokio::spawn(accept(listener, shared, certs, cfg.identity.clone())));
-        Ok(Waypoint { addr, metrics, routes, tasks })
+        Ok(Waypoint { addr, metrics, routes, tasks, _workers: Vec::new() })
     }
 }
 
@@ -207,11 +246,7 @@ impl Core {
         let certs = CertManager::new(cfg.ca.clone(), CertManagerConfig::default());
         certs.register_expiry_metric(&metrics);
         certs.fetch(&cfg.identity).await.map_err(|e| StartError::Certificate(cfg.identity.clone(), e.to_string()))?;
-        let pool = ConnectionPool::new(
-            PoolConfig::default(),
-            Arc::new(TcpDialer),
-            Arc::new(CertManagerTls { certs: certs.clone() }),
-        );
+        let pool = upstream_pool(&certs);
         let shared = Arc::new(Shared {
             state,
             routes: routes.clone(),
@@ -222,7 +257,7 @@ impl Core {
             mirrors: Arc::new(tokio::sync::Semaphore::new(http::MAX_MIRRORS)),
             tracer,
             access_log,
-            traffic: Default::default(),
+            traffic: Arc::default(),
         });
         if let Some(dir) = cfg.routes_dir.clone() {
             tasks.push(tokio::spawn(routes.clone().follow(dir, metrics.clone())));
