@@ -4,7 +4,7 @@
 //! `reviews` v1 (node 0) or v2/v3 (node 1) in HBONE as its own identity. Every test asserts
 //! what the client received, what the apps received, or the waypoint's metrics.
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -1116,7 +1116,7 @@ fn listeners_on(pid: u32, port: u16) -> usize {
 }
 
 #[test]
-fn each_serving_thread_has_its_own_listener_and_the_waypoint_serves_through_them() {
+fn serving_threads_share_one_listener_and_the_waypoint_serves_through_them() {
     let m = mesh(&vs(ALL_V1), Backends::Echo);
     let pid = m.waypoint.pid();
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -1128,10 +1128,35 @@ fn each_serving_thread_has_its_own_listener_and_the_waypoint_serves_through_them
     for i in 0..workers {
         assert!(threads.contains(&format!("waypoint-{i}")), "no serving thread waypoint-{i} in {threads:?}");
     }
-    assert_eq!(listeners_on(pid, 15008), workers, "one SO_REUSEPORT listener per serving thread");
+    assert_eq!(listeners_on(pid, 15008), 1, "one listening socket, shared by the serving threads");
     for _ in 0..20 {
         let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
         assert_eq!(status, 200);
         assert!(body.contains("reviews-v1"), "{body}");
     }
+}
+
+#[test]
+fn no_other_socket_in_the_waypoint_pod_can_bind_its_hbone_port() {
+    use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let pod_ip = m.waypoint_pod.ip4();
+    // With SO_REUSEPORT on both sides the kernel would let a same-user socket join the port
+    // group, or bind the pod's own address and take every IPv4 connection.
+    let refused: Vec<(Ipv4Addr, Option<nix::errno::Errno>)> = m.waypoint_pod.run(move || {
+        [Ipv4Addr::UNSPECIFIED, pod_ip]
+            .into_iter()
+            .map(|ip| {
+                let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).unwrap();
+                setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+                setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+                (ip, bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(SocketAddrV4::new(ip, 15008))).err())
+            })
+            .collect()
+    });
+    for (ip, err) in refused {
+        assert_eq!(err, Some(nix::errno::Errno::EADDRINUSE), "binding {ip}:15008 beside the waypoint");
+    }
+    let (status, _, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+    assert_eq!(status, 200);
 }

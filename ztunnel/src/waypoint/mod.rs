@@ -74,7 +74,7 @@ pub struct WaypointConfig {
     pub access_log_format: Option<String>,
     /// Access-log lines as JSON with Istio's default keys (`LOG_FORMAT=json`).
     pub access_log_json: bool,
-    /// Serving threads, each with its own single-threaded runtime, listener (`SO_REUSEPORT`)
+    /// Serving threads, each with its own single-threaded runtime (accepting on one shared listener)
     /// and upstream connections, so a request runs start to end on one thread (Envoy's
     /// worker model); 0: serve on the caller's runtime. See docs/decisions.md.
     pub workers: usize,
