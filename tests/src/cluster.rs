@@ -306,6 +306,30 @@ impl Drop for Cluster {
     }
 }
 
+/// The port of each listening TCP socket in `netns` (v4 and v6; a port shared by several
+/// sockets appears once per socket), read from the kernel's socket tables as seen from a
+/// thread inside it.
+pub fn listening_sockets(netns: &impl InNetns) -> Result<Vec<u16>> {
+    netns.run(|| {
+        let mut ports = Vec::new();
+        for table in ["tcp", "tcp6"] {
+            // thread-self: /proc/self/net would show the netns of the process's main thread.
+            let path = format!("/proc/thread-self/net/{table}");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+                if cols.get(3) != Some(&"0A") {
+                    continue;
+                }
+                let port = cols.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+                ports.push(port.ok_or_else(|| anyhow::anyhow!("bad line in {path}: {line}"))?);
+            }
+        }
+        Ok(ports)
+    })
+}
+
 /// Running code inside the network namespace of a [`Node`] or a [`Pod`].
 ///
 /// Why: in-process clients, listeners and servers; sockets they create keep the

@@ -369,27 +369,9 @@ fn base_command(binary: &Path, dir: &TempDir, local_config: &str) -> Result<Comm
     Ok(cmd)
 }
 
-/// The TCP ports listening in `netns` (v4 and v6), read from the kernel's socket tables as
-/// seen from a thread inside it.
+/// The TCP ports listening in `netns` (v4 and v6).
 pub fn listening_ports(netns: &impl InNetns) -> Result<std::collections::BTreeSet<u16>> {
-    netns.run(|| {
-        let mut ports = std::collections::BTreeSet::new();
-        for table in ["tcp", "tcp6"] {
-            // thread-self: /proc/self/net would show the netns of the process's main thread.
-            let path = format!("/proc/thread-self/net/{table}");
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-            for line in text.lines().skip(1) {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                // local_address is ADDR:PORT in hex; state 0A is LISTEN.
-                if cols.get(3) != Some(&"0A") {
-                    continue;
-                }
-                let port = cols.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-                ports.insert(port.ok_or_else(|| anyhow!("bad line in {path}: {line}"))?);
-            }
-        }
-        Ok(ports)
-    })
+    Ok(crate::listening_sockets(netns)?.into_iter().collect())
 }
 
 /// A minimal HTTP/1.1 GET from the calling thread's netns: (status, body).

@@ -12,7 +12,7 @@ pub mod netns;
 pub mod sweep;
 
 pub use cgroup::cgroup2_root;
-pub use cluster::{Cluster, InNetns, Node, Pod};
+pub use cluster::{listening_sockets, Cluster, InNetns, Node, Pod};
 pub use netns::{in_netns, spawn_in_netns};
 pub use sweep::sweep_leftovers;
 pub mod agent_process;

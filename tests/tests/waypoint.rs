@@ -1096,25 +1096,6 @@ fn tcproute_on_tcp_echo_relays_the_tunnel_to_its_backend_service() {
     assert_eq!(m.apps[5].received().len(), 5);
 }
 
-/// Listening TCP sockets on `port` in the network namespace of process `pid`.
-fn listeners_on(pid: u32, port: u16) -> usize {
-    ["tcp", "tcp6"]
-        .iter()
-        .map(|f| {
-            let table = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap();
-            table
-                .lines()
-                .skip(1)
-                .filter(|l| {
-                    let cols: Vec<&str> = l.split_whitespace().collect();
-                    // local_address is ADDR:PORT in hex; state 0A is LISTEN.
-                    cols.len() > 3 && cols[1].ends_with(&format!(":{port:04X}")) && cols[3] == "0A"
-                })
-                .count()
-        })
-        .sum()
-}
-
 #[test]
 fn serving_threads_share_one_listener_and_the_waypoint_serves_through_them() {
     let m = mesh(&vs(ALL_V1), Backends::Echo);
@@ -1128,7 +1109,12 @@ fn serving_threads_share_one_listener_and_the_waypoint_serves_through_them() {
     for i in 0..workers {
         assert!(threads.contains(&format!("waypoint-{i}")), "no serving thread waypoint-{i} in {threads:?}");
     }
-    assert_eq!(listeners_on(pid, 15008), 1, "one listening socket, shared by the serving threads");
+    let listening = mesh_tests::listening_sockets(&m.waypoint_pod).unwrap();
+    assert_eq!(
+        listening.iter().filter(|&&p| p == 15008).count(),
+        1,
+        "one listening socket, shared by the serving threads: {listening:?}"
+    );
     for _ in 0..20 {
         let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
         assert_eq!(status, 200);

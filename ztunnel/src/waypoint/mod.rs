@@ -74,9 +74,10 @@ pub struct WaypointConfig {
     pub access_log_format: Option<String>,
     /// Access-log lines as JSON with Istio's default keys (`LOG_FORMAT=json`).
     pub access_log_json: bool,
-    /// Serving threads, each with its own single-threaded runtime (accepting on one shared listener)
-    /// and upstream connections, so a request runs start to end on one thread (Envoy's
-    /// worker model); 0: serve on the caller's runtime. See docs/decisions.md.
+    /// Serving threads (at least one), each with its own single-threaded runtime accepting on
+    /// one shared listener and its own upstream connections, so a request runs start to end on
+    /// one thread (Envoy's worker model; see docs/decisions.md). Not read by the ingress
+    /// gateway, which serves on the caller's runtime.
     pub workers: usize,
 }
 
@@ -141,7 +142,7 @@ pub struct Waypoint {
     metrics: Arc<Metrics>,
     routes: Routes,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Serving threads (none when serving on the caller's runtime); stopped when dropped.
+    /// Serving threads; stopped when dropped.
     _workers: Vec<workers::Worker>,
 }
 
@@ -180,19 +181,13 @@ pub(crate) struct Core {
 impl Waypoint {
     /// Loads the config, gets the waypoint's certificate and starts serving.
     pub async fn start(cfg: WaypointConfig, metrics: Arc<Metrics>) -> Result<Waypoint, StartError> {
-        let Core { shared, certs, routes, mut tasks } = Core::start(&cfg, metrics.clone()).await?;
-        if cfg.workers > 0 {
-            let (addr, workers) = workers::start(cfg.workers, cfg.listen, &shared, &certs, &cfg.identity)
-                .await
-                .map_err(|e| StartError::Listen(cfg.listen, e))?;
-            info!(%addr, identity = %cfg.identity, threads = cfg.workers, "waypoint listening");
-            return Ok(Waypoint { addr, metrics, routes, tasks, _workers: workers });
-        }
-        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| StartError::Listen(cfg.listen, e))?;
-        let addr = listener.local_addr().map_err(|e| StartError::Listen(cfg.listen, e))?;
-        info!(%addr, identity = %cfg.identity, "waypoint listening");
-        tasks.push(tokio::spawn(accept(listener, shared, certs, cfg.identity.clone())));
-        Ok(Waypoint { addr, metrics, routes, tasks, _workers: Vec::new() })
+        let Core { shared, certs, routes, tasks } = Core::start(&cfg, metrics.clone()).await?;
+        let threads = cfg.workers.max(1);
+        let (addr, workers) = workers::start(threads, cfg.listen, &shared, &certs, &cfg.identity)
+            .await
+            .map_err(|e| StartError::Listen(cfg.listen, e))?;
+        info!(%addr, identity = %cfg.identity, threads, "waypoint listening");
+        Ok(Waypoint { addr, metrics, routes, tasks, _workers: workers })
     }
 }
 

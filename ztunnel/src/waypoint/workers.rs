@@ -101,15 +101,12 @@ pub(crate) async fn start(
             drop(rt);
             guard.stopped = true;
         })?;
-        let mut worker = Worker { stop: Some(stop), thread: Some(thread) };
+        let worker = Worker { stop: Some(stop), thread: Some(thread) };
         // A thread that cannot serve fails the start instead of leaving a silent gap.
         match ready.await {
             Ok(Ok(())) => workers.push(worker),
             Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                worker.stop = None;
-                return Err(std::io::Error::other(format!("waypoint thread {i} ended before serving")));
-            }
+            Err(_) => return Err(std::io::Error::other(format!("waypoint thread {i} ended before serving"))),
         }
     }
     Ok((addr, workers))
