@@ -491,14 +491,23 @@ where
         let metrics = Arc::new(ztunnel::metrics::Metrics::new());
         let (_running, dump, banner) = start(metrics.clone()).await?;
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let quit = Arc::new(|| std::process::exit(0));
+        // `/quitquitquit`, SIGTERM and Ctrl-C all end here, so the proxy is dropped in order
+        // (its serving threads joined, its buffered access-log lines written).
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let on_quit = stop.clone();
+        let quit = Arc::new(move || on_quit.notify_one());
         let _admin = match log {
             Some(log) => ztunnel::admin::start_with_logging(admin_cfg, metrics, dump, ready, quit, log),
             None => ztunnel::admin::start(admin_cfg, metrics, dump, ready, quit),
         }
         .context("starting the admin server")?;
         println!("{banner}");
-        tokio::signal::ctrl_c().await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+            _ = stop.notified() => {}
+        }
         Ok(())
     })
 }

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::metrics::Metrics;
 use crate::routing::ingress::TlsMode;
 use crate::waypoint::http::{Front, Tunnel};
+use crate::waypoint::telemetry::TunnelSeries;
 use crate::waypoint::{Core, Shared, StartError, WaypointConfig};
 
 pub use sni::{peek_client_hello, Hello};
@@ -142,8 +143,11 @@ fn tunnel(
     gateways: Vec<(String, String)>,
     gateway_api: Vec<(String, String)>,
 ) -> Arc<Tunnel> {
+    let shared = &edge.shared;
+    let series = TunnelSeries::ingress(shared.name.clone(), &shared.upstreams.identity, &shared.upstreams.trust_domain);
     Arc::new(Tunnel {
         shared: edge.shared.clone(),
+        series: Arc::new(series),
         front: Front::Ingress { gateways: Arc::new(gateways), gateway_api: Arc::new(gateway_api) },
         peer_addr: crate::proxy::canonical(peer),
         local_ip: local.ip(),

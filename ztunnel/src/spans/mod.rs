@@ -150,6 +150,11 @@ pub struct Span {
 }
 
 impl Span {
+    /// True when this span is exported, so attributes for [`Span::finish`] are worth building.
+    pub fn exported(&self) -> bool {
+        self.exported
+    }
+
     /// The `traceparent` value this span hands on (its own ids).
     pub fn traceparent(&self) -> String {
         let sc = self.cx.span().span_context().clone();

@@ -6,9 +6,13 @@
 //! Every value is escaped before it is written (control characters, quotes, backslashes),
 //! because most of them (path, authority, headers) are chosen by the client: a request must
 //! not be able to forge a second log line or close a quoted field.
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::HeaderMap;
+
+use super::log_writer::LineWriter;
 
 /// Istio's default text access-log format (meshConfig `accessLogFormat` unset).
 pub const ISTIO_DEFAULT_FORMAT: &str = concat!(
@@ -177,66 +181,87 @@ impl LogFormat {
     /// The line for `r` (no trailing newline).
     pub fn render(&self, r: &Record) -> String {
         let mut out = String::with_capacity(256);
+        self.render_into(r, &mut out);
+        out
+    }
+
+    /// Appends the line for `r` to `out`: each value is escaped straight into it, with no
+    /// string of its own (this runs once per request).
+    pub fn render_into(&self, r: &Record, out: &mut String) {
         for p in &self.pieces {
             match p {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Field(f) => escape_into(&mut out, &value(f, r)),
+                Piece::Field(f) => write_value(out, f, r),
             }
         }
-        out
     }
 }
 
-fn dash(s: &str) -> String {
+fn dash(s: &str) -> &str {
     if s.is_empty() {
-        "-".into()
+        "-"
     } else {
-        s.to_string()
+        s
     }
 }
 
-fn header(h: &HeaderMap, r: &Record, names: &[String]) -> String {
+/// The first of `names` that has a value: a header of `h`, or a request pseudo-header
+/// from `req` (`None` for response headers, which have none).
+fn header<'a>(h: &'a HeaderMap, req: Option<&'a Record>, names: &[String]) -> Cow<'a, str> {
     for n in names {
-        let v = match n.as_str() {
-            ":method" => Some(r.method.clone()),
-            ":path" => Some(r.path.clone()),
-            ":authority" | "host" => Some(r.authority.clone()),
-            ":scheme" => Some("http".into()),
-            name => h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        let v = match (n.as_str(), req) {
+            (":method", Some(r)) => Some(Cow::Borrowed(r.method.as_str())),
+            (":path", Some(r)) => Some(Cow::Borrowed(r.path.as_str())),
+            (":authority" | "host", Some(r)) => Some(Cow::Borrowed(r.authority.as_str())),
+            (":scheme", Some(_)) => Some(Cow::Borrowed("http")),
+            (name, _) if name.starts_with(':') => None,
+            (name, _) => h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes())),
         };
         if let Some(v) = v.filter(|v| !v.is_empty()) {
             return v;
         }
     }
-    "-".into()
+    Cow::Borrowed("-")
 }
 
-fn value(f: &Field, r: &Record) -> String {
-    match f {
-        Field::StartTime => r.start.map(rfc3339_millis).unwrap_or_else(|| "-".into()),
-        Field::Req(names) => header(&r.request_headers, r, names),
-        Field::Resp(names) => header(&r.response_headers, &Record::default(), names),
-        Field::Protocol => dash(&r.protocol),
-        Field::ResponseCode => r.response_code.to_string(),
-        Field::ResponseFlags => dash(&r.response_flags),
-        Field::ResponseCodeDetails => dash(&r.response_code_details),
-        Field::BytesReceived => r.bytes_received.to_string(),
-        Field::BytesSent => r.bytes_sent.to_string(),
-        Field::Duration => r.duration_ms.to_string(),
-        Field::UpstreamHost => dash(&r.upstream_host),
-        Field::UpstreamCluster => dash(&r.upstream_cluster),
-        Field::RouteName => dash(&r.route_name),
-        Field::DownstreamRemoteAddress => dash(&r.downstream_remote),
-        Field::DownstreamLocalAddress => dash(&r.downstream_local),
-        Field::DownstreamPeerUriSan => dash(&r.source_principal),
-        Field::TraceParent => dash(&r.traceparent),
-        Field::Unset => "-".into(),
-    }
+fn write_value(out: &mut String, f: &Field, r: &Record) {
+    use std::fmt::Write;
+    let text = match f {
+        Field::StartTime => {
+            match r.start {
+                Some(t) => write_rfc3339_millis(out, t),
+                None => out.push('-'),
+            }
+            return;
+        }
+        Field::ResponseCode => return write!(out, "{}", r.response_code).unwrap_or(()),
+        Field::BytesReceived => return write!(out, "{}", r.bytes_received).unwrap_or(()),
+        Field::BytesSent => return write!(out, "{}", r.bytes_sent).unwrap_or(()),
+        Field::Duration => return write!(out, "{}", r.duration_ms).unwrap_or(()),
+        Field::Req(names) => header(&r.request_headers, Some(r), names),
+        Field::Resp(names) => header(&r.response_headers, None, names),
+        Field::Protocol => Cow::Borrowed(dash(&r.protocol)),
+        Field::ResponseFlags => Cow::Borrowed(dash(&r.response_flags)),
+        Field::ResponseCodeDetails => Cow::Borrowed(dash(&r.response_code_details)),
+        Field::UpstreamHost => Cow::Borrowed(dash(&r.upstream_host)),
+        Field::UpstreamCluster => Cow::Borrowed(dash(&r.upstream_cluster)),
+        Field::RouteName => Cow::Borrowed(dash(&r.route_name)),
+        Field::DownstreamRemoteAddress => Cow::Borrowed(dash(&r.downstream_remote)),
+        Field::DownstreamLocalAddress => Cow::Borrowed(dash(&r.downstream_local)),
+        Field::DownstreamPeerUriSan => Cow::Borrowed(dash(&r.source_principal)),
+        Field::TraceParent => Cow::Borrowed(dash(&r.traceparent)),
+        Field::Unset => Cow::Borrowed("-"),
+    };
+    escape_into(out, &text);
 }
 
 /// Copies `v` with control characters, `"` and `\` escaped, so a value cannot end its field
 /// or the line.
 fn escape_into(out: &mut String, v: &str) {
+    if !v.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        out.push_str(v);
+        return;
+    }
     for c in v.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -252,6 +277,13 @@ fn escape_into(out: &mut String, v: &str) {
 
 /// `2026-12-02T11:33:45.123Z`, Envoy's `%START_TIME%`.
 pub fn rfc3339_millis(t: SystemTime) -> String {
+    let mut out = String::with_capacity(24);
+    write_rfc3339_millis(&mut out, t);
+    out
+}
+
+fn write_rfc3339_millis(out: &mut String, t: SystemTime) {
+    use std::fmt::Write;
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -265,13 +297,14 @@ pub fn rfc3339_millis(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
+    let _ = write!(
+        out,
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         sod / 3600,
         sod % 3600 / 60,
         sod % 60,
         d.subsec_millis()
-    )
+    );
 }
 
 /// How the waypoint writes its access log, fixed at start: a text format, or Istio's JSON
@@ -282,6 +315,8 @@ pub struct AccessLogger {
     text: Option<LogFormat>,
     request_headers: Vec<String>,
     response_headers: Vec<String>,
+    /// Where lines go: stdout, in batches.
+    lines: Arc<LineWriter>,
 }
 
 impl AccessLogger {
@@ -314,7 +349,7 @@ impl AccessLogger {
         req.dedup();
         resp.sort();
         resp.dedup();
-        Ok(AccessLogger { text, request_headers: req, response_headers: resp })
+        Ok(AccessLogger { text, request_headers: req, response_headers: resp, lines: Arc::new(LineWriter::stdout()) })
     }
 
     /// The request headers the line will need, copied (only those).
@@ -327,14 +362,33 @@ impl AccessLogger {
         capture(h, &self.response_headers)
     }
 
-    /// Writes `r`'s line (tracing target `access`, level info).
+    /// Writes `r`'s line to stdout, as it is (no log prefix, as Envoy writes it), when the
+    /// `access` target is on at info (`RUST_LOG`, the admin `/logging` endpoint). Lines are
+    /// batched: see [`LineWriter`] and [`AccessLogger::writer`].
     pub fn emit(&self, r: &Record) {
-        let line = match &self.text {
-            Some(f) => f.render(r),
-            None => render_json(r),
-        };
-        tracing::info!(target: "access", "{line}");
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
+        match &self.text {
+            Some(f) => LINE.with(|line| {
+                let mut line = line.borrow_mut();
+                line.clear();
+                f.render_into(r, &mut line);
+                self.lines.push(&line);
+            }),
+            None => self.lines.push(&render_json(r)),
+        }
     }
+
+    /// The batching writer, for the task that flushes it on time.
+    pub fn writer(&self) -> Arc<LineWriter> {
+        self.lines.clone()
+    }
+}
+
+thread_local! {
+    /// Each serving thread renders its lines into one reused string.
+    static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
 }
 
 fn capture(h: &HeaderMap, names: &[String]) -> HeaderMap {
@@ -351,11 +405,11 @@ fn capture(h: &HeaderMap, names: &[String]) -> HeaderMap {
 
 /// The line in Istio's default JSON format (plus the source principal and traceparent).
 pub fn render_json(r: &Record) -> String {
-    let req = |n: &str| header(&r.request_headers, r, &[n.to_string()]);
+    let req = |n: &str| header(&r.request_headers, Some(r), &[n.to_string()]);
     serde_json::json!({
         "start_time": r.start.map(rfc3339_millis),
         "method": r.method,
-        "path": header(&r.request_headers, r, &["x-envoy-original-path".into(), ":path".into()]),
+        "path": header(&r.request_headers, Some(r), &["x-envoy-original-path".into(), ":path".into()]),
         "protocol": r.protocol,
         "response_code": r.response_code,
         "response_flags": dash(&r.response_flags),

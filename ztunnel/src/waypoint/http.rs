@@ -24,13 +24,12 @@ use super::access_log::Record;
 use super::authz::{self, RequestFacts};
 use super::lb::RequestView;
 use super::outlier::Outcome as OutlierOutcome;
-use super::telemetry::{Observed, Recorder, RequestLabels};
+use super::telemetry::{GrpcStatus, Observed, Recorder, SeriesKey, TunnelSeries};
 use super::traffic::Cluster;
 use super::upstream::{self, Endpoint, SendError};
 use super::Shared;
 use crate::hbone::ConnectHeaders;
 use crate::identity::Identity;
-use crate::metrics::Reporter;
 use crate::routing::spec::{Abort, Destination, HeaderOperations, Headers};
 use crate::routing::{self, CompiledRoute, Decision, Retries, DEFAULT_RETRY_ON};
 use crate::spans::Span;
@@ -60,6 +59,8 @@ pub(crate) struct Tunnel {
     /// What the client dialled: the service VIP and port (the CONNECT authority) for the
     /// mesh, the listener's address for an ingress.
     pub vip: SocketAddr,
+    /// The request series this tunnel's requests count in.
+    pub series: Arc<TunnelSeries>,
 }
 
 /// Which side of the mesh a connection came from, which decides policy and route lookup.
@@ -151,14 +152,19 @@ async fn handle(t: Arc<Tunnel>, mut req: Request<Incoming>) -> Result<Response<B
     // The server span of this hop; from here on the request's `traceparent` names it, so the
     // upstream (and mirrors) are its children.
     let authority = authority_of(&req, t.vip);
-    let name = format!("{authority}{}", req.uri().path());
-    let attrs = vec![
-        KeyValue::new("http.request.method", req.method().to_string()),
-        KeyValue::new("url.path", req.uri().path().to_string()),
-        KeyValue::new("server.address", authority.clone()),
-        KeyValue::new("istio.source_principal", t.peer_text()),
-        KeyValue::new("istio.namespace", t.home_namespace().to_string()),
-    ];
+    // Name and attributes only for a span that is exported (they cost a dozen allocations).
+    let (name, attrs) = if t.shared.tracer.enabled() {
+        let attrs = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("server.address", authority.clone()),
+            KeyValue::new("istio.source_principal", t.peer_text()),
+            KeyValue::new("istio.namespace", t.home_namespace().to_string()),
+        ];
+        (format!("{authority}{}", req.uri().path()), attrs)
+    } else {
+        (String::new(), Vec::new())
+    };
     let span = t.shared.tracer.start(&name, SpanKind::Server, req.headers_mut(), attrs);
     let log = Record {
         start: Some(std::time::SystemTime::now()),
@@ -190,41 +196,24 @@ fn observe(
     started: Instant,
     span: Span,
 ) -> Response<Body> {
-    let snap = t.shared.state.snapshot();
-    let dst = out.upstream.as_ref().map(|e| e.workload.clone());
-    let flags = if out.flags.is_empty() { "-".to_string() } else { out.flags.join(",") };
-    let service = out.upstream.as_ref().map(|e| &*e.service).or(t.service().map(|s| &**s));
-    let mut common = match &t.front {
-        Front::Mesh { peer, .. } => {
-            let src = snap.workload_by_ip(t.peer_addr.ip());
-            let mut l =
-                crate::proxy::relay::workload_labels(Reporter::Waypoint, src.as_deref(), dst.as_deref(), service);
-            l.source_principal = peer.to_string();
-            l
-        }
+    let service = out.upstream.as_ref().map(|e| &e.service).or(t.service()).cloned();
+    let src = match &t.front {
+        Front::Mesh { .. } => t.shared.state.snapshot().workload_by_ip(t.peer_addr.ip()),
         // An ingress gateway reports as the source of the request, as Istio's does: the
         // client outside the mesh is not a workload.
-        Front::Ingress { .. } => {
-            let mut l = crate::proxy::relay::workload_labels(Reporter::Source, None, dst.as_deref(), service);
-            l.source_workload = t.shared.name.1.clone();
-            l.source_workload_namespace = t.shared.name.0.clone();
-            l.source_canonical_service = t.shared.name.1.clone();
-            l.source_principal = t.shared.upstreams.identity.to_string();
-            l
-        }
+        Front::Ingress { .. } => None,
     };
-    if let Some(w) = &dst {
-        common.destination_principal =
-            format!("spiffe://{}/ns/{}/sa/{}", t.shared.upstreams.trust_domain, w.namespace, w.service_account);
-    }
-    common.request_protocol = if grpc { "grpc" } else { "http" }.into();
-    common.response_flags = flags.clone();
-    common.connection_security_policy = "mutual_tls".into();
-    let labels = RequestLabels {
-        common,
-        response_code: resp.status().as_u16().to_string(),
-        grpc_response_status: super::telemetry::grpc_status_label(header_str(resp.headers(), "grpc-status")),
+    let key = SeriesKey {
+        src,
+        dst: out.upstream.as_ref().map(|e| e.workload.clone()),
+        service,
+        grpc,
+        flags: out.flags.clone(),
+        code: resp.status().as_u16(),
+        grpc_status: GrpcStatus::of(header_str(resp.headers(), "grpc-status")),
     };
+    // `-` when empty, written by the log's formats.
+    let flags = out.flags.join(",");
     log.response_code = resp.status().as_u16();
     log.response_flags = flags;
     log.route_name = out.route.clone();
@@ -234,7 +223,8 @@ fn observe(
     log.response_code_details = code_details(&resp, out).to_string();
     log.response_headers = t.shared.access_log.capture_response(resp.headers());
     let logger = t.shared.access_log.clone();
-    let recorder = Recorder::new(t.shared.requests.clone(), labels, (log, logger), started, out.request_bytes, span);
+    let series = (t.shared.requests.clone(), t.series.clone(), key);
+    let recorder = Recorder::new(series, (log, logger), started, out.request_bytes, span);
     resp.map(|body| Observed::new(body, recorder).boxed())
 }
 

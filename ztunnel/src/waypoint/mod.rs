@@ -11,7 +11,8 @@
 //!   Service or to the waypoint's Gateway), which take precedence over VirtualServices;
 //! - [`authz`]: L7 AuthorizationPolicy;
 //! - `http`: the per-request path; `upstream`: endpoints, HBONE and HTTP client reuse;
-//! - [`telemetry`]: Istio's request metrics; [`access_log`]: the per-request line.
+//! - [`telemetry`]: Istio's request metrics; [`access_log`]: the per-request line, written
+//!   in batches by [`log_writer`].
 pub mod access_log;
 pub mod authz;
 pub mod circuit;
@@ -19,6 +20,7 @@ mod framing;
 pub mod gateway_routes;
 pub(crate) mod http;
 pub mod lb;
+pub mod log_writer;
 pub mod outlier;
 mod path;
 pub mod routes;
@@ -234,6 +236,7 @@ impl Core {
         tasks.push(tokio::spawn(routes.clone().follow_services(state.clone())));
         let access_log =
             Arc::new(access_log::AccessLogger::new(cfg.access_log_format.as_deref(), cfg.access_log_json)?);
+        tasks.push(tokio::spawn(access_log.writer().flush_periodically()));
         let tracer = match &cfg.tracing {
             Some(t) => crate::spans::Tracer::otlp(t)?,
             None => crate::spans::Tracer::disabled(),
@@ -393,8 +396,10 @@ impl TunnelHandler for Handler {
                 return Err(ConnectRejection::Denied(reason));
             }
         }
+        let series = Arc::new(telemetry::TunnelSeries::mesh(&req.peer, &self.shared.upstreams.trust_domain));
         let tunnel = Arc::new(http::Tunnel {
             shared: self.shared.clone(),
+            series,
             front: http::Front::Mesh { peer: req.peer, service },
             peer_addr: self.peer,
             local_ip: self.local_ip,
