@@ -1,26 +1,30 @@
 //! Running a compiled VirtualService against a request: which rule matches, and what it
 //! decides. Randomness (weights) comes in as a number, so decisions are reproducible.
+use std::borrow::Cow;
+
 use super::compile::{Action, CompiledRoute, Cors, Router};
 use super::spec::{Destination, Headers};
 
-/// What the routing engine knows about a request.
+/// What the routing engine knows about a request. Values are borrowed from the live
+/// request where they can be (a copy of every header per request showed in the waypoint's
+/// profile), owned where a caller made them.
 #[derive(Debug, Clone, Default)]
-pub struct Request {
-    pub method: String,
-    pub scheme: String,
+pub struct Request<'a> {
+    pub method: Cow<'a, str>,
+    pub scheme: Cow<'a, str>,
     /// `:authority` / `Host`.
-    pub authority: String,
+    pub authority: Cow<'a, str>,
     /// Path with its query string.
-    pub path: String,
+    pub path: Cow<'a, str>,
     /// Header names in lower case.
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// The port the request was sent to (the service port).
     pub port: u16,
 }
 
-impl Request {
+impl Request<'_> {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| &**v)
     }
 
     fn path_only(&self) -> &str {
@@ -166,17 +170,17 @@ impl Router {
                         .rewrite
                         .as_ref()
                         .and_then(|rw| rw.authority.clone())
-                        .unwrap_or_else(|| req.authority.clone()),
+                        .unwrap_or_else(|| req.authority.to_string()),
                 }
             }
             Action::Redirect(rd) => {
-                let scheme = rd.scheme.clone().unwrap_or_else(|| req.scheme.clone());
-                let mut authority = rd.authority.clone().unwrap_or_else(|| req.authority.clone());
+                let scheme = rd.scheme.clone().unwrap_or_else(|| req.scheme.to_string());
+                let mut authority = rd.authority.clone().unwrap_or_else(|| req.authority.to_string());
                 if let Some(p) = rd.port {
                     let host = authority.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or(authority.clone());
                     authority = format!("{host}:{p}");
                 }
-                let path = rd.uri.clone().unwrap_or_else(|| req.path.clone());
+                let path = rd.uri.clone().unwrap_or_else(|| req.path.to_string());
                 Decision::Redirect {
                     rule: i,
                     code: rd.redirect_code.unwrap_or(301) as u16,
@@ -279,7 +283,7 @@ fn rewrite_path(r: &CompiledRoute, req: &Request, matched_prefix: Option<&str>) 
             let query = req.path.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
             format!("{new}{query}")
         }
-        (None, _) => req.path.clone(),
+        (None, _) => req.path.to_string(),
     }
 }
 

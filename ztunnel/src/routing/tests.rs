@@ -22,13 +22,13 @@ fn invalid(yaml: &str) -> String {
     compile("bad-vs", &vs, &subsets()).unwrap_err().to_string()
 }
 
-fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Request {
+fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<'static> {
     Request {
-        method: method.into(),
+        method: method.to_string().into(),
         scheme: "http".into(),
         authority: "reviews:9080".into(),
-        path: path.into(),
-        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        path: path.to_string().into(),
+        headers: headers.iter().map(|(k, v)| (k.to_string().into(), v.to_string().into())).collect(),
         port: 9080,
     }
 }

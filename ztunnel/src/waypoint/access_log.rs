@@ -313,8 +313,8 @@ fn write_rfc3339_millis(out: &mut String, t: SystemTime) {
 pub struct AccessLogger {
     /// `None`: JSON.
     text: Option<LogFormat>,
-    request_headers: Vec<String>,
-    response_headers: Vec<String>,
+    request_headers: Vec<http::HeaderName>,
+    response_headers: Vec<http::HeaderName>,
     /// Where lines go: stdout, in batches.
     lines: Arc<LineWriter>,
 }
@@ -349,6 +349,9 @@ impl AccessLogger {
         req.dedup();
         resp.sort();
         resp.dedup();
+        // Parsed once here, not per request; a name that is not a valid header is never present.
+        let names = |v: Vec<String>| v.iter().filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok()).collect();
+        let (req, resp) = (names(req), names(resp));
         Ok(AccessLogger { text, request_headers: req, response_headers: resp, lines: Arc::new(LineWriter::stdout()) })
     }
 
@@ -391,13 +394,11 @@ thread_local! {
     static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
 }
 
-fn capture(h: &HeaderMap, names: &[String]) -> HeaderMap {
+fn capture(h: &HeaderMap, names: &[http::HeaderName]) -> HeaderMap {
     let mut out = HeaderMap::new();
-    for n in names {
-        if let Ok(name) = http::HeaderName::from_bytes(n.as_bytes()) {
-            for v in h.get_all(&name) {
-                out.append(name.clone(), v.clone());
-            }
+    for name in names {
+        for v in h.get_all(name) {
+            out.append(name.clone(), v.clone());
         }
     }
     out

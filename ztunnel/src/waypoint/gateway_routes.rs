@@ -189,6 +189,9 @@ impl GatewayApi {
         if let Some(p) = self.routes.for_service(&service.namespace, &service.name, port, client_ns).filter(attached) {
             return Some(p);
         }
+        if self.cluster.gateways.is_empty() {
+            return None;
+        }
         let gw = self.cluster.gateways.get(&(waypoint.0.to_string(), waypoint.1.to_string()))?;
         if gw.class != WAYPOINT_CLASS {
             return None;

@@ -41,7 +41,7 @@ fn load(yaml: &str) -> RouteTable {
 
 const WAYPOINT: (&str, &str) = ("default", "waypoint");
 
-fn get(path: &str) -> Request {
+fn get(path: &str) -> Request<'_> {
     Request {
         method: "GET".into(),
         scheme: "http".into(),

@@ -248,15 +248,11 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
     };
     let path_only = path.split_once('?').map(|(p, _)| p).unwrap_or(&path).to_string();
     let rreq = routing::Request {
-        method: req.method().to_string(),
-        scheme: req.uri().scheme_str().unwrap_or("http").to_string(),
-        authority: authority.clone(),
-        path: path.clone(),
-        headers: req
-            .headers()
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-            .collect(),
+        method: req.method().as_str().into(),
+        scheme: req.uri().scheme_str().unwrap_or("http").into(),
+        authority: authority.as_str().into(),
+        path: path.as_str().into(),
+        headers: req.headers().iter().filter_map(|(k, v)| Some((k.as_str().into(), v.to_str().ok()?.into()))).collect(),
         port: t.vip.port(),
     };
     let table = t.shared.routes.table();
@@ -358,6 +354,10 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
     resp
 }
 
+/// Istio's retry policy for a route that sets none.
+static DEFAULT_RETRIES: std::sync::LazyLock<Retries> =
+    std::sync::LazyLock::new(|| Retries { attempts: 2, per_try_timeout: None, retry_on: DEFAULT_RETRY_ON.into() });
+
 /// Where a forwarded request goes, after rewrites.
 struct Target<'a> {
     destination: Destination,
@@ -374,7 +374,7 @@ async fn forward(
     out: &mut Outcome,
     rule: Option<&CompiledRoute>,
     target: Target<'_>,
-    table: &super::routes::RouteTable,
+    table: &Arc<super::routes::RouteTable>,
 ) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     if let Some(f) = rule.and_then(|r| r.fault.as_ref()) {
@@ -412,7 +412,7 @@ async fn forward(
         }
     };
     out.request_bytes = body.len() as u64;
-    let mut headers = parts.headers.clone();
+    let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     // The app learns the caller from the waypoint, never from what the caller wrote.
     headers.remove("x-forwarded-client-cert");
@@ -434,7 +434,7 @@ async fn forward(
     let port = target.destination.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
     let subset = match &target.destination.subset {
         Some(s) => match table.subset_labels(host, s) {
-            Some(l) => Some(l.clone()),
+            Some(l) => Some((s.as_str(), l)),
             None => {
                 out.flag("NR");
                 return local(StatusCode::SERVICE_UNAVAILABLE, format!("subset {s} of {host} is not defined"));
@@ -450,24 +450,9 @@ async fn forward(
             mirror(t, &snap, m, &send, &target.authority, target.namespace, table);
         }
     }
-    let retries = rule.map(|r| r.retries.clone()).unwrap_or_else(|| Retries {
-        attempts: 2,
-        per_try_timeout: None,
-        retry_on: DEFAULT_RETRY_ON.into(),
-    });
-    let subset_name = target.destination.subset.as_deref();
-    let policy = table.traffic_policy(host, subset_name, port);
-    let me = snap.workload_by_ip(t.local_ip);
-    let cluster = t.shared.traffic.cluster(
-        &snap,
-        &svc,
-        port,
-        t.vip.ip(),
-        subset_name.zip(subset.as_ref()),
-        &policy,
-        me.as_deref(),
-    );
-    let attempts = send.attempts(&cluster, &target.authority, &retries, out);
+    let retries = rule.map_or(&*DEFAULT_RETRIES, |r| &r.retries);
+    let cluster = t.shared.traffic.cluster(&snap, table, &svc, port, t.vip.ip(), subset, t.local_ip);
+    let attempts = send.attempts(&cluster, &target.authority, retries, out);
     let mut resp = match rule.and_then(|r| r.timeout) {
         Some(limit) => match tokio::time::timeout(limit, attempts).await {
             Ok(r) => r,

@@ -104,10 +104,11 @@ impl RouteTable {
     /// whose hosts name it. VirtualServices of other namespaces are not used, so one
     /// namespace cannot route (or mirror) another's traffic.
     pub fn router_for(&self, service: &crate::state::Service) -> Option<&Router> {
-        let prefix = format!("{}/", service.namespace);
+        let in_namespace =
+            |name: &str| name.strip_prefix(service.namespace.as_str()).is_some_and(|n| n.starts_with('/'));
         self.routers
             .iter()
-            .find(|(name, r)| name.starts_with(&prefix) && r.for_mesh() && r.serves(&service.hostname))
+            .find(|(name, r)| in_namespace(name) && r.for_mesh() && r.serves(&service.hostname))
             .map(|(_, r)| r)
     }
 
@@ -125,7 +126,6 @@ impl RouteTable {
         subset: Option<&str>,
         port: u16,
     ) -> crate::routing::traffic_policy::EffectivePolicy {
-        let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
         self.traffic_policies
             .iter()
             .find(|(h, _)| short(h) == short(host))
@@ -135,7 +135,6 @@ impl RouteTable {
 
     /// The labels of `subset` of `host` (a short name or FQDN of the same service).
     pub fn subset_labels(&self, host: &str, subset: &str) -> Option<&BTreeMap<String, String>> {
-        let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
         self.subsets.iter().find(|(h, _)| short(h) == short(host)).and_then(|(_, s)| s.get(subset))
     }
 
@@ -170,6 +169,11 @@ fn targets_of(d: &Value, ns: &str) -> Vec<Option<Target>> {
             }
         })
         .collect()
+}
+
+/// A host's first label: DestinationRules name a service by short name or FQDN alike.
+fn short(h: &str) -> &str {
+    h.split('.').next().unwrap_or(h)
 }
 
 /// Every YAML document under `dir` (a file or a directory, `*.yaml`/`*.yml`, in path

@@ -29,7 +29,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(t: Arc<Tunnel>, str
 pub(crate) async fn relay_to<S: AsyncRead + AsyncWrite + Unpin>(
     t: &Tunnel,
     targets: &[WeightedTarget],
-    table: &super::routes::RouteTable,
+    table: &std::sync::Arc<super::routes::RouteTable>,
     mut stream: S,
 ) {
     let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
@@ -45,15 +45,11 @@ pub(crate) async fn relay_to<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(svc) = snap.service_by_host(&dest.host, t.home_namespace()) else {
         return info!(host = %dest.host, "TCP route to an unknown service");
     };
-    let subset_name = dest.subset.as_deref();
-    let subset = subset_name.and_then(|s| table.subset_labels(&dest.host, s));
+    let subset = dest.subset.as_deref().and_then(|s| Some((s, table.subset_labels(&dest.host, s)?)));
     let port = dest.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
     // The DestinationRule's policy holds for TCP too: its load balancer, outlier state and
     // `tcp.maxConnections` (over it, the connection is closed, as Envoy does).
-    let policy = table.traffic_policy(&dest.host, subset_name, port);
-    let me = snap.workload_by_ip(t.local_ip);
-    let cluster =
-        t.shared.traffic.cluster(&snap, &svc, port, t.vip.ip(), subset_name.zip(subset), &policy, me.as_deref());
+    let cluster = t.shared.traffic.cluster(&snap, table, &svc, port, t.vip.ip(), subset, t.local_ip);
     let _connection = match cluster.breaker.connection() {
         Ok(p) => p,
         Err(overflow) => return info!(host = %dest.host, %overflow, "TCP route over its connection limit"),

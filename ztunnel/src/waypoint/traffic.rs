@@ -6,12 +6,13 @@
 //! this module is where they meet the state store and the clock.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::circuit::{Breaker, Overflow, Permit};
 use super::lb::{Balancers, Caller, ClusterKey, LbEndpoint, Locality, Pick, RequestView};
 use super::outlier::{Outcome, Outliers};
+use super::routes::RouteTable;
 use super::upstream::Endpoint;
 use crate::routing::traffic_policy::{EffectivePolicy, PoolLimits};
 use crate::state::{Service, Snapshot, Workload};
@@ -26,6 +27,7 @@ pub(crate) struct Traffic {
     balancers: Balancers,
     outliers: Mutex<HashMap<ClusterKey, Arc<Outliers>>>,
     breakers: Mutex<HashMap<ClusterKey, (PoolLimits, Arc<Breaker>)>>,
+    built: Mutex<Built>,
 }
 
 /// One request's view of its destination cluster.
@@ -50,11 +52,56 @@ fn locality(w: &Workload) -> Locality {
     Locality::new(region, zone, subzone)
 }
 
+/// Clusters built for one state snapshot and one route table, keyed by what a request
+/// resolved to: the service and subset (by address, stable within that snapshot and table),
+/// the port, the address family and the proxy's own address. Building a cluster compares
+/// endpoint lists and policies and allocates; a request now does that only when the state or
+/// routes changed since a request last went to the same place.
+#[derive(Default)]
+struct Built {
+    snapshot: Weak<Snapshot>,
+    routes: Weak<RouteTable>,
+    clusters: HashMap<(usize, usize, u16, bool, IpAddr), Arc<Cluster>>,
+}
+
+/// More cached clusters than this starts the cache over (the key space is the config's).
+const MAX_BUILT: usize = 4096;
+
 impl Traffic {
-    /// The cluster of `svc`'s endpoints on `port` (those carrying `subset_labels`), under
-    /// `policy`, in `like`'s address family.
+    /// The cluster of `svc`'s endpoints on `port` (those carrying `subset`'s labels), under
+    /// the routes' traffic policy for it, in `like`'s address family, as seen from the
+    /// proxy's own address `me`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cluster(
+        &self,
+        snap: &Arc<Snapshot>,
+        routes: &Arc<RouteTable>,
+        svc: &Arc<Service>,
+        port: u16,
+        like: IpAddr,
+        subset: Option<(&str, &BTreeMap<String, String>)>,
+        me: IpAddr,
+    ) -> Arc<Cluster> {
+        let key =
+            (Arc::as_ptr(svc) as usize, subset.map_or(0, |(_, l)| l as *const _ as usize), port, like.is_ipv4(), me);
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let current = Weak::ptr_eq(&built.snapshot, &Arc::downgrade(snap))
+            && Weak::ptr_eq(&built.routes, &Arc::downgrade(routes));
+        if !current || built.clusters.len() >= MAX_BUILT {
+            *built = Built { snapshot: Arc::downgrade(snap), routes: Arc::downgrade(routes), clusters: HashMap::new() };
+        }
+        if let Some(c) = built.clusters.get(&key) {
+            return c.clone();
+        }
+        let policy = routes.traffic_policy(&svc.hostname, subset.map(|(n, _)| n), port);
+        let own = snap.workload_by_ip(me);
+        let c = Arc::new(self.build(snap, svc, port, like, subset, &policy, own.as_deref()));
+        built.clusters.insert(key, c.clone());
+        c
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
         &self,
         snap: &Snapshot,
         svc: &Arc<Service>,

@@ -333,6 +333,9 @@ impl GatewayRoutes {
         port: u16,
         client_namespace: Option<&str>,
     ) -> Option<&ParentRoutes> {
+        if self.parents.is_empty() {
+            return None;
+        }
         let key = |port: Option<u16>, consumer: Option<&str>| ParentKey::Service {
             namespace: namespace.into(),
             name: name.into(),
@@ -676,7 +679,7 @@ fn build(
 /// A redirect's `Location` for `req`.
 fn location(rd: &RedirectSpec, prefix: Option<&str>, req: &Request, listener_port: Option<u16>) -> String {
     let scheme =
-        rd.scheme.clone().unwrap_or_else(|| if req.scheme.is_empty() { "http".into() } else { req.scheme.clone() });
+        rd.scheme.clone().unwrap_or_else(|| if req.scheme.is_empty() { "http".into() } else { req.scheme.to_string() });
     let host = rd.hostname.clone().unwrap_or_else(|| strip_port(&req.authority).to_string());
     let port = rd.port.or(match rd.scheme.as_deref() {
         Some("http") => Some(80),
@@ -685,7 +688,7 @@ fn location(rd: &RedirectSpec, prefix: Option<&str>, req: &Request, listener_por
     });
     let (path, query) = match req.path.split_once('?') {
         Some((p, q)) => (p, format!("?{q}")),
-        None => (req.path.as_str(), String::new()),
+        None => (&*req.path, String::new()),
     };
     let path = match rd.path.as_ref().map(|p| (&p.replace_full_path, &p.replace_prefix_match)) {
         Some((Some(full), _)) => full.clone(),

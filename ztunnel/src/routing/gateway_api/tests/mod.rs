@@ -122,18 +122,18 @@ fn load_case_allowing_rejects(case: &str) -> GatewayRoutes {
 }
 
 /// A request as the suite sends it (header names any case).
-fn req(method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Request {
+fn req(method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Request<'static> {
     Request {
-        method: method.into(),
+        method: method.to_string().into(),
         scheme: "http".into(),
-        authority: host.into(),
-        path: path.into(),
-        headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())).collect(),
+        authority: host.to_string().into(),
+        path: path.to_string().into(),
+        headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase().into(), v.to_string().into())).collect(),
         port: 80,
     }
 }
 
-fn get(host: &str, path: &str) -> Request {
+fn get(host: &str, path: &str) -> Request<'static> {
     req("GET", host, path, &[])
 }
 
@@ -179,7 +179,7 @@ fn forwarded(g: &GatewayRoutes, gateway: &str, q: &Request) -> Forwarded {
     let p = g.for_gateway(INFRA, gateway, 80, &q.authority).expect("a listener");
     match p.decide(q, 0) {
         Decision::Forward { rule, destination, path, authority, headers } => {
-            let mut h = q.headers.clone();
+            let mut h: Vec<(String, String)> = q.headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             let rule_ops = p.router.rule(rule).and_then(|r| r.headers.clone()).and_then(|h| h.request);
             for ops in [rule_ops, headers.and_then(|h| h.request)].iter().flatten() {
                 apply(ops, &mut h);
