@@ -96,6 +96,22 @@ impl WaypointProcess {
         }
     }
 
+    /// Sends SIGTERM (as the kubelet does) and waits up to `within` for the process to end.
+    pub fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("sending SIGTERM")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("still running {within:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn log_path(routes: &Path) -> PathBuf {
         routes.with_extension("stdout")
     }

@@ -664,6 +664,25 @@ fn default_access_log_line_is_istios_text_format() {
 }
 
 #[test]
+fn sigterm_ends_the_waypoint_cleanly_with_every_access_log_line_written() {
+    let mut m = mesh(&vs(ALL_V1), Backends::Echo);
+    // Lines are written in batches; the last ones must not be lost when the pod is stopped.
+    for i in 0..5 {
+        let ua = format!("last-words/{i}");
+        let (status, _, _) =
+            get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[("user-agent", ua.as_str())], WAIT).unwrap();
+        assert_eq!(status, 200);
+    }
+    let status = m.waypoint.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let log = m.waypoint.log();
+    for i in 0..5 {
+        let ua = format!("\"last-words/{i}\"");
+        assert_eq!(log.lines().filter(|l| l.contains(&ua)).count(), 1, "{ua} once in:\n{log}");
+    }
+}
+
+#[test]
 fn access_log_format_is_configurable_with_envoy_operators() {
     let format = "AL %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS% %REQ(X-MISSING?USER-AGENT)% %RESP(X-SERVED-BY)%";
     let m = mesh_with(
