@@ -186,8 +186,9 @@ struct L7Args {
     #[command(flatten)]
     ca: CaArgs,
     /// Access-log line format with Envoy's command operators (`%REQ(USER-AGENT)%`,
-    /// `%RESPONSE_CODE%`, ...); Istio's default format when unset. Lines are logged at info
-    /// under the `access` target; `LOG_FORMAT=json` writes Istio's JSON keys instead.
+    /// `%RESPONSE_CODE%`, ...); Istio's default format when unset. Lines go to stdout as
+    /// they are, in batches (at most 100 ms late), while the `access` target is on at info;
+    /// `LOG_FORMAT=json` writes Istio's JSON keys instead.
     #[arg(long, env = "ACCESS_LOG_FORMAT")]
     access_log_format: Option<String>,
     #[command(flatten)]
