@@ -46,16 +46,54 @@ impl InpodNetns {
     }
 }
 
+thread_local! {
+    /// The calling thread's own namespace, opened on its first switch and kept: opening
+    /// `/proc/thread-self/ns/net` (a path walk through procfs, then a close) for every
+    /// socket made in a pod was two of the agent's system calls per inbound connection.
+    static HOME: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
+    /// How many [`run_in`] calls the thread is inside: only at depth 0 is the thread in its
+    /// own namespace, so only then may it be recorded as home.
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Switches the calling thread into `target`, runs `f`, and switches back.
 pub fn run_in<R>(target: &File, f: impl FnOnce() -> R) -> io::Result<R> {
-    let home = File::open("/proc/thread-self/ns/net")?;
-    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-    let out = f();
-    // Failing to return would leave a runtime worker in a pod's namespace: never continue.
-    if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-        panic!("cannot return to the agent's network namespace: {e}");
+    if DEPTH.get() > 0 {
+        // Nested (`f` switched again): return to wherever the outer call put the thread.
+        let here = File::open("/proc/thread-self/ns/net")?;
+        return switched(target, &here, f);
     }
-    Ok(out)
+    HOME.with(|home| {
+        let home = match home.get() {
+            Some(h) => h,
+            None => {
+                let opened = File::open("/proc/thread-self/ns/net")?;
+                home.get_or_init(|| opened)
+            }
+        };
+        switched(target, home, f)
+    })
+}
+
+fn switched<R>(target: &File, back: &File, f: impl FnOnce() -> R) -> io::Result<R> {
+    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    DEPTH.set(DEPTH.get() + 1);
+    // Returns even when `f` panics, so an unwinding thread is not left in the pod.
+    let _back = Back(back);
+    Ok(f())
+}
+
+/// Switches the thread back when dropped.
+struct Back<'a>(&'a File);
+
+impl Drop for Back<'_> {
+    fn drop(&mut self) {
+        DEPTH.set(DEPTH.get() - 1);
+        // Failing to return would leave a runtime worker in a pod's namespace: never continue.
+        if let Err(e) = setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET) {
+            panic!("cannot return to the agent's network namespace: {e}");
+        }
+    }
 }
 
 /// Cookie of the namespace the calling thread is in.
