@@ -167,6 +167,7 @@ impl Received {
 /// Why: tests set up a service graph for a task and tear it down by scope.
 pub struct App {
     received: Arc<Mutex<VecDeque<Received>>>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -175,6 +176,7 @@ pub struct App {
 struct Shared {
     role: Role,
     received: Arc<Mutex<VecDeque<Received>>>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -207,7 +209,8 @@ impl App {
             .with_context(|| format!("binding [::]:{port} in pod {}", pod.name()))?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("building app runtime")?;
         let received = Arc::new(Mutex::new(VecDeque::new()));
-        let shared = Arc::new(Shared { role, received: received.clone() });
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let shared = Arc::new(Shared { role, received: received.clone(), accepted: accepted.clone() });
         let (stop_tx, stop_rx) = oneshot::channel();
         // The thread joins the pod's netns first, so the outgoing sockets it creates are the pod's.
         let thread = pod.spawn_thread(move || {
@@ -227,7 +230,7 @@ impl App {
             // Dropping the runtime here drops every connection task and in-flight call.
             drop(rt);
         });
-        Ok(App { received, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(App { received, accepted, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     /// Every HTTP request this app received, in order (for mirroring/header tests).
@@ -236,6 +239,13 @@ impl App {
     /// 10000 are kept; a tcp-echo app lists each line it answered.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    /// How many connections this app has accepted.
+    ///
+    /// Why: connection reuse (or its limits) upstream of the app shows only here.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -264,6 +274,7 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        shared.accepted.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Role::TcpEcho { prefix } = &shared.role {

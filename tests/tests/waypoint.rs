@@ -919,6 +919,40 @@ fn circuit_breaker_answers_503_uo_over_its_limits_and_recovers_when_load_drops()
     assert!(after.iter().all(|s| *s == 200), "{after:?}");
 }
 
+/// Sends `n` requests one after another to `reviews` (all routed to v1) and returns how
+/// many connections reviews-v1 accepted meanwhile.
+fn v1_connections_for(m: &Mesh, n: usize) -> u64 {
+    let before = m.apps[0].connections();
+    for _ in 0..n {
+        let (status, body, _) = get(&m.client, reviews(), "/reviews/0", "reviews:9080", &[], WAIT).unwrap();
+        assert_eq!((status, body.trim()), (200, "reviews-v1"));
+    }
+    m.apps[0].connections() - before
+}
+
+#[test]
+fn upstream_connections_are_reused_across_requests() {
+    let m = mesh(&vs(ALL_V1), Backends::Echo);
+    let opened = v1_connections_for(&m, 6);
+    assert!(opened <= 2, "6 sequential requests opened {opened} connections to the endpoint");
+}
+
+#[test]
+fn max_requests_per_connection_1_gives_each_request_its_own_upstream_connection() {
+    let limit = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-per-connection}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      http: {maxRequestsPerConnection: 1}
+";
+    let m = mesh(&format!("{}{limit}", vs(ALL_V1)), Backends::Echo);
+    assert_eq!(v1_connections_for(&m, 6), 6);
+}
+
 const OUTLIERS: &str = "---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule

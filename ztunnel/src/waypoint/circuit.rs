@@ -98,6 +98,12 @@ pub struct Usage {
     pub overflows: [u64; 4],
 }
 
+/// Whether a connection that has carried `served` requests is done under a limit of `max`
+/// requests per connection (`None`: unlimited).
+pub fn retires(max: Option<u32>, served: u32) -> bool {
+    max.is_some_and(|max| served >= max)
+}
+
 /// One cluster's circuit breaker.
 #[derive(Debug)]
 pub struct Breaker {
@@ -179,7 +185,12 @@ impl Breaker {
     /// Whether a connection that has carried `served` requests must now be closed
     /// (`http.maxRequestsPerConnection`).
     pub fn retire(&self, served: u32) -> bool {
-        self.max_requests_per_connection.is_some_and(|max| served >= max)
+        retires(self.max_requests_per_connection, served)
+    }
+
+    /// `http.maxRequestsPerConnection`, for the upstream connections of this cluster.
+    pub fn max_requests_per_connection(&self) -> Option<u32> {
+        self.max_requests_per_connection
     }
 
     /// What is in use and how often each limit refused.

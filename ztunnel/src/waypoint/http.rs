@@ -546,7 +546,15 @@ impl Send<'_> {
             let Some(req) = self.request(authority) else {
                 return local(StatusCode::BAD_REQUEST, "request cannot be forwarded");
             };
-            let sent = self.t.shared.upstreams.send(&ep, req, self.h2, self.t.local_ip, self.connect_headers());
+            let per_connection = cluster.breaker.max_requests_per_connection();
+            let sent = self.t.shared.upstreams.send(
+                &ep,
+                req,
+                self.h2,
+                self.t.local_ip,
+                self.connect_headers(),
+                per_connection,
+            );
             let result = match retries.per_try_timeout {
                 Some(d) => tokio::time::timeout(d, sent).await.unwrap_or(Err(SendError::PerTryTimeout(d))),
                 None => sent.await,
@@ -639,7 +647,7 @@ fn mirror(
     let (shared, h2, local_ip, headers) = (t.shared.clone(), send.h2, t.local_ip, send.connect_headers());
     tokio::spawn(async move {
         let copy = async {
-            match shared.upstreams.send(&ep, req, h2, local_ip, headers).await {
+            match shared.upstreams.send(&ep, req, h2, local_ip, headers, None).await {
                 Ok(resp) => {
                     let _ = resp.into_body().collect().await;
                 }

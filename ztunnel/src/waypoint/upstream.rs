@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::circuit::retires;
 use crate::hbone::{ConnectHeaders, ConnectionPool, PoolKey};
 use crate::identity::Identity;
 use crate::state::{Service, Snapshot, Workload, WorkloadProtocol};
@@ -62,7 +63,8 @@ pub enum SendError {
     PerTryTimeout(std::time::Duration),
 }
 
-type IdleH1 = HashMap<SocketAddr, Vec<http1::SendRequest<Full<Bytes>>>>;
+/// Idle HTTP/1.1 connections per endpoint, with the requests each has carried.
+type IdleH1 = HashMap<SocketAddr, Vec<(http1::SendRequest<Full<Bytes>>, u32)>>;
 
 pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
@@ -73,7 +75,8 @@ pub struct Upstreams {
     pub trust_domain: String,
     pub pool: ConnectionPool,
     h1: Arc<Mutex<IdleH1>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Full<Bytes>>>>,
+    /// One HTTP/2 connection per endpoint, with the requests it has carried.
+    h2: Mutex<HashMap<SocketAddr, (http2::SendRequest<Full<Bytes>>, u32)>>,
 }
 
 impl Upstreams {
@@ -82,7 +85,10 @@ impl Upstreams {
         Upstreams { identity, trust_domain, pool, h1: Default::default(), h2: Default::default() }
     }
 
-    /// Sends `req` (its URI in the form its version needs) to `ep`, from `local_ip`.
+    /// Sends `req` (its URI in the form its version needs) to `ep`, from `local_ip`. A
+    /// connection is reused until it has carried `per_connection` requests (the cluster's
+    /// `http.maxRequestsPerConnection`; `None`: no limit), then closed once its last
+    /// response is done.
     pub async fn send(
         &self,
         ep: &Endpoint,
@@ -90,9 +96,10 @@ impl Upstreams {
         h2: bool,
         local_ip: IpAddr,
         headers: ConnectHeaders,
+        per_connection: Option<u32>,
     ) -> Result<Response<Incoming>, SendError> {
         if h2 {
-            let mut sender = match self.idle_h2(ep.addr) {
+            let mut sender = match self.idle_h2(ep.addr, per_connection) {
                 Some(s) => s,
                 None => {
                     let io = self.dial(ep, local_ip, headers).await?;
@@ -104,13 +111,15 @@ impl Upstreams {
                             debug!(error = %e, "upstream h2 connection ended");
                         }
                     });
-                    self.h2.lock().expect("h2 clients").insert(ep.addr, sender.clone());
+                    if !retires(per_connection, 1) {
+                        self.h2.lock().expect("h2 clients").insert(ep.addr, (sender.clone(), 1));
+                    }
                     sender
                 }
             };
             return Ok(sender.send_request(req).await?);
         }
-        let mut sender = match self.idle_h1(ep.addr) {
+        let (mut sender, served) = match self.idle_h1(ep.addr) {
             Some(s) => s,
             None => {
                 let io = self.dial(ep, local_ip, headers).await?;
@@ -121,29 +130,41 @@ impl Upstreams {
                         debug!(error = %e, "upstream HTTP/1.1 connection ended");
                     }
                 });
-                sender
+                (sender, 0)
             }
         };
         let resp = sender.send_request(req).await?;
-        self.park_h1(ep.addr, sender);
+        // Dropping the sender closes the connection after this response.
+        if !retires(per_connection, served + 1) {
+            self.park_h1(ep.addr, sender, served + 1);
+        }
         Ok(resp)
     }
 
-    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Full<Bytes>>> {
+    fn idle_h1(&self, addr: SocketAddr) -> Option<(http1::SendRequest<Full<Bytes>>, u32)> {
         let mut idle = self.h1.lock().expect("h1 clients");
         let list = idle.get_mut(&addr)?;
-        while let Some(s) = list.pop() {
+        while let Some((s, served)) = list.pop() {
             if s.is_ready() {
-                return Some(s);
+                return Some((s, served));
             }
         }
         None
     }
 
-    fn idle_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<Full<Bytes>>> {
+    /// The endpoint's HTTP/2 connection for one more request; it leaves the table (new
+    /// requests get a new connection) once it has carried `per_connection`.
+    fn idle_h2(&self, addr: SocketAddr, per_connection: Option<u32>) -> Option<http2::SendRequest<Full<Bytes>>> {
         let mut h2 = self.h2.lock().expect("h2 clients");
-        match h2.get(&addr) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+        match h2.get_mut(&addr) {
+            Some((s, served)) if !s.is_closed() => {
+                *served += 1;
+                let sender = s.clone();
+                if retires(per_connection, *served) {
+                    h2.remove(&addr);
+                }
+                Some(sender)
+            }
             Some(_) => {
                 h2.remove(&addr);
                 None
@@ -153,14 +174,14 @@ impl Upstreams {
     }
 
     /// Keeps an HTTP/1.1 connection for the next request once its response has been read.
-    fn park_h1(&self, addr: SocketAddr, mut sender: http1::SendRequest<Full<Bytes>>) {
+    fn park_h1(&self, addr: SocketAddr, mut sender: http1::SendRequest<Full<Bytes>>, served: u32) {
         let slot = self.h1.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
                 let mut idle = slot.lock().expect("h1 clients");
                 let list = idle.entry(addr).or_default();
                 if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push(sender);
+                    list.push((sender, served));
                 }
             }
         });
