@@ -63,6 +63,9 @@ pub enum SendError {
     PerTryTimeout(std::time::Duration),
 }
 
+/// One HTTP/2 connection per endpoint, with the requests it has carried.
+type SharedH2 = HashMap<SocketAddr, (http2::SendRequest<Full<Bytes>>, u32)>;
+
 /// Idle HTTP/1.1 connections per endpoint, with the requests each has carried.
 type IdleH1 = HashMap<SocketAddr, Vec<(http1::SendRequest<Full<Bytes>>, u32)>>;
 
@@ -75,8 +78,7 @@ pub struct Upstreams {
     pub trust_domain: String,
     pub pool: ConnectionPool,
     h1: Arc<Mutex<IdleH1>>,
-    /// One HTTP/2 connection per endpoint, with the requests it has carried.
-    h2: Mutex<HashMap<SocketAddr, (http2::SendRequest<Full<Bytes>>, u32)>>,
+    h2: Mutex<SharedH2>,
 }
 
 impl Upstreams {
