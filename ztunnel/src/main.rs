@@ -509,6 +509,13 @@ where
             _ = term.recv() => {}
             _ = stop.notified() => {}
         }
+        // The signal handler stays installed: a shutdown that hangs (a serving thread that
+        // does not stop) must still end, as an unhandled SIGTERM would have.
+        std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            eprintln!("shutdown took longer than 10 s; exiting");
+            std::process::exit(1);
+        });
         Ok(())
     })
 }

@@ -56,7 +56,8 @@ thread_local! {
     static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Switches the calling thread into `target`, runs `f`, and switches back.
+/// Switches the calling thread into `target`, runs `f`, and switches back. Threads switch
+/// namespaces only through here (the cached home relies on it).
 pub fn run_in<R>(target: &File, f: impl FnOnce() -> R) -> io::Result<R> {
     if DEPTH.get() > 0 {
         // Nested (`f` switched again): return to wherever the outer call put the thread.
@@ -89,9 +90,11 @@ struct Back<'a>(&'a File);
 impl Drop for Back<'_> {
     fn drop(&mut self) {
         DEPTH.set(DEPTH.get() - 1);
-        // Failing to return would leave a runtime worker in a pod's namespace: never continue.
+        // Failing to return would leave a runtime worker in a pod's namespace, and a panic
+        // can be caught (tokio catches a task's): never continue.
         if let Err(e) = setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET) {
-            panic!("cannot return to the agent's network namespace: {e}");
+            eprintln!("cannot return to the agent's network namespace: {e}");
+            std::process::abort();
         }
     }
 }

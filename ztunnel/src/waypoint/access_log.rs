@@ -373,12 +373,18 @@ impl AccessLogger {
             return;
         }
         match &self.text {
-            Some(f) => LINE.with(|line| {
-                let mut line = line.borrow_mut();
-                line.clear();
-                f.render_into(r, &mut line);
-                self.lines.push(&line);
-            }),
+            Some(f) => {
+                let reused = LINE.try_with(|line| {
+                    let mut line = line.borrow_mut();
+                    line.clear();
+                    f.render_into(r, &mut line);
+                    self.lines.push(&line);
+                });
+                // The thread's buffer is gone while the thread ends: render on the side.
+                if reused.is_err() {
+                    self.lines.push(&f.render(r));
+                }
+            }
             None => self.lines.push(&render_json(r)),
         }
     }

@@ -451,7 +451,7 @@ async fn forward(
         }
     }
     let retries = rule.map_or(&*DEFAULT_RETRIES, |r| &r.retries);
-    let cluster = t.shared.traffic.cluster(&snap, table, &svc, port, t.vip.ip(), subset, t.local_ip);
+    let cluster = t.shared.traffic.cluster((&snap, table), host, &svc, port, t.vip.ip(), subset, t.local_ip);
     let attempts = send.attempts(&cluster, &target.authority, retries, out);
     let mut resp = match rule.and_then(|r| r.timeout) {
         Some(limit) => match tokio::time::timeout(limit, attempts).await {

@@ -7,8 +7,10 @@
 //! A line is always written whole: the buffer only ever holds complete lines, so another
 //! writer on the same stdout cannot cut into one.
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 /// Buffered bytes that trigger a write on the spot.
 pub const FLUSH_AT: usize = 16 * 1024;
@@ -17,7 +19,17 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Complete lines waiting to be written to `out`.
 pub struct LineWriter {
-    state: Mutex<(Vec<u8>, Box<dyn Write + Send>)>,
+    state: Mutex<Batch>,
+    /// Lines lost to failed writes (`ztunnel_waypoint_access_log_dropped_lines_total`).
+    dropped: Counter,
+}
+
+struct Batch {
+    buf: Vec<u8>,
+    lines: u64,
+    out: Box<dyn Write + Send>,
+    /// The last write failed part-way, so the output may end mid-line.
+    broken: bool,
 }
 
 impl std::fmt::Debug for LineWriter {
@@ -34,45 +46,62 @@ impl LineWriter {
 
     /// Lines for `out`.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        LineWriter { state: Mutex::new((Vec::with_capacity(FLUSH_AT), out)) }
+        let batch = Batch { buf: Vec::with_capacity(FLUSH_AT), lines: 0, out, broken: false };
+        LineWriter { state: Mutex::new(batch), dropped: Counter::default() }
     }
 
     /// Adds `line` (without its newline); writes the batch if it is now large.
     pub fn push(&self, line: &str) {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (buf, out) = &mut *guard;
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        if buf.len() >= FLUSH_AT {
-            write_out(buf, out);
+        let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        b.buf.extend_from_slice(line.as_bytes());
+        b.buf.push(b'\n');
+        b.lines += 1;
+        if b.buf.len() >= FLUSH_AT {
+            self.write_out(&mut b);
         }
     }
 
     /// Writes what is buffered.
     pub fn flush(&self) {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (buf, out) = &mut *guard;
-        if !buf.is_empty() {
-            write_out(buf, out);
+        let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !b.buf.is_empty() {
+            self.write_out(&mut b);
         }
     }
 
-    /// Flushes every [`FLUSH_EVERY`] until the task is dropped.
-    pub async fn flush_periodically(self: std::sync::Arc<Self>) {
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            self.flush();
-        }
+    /// The count of lines lost to failed writes, to register as a metric.
+    pub fn dropped(&self) -> Counter {
+        self.dropped.clone()
     }
-}
 
-/// A failed write drops the batch (as the tracing writer drops a line): the log must not
-/// stall or grow without bound because stdout is gone.
-fn write_out(buf: &mut Vec<u8>, out: &mut Box<dyn Write + Send>) {
-    let _ = out.write_all(buf).and_then(|()| out.flush());
-    buf.clear();
+    /// Flushes every [`FLUSH_EVERY`] on a thread of its own (a blocked stdout must not stall
+    /// a runtime) until the writer is dropped.
+    pub fn flush_periodically(writer: &Arc<Self>) -> std::io::Result<()> {
+        let weak = Arc::downgrade(writer);
+        std::thread::Builder::new().name("access-log".into()).spawn(move || loop {
+            std::thread::sleep(FLUSH_EVERY);
+            match weak.upgrade() {
+                Some(w) => w.flush(),
+                None => return,
+            }
+        })?;
+        Ok(())
+    }
+
+    /// A failed write drops the batch, counted (as the tracing writer drops a line): the log
+    /// must not stall or grow without bound because stdout is gone. The next batch starts
+    /// on a line of its own, so a line cut by the failure cannot run into the next one.
+    fn write_out(&self, b: &mut Batch) {
+        let Batch { buf, lines, out, broken } = b;
+        let fresh: &[u8] = if *broken { b"\n" } else { b"" };
+        let result = out.write_all(fresh).and_then(|()| out.write_all(buf)).and_then(|()| out.flush());
+        *broken = result.is_err();
+        if result.is_err() {
+            self.dropped.inc_by(*lines);
+        }
+        buf.clear();
+        *lines = 0;
+    }
 }
 
 impl Drop for LineWriter {
@@ -142,17 +171,56 @@ mod tests {
         assert_eq!(cap.text(), "last\n");
     }
 
-    #[tokio::test]
-    async fn a_line_goes_out_within_the_flush_interval() {
+    #[test]
+    fn a_line_goes_out_within_the_flush_interval() {
         let cap = Capture::default();
         let w = Arc::new(LineWriter::new(Box::new(cap.clone())));
-        let task = tokio::spawn(w.clone().flush_periodically());
+        LineWriter::flush_periodically(&w).unwrap();
         w.push("soon");
-        let deadline = tokio::time::Instant::now() + FLUSH_EVERY * 5;
-        while cap.text().is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let deadline = std::time::Instant::now() + FLUSH_EVERY * 5;
+        while cap.text().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(cap.text(), "soon\n");
-        task.abort();
+    }
+
+    /// Accepts `budget` bytes, then fails every write until `heal`ed.
+    #[derive(Clone, Default)]
+    struct Failing(Arc<StdMutex<(Vec<u8>, usize, bool)>>);
+
+    impl Write for Failing {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let mut g = self.0.lock().unwrap();
+            if g.2 {
+                g.0.extend_from_slice(b);
+                return Ok(b.len());
+            }
+            let n = b.len().min(g.1);
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            g.1 -= n;
+            g.0.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_half_way_is_counted_and_the_next_line_starts_fresh() {
+        let out = Failing(Arc::new(StdMutex::new((Vec::new(), 5, false))));
+        let w = LineWriter::new(Box::new(out.clone()));
+        w.push("\"first\" line");
+        w.push("second");
+        w.flush();
+        assert_eq!(w.dropped().get(), 2);
+        out.0.lock().unwrap().2 = true;
+        w.push("\"third\"");
+        w.flush();
+        let text = String::from_utf8(out.0.lock().unwrap().0.clone()).unwrap();
+        assert_eq!(text, "\"firs\n\"third\"\n");
+        assert_eq!(text.lines().last(), Some("\"third\""));
     }
 }

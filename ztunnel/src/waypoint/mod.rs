@@ -167,6 +167,8 @@ pub enum StartError {
     Certificate(Identity, String),
     #[error("access log: {0}")]
     AccessLog(#[from] access_log::FormatError),
+    #[error("access log writer thread: {0}")]
+    AccessLogThread(std::io::Error),
     #[error("tracing: {0}")]
     Tracing(#[from] crate::spans::TraceError),
 }
@@ -236,7 +238,12 @@ impl Core {
         tasks.push(tokio::spawn(routes.clone().follow_services(state.clone())));
         let access_log =
             Arc::new(access_log::AccessLogger::new(cfg.access_log_format.as_deref(), cfg.access_log_json)?);
-        tasks.push(tokio::spawn(access_log.writer().flush_periodically()));
+        log_writer::LineWriter::flush_periodically(&access_log.writer()).map_err(StartError::AccessLogThread)?;
+        metrics.register(
+            "ztunnel_waypoint_access_log_dropped_lines",
+            "Access-log lines lost because stdout could not be written",
+            access_log.writer().dropped(),
+        );
         let tracer = match &cfg.tracing {
             Some(t) => crate::spans::Tracer::otlp(t)?,
             None => crate::spans::Tracer::disabled(),

@@ -118,6 +118,11 @@ impl RouteTable {
         self.routers.values().find(|r| gateways.iter().any(|(ns, n)| r.bound_to(ns, n)) && r.serves_external(host))
     }
 
+    /// Which DestinationRule's policy applies to `host` (`None`: no rule, the defaults).
+    pub fn traffic_policy_index(&self, host: &str) -> Option<usize> {
+        self.traffic_policies.iter().position(|(h, _)| short(h) == short(host))
+    }
+
     /// The traffic policy for requests to `subset` of `host` on `port`, by Istio's override
     /// rules; the defaults when no DestinationRule covers the host.
     pub fn traffic_policy(

@@ -49,7 +49,7 @@ pub(crate) async fn relay_to<S: AsyncRead + AsyncWrite + Unpin>(
     let port = dest.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
     // The DestinationRule's policy holds for TCP too: its load balancer, outlier state and
     // `tcp.maxConnections` (over it, the connection is closed, as Envoy does).
-    let cluster = t.shared.traffic.cluster(&snap, table, &svc, port, t.vip.ip(), subset, t.local_ip);
+    let cluster = t.shared.traffic.cluster((&snap, table), &dest.host, &svc, port, t.vip.ip(), subset, t.local_ip);
     let _connection = match cluster.breaker.connection() {
         Ok(p) => p,
         Err(overflow) => return info!(host = %dest.host, %overflow, "TCP route over its connection limit"),

@@ -61,7 +61,21 @@ fn locality(w: &Workload) -> Locality {
 struct Built {
     snapshot: Weak<Snapshot>,
     routes: Weak<RouteTable>,
-    clusters: HashMap<(usize, usize, u16, bool, IpAddr), Arc<Cluster>>,
+    clusters: HashMap<BuiltKey, Arc<Cluster>>,
+}
+
+/// What a cached cluster was built for. The addresses are of objects the snapshot and
+/// route table own (and the cached cluster holds the service), so they name the same
+/// objects for as long as the cache is current.
+#[derive(Hash, PartialEq, Eq)]
+struct BuiltKey {
+    service: usize,
+    subset: usize,
+    /// Which DestinationRule gives the policy (`None`: the defaults).
+    policy: Option<usize>,
+    port: u16,
+    v4: bool,
+    me: IpAddr,
 }
 
 /// More cached clusters than this starts the cache over (the key space is the config's).
@@ -69,31 +83,40 @@ const MAX_BUILT: usize = 4096;
 
 impl Traffic {
     /// The cluster of `svc`'s endpoints on `port` (those carrying `subset`'s labels), under
-    /// the routes' traffic policy for it, in `like`'s address family, as seen from the
-    /// proxy's own address `me`.
+    /// the traffic policy the routes give `host` (the destination host as the route named
+    /// it), in `like`'s address family, as seen from the proxy's own address `me`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cluster(
         &self,
-        snap: &Arc<Snapshot>,
-        routes: &Arc<RouteTable>,
+        (snap, routes): (&Arc<Snapshot>, &Arc<RouteTable>),
+        host: &str,
         svc: &Arc<Service>,
         port: u16,
         like: IpAddr,
         subset: Option<(&str, &BTreeMap<String, String>)>,
         me: IpAddr,
     ) -> Arc<Cluster> {
-        let key =
-            (Arc::as_ptr(svc) as usize, subset.map_or(0, |(_, l)| l as *const _ as usize), port, like.is_ipv4(), me);
+        let key = BuiltKey {
+            service: Arc::as_ptr(svc) as usize,
+            subset: subset.map_or(0, |(_, l)| l as *const _ as usize),
+            policy: routes.traffic_policy_index(host),
+            port,
+            v4: like.is_ipv4(),
+            me,
+        };
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
         let current = Weak::ptr_eq(&built.snapshot, &Arc::downgrade(snap))
             && Weak::ptr_eq(&built.routes, &Arc::downgrade(routes));
-        if !current || built.clusters.len() >= MAX_BUILT {
+        if !current {
             *built = Built { snapshot: Arc::downgrade(snap), routes: Arc::downgrade(routes), clusters: HashMap::new() };
         }
         if let Some(c) = built.clusters.get(&key) {
             return c.clone();
         }
-        let policy = routes.traffic_policy(&svc.hostname, subset.map(|(n, _)| n), port);
+        if built.clusters.len() >= MAX_BUILT {
+            built.clusters.clear();
+        }
+        let policy = routes.traffic_policy(host, subset.map(|(n, _)| n), port);
         let own = snap.workload_by_ip(me);
         let c = Arc::new(self.build(snap, svc, port, like, subset, &policy, own.as_deref()));
         built.clusters.insert(key, c.clone());
@@ -194,5 +217,85 @@ impl Cluster {
                 Err(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::parse_local_config;
+
+    const SERVICE: &str = "services:\n- name: reviews\n  namespace: default\n  hostname: reviews.default.svc.cluster.local\n  vips: [\"10.96.0.30\"]\n  ports:\n    9080: 9080\n";
+
+    fn endpoint(i: u8, version: &str) -> String {
+        format!(
+            "- uid: r{i}\n  name: reviews-{i}\n  namespace: default\n  workloadIps: [\"10.0.0.{i}\"]\n  protocol: HBONE\n  services:\n    default/reviews.default.svc.cluster.local:\n      9080: 9080\n  labels: {{app: reviews, version: {version}}}\n"
+        )
+    }
+
+    fn snapshot(endpoints: &[(u8, &str)]) -> Arc<Snapshot> {
+        let mut yaml = String::from("workloads:\n");
+        for (i, v) in endpoints {
+            yaml += &endpoint(*i, v);
+        }
+        yaml += SERVICE;
+        let (cfg, errors) = parse_local_config(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        Arc::new(Snapshot::new(cfg))
+    }
+
+    fn routes(lb: &str) -> Arc<RouteTable> {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {{simple: {lb}}}\n  subsets:\n  - name: v1\n    labels: {{version: v1}}\n"
+        );
+        let docs: Vec<serde_yaml_ng::Value> =
+            serde_yaml_ng::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+        Arc::new(RouteTable::load(&docs, &RouteTable::default()))
+    }
+
+    fn cluster_of(t: &Traffic, snap: &Arc<Snapshot>, table: &Arc<RouteTable>, subset: Option<&str>) -> Arc<Cluster> {
+        let svc = snap.service_by_host("reviews", "default").expect("service");
+        let subset = subset.map(|s| (s, table.subset_labels("reviews", s).expect("subset")));
+        t.cluster(
+            (snap, table),
+            "reviews",
+            &svc,
+            9080,
+            "10.96.0.30".parse().unwrap(),
+            subset,
+            "10.0.0.99".parse().unwrap(),
+        )
+    }
+
+    fn addrs(c: &Cluster) -> Vec<SocketAddr> {
+        c.endpoints.iter().map(|(_, a)| *a).collect()
+    }
+
+    #[test]
+    fn the_same_state_and_routes_give_the_same_cluster() {
+        let (t, snap, table) = (Traffic::default(), snapshot(&[(1, "v1"), (2, "v2")]), routes("ROUND_ROBIN"));
+        let a = cluster_of(&t, &snap, &table, None);
+        assert!(Arc::ptr_eq(&a, &cluster_of(&t, &snap, &table, None)));
+        let v1 = cluster_of(&t, &snap, &table, Some("v1"));
+        assert!(!Arc::ptr_eq(&a, &v1), "a subset is a cluster of its own");
+        assert_eq!(addrs(&v1), vec!["10.0.0.1:9080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn a_new_endpoint_in_the_state_is_in_the_next_cluster() {
+        let (t, table) = (Traffic::default(), routes("ROUND_ROBIN"));
+        let before = cluster_of(&t, &snapshot(&[(1, "v1")]), &table, Some("v1"));
+        assert_eq!(addrs(&before).len(), 1);
+        let after = cluster_of(&t, &snapshot(&[(1, "v1"), (3, "v1")]), &table, Some("v1"));
+        assert_eq!(addrs(&after).len(), 2);
+    }
+
+    #[test]
+    fn a_changed_destination_rule_is_in_the_next_cluster() {
+        let (t, snap) = (Traffic::default(), snapshot(&[(1, "v1"), (2, "v2")]));
+        let rr = cluster_of(&t, &snap, &routes("ROUND_ROBIN"), None);
+        let random = cluster_of(&t, &snap, &routes("RANDOM"), None);
+        assert!(!Arc::ptr_eq(&rr, &random));
+        assert!(!Arc::ptr_eq(&rr.balancer, &random.balancer), "the balancer follows the new policy");
     }
 }

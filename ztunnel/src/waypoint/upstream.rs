@@ -5,6 +5,7 @@
 //! response is done; an HTTP/2 connection carries every request to its endpoint.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -99,7 +100,7 @@ impl Upstreams {
         local_ip: IpAddr,
         headers: ConnectHeaders,
         per_connection: Option<u32>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         if h2 {
             let mut sender = match self.idle_h2(ep.addr, per_connection) {
                 Some(s) => s,
@@ -119,7 +120,7 @@ impl Upstreams {
                     sender
                 }
             };
-            return Ok(sender.send_request(req).await?);
+            return Ok(sender.send_request(req).await?.map(|b| UpstreamBody { inner: b, park: None, ended: false }));
         }
         let (mut sender, served) = match self.idle_h1(ep.addr) {
             Some(s) => s,
@@ -136,11 +137,16 @@ impl Upstreams {
             }
         };
         let resp = sender.send_request(req).await?;
-        // Dropping the sender closes the connection after this response.
-        if !retires(per_connection, served + 1) {
-            self.park_h1(ep.addr, sender, served + 1);
-        }
-        Ok(resp)
+        // Kept for the next request once this response's body has been read; dropping the
+        // sender instead closes the connection after this response.
+        let park = (!retires(per_connection, served + 1)).then(|| Park {
+            idle: self.h1.clone(),
+            addr: ep.addr,
+            sender,
+            served: served + 1,
+        });
+        // An empty body is read by nobody: it has ended already.
+        Ok(resp.map(|inner| UpstreamBody { ended: hyper::body::Body::is_end_stream(&inner), inner, park }))
     }
 
     fn idle_h1(&self, addr: SocketAddr) -> Option<(http1::SendRequest<Full<Bytes>>, u32)> {
@@ -173,20 +179,6 @@ impl Upstreams {
             }
             None => None,
         }
-    }
-
-    /// Keeps an HTTP/1.1 connection for the next request once its response has been read.
-    fn park_h1(&self, addr: SocketAddr, mut sender: http1::SendRequest<Full<Bytes>>, served: u32) {
-        let slot = self.h1.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = slot.lock().expect("h1 clients");
-                let list = idle.entry(addr).or_default();
-                if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push((sender, served));
-                }
-            }
-        });
     }
 
     pub(super) async fn dial(
@@ -223,3 +215,85 @@ impl Upstreams {
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// An HTTP/1.1 connection to keep once its response is read.
+struct Park {
+    idle: Arc<Mutex<IdleH1>>,
+    addr: SocketAddr,
+    sender: http1::SendRequest<Full<Bytes>>,
+    served: u32,
+}
+
+impl Park {
+    /// Back into the idle list: at once when the connection is ready for the next request
+    /// (the usual case once its response has been read), else when it becomes ready.
+    fn put_back(self) {
+        let Park { idle, addr, mut sender, served } = self;
+        let keep = move |sender, idle: &Mutex<IdleH1>| {
+            let mut idle = idle.lock().expect("h1 clients");
+            let list = idle.entry(addr).or_default();
+            if list.len() < MAX_IDLE_PER_ENDPOINT {
+                list.push((sender, served));
+            }
+        };
+        if sender.is_ready() {
+            return keep(sender, &idle);
+        }
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                keep(sender, &idle);
+            }
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body; an HTTP/1.1 connection goes back to the idle list when
+    /// the body has been read to its end (not before: the connection is busy until then, and
+    /// a body dropped half-read leaves it unusable, so it is closed).
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        park: Option<Park>,
+        ended: bool,
+    }
+
+    impl PinnedDrop for UpstreamBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.ended {
+                if let Some(p) = this.park.take() {
+                    p.put_back();
+                }
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => *this.ended = true,
+            std::task::Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => *this.ended = true,
+            std::task::Poll::Ready(Some(Err(_))) => *this.park = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}

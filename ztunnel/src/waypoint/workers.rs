@@ -47,12 +47,15 @@ impl Drop for Worker {
 struct ExitGuard {
     thread: usize,
     stopped: bool,
+    /// Written out before the process ends.
+    log: Arc<super::log_writer::LineWriter>,
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         if !self.stopped {
             error!(thread = self.thread, "waypoint serving thread ended unexpectedly; exiting");
+            self.log.flush();
             std::process::exit(70);
         }
     }
@@ -84,7 +87,7 @@ pub(crate) async fn start(
                 Ok(rt) => rt,
                 Err(e) => return drop(ready_tx.send(Err(e))),
             };
-            let mut guard = ExitGuard { thread: i, stopped: false };
+            let mut guard = ExitGuard { thread: i, stopped: false, log: shared.access_log.writer() };
             rt.block_on(async move {
                 let listener = match TcpListener::from_std(own) {
                     Ok(l) => l,
