@@ -197,7 +197,8 @@ impl LogFormat {
     }
 }
 
-fn dash(s: &str) -> &str {
+/// `-` for an empty value, as Envoy writes it.
+pub(super) fn dash(s: &str) -> &str {
     if s.is_empty() {
         "-"
     } else {

@@ -19,8 +19,9 @@
 //!   Envoy does not fail a request for want of a new connection: it waits (a pending request)
 //!   for one to free up, so a caller refused [`Breaker::connection`] queues behind
 //!   [`Breaker::pending`] or reuses a connection.
-//! - [`Breaker::retire`]`(served)`: whether a connection that has carried `served` requests
-//!   must be closed (`http.maxRequestsPerConnection`; 1 disables keep-alive).
+//! - [`retires`]`(max, served)`: whether an upstream connection that has carried `served`
+//!   requests must be closed under [`Breaker::max_requests_per_connection`]
+//!   (`http.maxRequestsPerConnection`; 1 disables keep-alive).
 //! - [`Breaker::usage`]: counts and overflows, for metrics.
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -182,12 +183,6 @@ impl Breaker {
         self.acquire(Resource::Retries)
     }
 
-    /// Whether a connection that has carried `served` requests must now be closed
-    /// (`http.maxRequestsPerConnection`).
-    pub fn retire(&self, served: u32) -> bool {
-        retires(self.max_requests_per_connection, served)
-    }
-
     /// `http.maxRequestsPerConnection`, for the upstream connections of this cluster.
     pub fn max_requests_per_connection(&self) -> Option<u32> {
         self.max_requests_per_connection
@@ -295,9 +290,9 @@ mod tests {
     #[test]
     fn connection_retires_after_max_requests_per_connection() {
         let b = limits(|l| l.max_requests_per_connection = Some(2));
-        assert!(!b.retire(1));
-        assert!(b.retire(2));
-        assert!(!limits(|_| {}).retire(u32::MAX), "unlimited by default");
+        assert!(!retires(b.max_requests_per_connection(), 1));
+        assert!(retires(b.max_requests_per_connection(), 2));
+        assert!(!retires(limits(|_| {}).max_requests_per_connection(), u32::MAX), "unlimited by default");
     }
 
     #[test]

@@ -238,11 +238,12 @@ impl Core {
         tasks.push(tokio::spawn(routes.clone().follow_services(state.clone())));
         let access_log =
             Arc::new(access_log::AccessLogger::new(cfg.access_log_format.as_deref(), cfg.access_log_json)?);
-        log_writer::LineWriter::flush_periodically(&access_log.writer()).map_err(StartError::AccessLogThread)?;
+        let writer = access_log.writer();
+        log_writer::LineWriter::flush_periodically(&writer).map_err(StartError::AccessLogThread)?;
         metrics.register(
             "ztunnel_waypoint_access_log_dropped_lines",
             "Access-log lines lost because stdout could not be written",
-            access_log.writer().dropped(),
+            writer.dropped(),
         );
         let tracer = match &cfg.tracing {
             Some(t) => crate::spans::Tracer::otlp(t)?,

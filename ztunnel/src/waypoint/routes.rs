@@ -120,7 +120,13 @@ impl RouteTable {
 
     /// Which DestinationRule's policy applies to `host` (`None`: no rule, the defaults).
     pub fn traffic_policy_index(&self, host: &str) -> Option<usize> {
-        self.traffic_policies.iter().position(|(h, _)| short(h) == short(host))
+        self.destination_rule(host).map(|(i, _)| i)
+    }
+
+    /// The DestinationRule policy for `host` (a short name or FQDN), with its position.
+    fn destination_rule(&self, host: &str) -> Option<(usize, &crate::routing::traffic_policy::DrPolicy)> {
+        let (i, (_, p)) = self.traffic_policies.iter().enumerate().find(|(_, (h, _))| short(h) == short(host))?;
+        Some((i, p))
     }
 
     /// The traffic policy for requests to `subset` of `host` on `port`, by Istio's override
@@ -131,11 +137,7 @@ impl RouteTable {
         subset: Option<&str>,
         port: u16,
     ) -> crate::routing::traffic_policy::EffectivePolicy {
-        self.traffic_policies
-            .iter()
-            .find(|(h, _)| short(h) == short(host))
-            .map(|(_, p)| p.effective(subset, port))
-            .unwrap_or_default()
+        self.destination_rule(host).map(|(_, p)| p.effective(subset, port)).unwrap_or_default()
     }
 
     /// The labels of `subset` of `host` (a short name or FQDN of the same service).

@@ -18,7 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use std::sync::{Arc, Mutex};
 
-use super::access_log::{AccessLogger, Record};
+use super::access_log::{dash, AccessLogger, Record};
 use crate::metrics::{ConnectionLabels, Metrics, Reporter};
 use crate::proxy::relay::workload_labels;
 use crate::spans::Span;
@@ -155,14 +155,6 @@ impl GrpcStatus {
             GrpcStatus::Code(c) => c.to_string(),
             GrpcStatus::Other => "other".into(),
         }
-    }
-}
-
-fn dash(s: &str) -> String {
-    if s.is_empty() {
-        "-".into()
-    } else {
-        s.to_string()
     }
 }
 
@@ -325,7 +317,7 @@ impl Recorder {
             let code = self.log.response_code;
             let attrs = vec![
                 KeyValue::new("http.response.status_code", code as i64),
-                KeyValue::new("istio.response_flags", dash(&self.log.response_flags)),
+                KeyValue::new("istio.response_flags", dash(&self.log.response_flags).to_string()),
                 KeyValue::new("upstream.address", self.log.upstream_host.clone()),
                 KeyValue::new("upstream.cluster", self.log.upstream_cluster.clone()),
                 KeyValue::new("http.request.body.size", self.request_bytes as i64),
