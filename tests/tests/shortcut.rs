@@ -373,3 +373,69 @@ fn the_apps_own_loopback_connections_are_not_paired() {
     assert!(m.count(0, "paired") > before, "{}", m.shortcut(0, None));
     m.wait_untracked();
 }
+
+/// The byte at offset `i` of the stream `a_destination_that_stops_reading_...` sends.
+fn stream_byte(i: usize) -> u8 {
+    (i as u8).wrapping_mul(31) ^ (i >> 16) as u8
+}
+
+/// The kernel charges redirected bytes to no receive buffer: without the queue limit, a
+/// destination app that stops reading let its client queue without end (1.5 GB here, then
+/// the connection broke as the node's TCP memory ran out). With it, the client is pushed
+/// back as over TCP, and every byte still arrives, in order, once the app reads again.
+#[test]
+fn a_destination_that_stops_reading_pushes_its_client_back_and_loses_nothing() {
+    let m = mesh(1024);
+    let listener = m.server.run(|| TcpListener::bind(("::", 9002))).unwrap();
+    let (held_tx, held) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        if let Ok((s, _)) = listener.accept() {
+            let _ = held_tx.send(s);
+        }
+    });
+    let dst = SocketAddr::new(m.server.ip4().into(), 9002);
+    let mut s = m.client.run(move || TcpStream::connect_timeout(&dst, WAIT)).unwrap();
+    s.set_nonblocking(true).unwrap();
+    // Write until the socket takes nothing more for 2 s (or far past any sane bound).
+    const CAP: usize = 1 << 30;
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut total = 0usize;
+    let mut last_progress = Instant::now();
+    while total < CAP && last_progress.elapsed() < Duration::from_secs(2) {
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = stream_byte(total + j);
+        }
+        match s.write(&chunk) {
+            Ok(n) => {
+                total += n;
+                last_progress = Instant::now();
+                // Partial write: the next chunk restarts at the new offset.
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("write failed after {total} bytes: {e}"),
+        }
+    }
+    let behind = m.count(0, "queueLimit") + m.count(1, "queueLimit");
+    eprintln!("an app that reads nothing held {} KiB", total >> 10);
+    assert!(total < 128 << 20, "the client queued {} MiB at an app that reads nothing", total >> 20);
+    assert!(behind > 0, "no send was held back: {} / {}", m.shortcut(0, None), m.shortcut(1, None));
+    // The app reads again: every byte arrives, in order.
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut app = held.recv_timeout(WAIT).expect("the app never got the connection");
+    app.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    loop {
+        match read_polled(&mut app, &mut buf).unwrap() {
+            0 => break,
+            n => {
+                let bad = (0..n).find(|&j| buf[j] != stream_byte(got + j));
+                assert!(bad.is_none(), "byte {} arrived wrong", got + bad.unwrap());
+                got += n;
+            }
+        }
+    }
+    assert_eq!(got, total, "the app got {got} of the {total} bytes sent");
+    drop((s, app));
+    m.wait_untracked();
+}

@@ -157,6 +157,15 @@ pub const SHORTCUT_READY: u32 = 1;
 /// other on two paths.
 pub const SHORTCUT_PLAIN: u32 = 2;
 
+/// The most bytes one tracked socket may redirect into its peer, over the connection's life.
+/// The kernel charges redirected bytes to no receive buffer and lets no BPF program see
+/// what the peer has read (a read counter needs fexit, which kernels locked down refuse), so
+/// a reader that stops (an app that never reads, or the proxy held back by a slow upstream)
+/// would otherwise let its peer queue without end. Past this a socket sends through TCP,
+/// whose windows push back. 4 MiB: the default `tcp_wmem` maximum, what one stalled TCP
+/// sender can hold anyway.
+pub const SHORTCUT_QUEUE_LIMIT: u64 = 4 << 20;
+
 /// What the sockmap shortcut did, counted per CPU in `SHORTCUT_EVENTS`. Every reason to
 /// leave a socket on the normal path has its own slot.
 #[repr(u32)]
@@ -179,10 +188,13 @@ pub enum ShortcutEvent {
     Untracked = 6,
     /// A tracked socket reached `TCP_CLOSE` and its state was removed.
     Closed = 7,
+    /// A send would have taken the bytes redirected into the peer past
+    /// `SHORTCUT_QUEUE_LIMIT`: normal path from then on, where TCP pushes back.
+    QueueLimit = 8,
 }
 
 /// Number of slots in `SHORTCUT_EVENTS`.
-pub const SHORTCUT_EVENT_SLOTS: u32 = 8;
+pub const SHORTCUT_EVENT_SLOTS: u32 = 9;
 
 /// Converts an IPv4 address (network order octets) into the mapped 16-byte form.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {

@@ -10,7 +10,12 @@
 //! that socket keeps doing so (`SHORTCUT_PLAIN`), so its bytes never take two paths at once
 //! and cannot be reordered. Entries leave `SHORTCUT` when the socket closes (the kernel does
 //! that) and `SHORTCUT_STATE` on the socket's move to `TCP_CLOSE` (its state callback).
-use core::ptr::read_volatile;
+//!
+//! Never an unbounded queue: the kernel charges redirected bytes to no receive buffer and
+//! shows a BPF program nothing of what the peer has read, so `SHORTCUT_QUEUE` counts the
+//! bytes redirected into each socket, and a send that would take that past
+//! `SHORTCUT_QUEUE_LIMIT` goes through TCP from then on, where the windows push back.
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
@@ -23,7 +28,8 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use ztunnel_common::{
-    v4_mapped, DialKey, ShortcutEvent, ShortcutKey, OUTBOUND_PORT, SHORTCUT_EVENT_SLOTS, SHORTCUT_PLAIN, SHORTCUT_READY,
+    v4_mapped, DialKey, ShortcutEvent, ShortcutKey, OUTBOUND_PORT, SHORTCUT_EVENT_SLOTS, SHORTCUT_PLAIN,
+    SHORTCUT_QUEUE_LIMIT, SHORTCUT_READY,
 };
 
 use crate::programs::{diag, is_loopback, words_to_bytes, AF_INET, AF_INET6, ENROLLED, PROXY_DIALS, SK_PASS};
@@ -35,6 +41,10 @@ static SHORTCUT: SockHash<ShortcutKey> = SockHash::with_max_entries(65536, 0);
 /// Per tracked socket: `SHORTCUT_READY` or `SHORTCUT_PLAIN`. Not preallocated (flag 1).
 #[map(name = "SHORTCUT_STATE")]
 static SHORTCUT_STATE: HashMap<ShortcutKey, u32> = HashMap::with_max_entries(65536, 1);
+
+/// Per tracked socket: the bytes its peer has redirected into it. Not preallocated.
+#[map(name = "SHORTCUT_QUEUE")]
+static SHORTCUT_QUEUE: HashMap<ShortcutKey, u64> = HashMap::with_max_entries(65536, 1);
 
 /// Slot 0: 1 while the shortcut may redirect, 0 = kill switch (flipped at run time).
 #[map(name = "SHORTCUT_SWITCH")]
@@ -144,8 +154,11 @@ pub fn shortcut_pair(ctx: SockOpsContext) -> u32 {
     };
     if op == BPF_SOCK_OPS_STATE_CB {
         // Only tracked sockets asked for this callback; the kernel drops them from SHORTCUT.
-        if arg1 == BPF_TCP_CLOSE && SHORTCUT_STATE.remove(&key).is_ok() {
-            event(ShortcutEvent::Closed);
+        if arg1 == BPF_TCP_CLOSE {
+            let _ = SHORTCUT_QUEUE.remove(&key);
+            if SHORTCUT_STATE.remove(&key).is_ok() {
+                event(ShortcutEvent::Closed);
+            }
         }
         return 1;
     }
@@ -157,13 +170,20 @@ pub fn shortcut_pair(ctx: SockOpsContext) -> u32 {
         event(ShortcutEvent::MapFull);
         return 1;
     }
-    // State before the map, so `shortcut_redirect` never runs for a socket without it.
+    // Queue accounting, then state, then the map, so `shortcut_redirect` never runs for a
+    // socket without them (a peer found without its queue entry is treated as not ready).
+    if SHORTCUT_QUEUE.insert(&key, &0, BPF_ANY as u64).is_err() {
+        event(ShortcutEvent::MapFull);
+        return 1;
+    }
     if SHORTCUT_STATE.insert(&key, &SHORTCUT_READY, BPF_ANY as u64).is_err() {
+        let _ = SHORTCUT_QUEUE.remove(&key);
         event(ShortcutEvent::MapFull);
         return 1;
     }
     if SHORTCUT.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64).is_err() {
         let _ = SHORTCUT_STATE.remove(&key);
+        let _ = SHORTCUT_QUEUE.remove(&key);
         event(ShortcutEvent::MapFull);
         return 1;
     }
@@ -227,6 +247,18 @@ pub fn shortcut_redirect(ctx: SkMsgContext) -> u32 {
     if unsafe { SHORTCUT_STATE.get(&peer) }.is_none() {
         return stay_plain(&ctx, &own, ShortcutEvent::PeerNotReady);
     }
+    // A peer paired by an agent without the queue map has no entry: not ready, so TCP.
+    let Some(queue) = SHORTCUT_QUEUE.get_ptr_mut(&peer) else {
+        return stay_plain(&ctx, &own, ShortcutEvent::PeerNotReady);
+    };
+    let size = unsafe { read_volatile(&(*md).size) } as u64;
+    // Counted before the redirect. No atomic add is needed: only this socket redirects into
+    // its peer, and its sends hold its socket lock.
+    let redirected = unsafe { read_volatile(queue) };
+    if redirected + size > SHORTCUT_QUEUE_LIMIT {
+        return stay_plain(&ctx, &own, ShortcutEvent::QueueLimit);
+    }
+    unsafe { write_volatile(queue, redirected + size) };
     if SHORTCUT.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) as u32 != SK_PASS {
         // Not redirected (the peer left the map): this send takes TCP instead of being lost.
         return stay_plain(&ctx, &own, ShortcutEvent::RedirectFailed);

@@ -32,11 +32,12 @@ pub use shortcut::{ShortcutEvents, ShortcutReport};
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
 
-const MAP_NAMES: [&str; 18] = [
+const MAP_NAMES: [&str; 19] = [
     "AYA_LOGS",
     "DIAG",
     "SHORTCUT",
     "SHORTCUT_STATE",
+    "SHORTCUT_QUEUE",
     "SHORTCUT_SWITCH",
     "SHORTCUT_EVENTS",
     "FAULTS",
@@ -461,6 +462,7 @@ impl Capture {
 /// use, sized from `cfg`), with `steer_inbound`'s netns cookie set to `pod_netns_cookie`.
 fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
     let (pin_dir, max_pods) = (&cfg.pin_dir, cfg.max_pods);
+    unpin_outgrown(pin_dir);
     let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pin_dir.join("maps").join(n))).collect();
     let mut loader = aya::EbpfLoader::new();
     // Drops the kernel BTF that `new` parsed before the object is loaded.
@@ -471,7 +473,7 @@ fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, Captu
     for per_pod in ["ENROLLED", "INBOUND_LISTENERS"] {
         loader.map_max_entries(per_pod, max_pods.max(1));
     }
-    for per_socket in ["SHORTCUT", "SHORTCUT_STATE"] {
+    for per_socket in ["SHORTCUT", "SHORTCUT_STATE", "SHORTCUT_QUEUE"] {
         loader.map_max_entries(per_socket, cfg.shortcut_max_sockets.max(1));
     }
     // The programs need no CO-RE relocations; without this aya keeps the parsed kernel BTF.
@@ -480,6 +482,24 @@ fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, Captu
     drop(loader);
     release_freed_memory();
     Ok(ebpf?)
+}
+
+/// Counter maps indexed by an enum that gained variants since an earlier agent pinned them,
+/// with the size this object needs.
+const GROWN_MAPS: [(&str, u32); 1] = [("SHORTCUT_EVENTS", ztunnel_common::SHORTCUT_EVENT_SLOTS)];
+
+/// Unpins a map of `GROWN_MAPS` pinned smaller by an earlier agent, so the load makes it
+/// anew at its full size (its counts start over; a program of the old agent that still
+/// holds it keeps it until replaced). Reused as it was, the new slots would not exist and
+/// their counts would be lost silently.
+fn unpin_outgrown(pin_dir: &Path) {
+    for (name, entries) in GROWN_MAPS {
+        let path = pin_dir.join("maps").join(name);
+        let info = aya::maps::MapInfo::from_pin(&path).ok();
+        if info.is_some_and(|i| i.max_entries() < entries) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// `EbpfLoader::new` parses the kernel's BTF (tens of MB, freed right after); glibc keeps

@@ -70,11 +70,17 @@ fn shortcut_map_fd(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, CaptureError> {
 
 /// Forgets every tracked socket: each then stays on the normal path until it closes.
 fn clear_state(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    let mut state: HashMap<&mut MapData, ShortcutKey, u32> =
-        HashMap::try_from(ebpf.map_mut("SHORTCUT_STATE").expect("map")).map_err(map_err("SHORTCUT_STATE"))?;
-    let keys: Vec<ShortcutKey> = state.keys().flatten().collect();
+    clear::<ShortcutKey, u32>(ebpf, "SHORTCUT_STATE")?;
+    clear::<ShortcutKey, u64>(ebpf, "SHORTCUT_QUEUE")
+}
+
+/// Removes every entry of the hash map `name`.
+fn clear<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
+    let mut map: HashMap<&mut MapData, K, V> =
+        HashMap::try_from(ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
+    let keys: Vec<K> = map.keys().flatten().collect();
     for k in keys {
-        let _ = state.remove(&k);
+        let _ = map.remove(&k);
     }
     Ok(())
 }
@@ -113,11 +119,14 @@ pub struct ShortcutEvents {
     pub untracked: u64,
     /// Tracked sockets that closed and left the maps.
     pub closed: u64,
+    /// Sends that would have taken the bytes redirected into the peer past the limit
+    /// (normal path from then on).
+    pub queue_limit: u64,
 }
 
 impl ShortcutEvents {
     /// Each counter with the `event` label the metrics give it.
-    pub fn labelled(&self) -> [(&'static str, u64); 8] {
+    pub fn labelled(&self) -> [(&'static str, u64); 9] {
         [
             ("paired", self.paired),
             ("redirected", self.redirected),
@@ -127,6 +136,7 @@ impl ShortcutEvents {
             ("redirect_failed", self.redirect_failed),
             ("untracked", self.untracked),
             ("closed", self.closed),
+            ("queue_limit", self.queue_limit),
         ]
     }
 }
@@ -162,6 +172,7 @@ pub(super) fn events(ebpf: &Ebpf) -> Result<ShortcutEvents, CaptureError> {
         redirect_failed: get(ShortcutEvent::RedirectFailed)?,
         untracked: get(ShortcutEvent::Untracked)?,
         closed: get(ShortcutEvent::Closed)?,
+        queue_limit: get(ShortcutEvent::QueueLimit)?,
     })
 }
 
