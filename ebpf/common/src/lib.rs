@@ -191,10 +191,14 @@ pub enum ShortcutEvent {
     /// A send would have taken the bytes redirected into the peer past
     /// `SHORTCUT_QUEUE_LIMIT`: normal path from then on, where TCP pushes back.
     QueueLimit = 8,
+    /// A tracked socket put data on TCP without its `sk_msg` program seeing the send (one
+    /// begun before the socket was paired: a TCP Fast Open connect's first write): normal
+    /// path from then on, so later sends cannot overtake those bytes.
+    TcpData = 9,
 }
 
 /// Number of slots in `SHORTCUT_EVENTS`.
-pub const SHORTCUT_EVENT_SLOTS: u32 = 9;
+pub const SHORTCUT_EVENT_SLOTS: u32 = 10;
 
 /// Converts an IPv4 address (network order octets) into the mapped 16-byte form.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {

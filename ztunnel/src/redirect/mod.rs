@@ -87,6 +87,11 @@ pub enum CaptureError {
     BadUid(String),
     #[error("the sockmap shortcut is not installed (start the agent with --sockmap-shortcut)")]
     ShortcutNotInstalled,
+    #[error(
+        "map {name} pinned at {path} by an incompatible agent ({found}; this one needs {expected}): \
+         uninstall capture first (`ztunnel node --uninstall`), or remove the pin"
+    )]
+    IncompatiblePin { name: &'static str, path: PathBuf, found: String, expected: String },
 }
 
 /// One pinned link of the capture programs, for `/config_dump` (`ztunnel ctl ebpf`): what
@@ -462,7 +467,7 @@ impl Capture {
 /// use, sized from `cfg`), with `steer_inbound`'s netns cookie set to `pod_netns_cookie`.
 fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
     let (pin_dir, max_pods) = (&cfg.pin_dir, cfg.max_pods);
-    unpin_outgrown(pin_dir);
+    check_pinned_maps(pin_dir)?;
     let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pin_dir.join("maps").join(n))).collect();
     let mut loader = aya::EbpfLoader::new();
     // Drops the kernel BTF that `new` parsed before the object is loaded.
@@ -484,22 +489,52 @@ fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, Captu
     Ok(ebpf?)
 }
 
-/// Counter maps indexed by an enum that gained variants since an earlier agent pinned them,
-/// with the size this object needs.
-const GROWN_MAPS: [(&str, u32); 1] = [("SHORTCUT_EVENTS", ztunnel_common::SHORTCUT_EVENT_SLOTS)];
+/// Maps that only hold counters: pinned by an earlier agent with another layout, they are
+/// made anew (their counts start over) instead of refusing the start.
+const RESETTABLE_MAPS: [&str; 2] = ["SHORTCUT_EVENTS", "COUNTERS"];
 
-/// Unpins a map of `GROWN_MAPS` pinned smaller by an earlier agent, so the load makes it
-/// anew at its full size (its counts start over; a program of the old agent that still
-/// holds it keeps it until replaced). Reused as it was, the new slots would not exist and
-/// their counts would be lost silently.
-fn unpin_outgrown(pin_dir: &Path) {
-    for (name, entries) in GROWN_MAPS {
+/// Key size, value size and entries of each map as this object defines it.
+fn map_layouts() -> &'static std::collections::HashMap<String, (u32, u32, u32)> {
+    static LAYOUTS: std::sync::OnceLock<std::collections::HashMap<String, (u32, u32, u32)>> =
+        std::sync::OnceLock::new();
+    LAYOUTS.get_or_init(|| {
+        // The object is embedded at build time and loads below; a parse failure here would
+        // fail that load too, so an empty table only defers the error to it.
+        aya_obj::Object::parse(EBPF_OBJECT)
+            .map(|o| o.maps.iter().map(|(n, m)| (n.clone(), (m.key_size(), m.value_size(), m.max_entries()))).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// Checks each map an earlier agent pinned under `pin_dir` against this object's layout
+/// before the load reuses it: aya takes a pin as it finds it, and new programs reading an
+/// old layout would misread live state (enrolled pods, original destinations, tracked
+/// sockets). A counter map that differs (`RESETTABLE_MAPS`, e.g. one that gained a slot) is
+/// unpinned and made anew; any other refuses the start, naming the map, so an incompatible
+/// upgrade fails loudly instead of capturing wrongly.
+fn check_pinned_maps(pin_dir: &Path) -> Result<(), CaptureError> {
+    for name in MAP_NAMES {
         let path = pin_dir.join("maps").join(name);
-        let info = aya::maps::MapInfo::from_pin(&path).ok();
-        if info.is_some_and(|i| i.max_entries() < entries) {
-            let _ = std::fs::remove_file(&path);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else { continue };
+        let Some(&(key, value, entries)) = map_layouts().get(name) else { continue };
+        let (found_key, found_value) = (info.key_size(), info.value_size());
+        let resettable = RESETTABLE_MAPS.contains(&name);
+        if (found_key, found_value) == (key, value) && !(resettable && info.max_entries() < entries) {
+            continue;
         }
+        if resettable {
+            std::fs::remove_file(&path).map_err(io_err("unpinning outgrown", &path))?;
+            tracing::info!(map = name, "counter map pinned by an earlier agent has another layout; made anew");
+            continue;
+        }
+        return Err(CaptureError::IncompatiblePin {
+            name,
+            path,
+            found: format!("key {found_key} B, value {found_value} B"),
+            expected: format!("key {key} B, value {value} B"),
+        });
     }
+    Ok(())
 }
 
 /// `EbpfLoader::new` parses the kernel's BTF (tens of MB, freed right after); glibc keeps

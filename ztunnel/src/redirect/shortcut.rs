@@ -122,11 +122,14 @@ pub struct ShortcutEvents {
     /// Sends that would have taken the bytes redirected into the peer past the limit
     /// (normal path from then on).
     pub queue_limit: u64,
+    /// Tracked sockets that put data on TCP without the `sk_msg` program (a send begun before
+    /// pairing, e.g. TCP Fast Open): normal path from then on.
+    pub tcp_data: u64,
 }
 
 impl ShortcutEvents {
     /// Each counter with the `event` label the metrics give it.
-    pub fn labelled(&self) -> [(&'static str, u64); 9] {
+    pub fn labelled(&self) -> [(&'static str, u64); 10] {
         [
             ("paired", self.paired),
             ("redirected", self.redirected),
@@ -137,6 +140,7 @@ impl ShortcutEvents {
             ("untracked", self.untracked),
             ("closed", self.closed),
             ("queue_limit", self.queue_limit),
+            ("tcp_data", self.tcp_data),
         ]
     }
 }
@@ -173,6 +177,7 @@ pub(super) fn events(ebpf: &Ebpf) -> Result<ShortcutEvents, CaptureError> {
         untracked: get(ShortcutEvent::Untracked)?,
         closed: get(ShortcutEvent::Closed)?,
         queue_limit: get(ShortcutEvent::QueueLimit)?,
+        tcp_data: get(ShortcutEvent::TcpData)?,
     })
 }
 
