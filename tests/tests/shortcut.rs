@@ -440,76 +440,105 @@ fn a_destination_that_stops_reading_pushes_its_client_back_and_loses_nothing() {
     m.wait_untracked();
 }
 
-/// An app that opens its connection with TCP Fast Open (`TCP_FASTOPEN_CONNECT`) has its
-/// first write sent by TCP once the connection is up, after the socket was paired and
-/// without the `sk_msg` program seeing it. A later send must not overtake those bytes: the
-/// socket turns PLAIN when that data leaves (`tcpData`). Whether a redirect would actually
-/// overtake depends on how far the proxy's reads lag, so the counter shows the guard acted;
-/// the bytes must come back in order either way.
-#[test]
-fn a_fast_open_client_gets_its_bytes_back_in_order() {
-    let m = mesh(1024);
-    let dst = m.dst();
-    let s = m
-        .client
-        .run(move || -> std::io::Result<TcpStream> {
-            use std::os::fd::{AsRawFd, FromRawFd};
-            // SAFETY: a fresh socket we own, options with correctly sized values.
-            unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let s = TcpStream::from_raw_fd(fd);
-                let on: libc::c_int = 1;
-                let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                if libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT, (&on as *const i32).cast(), len)
-                    != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let SocketAddr::V4(v4) = dst else { unreachable!() };
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
-                    sin_zero: [0; 8],
-                };
-                let slen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                if libc::connect(s.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), slen) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(s)
+/// A connect from 127.0.0.6 (the inbound proxy's address) inside the pod, with TCP Fast Open
+/// on and `data` in the SYN when the kernel has a cookie; returns the connected socket.
+fn fast_open_connect(pod: &Pod, port: u16, data: &'static [u8]) -> TcpStream {
+    pod.run(move || -> std::io::Result<TcpStream> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: a fresh socket we own; options and addresses with correctly sized values.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-        })
-        .expect("fast-open connect");
-    // The echo is read from the start. The first write (8 MiB, more than the path's buffers
-    // hold) goes out once the handshake is done, unseen by sk_msg; the rest right after it,
-    // while the proxy may still be reading the first.
-    let data = payload(16 * 1024 * 1024, 99);
-    let mut r = s.try_clone().unwrap();
-    let reader = thread::spawn(move || {
-        let mut back = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match read_polled(&mut r, &mut buf).unwrap() {
-                0 => break,
-                n => back.extend_from_slice(&buf[..n]),
+            let s = TcpStream::from_raw_fd(fd);
+            let on: libc::c_int = 1;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT, (&on as *const i32).cast(), len) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
+            let sin = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip) },
+                sin_zero: [0; 8],
+            };
+            let slen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let src = sin([127, 0, 0, 6], 0);
+            if libc::bind(fd, (&src as *const libc::sockaddr_in).cast(), slen) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let dst = sin([127, 0, 0, 1], port);
+            if libc::connect(s.as_raw_fd(), (&dst as *const libc::sockaddr_in).cast(), slen) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // With TCP_FASTOPEN_CONNECT the connect is deferred: this write sends the SYN.
+            let mut w = &s;
+            w.write_all(data)?;
+            Ok(s)
         }
-        back
-    });
-    let mut w = s;
-    w.write_all(&data[..8 * 1024 * 1024]).unwrap();
-    for chunk in data[8 * 1024 * 1024..].chunks(64 * 1024) {
-        w.write_all(chunk).unwrap();
+    })
+    .expect("fast-open connect")
+}
+
+/// Bytes a proxy sends in its SYN (TCP Fast Open) reach the app by TCP before the socket can
+/// be tracked; if it were paired then, its next send would be redirected and read first (the
+/// redirected queue is drained before TCP's). Such a socket stays on TCP (`tcpData`), and
+/// the app reads the bytes in the order they were sent.
+#[test]
+fn a_proxy_socket_that_sent_data_in_its_syn_is_not_paired_and_keeps_its_order() {
+    let m = mesh(1024);
+    let listener = m
+        .server
+        .run(|| -> std::io::Result<TcpListener> {
+            std::fs::write("/proc/sys/net/ipv4/tcp_fastopen", "3")?;
+            let l = TcpListener::bind(("127.0.0.1", 9010))?;
+            use std::os::fd::AsRawFd;
+            let qlen: libc::c_int = 16;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: setsockopt on a listener we own, with a correctly sized value.
+            if unsafe {
+                libc::setsockopt(
+                    l.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_FASTOPEN,
+                    (&qlen as *const i32).cast(),
+                    len,
+                )
+            } != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(l)
+        })
+        .expect("fast-open listener in the server pod");
+    // The first connection fetches the cookie (its SYN carries none of the data).
+    drop(fast_open_connect(&m.server, 9010, b"cookie"));
+    let (mut first, _) = listener.accept().unwrap();
+    let mut sink = Vec::new();
+    first.read_to_end(&mut sink).unwrap();
+    drop(first);
+    let before = m.count(1, "tcpData");
+    // The second sends "first-" in its SYN, then "second" once the handshake is done; the
+    // app reads only after both were sent.
+    let mut s = fast_open_connect(&m.server, 9010, b"first-");
+    thread::sleep(Duration::from_millis(100));
+    s.write_all(b"second").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let (mut app, _) = listener.accept().unwrap();
+    app.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        match read_polled(&mut app, &mut buf).unwrap() {
+            0 => break,
+            n => got.extend_from_slice(&buf[..n]),
+        }
     }
-    w.shutdown(Shutdown::Write).unwrap();
-    let back = reader.join().unwrap();
-    assert_eq!(back.len(), data.len());
-    let first_bad = back.iter().zip(&data).position(|(a, b)| a != b);
-    assert!(first_bad.is_none(), "bytes came back out of order from offset {}", first_bad.unwrap());
-    // The case happened: the first write left on TCP from a paired socket.
-    assert!(m.count(0, "tcpData") > 0, "{}", m.shortcut(0, None));
+    assert_eq!(String::from_utf8_lossy(&got), "first-second", "the app read the proxy's bytes out of order");
+    assert!(m.count(1, "tcpData") > before, "the SYN's data was not seen: {}", m.shortcut(1, None));
+    drop((s, app));
     m.wait_untracked();
 }

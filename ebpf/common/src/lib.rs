@@ -191,9 +191,8 @@ pub enum ShortcutEvent {
     /// A send would have taken the bytes redirected into the peer past
     /// `SHORTCUT_QUEUE_LIMIT`: normal path from then on, where TCP pushes back.
     QueueLimit = 8,
-    /// A tracked socket put data on TCP without its `sk_msg` program seeing the send (one
-    /// begun before the socket was paired: a TCP Fast Open connect's first write): normal
-    /// path from then on, so later sends cannot overtake those bytes.
+    /// A socket whose SYN carried data (TCP Fast Open) was not paired: those bytes went by
+    /// TCP before it could be tracked, and later sends must not overtake them.
     TcpData = 9,
 }
 

@@ -8,10 +8,8 @@
 //! Never a drop: a socket that cannot be tracked stays on the normal path; a send whose
 //! peer is missing, refused, or sent while the kill switch is off goes through TCP, and
 //! that socket keeps doing so (`SHORTCUT_PLAIN`), so its bytes never take two paths at once
-//! and cannot be reordered. A send the program never saw (begun before the socket was
-//! paired, as a TCP Fast Open connect's first write is) is caught when its data leaves on
-//! TCP (the header-option callback sees every outgoing packet of a tracked socket), and the
-//! socket turns PLAIN before those bytes can be overtaken. Entries leave `SHORTCUT` when the
+//! and cannot be reordered. A socket whose SYN carried data (TCP Fast Open) is never paired:
+//! those bytes went by TCP before it could be tracked. Entries leave `SHORTCUT` when the
 //! socket closes (the kernel does
 //! that) and `SHORTCUT_STATE` on the socket's move to `TCP_CLOSE` (its state callback).
 //!
@@ -24,8 +22,7 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, sk_msg_md, BPF_ANY, BPF_EXIST, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::generated::bpf_get_netns_cookie,
     macros::{map, sk_msg, sock_ops},
@@ -150,33 +147,13 @@ pub fn shortcut_pair(ctx: SockOpsContext) -> u32 {
         )
     };
     let active = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
-    if !active
-        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_STATE_CB
-        && op != BPF_SOCK_OPS_HDR_OPT_LEN_CB
-    {
+    if !active && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
         return 1;
     }
     let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
     let Some(mut key) = key_of(netns, family, l4, [l6a, l6b, l6c, l6d], r4, [r6a, r6b, r6c, r6d], lport, rport) else {
         return 1;
     };
-    if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
-        // An outgoing packet of a tracked socket (only those asked for this callback).
-        let len = unsafe { read_volatile(&(*ops).skb_len) };
-        if let Some(state) = SHORTCUT_STATE.get_ptr_mut(&key) {
-            if unsafe { read_volatile(state) } == SHORTCUT_READY {
-                if len == 0 {
-                    return 1;
-                }
-                unsafe { write_volatile(state, SHORTCUT_PLAIN) };
-                event(ShortcutEvent::TcpData);
-            }
-        }
-        // PLAIN for good (or forgotten): no need to see its packets any more.
-        let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
-        return 1;
-    }
     if op == BPF_SOCK_OPS_STATE_CB {
         // Only tracked sockets asked for this callback; the kernel drops them from SHORTCUT.
         if arg1 == BPF_TCP_CLOSE {
@@ -200,8 +177,7 @@ pub fn shortcut_pair(ctx: SockOpsContext) -> u32 {
         }
     }
     // The close callback first: a socket tracked without it would leave its state behind.
-    // The header-option callback sees each packet it sends on TCP (see the module doc).
-    if ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32).is_err() {
+    if ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_err() {
         event(ShortcutEvent::MapFull);
         return 1;
     }

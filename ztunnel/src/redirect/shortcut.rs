@@ -122,8 +122,7 @@ pub struct ShortcutEvents {
     /// Sends that would have taken the bytes redirected into the peer past the limit
     /// (normal path from then on).
     pub queue_limit: u64,
-    /// Tracked sockets that put data on TCP without the `sk_msg` program (a send begun before
-    /// pairing, e.g. TCP Fast Open): normal path from then on.
+    /// Sockets not paired because their SYN carried data (TCP Fast Open).
     pub tcp_data: u64,
 }
 
