@@ -542,3 +542,47 @@ fn a_proxy_socket_that_sent_data_in_its_syn_is_not_paired_and_keeps_its_order() 
     drop((s, app));
     m.wait_untracked();
 }
+
+/// A socket's close callback (which removes its state) is a flag any other `sock_ops`
+/// program on the cgroup can clear; state left that way would fill the maps until nothing
+/// could be paired. The sweeper removes entries whose socket is no longer in the sockhash
+/// and keeps those of live connections, which stay on the shortcut.
+#[test]
+fn state_left_by_sockets_that_are_gone_is_swept_and_live_connections_keep_the_shortcut() {
+    use aya::maps::{HashMap, MapData};
+    use ztunnel_common::ShortcutKey;
+    let m = mesh(1024);
+    let mut live = m.connect();
+    write_all_polled(&mut live, b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        got += read_polled(&mut live, &mut buf[got..]).unwrap();
+    }
+    assert_eq!(m.count(0, "trackedSockets"), 2, "{}", m.shortcut(0, None));
+    // Entries of a socket that closed without its callback (a key no socket has).
+    let capture = m.n0.agent().capture();
+    let maps = capture.pin_dir().join("maps");
+    let stale = ShortcutKey { netns_cookie: 1, local_port: 1, remote_port: 2, ..Default::default() };
+    let mut state: HashMap<MapData, ShortcutKey, u32> =
+        HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(maps.join("SHORTCUT_STATE")).unwrap())).unwrap();
+    state.insert(stale, 1, 0).unwrap();
+    let mut queue: HashMap<MapData, ShortcutKey, u64> =
+        HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(maps.join("SHORTCUT_QUEUE")).unwrap())).unwrap();
+    queue.insert(stale, 0, 0).unwrap();
+    assert_eq!(m.count(0, "trackedSockets"), 3);
+    assert_eq!(capture.sweep_shortcut().unwrap(), 1, "not exactly the stale socket's entries were swept");
+    assert!(state.get(&stale, 0).is_err() && queue.get(&stale, 0).is_err(), "stale entries left");
+    assert_eq!(m.count(0, "trackedSockets"), 2, "a live socket's state was swept");
+    // The live connection still takes the shortcut.
+    let redirected = m.count(0, "redirected");
+    write_all_polled(&mut live, b"pong").unwrap();
+    got = 0;
+    while got < 4 {
+        got += read_polled(&mut live, &mut buf[got..]).unwrap();
+    }
+    assert_eq!(&buf, b"pong");
+    assert!(m.count(0, "redirected") > redirected, "{}", m.shortcut(0, None));
+    drop(live);
+    m.wait_untracked();
+}

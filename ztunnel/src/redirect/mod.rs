@@ -179,6 +179,8 @@ pub struct Capture {
     dials: ProxyDials,
     /// Drains the programs' log records into `tracing` (see `diag`).
     _kernel_log: diag::KernelLogReader,
+    /// Removes shortcut state left by sockets that are gone (only with the shortcut on).
+    _sweeper: Option<shortcut::Sweeper>,
 }
 
 /// Where capture's connect programs run among other programs on the connect hooks, e.g. a
@@ -269,7 +271,9 @@ impl Capture {
         // Quiet until an operator asks (`/logging` with `ztunnel::ebpf=debug`).
         diag::set(&mut ebpf, false)?;
         let kernel_log = diag::start_reader(&mut ebpf)?;
-        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials, _kernel_log: kernel_log })
+        let sweeper =
+            if cfg.sockmap_shortcut { Some(shortcut::Sweeper::start(cfg.pin_dir.join("maps"))?) } else { None };
+        Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials, _kernel_log: kernel_log, _sweeper: sweeper })
     }
 
     /// Where the inbound proxy registers its dials to apps from clients' addresses.
@@ -401,6 +405,20 @@ impl Capture {
     pub fn shortcut(&self) -> Result<ShortcutReport, CaptureError> {
         let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
         shortcut::report(&ebpf, self.cfg.sockmap_shortcut)
+    }
+
+    /// Where this instance pins its maps and links (bpffs).
+    pub fn pin_dir(&self) -> &Path {
+        &self.cfg.pin_dir
+    }
+
+    /// Removes the shortcut's state of sockets that are gone now, as the sweeper thread does
+    /// every 30 s; returns how many sockets' entries went.
+    pub fn sweep_shortcut(&self) -> Result<usize, CaptureError> {
+        if !self.cfg.sockmap_shortcut {
+            return Err(CaptureError::ShortcutNotInstalled);
+        }
+        shortcut::sweep(&self.cfg.pin_dir.join("maps"))
     }
 
     /// The sockmap shortcut's counters alone (cheap, for metrics); `None` when it is not

@@ -194,3 +194,87 @@ pub(super) fn report(ebpf: &Ebpf, installed: bool) -> Result<ShortcutReport, Cap
         events: events(ebpf)?,
     })
 }
+
+/// How often the sweeper looks for state left behind by sockets that are gone.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Removes the `SHORTCUT_STATE` and `SHORTCUT_QUEUE` entries of sockets no longer in
+/// `SHORTCUT` (the kernel takes a closed socket out of the sockhash itself); returns how many
+/// sockets' entries went. Normally each socket's close callback removes them, but the
+/// callback is a per-socket flag any other `sock_ops` program on the cgroup can clear (a
+/// CNI's, another agent's), and entries left that way would fill the maps until no new
+/// socket could be paired. State keys are read before the live ones, so a socket being
+/// paired (state first, then the sockhash) is seen live; if one is missed it loses its
+/// state and sends through TCP, never the reverse.
+pub(super) fn sweep(maps: &Path) -> Result<usize, CaptureError> {
+    let open = |name: &'static str| MapData::from_pin(maps.join(name)).map_err(map_err(name));
+    let mut state: HashMap<MapData, ShortcutKey, u32> =
+        HashMap::try_from(aya::maps::Map::HashMap(open("SHORTCUT_STATE")?)).map_err(map_err("SHORTCUT_STATE"))?;
+    let mut queue: HashMap<MapData, ShortcutKey, u64> =
+        HashMap::try_from(aya::maps::Map::HashMap(open("SHORTCUT_QUEUE")?)).map_err(map_err("SHORTCUT_QUEUE"))?;
+    let live: aya::maps::SockHash<MapData, ShortcutKey> =
+        aya::maps::SockHash::try_from(aya::maps::Map::SockHash(open("SHORTCUT")?)).map_err(map_err("SHORTCUT"))?;
+    let tracked: Vec<ShortcutKey> = state.keys().flatten().chain(queue.keys().flatten()).collect();
+    let live: std::collections::HashSet<ShortcutKey> = live.keys().flatten().collect();
+    let mut gone = std::collections::HashSet::new();
+    for key in tracked.into_iter().filter(|k| !live.contains(k)) {
+        let _ = state.remove(&key);
+        let _ = queue.remove(&key);
+        gone.insert(key);
+    }
+    Ok(gone.len())
+}
+
+/// The thread that runs [`sweep`] every [`SWEEP_EVERY`]; stops when dropped.
+pub(super) struct Sweeper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Starts sweeping the maps pinned under `maps`.
+    pub(super) fn start(maps: std::path::PathBuf) -> Result<Self, CaptureError> {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let path = maps.clone();
+        let thread = std::thread::Builder::new()
+            .name("ztunnel-shortcut-sweep".into())
+            .spawn(move || {
+                let tick = std::time::Duration::from_millis(200);
+                let mut waited = std::time::Duration::ZERO;
+                while !stopping.load(Ordering::Acquire) {
+                    std::thread::sleep(tick);
+                    waited += tick;
+                    if waited < SWEEP_EVERY {
+                        continue;
+                    }
+                    waited = std::time::Duration::ZERO;
+                    match sweep(&maps) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(sockets = n, "sockmap shortcut: removed state of sockets that are gone")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "sockmap shortcut: sweeping state failed"),
+                    }
+                }
+            })
+            .map_err(|source| CaptureError::Io { what: "starting the shortcut sweeper for", path, source })?;
+        Ok(Sweeper { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Sweeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sweeper").finish_non_exhaustive()
+    }
+}
