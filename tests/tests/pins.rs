@@ -13,6 +13,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
 /// A pin directory named so `sweep_pins` removes it if this process dies first; removed
 /// (links detached, pins gone) when dropped, even when the test fails.
@@ -80,6 +81,25 @@ fn a_pinned_state_map_of_another_layout_refuses_the_start_naming_it() {
     assert!(err.contains("map ENROLLED") && err.contains("incompatible"), "{err}");
     // Nothing was attached.
     assert!(!pins.0.join("links/connect4").exists(), "a link was pinned before the refusal");
+}
+
+/// Same sizes, another kind of map (an LRU hash where a hash is expected): still refused.
+#[test]
+fn a_pinned_map_of_another_type_with_the_same_sizes_refuses_the_start() {
+    let pins = Pins::new("kind");
+    // ENROLLED's own sizes, as an LRU hash.
+    let probe = Pins::new("kindprobe");
+    let capture = Capture::install(probe.config(false)).expect("a fresh install");
+    let info = aya::maps::MapInfo::from_pin(probe.0.join("maps/ENROLLED")).unwrap();
+    let (key, value) = (info.key_size(), info.value_size());
+    drop(capture);
+    drop(probe);
+    pin_map(&pins.0.join("maps/ENROLLED"), BPF_MAP_TYPE_LRU_HASH, key, value, 16);
+    let err = match Capture::install(pins.config(false)) {
+        Ok(_) => panic!("capture started on a pinned map of another type"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("map ENROLLED") && err.contains("LruHash"), "{err}");
 }
 
 #[test]

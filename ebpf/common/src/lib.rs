@@ -166,6 +166,12 @@ pub const SHORTCUT_PLAIN: u32 = 2;
 /// sender can hold anyway.
 pub const SHORTCUT_QUEUE_LIMIT: u64 = 4 << 20;
 
+/// What each redirected send costs against `SHORTCUT_QUEUE_LIMIT` besides its bytes: the
+/// kernel queues every redirected send as its own `struct sk_msg` (about 700 bytes, a 1 KiB
+/// slab object) charged nowhere, so 1-byte sends would otherwise queue 4 Mi of them (about
+/// 4 GiB) within the limit.
+pub const SHORTCUT_MSG_COST: u64 = 1024;
+
 /// What the sockmap shortcut did, counted per CPU in `SHORTCUT_EVENTS`. Every reason to
 /// leave a socket on the normal path has its own slot.
 #[repr(u32)]

@@ -30,8 +30,8 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use ztunnel_common::{
-    v4_mapped, DialKey, ShortcutEvent, ShortcutKey, OUTBOUND_PORT, SHORTCUT_EVENT_SLOTS, SHORTCUT_PLAIN,
-    SHORTCUT_QUEUE_LIMIT, SHORTCUT_READY,
+    v4_mapped, DialKey, ShortcutEvent, ShortcutKey, OUTBOUND_PORT, SHORTCUT_EVENT_SLOTS, SHORTCUT_MSG_COST,
+    SHORTCUT_PLAIN, SHORTCUT_QUEUE_LIMIT, SHORTCUT_READY,
 };
 
 use crate::programs::{diag, is_loopback, words_to_bytes, AF_INET, AF_INET6, ENROLLED, PROXY_DIALS, SK_PASS};
@@ -262,7 +262,8 @@ pub fn shortcut_redirect(ctx: SkMsgContext) -> u32 {
     let Some(queue) = SHORTCUT_QUEUE.get_ptr_mut(&peer) else {
         return stay_plain(&ctx, &own, ShortcutEvent::PeerNotReady);
     };
-    let size = unsafe { read_volatile(&(*md).size) } as u64;
+    // Bytes plus the kernel's own record of the send (see `SHORTCUT_MSG_COST`).
+    let size = unsafe { read_volatile(&(*md).size) } as u64 + SHORTCUT_MSG_COST;
     // Counted before the redirect. No atomic add is needed: only this socket redirects into
     // its peer, and its sends hold its socket lock.
     let redirected = unsafe { read_volatile(queue) };

@@ -511,15 +511,48 @@ fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, Captu
 /// made anew (their counts start over) instead of refusing the start.
 const RESETTABLE_MAPS: [&str; 2] = ["SHORTCUT_EVENTS", "COUNTERS"];
 
-/// Key size, value size and entries of each map as this object defines it.
-fn map_layouts() -> &'static std::collections::HashMap<String, (u32, u32, u32)> {
-    static LAYOUTS: std::sync::OnceLock<std::collections::HashMap<String, (u32, u32, u32)>> =
-        std::sync::OnceLock::new();
+/// A map's shape as the kernel describes it: type, flags, key and value sizes, entries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Layout {
+    kind: Option<aya::maps::MapType>,
+    flags: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = self.kind.map_or("unknown type".to_string(), |k| format!("{k:?}"));
+        write!(f, "{kind}, flags {:#x}, key {} B, value {} B", self.flags, self.key, self.value)
+    }
+}
+
+/// Each map's layout as this object defines it.
+fn map_layouts() -> &'static std::collections::HashMap<String, Layout> {
+    static LAYOUTS: std::sync::OnceLock<std::collections::HashMap<String, Layout>> = std::sync::OnceLock::new();
     LAYOUTS.get_or_init(|| {
         // The object is embedded at build time and loads below; a parse failure here would
         // fail that load too, so an empty table only defers the error to it.
+        let kind = |t: u32| {
+            aya_obj::generated::bpf_map_type::try_from(t).ok().and_then(|t| aya::maps::MapType::try_from(t).ok())
+        };
         aya_obj::Object::parse(EBPF_OBJECT)
-            .map(|o| o.maps.iter().map(|(n, m)| (n.clone(), (m.key_size(), m.value_size(), m.max_entries()))).collect())
+            .map(|o| {
+                o.maps
+                    .iter()
+                    .map(|(n, m)| {
+                        let layout = Layout {
+                            kind: kind(m.map_type()),
+                            flags: m.map_flags(),
+                            key: m.key_size(),
+                            value: m.value_size(),
+                            entries: m.max_entries(),
+                        };
+                        (n.clone(), layout)
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     })
 }
@@ -529,15 +562,27 @@ fn map_layouts() -> &'static std::collections::HashMap<String, (u32, u32, u32)> 
 /// old layout would misread live state (enrolled pods, original destinations, tracked
 /// sockets). A counter map that differs (`RESETTABLE_MAPS`, e.g. one that gained a slot) is
 /// unpinned and made anew; any other refuses the start, naming the map, so an incompatible
-/// upgrade fails loudly instead of capturing wrongly.
+/// upgrade fails loudly instead of capturing wrongly. A pin that cannot be read refuses too.
 fn check_pinned_maps(pin_dir: &Path) -> Result<(), CaptureError> {
     for name in MAP_NAMES {
         let path = pin_dir.join("maps").join(name);
-        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else { continue };
-        let Some(&(key, value, entries)) = map_layouts().get(name) else { continue };
-        let (found_key, found_value) = (info.key_size(), info.value_size());
+        if !path.exists() {
+            continue;
+        }
+        let Some(&wanted) = map_layouts().get(name) else { continue };
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
+        let found = Layout {
+            kind: info.map_type().ok(),
+            flags: info.map_flags(),
+            key: info.key_size(),
+            value: info.value_size(),
+            entries: info.max_entries(),
+        };
         let resettable = RESETTABLE_MAPS.contains(&name);
-        if (found_key, found_value) == (key, value) && !(resettable && info.max_entries() < entries) {
+        // Entries are sized from the configuration for most maps, so only a counter map's
+        // count is part of its layout.
+        let same = Layout { entries: wanted.entries, ..found } == wanted;
+        if same && !(resettable && found.entries < wanted.entries) {
             continue;
         }
         if resettable {
@@ -548,8 +593,8 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), CaptureError> {
         return Err(CaptureError::IncompatiblePin {
             name,
             path,
-            found: format!("key {found_key} B, value {found_value} B"),
-            expected: format!("key {key} B, value {value} B"),
+            found: found.to_string(),
+            expected: wanted.to_string(),
         });
     }
     Ok(())
