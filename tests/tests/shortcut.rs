@@ -556,6 +556,16 @@ fn state_left_by_sockets_that_are_gone_is_swept_and_live_connections_keep_the_sh
     use aya::maps::{HashMap, MapData};
     use ztunnel_common::ShortcutKey;
     let m = mesh(1024);
+    // The agent sweeps on a thread of its own every 30 s; this test calls the same sweep.
+    let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .collect();
+    assert!(
+        threads.iter().any(|c| c.trim() == "ztunnel-shortcu"),
+        "no sweeper thread (ztunnel-shortcut-sweep) runs: {threads:?}"
+    );
     let mut live = m.connect();
     write_all_polled(&mut live, b"ping").unwrap();
     let mut buf = [0u8; 4];
