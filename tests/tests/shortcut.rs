@@ -379,6 +379,20 @@ fn stream_byte(i: usize) -> u8 {
     (i as u8).wrapping_mul(31) ^ (i >> 16) as u8
 }
 
+/// A connection from the client pod to a new app on `port` of the server pod that accepts
+/// and does not read; the app's socket arrives on the receiver when accepted.
+fn connect_to_an_app_that_does_not_read(m: &Mesh, port: u16) -> (TcpStream, std::sync::mpsc::Receiver<TcpStream>) {
+    let listener = m.server.run(move || TcpListener::bind(("::", port))).unwrap();
+    let (held_tx, held) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        if let Ok((s, _)) = listener.accept() {
+            let _ = held_tx.send(s);
+        }
+    });
+    let dst = SocketAddr::new(m.server.ip4().into(), port);
+    (m.client.run(move || TcpStream::connect_timeout(&dst, WAIT)).unwrap(), held)
+}
+
 /// The kernel charges redirected bytes to no receive buffer: without the queue limit, a
 /// destination app that stops reading let its client queue without end (1.5 GB here, then
 /// the connection broke as the node's TCP memory ran out). With it, the client is pushed
@@ -386,15 +400,7 @@ fn stream_byte(i: usize) -> u8 {
 #[test]
 fn a_destination_that_stops_reading_pushes_its_client_back_and_loses_nothing() {
     let m = mesh(1024);
-    let listener = m.server.run(|| TcpListener::bind(("::", 9002))).unwrap();
-    let (held_tx, held) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        if let Ok((s, _)) = listener.accept() {
-            let _ = held_tx.send(s);
-        }
-    });
-    let dst = SocketAddr::new(m.server.ip4().into(), 9002);
-    let mut s = m.client.run(move || TcpStream::connect_timeout(&dst, WAIT)).unwrap();
+    let (mut s, held) = connect_to_an_app_that_does_not_read(&m, 9002);
     s.set_nonblocking(true).unwrap();
     // Write until the socket takes nothing more for 2 s (or far past any sane bound).
     const CAP: usize = 1 << 30;
@@ -608,15 +614,7 @@ fn state_left_by_sockets_that_are_gone_is_swept_and_live_connections_keep_the_sh
 #[test]
 fn tiny_sends_to_a_peer_that_does_not_read_meet_the_limit_after_a_few_thousand() {
     let m = mesh(1024);
-    let listener = m.server.run(|| TcpListener::bind(("::", 9003))).unwrap();
-    let (held_tx, held) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        if let Ok((s, _)) = listener.accept() {
-            let _ = held_tx.send(s);
-        }
-    });
-    let dst = SocketAddr::new(m.server.ip4().into(), 9003);
-    let mut s = m.client.run(move || TcpStream::connect_timeout(&dst, WAIT)).unwrap();
+    let (mut s, held) = connect_to_an_app_that_does_not_read(&m, 9003);
     s.set_nodelay(true).unwrap();
     let before = m.count(0, "queueLimit") + m.count(1, "queueLimit");
     let mut sends = 0u32;
