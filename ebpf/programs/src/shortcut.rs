@@ -181,20 +181,21 @@ pub fn shortcut_pair(ctx: SockOpsContext) -> u32 {
         event(ShortcutEvent::MapFull);
         return 1;
     }
-    // Queue accounting, then state, then the map, so `shortcut_redirect` never runs for a
-    // socket without them (a peer found without its queue entry is treated as not ready).
-    if SHORTCUT_QUEUE.insert(&key, &0, BPF_ANY as u64).is_err() {
+    // State, then queue accounting, then the map, so `shortcut_redirect` never runs for a
+    // socket without them, and a queue entry is only there while its state is (it is
+    // inserted after it and removed before it): a sender finds its peer by the queue entry.
+    if SHORTCUT_STATE.insert(&key, &SHORTCUT_READY, BPF_ANY as u64).is_err() {
         event(ShortcutEvent::MapFull);
         return 1;
     }
-    if SHORTCUT_STATE.insert(&key, &SHORTCUT_READY, BPF_ANY as u64).is_err() {
-        let _ = SHORTCUT_QUEUE.remove(&key);
+    if SHORTCUT_QUEUE.insert(&key, &0, BPF_ANY as u64).is_err() {
+        let _ = SHORTCUT_STATE.remove(&key);
         event(ShortcutEvent::MapFull);
         return 1;
     }
     if SHORTCUT.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64).is_err() {
-        let _ = SHORTCUT_STATE.remove(&key);
         let _ = SHORTCUT_QUEUE.remove(&key);
+        let _ = SHORTCUT_STATE.remove(&key);
         event(ShortcutEvent::MapFull);
         return 1;
     }
@@ -255,10 +256,8 @@ pub fn shortcut_redirect(ctx: SkMsgContext) -> u32 {
         return stay_plain(&ctx, &own, ShortcutEvent::SwitchedOff);
     }
     let mut peer = own.peer();
-    if unsafe { SHORTCUT_STATE.get(&peer) }.is_none() {
-        return stay_plain(&ctx, &own, ShortcutEvent::PeerNotReady);
-    }
-    // A peer paired by an agent without the queue map has no entry: not ready, so TCP.
+    // The peer's queue entry stands for its being tracked (see `shortcut_pair`); a peer not
+    // (yet) tracked, or paired by an agent without the queue map, has none: TCP.
     let Some(queue) = SHORTCUT_QUEUE.get_ptr_mut(&peer) else {
         return stay_plain(&ctx, &own, ShortcutEvent::PeerNotReady);
     };

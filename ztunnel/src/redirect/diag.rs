@@ -5,13 +5,12 @@
 //! seen without rebuilding. A thread of its own drains the ring buffer into `tracing`
 //! (target `ztunnel::ebpf`), off the data path's runtime.
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 
 use aya::maps::{Array, MapData};
 use aya::Ebpf;
 
+use super::worker::Worker;
 use super::{map_err, CaptureError};
 
 /// The `tracing` target kernel records are logged under.
@@ -46,52 +45,27 @@ impl log::Log for ToTracing {
     fn flush(&self) {}
 }
 
-/// The thread draining the kernel's log ring buffer; stops when dropped.
-pub struct KernelLogReader {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for KernelLogReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelLogReader").finish_non_exhaustive()
-    }
-}
-
-impl Drop for KernelLogReader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Takes the `AYA_LOGS` ring buffer out of `ebpf` and drains it on a new thread.
-pub(super) fn start_reader(ebpf: &mut Ebpf) -> Result<KernelLogReader, CaptureError> {
+/// Takes the `AYA_LOGS` ring buffer out of `ebpf` and drains it on a new thread, which
+/// stops when the returned handle is dropped.
+pub(super) fn start_reader(ebpf: &mut Ebpf) -> Result<Worker, CaptureError> {
     let mut logger = aya_log::EbpfLogger::init_with_logger(ebpf, ToTracing).map_err(|e| CaptureError::Io {
         what: "reading kernel logs from",
         path: "AYA_LOGS".into(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("ztunnel-ebpf-log".into())
-        .spawn(move || {
-            let fd = logger.as_raw_fd();
-            while !stopping.load(Ordering::Acquire) {
-                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd for an fd `logger` keeps open.
-                if unsafe { libc::poll(&mut p, 1, 200) } > 0 {
-                    logger.flush();
-                }
+    Worker::spawn("ztunnel-ebpf-log", move |stop| {
+        let fd = logger.as_raw_fd();
+        while !stop.load(Ordering::Acquire) {
+            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for an fd `logger` keeps open.
+            if unsafe { libc::poll(&mut p, 1, 200) } > 0 {
+                logger.flush();
             }
-        })
-        .map_err(|source| CaptureError::Io {
-            what: "starting the kernel log thread",
-            path: "AYA_LOGS".into(),
-            source,
-        })?;
-    Ok(KernelLogReader { stop, thread: Some(thread) })
+        }
+    })
+    .map_err(|source| CaptureError::Io {
+        what: "starting the kernel log thread",
+        path: "AYA_LOGS".into(),
+        source,
+    })
 }

@@ -11,6 +11,7 @@ mod maps;
 mod probe;
 mod shortcut;
 mod sys;
+mod worker;
 
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
@@ -178,9 +179,9 @@ pub struct Capture {
     orig: OrigDstTable,
     dials: ProxyDials,
     /// Drains the programs' log records into `tracing` (see `diag`).
-    _kernel_log: diag::KernelLogReader,
+    _kernel_log: worker::Worker,
     /// Removes shortcut state left by sockets that are gone (only with the shortcut on).
-    _sweeper: Option<shortcut::Sweeper>,
+    _sweeper: Option<worker::Worker>,
 }
 
 /// Where capture's connect programs run among other programs on the connect hooks, e.g. a
@@ -223,6 +224,9 @@ impl Capture {
             let p = cfg.pin_dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err("creating pin dir", &p))?;
         }
+        // Once, before the first load: later loads (one per enrolled pod) reuse the maps this
+        // load has checked or made.
+        check_pinned_maps(&cfg.pin_dir)?;
         let mut ebpf = load_object(&cfg, 0)?;
 
         let cgroup = std::fs::File::open(&cfg.cgroup).map_err(io_err("opening cgroup", &cfg.cgroup))?;
@@ -272,7 +276,7 @@ impl Capture {
         diag::set(&mut ebpf, false)?;
         let kernel_log = diag::start_reader(&mut ebpf)?;
         let sweeper =
-            if cfg.sockmap_shortcut { Some(shortcut::Sweeper::start(cfg.pin_dir.join("maps"))?) } else { None };
+            if cfg.sockmap_shortcut { Some(shortcut::start_sweeper(cfg.pin_dir.join("maps"))?) } else { None };
         Ok(Self { cfg, ebpf: Mutex::new(ebpf), orig, dials, _kernel_log: kernel_log, _sweeper: sweeper })
     }
 
@@ -485,7 +489,6 @@ impl Capture {
 /// use, sized from `cfg`), with `steer_inbound`'s netns cookie set to `pod_netns_cookie`.
 fn load_object(cfg: &CaptureConfig, pod_netns_cookie: u64) -> Result<Ebpf, CaptureError> {
     let (pin_dir, max_pods) = (&cfg.pin_dir, cfg.max_pods);
-    check_pinned_maps(pin_dir)?;
     let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pin_dir.join("maps").join(n))).collect();
     let mut loader = aya::EbpfLoader::new();
     // Drops the kernel BTF that `new` parsed before the object is loaded.

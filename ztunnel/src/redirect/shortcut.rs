@@ -9,6 +9,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::Ebpf;
 use ztunnel_common::{ShortcutEvent, ShortcutKey};
 
+use super::worker::Worker;
 use super::{attach_cgroup, map_err, prog_err, replace_pinned_with, sys, CaptureError, APPENDED, ATTACH_SOCK_OPS};
 
 /// Pin of the sock_ops link that pairs sockets (under `links/`).
@@ -70,8 +71,9 @@ fn shortcut_map_fd(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, CaptureError> {
 
 /// Forgets every tracked socket: each then stays on the normal path until it closes.
 fn clear_state(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    clear::<ShortcutKey, u32>(ebpf, "SHORTCUT_STATE")?;
-    clear::<ShortcutKey, u64>(ebpf, "SHORTCUT_QUEUE")
+    // Queue entries first: one is only ever there while its socket's state is.
+    clear::<ShortcutKey, u64>(ebpf, "SHORTCUT_QUEUE")?;
+    clear::<ShortcutKey, u32>(ebpf, "SHORTCUT_STATE")
 }
 
 /// Removes every entry of the hash map `name`.
@@ -218,63 +220,32 @@ pub(super) fn sweep(maps: &Path) -> Result<usize, CaptureError> {
     let live: std::collections::HashSet<ShortcutKey> = live.keys().flatten().collect();
     let mut gone = std::collections::HashSet::new();
     for key in tracked.into_iter().filter(|k| !live.contains(k)) {
-        let _ = state.remove(&key);
         let _ = queue.remove(&key);
+        let _ = state.remove(&key);
         gone.insert(key);
     }
     Ok(gone.len())
 }
 
-/// The thread that runs [`sweep`] every [`SWEEP_EVERY`]; stops when dropped.
-pub(super) struct Sweeper {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sweeper {
-    /// Starts sweeping the maps pinned under `maps`.
-    pub(super) fn start(maps: std::path::PathBuf) -> Result<Self, CaptureError> {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = stop.clone();
-        let path = maps.clone();
-        let thread = std::thread::Builder::new()
-            .name("ztunnel-shortcut-sweep".into())
-            .spawn(move || {
-                let tick = std::time::Duration::from_millis(200);
-                let mut waited = std::time::Duration::ZERO;
-                while !stopping.load(Ordering::Acquire) {
-                    std::thread::sleep(tick);
-                    waited += tick;
-                    if waited < SWEEP_EVERY {
-                        continue;
-                    }
-                    waited = std::time::Duration::ZERO;
-                    match sweep(&maps) {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            tracing::info!(sockets = n, "sockmap shortcut: removed state of sockets that are gone")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "sockmap shortcut: sweeping state failed"),
-                    }
-                }
-            })
-            .map_err(|source| CaptureError::Io { what: "starting the shortcut sweeper for", path, source })?;
-        Ok(Sweeper { stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for Sweeper {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+/// Runs [`sweep`] every [`SWEEP_EVERY`] on a thread of its own, until the handle is dropped.
+pub(super) fn start_sweeper(maps: std::path::PathBuf) -> Result<Worker, CaptureError> {
+    let path = maps.clone();
+    Worker::spawn("ztunnel-shortcut-sweep", move |stop| {
+        let tick = std::time::Duration::from_millis(200);
+        let mut waited = std::time::Duration::ZERO;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(tick);
+            waited += tick;
+            if waited < SWEEP_EVERY {
+                continue;
+            }
+            waited = std::time::Duration::ZERO;
+            match sweep(&maps) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sockets = n, "sockmap shortcut: removed state of sockets that are gone"),
+                Err(e) => tracing::warn!(error = %e, "sockmap shortcut: sweeping state failed"),
+            }
         }
-    }
-}
-
-impl std::fmt::Debug for Sweeper {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sweeper").finish_non_exhaustive()
-    }
+    })
+    .map_err(|source| CaptureError::Io { what: "starting the shortcut sweeper for", path, source })
 }
