@@ -207,8 +207,10 @@ pub fn profile(row: &str, pids: &[u32], out: &std::path::Path, load: impl FnOnce
     let pid_list = pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
     // BENCH_PERF_CALL_GRAPH=dwarf: whole stacks from binaries built without frame pointers.
     let call_graph = std::env::var("BENCH_PERF_CALL_GRAPH").unwrap_or_else(|_| "fp".into());
+    // BENCH_PERF_FREQ: samples per second (499 unless set; more for a short, light run).
+    let freq = std::env::var("BENCH_PERF_FREQ").unwrap_or_else(|_| "499".into());
     let mut rec = std::process::Command::new("perf")
-        .args(["record", "-q", "--call-graph", &call_graph, "-F", "499", "-p", &pid_list])
+        .args(["record", "-q", "--call-graph", &call_graph, "-F", &freq, "-p", &pid_list])
         // BENCH_PERF_RECORD: record this event instead of CPU time, e.g. `probe_libc:malloc`
         // (after `perf probe -x <libc> malloc`) to see who allocates.
         .args(std::env::var("BENCH_PERF_RECORD").map(|e| vec!["-e".to_string(), e]).unwrap_or_default())
