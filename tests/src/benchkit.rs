@@ -1,6 +1,7 @@
 //! What every bench scenario shares: one measured sample (throughput, latency percentiles,
 //! max rate, connection rate and the proxies' CPU for them), medians across rounds, the echo
 //! server the clients talk to, and a process's CPU and memory from `/proc`.
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
@@ -197,6 +198,59 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// Kernel functions that say which part of a proxied request the kernel's time is spent on,
+/// each with its callees (a sender's system call includes the receiver's softirq, which the
+/// kernel runs in the sender's context on loopback and veth). A path sums its system calls;
+/// each call is named by the alternatives a kernel build may show for it (the largest counts).
+const KERNEL_PATHS: [(&str, &[&[&str]]); 7] = [
+    (
+        "sending (writev, write, sendto, sendmsg)",
+        &[
+            &["do_writev"],
+            &["ksys_write"],
+            &["__sys_sendto", "__x64_sys_sendto"],
+            &["__sys_sendmsg", "__x64_sys_sendmsg"],
+        ],
+    ),
+    ("  of it, the receiver's network stack", &[&["net_rx_action"]]),
+    ("  of it, waking the receiver", &[&["sock_def_readable"]]),
+    (
+        "receiving (recvfrom, read, recvmsg)",
+        &[
+            &["__sys_recvfrom", "__x64_sys_recvfrom"],
+            &["ksys_read"],
+            &["__sys_recvmsg", "__x64_sys_recvmsg"],
+            &["do_readv"],
+        ],
+    ),
+    ("waiting in epoll_wait (and the switch back in)", &[&["do_epoll_wait"]]),
+    ("context switches (finish_task_switch)", &[&["finish_task_switch.isra.0", "finish_task_switch"]]),
+    ("connections (accept, connect, close)", &[&["__sys_accept4"], &["__sys_connect"], &["__x64_sys_close"]]),
+];
+
+/// The share of `data`'s samples under each of `KERNEL_PATHS`, one line each.
+fn kernel_paths(data: &std::path::Path) -> Result<String> {
+    let o = std::process::Command::new("perf")
+        .args(["report", "-q", "--stdio", "--children", "--sort", "sym", "-g", "none", "--percent-limit", "0.05", "-i"])
+        .arg(data)
+        .output()?;
+    let mut children: HashMap<String, f64> = HashMap::new();
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        // "    44.00%     0.25%  [k] do_syscall_64"
+        let mut f = line.split_whitespace();
+        let (Some(c), Some(_), Some("[k]"), Some(sym)) = (f.next(), f.next(), f.next(), f.next()) else { continue };
+        if let Ok(v) = c.trim_end_matches('%').parse::<f64>() {
+            *children.entry(sym.to_string()).or_default() += v;
+        }
+    }
+    let share = |names: &[&str]| names.iter().filter_map(|n| children.get(*n)).fold(0.0_f64, |a, b| a.max(*b));
+    Ok(KERNEL_PATHS
+        .iter()
+        .map(|(what, calls)| format!("{:>6.1}%  {what}", calls.iter().map(|c| share(c)).fold(0.0, |a, b| a + b)))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 /// Profiles `pids` with `perf record -g` for the 4 s that `load` runs (it should drive
 /// traffic for about that long and describe what it did), and prints (and keeps in
 /// `out/perf-<row>.txt`) where their CPU went: by object (kernel, binary, libc) and the top
@@ -273,10 +327,11 @@ pub fn profile(row: &str, pids: &[u32], out: &std::path::Path, load: impl FnOnce
             .join("\n"))
     };
     let text = format!(
-        "{row}: proxies {pid_list}, {load}\n-- counted over 4 s --\n{}\n-- by object --\n{}\n-- top symbols --\n{}\n",
+        "{row}: proxies {pid_list}, {load}\n-- counted over 4 s --\n{}\n-- by object --\n{}\n-- top symbols --\n{}\n-- by kernel path (share of all samples; a path's callees included) --\n{}\n",
         counts.join("\n"),
         report("dso")?,
-        report("dso,sym")?
+        report("dso,sym")?,
+        kernel_paths(&data)?
     );
     println!("\n{text}");
     std::fs::write(out.join(format!("perf-{row}.txt")), &text)?;
