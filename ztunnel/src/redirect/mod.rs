@@ -758,3 +758,36 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<(), CaptureError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::EBPF_OBJECT;
+
+    /// Section names of a little-endian ELF64 object, read from its section header table.
+    fn section_names(elf: &[u8]) -> Vec<String> {
+        let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+        assert_eq!(&elf[..5], b"\x7fELF\x02", "a 64-bit ELF object");
+        let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+        let names_at = u64_at(shoff + shstrndx * shentsize + 0x18);
+        (0..shnum)
+            .map(|i| {
+                let start = names_at + u32_at(shoff + i * shentsize);
+                let end = start + elf[start..].iter().position(|b| *b == 0).unwrap();
+                String::from_utf8_lossy(&elf[start..end]).into_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_embedded_kernel_object_keeps_its_btf_and_carries_no_dwarf() {
+        let names = section_names(EBPF_OBJECT);
+        assert!(names.iter().any(|n| n == ".BTF") && names.iter().any(|n| n == ".BTF.ext"), "{names:?}");
+        assert!(names.iter().any(|n| n == "sockops") && names.iter().any(|n| n == "maps"), "{names:?}");
+        let dwarf: Vec<_> = names.iter().filter(|n| n.contains(".debug")).collect();
+        assert!(dwarf.is_empty(), "DWARF sections left in the object: {dwarf:?}");
+        assert!(EBPF_OBJECT.len() < 400_000, "object is {} bytes", EBPF_OBJECT.len());
+        aya_obj::Object::parse(EBPF_OBJECT).expect("aya parses the stripped object");
+    }
+}
