@@ -130,7 +130,9 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
     // Istio's processes carry both Istio rows' pods (six); ours carry three. Its RSS with
     // the first row's three pods is the like-for-like idle figure.
     std::thread::sleep(Duration::from_millis(500));
-    let istio_three_pods = rss_by_proxy(&[istio[0].pid(), istio[1].pid()], &[])?["istio"];
+    // Each mesh row's proxy processes, node 0 then node 1 (ours below).
+    let istio_pids = [istio[0].pid(), istio[1].pid()];
+    let istio_three_pods = rss_by_proxy(&istio_pids, &[])?["istio"];
     for q in [&p("istio-ebpf").client, &p("istio-ebpf").remote, &p("istio-ebpf").local] {
         let netns = ztunnel::netns::InpodNetns::new(q.netns_file().try_clone()?)?;
         capture.enroll_for_proxy(q.uid(), &netns)?;
@@ -142,8 +144,7 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
     let _servers: Vec<_> =
         pods.values().flat_map(|r| [&r.remote, &r.local]).map(start_server).collect::<Result<_>>()?;
     std::thread::sleep(Duration::from_millis(500));
-    // Each mesh row's proxy processes, node 0 then node 1.
-    let (istio_pids, ours_pids) = ([istio[0].pid(), istio[1].pid()], [a0.pid(), a1.pid()]);
+    let ours_pids = [a0.pid(), a1.pid()];
     let proxies = |row: &str| if row == "ours-ebpf" { ours_pids } else { istio_pids };
     let mut idle = rss_by_proxy(&istio_pids, &ours_pids)?;
     idle.insert("istio_three_pods", istio_three_pods);

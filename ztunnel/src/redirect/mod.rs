@@ -763,21 +763,11 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<(), CaptureError> {
 mod tests {
     use super::EBPF_OBJECT;
 
-    /// Section names of a little-endian ELF64 object, read from its section header table.
+    /// Section names of an ELF64 object.
     fn section_names(elf: &[u8]) -> Vec<String> {
-        let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
-        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
-        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
-        assert_eq!(&elf[..5], b"\x7fELF\x02", "a 64-bit ELF object");
-        let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
-        let names_at = u64_at(shoff + shstrndx * shentsize + 0x18);
-        (0..shnum)
-            .map(|i| {
-                let start = names_at + u32_at(shoff + i * shentsize);
-                let end = start + elf[start..].iter().position(|b| *b == 0).unwrap();
-                String::from_utf8_lossy(&elf[start..end]).into_owned()
-            })
-            .collect()
+        use object::{Object as _, ObjectSection as _};
+        let file = object::read::elf::ElfFile64::<object::Endianness>::parse(elf).expect("a 64-bit ELF object");
+        file.sections().map(|s| s.name().expect("a section name").to_string()).collect()
     }
 
     #[test]
