@@ -29,6 +29,9 @@ pub struct Sample {
     pub churn_per_sec: f64,
     /// Proxy CPU seconds per 1000 requests during the max-rate run (mesh only).
     pub cpu_s_per_1k: f64,
+    /// Proxy cores used while the latency run holds 1000 req/s (mesh only): Istio publishes
+    /// its proxies' CPU at this load, so this row sets our numbers beside theirs.
+    pub cores_at_1000qps: f64,
     /// Proxy CPU seconds per GB during the throughput run (mesh only).
     pub cpu_s_per_gb: f64,
 }
@@ -44,7 +47,9 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
     let cpu0 = now();
     let tput = client.run(move || blocking::throughput(dst, d)).context("throughput")?;
     let tput_cpu = now() - cpu0;
+    let lat_cpu0 = now();
     let lat = client.run(move || blocking::latency(dst, 16, 1000.0, d, 1024)).context("latency")?;
+    let lat_cpu = now() - lat_cpu0;
     let cpu_before = now();
     let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
     let cpu_after = now();
@@ -66,6 +71,7 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
         churn_per_sec: churn,
         cpu_s_per_1k: if cpu.is_none() || reqs == 0.0 { 0.0 } else { (cpu_after - cpu_before) / reqs * 1000.0 },
         cpu_s_per_gb: if cpu.is_none() { 0.0 } else { tput_cpu / (tput * secs / 1e9) },
+        cores_at_1000qps: lat_cpu / secs,
     })
 }
 
