@@ -269,8 +269,15 @@ pub fn profile(row: &str, pids: &[u32], out: &std::path::Path, load: impl FnOnce
     let call_graph = std::env::var("BENCH_PERF_CALL_GRAPH").unwrap_or_else(|_| "fp".into());
     // BENCH_PERF_FREQ: samples per second (499 unless set; more for a short, light run).
     let freq = std::env::var("BENCH_PERF_FREQ").unwrap_or_else(|_| "499".into());
+    // BENCH_PERF_PERIOD: one sample every N events instead (`1` records every call of a probe).
+    let rate = match std::env::var("BENCH_PERF_PERIOD") {
+        Ok(n) => ["-c".to_string(), n],
+        Err(_) => ["-F".to_string(), freq],
+    };
     let mut rec = std::process::Command::new("perf")
-        .args(["record", "-q", "--call-graph", &call_graph, "-F", &freq, "-p", &pid_list])
+        .args(["record", "-q", "--call-graph", &call_graph])
+        .args(&rate)
+        .args(["-p", &pid_list])
         // BENCH_PERF_RECORD: record this event instead of CPU time, e.g. `probe_libc:malloc`
         // (after `perf probe -x <libc> malloc`) to see who allocates.
         .args(std::env::var("BENCH_PERF_RECORD").map(|e| vec!["-e".to_string(), e]).unwrap_or_default())
