@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -22,15 +22,15 @@ use tracing::debug;
 
 use super::access_log::Record;
 use super::authz::{self, RequestFacts};
-use super::lb::RequestView;
-use super::outlier::Outcome as OutlierOutcome;
+use super::headers::{
+    apply, authority_of, cors_headers, framing, header_str, is_grpc, is_preflight, request_id, strip_hop_by_hop,
+};
+use super::send::{mirror, Send};
 use super::telemetry::{GrpcStatus, Observed, Recorder, SeriesKey, TunnelSeries};
-use super::traffic::Cluster;
-use super::upstream::{self, Endpoint, SendError};
+use super::upstream::Endpoint;
 use super::Shared;
-use crate::hbone::ConnectHeaders;
 use crate::identity::Identity;
-use crate::routing::spec::{Abort, Destination, HeaderOperations, Headers};
+use crate::routing::spec::{Abort, Destination, Headers};
 use crate::routing::{self, CompiledRoute, Decision, Retries, DEFAULT_RETRY_ON};
 use crate::spans::Span;
 use crate::state::Service;
@@ -75,7 +75,7 @@ pub(crate) enum Front {
 }
 
 impl Tunnel {
-    fn peer(&self) -> Option<&Identity> {
+    pub(super) fn peer(&self) -> Option<&Identity> {
         match &self.front {
             Front::Mesh { peer, .. } => Some(peer),
             Front::Ingress { .. } => None,
@@ -132,15 +132,15 @@ where
 
 /// What one request turned into, for metrics and the access log.
 #[derive(Default)]
-struct Outcome {
-    flags: Vec<&'static str>,
-    upstream: Option<Endpoint>,
-    route: String,
-    request_bytes: u64,
+pub(super) struct Outcome {
+    pub(super) flags: Vec<&'static str>,
+    pub(super) upstream: Option<Endpoint>,
+    pub(super) route: String,
+    pub(super) request_bytes: u64,
 }
 
 impl Outcome {
-    fn flag(&mut self, f: &'static str) {
+    pub(super) fn flag(&mut self, f: &'static str) {
         if !self.flags.contains(&f) {
             self.flags.push(f);
         }
@@ -469,259 +469,6 @@ async fn forward(
     resp
 }
 
-/// A request ready to send (again).
-struct Send<'a> {
-    t: &'a Tunnel,
-    method: Method,
-    path: String,
-    headers: HeaderMap,
-    body: Bytes,
-    h2: bool,
-}
-
-impl Send<'_> {
-    fn request(&self, authority: &str) -> Option<Request<Full<Bytes>>> {
-        let uri: Uri =
-            if self.h2 { format!("http://{authority}{}", self.path).parse().ok()? } else { self.path.parse().ok()? };
-        let mut req =
-            Request::builder().method(self.method.clone()).uri(uri).body(Full::new(self.body.clone())).ok()?;
-        *req.headers_mut() = self.headers.clone();
-        if !self.h2 {
-            req.headers_mut().insert(header::HOST, HeaderValue::from_str(authority).ok()?);
-        } else {
-            req.headers_mut().remove(header::HOST);
-        }
-        *req.version_mut() = if self.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        Some(req)
-    }
-
-    fn connect_headers(&self) -> ConnectHeaders {
-        ConnectHeaders {
-            forwarded_for: Some(self.t.peer_addr),
-            forwarded_host: None,
-            baggage: None,
-            traceparent: header_str(&self.headers, "traceparent").map(str::to_string),
-            extra: Default::default(),
-        }
-    }
-
-    /// Sends with the retry policy: each attempt picks an endpoint of `cluster` (by its load
-    /// balancer, among the endpoints outlier detection has not ejected) under its
-    /// connection-pool limits; a retriable failure or status is tried again (after a short,
-    /// growing back-off, while the retry budget allows) until attempts run out.
-    async fn attempts(
-        &self,
-        cluster: &Cluster,
-        authority: &str,
-        retries: &Retries,
-        out: &mut Outcome,
-    ) -> Response<Body> {
-        let policy = RetryOn::parse(&retries.retry_on);
-        let tries = 1 + retries.attempts;
-        let svc = &cluster_service(cluster);
-        let (_request, _connection) = match cluster.admit().await {
-            Ok(p) => p,
-            Err(overflow) => {
-                debug!(%overflow, service = %svc, "circuit breaker");
-                out.flag("UO");
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-                );
-            }
-        };
-        let mut _retry = None;
-        for attempt in 0..tries {
-            if attempt > 0 {
-                self.t.shared.requests.retried(svc);
-                tokio::time::sleep(Duration::from_millis(25 * (1 << attempt.min(4)) as u64)).await;
-            }
-            let view = RequestView { headers: &self.headers, path: &self.path, source: self.t.peer_addr, target: None };
-            let Some(chosen) = cluster.pick(&view) else {
-                out.flag("UH");
-                return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-            };
-            let ep = chosen.endpoint.clone();
-            out.upstream = Some(ep.clone());
-            let Some(req) = self.request(authority) else {
-                return local(StatusCode::BAD_REQUEST, "request cannot be forwarded");
-            };
-            let per_connection = cluster.breaker.max_requests_per_connection();
-            let sent = self.t.shared.upstreams.send(
-                &ep,
-                req,
-                self.h2,
-                self.t.local_ip,
-                self.connect_headers(),
-                per_connection,
-            );
-            let result = match retries.per_try_timeout {
-                Some(d) => tokio::time::timeout(d, sent).await.unwrap_or(Err(SendError::PerTryTimeout(d))),
-                None => sent.await,
-            };
-            cluster.record(
-                ep.addr,
-                match &result {
-                    Ok(r) => OutlierOutcome::Response(r.status().as_u16()),
-                    Err(SendError::Connect(..)) => OutlierOutcome::ConnectFailure,
-                    Err(SendError::PerTryTimeout(_)) => OutlierOutcome::Timeout,
-                    Err(SendError::Reset(_)) => OutlierOutcome::Reset,
-                },
-            );
-            // A retry needs room in the cluster's retry budget (`maxRetries`); without it the
-            // answer so far stands.
-            let mut last = attempt + 1 == tries;
-            if !last {
-                match cluster.breaker.retry() {
-                    Ok(p) => _retry = Some(p),
-                    Err(_) => last = true,
-                }
-            }
-            let cookie = chosen.set_cookie.clone();
-            match result {
-                Ok(resp) if policy.retries_response(&resp) && !last => {}
-                Ok(resp) => {
-                    if attempt > 0 && policy.retries_response(&resp) {
-                        out.flag("URX");
-                    }
-                    let mut resp = resp.map(|b| b.boxed());
-                    if let Some(v) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
-                        resp.headers_mut().append(header::SET_COOKIE, v);
-                    }
-                    return resp;
-                }
-                Err(e) => {
-                    debug!(error = %e, attempt, upstream = %ep.addr, "upstream attempt failed");
-                    if last || !policy.retries_error(&e) {
-                        out.flag(if attempt > 0 {
-                            "URX"
-                        } else if matches!(e, SendError::PerTryTimeout(_)) {
-                            "UT"
-                        } else {
-                            "UF"
-                        });
-                        return local(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers",
-                        );
-                    }
-                }
-            }
-        }
-        unreachable!("the last attempt always returns")
-    }
-}
-
-fn cluster_service(c: &Cluster) -> String {
-    c.service.hostname.clone()
-}
-
-/// A fire-and-forget copy to a mirror target, with `-shadow` appended to the host.
-fn mirror(
-    t: &Tunnel,
-    snap: &crate::state::Snapshot,
-    m: &Destination,
-    send: &Send<'_>,
-    authority: &str,
-    namespace: &str,
-    table: &super::routes::RouteTable,
-) {
-    let Some(svc) = snap.service_by_host(&m.host, namespace) else {
-        return debug!(host = %m.host, "mirror target unknown");
-    };
-    let subset = m.subset.as_ref().and_then(|s| table.subset_labels(&m.host, s));
-    let port = m.port.as_ref().map(|p| p.number as u16).unwrap_or_else(|| t.default_port(&svc));
-    let Some(ep) = upstream::pick(snap, &svc, port, t.vip.ip(), subset) else {
-        return debug!(host = %m.host, "mirror target has no endpoint");
-    };
-    let shadow = match authority.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => format!("{h}-shadow:{p}"),
-        _ => format!("{authority}-shadow"),
-    };
-    let Some(req) = send.request(&shadow) else { return };
-    // Copies are bounded: past MAX_MIRRORS in flight they are skipped, and each gets
-    // MIRROR_TIMEOUT, so a slow mirror target cannot pile up bodies in the waypoint.
-    let Ok(permit) = t.shared.mirrors.clone().try_acquire_owned() else {
-        return debug!(host = %m.host, "mirror skipped: too many in flight");
-    };
-    let (shared, h2, local_ip, headers) = (t.shared.clone(), send.h2, t.local_ip, send.connect_headers());
-    tokio::spawn(async move {
-        let copy = async {
-            match shared.upstreams.send(&ep, req, h2, local_ip, headers, None).await {
-                Ok(resp) => {
-                    let _ = resp.into_body().collect().await;
-                }
-                Err(e) => debug!(error = %e, "mirror failed"),
-            }
-        };
-        let _ = tokio::time::timeout(MIRROR_TIMEOUT, copy).await;
-        drop(permit);
-    });
-}
-
-/// Envoy's `retry_on` conditions.
-struct RetryOn {
-    any_5xx: bool,
-    gateway: bool,
-    reset: bool,
-    connect: bool,
-    retriable_4xx: bool,
-    codes: Vec<u16>,
-    grpc: Vec<&'static str>,
-}
-
-impl RetryOn {
-    fn parse(s: &str) -> Self {
-        let mut r = RetryOn {
-            any_5xx: false,
-            gateway: false,
-            reset: false,
-            connect: false,
-            retriable_4xx: false,
-            codes: vec![],
-            grpc: vec![],
-        };
-        for tok in s.split(',').map(str::trim) {
-            match tok {
-                "5xx" => r.any_5xx = true,
-                "gateway-error" => r.gateway = true,
-                "reset" => r.reset = true,
-                "connect-failure" | "refused-stream" => r.connect = true,
-                "retriable-4xx" => r.retriable_4xx = true,
-                // Istio sets 503 as the retriable status code.
-                "retriable-status-codes" => r.codes.push(503),
-                "cancelled" => r.grpc.push("1"),
-                "deadline-exceeded" => r.grpc.push("4"),
-                "resource-exhausted" => r.grpc.push("8"),
-                "internal" => r.grpc.push("13"),
-                "unavailable" => r.grpc.push("14"),
-                n => {
-                    if let Ok(code) = n.parse() {
-                        r.codes.push(code)
-                    }
-                }
-            }
-        }
-        r
-    }
-
-    fn retries_response<B>(&self, resp: &Response<B>) -> bool {
-        let s = resp.status().as_u16();
-        (self.any_5xx && s >= 500)
-            || (self.gateway && matches!(s, 502..=504))
-            || (self.retriable_4xx && s == 409)
-            || self.codes.contains(&s)
-            || header_str(resp.headers(), "grpc-status").is_some_and(|g| self.grpc.contains(&g))
-    }
-
-    fn retries_error(&self, e: &SendError) -> bool {
-        match e {
-            SendError::Connect(..) => self.connect || self.any_5xx || self.gateway || self.reset,
-            SendError::Reset(_) | SendError::PerTryTimeout(_) => self.any_5xx || self.gateway || self.reset,
-        }
-    }
-}
-
 /// An injected abort: the HTTP status, or for gRPC a trailers-only answer with the status.
 fn abort(a: &Abort, grpc: bool) -> Response<Body> {
     match (&a.grpc_status, a.http_status) {
@@ -766,112 +513,6 @@ fn grpc_code(name: &str) -> u32 {
     name.parse().unwrap_or_else(|_| NAMES.iter().position(|n| n.eq_ignore_ascii_case(name)).unwrap_or(2) as u32)
 }
 
-/// Requests whose framing is ambiguous are refused (request smuggling): both
-/// `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s.
-fn framing(h: &HeaderMap) -> Result<(), &'static str> {
-    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
-    if lengths > 1 {
-        return Err("duplicate Content-Length");
-    }
-    if lengths == 1 && h.contains_key(header::TRANSFER_ENCODING) {
-        return Err("both Content-Length and Transfer-Encoding");
-    }
-    Ok(())
-}
-
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"] {
-        h.remove(n);
-    }
-}
-
-/// `set`, then `add`, then `remove`, as Envoy orders them.
-fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
-    let Some(ops) = ops else { return };
-    let pair = |k: &str, v: &str| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?));
-    for (k, v) in ops.set.iter().filter_map(|(k, v)| pair(k, v)) {
-        h.insert(k, v);
-    }
-    for (k, v) in ops.add.iter().filter_map(|(k, v)| pair(k, v)) {
-        h.append(k, v);
-    }
-    for k in &ops.remove {
-        h.remove(k.as_str());
-    }
-}
-
-/// Gives the request an `x-request-id` if it has none (the `traceparent` is already this
-/// hop's span, set when the request came in).
-fn request_id(h: &mut HeaderMap) {
-    if !h.contains_key("x-request-id") {
-        let id = format!("{:032x}", fastrand::u128(..));
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            h.insert("x-request-id", v);
-        }
-    }
-}
-
-fn is_preflight<B>(req: &Request<B>) -> bool {
-    req.method() == Method::OPTIONS && req.headers().contains_key("access-control-request-method")
-}
-
-fn cors_headers(h: &mut HeaderMap, c: &routing::Cors, origin: &str, preflight: bool) {
-    let mut set = |k: &'static str, v: String| {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(k, v);
-        }
-    };
-    set("access-control-allow-origin", origin.to_string());
-    if c.policy.allow_credentials == Some(true) {
-        set("access-control-allow-credentials", "true".into());
-    }
-    if !c.policy.expose_headers.is_empty() {
-        set("access-control-expose-headers", c.policy.expose_headers.join(","));
-    }
-    if preflight {
-        if !c.policy.allow_methods.is_empty() {
-            set("access-control-allow-methods", c.policy.allow_methods.join(","));
-        }
-        if !c.policy.allow_headers.is_empty() {
-            set("access-control-allow-headers", c.policy.allow_headers.join(","));
-        }
-        if let Some(age) = c.policy.max_age.as_deref().and_then(|a| routing::duration(a).ok()) {
-            set("access-control-max-age", age.as_secs().to_string());
-        }
-    }
-}
-
-fn hit(percent: f64) -> bool {
-    percent >= 100.0 || fastrand::f64() * 100.0 < percent
-}
-
-fn is_grpc(h: &HeaderMap) -> bool {
-    header_str(h, "content-type").is_some_and(|c| c.starts_with("application/grpc"))
-}
-
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// `:authority`, else `Host`, else the address the client dialled.
-fn authority_of<B>(req: &Request<B>, vip: SocketAddr) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| header_str(req.headers(), "host").map(str::to_string))
-        .unwrap_or_else(|| vip.to_string())
-}
-
 /// A response the waypoint makes itself.
 /// Marks a response the waypoint made itself (not the upstream's).
 #[derive(Clone, Copy)]
@@ -906,4 +547,8 @@ pub(super) fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<Body
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
     r
+}
+
+fn hit(percent: f64) -> bool {
+    percent >= 100.0 || fastrand::f64() * 100.0 < percent
 }

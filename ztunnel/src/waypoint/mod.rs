@@ -10,7 +10,8 @@
 //! - [`gateway_routes`]: Gateway API routes (HTTPRoute, GRPCRoute, TCPRoute attached to a
 //!   Service or to the waypoint's Gateway), which take precedence over VirtualServices;
 //! - [`authz`]: L7 AuthorizationPolicy;
-//! - `http`: the per-request path; `upstream`: endpoints, HBONE and HTTP client reuse;
+//! - `http`: the per-request path, `send` its attempts, retries and mirrors, `headers` the
+//!   header rules; `upstream`: endpoints, HBONE and HTTP client reuse;
 //! - [`telemetry`]: Istio's request metrics; [`access_log`]: the per-request line, written
 //!   in batches by [`log_writer`].
 pub mod access_log;
@@ -18,12 +19,14 @@ pub mod authz;
 pub mod circuit;
 mod framing;
 pub mod gateway_routes;
+mod headers;
 pub(crate) mod http;
 pub mod lb;
 pub mod log_writer;
 pub mod outlier;
 mod path;
 pub mod routes;
+mod send;
 pub(crate) mod tcp;
 pub mod telemetry;
 #[cfg(test)]

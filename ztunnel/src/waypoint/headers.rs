@@ -1,0 +1,111 @@
+//! The request and response headers the waypoint reads and rewrites as Envoy does: framing
+//! checks against request smuggling, hop-by-hop headers, a route's `headers` operations,
+//! `x-request-id`, CORS, and the few lookups every part of the request path shares.
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request};
+
+use crate::routing::{self, spec::HeaderOperations};
+
+/// Requests whose framing is ambiguous are refused (request smuggling): both
+/// `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s.
+pub(super) fn framing(h: &HeaderMap) -> Result<(), &'static str> {
+    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 1 {
+        return Err("duplicate Content-Length");
+    }
+    if lengths == 1 && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    Ok(())
+}
+
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"] {
+        h.remove(n);
+    }
+}
+
+/// `set`, then `add`, then `remove`, as Envoy orders them.
+pub(super) fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
+    let Some(ops) = ops else { return };
+    let pair = |k: &str, v: &str| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?));
+    for (k, v) in ops.set.iter().filter_map(|(k, v)| pair(k, v)) {
+        h.insert(k, v);
+    }
+    for (k, v) in ops.add.iter().filter_map(|(k, v)| pair(k, v)) {
+        h.append(k, v);
+    }
+    for k in &ops.remove {
+        h.remove(k.as_str());
+    }
+}
+
+/// Gives the request an `x-request-id` if it has none (the `traceparent` is already this
+/// hop's span, set when the request came in).
+pub(super) fn request_id(h: &mut HeaderMap) {
+    if !h.contains_key("x-request-id") {
+        let id = format!("{:032x}", fastrand::u128(..));
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            h.insert("x-request-id", v);
+        }
+    }
+}
+
+pub(super) fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == Method::OPTIONS && req.headers().contains_key("access-control-request-method")
+}
+
+pub(super) fn cors_headers(h: &mut HeaderMap, c: &routing::Cors, origin: &str, preflight: bool) {
+    let mut set = |k: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    set("access-control-allow-origin", origin.to_string());
+    if c.policy.allow_credentials == Some(true) {
+        set("access-control-allow-credentials", "true".into());
+    }
+    if !c.policy.expose_headers.is_empty() {
+        set("access-control-expose-headers", c.policy.expose_headers.join(","));
+    }
+    if preflight {
+        if !c.policy.allow_methods.is_empty() {
+            set("access-control-allow-methods", c.policy.allow_methods.join(","));
+        }
+        if !c.policy.allow_headers.is_empty() {
+            set("access-control-allow-headers", c.policy.allow_headers.join(","));
+        }
+        if let Some(age) = c.policy.max_age.as_deref().and_then(|a| routing::duration(a).ok()) {
+            set("access-control-max-age", age.as_secs().to_string());
+        }
+    }
+}
+
+pub(super) fn is_grpc(h: &HeaderMap) -> bool {
+    header_str(h, "content-type").is_some_and(|c| c.starts_with("application/grpc"))
+}
+
+pub(super) fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `:authority`, else `Host`, else the address the client dialled.
+pub(super) fn authority_of<B>(req: &Request<B>, vip: SocketAddr) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| header_str(req.headers(), "host").map(str::to_string))
+        .unwrap_or_else(|| vip.to_string())
+}
