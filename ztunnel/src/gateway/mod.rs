@@ -152,6 +152,7 @@ fn tunnel(
         peer_addr: crate::proxy::canonical(peer),
         local_ip: local.ip(),
         vip: local,
+        text: Default::default(),
     })
 }
 

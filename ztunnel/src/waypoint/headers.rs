@@ -56,8 +56,11 @@ pub(super) fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
 /// hop's span, set when the request came in).
 pub(super) fn request_id(h: &mut HeaderMap) {
     if !h.contains_key("x-request-id") {
-        let id = format!("{:032x}", fastrand::u128(..));
-        if let Ok(v) = HeaderValue::from_str(&id) {
+        let (n, mut id) = (fastrand::u128(..), [0u8; 32]);
+        for (i, c) in id.iter_mut().enumerate() {
+            *c = b"0123456789abcdef"[(n >> (124 - 4 * i)) as usize & 0xf];
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&id) {
             h.insert("x-request-id", v);
         }
     }
@@ -108,4 +111,23 @@ pub(super) fn authority_of<B>(req: &Request<B>, vip: SocketAddr) -> String {
         .map(|a| a.to_string())
         .or_else(|| header_str(req.headers(), "host").map(str::to_string))
         .unwrap_or_else(|| vip.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_an_id_gets_32_hex_digits_and_one_with_an_id_keeps_it() {
+        let mut h = HeaderMap::new();
+        request_id(&mut h);
+        let id = h["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{id}");
+        let mut again = HeaderMap::new();
+        request_id(&mut again);
+        assert_ne!(again["x-request-id"], id.as_str(), "ids are random");
+        request_id(&mut h);
+        assert_eq!(h["x-request-id"], id.as_str());
+    }
 }

@@ -7,12 +7,12 @@
 //! can send the same bytes again; response bodies stream through.
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -61,6 +61,18 @@ pub(crate) struct Tunnel {
     pub vip: SocketAddr,
     /// The request series this tunnel's requests count in.
     pub series: Arc<TunnelSeries>,
+    /// Texts every request of the tunnel repeats (see [`TunnelText`]).
+    pub text: TunnelText,
+}
+
+/// What each request's log line and headers repeat from its tunnel, rendered on the first
+/// request that needs it rather than on every one (a keep-alive tunnel carries many).
+#[derive(Default)]
+pub(crate) struct TunnelText {
+    peer: OnceLock<Arc<str>>,
+    peer_addr: OnceLock<Arc<str>>,
+    vip: OnceLock<Arc<str>>,
+    forwarded_client_cert: OnceLock<Option<HeaderValue>>,
 }
 
 /// Which side of the mesh a connection came from, which decides policy and route lookup.
@@ -106,9 +118,29 @@ impl Tunnel {
         }
     }
 
-    /// The caller's identity for logs and `x-forwarded-client-cert` (`-` outside the mesh).
-    fn peer_text(&self) -> String {
-        self.peer().map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+    /// The caller's identity for logs and policy (`-` outside the mesh).
+    fn peer_text(&self) -> Arc<str> {
+        self.text.peer.get_or_init(|| self.peer().map(|p| p.to_string()).unwrap_or_else(|| "-".into()).into()).clone()
+    }
+
+    fn peer_addr_text(&self) -> Arc<str> {
+        self.text.peer_addr.get_or_init(|| self.peer_addr.to_string().into()).clone()
+    }
+
+    fn vip_text(&self) -> Arc<str> {
+        self.text.vip.get_or_init(|| self.vip.to_string().into()).clone()
+    }
+
+    /// `x-forwarded-client-cert` as the app receives it: the waypoint's identity (`By`) and
+    /// the caller's (`URI`); none outside the mesh.
+    fn forwarded_client_cert(&self) -> Option<HeaderValue> {
+        self.text
+            .forwarded_client_cert
+            .get_or_init(|| {
+                let peer = self.peer()?;
+                HeaderValue::from_str(&format!("By={};URI={peer}", self.shared.upstreams.identity)).ok()
+            })
+            .clone()
     }
 }
 
@@ -158,7 +190,7 @@ async fn handle(t: Arc<Tunnel>, mut req: Request<Incoming>) -> Result<Response<B
             KeyValue::new("http.request.method", req.method().to_string()),
             KeyValue::new("url.path", req.uri().path().to_string()),
             KeyValue::new("server.address", authority.clone()),
-            KeyValue::new("istio.source_principal", t.peer_text()),
+            KeyValue::new("istio.source_principal", t.peer_text().to_string()),
             KeyValue::new("istio.namespace", t.home_namespace().to_string()),
         ];
         (format!("{authority}{}", req.uri().path()), attrs)
@@ -171,18 +203,18 @@ async fn handle(t: Arc<Tunnel>, mut req: Request<Incoming>) -> Result<Response<B
         method: req.method().to_string(),
         path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         authority,
-        protocol: format!("{:?}", req.version()),
+        protocol: protocol_name(req.version()),
         source_principal: t.peer_text(),
-        downstream_remote: t.peer_addr.to_string(),
-        downstream_local: t.vip.to_string(),
+        downstream_remote: t.peer_addr_text(),
+        downstream_local: t.vip_text(),
         request_headers: t.shared.access_log.capture_request(req.headers()),
         traceparent: span.traceparent(),
         ..Default::default()
     };
     let grpc = is_grpc(req.headers());
     let mut out = Outcome::default();
-    let resp = process(&t, req, &mut out).await;
-    Ok(observe(&t, log, &out, resp, grpc, started, span))
+    let resp = process(&t, req, &log.authority, &mut out).await;
+    Ok(observe(&t, log, out, resp, grpc, started, span))
 }
 
 /// Labels and access-log fields of a request whose response head is ready; the metrics and
@@ -190,45 +222,45 @@ async fn handle(t: Arc<Tunnel>, mut req: Request<Incoming>) -> Result<Response<B
 fn observe(
     t: &Tunnel,
     mut log: Record,
-    out: &Outcome,
+    mut out: Outcome,
     resp: Response<Body>,
     grpc: bool,
     started: Instant,
     span: Span,
 ) -> Response<Body> {
-    let service = out.upstream.as_ref().map(|e| &e.service).or(t.service()).cloned();
     let src = match &t.front {
         Front::Mesh { .. } => t.shared.state.snapshot().workload_by_ip(t.peer_addr.ip()),
         // An ingress gateway reports as the source of the request, as Istio's does: the
         // client outside the mesh is not a workload.
         Front::Ingress { .. } => None,
     };
+    // Empty fields are written `-` by the log's formats.
+    log.response_code = resp.status().as_u16();
+    log.response_code_details = code_details(&resp, &out);
+    log.response_flags = out.flags.join(",");
+    log.route_name = std::mem::take(&mut out.route);
+    if let Some(e) = &out.upstream {
+        log.upstream_host = e.addr.to_string();
+        log.upstream_cluster = e.service.hostname.clone();
+    }
+    log.bytes_received = out.request_bytes;
+    log.response_headers = t.shared.access_log.capture_response(resp.headers());
     let key = SeriesKey {
         src,
         dst: out.upstream.as_ref().map(|e| e.workload.clone()),
-        service,
+        service: out.upstream.map(|e| e.service).or_else(|| t.service().cloned()),
         grpc,
-        flags: out.flags.clone(),
+        flags: out.flags,
         code: resp.status().as_u16(),
         grpc_status: GrpcStatus::of(header_str(resp.headers(), "grpc-status")),
     };
-    // `-` when empty, written by the log's formats.
-    let flags = out.flags.join(",");
-    log.response_code = resp.status().as_u16();
-    log.response_flags = flags;
-    log.route_name = out.route.clone();
-    log.upstream_host = out.upstream.as_ref().map(|e| e.addr.to_string()).unwrap_or_else(|| "-".into());
-    log.upstream_cluster = out.upstream.as_ref().map(|e| e.service.hostname.clone()).unwrap_or_else(|| "-".into());
-    log.bytes_received = out.request_bytes;
-    log.response_code_details = code_details(&resp, out).to_string();
-    log.response_headers = t.shared.access_log.capture_response(resp.headers());
     let logger = t.shared.access_log.clone();
     let series = (t.shared.requests.clone(), t.series.clone(), key);
     let recorder = Recorder::new(series, (log, logger), started, out.request_bytes, span);
     resp.map(|body| Observed::new(body, recorder).boxed())
 }
 
-async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Response<Body> {
+async fn process(t: &Tunnel, req: Request<Incoming>, authority: &str, out: &mut Outcome) -> Response<Body> {
     if let Err(why) = framing(req.headers()) {
         let mut r = local(StatusCode::BAD_REQUEST, why);
         r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -239,33 +271,36 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
         r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
-    let authority = authority_of(&req, t.vip);
-    let raw = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // One normalized path for policy, routing and the upstream alike.
-    let path = match super::path::normalize(&raw) {
+    let path = match super::path::normalize(raw) {
         Ok(p) => p,
         Err(bad) => return local(StatusCode::BAD_REQUEST, bad.0),
     };
-    let path_only = path.split_once('?').map(|(p, _)| p).unwrap_or(&path).to_string();
+    let path_only = path.split_once('?').map_or(path.as_str(), |(p, _)| p);
     let rreq = routing::Request {
         method: req.method().as_str().into(),
         scheme: req.uri().scheme_str().unwrap_or("http").into(),
-        authority: authority.as_str().into(),
+        authority: authority.into(),
         path: path.as_str().into(),
-        headers: req.headers().iter().filter_map(|(k, v)| Some((k.as_str().into(), v.to_str().ok()?.into()))).collect(),
+        headers: {
+            let mut h = Vec::with_capacity(req.headers().len());
+            h.extend(req.headers().iter().filter_map(|(k, v)| Some((k.as_str().into(), v.to_str().ok()?.into()))));
+            h
+        },
         port: t.vip.port(),
     };
     let table = t.shared.routes.table();
     let route = match &t.front {
         Front::Mesh { peer, service } => {
-            let principal = peer.to_string();
+            let principal = t.peer_text();
             let facts = RequestFacts {
                 principal: Some(principal.strip_prefix("spiffe://").unwrap_or(&principal)),
                 namespace: Some(peer.namespace()),
                 source_ip: t.peer_addr.ip(),
                 method: req.method().as_str(),
-                path: &path_only,
-                host: &authority,
+                path: path_only,
+                host: authority,
                 port: t.vip.port(),
                 headers: req.headers(),
                 http: true,
@@ -286,7 +321,7 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
         // 404, as at Istio's ingress gateway.
         Front::Ingress { gateways, gateway_api } => {
             let host =
-                authority.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(&*authority, |(h, _)| h);
+                authority.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(authority, |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
             match table.ingress_route(gateways, gateway_api, t.vip.port(), host) {
                 Some(r) => Some(r),
@@ -339,7 +374,8 @@ async fn process(t: &Tunnel, req: Request<Incoming>, out: &mut Outcome) -> Respo
             Some(service) => {
                 let destination = Destination { host: service.hostname.clone(), subset: None, port: None };
                 let ns = service.namespace.clone();
-                let target = Target { destination, path, authority, headers: None, namespace: &ns };
+                let target =
+                    Target { destination, path, authority: authority.to_string(), headers: None, namespace: &ns };
                 forward(t, req, out, None, target, &table).await
             }
             None => {
@@ -416,10 +452,8 @@ async fn forward(
     strip_hop_by_hop(&mut headers);
     // The app learns the caller from the waypoint, never from what the caller wrote.
     headers.remove("x-forwarded-client-cert");
-    if let Some(peer) = t.peer() {
-        if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={peer}", t.shared.upstreams.identity)) {
-            headers.insert("x-forwarded-client-cert", v);
-        }
+    if let Some(v) = t.forwarded_client_cert() {
+        headers.insert("x-forwarded-client-cert", v);
     }
     for ops in [rule.and_then(|r| r.headers.as_ref()), target.headers.as_deref()].into_iter().flatten() {
         apply(&mut headers, ops.request.as_ref());
@@ -551,4 +585,29 @@ pub(super) fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<Body
 
 fn hit(percent: f64) -> bool {
     percent >= 100.0 || fastrand::f64() * 100.0 < percent
+}
+
+/// The protocol as Envoy's `%PROTOCOL%` names it.
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "-",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_log_names_protocols_as_envoy_does() {
+        assert_eq!(protocol_name(Version::HTTP_11), "HTTP/1.1");
+        assert_eq!(protocol_name(Version::HTTP_10), "HTTP/1.0");
+        // Envoy's %PROTOCOL% (not the http crate's `HTTP/2.0`).
+        assert_eq!(protocol_name(Version::HTTP_2), "HTTP/2");
+    }
 }

@@ -415,6 +415,7 @@ impl TunnelHandler for Handler {
             peer_addr: self.peer,
             local_ip: self.local_ip,
             vip,
+            text: Default::default(),
         });
         Ok(if tcp { Accepted::Tcp(tunnel) } else { Accepted::Http(tunnel) })
     }

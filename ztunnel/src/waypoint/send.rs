@@ -68,7 +68,7 @@ impl Send<'_> {
     ) -> Response<Body> {
         let policy = RetryOn::parse(&retries.retry_on);
         let tries = 1 + retries.attempts;
-        let svc = &cluster_service(cluster);
+        let svc = cluster.service.hostname.as_str();
         let (_request, _connection) = match cluster.admit().await {
             Ok(p) => p,
             Err(overflow) => {
@@ -102,7 +102,7 @@ impl Send<'_> {
                 req,
                 self.h2,
                 self.t.local_ip,
-                self.connect_headers(),
+                || self.connect_headers(),
                 per_connection,
             );
             let result = match retries.per_try_timeout {
@@ -162,10 +162,6 @@ impl Send<'_> {
     }
 }
 
-fn cluster_service(c: &Cluster) -> String {
-    c.service.hostname.clone()
-}
-
 /// A fire-and-forget copy to a mirror target, with `-shadow` appended to the host.
 pub(super) fn mirror(
     t: &Tunnel,
@@ -197,7 +193,7 @@ pub(super) fn mirror(
     let (shared, h2, local_ip, headers) = (t.shared.clone(), send.h2, t.local_ip, send.connect_headers());
     tokio::spawn(async move {
         let copy = async {
-            match shared.upstreams.send(&ep, req, h2, local_ip, headers, None).await {
+            match shared.upstreams.send(&ep, req, h2, local_ip, || headers, None).await {
                 Ok(resp) => {
                     let _ = resp.into_body().collect().await;
                 }
@@ -216,8 +212,12 @@ struct RetryOn {
     reset: bool,
     connect: bool,
     retriable_4xx: bool,
+    /// `retriable-status-codes`: Istio lists 503 there.
+    status_503: bool,
+    /// Status codes named by number.
     codes: Vec<u16>,
-    grpc: Vec<&'static str>,
+    /// gRPC status codes (bit n: code n).
+    grpc: u32,
 }
 
 impl RetryOn {
@@ -228,8 +228,9 @@ impl RetryOn {
             reset: false,
             connect: false,
             retriable_4xx: false,
+            status_503: false,
             codes: vec![],
-            grpc: vec![],
+            grpc: 0,
         };
         for tok in s.split(',').map(str::trim) {
             match tok {
@@ -239,12 +240,12 @@ impl RetryOn {
                 "connect-failure" | "refused-stream" => r.connect = true,
                 "retriable-4xx" => r.retriable_4xx = true,
                 // Istio sets 503 as the retriable status code.
-                "retriable-status-codes" => r.codes.push(503),
-                "cancelled" => r.grpc.push("1"),
-                "deadline-exceeded" => r.grpc.push("4"),
-                "resource-exhausted" => r.grpc.push("8"),
-                "internal" => r.grpc.push("13"),
-                "unavailable" => r.grpc.push("14"),
+                "retriable-status-codes" => r.status_503 = true,
+                "cancelled" => r.grpc |= 1 << 1,
+                "deadline-exceeded" => r.grpc |= 1 << 4,
+                "resource-exhausted" => r.grpc |= 1 << 8,
+                "internal" => r.grpc |= 1 << 13,
+                "unavailable" => r.grpc |= 1 << 14,
                 n => {
                     if let Ok(code) = n.parse() {
                         r.codes.push(code)
@@ -260,8 +261,11 @@ impl RetryOn {
         (self.any_5xx && s >= 500)
             || (self.gateway && matches!(s, 502..=504))
             || (self.retriable_4xx && s == 409)
+            || (self.status_503 && s == 503)
             || self.codes.contains(&s)
-            || header_str(resp.headers(), "grpc-status").is_some_and(|g| self.grpc.contains(&g))
+            || header_str(resp.headers(), "grpc-status")
+                .and_then(|g| g.parse::<u32>().ok())
+                .is_some_and(|g| g < 32 && self.grpc & (1 << g) != 0)
     }
 
     fn retries_error(&self, e: &SendError) -> bool {
@@ -269,5 +273,45 @@ impl RetryOn {
             SendError::Connect(..) => self.connect || self.any_5xx || self.gateway || self.reset,
             SendError::Reset(_) | SendError::PerTryTimeout(_) => self.any_5xx || self.gateway || self.reset,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::DEFAULT_RETRY_ON;
+
+    fn response(status: u16, grpc: Option<&str>) -> Response<()> {
+        let mut r = Response::builder().status(status);
+        if let Some(g) = grpc {
+            r = r.header("grpc-status", g);
+        }
+        r.body(()).unwrap()
+    }
+
+    #[test]
+    fn istios_default_retry_on_retries_503_and_grpc_unavailable_or_cancelled_only() {
+        let p = RetryOn::parse(DEFAULT_RETRY_ON);
+        assert!(p.retries_response(&response(503, None)));
+        assert!(!p.retries_response(&response(500, None)));
+        assert!(!p.retries_response(&response(502, None)));
+        assert!(p.retries_response(&response(200, Some("14"))));
+        assert!(p.retries_response(&response(200, Some("1"))));
+        assert!(!p.retries_response(&response(200, Some("2"))));
+        assert!(!p.retries_response(&response(200, Some("4"))));
+        assert!(!p.retries_response(&response(200, Some("99"))));
+        assert!(!p.retries_response(&response(200, Some("fourteen"))));
+    }
+
+    #[test]
+    fn retry_on_takes_status_codes_by_number_and_grpc_names() {
+        let p = RetryOn::parse("409, 429,deadline-exceeded,resource-exhausted,internal");
+        assert!(p.retries_response(&response(409, None)));
+        assert!(p.retries_response(&response(429, None)));
+        assert!(!p.retries_response(&response(503, None)));
+        for g in ["4", "8", "13"] {
+            assert!(p.retries_response(&response(200, Some(g))), "{g}");
+        }
+        assert!(!p.retries_response(&response(200, Some("14"))));
     }
 }

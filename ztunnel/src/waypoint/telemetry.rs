@@ -318,8 +318,8 @@ impl Recorder {
             let attrs = vec![
                 KeyValue::new("http.response.status_code", code as i64),
                 KeyValue::new("istio.response_flags", dash(&self.log.response_flags).to_string()),
-                KeyValue::new("upstream.address", self.log.upstream_host.clone()),
-                KeyValue::new("upstream.cluster", self.log.upstream_cluster.clone()),
+                KeyValue::new("upstream.address", dash(&self.log.upstream_host).to_string()),
+                KeyValue::new("upstream.cluster", dash(&self.log.upstream_cluster).to_string()),
                 KeyValue::new("http.request.body.size", self.request_bytes as i64),
                 KeyValue::new("http.response.body.size", self.response_bytes as i64),
             ];
