@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{
-    SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, TraceState, Tracer as _, TracerProvider as _,
-};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, TraceState, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -106,32 +104,25 @@ impl Tracer {
     /// trace), and rewrites `headers`' `traceparent` to this span, so whatever is called next
     /// sees it as its parent. `tracestate` is kept.
     pub fn start(&self, name: &str, kind: SpanKind, headers: &mut HeaderMap, attrs: Vec<KeyValue>) -> Span {
+        let Some((tracer, _)) = &self.inner else {
+            return local_span(headers);
+        };
         let propagator = TraceContextPropagator::new();
         let parent = propagator.extract(&opentelemetry_http::HeaderExtractor(headers));
-        let cx = match &self.inner {
-            Some((tracer, _)) => {
-                let span = tracer
-                    .span_builder(name.to_string())
-                    .with_kind(kind)
-                    .with_attributes(attrs)
-                    .start_with_context(tracer, &parent);
-                parent.with_span(span)
-            }
-            None => {
-                // Not exported: a new span id under the caller's trace (or a new sampled trace,
-                // so a tracer further along records it), as before tracing existed.
-                let p = parent.span().span_context().clone();
-                let (trace, flags, state) = if p.is_valid() {
-                    (p.trace_id(), p.trace_flags(), p.trace_state().clone())
-                } else {
-                    (fastrand::u128(1..).into(), TraceFlags::SAMPLED, TraceState::default())
-                };
-                let sc = SpanContext::new(trace, fastrand::u64(1..).into(), flags, false, state);
-                Context::new().with_remote_span_context(sc)
-            }
-        };
+        let span = tracer
+            .span_builder(name.to_string())
+            .with_kind(kind)
+            .with_attributes(attrs)
+            .start_with_context(tracer, &parent);
+        let cx = parent.with_span(span);
         propagator.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
-        Span { cx, exported: self.inner.is_some() }
+        let sc = cx.span().span_context().clone();
+        let ids = Ids {
+            trace: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span: u64::from_be_bytes(sc.span_id().to_bytes()),
+            sampled: sc.is_sampled(),
+        };
+        Span { cx: Some(cx), ids }
     }
 
     /// Sends what is batched (tests, and shutdown).
@@ -142,29 +133,108 @@ impl Tracer {
     }
 }
 
+/// Not exported: a new span id under the caller's trace (or a new sampled trace, so a tracer
+/// further along records it), with the caller's `tracestate`. This runs for every request
+/// when tracing is off, so it reads and writes the two headers itself instead of building
+/// OpenTelemetry contexts (a dozen allocations); [`parent`] reads them exactly as the SDK's
+/// W3C propagator does (test `the_local_path_reads_traceparent_as_the_sdk_does`).
+fn local_span(headers: &mut HeaderMap) -> Span {
+    let (trace, sampled, state) = match parent(headers) {
+        Some((trace, sampled)) => {
+            // The SDK re-serializes a valid `tracestate` and writes an empty one for an
+            // invalid or missing header; the same here, parsed only when one came.
+            let state = headers
+                .get(TRACESTATE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.parse::<TraceState>().unwrap_or_default().header())
+                .unwrap_or_default();
+            (trace, sampled, state)
+        }
+        None => (fastrand::u128(1..), true, String::new()),
+    };
+    let ids = Ids { trace, span: fastrand::u64(1..), sampled };
+    if let Ok(v) = http::HeaderValue::from_bytes(&ids.traceparent_bytes()) {
+        headers.insert(TRACEPARENT, v);
+    }
+    let state = if state.is_empty() { Ok(http::HeaderValue::from_static("")) } else { state.parse() };
+    if let Ok(v) = state {
+        headers.insert(TRACESTATE, v);
+    }
+    Span { cx: None, ids }
+}
+
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// The caller's trace id and sampled flag from `traceparent`, by the rules of the SDK's
+/// `TraceContextPropagator` (version 0 has exactly four fields, up to 254 with more; lower
+/// case hex; ids not zero; only the sampled flag is kept); `None` when it has none valid.
+fn parent(headers: &HeaderMap) -> Option<(u128, bool)> {
+    let v = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok())?.trim();
+    let mut parts = v.split_terminator('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let version = u8::from_str_radix(version, 16).ok()?;
+    let more = parts.next().is_some();
+    if version == 255 || (version == 0 && more) {
+        return None;
+    }
+    let lower = |s: &str| !s.bytes().any(|c| c.is_ascii_uppercase());
+    if !lower(trace) || !lower(span) || !lower(flags) {
+        return None;
+    }
+    let trace = u128::from_str_radix(trace, 16).ok()?;
+    let span = u64::from_str_radix(span, 16).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    (trace != 0 && span != 0).then_some((trace, flags & 1 == 1))
+}
+
+/// A span's W3C ids.
+#[derive(Debug, Clone, Copy)]
+struct Ids {
+    trace: u128,
+    span: u64,
+    sampled: bool,
+}
+
+impl Ids {
+    /// `00-<trace>-<span>-<flags>`, 55 bytes.
+    fn traceparent_bytes(&self) -> [u8; 55] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        for i in 0..32 {
+            b[3 + i] = HEX[(self.trace >> (124 - 4 * i)) as usize & 0xf];
+        }
+        for i in 0..16 {
+            b[36 + i] = HEX[(self.span >> (60 - 4 * i)) as usize & 0xf];
+        }
+        b[54] = if self.sampled { b'1' } else { b'0' };
+        b
+    }
+}
+
 /// One started span; [`Span::finish`] ends it. Dropped unfinished, it ends as an error.
 #[derive(Debug)]
 pub struct Span {
-    cx: Context,
-    exported: bool,
+    /// The exported span's context; `None` when not exported.
+    cx: Option<Context>,
+    ids: Ids,
 }
 
 impl Span {
     /// True when this span is exported, so attributes for [`Span::finish`] are worth building.
     pub fn exported(&self) -> bool {
-        self.exported
+        self.cx.is_some()
     }
 
     /// The `traceparent` value this span hands on (its own ids).
     pub fn traceparent(&self) -> String {
-        let sc = self.cx.span().span_context().clone();
-        format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
+        String::from_utf8_lossy(&self.ids.traceparent_bytes()).into_owned()
     }
 
     /// Adds attributes known only at the end (status code, response flags, bytes).
     pub fn finish(self, attrs: Vec<KeyValue>, error: Option<String>) {
-        if self.exported {
-            let span = self.cx.span();
+        if let Some(cx) = &self.cx {
+            let span = cx.span();
             span.set_attributes(attrs);
             if let Some(e) = error {
                 span.set_status(Status::error(e));
@@ -177,8 +247,8 @@ impl Span {
 impl Drop for Span {
     fn drop(&mut self) {
         // `finish` ends the span first; ending twice is a no-op in the SDK.
-        if self.exported {
-            self.cx.span().end();
+        if let Some(cx) = &self.cx {
+            cx.span().end();
         }
     }
 }

@@ -86,3 +86,68 @@ fn sampling_out_of_range_is_refused() {
     c.sampling = 1.5;
     assert!(matches!(Tracer::otlp(&c), Err(TraceError::Sampling(_))));
 }
+
+/// What the SDK's propagator reads from `traceparent` and `tracestate`: the trace id, the
+/// sampled flag and the `tracestate` it would write onward; `None` when not valid.
+fn sdk_reading(h: &HeaderMap) -> Option<(u128, bool, String)> {
+    let cx = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(h));
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| (u128::from_be_bytes(sc.trace_id().to_bytes()), sc.is_sampled(), sc.trace_state().header()))
+}
+
+#[test]
+fn the_local_path_reads_traceparent_as_the_sdk_does() {
+    let cases = [
+        PARENT,
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-ff",
+        "  00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01  ",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01--",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        "fe-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-B7AD6B7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0A",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "00-1-2-1",
+        "0-abc-def-1",
+        "+0-abc-def-1",
+        "00-+abc-def-01",
+        "00-0af7651916cd43dd8448eb211c80319c0-b7ad6b7169203331-01",
+        "00-zz-nothex-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        "",
+        "----",
+    ];
+    let states = [None, Some("congo=t61rcWkgMzE"), Some("a=1,b=2"), Some("not a valid state"), Some("")];
+    for tp in cases {
+        for state in states {
+            let mut h = headers(None);
+            h.insert("traceparent", http::HeaderValue::from_str(tp).unwrap());
+            if let Some(s) = state {
+                h.insert("tracestate", http::HeaderValue::from_str(s).unwrap());
+            }
+            let want = sdk_reading(&h);
+            assert_eq!(parent(&h), want.as_ref().map(|(t, s, _)| (*t, *s)), "traceparent {tp:?}");
+            let span = Tracer::disabled().start("x", SpanKind::Server, &mut h, vec![]);
+            let out = h["traceparent"].to_str().unwrap().to_string();
+            assert_eq!(out, span.traceparent());
+            let onward = sdk_reading(&h).expect("a valid traceparent is handed on");
+            match &want {
+                Some((trace, sampled, state)) => {
+                    assert_eq!((onward.0, onward.1), (*trace, *sampled), "{tp:?} -> {out}");
+                    assert_eq!(h["tracestate"], state.as_str(), "{tp:?} {state:?}");
+                }
+                None => {
+                    assert!(onward.1, "a new trace is sampled: {out}");
+                    assert_eq!(h["tracestate"], "", "a new trace has no state");
+                }
+            }
+        }
+    }
+}
