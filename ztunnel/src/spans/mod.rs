@@ -153,7 +153,7 @@ fn local_span(headers: &mut HeaderMap) -> Span {
         None => (fastrand::u128(1..), true, String::new()),
     };
     let ids = Ids { trace, span: fastrand::u64(1..), sampled };
-    if let Ok(v) = http::HeaderValue::from_bytes(&ids.traceparent_bytes()) {
+    if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(ids.traceparent_bytes())) {
         headers.insert(TRACEPARENT, v);
     }
     let state = if state.is_empty() { Ok(http::HeaderValue::from_static("")) } else { state.parse() };

@@ -60,7 +60,9 @@ pub(super) fn request_id(h: &mut HeaderMap) {
         for (i, c) in id.iter_mut().enumerate() {
             *c = b"0123456789abcdef"[(n >> (124 - 4 * i)) as usize & 0xf];
         }
-        if let Ok(v) = HeaderValue::from_bytes(&id) {
+        // Owned by its `Bytes` from the start, so the copies a send and its retries make
+        // share it (a value made from a slice is copied again on its first clone).
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id)) {
             h.insert("x-request-id", v);
         }
     }

@@ -427,6 +427,11 @@ impl Balancer {
 
     /// Envoy's priority load: `draw` in 0..100 against each priority's share.
     fn choose_priority(&self, draw: u64, ok: &dyn Fn(usize) -> bool) -> Option<&Priority> {
+        // One priority (no locality failover) takes all the load while any member is healthy:
+        // what the shares below come to, without building them for every request.
+        if let [only] = self.priorities.as_slice() {
+            return only.members.iter().any(|&m| ok(m as usize)).then_some(only);
+        }
         let health: Vec<u64> = self
             .priorities
             .iter()
