@@ -144,7 +144,7 @@ fn local_span(headers: &mut HeaderMap) -> Span {
             // The SDK re-serializes a valid `tracestate` and writes an empty one for an
             // invalid or missing header; the same here, parsed only when one came.
             let state = headers
-                .get(TRACESTATE)
+                .get(&TRACESTATE)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.parse::<TraceState>().unwrap_or_default().header())
                 .unwrap_or_default();
@@ -154,23 +154,23 @@ fn local_span(headers: &mut HeaderMap) -> Span {
     };
     let ids = Ids { trace, span: fastrand::u64(1..), sampled };
     if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(ids.traceparent_bytes())) {
-        headers.insert(TRACEPARENT, v);
+        headers.insert(TRACEPARENT.clone(), v);
     }
     let state = if state.is_empty() { Ok(http::HeaderValue::from_static("")) } else { state.parse() };
     if let Ok(v) = state {
-        headers.insert(TRACESTATE, v);
+        headers.insert(TRACESTATE.clone(), v);
     }
     Span { cx: None, ids }
 }
 
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// The caller's trace id and sampled flag from `traceparent`, by the rules of the SDK's
 /// `TraceContextPropagator` (version 0 has exactly four fields, up to 254 with more; lower
 /// case hex; ids not zero; only the sampled flag is kept); `None` when it has none valid.
 fn parent(headers: &HeaderMap) -> Option<(u128, bool)> {
-    let v = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok())?.trim();
+    let v = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok())?.trim();
     let mut parts = v.split_terminator('-');
     let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let version = u8::from_str_radix(version, 16).ok()?;

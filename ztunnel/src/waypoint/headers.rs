@@ -8,6 +8,11 @@ use http::{Method, Request};
 
 use crate::routing::{self, spec::HeaderOperations};
 
+/// Names the waypoint sets on every request, made once: a name inserted from a `&str` that is
+/// not one of the standard headers is copied into a new allocation each time.
+pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(super) static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
 /// Requests whose framing is ambiguous are refused (request smuggling): both
 /// `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s.
 pub(super) fn framing(h: &HeaderMap) -> Result<(), &'static str> {
@@ -22,15 +27,12 @@ pub(super) fn framing(h: &HeaderMap) -> Result<(), &'static str> {
 }
 
 pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    // The headers `Connection` names go too (taken out first: they are read while removing).
+    if let header::Entry::Occupied(e) = h.entry(header::CONNECTION) {
+        let connection: Vec<HeaderValue> = e.remove_entry_mult().1.collect();
+        for name in connection.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+            h.remove(name.trim());
+        }
     }
     for n in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"] {
         h.remove(n);
@@ -55,7 +57,7 @@ pub(super) fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
 /// Gives the request an `x-request-id` if it has none (the `traceparent` is already this
 /// hop's span, set when the request came in).
 pub(super) fn request_id(h: &mut HeaderMap) {
-    if !h.contains_key("x-request-id") {
+    if !h.contains_key(&X_REQUEST_ID) {
         let (n, mut id) = (fastrand::u128(..), [0u8; 32]);
         for (i, c) in id.iter_mut().enumerate() {
             *c = b"0123456789abcdef"[(n >> (124 - 4 * i)) as usize & 0xf];
@@ -63,7 +65,7 @@ pub(super) fn request_id(h: &mut HeaderMap) {
         // Owned by its `Bytes` from the start, so the copies a send and its retries make
         // share it (a value made from a slice is copied again on its first clone).
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id)) {
-            h.insert("x-request-id", v);
+            h.insert(X_REQUEST_ID.clone(), v);
         }
     }
 }
@@ -118,6 +120,19 @@ pub(super) fn authority_of<B>(req: &Request<B>, vip: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        h.append("connection", HeaderValue::from_static("x-other ,bad name,"));
+        for n in ["keep-alive", "x-secret-hop", "x-other", "te", "upgrade", "host", "x-kept", "proxy-connection"] {
+            h.insert(n, HeaderValue::from_static("v"));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
 
     #[test]
     fn a_request_without_an_id_gets_32_hex_digits_and_one_with_an_id_keeps_it() {

@@ -451,9 +451,9 @@ async fn forward(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     // The app learns the caller from the waypoint, never from what the caller wrote.
-    headers.remove("x-forwarded-client-cert");
+    headers.remove(&super::headers::X_FORWARDED_CLIENT_CERT);
     if let Some(v) = t.forwarded_client_cert() {
-        headers.insert("x-forwarded-client-cert", v);
+        headers.insert(super::headers::X_FORWARDED_CLIENT_CERT.clone(), v);
     }
     for ops in [rule.and_then(|r| r.headers.as_ref()), target.headers.as_deref()].into_iter().flatten() {
         apply(&mut headers, ops.request.as_ref());
