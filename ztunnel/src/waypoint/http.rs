@@ -478,7 +478,7 @@ async fn forward(
     };
     // Endpoints are spoken to in HTTP/1.1, gRPC in HTTP/2 (it needs trailers and streams).
     let h2 = grpc;
-    let send = Send { t, method: parts.method.clone(), path: target.path.clone(), headers, body, h2 };
+    let send = Send { t, method: parts.method, path: target.path, headers, body, h2 };
     for (m, pct) in rule.map(|r| r.mirrors.as_slice()).unwrap_or_default() {
         if hit(*pct) {
             mirror(t, &snap, m, &send, &target.authority, target.namespace, table);

@@ -256,13 +256,13 @@ impl Outliers {
 
     /// Per endpoint of `endpoints`, whether load balancing may use it at `now`: not ejected,
     /// or every one when the share not ejected is below `minHealthPercent` (panic).
-    pub fn usable(&self, endpoints: &[SocketAddr], now: Instant) -> Vec<bool> {
+    pub fn usable<'a>(&self, endpoints: impl IntoIterator<Item = &'a SocketAddr>, now: Instant) -> Vec<bool> {
         let mut s = self.lock();
         s.sweep(now);
-        let healthy: Vec<bool> =
-            endpoints.iter().map(|a| s.hosts.get(a).is_none_or(|h| h.ejected_until.is_none())).collect();
+        let mut healthy: Vec<bool> =
+            endpoints.into_iter().map(|a| s.hosts.get(a).is_none_or(|h| h.ejected_until.is_none())).collect();
         if panic(&s, &healthy) {
-            return vec![true; endpoints.len()];
+            healthy.fill(true);
         }
         healthy
     }

@@ -181,8 +181,7 @@ impl Traffic {
 impl Cluster {
     /// An endpoint for this attempt among those not ejected; `None`: no healthy endpoint.
     pub(crate) fn pick(&self, view: &RequestView<'_>) -> Option<Chosen> {
-        let addrs: Vec<SocketAddr> = self.endpoints.iter().map(|(_, a)| *a).collect();
-        let usable = self.outliers.usable(&addrs, Instant::now());
+        let usable = self.outliers.usable(self.endpoints.iter().map(|(_, a)| a), Instant::now());
         let mut rng = fastrand::Rng::new();
         let Pick { index, addr, set_cookie, in_flight } = self.balancer.pick(view, &usable, &mut rng)?;
         let (workload, _) = self.endpoints.get(index)?;
