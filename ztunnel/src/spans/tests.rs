@@ -61,6 +61,7 @@ fn exporting_tracer_parents_its_span_on_the_caller() {
     let out = h["traceparent"].to_str().unwrap();
     assert!(out.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && out.ends_with("-01"), "{out}");
     assert!(!out.contains("b7ad6b7169203331"));
+    assert_eq!(span.traceparent(), out, "the log names the span the header hands on");
     span.finish(vec![KeyValue::new("http.response.status_code", 200)], None);
 }
 
