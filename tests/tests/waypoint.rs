@@ -472,6 +472,16 @@ fn duplicate_content_length_gets_400() {
 }
 
 #[test]
+fn a_host_that_is_not_an_authority_gets_400() {
+    // Read as one URI for a gRPC upstream, this Host would have turned the path the policy
+    // checked (/pkg.Svc/Public) into another (/pkg.Svc/Admin).
+    bad_input_is_refused_and_other_tunnels_are_unaffected(
+        b"POST /pkg.Svc/Public HTTP/1.1\r\nHost: reviews/pkg.Svc/Admin#\r\ncontent-type: application/grpc\r\nContent-Length: 0\r\n\r\n",
+        "400",
+    );
+}
+
+#[test]
 fn oversized_headers_get_431_and_the_connection_closed() {
     static BIG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let big = BIG.get_or_init(|| {

@@ -271,6 +271,13 @@ async fn process(t: &Tunnel, req: Request<Incoming>, authority: &str, out: &mut 
         r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
+    // Routing, policy and the upstream request all read the authority; a `Host` that is not
+    // one (`reviews/other/path#`) could otherwise end up in the path the upstream is asked for.
+    if authority.parse::<http::uri::Authority>().is_err() {
+        let mut r = local(StatusCode::BAD_REQUEST, "invalid authority");
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
     let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // One normalized path for policy, routing and the upstream alike.
     let path = match super::path::normalize(raw) {

@@ -31,8 +31,7 @@ pub(super) struct Send<'a> {
 
 impl Send<'_> {
     pub(super) fn request(&self, authority: &str) -> Option<Request<Full<Bytes>>> {
-        let uri: Uri =
-            if self.h2 { format!("http://{authority}{}", self.path).parse().ok()? } else { self.path.parse().ok()? };
+        let uri = upstream_uri(self.h2, authority, &self.path)?;
         let mut req =
             Request::builder().method(self.method.clone()).uri(uri).body(Full::new(self.body.clone())).ok()?;
         *req.headers_mut() = self.headers.clone();
@@ -162,6 +161,17 @@ impl Send<'_> {
     }
 }
 
+/// The upstream request's URI: origin-form for HTTP/1.1 (the `Host` header carries the
+/// authority), absolute for HTTP/2, put together from parts, so nothing in the authority can
+/// become part of the path.
+fn upstream_uri(h2: bool, authority: &str, path: &str) -> Option<Uri> {
+    if h2 {
+        Uri::builder().scheme("http").authority(authority).path_and_query(path).build().ok()
+    } else {
+        path.parse().ok()
+    }
+}
+
 /// A fire-and-forget copy to a mirror target, with `-shadow` appended to the host.
 pub(super) fn mirror(
     t: &Tunnel,
@@ -287,6 +297,17 @@ mod tests {
             r = r.header("grpc-status", g);
         }
         r.body(()).unwrap()
+    }
+
+    #[test]
+    fn an_authority_cannot_reach_the_upstream_path() {
+        let ok = upstream_uri(true, "reviews:9080", "/pkg.Svc/Public").unwrap();
+        assert_eq!(ok.to_string(), "http://reviews:9080/pkg.Svc/Public");
+        assert_eq!(upstream_uri(false, "reviews:9080", "/a?b=c").unwrap().to_string(), "/a?b=c");
+        // Parsed as one string, this would have asked the upstream for /pkg.Svc/Admin.
+        for bad in ["reviews/pkg.Svc/Admin#", "reviews/pkg.Svc/Admin?", "reviews /x", ""] {
+            assert!(upstream_uri(true, bad, "/pkg.Svc/Public").is_none(), "{bad:?}");
+        }
     }
 
     #[test]
