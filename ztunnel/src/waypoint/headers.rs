@@ -27,11 +27,15 @@ pub(super) fn framing(h: &HeaderMap) -> Result<(), &'static str> {
 }
 
 pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // The headers `Connection` names go too (taken out first: they are read while removing).
+    // The headers `Connection` names go too (taken out first: they are read while removing),
+    // but not the trace context: by now it is this hop's own, written when the request came in.
     if let header::Entry::Occupied(e) = h.entry(header::CONNECTION) {
         let connection: Vec<HeaderValue> = e.remove_entry_mult().1.collect();
         for name in connection.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
-            h.remove(name.trim());
+            let name = name.trim();
+            if !name.eq_ignore_ascii_case("traceparent") && !name.eq_ignore_ascii_case("tracestate") {
+                h.remove(name);
+            }
         }
     }
     for n in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"] {
@@ -132,6 +136,19 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn connection_cannot_strip_the_trace_context_this_hop_wrote() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("TraceParent, tracestate, x-hop"));
+        h.insert("traceparent", HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        h.insert("tracestate", HeaderValue::from_static("a=1"));
+        h.insert("x-hop", HeaderValue::from_static("v"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["traceparent", "tracestate"]);
     }
 
     #[test]
