@@ -163,8 +163,19 @@ fn local_span(headers: &mut HeaderMap) -> Span {
     Span { cx: None, ids }
 }
 
-static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+/// The W3C trace context headers, named once (a name that is not a standard header is
+/// otherwise copied into a new allocation on every insert).
+pub(crate) static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+pub(crate) static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+
+/// Writes the low `out.len()` hex digits of `n` into `out`, lower case, most significant first:
+/// ids for headers without a formatter's allocation.
+pub(crate) fn lower_hex(n: u128, out: &mut [u8]) {
+    let len = out.len();
+    for (i, c) in out.iter_mut().enumerate() {
+        *c = b"0123456789abcdef"[(n >> (4 * (len - 1 - i))) as usize & 0xf];
+    }
+}
 
 /// The caller's trace id and sampled flag from `traceparent`, by the rules of the SDK's
 /// `TraceContextPropagator` (version 0 has exactly four fields, up to 254 with more; lower
@@ -199,14 +210,9 @@ struct Ids {
 impl Ids {
     /// `00-<trace>-<span>-<flags>`, 55 bytes.
     fn traceparent_bytes(&self) -> [u8; 55] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        for i in 0..32 {
-            b[3 + i] = HEX[(self.trace >> (124 - 4 * i)) as usize & 0xf];
-        }
-        for i in 0..16 {
-            b[36 + i] = HEX[(self.span >> (60 - 4 * i)) as usize & 0xf];
-        }
+        lower_hex(self.trace, &mut b[3..35]);
+        lower_hex(self.span.into(), &mut b[36..52]);
         b[54] = if self.sampled { b'1' } else { b'0' };
         b
     }

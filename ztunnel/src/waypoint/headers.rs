@@ -33,7 +33,8 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
         let connection: Vec<HeaderValue> = e.remove_entry_mult().1.collect();
         for name in connection.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
             let name = name.trim();
-            if !name.eq_ignore_ascii_case("traceparent") && !name.eq_ignore_ascii_case("tracestate") {
+            let trace_context = [&crate::spans::TRACEPARENT, &crate::spans::TRACESTATE];
+            if !trace_context.iter().any(|t| name.eq_ignore_ascii_case(t.as_str())) {
                 h.remove(name);
             }
         }
@@ -62,10 +63,8 @@ pub(super) fn apply(h: &mut HeaderMap, ops: Option<&HeaderOperations>) {
 /// hop's span, set when the request came in).
 pub(super) fn request_id(h: &mut HeaderMap) {
     if !h.contains_key(&X_REQUEST_ID) {
-        let (n, mut id) = (fastrand::u128(..), [0u8; 32]);
-        for (i, c) in id.iter_mut().enumerate() {
-            *c = b"0123456789abcdef"[(n >> (124 - 4 * i)) as usize & 0xf];
-        }
+        let mut id = [0u8; 32];
+        crate::spans::lower_hex(fastrand::u128(..), &mut id);
         // Owned by its `Bytes` from the start, so the copies a send and its retries make
         // share it (a value made from a slice is copied again on its first clone).
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id)) {

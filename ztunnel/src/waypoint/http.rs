@@ -262,21 +262,15 @@ fn observe(
 
 async fn process(t: &Tunnel, req: Request<Incoming>, authority: &str, out: &mut Outcome) -> Response<Body> {
     if let Err(why) = framing(req.headers()) {
-        let mut r = local(StatusCode::BAD_REQUEST, why);
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
+        return refused(StatusCode::BAD_REQUEST, why);
     }
     if req.method() == Method::CONNECT {
-        let mut r = local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied by the waypoint");
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
+        return refused(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied by the waypoint");
     }
     // Routing, policy and the upstream request all read the authority; a `Host` that is not
     // one (`reviews/other/path#`) could otherwise end up in the path the upstream is asked for.
     if authority.parse::<http::uri::Authority>().is_err() {
-        let mut r = local(StatusCode::BAD_REQUEST, "invalid authority");
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
+        return refused(StatusCode::BAD_REQUEST, "invalid authority");
     }
     let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // One normalized path for policy, routing and the upstream alike.
@@ -576,6 +570,14 @@ fn code_details(resp: &Response<Body>, out: &Outcome) -> &'static str {
         400 | 405 | 408 | 413 => "request_rejected",
         _ => "local_reply",
     }
+}
+
+/// A request the waypoint will not handle: answered by [`local`], and the connection closed
+/// after it, since what follows on it cannot be trusted to be framed or meant as sent.
+fn refused(status: StatusCode, why: &'static str) -> Response<Body> {
+    let mut r = local(status, why);
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 pub(super) fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
