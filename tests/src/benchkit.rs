@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::agent_process::Usage;
-use crate::loadgen::{blocking, EchoServer};
+use crate::loadgen::{blocking, EchoServer, LoadSpec, Pacing};
 use crate::{InNetns, Pod};
 
 /// The port every bench server listens on.
@@ -32,6 +32,10 @@ pub struct Sample {
     /// Proxy cores used while the latency run holds 1000 req/s (mesh only): Istio publishes
     /// its proxies' CPU at this load, so this row sets our numbers beside theirs.
     pub cores_at_1000qps: f64,
+    /// The same with fortio `-jitter` pacing (Istio's CPU runs), where each round's requests
+    /// leave within a tenth of an interval of each other instead of evenly spread: the
+    /// schedule behind Istio's published CPU figures.
+    pub cores_at_1000qps_jitter: f64,
     /// Proxy CPU seconds per GB during the throughput run (mesh only).
     pub cpu_s_per_gb: f64,
 }
@@ -50,6 +54,16 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
     let lat_cpu0 = now();
     let lat = client.run(move || blocking::latency(dst, 16, 1000.0, d, 1024)).context("latency")?;
     let lat_cpu = now() - lat_cpu0;
+    let jitter_cpu = match cpu {
+        Some(_) => {
+            let spec = LoadSpec { payload: 1024, pacing: Pacing::Jitter, ..LoadSpec::new(dst, d) };
+            let c0 = now();
+            let r = client.run(move || blocking::run_load(&spec)).context("1000 qps, fortio -jitter")?;
+            anyhow::ensure!(r.errors() == 0, "{dst}: errors at 1000 qps with jitter");
+            now() - c0
+        }
+        None => 0.0,
+    };
     let cpu_before = now();
     let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
     let cpu_after = now();
@@ -72,6 +86,7 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
         cpu_s_per_1k: if cpu.is_none() || reqs == 0.0 { 0.0 } else { (cpu_after - cpu_before) / reqs * 1000.0 },
         cpu_s_per_gb: if cpu.is_none() { 0.0 } else { tput_cpu / (tput * secs / 1e9) },
         cores_at_1000qps: lat_cpu / secs,
+        cores_at_1000qps_jitter: jitter_cpu / secs,
     })
 }
 

@@ -55,6 +55,27 @@ pub enum Protocol {
     Http,
 }
 
+/// When, within each `connections / qps` interval, the connections send (fortio's three
+/// schedules; Istio's perf configs use `-uniform` for latency and `-jitter` for CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pacing {
+    /// fortio `-uniform`: connection i starts i/c of an interval late, so requests arrive
+    /// evenly spread and every one finds the proxies idle (the harshest case for CPU per
+    /// request, the fairest for latency).
+    #[default]
+    Uniform,
+    /// fortio's default: every connection follows the same schedule, so each interval's
+    /// requests leave together.
+    Aligned,
+    /// fortio `-jitter`: the aligned schedule with each sleep moved by up to ±10%
+    /// (Istio's `cpu_mem` runs).
+    Jitter,
+    /// Not a fortio mode: each connection's gaps drawn from an exponential distribution
+    /// with the interval as mean, so the arrivals over all connections are close to a
+    /// Poisson process (many independent clients).
+    Poisson,
+}
+
 /// Everything that defines a fortio-style request/response run.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -75,6 +96,8 @@ pub struct LoadSpec {
     /// OS threads (each with its own current-thread runtime) for [`blocking::run_load`];
     /// connections are spread over them. The async [`run_load`] ignores it.
     pub threads: usize,
+    /// Schedule of a paced run (ignored at max rate).
+    pub pacing: Pacing,
 }
 
 impl LoadSpec {
@@ -89,6 +112,7 @@ impl LoadSpec {
             protocol: Protocol::Framed,
             labels: String::new(),
             threads: 1,
+            pacing: Pacing::Uniform,
         }
     }
 }
@@ -239,17 +263,30 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
     let start = Instant::now();
     let end = start + spec.duration;
     let mut set = JoinSet::new();
+    let pacing = spec.pacing;
     for (i, mut conn) in conns.into_iter().enumerate() {
-        // Stagger the connections across one interval so requests do not arrive in bursts.
-        let offset = interval.map(|iv| iv.mul_f64(i as f64 / connections as f64)).unwrap_or_default();
+        let offset = match pacing {
+            Pacing::Uniform => interval.map(|iv| iv.mul_f64(i as f64 / connections as f64)).unwrap_or_default(),
+            Pacing::Aligned | Pacing::Jitter | Pacing::Poisson => Duration::ZERO,
+        };
+        // A per-connection xorshift for the jitter: reproducible, no dependency.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         set.spawn(async move {
             let mut raw = Raw { samples: Vec::new(), codes: BTreeMap::new(), sockets: 1, elapsed: Duration::ZERO };
             let mut k: u32 = 0;
+            let mut poisson_due = start;
             loop {
                 if let Some(iv) = interval {
-                    let due = start + offset + iv * k;
+                    let mut due = start + offset + iv * k;
+                    if pacing == Pacing::Poisson {
+                        poisson_due += iv.mul_f64(-(1.0 - unit(&mut seed)).ln());
+                        due = poisson_due;
+                    }
                     if due >= end {
                         break;
+                    }
+                    if pacing == Pacing::Jitter {
+                        due = jittered(due, &mut seed);
                     }
                     tokio::time::sleep_until(due.into()).await;
                 }
@@ -289,6 +326,21 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
     // A paced run lasts the whole requested duration even if its last request ended early.
     total.elapsed = start.elapsed().max(spec.duration);
     Ok(total)
+}
+
+/// fortio's `-jitter`: the sleep until `due` lengthened or shortened by a uniform ±10%.
+fn jittered(due: Instant, seed: &mut u64) -> Instant {
+    let now = Instant::now();
+    let sleep = due.saturating_duration_since(now);
+    now + sleep.mul_f64(0.9 + 0.2 * unit(seed))
+}
+
+/// A uniform draw from [0, 1) (xorshift64).
+fn unit(seed: &mut u64) -> f64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    (*seed >> 11) as f64 / (1u64 << 53) as f64
 }
 
 async fn reconnect(conn: &mut Conn, raw: &mut Raw) -> io::Result<()> {

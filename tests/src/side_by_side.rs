@@ -237,7 +237,7 @@ fn rss_by_proxy(istio: &[u32], ours: &[u32]) -> Result<BTreeMap<&'static str, f6
 
 type Metric = (&'static str, fn(&Sample) -> f64);
 
-const METRICS: [Metric; 9] = [
+const METRICS: [Metric; 10] = [
     ("throughput Mbit/s (1 stream)", |s| s.throughput_mbps),
     ("p50 ms (c16, 1000 qps, 1 KiB)", |s| s.p50_ms),
     ("p90 ms", |s| s.p90_ms),
@@ -247,6 +247,7 @@ const METRICS: [Metric; 9] = [
     ("proxy CPU s / 1000 req", |s| s.cpu_s_per_1k),
     ("proxy CPU s / GB", |s| s.cpu_s_per_gb),
     ("proxy cores at 1000 req/s", |s| s.cores_at_1000qps),
+    ("proxy cores, fortio -jitter", |s| s.cores_at_1000qps_jitter),
 ];
 
 /// Prints the table (medians, ratio to no-mesh) and returns it as JSON.

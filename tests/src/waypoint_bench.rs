@@ -1,7 +1,8 @@
 //! `cargo xtask bench --only waypoint`: the waypoint hop measured beside direct HBONE and
 //! no mesh, in the same run, alternating rounds. HTTP/1.1 keep-alive with 1 KiB bodies
-//! over 16 connections, at 1000 requests/s (latency, and the waypoint's CPU at that rate)
-//! and as fast as possible (max rate, and CPU per 1000 requests). Node agents and the
+//! over 16 connections, at 1000 requests/s (latency, and the waypoint's CPU at that rate
+//! under three arrival schedules) and as fast as possible (max rate, and CPU per 1000
+//! requests). Node agents and the
 //! waypoint are separate release processes, so their CPU and memory are read alone.
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,7 +14,7 @@ use anyhow::{Context, Result};
 use crate::agent_process::{cluster_args, AgentProcess};
 use crate::benchkit::{median, process_usage, start_server, PORT};
 use crate::loadgen::EchoServer;
-use crate::loadgen::{blocking, LoadSpec, Protocol};
+use crate::loadgen::{blocking, FortioResult, LoadSpec, Pacing, Protocol};
 use crate::mesh::workload_yaml;
 use crate::waypoint::{service, WaypointProcess};
 use crate::{Cluster, InNetns, Pod};
@@ -29,8 +30,12 @@ pub struct WaypointSample {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_qps: f64,
-    /// Waypoint CPU cores used at 1000 requests/s.
+    /// Waypoint CPU cores at 1000 requests/s, fortio `-jitter` (Istio's CPU runs).
     pub waypoint_cores_at_1000: f64,
+    /// The same with Poisson arrivals.
+    pub waypoint_cores_at_1000_poisson: f64,
+    /// The same with fortio `-uniform`: every request arrives alone.
+    pub waypoint_cores_at_1000_uniform: f64,
     /// Waypoint CPU seconds per 1000 requests at max rate.
     pub waypoint_cpu_s_per_1k: f64,
 }
@@ -42,23 +47,40 @@ fn http(dst: SocketAddr, qps: Option<f64>, secs: f64) -> LoadSpec {
     spec
 }
 
+/// Latency at 1000 req/s (fortio `-uniform`, so no request queues behind another), max
+/// rate, and, for a scenario with a proxy process, that process's CPU at 1000 req/s under
+/// each arrival schedule: a proxy's CPU per request depends on how often it wakes, and so
+/// on whether requests arrive together or alone.
 fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>) -> Result<WaypointSample> {
     let cpu = || waypoint.map(|pid| process_usage(pid).map(|u| u.cpu_seconds).unwrap_or(0.0)).unwrap_or(0.0);
-    let spec = http(dst, Some(1000.0), secs);
-    let c0 = cpu();
-    let lat = client.run(move || blocking::run_load(&spec)).context("latency at 1000 qps")?;
-    let c1 = cpu();
+    let paced = |pacing: Pacing| -> Result<(FortioResult, f64)> {
+        let mut spec = http(dst, Some(1000.0), secs);
+        spec.pacing = pacing;
+        let c0 = cpu();
+        let r = client.run(move || blocking::run_load(&spec)).with_context(|| format!("1000 qps, {pacing:?}"))?;
+        anyhow::ensure!(r.errors() == 0, "{dst}: errors at 1000 qps ({pacing:?})");
+        let cores = (cpu() - c0) / secs * 1000.0 / r.actual_qps.max(1.0);
+        Ok((r, cores))
+    };
+    let (lat, uniform) = paced(Pacing::Uniform)?;
+    let (jitter, poisson) = match waypoint {
+        Some(_) => (paced(Pacing::Jitter)?.1, paced(Pacing::Poisson)?.1),
+        None => (0.0, 0.0),
+    };
     let spec = http(dst, None, secs);
+    let c1 = cpu();
     let max = client.run(move || blocking::run_load(&spec)).context("max rate")?;
     let c2 = cpu();
-    anyhow::ensure!(lat.errors() == 0 && max.errors() == 0, "{dst}: errors in the HTTP runs");
+    anyhow::ensure!(max.errors() == 0, "{dst}: errors in the max-rate run");
     let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
     let reqs = max.duration_histogram.count as f64;
     Ok(WaypointSample {
         p50_ms: ms(50.0),
         p99_ms: ms(99.0),
         max_qps: max.actual_qps,
-        waypoint_cores_at_1000: (c1 - c0) / secs * 1000.0 / lat.actual_qps.max(1.0),
+        waypoint_cores_at_1000: jitter,
+        waypoint_cores_at_1000_poisson: poisson,
+        waypoint_cores_at_1000_uniform: uniform,
         waypoint_cpu_s_per_1k: if reqs > 0.0 { (c2 - c1) / reqs * 1000.0 } else { 0.0 },
     })
 }
@@ -147,9 +169,15 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     }
     let added_p99 = med("waypoint", |s| s.p99_ms) - med("hbone", |s| s.p99_ms);
     let cores = med("waypoint", |s| s.waypoint_cores_at_1000);
+    let poisson = med("waypoint", |s| s.waypoint_cores_at_1000_poisson);
+    let uniform = med("waypoint", |s| s.waypoint_cores_at_1000_uniform);
     let per_1k = med("waypoint", |s| s.waypoint_cpu_s_per_1k);
     println!("p99 added by the waypoint hop          {added_p99:.3} ms (target < 1 ms)");
-    println!("waypoint CPU at 1000 req/s             {cores:.3} cores (target < 0.1; Envoy about 0.25)");
+    println!(
+        "waypoint CPU at 1000 req/s             {cores:.3} cores, fortio -jitter as Istio's CPU runs (target < 0.1; Envoy about 0.25)"
+    );
+    println!("  the same, Poisson arrivals           {poisson:.3} cores");
+    println!("  the same, each request alone         {uniform:.3} cores (fortio -uniform)");
     println!("waypoint CPU per 1000 req at max rate  {per_1k:.3} core-seconds");
     println!(
         "waypoint RSS                           {idle_rss:.1} MB idle, {loaded_rss:.1} MB after load (target < 30)"
@@ -162,6 +190,8 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     report.insert("waypoint_rss_mb_1_route_1_endpoint".into(), small_rss.into());
     report.insert("ingress_cpu_s_per_1k_max_rate".into(), med("ingress", |s| s.waypoint_cpu_s_per_1k).into());
     report.insert("waypoint_cores_at_1000_rps".into(), cores.into());
+    report.insert("waypoint_cores_at_1000_rps_poisson".into(), poisson.into());
+    report.insert("waypoint_cores_at_1000_rps_uniform".into(), uniform.into());
     report.insert("waypoint_cpu_s_per_1k_max_rate".into(), per_1k.into());
     report.insert("waypoint_rss_mb_idle".into(), idle_rss.into());
     report.insert("waypoint_rss_mb_loaded".into(), loaded_rss.into());

@@ -211,6 +211,7 @@ fn main() -> Result<()> {
         ("agent CPU s / 1000 req", (|s: &Sample| s.cpu_s_per_1k) as fn(&Sample) -> f64),
         ("agent CPU s / GB", |s: &Sample| s.cpu_s_per_gb),
         ("agent cores at 1000 req/s", |s: &Sample| s.cores_at_1000qps),
+        ("  the same, fortio -jitter", |s: &Sample| s.cores_at_1000qps_jitter),
     ] {
         print!("{label:<30} {:>11}", "-");
         let mut row = serde_json::Map::new();

@@ -169,3 +169,120 @@ fn formats_times_like_go() {
     let _ = fortio_available(); // must not panic whatever PATH holds
     let _: SocketAddr = "127.0.0.1:1".parse().unwrap();
 }
+
+/// A framed server that records when each request arrived, per connection.
+fn arrival_recorder(payload: usize) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Vec<std::time::Instant>>>>) {
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Arc<Mutex<Vec<Vec<std::time::Instant>>>> = Arc::default();
+    let shared = log.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let log = shared.clone();
+            let slot = {
+                let mut l = log.lock().unwrap();
+                l.push(Vec::new());
+                l.len() - 1
+            };
+            std::thread::spawn(move || {
+                let mut hdr = [0u8; 5];
+                s.read_exact(&mut hdr)?;
+                let mut buf = vec![0u8; payload];
+                loop {
+                    s.read_exact(&mut buf)?;
+                    log.lock().unwrap()[slot].push(std::time::Instant::now());
+                    s.write_all(&buf)?;
+                }
+                #[allow(unreachable_code)]
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// For each timed round (the warm-up request excluded), how far apart in ms the
+/// connections' k-th requests arrived: the spread of one round of the schedule.
+fn round_spreads(pacing: Pacing) -> Vec<f64> {
+    let (addr, log) = arrival_recorder(16);
+    let spec = LoadSpec {
+        connections: 4,
+        qps: Some(40.0), // 100 ms between one connection's requests
+        payload: 16,
+        pacing,
+        ..LoadSpec::new(addr, Duration::from_millis(1000))
+    };
+    let r = blocking::run_load(&spec).unwrap();
+    assert_eq!(r.errors(), 0);
+    let log = log.lock().unwrap();
+    let rounds = log.iter().map(Vec::len).min().unwrap();
+    (1..rounds)
+        .map(|k| {
+            let times: Vec<_> = log.iter().map(|c| c[k]).collect();
+            let (lo, hi) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+            hi.duration_since(*lo).as_secs_f64() * 1000.0
+        })
+        .collect()
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+fn uniform_pacing_spreads_the_connections_over_the_interval() {
+    // Connections start 0, 25, 50 and 75 ms into each 100 ms round.
+    let spread = median_of(round_spreads(Pacing::Uniform));
+    assert!((60.0..90.0).contains(&spread), "spread {spread} ms, expected about 75");
+}
+
+#[test]
+fn aligned_pacing_sends_each_round_together() {
+    let spread = median_of(round_spreads(Pacing::Aligned));
+    assert!(spread < 10.0, "spread {spread} ms, expected about 0");
+}
+
+#[test]
+fn jitter_pacing_moves_each_sleep_by_at_most_a_tenth() {
+    // Each sleep of about 100 ms moves by up to ±10 ms, independently per connection.
+    let spreads = round_spreads(Pacing::Jitter);
+    let max = spreads.iter().copied().fold(0.0, f64::max);
+    assert!(max > 2.0 && max < 30.0, "spreads {spreads:?} ms, expected within ±10 ms of aligned");
+}
+
+#[test]
+fn poisson_pacing_holds_the_rate_with_irregular_gaps() {
+    let (addr, log) = arrival_recorder(16);
+    let spec = LoadSpec {
+        connections: 4,
+        qps: Some(400.0), // mean gap 10 ms per connection
+        payload: 16,
+        pacing: Pacing::Poisson,
+        ..LoadSpec::new(addr, Duration::from_millis(1500))
+    };
+    let r = blocking::run_load(&spec).unwrap();
+    assert!((300.0..500.0).contains(&r.actual_qps), "{} req/s, expected about 400", r.actual_qps);
+    let log = log.lock().unwrap();
+    let gaps: Vec<f64> = log
+        .iter()
+        .flat_map(|c| c.windows(2).skip(1).map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0))
+        .collect();
+    // Exponential gaps: about 63% under the mean, with some far above it.
+    let under = gaps.iter().filter(|g| **g < 10.0).count() as f64 / gaps.len() as f64;
+    assert!((0.5..0.75).contains(&under), "{under} of the gaps under the mean, expected about 0.63");
+    assert!(gaps.iter().any(|g| *g > 25.0), "no gap over 2.5× the mean in {} gaps", gaps.len());
+}
+
+#[test]
+fn jittered_stays_within_a_tenth_of_the_sleep() {
+    let mut seed = 7u64;
+    for _ in 0..1000 {
+        let now = std::time::Instant::now();
+        let due = now + Duration::from_millis(100);
+        let d = jittered(due, &mut seed).duration_since(now).as_secs_f64() * 1000.0;
+        assert!((89.9..110.1).contains(&d), "{d} ms");
+    }
+}
