@@ -16,6 +16,7 @@ pub mod netlink;
 pub mod netns;
 pub mod node;
 pub mod policy;
+pub mod process;
 pub mod proxy;
 pub mod redirect;
 pub mod routing;
