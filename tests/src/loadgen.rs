@@ -23,6 +23,7 @@ mod fortio;
 mod server;
 #[cfg(test)]
 mod tests;
+mod timer;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -264,13 +265,16 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
     let end = start + spec.duration;
     let mut set = JoinSet::new();
     let pacing = spec.pacing;
+    let run_seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
     for (i, mut conn) in conns.into_iter().enumerate() {
         let offset = match pacing {
             Pacing::Uniform => interval.map(|iv| iv.mul_f64(i as f64 / connections as f64)).unwrap_or_default(),
             Pacing::Aligned | Pacing::Jitter | Pacing::Poisson => Duration::ZERO,
         };
-        // A per-connection xorshift for the jitter: reproducible, no dependency.
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        // A per-connection xorshift for the jitter and Poisson gaps, seeded afresh each run
+        // so rounds are independent samples.
+        let mut seed = (run_seed ^ (i as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9)) | 1;
+        let timer = timer::PreciseTimer::new()?;
         set.spawn(async move {
             let mut raw = Raw { samples: Vec::new(), codes: BTreeMap::new(), sockets: 1, elapsed: Duration::ZERO };
             let mut k: u32 = 0;
@@ -288,7 +292,9 @@ async fn drive(spec: &LoadSpec, connections: usize, qps: Option<f64>) -> io::Res
                     if pacing == Pacing::Jitter {
                         due = jittered(due, &mut seed);
                     }
-                    tokio::time::sleep_until(due.into()).await;
+                    if timer.sleep_until(due).await.is_err() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
                 }
                 let t0 = Instant::now();
                 if t0 >= end {

@@ -22,7 +22,8 @@ use serde_json::json;
 
 use crate::agent_process::{cluster_args, AgentProcess};
 use crate::benchkit::{
-    measure, median, process_usage, start_server, svg_bar_chart, svg_document, BarGroup, Sample, PORT,
+    cpu_snapshot, measure, median, process_usage, start_server, svg_bar_chart, svg_document, BarGroup, CpuSnapshot,
+    Sample, PORT,
 };
 use crate::cgroup::create_cgroup;
 use crate::cni::CniNode;
@@ -149,8 +150,6 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
     let mut idle = rss_by_proxy(&istio_pids, &ours_pids)?;
     idle.insert("istio_three_pods", istio_three_pods);
 
-    let cpu_seconds =
-        |pids: &[u32]| -> f64 { pids.iter().map(|p| process_usage(*p).map(|u| u.cpu_seconds).unwrap_or(0.0)).sum() };
     let mut samples: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         for placement in ["cross-node", "same-node"] {
@@ -160,8 +159,8 @@ pub fn run(ours_binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<(
                 let server = if placement == "cross-node" { &r.remote } else { &r.local };
                 let dst = SocketAddr::new(server.ip4().into(), PORT);
                 let pids = proxies(row);
-                let cpu = || cpu_seconds(&pids[..nodes]);
-                let cpu: Option<&dyn Fn() -> f64> = if row == "no-mesh" { None } else { Some(&cpu) };
+                let cpu = || cpu_snapshot(&pids[..nodes]);
+                let cpu: Option<&dyn Fn() -> CpuSnapshot> = if row == "no-mesh" { None } else { Some(&cpu) };
                 let s =
                     measure(&r.client, dst, secs, cpu).with_context(|| format!("{row} {placement} round {round}"))?;
                 eprintln!("round {round} {placement:<10} {row:<15} {s:?}");

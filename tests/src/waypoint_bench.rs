@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::agent_process::{cluster_args, AgentProcess};
-use crate::benchkit::{median, process_usage, start_server, PORT};
+use crate::benchkit::{cpu_snapshot, median, process_usage, start_server, PORT};
 use crate::loadgen::EchoServer;
 use crate::loadgen::{blocking, FortioResult, LoadSpec, Pacing, Protocol};
 use crate::mesh::workload_yaml;
@@ -50,39 +50,51 @@ fn http(dst: SocketAddr, qps: Option<f64>, secs: f64) -> LoadSpec {
 /// Latency at 1000 req/s (fortio `-uniform`, so no request queues behind another), max
 /// rate, and, for a scenario with a proxy process, that process's CPU at 1000 req/s under
 /// each arrival schedule: a proxy's CPU per request depends on how often it wakes, and so
-/// on whether requests arrive together or alone.
-fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>) -> Result<WaypointSample> {
-    let cpu = || waypoint.map(|pid| process_usage(pid).map(|u| u.cpu_seconds).unwrap_or(0.0)).unwrap_or(0.0);
+/// on whether requests arrive together or alone. The paced runs take turns going first
+/// (`round`), so none always inherits the tail of the same predecessor.
+fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>, round: usize) -> Result<WaypointSample> {
+    let pids: Vec<u32> = waypoint.into_iter().collect();
     let paced = |pacing: Pacing| -> Result<(FortioResult, f64)> {
         let mut spec = http(dst, Some(1000.0), secs);
         spec.pacing = pacing;
-        let c0 = cpu();
+        let c0 = cpu_snapshot(&pids);
         let r = client.run(move || blocking::run_load(&spec)).with_context(|| format!("1000 qps, {pacing:?}"))?;
         anyhow::ensure!(r.errors() == 0, "{dst}: errors at 1000 qps ({pacing:?})");
-        let cores = (cpu() - c0) / secs * 1000.0 / r.actual_qps.max(1.0);
+        let cores = cpu_snapshot(&pids).since(&c0) / secs * 1000.0 / r.actual_qps.max(1.0);
         Ok((r, cores))
     };
-    let (lat, uniform) = paced(Pacing::Uniform)?;
-    let (jitter, poisson) = match waypoint {
-        Some(_) => (paced(Pacing::Jitter)?.1, paced(Pacing::Poisson)?.1),
-        None => (0.0, 0.0),
-    };
+    let mut schedules = vec![Pacing::Uniform];
+    if waypoint.is_some() {
+        schedules.extend([Pacing::Jitter, Pacing::Poisson]);
+    }
+    let turn = round % schedules.len();
+    schedules.rotate_left(turn);
+    let mut out = WaypointSample::default();
+    let mut lat = None;
+    for pacing in schedules {
+        let (r, cores) = paced(pacing)?;
+        match pacing {
+            Pacing::Uniform => {
+                out.waypoint_cores_at_1000_uniform = cores;
+                lat = Some(r);
+            }
+            Pacing::Jitter => out.waypoint_cores_at_1000 = cores,
+            _ => out.waypoint_cores_at_1000_poisson = cores,
+        }
+    }
+    let lat = lat.context("no latency run")?;
     let spec = http(dst, None, secs);
-    let c1 = cpu();
+    let c1 = cpu_snapshot(&pids);
     let max = client.run(move || blocking::run_load(&spec)).context("max rate")?;
-    let c2 = cpu();
+    let max_cpu = cpu_snapshot(&pids).since(&c1);
     anyhow::ensure!(max.errors() == 0, "{dst}: errors in the max-rate run");
     let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
     let reqs = max.duration_histogram.count as f64;
-    Ok(WaypointSample {
-        p50_ms: ms(50.0),
-        p99_ms: ms(99.0),
-        max_qps: max.actual_qps,
-        waypoint_cores_at_1000: jitter,
-        waypoint_cores_at_1000_poisson: poisson,
-        waypoint_cores_at_1000_uniform: uniform,
-        waypoint_cpu_s_per_1k: if reqs > 0.0 { (c2 - c1) / reqs * 1000.0 } else { 0.0 },
-    })
+    out.p50_ms = ms(50.0);
+    out.p99_ms = ms(99.0);
+    out.max_qps = max.actual_qps;
+    out.waypoint_cpu_s_per_1k = if reqs > 0.0 && waypoint.is_some() { max_cpu / reqs * 1000.0 } else { 0.0 };
+    Ok(out)
 }
 
 /// Runs the comparison and prints (and writes `target/bench/waypoint.json`); with `perf`,
@@ -143,7 +155,7 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let mut samples: BTreeMap<&str, Vec<WaypointSample>> = BTreeMap::new();
     for round in 0..rounds {
         for (name, from, dst, pid) in &scenarios {
-            let s = measure(from, *dst, secs, *pid).with_context(|| format!("{name} round {round}"))?;
+            let s = measure(from, *dst, secs, *pid, round).with_context(|| format!("{name} round {round}"))?;
             eprintln!("round {round} {name:<9} {s:?}");
             samples.entry(name).or_default().push(s);
         }
@@ -174,7 +186,7 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let per_1k = med("waypoint", |s| s.waypoint_cpu_s_per_1k);
     println!("p99 added by the waypoint hop          {added_p99:.3} ms (target < 1 ms)");
     println!(
-        "waypoint CPU at 1000 req/s             {cores:.3} cores, fortio -jitter as Istio's CPU runs (target < 0.1; Envoy about 0.25)"
+        "waypoint CPU at 1000 req/s             {cores:.3} cores, fortio -jitter (target < 0.1; Envoy about 0.25)"
     );
     println!("  the same, Poisson arrivals           {poisson:.3} cores");
     println!("  the same, each request alone         {uniform:.3} cores (fortio -uniform)");

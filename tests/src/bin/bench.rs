@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mesh_tests::agent_process::{cluster_args, AgentProcess, Usage};
-use mesh_tests::benchkit::{measure, median, profile, start_server, Sample, PORT};
+use mesh_tests::benchkit::{cpu_snapshot, measure, median, profile, start_server, CpuSnapshot, Sample, PORT};
 use mesh_tests::loadgen::blocking;
 use mesh_tests::loadgen::EchoServer;
 use mesh_tests::mesh::{ca_dir, mesh_config_path, sweep_pins, workload_yaml};
@@ -135,8 +135,9 @@ fn main() -> Result<()> {
             for a in [&a0, &a1] {
                 a.set_shortcut(*sockmap)?;
             }
-            let cpu = || -> f64 { agents.iter().map(|a| a.usage().map(|u| u.cpu_seconds).unwrap_or(0.0)).sum() };
-            let cpu: Option<&dyn Fn() -> f64> = if agents.is_empty() { None } else { Some(&cpu) };
+            let pids: Vec<u32> = agents.iter().map(|a| a.pid()).collect();
+            let cpu = || cpu_snapshot(&pids);
+            let cpu: Option<&dyn Fn() -> CpuSnapshot> = if agents.is_empty() { None } else { Some(&cpu) };
             let s = measure(client, *dst, o.secs, cpu).with_context(|| format!("{name} round {round}"))?;
             eprintln!("round {round} {name:<14} {s:?}");
             samples.entry(name).or_default().push(s);
