@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::agent_process::Usage;
-use crate::loadgen::{blocking, EchoServer, LoadSpec, Pacing};
+use crate::loadgen::{blocking, EchoServer, FortioResult, LoadSpec, Pacing};
 use crate::{InNetns, Pod};
 
 /// The port every bench server listens on.
@@ -32,9 +32,9 @@ pub struct Sample {
     /// Proxy cores used while the latency run holds 1000 req/s (mesh only): Istio publishes
     /// its proxies' CPU at this load, so this row sets our numbers beside theirs.
     pub cores_at_1000qps: f64,
-    /// The same with fortio `-jitter` pacing (Istio's CPU runs), where each round's requests
-    /// leave within a tenth of an interval of each other instead of evenly spread: the
-    /// schedule behind Istio's published CPU figures.
+    /// The same with fortio `-jitter` pacing (the schedule of most of Istio's perf harness's
+    /// CPU runs), where each round's requests leave within a tenth of an interval of each
+    /// other instead of evenly spread.
     pub cores_at_1000qps_jitter: f64,
     /// Proxy CPU seconds per GB during the throughput run (mesh only).
     pub cpu_s_per_gb: f64,
@@ -54,15 +54,12 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
     let lat_cpu0 = now();
     let lat = client.run(move || blocking::latency(dst, 16, 1000.0, d, 1024)).context("latency")?;
     let lat_cpu = now().since(&lat_cpu0);
-    let (jitter_cpu, jitter_qps) = match cpu {
-        Some(_) => {
+    let jitter_cores = match cpu {
+        Some(cpu) => {
             let spec = LoadSpec { payload: 1024, pacing: Pacing::Jitter, ..LoadSpec::new(dst, d) };
-            let c0 = now();
-            let r = client.run(move || blocking::run_load(&spec)).context("1000 qps, fortio -jitter")?;
-            anyhow::ensure!(r.errors() == 0, "{dst}: errors at 1000 qps with jitter");
-            (now().since(&c0), r.actual_qps)
+            paced_cores(client, spec, cpu)?.1
         }
-        None => (0.0, 1000.0),
+        None => 0.0,
     };
     let cpu_before = now();
     let max = client.run(move || blocking::max_rate(dst, 16, d)).context("max rate")?;
@@ -86,9 +83,25 @@ pub fn measure(client: &Pod, dst: SocketAddr, secs: f64, cpu: Option<&dyn Fn() -
         cpu_s_per_1k: if cpu.is_none() || reqs == 0.0 { 0.0 } else { cpu_after.since(&cpu_before) / reqs * 1000.0 },
         cpu_s_per_gb: if cpu.is_none() { 0.0 } else { tput_cpu / (tput * secs / 1e9) },
         // Per 1000 req/s actually delivered, as the waypoint bench reads it.
-        cores_at_1000qps: lat_cpu / secs * 1000.0 / lat.actual_qps.max(1.0),
-        cores_at_1000qps_jitter: jitter_cpu / secs * 1000.0 / jitter_qps.max(1.0),
+        cores_at_1000qps: cores_per_1000(lat_cpu, secs, lat.actual_qps),
+        cores_at_1000qps_jitter: jitter_cores,
     })
+}
+
+/// Runs the paced `spec` from `client`, which must see no errors, and returns its result with
+/// the cores the processes behind `cpu` used per 1000 req/s delivered.
+pub fn paced_cores(client: &Pod, spec: LoadSpec, cpu: &dyn Fn() -> CpuSnapshot) -> Result<(FortioResult, f64)> {
+    let (dst, pacing, secs) = (spec.addr, spec.pacing, spec.duration.as_secs_f64());
+    let c0 = cpu();
+    let r = client.run(move || blocking::run_load(&spec)).with_context(|| format!("paced run, {pacing:?}"))?;
+    anyhow::ensure!(r.errors() == 0, "{dst}: errors in the paced run ({pacing:?})");
+    let cores = cores_per_1000(cpu().since(&c0), secs, r.actual_qps);
+    Ok((r, cores))
+}
+
+/// CPU seconds over a run of `secs` as cores per 1000 req/s at the rate the run delivered.
+fn cores_per_1000(cpu_s: f64, secs: f64, qps: f64) -> f64 {
+    cpu_s / secs * 1000.0 / qps.max(1.0)
 }
 
 /// The median (the upper one of an even count); NaN for none.

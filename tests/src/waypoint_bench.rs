@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::agent_process::{cluster_args, AgentProcess};
-use crate::benchkit::{cpu_snapshot, median, process_usage, start_server, PORT};
+use crate::benchkit::{cpu_snapshot, median, paced_cores, process_usage, start_server, PORT};
 use crate::loadgen::EchoServer;
 use crate::loadgen::{blocking, FortioResult, LoadSpec, Pacing, Protocol};
 use crate::mesh::workload_yaml;
@@ -54,14 +54,11 @@ fn http(dst: SocketAddr, qps: Option<f64>, secs: f64) -> LoadSpec {
 /// (`round`), so none always inherits the tail of the same predecessor.
 fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>, round: usize) -> Result<WaypointSample> {
     let pids: Vec<u32> = waypoint.into_iter().collect();
+    let cpu = || cpu_snapshot(&pids);
     let paced = |pacing: Pacing| -> Result<(FortioResult, f64)> {
         let mut spec = http(dst, Some(1000.0), secs);
         spec.pacing = pacing;
-        let c0 = cpu_snapshot(&pids);
-        let r = client.run(move || blocking::run_load(&spec)).with_context(|| format!("1000 qps, {pacing:?}"))?;
-        anyhow::ensure!(r.errors() == 0, "{dst}: errors at 1000 qps ({pacing:?})");
-        let cores = cpu_snapshot(&pids).since(&c0) / secs * 1000.0 / r.actual_qps.max(1.0);
-        Ok((r, cores))
+        paced_cores(client, spec, &cpu)
     };
     let mut schedules = vec![Pacing::Uniform];
     if waypoint.is_some() {
@@ -84,9 +81,9 @@ fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>, roun
     }
     let lat = lat.context("no latency run")?;
     let spec = http(dst, None, secs);
-    let c1 = cpu_snapshot(&pids);
+    let c1 = cpu();
     let max = client.run(move || blocking::run_load(&spec)).context("max rate")?;
-    let max_cpu = cpu_snapshot(&pids).since(&c1);
+    let max_cpu = cpu().since(&c1);
     anyhow::ensure!(max.errors() == 0, "{dst}: errors in the max-rate run");
     let ms = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) * 1000.0;
     let reqs = max.duration_histogram.count as f64;
