@@ -1,9 +1,11 @@
 //! `cargo xtask bench --only waypoint`: the waypoint hop measured beside direct HBONE and
 //! no mesh, in the same run, alternating rounds. HTTP/1.1 keep-alive with 1 KiB bodies
 //! over 16 connections, at 1000 requests/s (latency, and the waypoint's CPU at that rate
-//! under three arrival schedules) and as fast as possible (max rate, and CPU per 1000
-//! requests). Node agents and the
-//! waypoint are separate release processes, so their CPU and memory are read alone.
+//! under four arrival schedules) and as fast as possible (max rate, and CPU per 1000
+//! requests). The same waypoint relaying a service with only a `tcp` rule is measured the
+//! same way: the cost of carrying a request through two HBONE legs without reading it,
+//! which the HTTP path's cost sits on. Node agents and the waypoint are separate release
+//! processes, so their CPU and memory are read alone.
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,9 @@ use crate::{Cluster, InNetns, Pod};
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 /// The same server again as `httpbin`, under Istio's circuit-breaking task's DestinationRule.
 const BREAKER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+/// The same server again as `web-tcp`, whose VirtualService has only a `tcp` rule: the
+/// waypoint relays its tunnels whole, the floor under the HTTP path's cost.
+const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 42);
 const BREAKER: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: httpbin}\nspec:\n  host: httpbin\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n";
 
 /// One round of one scenario.
@@ -36,6 +41,9 @@ pub struct WaypointSample {
     pub waypoint_cores_at_1000_poisson: f64,
     /// The same with fortio `-uniform`: every request arrives alone.
     pub waypoint_cores_at_1000_uniform: f64,
+    /// The same with fortio's default schedule (no flag, the literal `-c 16 -qps
+    /// 1000`): each interval's 16 requests leave together.
+    pub waypoint_cores_at_1000_aligned: f64,
     /// Waypoint CPU seconds per 1000 requests at max rate.
     pub waypoint_cpu_s_per_1k: f64,
 }
@@ -62,7 +70,7 @@ fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>, roun
     };
     let mut schedules = vec![Pacing::Uniform];
     if waypoint.is_some() {
-        schedules.extend([Pacing::Jitter, Pacing::Poisson]);
+        schedules.extend([Pacing::Jitter, Pacing::Poisson, Pacing::Aligned]);
     }
     let turn = round % schedules.len();
     schedules.rotate_left(turn);
@@ -76,7 +84,8 @@ fn measure(client: &Pod, dst: SocketAddr, secs: f64, waypoint: Option<u32>, roun
                 lat = Some(r);
             }
             Pacing::Jitter => out.waypoint_cores_at_1000 = cores,
-            _ => out.waypoint_cores_at_1000_poisson = cores,
+            Pacing::Aligned => out.waypoint_cores_at_1000_aligned = cores,
+            Pacing::Poisson => out.waypoint_cores_at_1000_poisson = cores,
         }
     }
     let lat = lat.context("no latency run")?;
@@ -106,15 +115,16 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let gw = c.add_pod(0, "ingress")?;
     let big = c.add_pod(0, "wp-big")?;
     let svc = format!(
-        "  services:\n    default/web.default.svc.cluster.local:\n      {PORT}: {PORT}\n    default/httpbin.default.svc.cluster.local:\n      {PORT}: {PORT}\n"
+        "  services:\n    default/web.default.svc.cluster.local:\n      {PORT}: {PORT}\n    default/httpbin.default.svc.cluster.local:\n      {PORT}: {PORT}\n    default/web-tcp.default.svc.cluster.local:\n      {PORT}: {PORT}\n"
     );
     let yaml = format!(
-        "workloads:\n{}{}{}services:\n{}{}",
+        "workloads:\n{}{}{}services:\n{}{}{}",
         workload_yaml(&client, "default", "client", ""),
         workload_yaml(&server, "default", "server", &svc),
         crate::waypoint::waypoint_workload(&wp),
         service("web", VIP, PORT, Some(&wp)),
         service("httpbin", BREAKER_VIP, PORT, Some(&wp)),
+        service("web-tcp", TCP_VIP, PORT, Some(&wp)),
     );
     let extra = cluster_args(&c, Some(&yaml), &[])?;
     let a0 = AgentProcess::start(binary, &c, 0, &extra)?;
@@ -129,6 +139,10 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n",
     )?;
     std::fs::write(routes.join("httpbin.yaml"), BREAKER)?;
+    std::fs::write(
+        routes.join("web-tcp.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web-tcp}\nspec:\n  hosts: [web-tcp]\n  tcp:\n  - route:\n    - destination: {host: web}\n",
+    )?;
     let waypoint = WaypointProcess::start(&c, &wp, &routes)?;
     // The ingress gateway in front of the same service: a Gateway on 8080 for every host.
     let ingress_routes = PathBuf::from(crate::mesh::RUN_DIR).join(format!("{}-ingress", c.prefix()));
@@ -142,10 +156,11 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let idle_rss = process_usage(waypoint.pid())?.rss_bytes as f64 / 1e6;
     let (scale_rss, small_rss) = memory_at_scale(&c, &big, 1000)?;
 
-    let scenarios: [(&str, &Pod, SocketAddr, Option<u32>); 4] = [
+    let scenarios: [(&str, &Pod, SocketAddr, Option<u32>); 5] = [
         ("no-mesh", &plain_c, SocketAddr::new(plain_s.ip4().into(), PORT), None),
         ("hbone", &client, SocketAddr::new(server.ip4().into(), PORT), None),
         ("waypoint", &client, SocketAddr::from((VIP, PORT)), Some(waypoint.pid())),
+        ("wp-tcp", &client, SocketAddr::from((TCP_VIP, PORT)), Some(waypoint.pid())),
         // From outside the mesh (a pod nobody enrolled) through the ingress gateway.
         ("ingress", &plain_c, SocketAddr::new(gw.ip4().into(), 8080), Some(gateway.pid())),
     ];
@@ -180,6 +195,7 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let cores = med("waypoint", |s| s.waypoint_cores_at_1000);
     let poisson = med("waypoint", |s| s.waypoint_cores_at_1000_poisson);
     let uniform = med("waypoint", |s| s.waypoint_cores_at_1000_uniform);
+    let aligned = med("waypoint", |s| s.waypoint_cores_at_1000_aligned);
     let per_1k = med("waypoint", |s| s.waypoint_cpu_s_per_1k);
     println!("p99 added by the waypoint hop          {added_p99:.3} ms (target < 1 ms)");
     println!(
@@ -187,7 +203,17 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     );
     println!("  the same, Poisson arrivals           {poisson:.3} cores");
     println!("  the same, each request alone         {uniform:.3} cores (fortio -uniform)");
+    println!("  the same, each round's 16 together   {aligned:.3} cores (fortio's default schedule)");
     println!("waypoint CPU per 1000 req at max rate  {per_1k:.3} core-seconds");
+    let tcp = |f: fn(&WaypointSample) -> f64| med("wp-tcp", f);
+    println!(
+        "  as a TCP relay (a tcp rule)          {:.3} cores -jitter, {:.3} Poisson, {:.3} -uniform, {:.3} default; {:.3} core-s per 1000 at max rate",
+        tcp(|s| s.waypoint_cores_at_1000),
+        tcp(|s| s.waypoint_cores_at_1000_poisson),
+        tcp(|s| s.waypoint_cores_at_1000_uniform),
+        tcp(|s| s.waypoint_cores_at_1000_aligned),
+        tcp(|s| s.waypoint_cpu_s_per_1k)
+    );
     println!(
         "waypoint RSS                           {idle_rss:.1} MB idle, {loaded_rss:.1} MB after load (target < 30)"
     );
@@ -201,6 +227,16 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     report.insert("waypoint_cores_at_1000_rps".into(), cores.into());
     report.insert("waypoint_cores_at_1000_rps_poisson".into(), poisson.into());
     report.insert("waypoint_cores_at_1000_rps_uniform".into(), uniform.into());
+    report.insert("waypoint_cores_at_1000_rps_aligned".into(), aligned.into());
+    for (key, f) in [
+        ("tcp_relay_cores_at_1000_rps", (|s| s.waypoint_cores_at_1000) as fn(&WaypointSample) -> f64),
+        ("tcp_relay_cores_at_1000_rps_poisson", |s| s.waypoint_cores_at_1000_poisson),
+        ("tcp_relay_cores_at_1000_rps_uniform", |s| s.waypoint_cores_at_1000_uniform),
+        ("tcp_relay_cores_at_1000_rps_aligned", |s| s.waypoint_cores_at_1000_aligned),
+        ("tcp_relay_cpu_s_per_1k_max_rate", |s| s.waypoint_cpu_s_per_1k),
+    ] {
+        report.insert(key.into(), med("wp-tcp", f).into());
+    }
     report.insert("waypoint_cpu_s_per_1k_max_rate".into(), per_1k.into());
     report.insert("waypoint_rss_mb_idle".into(), idle_rss.into());
     report.insert("waypoint_rss_mb_loaded".into(), loaded_rss.into());
@@ -228,8 +264,14 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
     std::fs::create_dir_all(&out)?;
     if perf {
-        let vip = SocketAddr::from((VIP, PORT));
-        for (row, qps) in [("waypoint-1000rps", Some(1000.0)), ("waypoint-max-rate", None)] {
+        let (vip, tcp_vip) = (SocketAddr::from((VIP, PORT)), SocketAddr::from((TCP_VIP, PORT)));
+        let rows = [
+            ("waypoint-1000rps", vip, Some(1000.0)),
+            ("waypoint-max-rate", vip, None),
+            ("waypoint-tcp-1000rps", tcp_vip, Some(1000.0)),
+            ("waypoint-tcp-max-rate", tcp_vip, None),
+        ];
+        for (row, vip, qps) in rows {
             crate::benchkit::profile(row, &[waypoint.pid()], &out, || {
                 let spec = http(vip, qps, 4.0);
                 let r = client.run(move || blocking::run_load(&spec)).context("load under perf")?;
