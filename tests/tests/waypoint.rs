@@ -90,16 +90,27 @@ fn mesh(routes: &str, backends: Backends) -> Mesh {
 
 /// [`mesh`], with more waypoint arguments, chosen once the waypoint's pod exists.
 fn mesh_with(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) -> Vec<String>) -> Mesh {
-    build_mesh(routes, backends, waypoint_args, false)
+    build_mesh(routes, backends, waypoint_args, false, None)
+}
+
+/// [`mesh`] with the node agents' connection spans sent to the OTLP receiver at `endpoint`.
+fn mesh_with_agent_spans(routes: &str, endpoint: &str) -> Mesh {
+    build_mesh(routes, Backends::Echo, |_| vec![], false, Some(endpoint))
 }
 
 /// [`mesh`] with localities: each node is its own zone of `region-a` (`zone-0`, `zone-1`), and
 /// the waypoint and reviews-v1 share node 0's.
 fn mesh_in_zones(routes: &str, backends: Backends) -> Mesh {
-    build_mesh(routes, backends, |_| vec![], true)
+    build_mesh(routes, backends, |_| vec![], true, None)
 }
 
-fn build_mesh(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod) -> Vec<String>, zoned: bool) -> Mesh {
+fn build_mesh(
+    routes: &str,
+    backends: Backends,
+    waypoint_args: impl FnOnce(&Pod) -> Vec<String>,
+    zoned: bool,
+    agent_spans: Option<&str>,
+) -> Mesh {
     let zone = |node: usize| {
         if zoned {
             format!("  locality: {{region: region-a, zone: zone-{node}}}\n")
@@ -118,10 +129,11 @@ fn build_mesh(routes: &str, backends: Backends, waypoint_args: impl FnOnce(&Pod)
     let echo1 = c.add_pod(0, "tcp-echo-v1").unwrap();
     let echo2 = c.add_pod(1, "tcp-echo-v2").unwrap();
     let grpc = c.add_pod(1, "grpc").unwrap();
-    let nodes = vec![
-        MeshNode::start(&c, 0, Exclusions::default()).unwrap(),
-        MeshNode::start(&c, 1, Exclusions::default()).unwrap(),
-    ];
+    let node = |n| match agent_spans {
+        Some(endpoint) => MeshNode::start_with_connection_spans(&c, n, endpoint).unwrap(),
+        None => MeshNode::start(&c, n, Exclusions::default()).unwrap(),
+    };
+    let nodes = vec![node(0), node(1)];
     let mut yaml = String::from("workloads:\n");
     yaml += &mesh_tests::mesh::workload_yaml(&client, "default", "client", "");
     yaml += &waypoint_workload(&wp);
@@ -641,6 +653,34 @@ fn unsampled_requests_export_no_spans_but_still_carry_a_new_parent() {
     assert!(receiver.spans().iter().all(|s| s.trace_id != trace), "{:#?}", receiver.spans());
     let tp = m.apps[0].received()[0].header("traceparent").unwrap().to_string();
     assert!(tp.starts_with(&format!("00-{trace}-")) && tp.ends_with("-00") && !tp.contains("20f067aa0ba902b7"), "{tp}");
+}
+
+#[test]
+fn a_pooled_upstream_tunnel_carries_no_single_requests_trace() {
+    // The waypoint's upstream connection to ratings carries two requests (then closes, so
+    // the destination agent's span for it ends and is exported). It belongs to neither
+    // request, so its CONNECT must not name either one's trace: the destination's span
+    // for the tunnel would otherwise sit inside the first request's trace for as long as
+    // the connection lives, however many other requests it carries.
+    let receiver = OtlpReceiver::start_local().unwrap();
+    let two_per_connection = "\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ratings}\nspec:\n  host: ratings\n  trafficPolicy:\n    connectionPool:\n      http: {maxRequestsPerConnection: 2}\n";
+    let m = mesh_with_agent_spans(&format!("{}{two_per_connection}", vs(ALL_V1)), &receiver.endpoint());
+    let traces = ["8bf92f3577b34da6a3ce929d0e0e4736", "9bf92f3577b34da6a3ce929d0e0e4736"];
+    for trace in traces {
+        let tp = format!("00-{trace}-40f067aa0ba902b7-01");
+        let (status, _, _) =
+            get(&m.client, vip(RATINGS_VIP, PORT), "/ratings/0", "ratings:9080", &[("traceparent", &tp)], WAIT)
+                .unwrap();
+        assert_eq!(status, 200);
+    }
+    let from_waypoint = |s: &mesh_tests::otlp::ReceivedSpan| {
+        s.name.starts_with("inbound ")
+            && s.attr("istio.source_principal") == Some("spiffe://cluster.local/ns/default/sa/waypoint")
+    };
+    let tunnel =
+        receiver.wait_for("the ratings tunnel's inbound span", from_waypoint, Duration::from_secs(10)).unwrap();
+    assert!(!traces.contains(&tunnel.trace_id.as_str()), "{tunnel:#?}");
+    assert!(tunnel.parent_span_id.is_empty(), "the tunnel starts its own trace: {tunnel:#?}");
 }
 
 /// The waypoint's access-log lines so far, waiting until one contains `needle`.

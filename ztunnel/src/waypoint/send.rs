@@ -15,7 +15,6 @@ use super::lb::RequestView;
 use super::outlier::Outcome as OutlierOutcome;
 use super::traffic::Cluster;
 use super::upstream::{self, SendError};
-use crate::hbone::ConnectHeaders;
 use crate::routing::spec::Destination;
 use crate::routing::Retries;
 
@@ -42,16 +41,6 @@ impl Send<'_> {
         }
         *req.version_mut() = if self.h2 { Version::HTTP_2 } else { Version::HTTP_11 };
         Some(req)
-    }
-
-    pub(super) fn connect_headers(&self) -> ConnectHeaders {
-        ConnectHeaders {
-            forwarded_for: Some(self.t.peer_addr),
-            forwarded_host: None,
-            baggage: None,
-            traceparent: header_str(&self.headers, "traceparent").map(str::to_string),
-            extra: Default::default(),
-        }
     }
 
     /// Sends with the retry policy: each attempt picks an endpoint of `cluster` (by its load
@@ -96,14 +85,7 @@ impl Send<'_> {
                 return local(StatusCode::BAD_REQUEST, "request cannot be forwarded");
             };
             let per_connection = cluster.breaker.max_requests_per_connection();
-            let sent = self.t.shared.upstreams.send(
-                &ep,
-                req,
-                self.h2,
-                self.t.local_ip,
-                || self.connect_headers(),
-                per_connection,
-            );
+            let sent = self.t.shared.upstreams.send(&ep, req, self.h2, self.t.local_ip, per_connection);
             let result = match retries.per_try_timeout {
                 Some(d) => tokio::time::timeout(d, sent).await.unwrap_or(Err(SendError::PerTryTimeout(d))),
                 None => sent.await,
@@ -200,10 +182,10 @@ pub(super) fn mirror(
     let Ok(permit) = t.shared.mirrors.clone().try_acquire_owned() else {
         return debug!(host = %m.host, "mirror skipped: too many in flight");
     };
-    let (shared, h2, local_ip, headers) = (t.shared.clone(), send.h2, t.local_ip, send.connect_headers());
+    let (shared, h2, local_ip) = (t.shared.clone(), send.h2, t.local_ip);
     tokio::spawn(async move {
         let copy = async {
-            match shared.upstreams.send(&ep, req, h2, local_ip, || headers, None).await {
+            match shared.upstreams.send(&ep, req, h2, local_ip, None).await {
                 Ok(resp) => {
                     let _ = resp.into_body().collect().await;
                 }

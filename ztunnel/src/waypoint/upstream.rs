@@ -88,25 +88,25 @@ impl Upstreams {
         Upstreams { identity, trust_domain, pool, h1: Default::default(), h2: Default::default() }
     }
 
-    /// Sends `req` (its URI in the form its version needs) to `ep`, from `local_ip`;
-    /// `headers` are made only when a new HBONE connection is dialled. A
+    /// Sends `req` (its URI in the form its version needs) to `ep`, from `local_ip`. A
     /// connection is reused until it has carried `per_connection` requests (the cluster's
     /// `http.maxRequestsPerConnection`; `None`: no limit), then closed once its last
-    /// response is done.
+    /// response is done. A new HBONE connection's CONNECT names no client and no trace: it
+    /// will carry requests of many clients and traces, each of which says its own in its
+    /// headers, and the first one's would otherwise stick to all the others.
     pub async fn send(
         &self,
         ep: &Endpoint,
         req: Request<Full<Bytes>>,
         h2: bool,
         local_ip: IpAddr,
-        headers: impl FnOnce() -> ConnectHeaders,
         per_connection: Option<u32>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         if h2 {
             let mut sender = match self.idle_h2(ep.addr, per_connection) {
                 Some(s) => s,
                 None => {
-                    let io = self.dial(ep, local_ip, headers()).await?;
+                    let io = self.dial(ep, local_ip, ConnectHeaders::default()).await?;
                     let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                         .await
                         .map_err(|e| SendError::Connect(ep.addr, e.to_string()))?;
@@ -126,7 +126,7 @@ impl Upstreams {
         let (mut sender, served) = match self.idle_h1(ep.addr) {
             Some(s) => s,
             None => {
-                let io = self.dial(ep, local_ip, headers()).await?;
+                let io = self.dial(ep, local_ip, ConnectHeaders::default()).await?;
                 let (sender, conn) =
                     http1::handshake(TokioIo::new(io)).await.map_err(|e| SendError::Connect(ep.addr, e.to_string()))?;
                 tokio::spawn(async move {
