@@ -29,6 +29,18 @@ const BREAKER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
 const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 42);
 const BREAKER: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: httpbin}\nspec:\n  host: httpbin\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n";
 
+/// A figure of a round by its name.
+type Row = (&'static str, fn(&WaypointSample) -> f64);
+
+/// A proxy scenario's CPU figures, by the suffix of their keys in `waypoint.json`.
+const CPU_FIELDS: [Row; 5] = [
+    ("cores_at_1000_rps", |s| s.waypoint_cores_at_1000),
+    ("cores_at_1000_rps_poisson", |s| s.waypoint_cores_at_1000_poisson),
+    ("cores_at_1000_rps_uniform", |s| s.waypoint_cores_at_1000_uniform),
+    ("cores_at_1000_rps_aligned", |s| s.waypoint_cores_at_1000_aligned),
+    ("cpu_s_per_1k_max_rate", |s| s.waypoint_cpu_s_per_1k),
+];
+
 /// One round of one scenario.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct WaypointSample {
@@ -179,7 +191,6 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
         "\n{:<38} {:>10} {:>10} {:>10} {:>10}",
         "HTTP/1.1 keep-alive, 1 KiB, c16 (median)", "no-mesh", "hbone", "waypoint", "ingress"
     );
-    type Row = (&'static str, fn(&WaypointSample) -> f64);
     let rows: [Row; 3] =
         [("p50 ms at 1000 qps", |s| s.p50_ms), ("p99 ms at 1000 qps", |s| s.p99_ms), ("max req/s", |s| s.max_qps)];
     let mut report = serde_json::Map::new();
@@ -192,11 +203,7 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
         );
     }
     let added_p99 = med("waypoint", |s| s.p99_ms) - med("hbone", |s| s.p99_ms);
-    let cores = med("waypoint", |s| s.waypoint_cores_at_1000);
-    let poisson = med("waypoint", |s| s.waypoint_cores_at_1000_poisson);
-    let uniform = med("waypoint", |s| s.waypoint_cores_at_1000_uniform);
-    let aligned = med("waypoint", |s| s.waypoint_cores_at_1000_aligned);
-    let per_1k = med("waypoint", |s| s.waypoint_cpu_s_per_1k);
+    let [cores, poisson, uniform, aligned, per_1k] = CPU_FIELDS.map(|(_, f)| med("waypoint", f));
     println!("p99 added by the waypoint hop          {added_p99:.3} ms (target < 1 ms)");
     println!(
         "waypoint CPU at 1000 req/s             {cores:.3} cores, fortio -jitter (target < 0.1; Envoy about 0.25)"
@@ -205,14 +212,9 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     println!("  the same, each request alone         {uniform:.3} cores (fortio -uniform)");
     println!("  the same, each round's 16 together   {aligned:.3} cores (fortio's default schedule)");
     println!("waypoint CPU per 1000 req at max rate  {per_1k:.3} core-seconds");
-    let tcp = |f: fn(&WaypointSample) -> f64| med("wp-tcp", f);
+    let [tcp_jitter, tcp_poisson, tcp_uniform, tcp_aligned, tcp_per_1k] = CPU_FIELDS.map(|(_, f)| med("wp-tcp", f));
     println!(
-        "  as a TCP relay (a tcp rule)          {:.3} cores -jitter, {:.3} Poisson, {:.3} -uniform, {:.3} default; {:.3} core-s per 1000 at max rate",
-        tcp(|s| s.waypoint_cores_at_1000),
-        tcp(|s| s.waypoint_cores_at_1000_poisson),
-        tcp(|s| s.waypoint_cores_at_1000_uniform),
-        tcp(|s| s.waypoint_cores_at_1000_aligned),
-        tcp(|s| s.waypoint_cpu_s_per_1k)
+        "  as a TCP relay (a tcp rule)          {tcp_jitter:.3} cores -jitter, {tcp_poisson:.3} Poisson, {tcp_uniform:.3} -uniform, {tcp_aligned:.3} default; {tcp_per_1k:.3} core-s per 1000 at max rate"
     );
     println!(
         "waypoint RSS                           {idle_rss:.1} MB idle, {loaded_rss:.1} MB after load (target < 30)"
@@ -224,20 +226,11 @@ pub fn run(binary: &Path, rounds: usize, secs: f64, perf: bool) -> Result<()> {
     report.insert("waypoint_rss_mb_1000_routes_1000_endpoints".into(), scale_rss.into());
     report.insert("waypoint_rss_mb_1_route_1_endpoint".into(), small_rss.into());
     report.insert("ingress_cpu_s_per_1k_max_rate".into(), med("ingress", |s| s.waypoint_cpu_s_per_1k).into());
-    report.insert("waypoint_cores_at_1000_rps".into(), cores.into());
-    report.insert("waypoint_cores_at_1000_rps_poisson".into(), poisson.into());
-    report.insert("waypoint_cores_at_1000_rps_uniform".into(), uniform.into());
-    report.insert("waypoint_cores_at_1000_rps_aligned".into(), aligned.into());
-    for (key, f) in [
-        ("tcp_relay_cores_at_1000_rps", (|s| s.waypoint_cores_at_1000) as fn(&WaypointSample) -> f64),
-        ("tcp_relay_cores_at_1000_rps_poisson", |s| s.waypoint_cores_at_1000_poisson),
-        ("tcp_relay_cores_at_1000_rps_uniform", |s| s.waypoint_cores_at_1000_uniform),
-        ("tcp_relay_cores_at_1000_rps_aligned", |s| s.waypoint_cores_at_1000_aligned),
-        ("tcp_relay_cpu_s_per_1k_max_rate", |s| s.waypoint_cpu_s_per_1k),
-    ] {
-        report.insert(key.into(), med("wp-tcp", f).into());
+    for (scenario, prefix) in [("waypoint", "waypoint"), ("wp-tcp", "tcp_relay")] {
+        for (suffix, f) in CPU_FIELDS {
+            report.insert(format!("{prefix}_{suffix}"), med(scenario, f).into());
+        }
     }
-    report.insert("waypoint_cpu_s_per_1k_max_rate".into(), per_1k.into());
     report.insert("waypoint_rss_mb_idle".into(), idle_rss.into());
     report.insert("waypoint_rss_mb_loaded".into(), loaded_rss.into());
     println!(
